@@ -1,0 +1,3 @@
+from quadnet.train import main
+
+main()

@@ -1,0 +1,65 @@
+"""One-line errors for every quadnet command: bad input never shows a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+from quadnet.checkpoint import CheckpointError
+from quadnet.config import ConfigError
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    """Print ``error: message`` on one line to stderr and exit with ``code``."""
+    one_line = " ".join(str(message).split())
+    print(f"error: {one_line}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _hydra_message(ex: BaseException) -> str:
+    """A one-line account of a Hydra/OmegaConf composition error."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else None
+    if isinstance(ex, MissingConfigException) and ex.options is not None and ex.missing_cfg_file:
+        group, _, name = ex.missing_cfg_file.rpartition("/")
+        return f"{group}={name!r} is not a config option; choose one of {', '.join(sorted(ex.options))}"
+    if isinstance(cause, ConfigKeyError) or isinstance(ex, ConfigKeyError):
+        err = cause or ex
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        from quadnet.config import allowed_keys
+
+        return f"unknown config key '{key}'; allowed keys: {', '.join(allowed_keys())}"
+    if cause is not None:
+        key = getattr(cause, "full_key", None)
+        first = str(cause.msg if hasattr(cause, "msg") else cause).splitlines()[0]
+        return f"{key}: {first}" if key else first
+    if isinstance(ex, OverrideParseException):
+        return str(ex).splitlines()[0]
+    text = str(ex).strip()
+    return text.splitlines()[0] if text else type(ex).__name__
+
+
+@contextlib.contextmanager
+def friendly_errors() -> Iterator[None]:
+    """Turn bad input (config, override, checkpoint) into ``error: …`` and exit code 2.
+
+    Hydra prints composition errors over several lines; with HYDRA_FULL_ERROR set it
+    raises them instead, and they are caught and shortened here. Anything else is a
+    bug and keeps its traceback.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        yield
+    except (ConfigError, CheckpointError) as ex:
+        fail(str(ex))
+    except (HydraException, OmegaConfBaseException) as ex:
+        fail(_hydra_message(ex))

@@ -1,0 +1,150 @@
+"""``python -m quadnet.train [overrides]``: one training run, or a sweep with ``-m``.
+
+:func:`train` is the plain function (tests call it in-process); :func:`main` is the
+thin Hydra entry point around it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import math
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from quadnet import checkpoint
+from quadnet.cli import fail, friendly_errors
+from quadnet.config import ConfigError, TrainConfig, config_dir, register_configs, validate
+
+log = logging.getLogger("quadnet")
+
+# Keys that may change when resuming: everything but the model's shape and its data.
+_SHAPE_KEYS = ("hidden_dim", "data")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _explicit_keys(raw: dict[str, Any]) -> set[str]:
+    """Keys the user set: the CLI's overrides under Hydra, else those that differ from the defaults."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        keys = set()
+        for o in HydraConfig.get().overrides.task:
+            key = o.split("=", 1)[0].lstrip("+~")
+            keys.add("data.name" if key == "data" else key)
+        return keys
+    defaults = _flatten(dataclasses.asdict(TrainConfig()))
+    return {k for k, v in _flatten(raw).items() if defaults.get(k, object()) != v}
+
+
+def _resume_config(raw: dict[str, Any], ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's config, with the keys the user set now on top of it."""
+    merged = OmegaConf.create(ckpt["config"])
+    flat = _flatten(raw)
+    for key in sorted(_explicit_keys(raw)):
+        if key in flat or key.startswith("data."):
+            if key.startswith("data.") and key not in flat:
+                continue
+            OmegaConf.update(merged, key, flat[key], force_add=True)
+    merged.resume = raw["resume"]
+    out = OmegaConf.to_container(merged)
+    assert isinstance(out, dict)
+    for key in _SHAPE_KEYS:
+        if out[key] != ckpt["config"][key]:
+            raise ConfigError(
+                f"cannot resume {ckpt['path']!r} with {key}={out[key]!r}: the checkpoint was trained "
+                f"with {key}={ckpt['config'][key]!r}, and a run cannot change its shape or data"
+            )
+    return out
+
+
+def _default_run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return Path("outputs") / f"{stamp}_{secrets.token_hex(3)}"
+
+
+def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Validate ``cfg``, train, write the run dir, and return the summary.
+
+    Raises :class:`~quadnet.config.ConfigError` or
+    :class:`~quadnet.checkpoint.CheckpointError` for bad input, before anything is written.
+    """
+    from quadnet.trainer import Trainer
+
+    c = validate(cfg)
+    ckpt = None
+    if c.resume:
+        ckpt = checkpoint.load(c.resume)
+        raw = dataclasses.asdict(c)
+        c = validate(_resume_config(raw, ckpt))
+        if ckpt["epoch"] > c.epochs:
+            raise ConfigError(f"epochs={c.epochs} is below the checkpoint's epoch {ckpt['epoch']}; "
+                              "resume continues to a later epoch")
+    trainer = Trainer(c, Path(run_dir) if run_dir is not None else _default_run_dir(), resume=ckpt)
+    return trainer.fit()
+
+
+def objective_value(summary: dict[str, Any], objective: str) -> float:
+    """The number a sweeper minimises; +inf for a run that did not finish with finite values."""
+    value = {
+        "test_loss": summary.get("test_loss"),
+        "final_loss": summary.get("final_loss"),
+        "test_error": None if summary.get("test_accuracy") is None else 1 - summary["test_accuracy"],
+    }[objective]
+    if summary.get("status") != "completed" or value is None or not math.isfinite(value):
+        return math.inf
+    return float(value)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def _hydra_entry(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        summary = train(cfg)
+    except (ConfigError, checkpoint.CheckpointError) as e:
+        fail(str(e))
+    status = summary["status"]
+    if status == "interrupted":
+        from quadnet.trainer import resume_command
+
+        log.warning("interrupted at epoch %d; checkpoint written. Resume with:\n  %s",
+                    summary["epoch"], resume_command(Path(summary["run_dir"])))
+        sys.exit(128 + signal.SIGINT)
+    if status == "diverged":
+        log.error("diverged: the loss became non-finite at epoch %d (lr=%g); try a smaller lr",
+                  summary["epoch"], summary["config"]["lr"])
+        if HydraConfig.get().mode == RunMode.RUN:
+            sys.exit(3)
+    return objective_value(summary, summary["config"]["objective"])
+
+
+def main() -> None:
+    register_configs()
+    with friendly_errors():
+        _hydra_entry()
+
+
+if __name__ == "__main__":
+    main()
