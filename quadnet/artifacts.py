@@ -73,7 +73,7 @@ def plot_curves(path: Path, rows: list[dict[str, float]], title: str) -> None:
     plt.close(fig)
 
 
-def plot_regions(path: Path, predict_probs: Any, x_train: np.ndarray, y_train: np.ndarray,
+def plot_regions(path: Path, logits: Any, x_train: np.ndarray, y_train: np.ndarray,
                  x_test: np.ndarray, y_test: np.ndarray, title: str) -> None:
     """decision_regions.png: the predicted quadrant over the plane, with the data points."""
     import matplotlib
@@ -86,7 +86,7 @@ def plot_regions(path: Path, predict_probs: Any, x_train: np.ndarray, y_train: n
     lim = max(2.5, float(np.abs(pts).max()) * 1.15)
     grid = np.linspace(-lim, lim, 301)
     gx, gy = np.meshgrid(grid, grid)
-    pred = predict_probs(np.column_stack([gx.ravel(), gy.ravel()])).argmax(axis=1).reshape(gx.shape)
+    pred = logits(np.column_stack([gx.ravel(), gy.ravel()])).argmax(axis=1).reshape(gx.shape)
     colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
     fig, ax = plt.subplots(figsize=(6, 6), constrained_layout=True)
     ax.contourf(gx, gy, pred, levels=[-0.5, 0.5, 1.5, 2.5, 3.5], cmap=ListedColormap(colors), alpha=0.35)

@@ -23,18 +23,25 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 def _hydra_message(ex: BaseException) -> str:
     """A one-line account of a Hydra/OmegaConf composition error."""
     from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        OmegaConfBaseException,
+        ValidationError,
+    )
+
+    from quadnet.config import allowed_keys, expected_type
 
     cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else None
     if isinstance(ex, MissingConfigException) and ex.options is not None and ex.missing_cfg_file:
         group, _, name = ex.missing_cfg_file.rpartition("/")
         return f"{group}={name!r} is not a config option; choose one of {', '.join(sorted(ex.options))}"
-    if isinstance(cause, ConfigKeyError) or isinstance(ex, ConfigKeyError):
-        err = cause or ex
-        key = getattr(err, "full_key", None) or getattr(err, "key", None)
-        from quadnet.config import allowed_keys
-
+    err = cause or ex
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    if isinstance(err, ConfigKeyError | ConfigAttributeError) and key:
         return f"unknown config key '{key}'; allowed keys: {', '.join(allowed_keys())}"
+    if isinstance(err, ValidationError) and key and expected_type(str(key)):
+        return f"{key}={getattr(err, 'value', None)!r} is not allowed: must be {expected_type(str(key))}"
     if cause is not None:
         key = getattr(cause, "full_key", None)
         first = str(cause.msg if hasattr(cause, "msg") else cause).splitlines()[0]

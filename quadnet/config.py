@@ -207,3 +207,32 @@ def allowed_keys() -> list[str]:
     """Every settable key, dotted, for error messages."""
     top = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "data"]
     return sorted(top) + [f"data.{f.name}" for f in dataclasses.fields(DataConfig)]
+
+
+def expected_type(key: str) -> str | None:
+    """'an integer', 'a number', … for a dotted key, or None if there is no such key."""
+    cls: Any = TrainConfig
+    *parents, name = key.split(".")
+    for part in parents:
+        if part != "data":
+            return None
+        cls = DataConfig
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    if name not in types:
+        return None
+    base = types[name].split("|")[0].strip()
+    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+    return words.get(base)
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """Compose configs/train.yaml with overrides, as ``python -m quadnet.train`` would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir, initialize_config_module
+
+    register_configs()
+    where = config_dir()
+    init = (initialize_config_module("quadnet.configs", version_base="1.3") if where.startswith("pkg://")
+            else initialize_config_dir(where, version_base="1.3"))
+    with init:
+        return hydra_compose(config_name="train", overrides=overrides)

@@ -109,21 +109,22 @@ class TorchEngine:
                     if stop():
                         return i + 1, False
             return n, False
-        for i in range(n):
-            loss = self._loss_autograd()
-            if not torch.isfinite(loss):
-                return i, True
-            self._step_autograd(loss)
-            if stop():
-                return i + 1, False
+        with torch.enable_grad():
+            for i in range(n):
+                loss = self._loss_autograd()
+                if not torch.isfinite(loss):
+                    return i, True
+                self._step_autograd(loss)
+                if stop():
+                    return i + 1, False
         return n, False
 
     # ------------------------------------------------------------------ evaluation and state
 
     @torch.no_grad()
-    def probs(self, x: np.ndarray) -> np.ndarray:
+    def logits(self, x: np.ndarray) -> np.ndarray:
         xt = torch.as_tensor(x, dtype=self.dtype, device=self.device)
-        return torch.softmax(self.model(xt), dim=1).to("cpu", torch.float64).numpy()
+        return self.model(xt).to("cpu", torch.float64).numpy()
 
     def numpy_params(self) -> dict[str, np.ndarray]:
         return numpy_from_state(self.model.state_dict())

@@ -28,6 +28,7 @@ from quadnet.config import ConfigError, TrainConfig, to_dict
 from quadnet.data import Dataset, make_dataset
 from quadnet.device import describe, resolve_device
 from quadnet.model import initial_params
+from quadnet.reference import log_softmax, softmax
 
 log = logging.getLogger("quadnet")
 
@@ -36,24 +37,23 @@ class Engine(Protocol):
     name: str
 
     def train_steps(self, n: int, stop: Any) -> tuple[int, bool]: ...
-    def probs(self, x: np.ndarray) -> np.ndarray: ...
+    def logits(self, x: np.ndarray) -> np.ndarray: ...
     def numpy_params(self) -> dict[str, np.ndarray]: ...
     def momentum_buffers(self) -> dict[str, np.ndarray] | None: ...
     def load(self, params: dict[str, np.ndarray], momentum: dict[str, np.ndarray] | None) -> None: ...
 
 
-def loss_and_accuracy(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of probs (N, 4) against classes y (N,).
+def loss_and_accuracy(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of logits (N, 4) against classes y (N,).
 
     Points without a quadrant (class -1, on an axis) count in neither.
     """
     keep = y >= 0
     if not keep.any():
         return math.nan, math.nan
-    p, t = probs[keep], y[keep]
-    with np.errstate(divide="ignore"):
-        loss = float(-np.mean(np.log(p[np.arange(len(t)), t])))
-    acc = float(np.mean(p.argmax(axis=1) == t))
+    z, t = logits[keep], y[keep]
+    loss = float(-np.mean(log_softmax(z)[np.arange(len(t)), t]))
+    acc = float(np.mean(z.argmax(axis=1) == t))
     return loss, acc
 
 
@@ -103,8 +103,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         d = self.data
-        loss, train_acc = loss_and_accuracy(self.engine.probs(d.x_train), d.y_train)
-        test_loss, test_acc = loss_and_accuracy(self.engine.probs(d.x_test), d.y_test)
+        loss, train_acc = loss_and_accuracy(self.engine.logits(d.x_train), d.y_train)
+        test_loss, test_acc = loss_and_accuracy(self.engine.logits(d.x_test), d.y_test)
         return {"epoch": self.epoch, "loss": loss, "train_accuracy": train_acc,
                 "test_accuracy": test_acc, "test_loss": test_loss}
 
@@ -190,7 +190,7 @@ class Trainer:
             final = self.history[-1]
         else:
             final = self._record()
-        probs = self.engine.probs(d.x_test)
+        probs = softmax(self.engine.logits(d.x_test))
         predictions = [
             {"point": pt.tolist(), "quadrant": int(np.argmax(p)) + 1 if np.isfinite(p).all() else None,
              "probs": p.tolist(), "true_quadrant": int(t) + 1 if t >= 0 else None}
@@ -223,7 +223,7 @@ class Trainer:
             title = f"hidden_dim={cfg.hidden_dim} lr={cfg.lr:g} reg={cfg.reg:g} seed={cfg.seed}"
             artifacts.plot_curves(run_dir / "loss.png", self.history, title)
             if status != "diverged":
-                artifacts.plot_regions(run_dir / "decision_regions.png", self.engine.probs,
+                artifacts.plot_regions(run_dir / "decision_regions.png", self.engine.logits,
                                        d.x_train, d.y_train, d.x_test, d.y_test, title)
         artifacts.write_json(run_dir / "summary.json", summary)
         if self._tb is not None:

@@ -1,0 +1,127 @@
+"""``python -m quadnet.crosscheck [overrides] [--tol 1e-9]``: autograd and hand-written backprop agree.
+
+From the same initial weights, in float64, it trains the NumPy reference and the torch
+engine (both its fused step and plain autograd) side by side, and reports the largest
+difference in the training loss along the way, in the final weights and in the test
+probabilities. It also compares the NumPy gradients with torch autograd on the same
+weights, and with centred finite differences. Exit 0 when all are within --tol, 1 if not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from quadnet import reference
+from quadnet.config import TrainConfig, compose, validate
+from quadnet.data import make_dataset
+from quadnet.model import QuadNet, initial_params, numpy_from_state, state_from_numpy
+from quadnet.torch_engine import TorchEngine
+from quadnet.trainer import loss_and_accuracy
+
+
+def autograd_grads(params: reference.Params, x: np.ndarray, y: np.ndarray, reg: float) -> reference.Params:
+    """Gradients of data loss + reg/2·‖W‖² by torch autograd, in the seed's layout."""
+    net = QuadNet(params["b1"].shape[0]).double()
+    net.load_state_dict(state_from_numpy(params))
+    loss = F.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y))
+    loss = loss + 0.5 * reg * (net.fc1.weight.square().sum() + net.fc2.weight.square().sum())
+    loss.backward()
+    return numpy_from_state({n: p.grad for n, p in net.named_parameters()})
+
+
+def max_abs_diff(a: reference.Params, b: reference.Params) -> float:
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def check(cfg: TrainConfig) -> dict[str, Any]:
+    """Run every comparison for cfg (forced to float64 on the CPU); return the figures."""
+    cfg = dataclasses.replace(cfg, dtype="float64")
+    data = make_dataset(cfg.data)
+    x, y = data.x_train, data.y_train
+    start = initial_params(cfg.hidden_dim, cfg.seed, cfg.init)
+    opt = {"lr": cfg.lr, "reg": cfg.reg, "momentum": cfg.momentum, "dtype": "float64"}
+    engines = {
+        "numpy": reference.NumpyEngine(start, x, y, **opt),
+        "torch/fused": TorchEngine(start, x, y, device=torch.device("cpu"), step="fused", **opt),
+        "torch/autograd": TorchEngine(start, x, y, device=torch.device("cpu"), step="autograd", **opt),
+    }
+    loss_diff = {name: 0.0 for name in engines if name != "numpy"}
+    epoch = 0
+
+    def compare_losses() -> None:
+        losses = {n: loss_and_accuracy(e.logits(x), y)[0] for n, e in engines.items()}
+        for n in loss_diff:
+            loss_diff[n] = max(loss_diff[n], abs(losses[n] - losses["numpy"]))
+
+    compare_losses()
+    torch.set_num_threads(1)
+    while epoch < cfg.epochs:
+        n = min(cfg.log_every, cfg.epochs - epoch)
+        for e in engines.values():
+            e.train_steps(n, lambda: False)
+        epoch += n
+        compare_losses()
+    ref_params = engines["numpy"].numpy_params()
+    ref_probs = reference.softmax(engines["numpy"].logits(data.x_test))
+    result: dict[str, Any] = {"epochs": cfg.epochs, "engines": {}}
+    for name in loss_diff:
+        e = engines[name]
+        result["engines"][name] = {
+            "loss_along_the_way": loss_diff[name],
+            "final_weights": max_abs_diff(e.numpy_params(), ref_params),
+            "test_probs": float(np.max(np.abs(reference.softmax(e.logits(data.x_test)) - ref_probs))),
+        }
+    # gradients on the same weights: at the start and at the end of training
+    grads = {}
+    for label, params in (("initial", start), ("final", ref_params)):
+        _, g_ref = reference.loss_and_grads({k: v.copy() for k, v in params.items()}, x, y, cfg.reg)
+        grads[label] = max_abs_diff(autograd_grads(params, x, y, cfg.reg), g_ref)
+    result["gradients_vs_autograd"] = grads
+    # and the analytic gradient against centred finite differences (a relative error)
+    p = {k: v.copy() for k, v in start.items()}
+    _, g = reference.loss_and_grads(p, x, y, cfg.reg)
+    result["gradient_check_rel_error"] = max(
+        reference.rel_error(g[k], reference.eval_numerical_gradient(
+            lambda _: reference.objective(p, x, y, cfg.reg), p[k])) for k in p
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    from quadnet.cli import friendly_errors
+
+    parser = argparse.ArgumentParser(prog="python -m quadnet.crosscheck", description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="config overrides, as for quadnet.train (key=value)")
+    parser.add_argument("--tol", type=float, default=1e-9, help="largest allowed difference (default 1e-9)")
+    parser.add_argument("--grad-check-tol", type=float, default=1e-7,
+                        help="largest allowed relative error against finite differences (default 1e-7)")
+    args = parser.parse_args(argv)
+    with friendly_errors():
+        cfg = validate(compose(args.overrides))
+    print(f"cross-check: {cfg.epochs} epochs, hidden_dim={cfg.hidden_dim}, lr={cfg.lr:g}, reg={cfg.reg:g}, "
+          f"momentum={cfg.momentum:g}, init={cfg.init}, data={cfg.data.name}, float64; tolerance {args.tol:g}")
+    r = check(cfg)
+    worst = 0.0
+    print(f"{'against numpy':>16}  {'loss (max over run)':>20}  {'final weights':>14}  {'test probs':>11}")
+    for name, d in r["engines"].items():
+        worst = max(worst, *d.values())
+        print(f"{name:>16}  {d['loss_along_the_way']:>20.3e}  {d['final_weights']:>14.3e}  {d['test_probs']:>11.3e}")
+    g = r["gradients_vs_autograd"]
+    worst = max(worst, *g.values())
+    print(f"numpy gradients vs autograd: {g['initial']:.3e} at the initial weights, {g['final']:.3e} at the final")
+    gc = r["gradient_check_rel_error"]
+    print(f"numpy gradients vs centred differences: relative error {gc:.3e} (tolerance {args.grad_check_tol:g})")
+    ok = worst <= args.tol and gc <= args.grad_check_tol
+    print(f"{'PASS' if ok else 'FAIL'}: largest difference {worst:.3e}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""quadnet reproduces the seed program: its final probabilities, and its failure at 100 epochs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import SEED_PROBS, make_cfg, probs_of
+from quadnet.train import train
+
+
+@pytest.mark.parametrize("engine", ["torch", "numpy"])
+def test_seed_job_reproduces_the_seed_matrix(engine, tmp_path):
+    s = train(make_cfg(f"engine={engine}"), run_dir=tmp_path)
+    assert s["status"] == "completed" and s["epoch"] == 10000
+    np.testing.assert_allclose(probs_of(s), SEED_PROBS, rtol=0, atol=1e-9)
+    assert [p["quadrant"] for p in s["predictions"]] == [1, 2, 3, 4]
+    assert s["test_accuracy"] == 1.0 and s["train_accuracy"] == 1.0
+
+
+def test_numpy_engine_is_bit_for_bit_the_seed(tmp_path):
+    s = train(make_cfg("engine=numpy"), run_dir=tmp_path)
+    assert np.array_equal(probs_of(s), SEED_PROBS)
+
+
+def test_torch_autograd_step_reproduces_the_seed_matrix(tmp_path):
+    s = train(make_cfg("step=autograd"), run_dir=tmp_path)
+    np.testing.assert_allclose(probs_of(s), SEED_PROBS, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("engine", ["torch", "numpy"])
+def test_100_epochs_reproduces_the_articles_failure(engine, tmp_path):
+    s = train(make_cfg(f"engine={engine}", "epochs=100"), run_dir=tmp_path)
+    assert [p["quadrant"] for p in s["predictions"]] == [3, 1, 4, 2]
+    assert s["test_accuracy"] == 0.0
+
+
+def test_metrics_row_before_last_update_is_the_seeds_last_printed_loss(tmp_path):
+    """The seed prints the loss before each update; its last print is our row at epoch 9999."""
+    s = train(make_cfg("engine=numpy", "log_every=9999"), run_dir=tmp_path)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [0, 9999, 10000]
+    assert float(rows[1]["loss"]) == pytest.approx(0.003966347544057221, rel=1e-12)
+    assert s["final_loss"] < float(rows[1]["loss"])
