@@ -73,8 +73,15 @@ def plot_curves(path: Path, rows: list[dict[str, float]], title: str) -> None:
     plt.close(fig)
 
 
-def plot_regions(path: Path, logits: Any, x_train: np.ndarray, y_train: np.ndarray,
-                 x_test: np.ndarray, y_test: np.ndarray, title: str) -> None:
+def plot_regions(
+    path: Path,
+    logits: Any,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    title: str,
+) -> None:
     """decision_regions.png: the predicted quadrant over the plane, with the data points."""
     import matplotlib
 

@@ -39,9 +39,16 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save(path: Path, *, params: dict[str, np.ndarray], momentum: dict[str, np.ndarray] | None,
-         epoch: int, config: dict[str, Any], history: list[dict[str, float]] | None = None,
-         status: str = "running") -> None:
+def save(
+    path: Path,
+    *,
+    params: dict[str, np.ndarray],
+    momentum: dict[str, np.ndarray] | None,
+    epoch: int,
+    config: dict[str, Any],
+    history: list[dict[str, float]] | None = None,
+    status: str = "running",
+) -> None:
     """Write a checkpoint atomically. Tensors are float64 on the CPU, in QuadNet's layout."""
     payload = {
         "format": FORMAT,
@@ -81,8 +88,9 @@ def load(path: str | Path) -> dict[str, Any]:
             f"and is not loaded ({first[:160]})"
         ) from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{str(p)!r} is not a readable checkpoint (truncated or corrupt: "
-                              f"{type(e).__name__})") from None
+        raise CheckpointError(
+            f"{str(p)!r} is not a readable checkpoint (truncated or corrupt: {type(e).__name__})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (expected format {FORMAT})")
     try:

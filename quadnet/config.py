@@ -232,7 +232,10 @@ def compose(overrides: list[str]) -> DictConfig:
 
     register_configs()
     where = config_dir()
-    init = (initialize_config_module("quadnet.configs", version_base="1.3") if where.startswith("pkg://")
-            else initialize_config_dir(where, version_base="1.3"))
+    init = (
+        initialize_config_module("quadnet.configs", version_base="1.3")
+        if where.startswith("pkg://")
+        else initialize_config_dir(where, version_base="1.3")
+    )
     with init:
         return hydra_compose(config_name="train", overrides=overrides)

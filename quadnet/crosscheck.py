@@ -88,8 +88,10 @@ def check(cfg: TrainConfig) -> dict[str, Any]:
     p = {k: v.copy() for k, v in start.items()}
     _, g = reference.loss_and_grads(p, x, y, cfg.reg)
     result["gradient_check_rel_error"] = max(
-        reference.rel_error(g[k], reference.eval_numerical_gradient(
-            lambda _: reference.objective(p, x, y, cfg.reg), p[k])) for k in p
+        reference.rel_error(
+            g[k], reference.eval_numerical_gradient(lambda _: reference.objective(p, x, y, cfg.reg), p[k])
+        )
+        for k in p
     )
     return result
 
@@ -100,13 +102,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m quadnet.crosscheck", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, as for quadnet.train (key=value)")
     parser.add_argument("--tol", type=float, default=1e-9, help="largest allowed difference (default 1e-9)")
-    parser.add_argument("--grad-check-tol", type=float, default=1e-7,
-                        help="largest allowed relative error against finite differences (default 1e-7)")
+    parser.add_argument(
+        "--grad-check-tol",
+        type=float,
+        default=1e-7,
+        help="largest allowed relative error against finite differences (default 1e-7)",
+    )
     args = parser.parse_args(argv)
     with friendly_errors():
         cfg = validate(compose(args.overrides))
-    print(f"cross-check: {cfg.epochs} epochs, hidden_dim={cfg.hidden_dim}, lr={cfg.lr:g}, reg={cfg.reg:g}, "
-          f"momentum={cfg.momentum:g}, init={cfg.init}, data={cfg.data.name}, float64; tolerance {args.tol:g}")
+    print(
+        f"cross-check: {cfg.epochs} epochs, hidden_dim={cfg.hidden_dim}, lr={cfg.lr:g}, reg={cfg.reg:g}, "
+        f"momentum={cfg.momentum:g}, init={cfg.init}, data={cfg.data.name}, float64; tolerance {args.tol:g}"
+    )
     r = check(cfg)
     worst = 0.0
     print(f"{'against numpy':>16}  {'loss (max over run)':>20}  {'final weights':>14}  {'test probs':>11}")

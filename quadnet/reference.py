@@ -157,8 +157,9 @@ class NumpyEngine:
 
     name = "numpy"
 
-    def __init__(self, params: Params, x: np.ndarray, y: np.ndarray, *, lr: float, reg: float,
-                 momentum: float, dtype: str) -> None:
+    def __init__(
+        self, params: Params, x: np.ndarray, y: np.ndarray, *, lr: float, reg: float, momentum: float, dtype: str
+    ) -> None:
         self.dtype = np.dtype(dtype)
         self.params = {k: v.astype(self.dtype, copy=True) for k, v in params.items()}
         self.x, self.y = x.astype(self.dtype), y

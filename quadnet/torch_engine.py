@@ -12,6 +12,7 @@ fused step is captured once as a CUDA graph and replayed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -26,9 +27,20 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 class TorchEngine:
     name = "torch"
 
-    def __init__(self, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, *,
-                 lr: float, reg: float, momentum: float, dtype: str, device: torch.device,
-                 step: str = "fused", cuda_graph: bool = True) -> None:
+    def __init__(
+        self,
+        params: dict[str, np.ndarray],
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        lr: float,
+        reg: float,
+        momentum: float,
+        dtype: str,
+        device: torch.device,
+        step: str = "fused",
+        cuda_graph: bool = True,
+    ) -> None:
         self.device, self.dtype = device, DTYPES[dtype]
         self.lr, self.reg, self.momentum = lr, reg, momentum
         self.model = QuadNet(params["b1"].shape[0]).to(device, self.dtype)
@@ -40,14 +52,21 @@ class TorchEngine:
         self.biases = [m.fc1.bias, m.fc2.bias]
         self.optimizer = torch.optim.SGD(
             [{"params": self.weights, "weight_decay": reg}, {"params": self.biases, "weight_decay": 0.0}],
-            lr=lr, momentum=momentum,
+            lr=lr,
+            momentum=momentum,
         )
         self.step_kind = step
         if step == "fused":
+            # Plain tensors sharing the parameters' storage: in-place updates reach the model,
+            # without autograd's bookkeeping or nn.Module attribute look-ups on every op.
+            self._raw = [p.detach() for p in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)]
             self._onehot = F.one_hot(self.y, 4).to(self.dtype)
+            self._buffers: list[torch.Tensor] = []
             if momentum:  # the optimizer's own buffers, so state_dict() is the same for both steps
-                for p in m.parameters():
-                    self.optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                for p in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias):
+                    buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    self.optimizer.state[p]["momentum_buffer"] = buf
+                    self._buffers.append(buf)
         self._graph: _GraphStep | None = None
         self._use_graph = step == "fused" and cuda_graph and device.type == "cuda"
 
@@ -62,29 +81,40 @@ class TorchEngine:
         loss.backward()
         self.optimizer.step()
 
-    def _forward_fused(self) -> tuple[torch.Tensor, ...]:
-        m = self.model
-        z1 = torch.addmm(m.fc1.bias, self.x, m.fc1.weight.t())  # (N, H)
+    def _forward_fused(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits' log-softmax (N, C), with the hidden pre-activations z1 and activations a (N, H)."""
+        w1, b1, w2, b2 = self._raw
+        z1 = torch.addmm(b1, self.x, w1.t())  # (N, H)
         a = z1.clamp_min(0)  # ReLU
-        z2 = torch.addmm(m.fc2.bias, a, m.fc2.weight.t())  # (N, C) logits
-        logp = torch.log_softmax(z2, dim=1)
-        loss = F.nll_loss(logp, self.y)
-        return loss, z1, a, logp
+        logp = torch.log_softmax(torch.addmm(b2, a, w2.t()), dim=1)  # (N, C)
+        return z1, a, logp
 
     def _step_fused(self, z1: torch.Tensor, a: torch.Tensor, logp: torch.Tensor) -> None:
-        m, n = self.model, self.x.shape[0]
-        w1, b1, w2, b2 = m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias
-        dz2 = logp.exp_().sub_(self._onehot).div_(n)  # dL/dlogits (N, C)
-        g_w2 = torch.addmm(w2, dz2.t(), a, beta=self.reg)  # (C, H), weight decay folded in
-        g_b2 = dz2.sum(0)
-        dz1 = (dz2 @ w2).mul_(z1 > 0)  # (N, H) back through the ReLU
-        g_w1 = torch.addmm(w1, dz1.t(), self.x, beta=self.reg)  # (H, D)
-        g_b1 = dz1.sum(0)
-        for p, g in ((w1, g_w1), (b1, g_b1), (w2, g_w2), (b2, g_b2)):
-            if self.momentum:
-                buf = self.optimizer.state[p]["momentum_buffer"]
-                g = buf.mul_(self.momentum).add_(g)
-            p.add_(g, alpha=-self.lr)
+        """One SGD step from the forward's tensors, with the gradients written out by hand.
+
+        With L the mean cross-entropy over N points and dz2 = softmax − onehot (N, C):
+        dL/dW2 = dz2ᵀa / N, dL/db2 = Σ dz2 / N, dz1 = (dz2 W2) ⊙ [z1 > 0],
+        dL/dW1 = dz1ᵀx / N, dL/db1 = Σ dz1 / N; weight decay adds reg·W to the weights'.
+        The update is torch.optim.SGD's, in the same order, so float32 rounds as autograd does.
+        """
+        w1, _, w2, _ = self._raw
+        x, lr, reg, inv_n = self.x, self.lr, self.reg, 1.0 / self.x.shape[0]
+        dz2 = logp.exp_().sub_(self._onehot)  # N · dL/dlogits
+        dz1 = torch.ops.aten.threshold_backward(dz2 @ w2, z1, 0)  # through ReLU, before w2 changes
+        grads = (
+            torch.addmm(w1, dz1.t(), x, beta=reg, alpha=inv_n),
+            dz1.sum(0),
+            torch.addmm(w2, dz2.t(), a, beta=reg, alpha=inv_n),
+            dz2.sum(0),
+        )
+        scale = (1.0, inv_n, 1.0, inv_n)  # the bias sums still carry the factor N
+        if not self.momentum:
+            for p, g, k in zip(self._raw, grads, scale, strict=True):
+                p.add_(g, alpha=-lr * k)
+            return
+        for p, g, k, buf in zip(self._raw, grads, scale, self._buffers, strict=True):
+            buf.mul_(self.momentum).add_(g, alpha=k)  # torch.optim.SGD: buf = m·buf + g; p -= lr·buf
+            p.add_(buf, alpha=-lr)
 
     # ------------------------------------------------------------------ the loop
 
@@ -100,10 +130,11 @@ class TorchEngine:
                 self._graph = _GraphStep(self)
             return self._graph.run(n, stop)
         if self.step_kind == "fused":
-            with torch.no_grad():
+            with torch.inference_mode():
                 for i in range(n):
-                    loss, z1, a, logp = self._forward_fused()
-                    if not torch.isfinite(loss):
+                    z1, a, logp = self._forward_fused()
+                    # the loss is non-finite exactly when some log-probability is
+                    if not math.isfinite(logp.sum().item()):
                         return i, True
                     self._step_fused(z1, a, logp)
                     if stop():
@@ -181,8 +212,8 @@ class _GraphStep:
 
     def _body(self) -> None:
         e = self.engine
-        loss, z1, a, logp = e._forward_fused()
-        bad = ~torch.isfinite(loss)
+        z1, a, logp = e._forward_fused()
+        bad = ~torch.isfinite(logp.sum())
         self.first_bad.copy_(torch.where(bad & (self.first_bad < 0), self.count, self.first_bad))
         e._step_fused(z1, a, logp)
         self.count.add_(1)

@@ -98,8 +98,9 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
         raw = dataclasses.asdict(c)
         c = validate(_resume_config(raw, ckpt))
         if ckpt["epoch"] > c.epochs:
-            raise ConfigError(f"epochs={c.epochs} is below the checkpoint's epoch {ckpt['epoch']}; "
-                              "resume continues to a later epoch")
+            raise ConfigError(
+                f"epochs={c.epochs} is below the checkpoint's epoch {ckpt['epoch']}; resume continues to a later epoch"
+            )
     trainer = Trainer(c, Path(run_dir) if run_dir is not None else _default_run_dir(), resume=ckpt)
     return trainer.fit()
 
@@ -129,12 +130,18 @@ def _hydra_entry(cfg: DictConfig) -> float:
     if status == "interrupted":
         from quadnet.trainer import resume_command
 
-        log.warning("interrupted at epoch %d; checkpoint written. Resume with:\n  %s",
-                    summary["epoch"], resume_command(Path(summary["run_dir"])))
+        log.warning(
+            "interrupted at epoch %d; checkpoint written. Resume with:\n  %s",
+            summary["epoch"],
+            resume_command(Path(summary["run_dir"])),
+        )
         sys.exit(128 + signal.SIGINT)
     if status == "diverged":
-        log.error("diverged: the loss became non-finite at epoch %d (lr=%g); try a smaller lr",
-                  summary["epoch"], summary["config"]["lr"])
+        log.error(
+            "diverged: the loss became non-finite at epoch %d (lr=%g); try a smaller lr",
+            summary["epoch"],
+            summary["config"]["lr"],
+        )
         if HydraConfig.get().mode == RunMode.RUN:
             sys.exit(3)
     return objective_value(summary, summary["config"]["objective"])

@@ -57,18 +57,27 @@ def loss_and_accuracy(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return loss, acc
 
 
-def build_engine(cfg: TrainConfig, params: dict[str, np.ndarray], data: Dataset,
-                 device: torch.device) -> Engine:
+def build_engine(cfg: TrainConfig, params: dict[str, np.ndarray], data: Dataset, device: torch.device) -> Engine:
     if cfg.engine == "numpy":
         from quadnet.reference import NumpyEngine
 
-        return NumpyEngine(params, data.x_train, data.y_train, lr=cfg.lr, reg=cfg.reg,
-                           momentum=cfg.momentum, dtype=cfg.dtype)
+        return NumpyEngine(
+            params, data.x_train, data.y_train, lr=cfg.lr, reg=cfg.reg, momentum=cfg.momentum, dtype=cfg.dtype
+        )
     from quadnet.torch_engine import TorchEngine
 
-    return TorchEngine(params, data.x_train, data.y_train, lr=cfg.lr, reg=cfg.reg,
-                       momentum=cfg.momentum, dtype=cfg.dtype, device=device, step=cfg.step,
-                       cuda_graph=cfg.cuda_graph)
+    return TorchEngine(
+        params,
+        data.x_train,
+        data.y_train,
+        lr=cfg.lr,
+        reg=cfg.reg,
+        momentum=cfg.momentum,
+        dtype=cfg.dtype,
+        device=device,
+        step=cfg.step,
+        cuda_graph=cfg.cuda_graph,
+    )
 
 
 def resume_command(run_dir: Path) -> str:
@@ -105,8 +114,13 @@ class Trainer:
         d = self.data
         loss, train_acc = loss_and_accuracy(self.engine.logits(d.x_train), d.y_train)
         test_loss, test_acc = loss_and_accuracy(self.engine.logits(d.x_test), d.y_test)
-        return {"epoch": self.epoch, "loss": loss, "train_accuracy": train_acc,
-                "test_accuracy": test_acc, "test_loss": test_loss}
+        return {
+            "epoch": self.epoch,
+            "loss": loss,
+            "train_accuracy": train_acc,
+            "test_accuracy": test_acc,
+            "test_loss": test_loss,
+        }
 
     def _record(self) -> dict[str, float]:
         row = self.evaluate()
@@ -120,17 +134,30 @@ class Trainer:
         return row
 
     def save_checkpoint(self, status: str) -> None:
-        checkpoint.save(self.run_dir / checkpoint.CHECKPOINT, params=self.engine.numpy_params(),
-                        momentum=self.engine.momentum_buffers(), epoch=self.epoch,
-                        config=to_dict(self.cfg), history=self.history, status=status)
+        checkpoint.save(
+            self.run_dir / checkpoint.CHECKPOINT,
+            params=self.engine.numpy_params(),
+            momentum=self.engine.momentum_buffers(),
+            epoch=self.epoch,
+            config=to_dict(self.cfg),
+            history=self.history,
+            status=status,
+        )
 
     # ------------------------------------------------------------------ the training loop
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        log.info("quadnet: %s data, hidden_dim=%d, %d epochs, %s engine%s on %s (%s)",
-                 cfg.data.name, cfg.hidden_dim, cfg.epochs, cfg.engine,
-                 f"/{cfg.step}" if cfg.engine == "torch" else "", describe(self.device), cfg.dtype)
+        log.info(
+            "quadnet: %s data, hidden_dim=%d, %d epochs, %s engine%s on %s (%s)",
+            cfg.data.name,
+            cfg.hidden_dim,
+            cfg.epochs,
+            cfg.engine,
+            f"/{cfg.step}" if cfg.engine == "torch" else "",
+            describe(self.device),
+            cfg.dtype,
+        )
         if self.epoch:
             log.info("resuming at epoch %d", self.epoch)
         self._tb = _tensorboard(cfg, self.run_dir)
@@ -163,9 +190,15 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
                     elif self.epoch % print_every == 0 or self.epoch == cfg.epochs:
-                        log.info("epoch %*d/%d  loss %.6g  train_acc %.3f  test_acc %.3f",
-                                 len(str(cfg.epochs)), self.epoch, cfg.epochs, row["loss"],
-                                 row["train_accuracy"], row["test_accuracy"])
+                        log.info(
+                            "epoch %*d/%d  loss %.6g  train_acc %.3f  test_acc %.3f",
+                            len(str(cfg.epochs)),
+                            self.epoch,
+                            cfg.epochs,
+                            row["loss"],
+                            row["train_accuracy"],
+                            row["test_accuracy"],
+                        )
                 if cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0:
                     self.save_checkpoint("running")
             if self.device.type == "cuda":
@@ -183,8 +216,13 @@ class Trainer:
     def finish(self, status: str, train_seconds: float) -> dict[str, Any]:
         cfg, d, run_dir = self.cfg, self.data, self.run_dir
         if status == "diverged":  # the weights are not finite: nothing to evaluate
-            final = {"epoch": self.epoch, "loss": math.nan, "train_accuracy": math.nan,
-                     "test_accuracy": math.nan, "test_loss": math.nan}
+            final = {
+                "epoch": self.epoch,
+                "loss": math.nan,
+                "train_accuracy": math.nan,
+                "test_accuracy": math.nan,
+                "test_loss": math.nan,
+            }
             self.history.append(final)
         elif self.history[-1]["epoch"] == self.epoch:
             final = self.history[-1]
@@ -192,8 +230,12 @@ class Trainer:
             final = self._record()
         probs = softmax(self.engine.logits(d.x_test))
         predictions = [
-            {"point": pt.tolist(), "quadrant": int(np.argmax(p)) + 1 if np.isfinite(p).all() else None,
-             "probs": p.tolist(), "true_quadrant": int(t) + 1 if t >= 0 else None}
+            {
+                "point": pt.tolist(),
+                "quadrant": int(np.argmax(p)) + 1 if np.isfinite(p).all() else None,
+                "probs": p.tolist(),
+                "true_quadrant": int(t) + 1 if t >= 0 else None,
+            }
             for pt, p, t in zip(d.x_test, probs, d.y_test, strict=True)
         ]
         summary = {
@@ -217,14 +259,27 @@ class Trainer:
         self.save_checkpoint(status)
         artifacts.write_metrics(run_dir / "metrics.csv", self.history)
         if status == "completed":
-            checkpoint.save(run_dir / checkpoint.MODEL, params=self.engine.numpy_params(), momentum=None,
-                            epoch=self.epoch, config=to_dict(cfg), status=status)
+            checkpoint.save(
+                run_dir / checkpoint.MODEL,
+                params=self.engine.numpy_params(),
+                momentum=None,
+                epoch=self.epoch,
+                config=to_dict(cfg),
+                status=status,
+            )
         if cfg.plots and len(self.history) > 0:
             title = f"hidden_dim={cfg.hidden_dim} lr={cfg.lr:g} reg={cfg.reg:g} seed={cfg.seed}"
             artifacts.plot_curves(run_dir / "loss.png", self.history, title)
             if status != "diverged":
-                artifacts.plot_regions(run_dir / "decision_regions.png", self.engine.logits,
-                                       d.x_train, d.y_train, d.x_test, d.y_test, title)
+                artifacts.plot_regions(
+                    run_dir / "decision_regions.png",
+                    self.engine.logits,
+                    d.x_train,
+                    d.y_train,
+                    d.x_test,
+                    d.y_test,
+                    title,
+                )
         artifacts.write_json(run_dir / "summary.json", summary)
         if self._tb is not None:
             self._tb.close()
@@ -250,9 +305,11 @@ def _report(s: dict[str, Any]) -> None:
     def pct(v: float | None) -> str:
         return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%"
 
-    lines.append(f"status {s['status']} at epoch {s['epoch']}/{s['epochs']}   "
-                 f"train accuracy {pct(s['train_accuracy'])}   test accuracy {pct(s['test_accuracy'])}   "
-                 f"final loss {s['final_loss']:.6g}   train_seconds {s['train_seconds']:.3f}")
+    lines.append(
+        f"status {s['status']} at epoch {s['epoch']}/{s['epochs']}   "
+        f"train accuracy {pct(s['train_accuracy'])}   test accuracy {pct(s['test_accuracy'])}   "
+        f"final loss {s['final_loss']:.6g}   train_seconds {s['train_seconds']:.3f}"
+    )
     lines.append(f"run dir: {s['run_dir']}")
     log.info("\n".join(lines))
 
@@ -278,8 +335,9 @@ def _tensorboard(cfg: TrainConfig, run_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ConfigError("logger='tensorboard' needs the tensorboard package: "
-                          "pip install 'quadnet[tensorboard]'") from None
+        raise ConfigError(
+            "logger='tensorboard' needs the tensorboard package: pip install 'quadnet[tensorboard]'"
+        ) from None
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 

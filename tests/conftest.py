@@ -15,12 +15,14 @@ from quadnet.config import TrainConfig, compose, validate
 ROOT = Path(__file__).resolve().parent.parent
 
 # The seed program's final test-point probabilities (10,000 epochs, float64), from running it.
-SEED_PROBS = np.array([
-    [9.9999996480792153e-01, 2.6092473613575218e-09, 3.2582827079547004e-08, 4.0772546836305001e-15],
-    [1.3764366147275821e-05, 9.9990990186189510e-01, 7.6301339670452776e-05, 3.2432287277900430e-08],
-    [1.1998533757244659e-12, 2.2817835212991019e-06, 9.9991551044545979e-01, 8.2207769819041718e-05],
-    [4.1896618430600698e-07, 1.0771369838029900e-05, 2.8329811089093610e-05, 9.9996047985288850e-01],
-])
+SEED_PROBS = np.array(
+    [
+        [9.9999996480792153e-01, 2.6092473613575218e-09, 3.2582827079547004e-08, 4.0772546836305001e-15],
+        [1.3764366147275821e-05, 9.9990990186189510e-01, 7.6301339670452776e-05, 3.2432287277900430e-08],
+        [1.1998533757244659e-12, 2.2817835212991019e-06, 9.9991551044545979e-01, 8.2207769819041718e-05],
+        [4.1896618430600698e-07, 1.0771369838029900e-05, 2.8329811089093610e-05, 9.9996047985288850e-01],
+    ]
+)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -34,10 +36,12 @@ def probs_of(summary: dict[str, Any]) -> np.ndarray:
     return np.array([p["probs"] for p in summary["predictions"]])
 
 
-def run_cli(*args: str, cwd: Path, module: str = "quadnet.train", timeout: float = 300,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path, module: str = "quadnet.train", timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m module args`` as a user would, in cwd."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_cfg, requires_cuda
+
 from quadnet.crosscheck import check
 from quadnet.data import make_dataset
 from quadnet.model import initial_params
@@ -25,14 +25,13 @@ def _engines(case, dtype, steps=("fused", "autograd"), device="cpu", data="seed"
     d = make_dataset(cfg.data)
     p = initial_params(case["hidden_dim"], case["seed"], case["init"])
     opt = dict(lr=case["lr"], reg=case["reg"], momentum=case["momentum"], dtype=dtype)
-    return d, {s: TorchEngine(p, d.x_train, d.y_train, device=torch.device(device), step=s, **opt)
-               for s in steps}
+    return d, {s: TorchEngine(p, d.x_train, d.y_train, device=torch.device(device), step=s, **opt) for s in steps}
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
 def test_fused_step_equals_autograd(case, dtype, tol):
-    d, eng = _engines(case, dtype, data="sampled")
+    _, eng = _engines(case, dtype, data="sampled")
     for e in eng.values():
         assert e.train_steps(300, lambda: False) == (300, False)
     a, b = eng["fused"].numpy_params(), eng["autograd"].numpy_params()
@@ -59,12 +58,14 @@ def test_fused_step_state_dict_matches_optimizer_layout():
 def test_torch_engine_equals_numpy_engine(case):
     d, eng = _engines(case, "float64", steps=("fused",))
     p = initial_params(case["hidden_dim"], case["seed"], case["init"])
-    ref = NumpyEngine(p, d.x_train, d.y_train, lr=case["lr"], reg=case["reg"],
-                      momentum=case["momentum"], dtype="float64")
+    ref = NumpyEngine(
+        p, d.x_train, d.y_train, lr=case["lr"], reg=case["reg"], momentum=case["momentum"], dtype="float64"
+    )
     ref.train_steps(500, lambda: False)
     eng["fused"].train_steps(500, lambda: False)
-    np.testing.assert_allclose(softmax(eng["fused"].logits(d.x_test)), softmax(ref.logits(d.x_test)),
-                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        softmax(eng["fused"].logits(d.x_test)), softmax(ref.logits(d.x_test)), rtol=0, atol=1e-12
+    )
 
 
 def test_divergence_is_reported_at_the_first_non_finite_loss():
@@ -88,10 +89,15 @@ def test_stop_request_ends_after_the_current_step():
     assert eng["fused"].train_steps(100, stop) == (5, False)
 
 
-@pytest.mark.parametrize("overrides", [
-    [], ["momentum=0.9", "lr=0.01"], ["hidden_dim=3", "reg=0.1", "init=torch"],
-    ["data=sampled", "data.n_train=64", "hidden_dim=20", "lr=0.05"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["momentum=0.9", "lr=0.01"],
+        ["hidden_dim=3", "reg=0.1", "init=torch"],
+        ["data=sampled", "data.n_train=64", "hidden_dim=20", "lr=0.05"],
+    ],
+)
 def test_crosscheck_agrees_within_1e9(overrides):
     r = check(make_cfg("epochs=400", "log_every=50", *overrides))
     for figures in r["engines"].values():
@@ -111,13 +117,22 @@ def test_cuda_fused_step_equals_cpu(dtype, tol, graph):
     case = CASES[1]
     d, cpu = _engines(case, dtype, steps=("fused",))
     p = initial_params(case["hidden_dim"], case["seed"], case["init"])
-    gpu = TorchEngine(p, d.x_train, d.y_train, lr=case["lr"], reg=case["reg"], momentum=case["momentum"],
-                      dtype=dtype, device=torch.device("cuda"), step="fused", cuda_graph=graph)
+    gpu = TorchEngine(
+        p,
+        d.x_train,
+        d.y_train,
+        lr=case["lr"],
+        reg=case["reg"],
+        momentum=case["momentum"],
+        dtype=dtype,
+        device=torch.device("cuda"),
+        step="fused",
+        cuda_graph=graph,
+    )
     for e in (cpu["fused"], gpu):
         assert e.train_steps(250, lambda: False) == (250, False)
         assert e.train_steps(250, lambda: False) == (250, False)
-    np.testing.assert_allclose(softmax(gpu.logits(d.x_test)), softmax(cpu["fused"].logits(d.x_test)),
-                               rtol=0, atol=tol)
+    np.testing.assert_allclose(softmax(gpu.logits(d.x_test)), softmax(cpu["fused"].logits(d.x_test)), rtol=0, atol=tol)
 
 
 @requires_cuda
@@ -126,6 +141,16 @@ def test_cuda_graph_reports_divergence_step_exactly():
     case = dict(hidden_dim=50, lr=1e6, reg=0.0, momentum=0.0, seed=1, init="normal")
     d, cpu = _engines(case, "float64", steps=("fused",))
     p = initial_params(50, 1, "normal")
-    gpu = TorchEngine(p, d.x_train, d.y_train, lr=1e6, reg=0.0, momentum=0.0, dtype="float64",
-                      device=torch.device("cuda"), step="fused", cuda_graph=True)
+    gpu = TorchEngine(
+        p,
+        d.x_train,
+        d.y_train,
+        lr=1e6,
+        reg=0.0,
+        momentum=0.0,
+        dtype="float64",
+        device=torch.device("cuda"),
+        step="fused",
+        cuda_graph=True,
+    )
     assert gpu.train_steps(1000, lambda: False) == cpu["fused"].train_steps(1000, lambda: False)

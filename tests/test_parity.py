@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import SEED_PROBS, make_cfg, probs_of
+
 from quadnet.train import train
 
 
@@ -40,7 +40,8 @@ def test_metrics_row_before_last_update_is_the_seeds_last_printed_loss(tmp_path)
     s = train(make_cfg("engine=numpy", "log_every=9999"), run_dir=tmp_path)
     import csv
 
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [0, 9999, 10000]
     assert float(rows[1]["loss"]) == pytest.approx(0.003966347544057221, rel=1e-12)
     assert s["final_loss"] < float(rows[1]["loss"])

@@ -40,7 +40,7 @@ def test_relu_backward_matches_numerical():
 
 def test_softmax_loss_gradient_and_value():
     scores, y = rng.normal(size=(7, 4)), rng.integers(0, 4, size=7)
-    loss, dscores = ref.softmax_loss(scores, y)
+    _, dscores = ref.softmax_loss(scores, y)
     num = ref.eval_numerical_gradient(lambda s: ref.softmax_loss(s, y)[0], scores.copy())
     assert ref.rel_error(dscores, num) < 1e-8
     # uniform scores: the loss is log(4)

@@ -1,0 +1,149 @@
+"""The real command line, as a user types it, and what a run leaves behind."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import SEED_PROBS, make_cfg, run_cli
+
+from quadnet import checkpoint
+from quadnet.artifacts import read_metrics
+from quadnet.config import ConfigError
+from quadnet.device import resolve_device
+from quadnet.train import train
+
+SUMMARY_KEYS = {
+    "final_loss",
+    "train_accuracy",
+    "test_accuracy",
+    "train_seconds",
+    "epochs",
+    "device",
+    "dtype",
+    "engine",
+    "status",
+    "predictions",
+    "test_loss",
+    "epoch",
+    "config",
+    "run_dir",
+}
+
+
+def test_default_run_from_the_cli_writes_every_artifact(tmp_path):
+    r = run_cli("hidden_dim=50", "epochs=10000", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    runs = list((tmp_path / "outputs").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    for name in (
+        ".hydra/config.yaml",
+        "metrics.csv",
+        "summary.json",
+        "model.pt",
+        "loss.png",
+        "decision_regions.png",
+        "train.log",
+        "checkpoint.pt",
+    ):
+        assert (run / name).is_file(), name
+    s = json.loads((run / "summary.json").read_text())
+    assert set(s) >= SUMMARY_KEYS
+    assert s["status"] == "completed" and s["device"] == "cpu" and s["engine"] == "torch/fused"
+    probs = np.array([p["probs"] for p in s["predictions"]])
+    np.testing.assert_allclose(probs, SEED_PROBS, rtol=0, atol=1e-9)
+    assert s["predictions"][0]["point"] == [2.0, 2.0] and s["predictions"][0]["true_quadrant"] == 1
+    # what the user sees: the device, the table, the figures and the run dir
+    assert "on cpu (float64)" in r.stdout
+    assert "p(predicted)" in r.stdout and "test accuracy 100.0%" in r.stdout
+    assert f"run dir: {run}" in r.stdout or "run dir: outputs/" in r.stdout
+    # the log file holds the same lines
+    assert "test accuracy 100.0%" in (run / "train.log").read_text()
+    rows = read_metrics(run / "metrics.csv")
+    assert [r["epoch"] for r in rows][:3] == [0, 100, 200] and rows[-1]["epoch"] == 10000
+    assert rows[-1]["loss"] == pytest.approx(s["final_loss"])
+    m = checkpoint.load(run / "model.pt")
+    assert m["config"]["hidden_dim"] == 50 and m["epoch"] == 10000
+
+
+def test_hydra_run_dir_chooses_the_dir_and_epochs_100_fails_as_in_the_article(tmp_path):
+    r = run_cli("epochs=100", "engine=numpy", f"hydra.run.dir={tmp_path}/mine", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "mine" / "summary.json").read_text())
+    assert [p["quadrant"] for p in s["predictions"]] == [3, 1, 4, 2]
+    assert s["engine"] == "numpy"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("engine", ["torch", "numpy"])
+def test_same_config_twice_gives_identical_summaries(dtype, engine, tmp_path):
+    cfg = make_cfg(f"dtype={dtype}", f"engine={engine}", "epochs=2000", "data=sampled", "init=torch")
+    a, b = train(cfg, run_dir=tmp_path / "a"), train(cfg, run_dir=tmp_path / "b")
+    for s in (a, b):
+        s.pop("train_seconds"), s.pop("run_dir")
+    assert a == b
+    assert (tmp_path / "a" / "metrics.csv").read_text() == (tmp_path / "b" / "metrics.csv").read_text()
+
+
+def test_sampled_data_respects_margin_and_labels(tmp_path):
+    from quadnet.data import make_dataset, quadrant_class
+
+    d = make_dataset(make_cfg("data=sampled", "data.margin=0.5", "data.n_train=500").data)
+    assert d.x_train.shape == (500, 2) and (np.abs(d.x_train) >= 0.5).all()
+    assert (np.abs(d.x_train) <= 3.0).all() and set(d.y_train) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(
+        quadrant_class(np.array([[1, 1], [-1, 1], [-1, -1], [1, -1], [0, 2]])), [0, 1, 2, 3, -1]
+    )
+
+
+def test_plots_off_and_progress_bar_on(tmp_path, capsys):
+    train(make_cfg("epochs=50", "log_every=10", "progress=true"), run_dir=tmp_path)
+    assert not (tmp_path / "loss.png").exists()
+    assert len(read_metrics(tmp_path / "metrics.csv")) == 6
+
+
+# ---------------------------------------------------------------------------- devices
+
+
+def test_auto_device_is_cuda_else_mps_else_cpu():
+    dev = resolve_device("auto")
+    if torch.cuda.is_available():
+        assert dev.type == "cuda"
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        assert dev.type == "mps"
+    else:
+        assert dev.type == "cpu"
+    assert resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_missing_cuda_is_an_error_not_a_fallback(tmp_path):
+    for name in ("cuda", "cuda:0", "cuda:3"):
+        with pytest.raises(ConfigError, match="not available"):
+            resolve_device(name)
+    r = run_cli("device=cuda", "epochs=1", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
+    assert r.returncode == 2 and "device='cuda' is not available" in r.stderr
+
+
+def test_missing_cuda_index_is_an_error():
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ConfigError, match="not available"):
+        resolve_device(f"cuda:{n + 7}")
+
+
+def test_numpy_engine_refuses_a_gpu(tmp_path):
+    from quadnet.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="engine=numpy"):
+        Trainer(make_cfg("engine=numpy", "device=cuda"), tmp_path)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_matches_the_seed(tmp_path):
+    s = train(make_cfg("device=cuda"), run_dir=tmp_path)
+    assert s["device"].startswith("cuda:0")
+    np.testing.assert_allclose(np.array([p["probs"] for p in s["predictions"]]), SEED_PROBS, atol=1e-9)

@@ -1,0 +1,101 @@
+"""Config composition and validation: every bad value is one line, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from conftest import make_cfg, run_cli
+
+from quadnet.config import ConfigError, TrainConfig, compose, config_dir, validate
+from quadnet.train import main
+
+BAD = [
+    # (override, words the one-line message must contain)
+    ("hidden_dim=abc", ["hidden_dim", "'abc'", "integer"]),
+    ("hidden_dim=0", ["hidden_dim=0", ">= 1"]),
+    ("hidden_dim=2.5", ["hidden_dim", "integer"]),
+    ("lr=0", ["lr=0", "> 0"]),
+    ("lr=-1", ["lr=-1", "> 0"]),
+    ("lr=inf", ["lr=inf", "finite"]),
+    ("lr=nan", ["lr=nan", "finite"]),
+    ("reg=-0.1", ["reg=-0.1", ">= 0"]),
+    ("reg=nan", ["reg=nan", "finite"]),
+    ("epochs=-1", ["epochs=-1", ">= 0"]),
+    ("epochs=1.5", ["epochs", "integer"]),
+    ("seed=-3", ["seed=-3", ">= 0"]),
+    ("seed=x", ["seed", "integer"]),
+    ("momentum=1.0", ["momentum=1.0", "[0, 1)"]),
+    ("log_every=0", ["log_every=0", ">= 1"]),
+    ("device=tpu", ["device='tpu'", "auto, cpu, cuda, cuda:N or mps"]),
+    ("dtype=float16", ["dtype='float16'", "float32, float64"]),
+    ("engine=jax", ["engine='jax'", "torch, numpy"]),
+    ("init=xavier", ["init='xavier'", "normal, torch"]),
+    ("step=magic", ["step='magic'", "fused, autograd"]),
+    ("logger=wandb", ["logger='wandb'", "none, tensorboard"]),
+    ("objective=acc", ["objective='acc'", "test_loss"]),
+    ("data=foo", ["data='foo'", "sampled, seed"]),
+    ("progress=maybe", ["progress", "true or false"]),
+    ("foo=1", ["unknown config key 'foo'", "hidden_dim"]),
+    ("+foo=1", ["unknown config key 'foo'"]),
+    ("data.colour=red", ["unknown config key 'data.colour'"]),
+    ("data.n_train=0 data=sampled", ["data.n_train=0", ">= 1"]),
+    ("data.margin=5 data=sampled", ["data.margin=5", "data.extent"]),
+    ("resume=/no/such/run", ["'/no/such/run' does not exist"]),
+    ("hidden_dim=", ["hidden_dim"]),
+]
+
+
+@pytest.mark.parametrize("override,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_value_is_one_line_exit_2(override, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["quadnet.train", *override.split(), "epochs=0", f"hydra.run.dir={tmp_path}/run"]
+        if "epochs" not in override
+        else ["quadnet.train", *override.split(), f"hydra.run.dir={tmp_path}/run"],
+    )
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    for w in words:
+        assert w in err, (w, err)
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_bad_values_from_the_real_cli_have_no_traceback(tmp_path):
+    for args in (["lr=-1"], ["nope=1"], ["hidden_dim=abc"], ["data=nope"]):
+        r = run_cli(*args, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr + r.stdout
+        assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
+
+
+def test_validate_rejects_wrong_types_given_in_process():
+    with pytest.raises(ConfigError, match="hidden_dim='50' is not allowed: must be an integer"):
+        validate({"hidden_dim": "50"})
+    with pytest.raises(ConfigError, match="plots=1 is not allowed: must be true or false"):
+        validate({"plots": 1})
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.x'"):
+        validate({"data": {"x": 1}})
+
+
+def test_defaults_are_the_seed_programs():
+    c = make_cfg()
+    assert (c.hidden_dim, c.reg, c.lr, c.epochs, c.seed) == (50, 0.001, 0.001, 10000, 1)
+    assert (c.init, c.dtype, c.engine, c.data.name) == ("normal", "float64", "torch", "seed")
+    assert validate(TrainConfig()) == c.__class__(**{**c.__dict__, "progress": None, "plots": True})
+
+
+def test_composition_of_groups_and_overrides():
+    c = validate(compose(["data=sampled", "data.n_train=10", "hidden_dim=7", "lr=0.5", "momentum=0.9"]))
+    assert c.data.name == "sampled" and c.data.n_train == 10 and c.data.margin == 0.1
+    assert (c.hidden_dim, c.lr, c.momentum) == (7, 0.5, 0.9)
+
+
+def test_config_dir_is_the_checkout_folder():
+    assert config_dir().endswith("configs")

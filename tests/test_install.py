@@ -1,0 +1,53 @@
+"""A regular (non-editable) install from a built wheel finds its configs and plugins anywhere."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_wheel_install_runs_from_any_directory(tmp_path):
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(dist.glob("quadnet-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "quadnet/configs/train.yaml" in names and "quadnet/configs/data/sampled.yaml" in names
+    assert "hydra_plugins/quadnet_batched_launcher/launcher.py" in names
+    assert "hydra_plugins/__init__.py" not in names  # a namespace package: it must not hide others
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import quadnet.config as c, quadnet; print(quadnet.__file__); print(c.config_dir())"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert probe[0].startswith(str(site)) and probe[1] == "pkg://quadnet.configs"
+    r = subprocess.run(
+        [sys.executable, "-m", "quadnet.train", "epochs=100", "data=sampled", "data.n_train=16"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (next((elsewhere / "outputs").iterdir()) / "summary.json").is_file()
