@@ -39,8 +39,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _explicit_keys(raw: dict[str, Any]) -> set[str]:
-    """Keys the user set: the CLI's overrides under Hydra, else those that differ from the defaults."""
+def _explicit_keys(cfg: Any, resolved: dict[str, Any]) -> set[str]:
+    """The keys the user set: the CLI's overrides under Hydra, a plain dict's own keys,
+    else those that differ from the defaults."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
@@ -49,20 +50,18 @@ def _explicit_keys(raw: dict[str, Any]) -> set[str]:
             key = o.split("=", 1)[0].lstrip("+~")
             keys.add("data.name" if key == "data" else key)
         return keys
+    if isinstance(cfg, dict):
+        return set(_flatten(cfg))
     defaults = _flatten(dataclasses.asdict(TrainConfig()))
-    return {k for k, v in _flatten(raw).items() if defaults.get(k, object()) != v}
+    return {k for k, v in _flatten(resolved).items() if defaults.get(k, object()) != v}
 
 
-def _resume_config(raw: dict[str, Any], ckpt: dict[str, Any]) -> dict[str, Any]:
+def _resume_config(cfg: Any, resolved: dict[str, Any], ckpt: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint's config, with the keys the user set now on top of it."""
     merged = OmegaConf.create(ckpt["config"])
-    flat = _flatten(raw)
-    for key in sorted(_explicit_keys(raw)):
-        if key in flat or key.startswith("data."):
-            if key.startswith("data.") and key not in flat:
-                continue
-            OmegaConf.update(merged, key, flat[key], force_add=True)
-    merged.resume = raw["resume"]
+    flat = _flatten(resolved)
+    for key in sorted(_explicit_keys(cfg, resolved) & set(flat)):
+        OmegaConf.update(merged, key, flat[key])
     out = OmegaConf.to_container(merged)
     assert isinstance(out, dict)
     for key in _SHAPE_KEYS:
@@ -95,8 +94,7 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
     ckpt = None
     if c.resume:
         ckpt = checkpoint.load(c.resume)
-        raw = dataclasses.asdict(c)
-        c = validate(_resume_config(raw, ckpt))
+        c = validate(_resume_config(cfg, dataclasses.asdict(c), ckpt))
         if ckpt["epoch"] > c.epochs:
             raise ConfigError(
                 f"epochs={c.epochs} is below the checkpoint's epoch {ckpt['epoch']}; resume continues to a later epoch"
@@ -135,7 +133,7 @@ def _hydra_entry(cfg: DictConfig) -> float:
             summary["epoch"],
             resume_command(Path(summary["run_dir"])),
         )
-        sys.exit(128 + signal.SIGINT)
+        sys.exit(128 + signal.Signals[summary["signal"]].value)
     if status == "diverged":
         log.error(
             "diverged: the loss became non-finite at epoch %d (lr=%g); try a smaller lr",

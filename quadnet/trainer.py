@@ -228,7 +228,8 @@ class Trainer:
             final = self.history[-1]
         else:
             final = self._record()
-        probs = softmax(self.engine.logits(d.x_test))
+        with np.errstate(all="ignore"):  # a diverged run's weights are not finite
+            probs = softmax(self.engine.logits(d.x_test))
         predictions = [
             {
                 "point": pt.tolist(),
@@ -253,6 +254,7 @@ class Trainer:
             "run_dir": str(run_dir),
             "versions": {"torch": torch.__version__, "numpy": np.__version__},
             "predictions": predictions,
+            "signal": signal.Signals(self._stop_signal).name if status == "interrupted" else None,
             "config": to_dict(cfg),
         }
         # The checkpoint first (it is what resume needs), then the human-facing files.

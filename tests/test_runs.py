@@ -1,0 +1,262 @@
+"""Runs you can trust: checkpoints, exact resume, signals, divergence, predict, safe loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_cfg, run_cli
+from quadnet import checkpoint
+from quadnet.artifacts import read_metrics
+from quadnet.config import ConfigError
+from quadnet.train import train
+
+VOLATILE = ("train_seconds", "run_dir", "config")
+
+
+def _stable(summary):
+    return {k: v for k, v in summary.items() if k not in VOLATILE}
+
+
+@pytest.mark.parametrize(
+    "engine,extra",
+    [("torch", []), ("torch", ["momentum=0.9", "lr=0.01"]), ("numpy", ["momentum=0.5"]), ("torch", ["dtype=float32"])],
+)
+def test_resume_equals_an_uninterrupted_run_exactly(engine, extra, tmp_path):
+    full = train(make_cfg(f"engine={engine}", "epochs=1000", *extra), run_dir=tmp_path / "full")
+    train(make_cfg(f"engine={engine}", "epochs=400", *extra), run_dir=tmp_path / "first")
+    resumed = train(
+        make_cfg(f"engine={engine}", "epochs=1000", f"resume={tmp_path / 'first'}", *extra), run_dir=tmp_path / "second"
+    )
+    assert _stable(resumed) == _stable(full)
+    a = checkpoint.load(tmp_path / "full" / "model.pt")["params"]
+    b = checkpoint.load(tmp_path / "second" / "model.pt")["params"]
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    assert read_metrics(tmp_path / "full" / "metrics.csv") == read_metrics(tmp_path / "second" / "metrics.csv")
+
+
+def test_resume_takes_the_checkpoints_config_and_refuses_a_new_shape(tmp_path):
+    train(make_cfg("epochs=50", "hidden_dim=8", "lr=0.01"), run_dir=tmp_path / "a")
+    s = train({"resume": str(tmp_path / "a"), "epochs": 80, "progress": False}, run_dir=tmp_path / "b")
+    assert s["config"]["hidden_dim"] == 8 and s["config"]["lr"] == 0.01 and s["epoch"] == 80
+    with pytest.raises(ConfigError, match="hidden_dim=50.*trained with hidden_dim=8"):
+        train({"resume": str(tmp_path / "a"), "hidden_dim": 50}, run_dir=tmp_path / "c")
+    with pytest.raises(ConfigError, match="below the checkpoint's epoch"):
+        train({"resume": str(tmp_path / "a"), "epochs": 10}, run_dir=tmp_path / "d")
+
+
+def test_resume_shape_change_from_the_cli_is_one_line(tmp_path):
+    train(make_cfg("epochs=20", "hidden_dim=8"), run_dir=tmp_path / "a")
+    r = run_cli(f"resume={tmp_path / 'a'}", "hidden_dim=9", f"hydra.run.dir={tmp_path}/b", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot resume") and "Traceback" not in r.stderr
+
+
+def test_checkpoints_are_written_periodically_and_atomically(tmp_path, monkeypatch):
+    cfg = make_cfg("epochs=300", "checkpoint_every=100")
+    train(cfg, run_dir=tmp_path)
+    ck = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert ck["epoch"] == 300 and ck["status"] == "completed" and ck["config"]["checkpoint_every"] == 100
+    assert "torch" in ck["rng"] and len(ck["history"]) == 4
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def crash_mid_write(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError):
+        checkpoint.save(tmp_path / "checkpoint.pt", params=ck["params"], momentum=None, epoch=1, config={})
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_after_the_step_and_leaves_a_resumable_run(sig, code, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "quadnet.train",
+            "epochs=100000000",
+            "checkpoint_every=0",
+            "plots=false",
+            "log_every=1000",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the first log line comes just before the loop starts
+    assert "quadnet:" in line, line
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    s = json.loads((run / "summary.json").read_text())
+    assert s["status"] == "interrupted" and 0 < s["epoch"] < 100000000 and s["signal"] == sig.name
+    assert f"python -m quadnet.train resume={run}" in out + err
+    ck = checkpoint.load(run)
+    assert ck["epoch"] == s["epoch"] and ck["status"] == "interrupted"
+    # and it resumes from there
+    r = run_cli(f"resume={run}", f"epochs={s['epoch'] + 500}", f"hydra.run.dir={tmp_path}/resumed", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s2 = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert s2["status"] == "completed" and s2["epoch"] == s["epoch"] + 500
+
+
+def test_divergence_stops_at_once_and_the_single_run_exits_non_zero(tmp_path):
+    r = run_cli("lr=1e6", "epochs=5000", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
+    assert r.returncode == 3
+    assert "diverged" in r.stdout + r.stderr and "Traceback" not in r.stderr
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["status"] == "diverged" and s["epoch"] < 5000 and s["final_loss"] is None
+    assert (tmp_path / "r" / "checkpoint.pt").is_file() and not (tmp_path / "r" / "model.pt").exists()
+
+
+def test_divergence_in_process_returns_the_status(tmp_path):
+    s = train(make_cfg("lr=1e6", "engine=numpy"), run_dir=tmp_path)
+    assert s["status"] == "diverged" and s["epoch"] < 10000
+
+
+# ---------------------------------------------------------------------------- safe loading
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_checkpoint_is_refused_without_running_code(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "model": _Payload(marker)}, evil)
+    # the payload is real: an unsafe load would run it
+    with pytest.raises(checkpoint.CheckpointError, match="refused"):
+        checkpoint.load(evil)
+    assert not marker.exists()
+    r = run_cli(str(evil), "1,1", module="quadnet.predict", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: refused") and not marker.exists()
+    r = run_cli(f"resume={evil}", f"hydra.run.dir={tmp_path}/x", cwd=tmp_path)
+    assert r.returncode == 2 and "refused" in r.stderr and not marker.exists()
+    torch.load(evil, weights_only=False)  # proves the payload would have run
+    assert marker.exists()
+
+
+def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):
+    train(make_cfg("epochs=10"), run_dir=tmp_path / "r")
+    data = (tmp_path / "r" / "model.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupt"):
+        checkpoint.load(tmp_path / "cut.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="not a quadnet checkpoint"):
+        checkpoint.load(tmp_path / "other.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="holds no"):
+        checkpoint.load(tmp_path)
+
+
+# ---------------------------------------------------------------------------- predict
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trained")
+    train(make_cfg(), run_dir=d)
+    return d
+
+
+def test_predict_from_the_cli_with_negative_points_and_json(trained, tmp_path):
+    r = run_cli(str(trained), "2,2", "-2,2", "-2,-2", "2,-2", "0,3", "--json", module="quadnet.predict", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    preds = json.loads(r.stdout)["predictions"]
+    assert [p["quadrant"] for p in preds] == [1, 2, 3, 4, preds[4]["quadrant"]]
+    assert preds[4]["on_axis"] and preds[4]["true_quadrant"] is None
+    assert abs(sum(preds[0]["probs"]) - 1) < 1e-12
+    r = run_cli(str(trained / "model.pt"), "-2,2", "0,1", module="quadnet.predict", cwd=tmp_path)
+    assert r.returncode == 0 and "on an axis: no true quadrant" in r.stdout
+
+
+def test_predict_reads_a_file_and_stdin(trained, tmp_path):
+    (tmp_path / "pts.txt").write_text("# points\n1,1\n-1 -1\n\n")
+    r = run_cli(str(trained), "--file", str(tmp_path / "pts.txt"), "--json", module="quadnet.predict", cwd=tmp_path)
+    assert [p["quadrant"] for p in json.loads(r.stdout)["predictions"]] == [1, 3]
+    r = subprocess.run(
+        [sys.executable, "-m", "quadnet.predict", str(trained), "--json"],
+        input="-3,4\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert json.loads(r.stdout)["predictions"][0]["quadrant"] == 2
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["abc"], "is not a point"),
+        (["1,2,3"], "is not a point"),
+        (["nan,1"], "finite"),
+        (["1,inf"], "finite"),
+        (["--file", "/no/such"], "does not exist"),
+        ([], "no points given"),
+        (["--bogus"], "unknown option"),
+    ],
+)
+def test_predict_bad_input_is_one_line_exit_2(trained, tmp_path, args, words):
+    r = subprocess.run(
+        [sys.executable, "-m", "quadnet.predict", str(trained), *args],
+        input="",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+
+
+def test_predict_refuses_a_missing_or_foreign_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    for target in (tmp_path / "nope", tmp_path / "notes.txt"):
+        r = run_cli(str(target), "1,1", module="quadnet.predict", cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------- logging
+
+
+def test_tensorboard_logger_writes_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(make_cfg("epochs=200", "log_every=50", "logger=tensorboard"), run_dir=tmp_path)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert {"loss", "train_accuracy", "test_accuracy"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("loss")] == [0, 50, 100, 150, 200]
+
+
+def test_without_a_terminal_the_log_has_plain_periodic_lines(tmp_path):
+    r = run_cli("epochs=1000", "log_every=50", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("epoch ")]
+    assert len(lines) == 10 and lines[-1].startswith("epoch 1000/1000")
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert "epoch 1000/1000" in log and "[quadnet]" in log  # the file keeps Hydra's timestamped format
