@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SEED_PROBS, make_cfg, run_cli
 
+from conftest import SEED_PROBS, make_cfg, run_cli
 from quadnet import checkpoint
 from quadnet.artifacts import read_metrics
 from quadnet.config import ConfigError

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest import make_cfg, run_cli
 
+from conftest import make_cfg, run_cli
 from quadnet.config import ConfigError, TrainConfig, compose, config_dir, validate
 from quadnet.train import main
 

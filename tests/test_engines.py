@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_cfg, requires_cuda
 
+from conftest import make_cfg, requires_cuda
 from quadnet.crosscheck import check
 from quadnet.data import make_dataset
 from quadnet.model import initial_params

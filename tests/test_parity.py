@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SEED_PROBS, make_cfg, probs_of
 
+from conftest import SEED_PROBS, make_cfg, probs_of
 from quadnet.train import train
 
 

@@ -48,7 +48,7 @@ def test_resume_takes_the_checkpoints_config_and_refuses_a_new_shape(tmp_path):
     train(make_cfg("epochs=50", "hidden_dim=8", "lr=0.01"), run_dir=tmp_path / "a")
     s = train({"resume": str(tmp_path / "a"), "epochs": 80, "progress": False}, run_dir=tmp_path / "b")
     assert s["config"]["hidden_dim"] == 8 and s["config"]["lr"] == 0.01 and s["epoch"] == 80
-    with pytest.raises(ConfigError, match="hidden_dim=50.*trained with hidden_dim=8"):
+    with pytest.raises(ConfigError, match=r"hidden_dim=50.*trained with hidden_dim=8"):
         train({"resume": str(tmp_path / "a"), "hidden_dim": 50}, run_dir=tmp_path / "c")
     with pytest.raises(ConfigError, match="below the checkpoint's epoch"):
         train({"resume": str(tmp_path / "a"), "epochs": 10}, run_dir=tmp_path / "d")
