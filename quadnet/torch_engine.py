@@ -48,38 +48,36 @@ class TorchEngine:
         self.x = torch.as_tensor(x, dtype=self.dtype, device=device)
         self.y = torch.as_tensor(y, dtype=torch.long, device=device)
         m = self.model
-        self.weights = [m.fc1.weight, m.fc2.weight]
-        self.biases = [m.fc1.bias, m.fc2.bias]
-        self.optimizer = torch.optim.SGD(
-            [{"params": self.weights, "weight_decay": reg}, {"params": self.biases, "weight_decay": 0.0}],
-            lr=lr,
-            momentum=momentum,
-        )
+        params = [m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias]
         self.step_kind = step
-        if step == "fused":
+        self.optimizer: torch.optim.SGD | None = None
+        if step == "autograd":
+            self.optimizer = torch.optim.SGD(
+                [{"params": params[0::2], "weight_decay": reg}, {"params": params[1::2], "weight_decay": 0.0}],
+                lr=lr,
+                momentum=momentum,
+            )
+        else:
             # Plain tensors sharing the parameters' storage: in-place updates reach the model,
-            # without autograd's bookkeeping or nn.Module attribute look-ups on every op.
-            self._raw = [p.detach() for p in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)]
+            # without autograd's bookkeeping or nn.Module attribute look-ups on every op. No
+            # torch.optim object either: the first one built imports torch._dynamo (seconds).
+            self._raw = [p.detach() for p in params]
             self._onehot = F.one_hot(self.y, 4).to(self.dtype)
-            self._buffers: list[torch.Tensor] = []
-            if momentum:  # the optimizer's own buffers, so state_dict() is the same for both steps
-                for p in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias):
-                    buf = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    self.optimizer.state[p]["momentum_buffer"] = buf
-                    self._buffers.append(buf)
+            self._buffers = [torch.zeros_like(p) for p in params] if momentum else []
         self._graph: _GraphStep | None = None
         self._use_graph = step == "fused" and cuda_graph and device.type == "cuda"
 
     # ------------------------------------------------------------------ one step
 
     def _loss_autograd(self) -> torch.Tensor:
+        assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(self.x), self.y)
         return loss
 
     def _step_autograd(self, loss: torch.Tensor) -> None:
         loss.backward()
-        self.optimizer.step()
+        self.optimizer.step()  # type: ignore[union-attr]
 
     def _forward_fused(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits' log-softmax (N, C), with the hidden pre-activations z1 and activations a (N, H)."""
@@ -163,24 +161,26 @@ class TorchEngine:
     def momentum_buffers(self) -> dict[str, np.ndarray] | None:
         if not self.momentum:
             return None
-        state = {}
-        for name, p in self.model.named_parameters():
-            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
-            state[name] = torch.zeros_like(p) if buf is None else buf
-        return numpy_from_state(state)
+        names = [n for n, _ in self.model.named_parameters()]
+        if self.optimizer is None:
+            bufs = self._buffers
+        else:  # torch.optim.SGD creates its buffers at the first step
+            bufs = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in self.model.parameters()]
+            bufs = [torch.zeros_like(p) if b is None else b for b, p in zip(bufs, self.model.parameters(), strict=True)]
+        return numpy_from_state(dict(zip(names, bufs, strict=True)))
 
     def load(self, params: dict[str, np.ndarray], momentum: dict[str, np.ndarray] | None) -> None:
         with torch.no_grad():
             for name, t in state_from_numpy(params).items():
                 self.model.get_parameter(name).copy_(t)
-            if self.momentum and momentum is not None:
-                for name, t in state_from_numpy(momentum).items():
-                    p = self.model.get_parameter(name)
-                    buf = self.optimizer.state[p].get("momentum_buffer")
-                    if buf is None:
-                        self.optimizer.state[p]["momentum_buffer"] = t.to(p)
-                    else:
-                        buf.copy_(t)
+            if not (self.momentum and momentum is not None):
+                return
+            for i, (name, t) in enumerate(state_from_numpy(momentum).items()):
+                p = self.model.get_parameter(name)
+                if self.optimizer is None:
+                    self._buffers[i].copy_(t)
+                else:
+                    self.optimizer.state[p]["momentum_buffer"] = t.to(p).clone()
 
 
 class _GraphStep:
@@ -191,8 +191,7 @@ class _GraphStep:
         dev = engine.device
         self.count = torch.zeros((), dtype=torch.long, device=dev)  # steps replayed so far
         self.first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first non-finite step
-        state = [p.detach() for p in engine.model.parameters()]
-        state += [s["momentum_buffer"] for s in engine.optimizer.state.values() if "momentum_buffer" in s]
+        state = [*engine._raw, *engine._buffers]
         saved = [t.clone() for t in state]
         # Warm up on a side stream (as CUDA graph capture requires), then undo the warm-up steps.
         side = torch.cuda.Stream(device=dev)

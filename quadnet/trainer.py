@@ -269,7 +269,7 @@ class Trainer:
                 config=to_dict(cfg),
                 status=status,
             )
-        if cfg.plots and len(self.history) > 0:
+        if cfg.plots and self.epoch > 0:  # no curves (and no matplotlib import) for an untrained run
             title = f"hidden_dim={cfg.hidden_dim} lr={cfg.lr:g} reg={cfg.reg:g} seed={cfg.seed}"
             artifacts.plot_curves(run_dir / "loss.png", self.history, title)
             if status != "diverged":
