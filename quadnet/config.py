@@ -91,11 +91,29 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="quadnet_schema", node=TrainConfig)
+    _expose_checkout_plugins()
     # A short random token, cached per config (and copied into every job of a sweep by
     # Hydra's load_sweep_config), so that two runs started in the same second get
     # different dirs.
     if not OmegaConf.has_resolver("quadnet_uid"):
         OmegaConf.register_new_resolver("quadnet_uid", lambda: secrets.token_hex(3), use_cache=True)
+
+
+def _expose_checkout_plugins() -> None:
+    """Let Hydra find ``hydra_plugins/quadnet_batched_launcher`` of a source checkout.
+
+    A regular install puts it in site-packages, where Hydra's namespace scan finds it. An
+    editable install maps it through an import hook that the scan cannot walk, so from any
+    directory but the checkout the launcher would be missing; adding the checkout's folder
+    to the namespace's path fixes that.
+    """
+    folder = Path(__file__).resolve().parent.parent / "hydra_plugins"
+    if not (folder / "quadnet_batched_launcher").is_dir():
+        return
+    import hydra_plugins
+
+    if str(folder) not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(str(folder))
 
 
 # --------------------------------------------------------------------------- validation
@@ -165,6 +183,8 @@ def validate(cfg: DictConfig | dict | TrainConfig) -> TrainConfig:
     if isinstance(cfg, TrainConfig):
         cfg = dataclasses.asdict(cfg)
     elif isinstance(cfg, DictConfig):
+        if "hydra" in cfg:  # a launcher's per-job config still carries Hydra's own node
+            cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         cfg = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(cfg, dict)
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}

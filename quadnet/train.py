@@ -115,15 +115,15 @@ def objective_value(summary: dict[str, Any], objective: str) -> float:
     return float(value)
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def _hydra_entry(cfg: DictConfig) -> float:
+def conclude(summary: dict[str, Any]) -> float:
+    """Report how a run ended, exit non-zero where a single run must, and return the objective.
+
+    Interrupted: print the resume command and exit 128+signal. Diverged: an error line, and
+    exit 3 in a single run; in a sweep the other jobs carry on and this one scores +inf.
+    """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    try:
-        summary = train(cfg)
-    except (ConfigError, checkpoint.CheckpointError) as e:
-        fail(str(e))
     status = summary["status"]
     if status == "interrupted":
         from quadnet.trainer import resume_command
@@ -140,9 +140,18 @@ def _hydra_entry(cfg: DictConfig) -> float:
             summary["epoch"],
             summary["config"]["lr"],
         )
-        if HydraConfig.get().mode == RunMode.RUN:
+        if not HydraConfig.initialized() or HydraConfig.get().mode == RunMode.RUN:
             sys.exit(3)
     return objective_value(summary, summary["config"]["objective"])
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def _hydra_entry(cfg: DictConfig) -> float:
+    try:
+        summary = train(cfg)
+    except (ConfigError, checkpoint.CheckpointError) as e:
+        fail(str(e))
+    return conclude(summary)
 
 
 def main() -> None:

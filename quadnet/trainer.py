@@ -85,13 +85,18 @@ def resume_command(run_dir: Path) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None,
+                 device: torch.device | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         # --- where to compute: a missing device is an error, never a silent fallback
-        self.device = resolve_device(cfg.device) if cfg.engine == "torch" else torch.device("cpu")
         if cfg.engine == "numpy" and cfg.device not in ("auto", "cpu"):
             raise ConfigError(f"device={cfg.device!r} is not allowed with engine=numpy: it runs on the cpu")
+        if device is None:
+            device = resolve_device(cfg.device) if cfg.engine == "torch" else torch.device("cpu")
+        self.device = device
+        self.device_label = describe(device)  # what the summary records (a batch may have run elsewhere)
+        self.extra: dict[str, Any] = {}  # more summary fields, e.g. a batched run's batch facts
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         # --- data, and the initial weights (the seed's draw by default) or a checkpoint's
         self.data = make_dataset(cfg.data)
         self.epoch, self.history = 0, []
@@ -248,7 +253,7 @@ class Trainer:
             "train_accuracy": final["train_accuracy"],
             "test_accuracy": final["test_accuracy"],
             "train_seconds": train_seconds,
-            "device": describe(self.device),
+            "device": self.device_label,
             "dtype": cfg.dtype,
             "engine": cfg.engine if cfg.engine == "numpy" else f"torch/{cfg.step}",
             "run_dir": str(run_dir),
@@ -256,6 +261,7 @@ class Trainer:
             "predictions": predictions,
             "signal": signal.Signals(self._stop_signal).name if status == "interrupted" else None,
             "config": to_dict(cfg),
+            **self.extra,
         }
         # The checkpoint first (it is what resume needs), then the human-facing files.
         self.save_checkpoint(status)

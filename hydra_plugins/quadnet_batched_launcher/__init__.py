@@ -1,0 +1,1 @@
+"""quadnet's batched Hydra launcher: ``hydra/launcher=batched``."""

@@ -1,0 +1,237 @@
+"""Many runs as one program: an ensemble of QuadNets with a leading job dimension.
+
+Jobs that share their data, dtype, device and log_every are trained together. Their
+parameters are stacked (J, …) and every op is batched; seed, init, lr, reg, momentum
+and epochs may differ per job, and so may hidden_dim: narrower nets are zero-padded to
+the widest, and padded units stay exactly zero (their pre-activation is 0, so ReLU
+passes no gradient, and weight decay of 0 is 0). The step is the fused torch step of
+:mod:`quadnet.torch_engine`, batched; the tests assert each job equals its own
+sequential run.
+
+Each job's result has the shape of a checkpoint (params, momentum, epoch, history), so
+the ordinary :class:`~quadnet.trainer.Trainer` writes its run dir from it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from quadnet.config import TrainConfig
+from quadnet.data import make_dataset
+from quadnet.model import initial_params
+from quadnet.torch_engine import DTYPES
+
+
+@dataclass
+class JobResult:
+    status: str  # completed | diverged
+    epoch: int
+    params: dict[str, np.ndarray]
+    momentum_params: dict[str, np.ndarray] | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0  # this job's share of its batch's wall time
+    batch: dict[str, Any] = field(default_factory=dict)
+
+
+def batchable(cfg: TrainConfig) -> str | None:
+    """None if cfg can join a batch, else the reason it runs on its own."""
+    if cfg.engine != "torch":
+        return "engine=numpy runs on its own"
+    if cfg.step != "fused":
+        return "step=autograd runs on its own"
+    if cfg.resume:
+        return "resume runs on its own"
+    if cfg.logger != "none":
+        return f"logger={cfg.logger} runs on its own"
+    return None
+
+
+def group_key(cfg: TrainConfig, device: torch.device) -> tuple[Any, ...]:
+    return (repr(cfg.data), cfg.dtype, str(device), cfg.log_every)
+
+
+def _pad(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    out = np.zeros(shape)
+    out[tuple(slice(0, n) for n in a.shape)] = a
+    return out
+
+
+class _Batch:
+    """The live state of the jobs still training: parameters (J, …) in QuadNet's layout."""
+
+    def __init__(self, cfgs: list[TrainConfig], device: torch.device) -> None:
+        c0 = cfgs[0]
+        self.dtype, self.device = DTYPES[c0.dtype], device
+        data = make_dataset(c0.data)
+        as_t = lambda a: torch.as_tensor(np.asarray(a), dtype=self.dtype, device=device)  # noqa: E731
+        self.x, self.x_test = as_t(data.x_train), as_t(data.x_test)
+        self.y = torch.as_tensor(data.y_train, device=device)
+        self.y_test = torch.as_tensor(data.y_test, device=device)
+        self.onehot = F.one_hot(self.y.clamp_min(0), 4).to(self.dtype)
+        self.h = max(c.hidden_dim for c in cfgs)
+        init = [initial_params(c.hidden_dim, c.seed, c.init) for c in cfgs]
+        self.w1 = as_t(np.stack([_pad(p["W1"].T, (self.h, 2)) for p in init]))  # (J, H, 2)
+        self.b1 = as_t(np.stack([_pad(p["b1"], (self.h,)) for p in init]))  # (J, H)
+        self.w2 = as_t(np.stack([_pad(p["W2"].T, (4, self.h)) for p in init]))  # (J, 4, H)
+        self.b2 = as_t(np.stack([p["b2"] for p in init]))  # (J, 4)
+        self.lr = as_t([c.lr for c in cfgs])
+        self.reg = as_t([c.reg for c in cfgs])
+        self.mom = as_t([c.momentum for c in cfgs])
+        self.use_momentum = any(c.momentum for c in cfgs)
+        self.bufs = [torch.zeros_like(p) for p in self.params()] if self.use_momentum else []
+        self.ids = list(range(len(cfgs)))  # positions in the caller's list, of the jobs still here
+        self.first_bad = torch.full((len(cfgs),), -1, dtype=torch.long, device=device)
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.w1, self.b1, self.w2, self.b2]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        z1 = torch.baddbmm(self.b1[:, None, :], x.expand(len(self.ids), -1, -1), self.w1.transpose(1, 2))
+        return torch.baddbmm(self.b2[:, None, :], z1.clamp_min(0), self.w2.transpose(1, 2))
+
+    def step(self, epoch: int) -> None:
+        """One SGD step for every job (the batched form of TorchEngine._step_fused)."""
+        n = self.x.shape[0]
+        xs = self.x.expand(len(self.ids), -1, -1)  # (J, N, 2), a view
+        z1 = torch.baddbmm(self.b1[:, None, :], xs, self.w1.transpose(1, 2))  # (J, N, H)
+        a = z1.clamp_min(0)
+        logp = torch.log_softmax(torch.baddbmm(self.b2[:, None, :], a, self.w2.transpose(1, 2)), dim=2)
+        bad = ~torch.isfinite(logp.sum(dim=(1, 2)))  # a non-finite loss, per job, without a host sync
+        self.first_bad = torch.where(bad & (self.first_bad < 0), epoch, self.first_bad)
+        dz2 = logp.exp_().sub_(self.onehot)  # N · dL/dlogits
+        dz1 = torch.ops.aten.threshold_backward(torch.bmm(dz2, self.w2), z1, 0)
+        reg = self.reg[:, None, None]
+        grads = (
+            torch.baddbmm(self.w1 * reg, dz1.transpose(1, 2), xs, alpha=1.0 / n),
+            dz1.sum(1).div_(n),
+            torch.baddbmm(self.w2 * reg, dz2.transpose(1, 2), a, alpha=1.0 / n),
+            dz2.sum(1).div_(n),
+        )
+        for i, (p, g) in enumerate(zip(self.params(), grads, strict=True)):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            if self.use_momentum:
+                g = self.bufs[i].mul_(self.mom.view(shape)).add_(g)
+            p.sub_(g * self.lr.view(shape))
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every job but those at the given rows."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        for name in ("w1", "b1", "w2", "b2", "lr", "reg", "mom", "first_bad"):
+            setattr(self, name, getattr(self, name).index_select(0, idx))
+        self.bufs = [b.index_select(0, idx) for b in self.bufs]
+        self.ids = [self.ids[r] for r in rows]
+
+    def metrics(self, epoch: int) -> list[dict[str, float]]:
+        """One metrics row per job: mean cross-entropy and accuracy, in float64."""
+        rows = []
+        out = {}
+        for split, x, y in (("train", self.x, self.y), ("test", self.x_test, self.y_test)):
+            z = self.logits(x).double()
+            keep = y >= 0
+            logp = torch.log_softmax(z[:, keep], dim=2)
+            t = y[keep]
+            nll = -logp.gather(2, t.view(1, -1, 1).expand(z.shape[0], -1, 1)).squeeze(2).mean(1)
+            acc = (z[:, keep].argmax(2) == t).double().mean(1)
+            out[split] = (nll.cpu().numpy(), acc.cpu().numpy())
+        for j in range(len(self.ids)):
+            rows.append({"epoch": epoch, "loss": float(out["train"][0][j]),
+                         "train_accuracy": float(out["train"][1][j]),
+                         "test_accuracy": float(out["test"][1][j]), "test_loss": float(out["test"][0][j])})
+        return rows
+
+    def export(self, row: int, hidden_dim: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        """Job at `row`, unpadded, in the seed's layout (float64 NumPy)."""
+
+        def seed_layout(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor):
+            h = hidden_dim
+            f = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
+            return {"W1": f(w1[row, :h]).T.copy(), "b1": f(b1[row, :h]), "W2": f(w2[row, :, :h]).T.copy(),
+                    "b2": f(b2[row])}
+
+        mom = seed_layout(*self.bufs) if self.use_momentum else None
+        return seed_layout(*self.params()), mom
+
+
+def train_group(cfgs: list[TrainConfig], device: torch.device) -> list[JobResult]:
+    """Train jobs of one group (same data, dtype, device, log_every) as one batch."""
+    batch = _Batch(cfgs, device)
+    log_every = cfgs[0].log_every
+    results: list[JobResult | None] = [None] * len(cfgs)
+    histories: list[list[dict[str, float]]] = [[] for _ in cfgs]
+    t0 = time.perf_counter()
+
+    def record(epoch: int) -> None:
+        """A metrics row for each job at one of its own log points (every log_every, and its end)."""
+        for j, row in zip(batch.ids, batch.metrics(epoch), strict=True):
+            if epoch % log_every == 0 or cfgs[j].epochs == epoch:
+                histories[j].append(row)
+
+    def finish(rows: list[int], status: str, epochs: list[int]) -> None:
+        for r, ep in zip(rows, epochs, strict=True):
+            j = batch.ids[r]
+            params, mom = batch.export(r, cfgs[j].hidden_dim)
+            results[j] = JobResult(status, ep, params, mom, histories[j])
+
+    epoch = 0
+    record(0)
+    with torch.inference_mode():
+        while batch.ids:
+            # 1. finish the jobs whose epochs are reached
+            done = [r for r, j in enumerate(batch.ids) if cfgs[j].epochs <= epoch]
+            if done:
+                finish(done, "completed", [epoch] * len(done))
+                batch.keep([r for r in range(len(batch.ids)) if r not in done])
+                if not batch.ids:
+                    break
+            # 2. run every remaining job to the next log point or the next job's end
+            target = min(min(cfgs[j].epochs for j in batch.ids), (epoch // log_every + 1) * log_every)
+            for e in range(epoch, target):
+                batch.step(e)
+            epoch = target
+            # 3. the one host sync of the chunk: jobs whose loss went non-finite stop here
+            bad = batch.first_bad.tolist()
+            diverged = [r for r, b in enumerate(bad) if b >= 0]
+            if diverged:
+                finish(diverged, "diverged", [bad[r] for r in diverged])
+                batch.keep([r for r in range(len(batch.ids)) if r not in diverged])
+                if not batch.ids:
+                    break
+            if epoch % log_every == 0 or any(cfgs[j].epochs == epoch for j in batch.ids):
+                record(epoch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    out = []
+    for r in results:
+        assert r is not None
+        r.train_seconds = seconds / len(cfgs)
+        r.batch = {"jobs": len(cfgs), "seconds": seconds, "hidden_dim_padded_to": batch.h}
+        out.append(r)
+    return out
+
+
+def train_many(cfgs: list[TrainConfig], device: torch.device, max_batch: int = 0) -> list[JobResult]:
+    """Train jobs of one group, in chunks of at most max_batch (0: a size that fits memory)."""
+    if not max_batch:
+        max_batch = _fits(cfgs, device)
+    results: list[JobResult] = []
+    for i in range(0, len(cfgs), max_batch):
+        results += train_group(cfgs[i : i + max_batch], device)
+    return results
+
+
+def _fits(cfgs: list[TrainConfig], device: torch.device) -> int:
+    """Jobs per batch: all of them on the CPU up to 4096; on CUDA, what half the free memory holds."""
+    if device.type != "cuda":
+        return 4096
+    n = max(make_dataset(cfgs[0].data).x_train.shape[0], make_dataset(cfgs[0].data).x_test.shape[0])
+    h = max(c.hidden_dim for c in cfgs)
+    per_job = 8 * (16 * n * (h + 4) + 16 * h * 8)  # activations and temporaries, generously
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(len(cfgs), int(free * 0.5) // per_job))
