@@ -14,6 +14,7 @@ the ordinary :class:`~quadnet.trainer.Trainer` writes its run dir from it.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,9 @@ class _Batch:
         self.lr = as_t([c.lr for c in cfgs])
         self.reg = as_t([c.reg for c in cfgs])
         self.mom = as_t([c.momentum for c in cfgs])
+        self.neg_lr = -self.lr
+        regs = {c.reg for c in cfgs}
+        self.same_reg = regs.pop() if len(regs) == 1 else None
         self.use_momentum = any(c.momentum for c in cfgs)
         self.bufs = [torch.zeros_like(p) for p in self.params()] if self.use_momentum else []
         self.ids = list(range(len(cfgs)))  # positions in the caller's list, of the jobs still here
@@ -106,23 +110,27 @@ class _Batch:
         self.first_bad = torch.where(bad & (self.first_bad < 0), epoch, self.first_bad)
         dz2 = logp.exp_().sub_(self.onehot)  # N · dL/dlogits
         dz1 = torch.ops.aten.threshold_backward(torch.bmm(dz2, self.w2), z1, 0)
-        reg = self.reg[:, None, None]
+        if self.same_reg is not None:  # one reg for all: folded into the GEMMs
+            w1_decay, w2_decay, beta = self.w1, self.w2, self.same_reg
+        else:
+            reg = self.reg[:, None, None]
+            w1_decay, w2_decay, beta = self.w1 * reg, self.w2 * reg, 1.0
         grads = (
-            torch.baddbmm(self.w1 * reg, dz1.transpose(1, 2), xs, alpha=1.0 / n),
+            torch.baddbmm(w1_decay, dz1.transpose(1, 2), xs, beta=beta, alpha=1.0 / n),
             dz1.sum(1).div_(n),
-            torch.baddbmm(self.w2 * reg, dz2.transpose(1, 2), a, alpha=1.0 / n),
+            torch.baddbmm(w2_decay, dz2.transpose(1, 2), a, beta=beta, alpha=1.0 / n),
             dz2.sum(1).div_(n),
         )
         for i, (p, g) in enumerate(zip(self.params(), grads, strict=True)):
             shape = (-1,) + (1,) * (p.dim() - 1)
             if self.use_momentum:
                 g = self.bufs[i].mul_(self.mom.view(shape)).add_(g)
-            p.sub_(g * self.lr.view(shape))
+            p.addcmul_(g, self.neg_lr.view(shape))  # p -= lr·g, per job
 
     def keep(self, rows: list[int]) -> None:
         """Drop every job but those at the given rows."""
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        for name in ("w1", "b1", "w2", "b2", "lr", "reg", "mom", "first_bad"):
+        for name in ("w1", "b1", "w2", "b2", "lr", "neg_lr", "reg", "mom", "first_bad"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
         self.bufs = [b.index_select(0, idx) for b in self.bufs]
         self.ids = [self.ids[r] for r in rows]
@@ -140,9 +148,15 @@ class _Batch:
             acc = (z[:, keep].argmax(2) == t).double().mean(1)
             out[split] = (nll.cpu().numpy(), acc.cpu().numpy())
         for j in range(len(self.ids)):
-            rows.append({"epoch": epoch, "loss": float(out["train"][0][j]),
-                         "train_accuracy": float(out["train"][1][j]),
-                         "test_accuracy": float(out["test"][1][j]), "test_loss": float(out["test"][0][j])})
+            rows.append(
+                {
+                    "epoch": epoch,
+                    "loss": float(out["train"][0][j]),
+                    "train_accuracy": float(out["train"][1][j]),
+                    "test_accuracy": float(out["test"][1][j]),
+                    "test_loss": float(out["test"][0][j]),
+                }
+            )
         return rows
 
     def export(self, row: int, hidden_dim: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
@@ -151,8 +165,12 @@ class _Batch:
         def seed_layout(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor):
             h = hidden_dim
             f = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
-            return {"W1": f(w1[row, :h]).T.copy(), "b1": f(b1[row, :h]), "W2": f(w2[row, :, :h]).T.copy(),
-                    "b2": f(b2[row])}
+            return {
+                "W1": f(w1[row, :h]).T.copy(),
+                "b1": f(b1[row, :h]),
+                "W2": f(w2[row, :, :h]).T.copy(),
+                "b2": f(b2[row]),
+            }
 
         mom = seed_layout(*self.bufs) if self.use_momentum else None
         return seed_layout(*self.params()), mom
@@ -180,30 +198,36 @@ def train_group(cfgs: list[TrainConfig], device: torch.device) -> list[JobResult
 
     epoch = 0
     record(0)
-    with torch.inference_mode():
-        while batch.ids:
-            # 1. finish the jobs whose epochs are reached
-            done = [r for r, j in enumerate(batch.ids) if cfgs[j].epochs <= epoch]
-            if done:
-                finish(done, "completed", [epoch] * len(done))
-                batch.keep([r for r in range(len(batch.ids)) if r not in done])
-                if not batch.ids:
-                    break
-            # 2. run every remaining job to the next log point or the next job's end
-            target = min(min(cfgs[j].epochs for j in batch.ids), (epoch // log_every + 1) * log_every)
-            for e in range(epoch, target):
-                batch.step(e)
-            epoch = target
-            # 3. the one host sync of the chunk: jobs whose loss went non-finite stop here
-            bad = batch.first_bad.tolist()
-            diverged = [r for r, b in enumerate(bad) if b >= 0]
-            if diverged:
-                finish(diverged, "diverged", [bad[r] for r in diverged])
-                batch.keep([r for r in range(len(batch.ids)) if r not in diverged])
-                if not batch.ids:
-                    break
-            if epoch % log_every == 0 or any(cfgs[j].epochs == epoch for j in batch.ids):
-                record(epoch)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # a batch is big enough to use every core (one thread suits a single run)
+        torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        with torch.inference_mode():
+            while batch.ids:
+                # 1. finish the jobs whose epochs are reached
+                done = [r for r, j in enumerate(batch.ids) if cfgs[j].epochs <= epoch]
+                if done:
+                    finish(done, "completed", [epoch] * len(done))
+                    batch.keep([r for r in range(len(batch.ids)) if r not in done])
+                    if not batch.ids:
+                        break
+                # 2. run every remaining job to the next log point or the next job's end
+                target = min(min(cfgs[j].epochs for j in batch.ids), (epoch // log_every + 1) * log_every)
+                for e in range(epoch, target):
+                    batch.step(e)
+                epoch = target
+                # 3. the one host sync of the chunk: jobs whose loss went non-finite stop here
+                bad = batch.first_bad.tolist()
+                diverged = [r for r, b in enumerate(bad) if b >= 0]
+                if diverged:
+                    finish(diverged, "diverged", [bad[r] for r in diverged])
+                    batch.keep([r for r in range(len(batch.ids)) if r not in diverged])
+                    if not batch.ids:
+                        break
+                if epoch % log_every == 0 or any(cfgs[j].epochs == epoch for j in batch.ids):
+                    record(epoch)
+    finally:
+        torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0

@@ -110,6 +110,11 @@ def bench_startup(repeat: int) -> dict[str, Any]:
 
 def _print(result: dict[str, Any]) -> None:
     m = result["machine"]
+    if result["benchmark"] == "sweep":
+        from quadnet.sweepbench import print_sweep
+
+        print_sweep(result)
+        return
     print(
         f"machine: {m['cpu']}, {m['cores']} cores, python {m['python']}, torch {m['torch']}, "
         f"numpy {m['numpy']}, cuda: {m['cuda'] or 'none'}"
@@ -122,16 +127,12 @@ def _print(result: dict[str, Any]) -> None:
                 f"{r['variant']:<40} {r['best_s_per_10k']:>8.3f} {r['median_s_per_10k']:>9.3f} "
                 f"{r['ratio_to_numpy']:>8.2f}"
             )
-    elif result["benchmark"] == "startup":
+    else:
         print(
             f"import torch: {result['import_torch_s']:.2f} s   python -m quadnet.train epochs=0: "
             f"{result['train_epochs0_s']:.2f} s   overhead: {result['overhead_s']:.2f} s "
             f"(best of {result['repeat']})"
         )
-    else:
-        from quadnet.sweepbench import print_sweep
-
-        print_sweep(result)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,18 +40,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _explicit_keys(cfg: Any, resolved: dict[str, Any]) -> set[str]:
-    """The keys the user set: the CLI's overrides under Hydra, a plain dict's own keys,
-    else those that differ from the defaults."""
+    """The keys the user set: a plain dict's own keys; for Hydra's config, the CLI's overrides;
+    otherwise the keys whose values differ from the defaults."""
     from hydra.core.hydra_config import HydraConfig
 
-    if HydraConfig.initialized():
+    if isinstance(cfg, dict):
+        return set(_flatten(cfg))
+    if isinstance(cfg, DictConfig) and HydraConfig.initialized():
         keys = set()
         for o in HydraConfig.get().overrides.task:
             key = o.split("=", 1)[0].lstrip("+~")
             keys.add("data.name" if key == "data" else key)
         return keys
-    if isinstance(cfg, dict):
-        return set(_flatten(cfg))
     defaults = _flatten(dataclasses.asdict(TrainConfig()))
     return {k for k, v in _flatten(resolved).items() if defaults.get(k, object()) != v}
 
@@ -115,7 +115,7 @@ def objective_value(summary: dict[str, Any], objective: str) -> float:
     return float(value)
 
 
-def conclude(summary: dict[str, Any]) -> float:
+def conclude(summary: dict[str, Any], single_run: bool | None = None) -> float:
     """Report how a run ended, exit non-zero where a single run must, and return the objective.
 
     Interrupted: print the resume command and exit 128+signal. Diverged: an error line, and
@@ -124,6 +124,8 @@ def conclude(summary: dict[str, Any]) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    if single_run is None:
+        single_run = not HydraConfig.initialized() or HydraConfig.get().mode == RunMode.RUN
     status = summary["status"]
     if status == "interrupted":
         from quadnet.trainer import resume_command
@@ -140,7 +142,7 @@ def conclude(summary: dict[str, Any]) -> float:
             summary["epoch"],
             summary["config"]["lr"],
         )
-        if not HydraConfig.initialized() or HydraConfig.get().mode == RunMode.RUN:
+        if single_run:
             sys.exit(3)
     return objective_value(summary, summary["config"]["objective"])
 

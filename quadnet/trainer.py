@@ -85,8 +85,9 @@ def resume_command(run_dir: Path) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None, device: torch.device | None = None
+    ) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         # --- where to compute: a missing device is an error, never a silent fallback
         if cfg.engine == "numpy" and cfg.device not in ("auto", "cpu"):

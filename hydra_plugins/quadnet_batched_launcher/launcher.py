@@ -25,6 +25,11 @@ class BatchedLauncher(Launcher):
         self.hydra_context: HydraContext | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from quadnet.fastcompose import FastSweepLoader
+
+        # The sweeper shares this context: its batch validation gets the fast loader too.
+        if not isinstance(hydra_context.config_loader, FastSweepLoader):
+            hydra_context.config_loader = FastSweepLoader(hydra_context.config_loader)  # type: ignore[assignment]
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:

@@ -1,0 +1,274 @@
+"""Sweeps: multirun dirs, the batched launcher (equal to sequential runs), other launchers, Optuna."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, make_cfg, run_cli
+from quadnet import checkpoint
+from quadnet.artifacts import read_metrics
+from quadnet.batched import train_many
+from quadnet.train import train
+
+MIXED = [  # seeds, lrs, regs, epochs, hidden_dims, momentum and init all differ
+    ["seed=0", "lr=0.001", "reg=0.001", "epochs=700", "hidden_dim=50"],
+    ["seed=1", "lr=0.01", "reg=0.0", "epochs=300", "hidden_dim=7"],
+    ["seed=2", "lr=0.05", "reg=0.01", "epochs=1000", "hidden_dim=20", "momentum=0.9"],
+    ["seed=3", "lr=0.003", "reg=0.1", "epochs=0", "hidden_dim=1", "init=torch"],
+    ["seed=4", "lr=1e6", "reg=0.0", "epochs=500", "hidden_dim=30"],  # diverges
+    ["seed=5", "lr=0.02", "reg=0.001", "epochs=250", "hidden_dim=50", "init=torch", "momentum=0.5"],
+]
+
+
+def _probs(summary):
+    return np.array([p["probs"] for p in summary["predictions"]], dtype=float)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-9), ("float32", 1e-5)])
+@pytest.mark.parametrize("data", ["seed", "sampled"])
+def test_batched_equals_sequential_on_a_mixed_sweep(dtype, tol, data, tmp_path):
+    from quadnet.trainer import Trainer
+
+    cfgs = [make_cfg(*ov, f"dtype={dtype}", f"data={data}", "log_every=50") for ov in MIXED]
+    results = train_many(cfgs, torch.device("cpu"))
+    for i, (cfg, r) in enumerate(zip(cfgs, results, strict=True)):
+        seq = train(cfg, run_dir=tmp_path / f"seq{i}")
+        state = {"params": r.params, "momentum_params": r.momentum_params, "epoch": r.epoch, "history": r.history}
+        bat = Trainer(cfg, tmp_path / f"bat{i}", resume=state).finish(r.status, r.train_seconds)
+        assert bat["status"] == seq["status"] and bat["epoch"] == seq["epoch"], MIXED[i]
+        if seq["status"] == "diverged":
+            continue
+        assert [p["quadrant"] for p in bat["predictions"]] == [p["quadrant"] for p in seq["predictions"]]
+        np.testing.assert_allclose(_probs(bat), _probs(seq), rtol=0, atol=tol)
+        a = read_metrics(tmp_path / f"seq{i}" / "metrics.csv")
+        b = read_metrics(tmp_path / f"bat{i}" / "metrics.csv")
+        assert [x["epoch"] for x in a] == [x["epoch"] for x in b]
+        np.testing.assert_allclose([x["loss"] for x in a], [x["loss"] for x in b], rtol=tol, atol=tol)
+    assert results[4].status == "diverged"
+
+
+def test_batched_launcher_from_the_cli_equals_the_basic_launcher(tmp_path):
+    sweep = ["hidden_dim=5,50", "lr=0.01,0.1", "epochs=200,400", "momentum=0.5"]
+    rb = run_cli("-m", *sweep, f"hydra.sweep.dir={tmp_path}/basic", cwd=tmp_path)
+    rt = run_cli("-m", "hydra/launcher=batched", *sweep, f"hydra.sweep.dir={tmp_path}/batched", cwd=tmp_path)
+    assert rb.returncode == 0 and rt.returncode == 0, rb.stderr + rt.stderr
+    for n in range(8):
+        a = json.loads((tmp_path / "basic" / str(n) / "summary.json").read_text())
+        b = json.loads((tmp_path / "batched" / str(n) / "summary.json").read_text())
+        assert a["config"] == {**b["config"], "plots": True}
+        np.testing.assert_allclose(_probs(a), _probs(b), rtol=0, atol=1e-9)
+        assert b["batch"]["jobs"] == 8 and "batch" not in a
+        for name in (
+            ".hydra/config.yaml",
+            ".hydra/hydra.yaml",
+            ".hydra/overrides.yaml",
+            "metrics.csv",
+            "model.pt",
+            "checkpoint.pt",
+            "train.log",
+        ):
+            assert (tmp_path / "batched" / str(n) / name).is_file(), name
+        assert not (tmp_path / "batched" / str(n) / "loss.png").exists()  # plots are off in batched sweeps
+        assert (tmp_path / "basic" / str(n) / "loss.png").exists()
+        assert (tmp_path / "batched" / str(n) / ".hydra" / "overrides.yaml").read_text() == (
+            tmp_path / "basic" / str(n) / ".hydra" / "overrides.yaml"
+        ).read_text()
+    assert (tmp_path / "batched" / "multirun.yaml").is_file()
+
+
+def test_a_failing_job_inside_a_batch_keeps_the_others(tmp_path):
+    r = run_cli(
+        "-m",
+        "hydra/launcher=batched",
+        "hidden_dim=4,0,8",
+        "epochs=50",
+        "lr=0.1,1e6",
+        f"hydra.sweep.dir={tmp_path}/s",
+        cwd=tmp_path,
+    )
+    # Hydra names the failed job's overrides, then the one-line error
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1].startswith("error: hidden_dim=0 is not allowed")
+    statuses = {}
+    for d in (tmp_path / "s").iterdir():
+        if (d / "summary.json").exists():
+            s = json.loads((d / "summary.json").read_text())
+            statuses[(s["config"]["hidden_dim"], s["config"]["lr"])] = s["status"]
+    assert statuses == {(4, 0.1): "completed", (8, 0.1): "completed", (4, 1e6): "diverged", (8, 1e6): "diverged"}
+
+
+def test_unbatchable_jobs_run_on_their_own_in_the_same_sweep(tmp_path):
+    r = run_cli(
+        "-m",
+        "hydra/launcher=batched",
+        "engine=torch,numpy",
+        "epochs=100",
+        f"hydra.sweep.dir={tmp_path}/s",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    a, b = (json.loads((tmp_path / "s" / n / "summary.json").read_text()) for n in ("0", "1"))
+    assert a["engine"] == "torch/fused" and "batch" in a and b["engine"] == "numpy" and "batch" not in b
+    np.testing.assert_allclose(_probs(a), _probs(b), atol=1e-9)
+    assert "engine=numpy runs on its own" in r.stdout + r.stderr
+
+
+def test_basic_multirun_writes_under_outputs_and_two_sweeps_in_one_second_do_not_collide(tmp_path):
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "quadnet.train", "-m", "epochs=0,1", "hidden_dim=2"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read() if p.stderr else ""
+    sweeps = sorted((tmp_path / "outputs" / "multirun").iterdir())
+    assert len(sweeps) == 2
+    for s in sweeps:
+        assert sorted(p.name for p in s.iterdir() if p.is_dir()) == ["0", "1"]
+        assert (s / "1" / "summary.json").is_file() and (s / "multirun.yaml").is_file()
+
+
+def test_batched_launcher_is_discovered_from_any_directory(tmp_path):
+    code = (
+        "from hydra.core.plugins import Plugins; from hydra.plugins.launcher import Launcher;"
+        "from quadnet.config import register_configs; register_configs();"
+        "print(sorted(p.__name__ for p in Plugins.instance().discover(Launcher)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert "BatchedLauncher" in out.stdout
+    # discovery does not import torch: the plugin module stays light
+    code = "import sys; import hydra_plugins.quadnet_batched_launcher.launcher as m; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_fast_sweep_loader_composes_exactly_as_hydra(tmp_path):
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from quadnet.config import config_dir, register_configs
+    from quadnet.fastcompose import FastSweepLoader
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(config_dir()))
+    master = loader.load_configuration("train", ["hydra/launcher=batched", "lr=0.5"], RunMode.MULTIRUN)
+    before = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(master)
+    fast = FastSweepLoader(loader)
+    jobs = [
+        ["seed=1", "lr=0.1"],
+        ["seed=2", "lr=0.2"],
+        ["seed=3", "lr=1e-3"],
+        ["seed=4", "lr=0.3"],
+        ["seed=5", "data=sampled"],
+        ["seed=6", "data=sampled"],
+        ["hidden_dim=3", "momentum=0.5"],
+        ["hidden_dim=4", "momentum=0.25"],
+        ["lr=0.1", "seed=7"],
+    ]
+    for ov in jobs:
+        got = fast.load_sweep_config(master, ov)
+        want = loader.load_sweep_config(master, ov)
+        assert OmegaConf.to_container(got) == OmegaConf.to_container(want), ov
+    bad = fast.load_sweep_config  # values the schema refuses still raise Hydra's own error
+    with pytest.raises(Exception, match="hidden_dim"):
+        bad(master, ["hidden_dim=abc", "momentum=0.5"])
+    HydraConfig.instance().cfg = before
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_parallel_and_cluster_launchers_run_a_sweep(launcher, tmp_path):
+    pytest.importorskip(
+        {"joblib": "hydra_plugins.hydra_joblib_launcher", "submitit_local": "hydra_plugins.hydra_submitit_launcher"}[
+            launcher
+        ]
+    )
+    extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=5"]
+    r = run_cli(
+        "-m",
+        f"hydra/launcher={launcher}",
+        *extra,
+        "hidden_dim=3,6",
+        "epochs=100",
+        "plots=false",
+        f"hydra.sweep.dir={tmp_path}/s",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    dims = sorted(
+        json.loads((tmp_path / "s" / n / "summary.json").read_text())["config"]["hidden_dim"] for n in ("0", "1")
+    )
+    assert dims == [3, 6]
+
+
+def test_optuna_search_minimises_the_objective(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    r = run_cli(
+        "-m",
+        "+hparams_search=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.n_jobs=3",
+        "epochs=200",
+        f"hydra.sweep.dir={tmp_path}/s",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    best = (tmp_path / "s" / "optimization_results.yaml").read_text()
+    assert "best_value" in best and "best_params" in best
+    losses = [
+        json.loads((d / "summary.json").read_text())["test_loss"]
+        for d in (tmp_path / "s").iterdir()
+        if (d / "summary.json").exists()
+    ]
+    assert len(losses) == 3
+    import yaml
+
+    assert yaml.safe_load(best)["best_value"] == pytest.approx(min(losses))
+
+
+def test_a_checkpoint_written_by_a_batch_resumes_exactly(tmp_path):
+    cfg = make_cfg("epochs=300", "lr=0.01", "momentum=0.9")
+    r = train_many([cfg], torch.device("cpu"))[0]
+    full = train(make_cfg("epochs=600", "lr=0.01", "momentum=0.9"), run_dir=tmp_path / "full")
+    from quadnet.trainer import Trainer
+
+    state = {"params": r.params, "momentum_params": r.momentum_params, "epoch": r.epoch, "history": r.history}
+    Trainer(cfg, tmp_path / "b", resume=state).finish(r.status, 0.0)
+    resumed = train({"resume": str(tmp_path / "b"), "epochs": 600}, run_dir=tmp_path / "r")
+    np.testing.assert_allclose(_probs(resumed), _probs(full), atol=1e-9)
+    assert checkpoint.load(tmp_path / "r")["epoch"] == 600
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_on_cuda_equals_cpu():
+    cfgs = [make_cfg(*ov, "log_every=50") for ov in MIXED]
+    cpu = train_many(cfgs, torch.device("cpu"))
+    gpu = train_many(cfgs, torch.device("cuda"), max_batch=2)  # chunked
+    for a, b in zip(cpu, gpu, strict=True):
+        assert a.status == b.status and a.epoch == b.epoch
+        if a.status == "completed":
+            for k in a.params:
+                np.testing.assert_allclose(a.params[k], b.params[k], atol=1e-9)
+
+
+def test_sweep_env_is_clean():
+    assert "HYDRA_FULL_ERROR" not in os.environ or os.environ["HYDRA_FULL_ERROR"] == "1"
+    assert Path(ROOT / "hydra_plugins" / "__init__.py").exists() is False
