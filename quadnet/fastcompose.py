@@ -23,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 
 def _plain(o: Override, groups: set[str]) -> bool:
-    """A plain value change of an existing app key: no group, package, prefix or sweep."""
+    """A plain value change of an existing app key: no group, package, prefix or sweep.
+
+    Other overrides (config groups, +/~/++, hydra.*) must be the same as the template's."""
     if o.type != OverrideType.CHANGE or o.is_hydra_override() or o.package is not None:
         return False
     if o.is_sweep_override() or o.key_or_group in groups:
@@ -39,6 +41,8 @@ class FastSweepLoader:
         self._loader = loader
         self._parser = OverridesParser.create()
         self._templates: dict[tuple[Any, ...], DictConfig] = {}
+        self._parsed: dict[tuple[Any, ...], list[Override]] = {}
+        self._plain: dict[tuple[Any, ...], list[bool]] = {}
         self._recent: dict[tuple[Any, ...], DictConfig] = {}  # validated by the sweeper, not yet launched
 
     def __getattr__(self, name: str) -> Any:
@@ -61,18 +65,27 @@ class FastSweepLoader:
             parsed = self._parser.parse_overrides(sweep_overrides)
         except Exception:
             return self._loader.load_sweep_config(master_config, sweep_overrides)
-        key = (id(master_config), tuple(o.key_or_group for o in parsed))
+        # Jobs share a template when they set the same keys and the same non-plain overrides
+        # (e.g. +experiment=…): only plain values may differ from it.
+        shape = tuple(o.key_or_group for o in parsed)
+        key = (id(master_config), shape)
         template = self._templates.get(key)
-        if template is None:
+        if template is None or any(
+            o.input_line != t.input_line and not plain
+            for o, t, plain in zip(parsed, self._parsed[key], self._plain[key], strict=True)
+        ):
             cfg = self._loader.load_sweep_config(master_config, sweep_overrides)
-            groups = {g for g in cfg.hydra.runtime.choices}
-            if all(_plain(o, groups) for o in parsed):
+            if template is None:
+                groups = set(cfg.hydra.runtime.choices)
                 self._templates[key] = copy.deepcopy(cfg)
+                self._parsed[key] = parsed
+                self._plain[key] = [_plain(o, groups) for o in parsed]
             return cfg
         cfg = copy.deepcopy(template)
         try:
-            for o in parsed:
-                OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+            for o, plain in zip(parsed, self._plain[key], strict=True):
+                if plain:
+                    OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
         except Exception:  # a value the schema refuses: let Hydra raise its own error
             return self._loader.load_sweep_config(master_config, sweep_overrides)
         with open_dict(cfg.hydra):
