@@ -90,7 +90,7 @@ class _Batch:
         self.use_momentum = any(c.momentum for c in cfgs)
         self.bufs = [torch.zeros_like(p) for p in self.params()] if self.use_momentum else []
         self.ids = list(range(len(cfgs)))  # positions in the caller's list, of the jobs still here
-        self.first_bad = torch.full((len(cfgs),), -1, dtype=torch.long, device=device)
+        self._views()
 
     def params(self) -> list[torch.Tensor]:
         return [self.w1, self.b1, self.w2, self.b2]
@@ -99,41 +99,58 @@ class _Batch:
         z1 = torch.baddbmm(self.b1[:, None, :], x.expand(len(self.ids), -1, -1), self.w1.transpose(1, 2))
         return torch.baddbmm(self.b2[:, None, :], z1.clamp_min(0), self.w2.transpose(1, 2))
 
-    def step(self, epoch: int) -> None:
-        """One SGD step for every job (the batched form of TorchEngine._step_fused)."""
+    def _views(self) -> None:
+        """Views used by every step; they stay valid while the tensors are updated in place."""
+        self._xs = self.x.expand(len(self.ids), -1, -1)  # (J, N, 2)
+        self._b1v, self._b2v = self.b1[:, None, :], self.b2[:, None, :]
+        self._w1t, self._w2t = self.w1.transpose(1, 2), self.w2.transpose(1, 2)
+        shapes = [(-1,) + (1,) * (p.dim() - 1) for p in self.params()]
+        self._neg_lr = [self.neg_lr.view(s) for s in shapes]
+        self._mom = [self.mom.view(s) for s in shapes]
+        self._reg = self.reg[:, None, None]
+
+    def step(self, loss_out: torch.Tensor) -> None:
+        """One SGD step for every job (the batched form of TorchEngine._step_fused).
+
+        Writes each job's summed log-probabilities (finite exactly when its loss is) to loss_out (J,),
+        so that divergence is found afterwards without a host sync per step.
+        """
         n = self.x.shape[0]
-        xs = self.x.expand(len(self.ids), -1, -1)  # (J, N, 2), a view
-        z1 = torch.baddbmm(self.b1[:, None, :], xs, self.w1.transpose(1, 2))  # (J, N, H)
+        z1 = torch.baddbmm(self._b1v, self._xs, self._w1t)  # (J, N, H)
         a = z1.clamp_min(0)
-        logp = torch.log_softmax(torch.baddbmm(self.b2[:, None, :], a, self.w2.transpose(1, 2)), dim=2)
-        bad = ~torch.isfinite(logp.sum(dim=(1, 2)))  # a non-finite loss, per job, without a host sync
-        self.first_bad = torch.where(bad & (self.first_bad < 0), epoch, self.first_bad)
+        logp = torch.log_softmax(torch.baddbmm(self._b2v, a, self._w2t), dim=2)  # (J, N, C)
+        torch.sum(logp, dim=(1, 2), out=loss_out)
         dz2 = logp.exp_().sub_(self.onehot)  # N · dL/dlogits
         dz1 = torch.ops.aten.threshold_backward(torch.bmm(dz2, self.w2), z1, 0)
         if self.same_reg is not None:  # one reg for all: folded into the GEMMs
             w1_decay, w2_decay, beta = self.w1, self.w2, self.same_reg
         else:
-            reg = self.reg[:, None, None]
-            w1_decay, w2_decay, beta = self.w1 * reg, self.w2 * reg, 1.0
+            w1_decay, w2_decay, beta = self.w1 * self._reg, self.w2 * self._reg, 1.0
         grads = (
-            torch.baddbmm(w1_decay, dz1.transpose(1, 2), xs, beta=beta, alpha=1.0 / n),
+            torch.baddbmm(w1_decay, dz1.transpose(1, 2), self._xs, beta=beta, alpha=1.0 / n),
             dz1.sum(1).div_(n),
             torch.baddbmm(w2_decay, dz2.transpose(1, 2), a, beta=beta, alpha=1.0 / n),
             dz2.sum(1).div_(n),
         )
         for i, (p, g) in enumerate(zip(self.params(), grads, strict=True)):
-            shape = (-1,) + (1,) * (p.dim() - 1)
             if self.use_momentum:
-                g = self.bufs[i].mul_(self.mom.view(shape)).add_(g)
-            p.addcmul_(g, self.neg_lr.view(shape))  # p -= lr·g, per job
+                g = self.bufs[i].mul_(self._mom[i]).add_(g)
+            p.addcmul_(g, self._neg_lr[i])  # p -= lr·g, per job
+
+    def first_non_finite(self, losses: torch.Tensor) -> list[int]:
+        """Per job, the first row of losses (steps, J) that is not finite, or -1."""
+        bad = ~torch.isfinite(losses)
+        first = torch.where(bad.any(0), bad.to(torch.uint8).argmax(0), -1)
+        return first.tolist()  # the one host sync of a chunk
 
     def keep(self, rows: list[int]) -> None:
         """Drop every job but those at the given rows."""
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        for name in ("w1", "b1", "w2", "b2", "lr", "neg_lr", "reg", "mom", "first_bad"):
+        for name in ("w1", "b1", "w2", "b2", "lr", "neg_lr", "reg", "mom"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
         self.bufs = [b.index_select(0, idx) for b in self.bufs]
         self.ids = [self.ids[r] for r in rows]
+        self._views()
 
     def metrics(self, epoch: int) -> list[dict[str, float]]:
         """One metrics row per job: mean cross-entropy and accuracy, in float64."""
@@ -213,12 +230,14 @@ def train_group(cfgs: list[TrainConfig], device: torch.device) -> list[JobResult
                         break
                 # 2. run every remaining job to the next log point or the next job's end
                 target = min(min(cfgs[j].epochs for j in batch.ids), (epoch // log_every + 1) * log_every)
-                for e in range(epoch, target):
-                    batch.step(e)
-                epoch = target
-                # 3. the one host sync of the chunk: jobs whose loss went non-finite stop here
-                bad = batch.first_bad.tolist()
+                losses = torch.empty((target - epoch, len(batch.ids)), dtype=batch.dtype, device=device)
+                for row in range(target - epoch):
+                    batch.step(losses[row])
+                # 3. jobs whose loss went non-finite stop here, at the first such epoch
+                bad = batch.first_non_finite(losses)
                 diverged = [r for r, b in enumerate(bad) if b >= 0]
+                bad = [epoch + b for b in bad]
+                epoch = target
                 if diverged:
                     finish(diverged, "diverged", [bad[r] for r in diverged])
                     batch.keep([r for r in range(len(batch.ids)) if r not in diverged])

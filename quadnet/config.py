@@ -183,9 +183,12 @@ def validate(cfg: DictConfig | dict | TrainConfig) -> TrainConfig:
     if isinstance(cfg, TrainConfig):
         cfg = dataclasses.asdict(cfg)
     elif isinstance(cfg, DictConfig):
-        if "hydra" in cfg:  # a launcher's per-job config still carries Hydra's own node
-            cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        cfg = OmegaConf.to_container(cfg, resolve=True)
+        # (a launcher's per-job config still carries Hydra's own node: skip it, without copying it)
+        cfg = {
+            k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in cfg.items_ex(resolve=True)
+            if k != "hydra"
+        }
     assert isinstance(cfg, dict)
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     c: TrainConfig = _typed(TrainConfig, cfg, "")

@@ -38,7 +38,8 @@ class _Job:
     idx: int
     overrides: list[str]
     sweep_config: DictConfig
-    cfg: TrainConfig | None = None
+    composed: TrainConfig | None = None  # as Hydra composed it
+    cfg: TrainConfig | None = None  # as it is trained (the launcher decides on plots)
     device: torch.device | None = None
     error: Exception | None = None
     alone: str | None = None  # why it is not batched
@@ -84,17 +85,22 @@ def run_written_job(hydra_context: Any, config: DictConfig, job: _Job) -> JobRet
     output_dir = (Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)).resolve()
     with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
         config.hydra.runtime.output_dir = str(output_dir)
-    task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    assert job.composed is not None
+    # The app's part of the config as composed (it has no interpolations), built without copying
+    # the Hydra node; hydra_cfg is the job's own config, which holds that node and is not changed again.
+    task_cfg = OmegaConf.create(dataclasses.asdict(job.composed))
     ret = JobReturn(
         overrides=list(config.hydra.overrides.task),
         cfg=task_cfg,
-        hydra_cfg=OmegaConf.masked_copy(config, ["hydra"]),
+        hydra_cfg=config,
         working_dir=os.getcwd(),
     )
     hydra_dir = output_dir / str(config.hydra.output_subdir)
     hydra_dir.mkdir(parents=True, exist_ok=True)
     _save_yaml(task_cfg, hydra_dir / "config.yaml")
-    _save_yaml(ret.hydra_cfg, hydra_dir / "hydra.yaml")
+    _save_yaml(
+        {"hydra": OmegaConf.to_container(config.hydra, resolve=False, enum_to_str=True)}, hydra_dir / "hydra.yaml"
+    )
     _save_yaml(config.hydra.overrides.task, hydra_dir / "overrides.yaml")
     handler = logging.FileHandler(output_dir / f"{config.hydra.job.name}.log")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
@@ -143,7 +149,8 @@ def launch_batched(
             sweep_config.hydra.job.num = idx
         job = _Job(idx, list(overrides), sweep_config)
         try:
-            job.cfg = dataclasses.replace(validate(sweep_config), plots=plots)
+            job.composed = validate(sweep_config)
+            job.cfg = dataclasses.replace(job.composed, plots=plots)
             job.alone = batchable(job.cfg)
             if job.alone is None:
                 job.device = resolve_device(job.cfg.device)
