@@ -101,9 +101,9 @@ class Trainer:
         # --- data, and the initial weights (the seed's draw by default) or a checkpoint's
         self.data = make_dataset(cfg.data)
         self.epoch, self.history = 0, []
-        params = initial_params(cfg.hidden_dim, cfg.seed, cfg.init)
-        momentum = None
-        if resume is not None:
+        if resume is None:
+            params, momentum = initial_params(cfg.hidden_dim, cfg.seed, cfg.init), None
+        else:
             params, momentum = resume["params"], resume["momentum_params"]
             self.epoch = resume["epoch"]
             self.history = [r for r in resume["history"] if r["epoch"] <= self.epoch]
