@@ -22,7 +22,15 @@ def test_wheel_install_runs_from_any_directory(tmp_path):
     )
     wheel = next(dist.glob("quadnet-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "quadnet/configs/train.yaml" in names and "quadnet/configs/data/sampled.yaml" in names
+    for cfg in (
+        "train.yaml",
+        "data/seed.yaml",
+        "data/sampled.yaml",
+        "experiment/epochs_study.yaml",
+        "hparams_search/optuna.yaml",
+        "hydra/launcher/slurm.yaml",
+    ):
+        assert f"quadnet/configs/{cfg}" in names, cfg
     assert "hydra_plugins/quadnet_batched_launcher/launcher.py" in names
     assert "hydra_plugins/__init__.py" not in names  # a namespace package: it must not hide others
     site = tmp_path / "site"
@@ -52,3 +60,12 @@ def test_wheel_install_runs_from_any_directory(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert (next((elsewhere / "outputs").iterdir()) / "summary.json").is_file()
+    r = subprocess.run(
+        [sys.executable, "-m", "quadnet.train", "-m", "hydra/launcher=batched", "hidden_dim=2,3", "epochs=10"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert len(list((elsewhere / "outputs" / "multirun").glob("*/1/summary.json"))) == 1
