@@ -1,9 +1,10 @@
 """The batched launcher's work: compose every job, train the batchable ones together, write each job's dir.
 
 Called from ``hydra_plugins/quadnet_batched_launcher`` (kept thin so that Hydra's plugin
-discovery does not import torch). Each job still goes through Hydra's ``run_job``, so it
-gets its own dir, ``.hydra/``, log file, callbacks and a proper ``JobReturn``; for a batched
-job the task that ``run_job`` calls writes the precomputed result instead of training.
+discovery does not import torch). Every job gets what Hydra's basic launcher gives it: its
+own dir, ``.hydra/``, a log file, the callbacks and a proper ``JobReturn``. Jobs that run on
+their own (or failed validation) go through Hydra's ``run_job``; batched jobs through
+:func:`run_written_job`, which writes the same dir from the batch's result.
 """
 
 from __future__ import annotations
@@ -124,6 +125,39 @@ def run_written_job(hydra_context: Any, config: DictConfig, job: _Job) -> JobRet
     return ret
 
 
+def _train(groups: dict[tuple[Any, ...], list[_Job]], max_batch: int) -> None:
+    """Train each group as one program; a group that fails fails each of its jobs."""
+    for members in groups.values():
+        device = members[0].device
+        assert device is not None
+        try:
+            results = train_many([m.cfg for m in members], device, max_batch)  # type: ignore[misc]
+        except Exception as e:
+            log.exception("batch of %d jobs failed", len(members))
+            for m in members:
+                m.error = e
+            continue
+        for m, r in zip(members, results, strict=True):
+            m.result = r
+
+
+def _run(hydra_context: Any, task_function: Callable[[DictConfig], Any], job: _Job) -> JobReturn:
+    """One job's dir and JobReturn: written from the batch, or run by Hydra's run_job."""
+    log.info(
+        "\t#%d : %s%s", job.idx, " ".join(filter_overrides(job.overrides)), f"  ({job.alone})" if job.alone else ""
+    )
+    if job.result is not None:
+        return run_written_job(hydra_context, job.sweep_config, job)
+    task = _raise(job.error) if job.error is not None else task_function
+    return run_job(
+        hydra_context=hydra_context,
+        task_function=task,
+        config=job.sweep_config,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+    )
+
+
 def launch_batched(
     *,
     hydra_context: Any,
@@ -177,40 +211,13 @@ def launch_batched(
     # on every collection the training loop's tensors trigger (it doubled training time).
     gc.collect()
     gc.freeze()
-    t1 = time.perf_counter()
-    for members in groups.values():
-        device = members[0].device
-        assert device is not None
-        try:
-            results = train_many([m.cfg for m in members], device, max_batch)  # type: ignore[misc]
-        except Exception as e:  # the whole group fails, each job keeps the error
-            log.exception("batch of %d jobs failed", len(members))
-            for m in members:
-                m.error = e
-            continue
-        for m, r in zip(members, results, strict=True):
-            m.result = r
-
-    # 3. each job through Hydra's run_job: its dir, .hydra/, logging, callbacks, JobReturn
-    t2 = time.perf_counter()
-    returns = []
-    for job in jobs:
-        log.info(
-            "\t#%d : %s%s", job.idx, " ".join(filter_overrides(job.overrides)), f"  ({job.alone})" if job.alone else ""
-        )
-        if job.result is not None:
-            returns.append(run_written_job(hydra_context, job.sweep_config, job))
-            continue
-        task = _raise(job.error) if job.error is not None else task_function
-        returns.append(
-            run_job(
-                hydra_context=hydra_context,
-                task_function=task,
-                config=job.sweep_config,
-                job_dir_key="hydra.sweep.dir",
-                job_subdir_key="hydra.sweep.subdir",
-            )
-        )
+    try:
+        t1 = time.perf_counter()
+        _train(groups, max_batch)
+        t2 = time.perf_counter()
+        returns = [_run(hydra_context, task_function, job) for job in jobs]
+    finally:
+        gc.unfreeze()
     log.info(
         "composed %d jobs in %.2f s, trained in %.2f s, wrote their dirs in %.2f s",
         len(jobs),
