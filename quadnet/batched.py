@@ -64,7 +64,12 @@ def _pad(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 class _Batch:
-    """The live state of the jobs still training: parameters (J, …) in QuadNet's layout."""
+    """The live state of the jobs still training.
+
+    W1 is stored input-major, (2, J, H), and the hidden activations as (N, J, H): then the
+    first layer's forward and its weight gradient are each a single GEMM over all jobs.
+    b1 is (J, H), W2 (J, C, H) as in nn.Linear, b2 (J, C).
+    """
 
     def __init__(self, cfgs: list[TrainConfig], device: torch.device) -> None:
         c0 = cfgs[0]
@@ -77,7 +82,7 @@ class _Batch:
         self.onehot = F.one_hot(self.y.clamp_min(0), 4).to(self.dtype)
         self.h = max(c.hidden_dim for c in cfgs)
         init = [initial_params(c.hidden_dim, c.seed, c.init) for c in cfgs]
-        self.w1 = as_t(np.stack([_pad(p["W1"].T, (self.h, 2)) for p in init]))  # (J, H, 2)
+        self.w1 = as_t(np.stack([_pad(p["W1"], (2, self.h)) for p in init], axis=1))  # (2, J, H)
         self.b1 = as_t(np.stack([_pad(p["b1"], (self.h,)) for p in init]))  # (J, H)
         self.w2 = as_t(np.stack([_pad(p["W2"].T, (4, self.h)) for p in init]))  # (J, 4, H)
         self.b2 = as_t(np.stack([p["b2"] for p in init]))  # (J, 4)
@@ -95,19 +100,26 @@ class _Batch:
     def params(self) -> list[torch.Tensor]:
         return [self.w1, self.b1, self.w2, self.b2]
 
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden pre-activations (M, J, H) for points x (M, 2): one GEMM for every job."""
+        m, (_, j, h) = x.shape[0], self.w1.shape
+        return torch.addmm(self._b1_flat, x, self.w1.view(2, j * h)).view(m, j, h)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        z1 = torch.baddbmm(self.b1[:, None, :], x.expand(len(self.ids), -1, -1), self.w1.transpose(1, 2))
-        return torch.baddbmm(self.b2[:, None, :], z1.clamp_min(0), self.w2.transpose(1, 2))
+        """(J, M, C) logits of every job for points x (M, 2)."""
+        a = self._hidden(x).clamp_min(0).transpose(0, 1)  # (J, M, H), a strided view
+        return torch.baddbmm(self._b2v, a, self._w2t)
 
     def _views(self) -> None:
         """Views used by every step; they stay valid while the tensors are updated in place."""
-        self._xs = self.x.expand(len(self.ids), -1, -1)  # (J, N, 2)
-        self._b1v, self._b2v = self.b1[:, None, :], self.b2[:, None, :]
-        self._w1t, self._w2t = self.w1.transpose(1, 2), self.w2.transpose(1, 2)
-        shapes = [(-1,) + (1,) * (p.dim() - 1) for p in self.params()]
+        j = len(self.ids)
+        self._b1_flat = self.b1.view(1, -1)
+        self._b2v, self._w2t = self.b2[:, None, :], self.w2.transpose(1, 2)
+        # per-job scalars, shaped to broadcast against each parameter (the job axis is 1 for W1)
+        shapes = [(1, j, 1), (j, 1), (j, 1, 1), (j, 1)]
         self._neg_lr = [self.neg_lr.view(s) for s in shapes]
         self._mom = [self.mom.view(s) for s in shapes]
-        self._reg = self.reg[:, None, None]
+        self._reg = [self.reg.view(s) for s in (shapes[0], shapes[2])]
 
     def step(self, loss_out: torch.Tensor) -> None:
         """One SGD step for every job (the batched form of TorchEngine._step_fused).
@@ -115,19 +127,20 @@ class _Batch:
         Writes each job's summed log-probabilities (finite exactly when its loss is) to loss_out (J,),
         so that divergence is found afterwards without a host sync per step.
         """
-        n = self.x.shape[0]
-        z1 = torch.baddbmm(self._b1v, self._xs, self._w1t)  # (J, N, H)
-        a = z1.clamp_min(0)
+        n, (_, j, h) = self.x.shape[0], self.w1.shape
+        z1 = self._hidden(self.x)  # (N, J, H)
+        a = z1.clamp_min(0).transpose(0, 1)  # (J, N, H), a strided view
         logp = torch.log_softmax(torch.baddbmm(self._b2v, a, self._w2t), dim=2)  # (J, N, C)
         torch.sum(logp, dim=(1, 2), out=loss_out)
-        dz2 = logp.exp_().sub_(self.onehot)  # N · dL/dlogits
-        dz1 = torch.ops.aten.threshold_backward(torch.bmm(dz2, self.w2), z1, 0)
+        dz2 = logp.exp_().sub_(self.onehot)  # N · dL/dlogits, (J, N, C)
+        dz1 = torch.ops.aten.threshold_backward(torch.bmm(dz2, self.w2), z1.transpose(0, 1), 0)  # (J, N, H)
+        dz1_flat = dz1.transpose(0, 1).reshape(n, j * h)  # (N, J·H), a copy
         if self.same_reg is not None:  # one reg for all: folded into the GEMMs
-            w1_decay, w2_decay, beta = self.w1, self.w2, self.same_reg
+            w1_decay, w2_decay, beta = self.w1.view(2, j * h), self.w2, self.same_reg
         else:
-            w1_decay, w2_decay, beta = self.w1 * self._reg, self.w2 * self._reg, 1.0
+            w1_decay, w2_decay, beta = (self.w1 * self._reg[0]).view(2, j * h), self.w2 * self._reg[1], 1.0
         grads = (
-            torch.baddbmm(w1_decay, dz1.transpose(1, 2), self._xs, beta=beta, alpha=1.0 / n),
+            torch.addmm(w1_decay, self.x.t(), dz1_flat, beta=beta, alpha=1.0 / n).view(2, j, h),
             dz1.sum(1).div_(n),
             torch.baddbmm(w2_decay, dz2.transpose(1, 2), a, beta=beta, alpha=1.0 / n),
             dz2.sum(1).div_(n),
@@ -146,9 +159,10 @@ class _Batch:
     def keep(self, rows: list[int]) -> None:
         """Drop every job but those at the given rows."""
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        for name in ("w1", "b1", "w2", "b2", "lr", "neg_lr", "reg", "mom"):
+        self.w1 = self.w1.index_select(1, idx)  # the job axis of W1 is 1
+        for name in ("b1", "w2", "b2", "lr", "neg_lr", "reg", "mom"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
-        self.bufs = [b.index_select(0, idx) for b in self.bufs]
+        self.bufs = [b.index_select(1 if i == 0 else 0, idx) for i, b in enumerate(self.bufs)]
         self.ids = [self.ids[r] for r in rows]
         self._views()
 
@@ -183,7 +197,7 @@ class _Batch:
             h = hidden_dim
             f = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
             return {
-                "W1": f(w1[row, :h]).T.copy(),
+                "W1": f(w1[:, row, :h]).copy(),  # (2, H): W1 is stored input-major
                 "b1": f(b1[row, :h]),
                 "W2": f(w2[row, :, :h]).T.copy(),
                 "b2": f(b2[row]),
