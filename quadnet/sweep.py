@@ -76,38 +76,59 @@ def _save_yaml(obj: Any, path: Path) -> None:
         yaml.dump(data, f, Dumper=_Dumper, default_flow_style=False, allow_unicode=True, sort_keys=False)
 
 
-def run_written_job(hydra_context: Any, config: DictConfig, job: _Job) -> JobReturn:
+@dataclasses.dataclass(frozen=True)
+class _SweepFacts:
+    """What every job of a sweep shares, read once from the sweep's config."""
+
+    sweep_dir: Path
+    output_subdir: str | None  # where .hydra/ goes; None: not written
+    job_name: str  # names the log file, as Hydra's job logging does
+    has_callbacks: bool
+
+    @classmethod
+    def of(cls, config: DictConfig) -> _SweepFacts:
+        h = config.hydra
+        subdir = h.output_subdir
+        return cls(
+            Path(str(h.sweep.dir)).resolve(),
+            None if subdir is None else str(subdir),
+            str(h.job.name),
+            bool(h.callbacks),
+        )
+
+
+_LOG_FORMAT = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")  # Hydra's file format
+
+
+def run_written_job(hydra_context: Any, config: DictConfig, job: _Job, facts: _SweepFacts) -> JobReturn:
     """What Hydra's run_job does for a job, lean: its dir, ``.hydra/``, log file, callbacks, JobReturn.
 
     run_job deep-copies the config several times and dumps YAML in pure Python, which costs
     more than training the job in a batch; this writes the same files with libyaml when
     present. Jobs that train on their own still go through run_job itself.
     """
-    output_dir = (Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)).resolve()
+    output_dir = facts.sweep_dir / str(config.hydra.sweep.subdir)
     with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
         config.hydra.runtime.output_dir = str(output_dir)
     assert job.composed is not None
     # The app's part of the config as composed (it has no interpolations), built without copying
     # the Hydra node; hydra_cfg is the job's own config, which holds that node and is not changed again.
     task_cfg = OmegaConf.create(dataclasses.asdict(job.composed))
-    ret = JobReturn(
-        overrides=list(config.hydra.overrides.task),
-        cfg=task_cfg,
-        hydra_cfg=config,
-        working_dir=os.getcwd(),
-    )
-    hydra_dir = output_dir / str(config.hydra.output_subdir)
-    hydra_dir.mkdir(parents=True, exist_ok=True)
-    _save_yaml(task_cfg, hydra_dir / "config.yaml")
-    _save_yaml(
-        {"hydra": OmegaConf.to_container(config.hydra, resolve=False, enum_to_str=True)}, hydra_dir / "hydra.yaml"
-    )
-    _save_yaml(config.hydra.overrides.task, hydra_dir / "overrides.yaml")
-    handler = logging.FileHandler(output_dir / f"{config.hydra.job.name}.log")
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    task_overrides = list(config.hydra.overrides.task)
+    ret = JobReturn(overrides=task_overrides, cfg=task_cfg, hydra_cfg=config, working_dir=os.getcwd())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if facts.output_subdir is not None:
+        hydra_dir = output_dir / facts.output_subdir
+        hydra_dir.mkdir(exist_ok=True)
+        _save_yaml(task_cfg, hydra_dir / "config.yaml")
+        hydra_node = OmegaConf.to_container(config.hydra, resolve=False, enum_to_str=True)
+        _save_yaml({"hydra": hydra_node}, hydra_dir / "hydra.yaml")
+        _save_yaml(task_overrides, hydra_dir / "overrides.yaml")
+    handler = logging.FileHandler(output_dir / f"{facts.job_name}.log")
+    handler.setFormatter(_LOG_FORMAT)
     logging.getLogger().addHandler(handler)
     callbacks = hydra_context.callbacks
-    if config.hydra.callbacks:  # what callbacks may read; setting it costs a copy of the config
+    if facts.has_callbacks:  # what callbacks may read; setting it costs a copy of the config
         HydraConfig.instance().set_config(config)
     try:
         callbacks.on_job_start(config=config, task_function=_raise(RuntimeError("not called")))
@@ -117,7 +138,7 @@ def run_written_job(hydra_context: Any, config: DictConfig, job: _Job) -> JobRet
         except Exception as e:
             ret.return_value = e
             ret.status = JobStatus.FAILED
-        ret.task_name = str(config.hydra.job.name)
+        ret.task_name = facts.job_name
         callbacks.on_job_end(config=config, job_return=ret)
     finally:
         logging.getLogger().removeHandler(handler)
@@ -141,13 +162,13 @@ def _train(groups: dict[tuple[Any, ...], list[_Job]], max_batch: int) -> None:
             m.result = r
 
 
-def _run(hydra_context: Any, task_function: Callable[[DictConfig], Any], job: _Job) -> JobReturn:
+def _run(hydra_context: Any, task_function: Callable[[DictConfig], Any], job: _Job, facts: _SweepFacts) -> JobReturn:
     """One job's dir and JobReturn: written from the batch, or run by Hydra's run_job."""
     log.info(
         "\t#%d : %s%s", job.idx, " ".join(filter_overrides(job.overrides)), f"  ({job.alone})" if job.alone else ""
     )
     if job.result is not None:
-        return run_written_job(hydra_context, job.sweep_config, job)
+        return run_written_job(hydra_context, job.sweep_config, job, facts)
     task = _raise(job.error) if job.error is not None else task_function
     return run_job(
         hydra_context=hydra_context,
@@ -215,7 +236,8 @@ def launch_batched(
         t1 = time.perf_counter()
         _train(groups, max_batch)
         t2 = time.perf_counter()
-        returns = [_run(hydra_context, task_function, job) for job in jobs]
+        facts = _SweepFacts.of(config)
+        returns = [_run(hydra_context, task_function, job, facts) for job in jobs]
     finally:
         gc.unfreeze()
     log.info(
