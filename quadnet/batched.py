@@ -287,7 +287,8 @@ def _fits(cfgs: list[TrainConfig], device: torch.device) -> int:
     """Jobs per batch: all of them on the CPU up to 4096; on CUDA, what half the free memory holds."""
     if device.type != "cuda":
         return 4096
-    n = max(make_dataset(cfgs[0].data).x_train.shape[0], make_dataset(cfgs[0].data).x_test.shape[0])
+    data = make_dataset(cfgs[0].data)
+    n = max(data.x_train.shape[0], data.x_test.shape[0])
     h = max(c.hidden_dim for c in cfgs)
     per_job = 8 * (16 * n * (h + 4) + 16 * h * 8)  # activations and temporaries, generously
     free, _ = torch.cuda.mem_get_info(device)
