@@ -69,9 +69,9 @@ def bench_single(epochs: int, repeat: int) -> dict[str, Any]:
     times: dict[str, list[float]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeat):  # interleaved, so drift in machine load hits every variant alike
-            for name, ov in variants.items():
+            for i, (name, ov) in enumerate(variants.items()):
                 cfg = validate(compose([*ov, f"epochs={epochs}", "plots=false", "progress=false"]))
-                s = train(cfg, run_dir=Path(tmp) / f"{r}-{len(times[name])}-{abs(hash(name))}")
+                s = train(cfg, run_dir=Path(tmp) / f"{r}-{i}")
                 assert s["status"] == "completed"
                 times[name].append(s["train_seconds"] * 10000 / max(epochs, 1))
     base = min(times["numpy engine (float64)"])

@@ -123,33 +123,40 @@ def _fail(key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
+# What each field type accepts, in words; field types are annotation strings such as "int | None".
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _base_type(typ: Any) -> tuple[str, bool]:
+    """('int', optional?) for a field annotation like 'int' or 'bool | None'."""
+    text = typ if isinstance(typ, str) else typ.__name__
+    parts = [p.strip() for p in text.split("|")]
+    return parts[0], "None" in parts[1:]
+
+
 def _check_type(key: str, value: Any, typ: Any) -> Any:
     """Return ``value`` as ``typ`` (int, float, bool, str or their Optional), or raise."""
-    optional = isinstance(typ, str) and typ.endswith("| None")
-    base = typ.split("|")[0].strip() if isinstance(typ, str) else typ.__name__
+    base, optional = _base_type(typ)
+    must = "must be " + _TYPE_WORDS[base]
     if value is None:
         if optional:
             return None
-        raise _fail(key, value, f"must be a {base}")
+        raise _fail(key, value, must)
     if base == "bool":
         if isinstance(value, bool):
             return value
-        raise _fail(key, value, "must be true or false")
-    if base == "int":
+        raise _fail(key, value, must)
+    if base in ("int", "float"):
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _fail(key, value, "must be an integer")
+            raise _fail(key, value, must)
+        if base == "float":
+            return float(value)
         if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-            raise _fail(key, value, "must be an integer")
+            raise _fail(key, value, must)
         return int(value)
-    if base == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _fail(key, value, "must be a number")
-        return float(value)
-    if base == "str":
-        if isinstance(value, str):
-            return value
-        raise _fail(key, value, "must be a string")
-    raise AssertionError(f"unhandled type {typ!r} for {key}")
+    if isinstance(value, str):
+        return value
+    raise _fail(key, value, must)
 
 
 def _typed(cls: type, values: Any, prefix: str) -> Any:
@@ -240,12 +247,10 @@ def expected_type(key: str) -> str | None:
         if part != "data":
             return None
         cls = DataConfig
-    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    if name not in types:
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    if name not in types or dataclasses.is_dataclass(types[name]) or types[name] == "DataConfig":
         return None
-    base = types[name].split("|")[0].strip()
-    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
-    return words.get(base)
+    return _TYPE_WORDS[_base_type(types[name])[0]]
 
 
 def compose(overrides: list[str]) -> DictConfig:

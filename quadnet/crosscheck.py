@@ -61,13 +61,17 @@ def check(cfg: TrainConfig) -> dict[str, Any]:
             loss_diff[n] = max(loss_diff[n], abs(losses[n] - losses["numpy"]))
 
     compare_losses()
-    torch.set_num_threads(1)
-    while epoch < cfg.epochs:
-        n = min(cfg.log_every, cfg.epochs - epoch)
-        for e in engines.values():
-            e.train_steps(n, lambda: False)
-        epoch += n
-        compare_losses()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic reductions, and fastest for tensors this small
+    try:
+        while epoch < cfg.epochs:
+            n = min(cfg.log_every, cfg.epochs - epoch)
+            for e in engines.values():
+                e.train_steps(n, lambda: False)
+            epoch += n
+            compare_losses()
+    finally:
+        torch.set_num_threads(threads)
     ref_params = engines["numpy"].numpy_params()
     ref_probs = reference.softmax(engines["numpy"].logits(data.x_test))
     result: dict[str, Any] = {"epochs": cfg.epochs, "engines": {}}

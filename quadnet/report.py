@@ -87,9 +87,11 @@ def read_jobs(sweep: Path) -> list[dict[str, Any]]:
 def metric_of(row: dict[str, Any], metric: str) -> float | None:
     if row.get("status") != "completed":
         return None
-    value = (
-        1 - row["test_accuracy"] if metric == "test_error" and row.get("test_accuracy") is not None else row.get(metric)
-    )
+    if metric == "test_error":
+        acc = row.get("test_accuracy")
+        value = None if acc is None else 1 - acc
+    else:
+        value = row.get(metric)
     return float(value) if value is not None and math.isfinite(value) else None
 
 

@@ -62,9 +62,14 @@ def _write(job: _Job, run_dir: Path) -> float:
     r, cfg = job.result, job.cfg
     assert r is not None and cfg is not None and job.device is not None
     state = {"params": r.params, "momentum_params": r.momentum_params, "epoch": r.epoch, "history": r.history}
-    trainer = Trainer(cfg, run_dir, resume=state, device=torch.device("cpu"))
-    trainer.device_label = describe(job.device)
-    trainer.extra = {"batch": r.batch}
+    trainer = Trainer(
+        cfg,
+        run_dir,
+        resume=state,
+        device=torch.device("cpu"),
+        device_label=describe(job.device),
+        summary_extra={"batch": r.batch},
+    )
     return conclude(trainer.finish(r.status, r.train_seconds), single_run=False)
 
 
@@ -100,7 +105,9 @@ class _SweepFacts:
 _LOG_FORMAT = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")  # Hydra's file format
 
 
-def run_written_job(hydra_context: Any, config: DictConfig, job: _Job, facts: _SweepFacts) -> JobReturn:
+def run_written_job(
+    hydra_context: Any, task_function: Callable[[DictConfig], Any], config: DictConfig, job: _Job, facts: _SweepFacts
+) -> JobReturn:
     """What Hydra's run_job does for a job, lean: its dir, ``.hydra/``, log file, callbacks, JobReturn.
 
     run_job deep-copies the config several times and dumps YAML in pure Python, which costs
@@ -131,7 +138,7 @@ def run_written_job(hydra_context: Any, config: DictConfig, job: _Job, facts: _S
     if facts.has_callbacks:  # what callbacks may read; setting it costs a copy of the config
         HydraConfig.instance().set_config(config)
     try:
-        callbacks.on_job_start(config=config, task_function=_raise(RuntimeError("not called")))
+        callbacks.on_job_start(config=config, task_function=task_function)
         try:
             ret.return_value = _write(job, output_dir)
             ret.status = JobStatus.COMPLETED
@@ -168,7 +175,7 @@ def _run(hydra_context: Any, task_function: Callable[[DictConfig], Any], job: _J
         "\t#%d : %s%s", job.idx, " ".join(filter_overrides(job.overrides)), f"  ({job.alone})" if job.alone else ""
     )
     if job.result is not None:
-        return run_written_job(hydra_context, job.sweep_config, job, facts)
+        return run_written_job(hydra_context, task_function, job.sweep_config, job, facts)
     task = _raise(job.error) if job.error is not None else task_function
     return run_job(
         hydra_context=hydra_context,

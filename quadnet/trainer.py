@@ -86,8 +86,17 @@ def resume_command(run_dir: Path) -> str:
 
 class Trainer:
     def __init__(
-        self, cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None, device: torch.device | None = None
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        resume: dict[str, Any] | None = None,
+        device: torch.device | None = None,
+        device_label: str | None = None,
+        summary_extra: dict[str, Any] | None = None,
     ) -> None:
+        """``device`` overrides cfg.device; ``device_label`` is what the summary records as the
+        device (a batched job is written on the CPU after training elsewhere); ``summary_extra``
+        adds fields to summary.json."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
         # --- where to compute: a missing device is an error, never a silent fallback
         if cfg.engine == "numpy" and cfg.device not in ("auto", "cpu"):
@@ -95,8 +104,8 @@ class Trainer:
         if device is None:
             device = resolve_device(cfg.device) if cfg.engine == "torch" else torch.device("cpu")
         self.device = device
-        self.device_label = describe(device)  # what the summary records (a batch may have run elsewhere)
-        self.extra: dict[str, Any] = {}  # more summary fields, e.g. a batched run's batch facts
+        self.device_label = device_label or describe(device)
+        self.summary_extra = summary_extra or {}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # --- data, and the initial weights (the seed's draw by default) or a checkpoint's
         self.data = make_dataset(cfg.data)
@@ -262,7 +271,7 @@ class Trainer:
             "predictions": predictions,
             "signal": signal.Signals(self._stop_signal).name if status == "interrupted" else None,
             "config": to_dict(cfg),
-            **self.extra,
+            **self.summary_extra,
         }
         # The checkpoint first (it is what resume needs), then the human-facing files.
         self.save_checkpoint(status)
