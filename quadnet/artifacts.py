@@ -31,6 +31,18 @@ def clean(obj: Any) -> Any:
     return obj
 
 
+def summary_metric(summary: dict[str, Any], name: str) -> float | None:
+    """A figure of a completed run's summary (test_error is 1 − test_accuracy); None otherwise."""
+    if summary.get("status") != "completed":
+        return None
+    if name == "test_error":
+        acc = summary.get("test_accuracy")
+        value = None if acc is None else 1 - acc
+    else:
+        value = summary.get(name)
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
 def write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-METRICS = {  # name: (summary key or derivation, lower is better)
+METRICS = {  # metric: whether lower is better
     "test_loss": True,
     "test_error": True,
     "final_loss": True,
@@ -85,14 +85,9 @@ def read_jobs(sweep: Path) -> list[dict[str, Any]]:
 
 
 def metric_of(row: dict[str, Any], metric: str) -> float | None:
-    if row.get("status") != "completed":
-        return None
-    if metric == "test_error":
-        acc = row.get("test_accuracy")
-        value = None if acc is None else 1 - acc
-    else:
-        value = row.get(metric)
-    return float(value) if value is not None and math.isfinite(value) else None
+    from quadnet.artifacts import summary_metric
+
+    return summary_metric(row, metric)
 
 
 def sort_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:

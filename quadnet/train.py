@@ -25,7 +25,7 @@ from quadnet.config import ConfigError, TrainConfig, config_dir, register_config
 
 log = logging.getLogger("quadnet")
 
-# Keys that may change when resuming: everything but the model's shape and its data.
+# Keys that must not change when resuming: the model's shape and its data.
 _SHAPE_KEYS = ("hidden_dim", "data")
 
 
@@ -105,14 +105,10 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
 
 def objective_value(summary: dict[str, Any], objective: str) -> float:
     """The number a sweeper minimises; +inf for a run that did not finish with finite values."""
-    value = {
-        "test_loss": summary.get("test_loss"),
-        "final_loss": summary.get("final_loss"),
-        "test_error": None if summary.get("test_accuracy") is None else 1 - summary["test_accuracy"],
-    }[objective]
-    if summary.get("status") != "completed" or value is None or not math.isfinite(value):
-        return math.inf
-    return float(value)
+    from quadnet.artifacts import summary_metric
+
+    value = summary_metric(summary, objective)
+    return math.inf if value is None else value
 
 
 def conclude(summary: dict[str, Any], single_run: bool | None = None) -> float:
