@@ -170,7 +170,7 @@ class Trainer:
             cfg.epochs,
             cfg.engine,
             f"/{cfg.step}" if cfg.engine == "torch" else "",
-            describe(self.device),
+            self.device_label,
             cfg.dtype,
         )
         if self.epoch:
@@ -214,7 +214,8 @@ class Trainer:
                             row["train_accuracy"],
                             row["test_accuracy"],
                         )
-                if cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0:
+                # (the last one is written by finish(), with the run's final status)
+                if cfg.checkpoint_every and self.epoch % cfg.checkpoint_every == 0 and self.epoch < cfg.epochs:
                     self.save_checkpoint("running")
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
