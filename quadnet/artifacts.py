@@ -43,6 +43,23 @@ def summary_metric(summary: dict[str, Any], name: str) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
+def prediction_rows(points: np.ndarray, probs: np.ndarray) -> list[dict[str, Any]]:
+    """Per point (N, 2): the predicted quadrant 1–4 (None if probs are not finite), the
+    probabilities, the true quadrant (None on an axis) and whether it lies on an axis."""
+    from quadnet.data import quadrant_class
+
+    return [
+        {
+            "point": pt.tolist(),
+            "quadrant": int(np.argmax(p)) + 1 if np.isfinite(p).all() else None,
+            "probs": p.tolist(),
+            "true_quadrant": int(t) + 1 if t >= 0 else None,
+            "on_axis": bool(t < 0),
+        }
+        for pt, p, t in zip(points, probs, quadrant_class(points), strict=True)
+    ]
+
+
 def write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
 

@@ -89,22 +89,11 @@ def parse_args(argv: list[str]) -> tuple[str, list[tuple[float, float]], bool]:
 
 def predict(params: dict[str, np.ndarray], points: np.ndarray) -> list[dict[str, Any]]:
     """Quadrant 1–4 and probabilities for each point (N, 2), from seed-layout weights."""
-    from quadnet.data import quadrant_class
+    from quadnet.artifacts import prediction_rows
     from quadnet.reference import forward, softmax
 
     scores, _ = forward(params, points)
-    probs = softmax(scores)
-    true = quadrant_class(points)
-    return [
-        {
-            "point": pt.tolist(),
-            "quadrant": int(p.argmax()) + 1,
-            "probs": p.tolist(),
-            "true_quadrant": int(t) + 1 if t >= 0 else None,
-            "on_axis": bool(t < 0),
-        }
-        for pt, p, t in zip(points, probs, true, strict=True)
-    ]
+    return prediction_rows(points, softmax(scores))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -246,15 +246,7 @@ class Trainer:
             final = self._record()
         with np.errstate(all="ignore"):  # a diverged run's weights are not finite
             probs = softmax(self.engine.logits(d.x_test))
-        predictions = [
-            {
-                "point": pt.tolist(),
-                "quadrant": int(np.argmax(p)) + 1 if np.isfinite(p).all() else None,
-                "probs": p.tolist(),
-                "true_quadrant": int(t) + 1 if t >= 0 else None,
-            }
-            for pt, p, t in zip(d.x_test, probs, d.y_test, strict=True)
-        ]
+        predictions = artifacts.prediction_rows(d.x_test, probs)
         summary = {
             "status": status,
             "epoch": self.epoch,
