@@ -248,15 +248,14 @@ def train_group(cfgs: list[TrainConfig], device: torch.device) -> list[JobResult
                 for row in range(target - epoch):
                     batch.step(losses[row])
                 # 3. jobs whose loss went non-finite stop here, at the first such epoch
-                bad = batch.first_non_finite(losses)
-                diverged = [r for r, b in enumerate(bad) if b >= 0]
-                bad = [epoch + b for b in bad]
-                epoch = target
+                first = batch.first_non_finite(losses)
+                diverged = [r for r, b in enumerate(first) if b >= 0]
                 if diverged:
-                    finish(diverged, "diverged", [bad[r] for r in diverged])
+                    finish(diverged, "diverged", [epoch + first[r] for r in diverged])
                     batch.keep([r for r in range(len(batch.ids)) if r not in diverged])
                     if not batch.ids:
                         break
+                epoch = target
                 if epoch % log_every == 0 or any(cfgs[j].epochs == epoch for j in batch.ids):
                     record(epoch)
     finally:
