@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quadnet.cli import closed_pipe_ok
+
 
 def machine() -> dict[str, Any]:
     import numpy as np
@@ -135,6 +137,7 @@ def _print(result: dict[str, Any]) -> None:
         )
 
 
+@closed_pipe_ok()
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m quadnet.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)

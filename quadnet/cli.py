@@ -7,9 +7,6 @@ import os
 import sys
 from collections.abc import Iterator
 
-from quadnet.checkpoint import CheckpointError
-from quadnet.config import ConfigError
-
 EXIT_BAD_INPUT = 2
 
 
@@ -53,6 +50,18 @@ def _hydra_message(ex: BaseException) -> str:
 
 
 @contextlib.contextmanager
+def closed_pipe_ok() -> Iterator[None]:
+    """Let ``python -m quadnet.report | head`` end quietly when the reader stops reading."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Point stdout at devnull, so that Python's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+@contextlib.contextmanager
 def friendly_errors() -> Iterator[None]:
     """Turn bad input (config, override, checkpoint) into ``error: …`` and exit code 2.
 
@@ -62,6 +71,9 @@ def friendly_errors() -> Iterator[None]:
     """
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    from quadnet.checkpoint import CheckpointError
+    from quadnet.config import ConfigError
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from quadnet import reference
+from quadnet.cli import closed_pipe_ok
 from quadnet.config import TrainConfig, compose, validate
 from quadnet.data import make_dataset
 from quadnet.model import QuadNet, initial_params, numpy_from_state, state_from_numpy
@@ -100,6 +101,7 @@ def check(cfg: TrainConfig) -> dict[str, Any]:
     return result
 
 
+@closed_pipe_ok()
 def main(argv: list[str] | None = None) -> None:
     from quadnet.cli import friendly_errors
 

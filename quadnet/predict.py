@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from quadnet.cli import closed_pipe_ok
+
 USAGE = "usage: python -m quadnet.predict RUN_DIR_OR_CHECKPOINT [x,y ...] [--file PATH|-] [--json]"
 
 
@@ -96,6 +98,7 @@ def predict(params: dict[str, np.ndarray], points: np.ndarray) -> list[dict[str,
     return prediction_rows(points, softmax(scores))
 
 
+@closed_pipe_ok()
 def main(argv: list[str] | None = None) -> None:
     from quadnet import checkpoint
     from quadnet.cli import fail

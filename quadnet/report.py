@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from quadnet.cli import closed_pipe_ok
+
 METRICS = {  # metric: whether lower is better
     "test_loss": True,
     "test_error": True,
@@ -223,6 +225,7 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return f"{100 * v:.1f}%" if pct else f"{v:.4g}"
 
 
+@closed_pipe_ok()
 def main(argv: list[str] | None = None) -> None:
     from quadnet.cli import fail
 
