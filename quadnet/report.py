@@ -3,9 +3,9 @@
 SWEEP_DIR defaults to the newest sweep under ``outputs/multirun``. Every job dir is read
 (its ``.hydra/overrides.yaml`` and ``summary.json``); jobs that failed, diverged or never
 finished are listed, never fatal. Writes ``report.csv`` and, for each swept parameter,
-``report_<param>.png`` (the metric and the test accuracy against it, mean and spread over
-the other parameters, seeds included), plus ``report_heatmap.png`` when two parameters
-besides the seed are swept.
+``report_<param>.png`` (the metric and the test accuracy against it: every job, the mean,
+and the 16th–84th percentile band over the other parameters, seeds included), plus
+``report_heatmap.png`` when two parameters besides the seed are swept.
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     done = [r for r in rows if r["status"] == "completed" and param in r["params"]]
     xs, log = _axis([r["params"][param] for r in done])
@@ -142,17 +143,21 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str) 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     first = "test_loss" if metric == "test_accuracy" else metric
     for ax, name in zip(axes, (first, "test_accuracy"), strict=True):
-        means, lows, highs = [], [], []
+        means, lows, highs, every = [], [], [], []
         for x, p in zip(xs, pos, strict=True):
             vals = [v for r in done if r["params"][param] == x and (v := metric_of(r, name)) is not None]
             ax.scatter([p] * len(vals), vals, s=10, alpha=0.3, color="tab:blue")
-            m = statistics.fmean(vals) if vals else math.nan
-            sd = statistics.pstdev(vals) if len(vals) > 1 else 0.0
-            means.append(m)
-            lows.append(m - sd)
-            highs.append(m + sd)
+            means.append(statistics.fmean(vals) if vals else math.nan)
+            # the spread as the 16th–84th percentiles (± 1 sd for a normal spread), never below 0
+            low, high = np.percentile(vals, [16, 84]) if vals else (math.nan, math.nan)
+            lows.append(low)
+            highs.append(high)
+            every += vals
         ax.plot(pos, means, marker="o", color="tab:red", label="mean")
-        ax.fill_between(pos, lows, highs, color="tab:red", alpha=0.15, label="± 1 sd")
+        ax.fill_between(pos, lows, highs, color="tab:red", alpha=0.15, label="16th–84th percentile")
+        # losses span orders of magnitude: a log axis keeps the small ones apart
+        if name != "test_accuracy" and every and min(every) > 0 and max(every) / min(every) >= 100:
+            ax.set_yscale("log")
         if name == "test_accuracy":
             allright = [
                 statistics.fmean(
@@ -176,6 +181,7 @@ def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.colors import LogNorm
 
     done = [r for r in rows if r["status"] == "completed" and a in r["params"] and b in r["params"]]
     xa, _ = _axis([r["params"][a] for r in done])
@@ -191,14 +197,21 @@ def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric:
             if vals:
                 grid[i, j] = statistics.fmean(vals)
     fig, ax = plt.subplots(figsize=(1.2 * len(xa) + 3, 0.8 * len(xb) + 2.5), constrained_layout=True)
-    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
+    finite = grid[np.isfinite(grid)]
+    # losses span orders of magnitude: a log colour scale keeps the small ones apart
+    log_scale = finite.size > 0 and finite.min() > 0 and finite.max() / finite.min() >= 100
+    norm = LogNorm() if log_scale else None
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", norm=norm)
     ax.set_xticks(range(len(xa)), [str(v) for v in xa])
     ax.set_yticks(range(len(xb)), [str(v) for v in xb])
     ax.set(xlabel=a, ylabel=b, title=f"mean {metric} over the other parameters")
     for i in range(len(xb)):
         for j in range(len(xa)):
             if np.isfinite(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", color="w", fontsize="small")
+                bright = sum(im.cmap(im.norm(grid[i, j]))[:3]) > 1.8  # light cell: dark text
+                ax.text(
+                    j, i, f"{grid[i, j]:.3g}", ha="center", va="center", color="k" if bright else "w", fontsize="small"
+                )
     fig.colorbar(im, ax=ax)
     fig.savefig(path, dpi=100)
     plt.close(fig)
