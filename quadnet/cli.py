@@ -63,7 +63,7 @@ def closed_pipe_ok() -> Iterator[None]:
 
 @contextlib.contextmanager
 def friendly_errors() -> Iterator[None]:
-    """Turn bad input (config, override, checkpoint) into ``error: …`` and exit code 2.
+    """Turn bad input (config, override, checkpoint, a path in the way) into ``error: …`` and exit code 2.
 
     Hydra prints composition errors over several lines; with HYDRA_FULL_ERROR set it
     raises them instead, and they are caught and shortened here. Anything else is a
@@ -82,3 +82,5 @@ def friendly_errors() -> Iterator[None]:
         fail(str(ex))
     except (HydraException, OmegaConfBaseException) as ex:
         fail(_hydra_message(ex))
+    except OSError as ex:  # a path that cannot be read or written: not a bug in quadnet
+        fail(str(ex))

@@ -13,7 +13,7 @@ The tests compare the two on mixed sweeps.
 
 from __future__ import annotations
 
-import copy
+import pickle
 from typing import Any
 
 from hydra._internal.config_loader_impl import get_overrides_dirname
@@ -40,7 +40,7 @@ class FastSweepLoader:
     def __init__(self, loader: Any) -> None:
         self._loader = loader
         self._parser = OverridesParser.create()
-        self._templates: dict[tuple[Any, ...], DictConfig] = {}
+        self._templates: dict[tuple[Any, ...], bytes] = {}  # pickled: loads is ~7× faster than deepcopy
         self._parsed: dict[tuple[Any, ...], list[Override]] = {}
         self._plain: dict[tuple[Any, ...], list[bool]] = {}
         self._recent: dict[tuple[Any, ...], DictConfig] = {}  # validated by the sweeper, not yet launched
@@ -77,11 +77,11 @@ class FastSweepLoader:
             cfg = self._loader.load_sweep_config(master_config, sweep_overrides)
             if template is None:
                 groups = set(cfg.hydra.runtime.choices)
-                self._templates[key] = copy.deepcopy(cfg)
+                self._templates[key] = pickle.dumps(cfg, protocol=pickle.HIGHEST_PROTOCOL)
                 self._parsed[key] = parsed
                 self._plain[key] = [_plain(o, groups) for o in parsed]
             return cfg
-        cfg = copy.deepcopy(template)
+        cfg = pickle.loads(template)
         try:
             for o, plain in zip(parsed, self._plain[key], strict=True):
                 if plain:

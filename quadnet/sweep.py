@@ -9,13 +9,18 @@ their own (or failed validation) go through Hydra's ``run_job``; batched jobs th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
+import multiprocessing
 import os
+import pickle
+import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,7 @@ class _Job:
     composed: TrainConfig | None = None  # as Hydra composed it
     cfg: TrainConfig | None = None  # as it is trained (the launcher decides on plots)
     device: torch.device | None = None
+    device_label: str | None = None  # as summaries record it, e.g. 'cuda:0 (NVIDIA H200)'
     error: Exception | None = None
     alone: str | None = None  # why it is not batched
     result: JobResult | None = None
@@ -60,14 +66,14 @@ def _write(job: _Job, run_dir: Path) -> float:
     from quadnet.trainer import Trainer
 
     r, cfg = job.result, job.cfg
-    assert r is not None and cfg is not None and job.device is not None
+    assert r is not None and cfg is not None and job.device_label is not None
     state = {"params": r.params, "momentum_params": r.momentum_params, "epoch": r.epoch, "history": r.history}
     trainer = Trainer(
         cfg,
         run_dir,
         resume=state,
         device=torch.device("cpu"),
-        device_label=describe(job.device),
+        device_label=job.device_label,
         summary_extra={"batch": r.batch},
     )
     return conclude(trainer.finish(r.status, r.train_seconds), single_run=False)
@@ -105,52 +111,159 @@ class _SweepFacts:
 _LOG_FORMAT = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")  # Hydra's file format
 
 
-def run_written_job(
-    hydra_context: Any, task_function: Callable[[DictConfig], Any], config: DictConfig, job: _Job, facts: _SweepFacts
-) -> JobReturn:
-    """What Hydra's run_job does for a job, lean: its dir, ``.hydra/``, log file, callbacks, JobReturn.
-
-    run_job deep-copies the config several times and dumps YAML in pure Python, which costs
-    more than training the job in a batch; this writes the same files with libyaml when
-    present. Jobs that train on their own still go through run_job itself.
-    """
+def _set_output_dir(job: _Job, facts: _SweepFacts) -> Path:
+    config = job.sweep_config
     output_dir = facts.sweep_dir / str(config.hydra.sweep.subdir)
     with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
         config.hydra.runtime.output_dir = str(output_dir)
-    assert job.composed is not None
-    # The app's part of the config as composed (it has no interpolations), built without copying
-    # the Hydra node; hydra_cfg is the job's own config, which holds that node and is not changed again.
-    task_cfg = OmegaConf.create(dataclasses.asdict(job.composed))
-    task_overrides = list(config.hydra.overrides.task)
-    ret = JobReturn(overrides=task_overrides, cfg=task_cfg, hydra_cfg=config, working_dir=os.getcwd())
+    return output_dir
+
+
+@contextlib.contextmanager
+def _job_files(job: _Job, facts: _SweepFacts) -> Iterator[Path]:
+    """The job's dir with ``.hydra/`` written, and its log file attached while inside.
+
+    The same files as Hydra's run_job, which deep-copies the config several times and dumps
+    YAML in pure Python (more than training the job in a batch costs); this uses libyaml when
+    present and copies no configs.
+    """
+    config = job.sweep_config
+    output_dir = Path(str(config.hydra.runtime.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     if facts.output_subdir is not None:
+        assert job.composed is not None
         hydra_dir = output_dir / facts.output_subdir
         hydra_dir.mkdir(exist_ok=True)
-        _save_yaml(task_cfg, hydra_dir / "config.yaml")
-        hydra_node = OmegaConf.to_container(config.hydra, resolve=False, enum_to_str=True)
-        _save_yaml({"hydra": hydra_node}, hydra_dir / "hydra.yaml")
-        _save_yaml(task_overrides, hydra_dir / "overrides.yaml")
+        _save_yaml(dataclasses.asdict(job.composed), hydra_dir / "config.yaml")
+        _save_yaml({"hydra": OmegaConf.to_container(config.hydra, enum_to_str=True)}, hydra_dir / "hydra.yaml")
+        _save_yaml(list(config.hydra.overrides.task), hydra_dir / "overrides.yaml")
     handler = logging.FileHandler(output_dir / f"{facts.job_name}.log")
     handler.setFormatter(_LOG_FORMAT)
     logging.getLogger().addHandler(handler)
+    try:
+        yield output_dir
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _outcome(job: _Job, output_dir: Path) -> tuple[JobStatus, Any]:
+    try:
+        return JobStatus.COMPLETED, _write(job, output_dir)
+    except Exception as e:
+        return JobStatus.FAILED, e
+
+
+class _WrittenJobReturn(JobReturn):
+    """A JobReturn whose ``cfg`` (the app's config as a DictConfig) is built when first read.
+
+    Building it costs more than writing the job's dir, and sweepers read only the overrides
+    and the return value; callbacks and other readers get the same config Hydra would give.
+    """
+
+    _composed: TrainConfig | None = None
+    _cfg: Any = None
+
+    @property  # type: ignore[override]
+    def cfg(self) -> Any:
+        if self._cfg is None and self._composed is not None:
+            # the app's part as composed (it has no interpolations), without copying the Hydra node
+            self._cfg = OmegaConf.create(dataclasses.asdict(self._composed))
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, value: Any) -> None:
+        self._cfg = value
+
+
+def _job_return(job: _Job, facts: _SweepFacts, status: JobStatus, value: Any) -> JobReturn:
+    """The JobReturn Hydra's run_job would give: the job's overrides, configs and outcome."""
+    config = job.sweep_config  # hydra_cfg: the job's own config, not changed again
+    ret = _WrittenJobReturn(overrides=list(config.hydra.overrides.task), hydra_cfg=config, working_dir=os.getcwd())
+    ret._composed = job.composed
+    ret.status, ret.return_value, ret.task_name = status, value, facts.job_name
+    return ret
+
+
+def run_written_job(
+    hydra_context: Any, task_function: Callable[[DictConfig], Any], job: _Job, facts: _SweepFacts
+) -> JobReturn:
+    """What Hydra's run_job does for a job, lean: its dir, ``.hydra/``, log file, callbacks, JobReturn."""
+    config = job.sweep_config
+    _set_output_dir(job, facts)
     callbacks = hydra_context.callbacks
     if facts.has_callbacks:  # what callbacks may read; setting it costs a copy of the config
         HydraConfig.instance().set_config(config)
     try:
-        callbacks.on_job_start(config=config, task_function=task_function)
-        try:
-            ret.return_value = _write(job, output_dir)
-            ret.status = JobStatus.COMPLETED
-        except Exception as e:
-            ret.return_value = e
-            ret.status = JobStatus.FAILED
-        ret.task_name = facts.job_name
-        callbacks.on_job_end(config=config, job_return=ret)
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        with _job_files(job, facts) as output_dir:
+            callbacks.on_job_start(config=config, task_function=task_function)
+            ret = _job_return(job, facts, *_outcome(job, output_dir))
+            callbacks.on_job_end(config=config, job_return=ret)
+    except OSError as e:  # its dir could not be written: this job fails, not the sweep
+        ret = _job_return(job, facts, JobStatus.FAILED, e)
     return ret
+
+
+# ---------------------------------------------------------------- writing in forked processes
+# Writing a job's dir is pure-Python work of ~10-20 ms; thousands of them are the slowest part
+# of a batched sweep. Without callbacks (whose order must be Hydra's), forked writers share it:
+# they inherit the jobs (copy-on-write, nothing pickled), write their dirs and send back only
+# each outcome.
+
+_WRITING: tuple[list[_Job], _SweepFacts] | None = None  # read by the forked writers
+
+
+def _writer_init() -> None:
+    torch.set_num_threads(1)  # as DataLoader workers do: an inherited OpenMP pool can hang after fork
+
+
+def _write_chunk(positions: list[int]) -> list[tuple[JobStatus, Any]]:
+    assert _WRITING is not None
+    jobs, facts = _WRITING
+    out = []
+    for i in positions:
+        try:
+            with _job_files(jobs[i], facts) as output_dir:
+                status, value = _outcome(jobs[i], output_dir)
+        except OSError as e:  # its dir could not be written: this job fails, not the others
+            status, value = JobStatus.FAILED, e
+        if status == JobStatus.FAILED:  # send back what pickles
+            try:
+                pickle.dumps(value)
+            except Exception:
+                value = RuntimeError(f"{type(value).__name__}: {value}")
+        out.append((status, value))
+    return out
+
+
+def _writers(n_jobs: int, asked: int | None) -> int:
+    """Forked writers for n_jobs dirs: as asked, else one per core for big sweeps; none where fork is unsafe."""
+    if sys.platform != "linux" or n_jobs == 0:
+        return 0
+    if asked is not None:
+        return min(asked, n_jobs)
+    return 0 if n_jobs < 64 else min(os.cpu_count() or 1, n_jobs // 32)
+
+
+def _write_forked(jobs: list[_Job], facts: _SweepFacts, workers: int) -> list[JobReturn]:
+    global _WRITING
+    for job in jobs:
+        _set_output_dir(job, facts)
+    chunk = max(1, min(256, len(jobs) // (4 * workers)))
+    positions = [list(range(i, min(i + chunk, len(jobs)))) for i in range(0, len(jobs), chunk)]
+    outcomes: list[tuple[JobStatus, Any]] = []
+    _WRITING = (jobs, facts)
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_writer_init) as pool:
+            for part, future in zip(positions, [pool.submit(_write_chunk, p) for p in positions], strict=True):
+                try:
+                    outcomes += future.result()
+                except Exception as e:  # a writer died (killed, out of memory): its jobs fail, not the sweep
+                    outcomes += [(JobStatus.FAILED, e)] * len(part)
+    finally:
+        _WRITING = None
+    return [_job_return(job, facts, *o) for job, o in zip(jobs, outcomes, strict=True)]
 
 
 def _train(groups: dict[tuple[Any, ...], list[_Job]], max_batch: int) -> None:
@@ -169,13 +282,8 @@ def _train(groups: dict[tuple[Any, ...], list[_Job]], max_batch: int) -> None:
             m.result = r
 
 
-def _run(hydra_context: Any, task_function: Callable[[DictConfig], Any], job: _Job, facts: _SweepFacts) -> JobReturn:
-    """One job's dir and JobReturn: written from the batch, or run by Hydra's run_job."""
-    log.info(
-        "\t#%d : %s%s", job.idx, " ".join(filter_overrides(job.overrides)), f"  ({job.alone})" if job.alone else ""
-    )
-    if job.result is not None:
-        return run_written_job(hydra_context, task_function, job.sweep_config, job, facts)
+def _run_alone(hydra_context: Any, task_function: Callable[[DictConfig], Any], job: _Job) -> JobReturn:
+    """A job that is not batched (or failed validation), through Hydra's own run_job."""
     task = _raise(job.error) if job.error is not None else task_function
     return run_job(
         hydra_context=hydra_context,
@@ -184,6 +292,32 @@ def _run(hydra_context: Any, task_function: Callable[[DictConfig], Any], job: _J
         job_dir_key="hydra.sweep.dir",
         job_subdir_key="hydra.sweep.subdir",
     )
+
+
+def _finish_jobs(
+    hydra_context: Any,
+    task_function: Callable[[DictConfig], Any],
+    jobs: list[_Job],
+    facts: _SweepFacts,
+    writers: int | None,
+) -> list[JobReturn]:
+    """Every job's dir and JobReturn, in job order: batched ones written from their result, the rest run."""
+    for job in jobs:
+        log.info(
+            "\t#%d : %s%s", job.idx, " ".join(filter_overrides(job.overrides)), f"  ({job.alone})" if job.alone else ""
+        )
+    written = [j for j in jobs if j.result is not None]
+    workers = 0 if facts.has_callbacks else _writers(len(written), writers)
+    returns: dict[int, JobReturn] = {}
+    if workers:
+        returns.update(zip([j.idx for j in written], _write_forked(written, facts, workers), strict=True))
+    for job in jobs:
+        if job.idx not in returns:
+            if job.result is not None:
+                returns[job.idx] = run_written_job(hydra_context, task_function, job, facts)
+            else:
+                returns[job.idx] = _run_alone(hydra_context, task_function, job)
+    return [returns[j.idx] for j in jobs]
 
 
 def launch_batched(
@@ -195,7 +329,12 @@ def launch_batched(
     initial_job_idx: int,
     plots: bool,
     max_batch: int,
+    writers: int | None = None,
 ) -> list[JobReturn]:
+    if max_batch < 0:
+        raise ConfigError(f"hydra.launcher.max_batch={max_batch} is not allowed: must be >= 0 (0: what fits)")
+    if writers is not None and writers < 0:
+        raise ConfigError(f"hydra.launcher.writers={writers} is not allowed: must be >= 0, or null for one per core")
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
@@ -216,6 +355,7 @@ def launch_batched(
             job.alone = batchable(job.cfg)
             if job.alone is None:
                 job.device = resolve_device(job.cfg.device)
+                job.device_label = describe(job.device)
         except (ConfigError, CheckpointError) as e:
             job.error = e
         jobs.append(job)
@@ -244,7 +384,7 @@ def launch_batched(
         _train(groups, max_batch)
         t2 = time.perf_counter()
         facts = _SweepFacts.of(config)
-        returns = [_run(hydra_context, task_function, job, facts) for job in jobs]
+        returns = _finish_jobs(hydra_context, task_function, jobs, facts, writers)
     finally:
         gc.unfreeze()
     log.info(

@@ -103,6 +103,48 @@ def test_a_failing_job_inside_a_batch_keeps_the_others(tmp_path):
     assert statuses == {(4, 0.1): "completed", (8, 0.1): "completed", (4, 1e6): "diverged", (8, 1e6): "diverged"}
 
 
+def _job_files(job_dir):
+    return sorted(str(p.relative_to(job_dir)) for p in job_dir.rglob("*") if p.is_file())
+
+
+def test_forked_writers_write_what_one_process_writes_and_a_blocked_dir_fails_alone(tmp_path):
+    sweeps = {}
+    for writers in (0, 2):
+        sweep_dir = tmp_path / f"w{writers}"
+        sweep_dir.mkdir()
+        (sweep_dir / "2").write_text("in the way")  # job 2's dir cannot be made
+        r = run_cli(
+            "-m",
+            "hydra/launcher=batched",
+            f"hydra.launcher.writers={writers}",
+            "seed=range(6)",
+            "epochs=30",
+            "log_every=10",
+            f"hydra.sweep.dir={sweep_dir}",
+            cwd=tmp_path,
+        )
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.splitlines()[-1].startswith("error: [Errno 17] File exists"), r.stderr
+        assert (sweep_dir / "2").read_text() == "in the way"
+        sweeps[writers] = sweep_dir
+    one, forked = sweeps[0], sweeps[2]
+    for n in (0, 1, 3, 4, 5):
+        a, b = one / str(n), forked / str(n)
+        assert _job_files(a) == _job_files(b) and "summary.json" in _job_files(a)
+        for name in (".hydra/config.yaml", ".hydra/overrides.yaml"):
+            assert (a / name).read_text() == (b / name).read_text()
+        ha, hb = ((d / ".hydra/hydra.yaml").read_text() for d in (a, b))
+        assert ha.replace(str(one), "D").replace("writers: 0", "writers: N").replace("writers=0", "writers=N") == (
+            hb.replace(str(forked), "D").replace("writers: 2", "writers: N").replace("writers=2", "writers=N")
+        )
+        sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+        for s in (sa, sb):
+            del s["run_dir"], s["train_seconds"], s["batch"]["seconds"]
+        assert sa == sb and sa["status"] == "completed"
+        assert "status completed at epoch 30/30" in (b / "train.log").read_text()
+        assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
+
+
 def test_unbatchable_jobs_run_on_their_own_in_the_same_sweep(tmp_path):
     r = run_cli(
         "-m",
