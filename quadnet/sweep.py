@@ -320,6 +320,32 @@ def _finish_jobs(
     return [returns[j.idx] for j in jobs]
 
 
+def _compose(
+    hydra_context: Any, config: DictConfig, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, plots: bool
+) -> list[_Job]:
+    jobs: list[_Job] = []
+    for i, overrides in enumerate(job_overrides):
+        idx = initial_job_idx + i
+        sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+        job = _Job(idx, list(overrides), sweep_config)
+        try:
+            job.composed = validate(sweep_config)
+            job.cfg = dataclasses.replace(job.composed, plots=plots)
+            job.alone = batchable(job.cfg)
+            if job.alone is None:
+                job.device = resolve_device(job.cfg.device)
+                job.device_label = describe(job.device)
+        except (ConfigError, CheckpointError) as e:
+            job.error = e
+        jobs.append(job)
+        if i % 64 == 63:
+            gc.freeze()
+    return jobs
+
+
 def launch_batched(
     *,
     hydra_context: Any,
@@ -339,52 +365,36 @@ def launch_batched(
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
 
-    # 1. compose and validate every job, as Hydra's basic launcher would
-    t0 = time.perf_counter()
-    jobs: list[_Job] = []
-    for i, overrides in enumerate(job_overrides):
-        idx = initial_job_idx + i
-        sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
-        with open_dict(sweep_config):
-            sweep_config.hydra.job.id = idx
-            sweep_config.hydra.job.num = idx
-        job = _Job(idx, list(overrides), sweep_config)
-        try:
-            job.composed = validate(sweep_config)
-            job.cfg = dataclasses.replace(job.composed, plots=plots)
-            job.alone = batchable(job.cfg)
-            if job.alone is None:
-                job.device = resolve_device(job.cfg.device)
-                job.device_label = describe(job.device)
-        except (ConfigError, CheckpointError) as e:
-            job.error = e
-        jobs.append(job)
-
-    # 2. train each group of batchable jobs as one program
-    groups: dict[tuple[Any, ...], list[_Job]] = defaultdict(list)
-    for job in jobs:
-        if job.error is None and job.alone is None:
-            assert job.cfg is not None and job.device is not None
-            groups[group_key(job.cfg, job.device)].append(job)
-    alone = sum(1 for j in jobs if j.alone is not None and j.error is None)
-    log.info(
-        "Launching %d jobs: %d batched in %d group(s), %d on their own, %d invalid",
-        len(jobs),
-        sum(len(g) for g in groups.values()),
-        len(groups),
-        alone,
-        sum(1 for j in jobs if j.error is not None),
-    )
-    # Thousands of composed configs are alive now; keep the cyclic GC from rescanning them
-    # on every collection the training loop's tensors trigger (it doubled training time).
-    gc.collect()
+    # Thousands of composed configs stay alive through the launch: keep the cyclic GC from
+    # rescanning them on every full pass (it doubled training time, and made composing 2,000
+    # jobs take longer than writing them). FastSweepLoader freezes the ones it made, too.
     gc.freeze()
     try:
+        # 1. compose and validate every job, as Hydra's basic launcher would
+        t0 = time.perf_counter()
+        jobs = _compose(hydra_context, config, job_overrides, initial_job_idx, plots)
+        gc.freeze()
+
+        # 2. train each group of batchable jobs as one program
+        groups: dict[tuple[Any, ...], list[_Job]] = defaultdict(list)
+        for job in jobs:
+            if job.error is None and job.alone is None:
+                assert job.cfg is not None and job.device is not None
+                groups[group_key(job.cfg, job.device)].append(job)
+        log.info(
+            "Launching %d jobs: %d batched in %d group(s), %d on their own, %d invalid",
+            len(jobs),
+            sum(len(g) for g in groups.values()),
+            len(groups),
+            sum(1 for j in jobs if j.alone is not None and j.error is None),
+            sum(1 for j in jobs if j.error is not None),
+        )
         t1 = time.perf_counter()
         _train(groups, max_batch)
+
+        # 3. write every job's dir (or run it, if it is not batched)
         t2 = time.perf_counter()
-        facts = _SweepFacts.of(config)
-        returns = _finish_jobs(hydra_context, task_function, jobs, facts, writers)
+        returns = _finish_jobs(hydra_context, task_function, jobs, _SweepFacts.of(config), writers)
     finally:
         gc.unfreeze()
     log.info(

@@ -4,8 +4,9 @@
 # and pytest but not Hydra: carry wheels for hydra-core, omegaconf and
 # antlr4-python3-runtime (Python 3.12) in .whl/, e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-#       hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
-# (antlr4 ships an sdist only: build its wheel here with `pip wheel --no-deps -w .whl`).
+#       hydra-core==1.3.2 omegaconf==2.3.0
+#   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # it ships an sdist only
+# Each step has its own time limit, so that one slow step still leaves the others' results.
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -16,7 +17,15 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 else
   export PYTHONPATH=$PWD
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-python3 -m pytest -q -m cuda -rs -p no:cacheprovider tests 2>&1 | tee "$out/cuda-tests.txt"
-python3 -m quadnet.bench single --repeat 3 2>&1 | tee "$out/bench-single.txt"
-python3 -m quadnet.bench sweep --jobs 10000 --sample 3 --device cuda 2>&1 | tee "$out/bench-sweep.txt"
+step() {  # step NAME SECONDS COMMAND...: run it, keep its output in $out/NAME.txt
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name ($(date +%T))"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s"
+}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; python3 -c 'import torch; print(torch.__version__)'; } | tee "$out/gpu.txt"
+step cuda-tests 150 python3 -m pytest -q -m cuda -rs -p no:cacheprovider tests
+step bench-single 120 python3 -m quadnet.bench single --repeat 3
+step bench-sweep-10k 300 python3 -m quadnet.bench sweep --jobs 10000 --sample 3 --device cuda

@@ -194,6 +194,27 @@ def test_batched_launcher_is_discovered_from_any_directory(tmp_path):
     assert out.stdout.strip() == "False"
 
 
+SIMPLE_LINES = ["seed=17", "lr=0.01", "lr=-1.5e-3", "data.seed=3", "a=1e3", "a=1E+5", "a=-0", "x_y.z=12.5e-07"]
+PARSER_ONLY_LINES = ["a=007", "a=1_000", "lr=.5", "a=+3", "a=1.", "+a=1", "a=1,2", "a=inf", "a=abc", "a=null"]
+
+
+@pytest.mark.parametrize("line", SIMPLE_LINES)
+def test_fast_override_parse_equals_hydras(line):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from quadnet.fastcompose import _simple
+
+    fast, hydra = _simple(line), OverridesParser.create().parse_overrides([line])[0]
+    assert fast == hydra and type(fast.value()) is type(hydra.value())
+
+
+@pytest.mark.parametrize("line", PARSER_ONLY_LINES)
+def test_fast_override_parse_leaves_the_rest_to_hydras_parser(line):
+    from quadnet.fastcompose import _simple
+
+    assert _simple(line) is None
+
+
 def test_fast_sweep_loader_composes_exactly_as_hydra(tmp_path):
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.utils import create_config_search_path
@@ -307,6 +328,20 @@ def test_batched_on_cuda_equals_cpu():
         if a.status == "completed":
             for k in a.params:
                 np.testing.assert_allclose(a.params[k], b.params[k], atol=1e-9)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_cuda_sweep_with_forked_writers_equals_a_cpu_sweep(tmp_path):
+    """The writers fork after CUDA is initialised; they must not touch it."""
+    sweep = ["hydra/launcher=batched", "hydra.launcher.writers=2", "seed=range(4)", "epochs=300", "lr=0.01"]
+    for device in ("cuda", "cpu"):
+        r = run_cli("-m", *sweep, f"device={device}", f"hydra.sweep.dir={tmp_path}/{device}", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    for n in range(4):
+        g, c = (json.loads((tmp_path / d / str(n) / "summary.json").read_text()) for d in ("cuda", "cpu"))
+        assert g["status"] == c["status"] == "completed" and g["device"].startswith("cuda:0")
+        np.testing.assert_allclose(_probs(g), _probs(c), rtol=0, atol=1e-9)
 
 
 def test_hydra_plugins_stays_a_namespace_package():
