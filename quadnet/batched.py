@@ -95,6 +95,7 @@ class _Batch:
         self.use_momentum = any(c.momentum for c in cfgs)
         self.bufs = [torch.zeros_like(p) for p in self.params()] if self.use_momentum else []
         self.ids = list(range(len(cfgs)))  # positions in the caller's list, of the jobs still here
+        self._graph: torch.cuda.CUDAGraph | None = None  # the CUDA step, captured for the jobs still here
         self._views()
 
     def params(self) -> list[torch.Tensor]:
@@ -150,6 +151,31 @@ class _Batch:
                 g = self.bufs[i].mul_(self._mom[i]).add_(g)
             p.addcmul_(g, self._neg_lr[i])  # p -= lr·g, per job
 
+    def graphed_step(self, loss_out: torch.Tensor) -> None:
+        """:meth:`step` as a CUDA graph replay: the same kernels, launched without ~20 Python calls.
+
+        At 10,000 jobs launching the step's kernels one by one cost 4× more than running them.
+        The graph is captured at the first call and again after jobs leave (their tensors change).
+        """
+        if self._graph is None:
+            self._loss_row = torch.empty_like(loss_out)
+            state = [*self.params(), *self.bufs]
+            saved = [t.clone() for t in state]
+            # Warm up on a side stream (as capture requires), then undo the warm-up steps.
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.step(self._loss_row)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            for t, v in zip(state, saved, strict=True):
+                t.copy_(v)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self.step(self._loss_row)
+        self._graph.replay()
+        loss_out.copy_(self._loss_row)
+
     def first_non_finite(self, losses: torch.Tensor) -> list[int]:
         """Per job, the first row of losses (steps, J) that is not finite, or -1."""
         bad = ~torch.isfinite(losses)
@@ -164,6 +190,7 @@ class _Batch:
             setattr(self, name, getattr(self, name).index_select(0, idx))
         self.bufs = [b.index_select(1 if i == 0 else 0, idx) for i, b in enumerate(self.bufs)]
         self.ids = [self.ids[r] for r in rows]
+        self._graph = None
         self._views()
 
     def metrics(self, epoch: int) -> list[dict[str, float]]:
@@ -227,6 +254,7 @@ def train_group(cfgs: list[TrainConfig], device: torch.device) -> list[JobResult
             params, mom = batch.export(r, cfgs[j].hidden_dim)
             results[j] = JobResult(status, ep, params, mom, histories[j])
 
+    step = batch.graphed_step if device.type == "cuda" else batch.step
     epoch = 0
     record(0)
     threads = torch.get_num_threads()
@@ -246,7 +274,7 @@ def train_group(cfgs: list[TrainConfig], device: torch.device) -> list[JobResult
                 target = min(min(cfgs[j].epochs for j in batch.ids), (epoch // log_every + 1) * log_every)
                 losses = torch.empty((target - epoch, len(batch.ids)), dtype=batch.dtype, device=device)
                 for row in range(target - epoch):
-                    batch.step(losses[row])
+                    step(losses[row])
                 # 3. jobs whose loss went non-finite stop here, at the first such epoch
                 first = batch.first_non_finite(losses)
                 diverged = [r for r, b in enumerate(first) if b >= 0]

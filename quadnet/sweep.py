@@ -223,6 +223,7 @@ def _write_chunk(positions: list[int]) -> list[tuple[JobStatus, Any]]:
     out = []
     for i in positions:
         try:
+            _set_output_dir(jobs[i], facts)  # (in the writer's own copy of the config)
             with _job_files(jobs[i], facts) as output_dir:
                 status, value = _outcome(jobs[i], output_dir)
         except OSError as e:  # its dir could not be written: this job fails, not the others
@@ -247,8 +248,6 @@ def _writers(n_jobs: int, asked: int | None) -> int:
 
 def _write_forked(jobs: list[_Job], facts: _SweepFacts, workers: int) -> list[JobReturn]:
     global _WRITING
-    for job in jobs:
-        _set_output_dir(job, facts)
     chunk = max(1, min(256, len(jobs) // (4 * workers)))
     positions = [list(range(i, min(i + chunk, len(jobs)))) for i in range(0, len(jobs), chunk)]
     outcomes: list[tuple[JobStatus, Any]] = []
@@ -256,7 +255,10 @@ def _write_forked(jobs: list[_Job], facts: _SweepFacts, workers: int) -> list[Jo
     try:
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_writer_init) as pool:
-            for part, future in zip(positions, [pool.submit(_write_chunk, p) for p in positions], strict=True):
+            futures = [pool.submit(_write_chunk, p) for p in positions]
+            for job in jobs:  # this process's copy of each config, while the writers write
+                _set_output_dir(job, facts)
+            for part, future in zip(positions, futures, strict=True):
                 try:
                     outcomes += future.result()
                 except Exception as e:  # a writer died (killed, out of memory): its jobs fail, not the sweep
