@@ -141,7 +141,12 @@ class FastSweepLoader:
         except Exception:  # a value the schema refuses: let Hydra raise its own error
             return self._loader.load_sweep_config(master_config, sweep_overrides)
         with open_dict(cfg.hydra):
-            cfg.hydra.overrides.task = [o.input_line for o in parsed]
+            task = (
+                cfg.hydra.overrides.task
+            )  # the template's lines: set only those that differ (cheaper than a new list)
+            for i, (o, first) in enumerate(zip(parsed, t.parsed, strict=True)):
+                if o.input_line != first.input_line:
+                    task[i] = o.input_line
             cfg.hydra.job.override_dirname = get_overrides_dirname(
                 overrides=parsed, kv_sep=t.kv_sep, item_sep=t.item_sep, exclude_keys=t.exclude_keys
             )
