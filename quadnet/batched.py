@@ -28,13 +28,15 @@ from quadnet.data import make_dataset
 from quadnet.model import initial_params
 from quadnet.torch_engine import DTYPES
 
+Params = dict[str, np.ndarray]
+
 
 @dataclass
 class JobResult:
     status: str  # completed | diverged
     epoch: int
-    params: dict[str, np.ndarray]
-    momentum_params: dict[str, np.ndarray] | None
+    params: Params
+    momentum_params: Params | None
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0  # this job's share of its batch's wall time
     batch: dict[str, Any] = field(default_factory=dict)
@@ -211,21 +213,20 @@ class _Batch:
             for a, b, c, d in zip(loss, train_acc, test_acc, test_loss, strict=True)
         ]
 
-    def export(self, row: int, hidden_dim: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-        """Job at `row`, unpadded, in the seed's layout (float64 NumPy)."""
+    def export(self, rows: list[int], hidden_dims: list[int]) -> list[tuple[Params, Params | None]]:
+        """Jobs at `rows`, unpadded, in the seed's layout (float64 NumPy): one copy off the device."""
+        host = lambda ts: [t.detach().to("cpu", torch.float64).numpy() for t in ts]  # noqa: E731
 
-        def seed_layout(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor):
-            h = hidden_dim
-            f = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
-            return {
-                "W1": f(w1[:, row, :h]).copy(),  # (2, H): W1 is stored input-major
-                "b1": f(b1[row, :h]),
-                "W2": f(w2[row, :, :h]).T.copy(),
-                "b2": f(b2[row]),
-            }
+        def seed_layout(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, r: int, h: int) -> Params:
+            # W1 is stored input-major (2, J, H), as the seed's W1 (2, H) is
+            return {"W1": w1[:, r, :h].copy(), "b1": b1[r, :h].copy(), "W2": w2[r, :, :h].T.copy(), "b2": b2[r].copy()}
 
-        mom = seed_layout(*self.bufs) if self.use_momentum else None
-        return seed_layout(*self.params()), mom
+        params = host(self.params())
+        bufs = host(self.bufs) if self.use_momentum else None
+        return [
+            (seed_layout(*params, r, h), None if bufs is None else seed_layout(*bufs, r, h))
+            for r, h in zip(rows, hidden_dims, strict=True)
+        ]
 
 
 def train_group(cfgs: list[TrainConfig], device: torch.device) -> list[JobResult]:
@@ -243,9 +244,9 @@ def train_group(cfgs: list[TrainConfig], device: torch.device) -> list[JobResult
                 histories[j].append(row)
 
     def finish(rows: list[int], status: str, epochs: list[int]) -> None:
-        for r, ep in zip(rows, epochs, strict=True):
-            j = batch.ids[r]
-            params, mom = batch.export(r, cfgs[j].hidden_dim)
+        ids = [batch.ids[r] for r in rows]
+        exported = batch.export(rows, [cfgs[j].hidden_dim for j in ids])
+        for j, ep, (params, mom) in zip(ids, epochs, exported, strict=True):
             results[j] = JobResult(status, ep, params, mom, histories[j])
 
     step = batch.graphed_step if device.type == "cuda" else batch.step
