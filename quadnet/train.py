@@ -112,7 +112,8 @@ def objective_value(summary: dict[str, Any], objective: str) -> float:
 
 
 def conclude(summary: dict[str, Any], single_run: bool | None = None) -> float:
-    """Report how a run ended, exit non-zero where a single run must, and return the objective.
+    """Report how a run ended (a sweep's jobs without their table of test points), exit
+    non-zero where a single run must, and return the objective.
 
     Interrupted: print the resume command and exit 128+signal. Diverged: an error line, and
     exit 3 in a single run; in a sweep the other jobs carry on and this one scores +inf.
@@ -120,8 +121,11 @@ def conclude(summary: dict[str, Any], single_run: bool | None = None) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from quadnet.trainer import report
+
     if single_run is None:
         single_run = not HydraConfig.initialized() or HydraConfig.get().mode == RunMode.RUN
+    report(summary, table=single_run)
     status = summary["status"]
     if status == "interrupted":
         from quadnet.trainer import resume_command

@@ -294,17 +294,20 @@ class Trainer:
         artifacts.write_json(run_dir / "summary.json", summary)
         if self._tb is not None:
             self._tb.close()
-        _report(summary)
         return summary
 
 
 # ---------------------------------------------------------------------- helpers of fit()
 
 
-def _report(s: dict[str, Any]) -> None:
-    """The table of test points and the headline figures, as the run's last lines."""
-    preds = s["predictions"]
-    lines = ["", f"{'point':>16}  {'predicted':>9}  {'p(predicted)':>12}  {'true':>4}"]
+def report(s: dict[str, Any], table: bool = True) -> None:
+    """The headline figures of a finished run, after its table of test points unless table=False.
+
+    Sweeps leave the table out: thousands of them would bury the sweep's own output (each
+    job's summary.json has its predictions).
+    """
+    preds = s["predictions"] if table else []
+    lines = ["", f"{'point':>16}  {'predicted':>9}  {'p(predicted)':>12}  {'true':>4}"] if preds else []
     for p in preds[:8]:
         q, t = p["quadrant"], p["true_quadrant"]
         prob = p["probs"][q - 1] if q else math.nan
