@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quadnet.config import TrainConfig
+from quadnet.config import ConfigError, TrainConfig
 from quadnet.data import make_dataset
 from quadnet.model import initial_params
 from quadnet.torch_engine import DTYPES
@@ -55,7 +55,7 @@ def batchable(cfg: TrainConfig) -> str | None:
     return None
 
 
-def group_key(cfg: TrainConfig, device: torch.device) -> tuple[Any, ...]:
+def group_key(cfg: TrainConfig, device: torch.device | str) -> tuple[Any, ...]:
     return (repr(cfg.data), cfg.dtype, str(device), cfg.log_every)
 
 
@@ -315,3 +315,15 @@ def _fits(cfgs: list[TrainConfig], device: torch.device) -> int:
     per_job = 8 * (16 * n * (h + 4) + 16 * h * 8)  # activations and temporaries, generously
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(len(cfgs), int(free * 0.5) // per_job))
+
+
+def train_chunk(cfgs: list[TrainConfig], device: str, max_batch: int = 0) -> tuple[str, list[JobResult]] | ConfigError:
+    """A chunk of one group, run where it lands (a submitit job): its device as summaries
+    record it, and each job's result; or the bad-input error, returned so that it arrives whole."""
+    from quadnet.device import describe, resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except ConfigError as e:
+        return e
+    return describe(dev), train_many(cfgs, dev, max_batch)

@@ -36,6 +36,8 @@ def _hydra_message(ex: BaseException) -> str:
     err = cause or ex
     key = getattr(err, "full_key", None) or getattr(err, "key", None)
     if isinstance(err, ConfigKeyError | ConfigAttributeError) and key:
+        if str(key).startswith("hydra."):  # Hydra's own keys: too many to list
+            return f"unknown config key '{key}'; add it with '+{key}=…', or see Hydra's keys with --cfg hydra"
         return f"unknown config key '{key}'; allowed keys: {', '.join(allowed_keys())}"
     if isinstance(err, ValidationError) and key and expected_type(str(key)):
         return f"{key}={getattr(err, 'value', None)!r} is not allowed: must be {expected_type(str(key))}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import importlib.util
 import logging
 import multiprocessing
 import os
@@ -30,7 +31,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
-from quadnet.batched import JobResult, batchable, group_key, train_many
+from quadnet.batched import JobResult, batchable, group_key, train_chunk, train_many
 from quadnet.checkpoint import CheckpointError
 from quadnet.config import ConfigError, TrainConfig, validate
 from quadnet.device import describe, resolve_device
@@ -107,6 +108,8 @@ class _SweepFacts:
             bool(h.callbacks),
         )
 
+
+EXECUTORS = ("local", "slurm", "debug")  # submitit's clusters ("debug" runs the chunks in this process)
 
 _LOG_FORMAT = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")  # Hydra's file format
 
@@ -269,7 +272,7 @@ def _write_forked(jobs: list[_Job], facts: _SweepFacts, workers: int) -> list[Jo
 
 
 def _train(groups: dict[tuple[Any, ...], list[_Job]], max_batch: int) -> None:
-    """Train each group as one program; a group that fails fails each of its jobs."""
+    """Train each group as one program here; a group that fails fails each of its jobs."""
     for members in groups.values():
         device = members[0].device
         assert device is not None
@@ -282,6 +285,41 @@ def _train(groups: dict[tuple[Any, ...], list[_Job]], max_batch: int) -> None:
             continue
         for m, r in zip(members, results, strict=True):
             m.result = r
+
+
+def _train_submitit(
+    groups: dict[tuple[Any, ...], list[_Job]], max_batch: int, executor: str, params: dict[str, Any], folder: Path
+) -> None:
+    """Hand each group to submitit in chunks of at most max_batch jobs, one batched program per
+    submitit job (a SLURM job array with cluster=slurm), and collect what they return. The
+    device is resolved where a chunk runs. A chunk that fails fails each of its jobs."""
+    import submitit
+
+    ex = submitit.AutoExecutor(folder=folder, cluster=executor)
+    ex.update_parameters(**params)
+    chunks: list[list[_Job]] = []
+    for members in groups.values():
+        size = max_batch or len(members)
+        chunks += [members[i : i + size] for i in range(0, len(members), size)]
+    with ex.batch():
+        futures = [ex.submit(train_chunk, [m.cfg for m in c], c[0].cfg.device, max_batch) for c in chunks]  # type: ignore[union-attr]
+    log.info("Submitted %d batched program(s) to submitit (%s) in %s", len(chunks), executor, folder)
+    for chunk, future in zip(chunks, futures, strict=True):
+        try:
+            out = future.result()
+        except Exception as e:  # it crashed, timed out or was cancelled: its log says why
+            out = RuntimeError(
+                f"submitit job {future.job_id} ({len(chunk)} jobs) failed: {str(e).strip().splitlines()[-1]} "
+                f"(log: {future.paths.stderr})"
+            )
+        if isinstance(out, Exception):
+            for m in chunk:
+                m.error = out
+            continue
+        label, results = out
+        for m, r in zip(chunk, results, strict=True):
+            r.batch["submitit_job"] = future.job_id
+            m.result, m.device_label = r, label
 
 
 def _run_alone(hydra_context: Any, task_function: Callable[[DictConfig], Any], job: _Job) -> JobReturn:
@@ -323,7 +361,12 @@ def _finish_jobs(
 
 
 def _compose(
-    hydra_context: Any, config: DictConfig, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, plots: bool
+    hydra_context: Any,
+    config: DictConfig,
+    job_overrides: Sequence[Sequence[str]],
+    initial_job_idx: int,
+    plots: bool,
+    resolve: bool,
 ) -> list[_Job]:
     jobs: list[_Job] = []
     for i, overrides in enumerate(job_overrides):
@@ -337,7 +380,7 @@ def _compose(
             job.composed = validate(sweep_config)
             job.cfg = dataclasses.replace(job.composed, plots=plots)
             job.alone = batchable(job.cfg)
-            if job.alone is None:
+            if job.alone is None and resolve:  # else where its batch runs
                 job.device = resolve_device(job.cfg.device)
                 job.device_label = describe(job.device)
         except (ConfigError, CheckpointError) as e:
@@ -358,11 +401,20 @@ def launch_batched(
     plots: bool,
     max_batch: int,
     writers: int | None = None,
+    executor: str | None = None,
+    executor_params: dict[str, Any] | None = None,
 ) -> list[JobReturn]:
     if max_batch < 0:
         raise ConfigError(f"hydra.launcher.max_batch={max_batch} is not allowed: must be >= 0 (0: what fits)")
     if writers is not None and writers < 0:
         raise ConfigError(f"hydra.launcher.writers={writers} is not allowed: must be >= 0, or null for one per core")
+    if executor is not None:
+        if executor not in EXECUTORS:
+            raise ConfigError(
+                f"hydra.launcher.executor={executor!r} is not allowed: choose one of {', '.join(EXECUTORS)}, or null"
+            )
+        if importlib.util.find_spec("submitit") is None:
+            raise ConfigError(f"hydra.launcher.executor={executor} needs submitit: pip install -e '.[sweep]'")
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
@@ -374,15 +426,15 @@ def launch_batched(
     try:
         # 1. compose and validate every job, as Hydra's basic launcher would
         t0 = time.perf_counter()
-        jobs = _compose(hydra_context, config, job_overrides, initial_job_idx, plots)
+        jobs = _compose(hydra_context, config, job_overrides, initial_job_idx, plots, resolve=executor is None)
         gc.freeze()
 
         # 2. train each group of batchable jobs as one program
         groups: dict[tuple[Any, ...], list[_Job]] = defaultdict(list)
         for job in jobs:
             if job.error is None and job.alone is None:
-                assert job.cfg is not None and job.device is not None
-                groups[group_key(job.cfg, job.device)].append(job)
+                assert job.cfg is not None
+                groups[group_key(job.cfg, job.device or job.cfg.device)].append(job)
         log.info(
             "Launching %d jobs: %d batched in %d group(s), %d on their own, %d invalid",
             len(jobs),
@@ -392,7 +444,14 @@ def launch_batched(
             sum(1 for j in jobs if j.error is not None),
         )
         t1 = time.perf_counter()
-        _train(groups, max_batch)
+        if executor is None:
+            _train(groups, max_batch)
+        else:
+            folder = Path(str(config.hydra.sweep.dir)) / ".submitit"
+            params = executor_params or {}
+            if isinstance(params, DictConfig):
+                params = OmegaConf.to_container(params, resolve=True)
+            _train_submitit(groups, max_batch, executor, dict(params), folder)  # type: ignore[arg-type]
 
         # 3. write every job's dir (or run it, if it is not batched)
         t2 = time.perf_counter()

@@ -39,6 +39,7 @@ BAD = [
     ("foo=1", ["unknown config key 'foo'", "hidden_dim"]),
     ("+foo=1", ["unknown config key 'foo'"]),
     ("data.colour=red", ["unknown config key 'data.colour'"]),
+    ("hydra.nope=1", ["unknown config key 'hydra.nope'", "+hydra.nope=…"]),
     ("data.n_train=0 data=sampled", ["data.n_train=0", ">= 1"]),
     ("data.margin=5 data=sampled", ["data.margin=5", "data.extent"]),
     ("resume=/no/such/run", ["'/no/such/run' does not exist"]),

@@ -145,6 +145,61 @@ def test_forked_writers_write_what_one_process_writes_and_a_blocked_dir_fails_al
         assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
 
 
+def test_batched_chunks_through_submitit_equal_the_batches_trained_here(tmp_path):
+    pytest.importorskip("submitit")
+    sweep = ["hydra/launcher=batched", "hydra.launcher.max_batch=2", "seed=range(4)", "epochs=200", "lr=0.01"]
+    here = run_cli("-m", *sweep, f"hydra.sweep.dir={tmp_path}/here", cwd=tmp_path)
+    remote = run_cli("-m", *sweep, "hydra.launcher.executor=local", f"hydra.sweep.dir={tmp_path}/sub", cwd=tmp_path)
+    assert here.returncode == 0 and remote.returncode == 0, here.stderr + remote.stderr
+    ids = set()
+    for n in range(4):
+        a, b = (json.loads((tmp_path / d / str(n) / "summary.json").read_text()) for d in ("here", "sub"))
+        assert b["status"] == "completed" and b["batch"]["jobs"] == 2
+        np.testing.assert_allclose(_probs(a), _probs(b), rtol=0, atol=1e-12)
+        ids.add(b["batch"]["submitit_job"])
+    assert len(ids) == 2  # two chunks of two, one submitit job each
+    assert (tmp_path / "sub" / ".submitit").is_dir()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_bad_device_found_in_a_submitit_chunk_is_one_line(tmp_path):
+    pytest.importorskip("submitit")
+    r = run_cli(
+        "-m",
+        "hydra/launcher=batched",
+        "hydra.launcher.executor=local",
+        "device=cuda",
+        "seed=0,1",
+        "epochs=10",
+        f"hydra.sweep.dir={tmp_path}/s",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1].startswith("error: device='cuda' is not available")
+
+
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        ("writers=-1", "hydra.launcher.writers=-1 is not allowed: must be >= 0, or null"),
+        ("max_batch=-1", "hydra.launcher.max_batch=-1 is not allowed: must be >= 0"),
+        ("executor=lsf", "hydra.launcher.executor='lsf' is not allowed: choose one of local, slurm, debug"),
+    ],
+)
+def test_a_bad_launcher_option_is_one_line_and_trains_nothing(option, message, tmp_path):
+    r = run_cli(
+        "-m",
+        "hydra/launcher=batched",
+        f"hydra.launcher.{option}",
+        "seed=0,1",
+        f"hydra.sweep.dir={tmp_path}/s",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1].startswith(f"error: {message}")
+    assert not list((tmp_path / "s").glob("*/summary.json"))
+
+
 def test_unbatchable_jobs_run_on_their_own_in_the_same_sweep(tmp_path):
     r = run_cli(
         "-m",

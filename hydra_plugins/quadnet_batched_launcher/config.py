@@ -1,4 +1,5 @@
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -13,6 +14,12 @@ class BatchedLauncherConf:
     # Processes that write the job dirs once training is done (Linux; jobs without callbacks).
     # null: one per core for sweeps of 64 jobs or more; 0: write them in this process.
     writers: int | None = None
+    # Train the batches through submitit instead of in this process: null, local, slurm or
+    # debug (the [sweep] extra). Each batch of at most max_batch jobs becomes one submitit job
+    # (a SLURM job array), and this process writes the job dirs from what they return.
+    executor: str | None = None
+    # submitit's AutoExecutor.update_parameters, e.g. {timeout_min: 60, slurm_partition: gpu, gpus_per_node: 1}
+    executor_params: dict[str, Any] = field(default_factory=dict)
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="batched", node=BatchedLauncherConf, provider="quadnet")

@@ -18,8 +18,21 @@ from hydra_plugins.quadnet_batched_launcher.config import BatchedLauncherConf  #
 
 
 class BatchedLauncher(Launcher):
-    def __init__(self, plots: bool = False, max_batch: int = 0, writers: int | None = None) -> None:
-        self.plots, self.max_batch, self.writers = plots, max_batch, writers
+    def __init__(
+        self,
+        plots: bool = False,
+        max_batch: int = 0,
+        writers: int | None = None,
+        executor: str | None = None,
+        executor_params: Any = None,
+    ) -> None:
+        self.options: dict[str, Any] = {
+            "plots": plots,
+            "max_batch": max_batch,
+            "writers": writers,
+            "executor": executor,
+            "executor_params": executor_params,
+        }
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -36,12 +49,11 @@ class BatchedLauncher(Launcher):
         from quadnet.sweep import launch_batched
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
-        kwargs: dict[str, Any] = {"plots": self.plots, "max_batch": self.max_batch, "writers": self.writers}
         return launch_batched(
             hydra_context=self.hydra_context,
             task_function=self.task_function,
             config=self.config,
             job_overrides=job_overrides,
             initial_job_idx=initial_job_idx,
-            **kwargs,
+            **self.options,
         )
