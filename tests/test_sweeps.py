@@ -82,19 +82,17 @@ def test_batched_launcher_from_the_cli_equals_the_basic_launcher(tmp_path):
     assert (tmp_path / "batched" / "multirun.yaml").is_file()
 
 
+def _batched_sweep_error(tmp_path, *overrides: str) -> str:
+    """Run a batched sweep into tmp_path/s that must fail with bad input; its one-line error."""
+    r = run_cli("-m", "hydra/launcher=batched", *overrides, f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)
+    # (Hydra names a failed job's overrides on a line of its own first)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    return r.stderr.splitlines()[-1]
+
+
 def test_a_failing_job_inside_a_batch_keeps_the_others(tmp_path):
-    r = run_cli(
-        "-m",
-        "hydra/launcher=batched",
-        "hidden_dim=4,0,8",
-        "epochs=50",
-        "lr=0.1,1e6",
-        f"hydra.sweep.dir={tmp_path}/s",
-        cwd=tmp_path,
-    )
-    # Hydra names the failed job's overrides, then the one-line error
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.splitlines()[-1].startswith("error: hidden_dim=0 is not allowed")
+    error = _batched_sweep_error(tmp_path, "hidden_dim=4,0,8", "epochs=50", "lr=0.1,1e6")
+    assert error.startswith("error: hidden_dim=0 is not allowed")
     statuses = {}
     for d in (tmp_path / "s").iterdir():
         if (d / "summary.json").exists():
@@ -164,18 +162,8 @@ def test_batched_chunks_through_submitit_equal_the_batches_trained_here(tmp_path
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_bad_device_found_in_a_submitit_chunk_is_one_line(tmp_path):
     pytest.importorskip("submitit")
-    r = run_cli(
-        "-m",
-        "hydra/launcher=batched",
-        "hydra.launcher.executor=local",
-        "device=cuda",
-        "seed=0,1",
-        "epochs=10",
-        f"hydra.sweep.dir={tmp_path}/s",
-        cwd=tmp_path,
-    )
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.splitlines()[-1].startswith("error: device='cuda' is not available")
+    error = _batched_sweep_error(tmp_path, "hydra.launcher.executor=local", "device=cuda", "seed=0,1", "epochs=10")
+    assert error.startswith("error: device='cuda' is not available")
 
 
 @pytest.mark.parametrize(
@@ -187,16 +175,7 @@ def test_a_bad_device_found_in_a_submitit_chunk_is_one_line(tmp_path):
     ],
 )
 def test_a_bad_launcher_option_is_one_line_and_trains_nothing(option, message, tmp_path):
-    r = run_cli(
-        "-m",
-        "hydra/launcher=batched",
-        f"hydra.launcher.{option}",
-        "seed=0,1",
-        f"hydra.sweep.dir={tmp_path}/s",
-        cwd=tmp_path,
-    )
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.splitlines()[-1].startswith(f"error: {message}")
+    assert _batched_sweep_error(tmp_path, f"hydra.launcher.{option}", "seed=0,1").startswith(f"error: {message}")
     assert not list((tmp_path / "s").glob("*/summary.json"))
 
 
