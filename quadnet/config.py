@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, ValueNode
 
 
 class ConfigError(ValueError):
@@ -185,17 +185,33 @@ def _at_least(key: str, value: float, low: float, *, strict: bool = False) -> No
         raise _fail(key, value, f"must be finite and {'>' if strict else '>='} {low:g}")
 
 
+def _app_values(cfg: DictConfig) -> dict[str, Any]:
+    """The app's keys of a composed config as plain values; Hydra's own node is not read.
+
+    Plain values are read off their nodes: resolving every key costs ~0.5 ms, which a sweep
+    of 10,000 jobs pays 10,000 times. Interpolations and missing values resolve as usual.
+    """
+    out: dict[str, Any] = {}
+    for key in cfg:
+        if key == "hydra":
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not (node._is_none() or node._is_interpolation()):
+            out[str(key)] = _app_values(node)
+        elif isinstance(node, ValueNode) and not (node._is_interpolation() or node._is_missing()):
+            out[str(key)] = node._value()
+        else:
+            value = cfg[key]
+            out[str(key)] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
+
+
 def validate(cfg: DictConfig | dict | TrainConfig) -> TrainConfig:
     """Check every value of a composed config; return it typed. Raises :class:`ConfigError`."""
     if isinstance(cfg, TrainConfig):
         cfg = dataclasses.asdict(cfg)
     elif isinstance(cfg, DictConfig):
-        # (a launcher's per-job config still carries Hydra's own node: skip it, without copying it)
-        cfg = {
-            k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-            for k, v in cfg.items_ex(resolve=True)
-            if k != "hydra"
-        }
+        cfg = _app_values(cfg)
     assert isinstance(cfg, dict)
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     c: TrainConfig = _typed(TrainConfig, cfg, "")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 from torch import nn
@@ -23,6 +25,19 @@ class QuadNet(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
+_rngs = threading.local()
+
+
+def _legacy_rng(seed: int) -> np.random.RandomState:
+    """``np.random.RandomState(seed)``, the same stream: one generator per thread, re-seeded.
+    Making a RandomState costs ~0.2 ms, 15× more than seeding one (seconds for 10,000 jobs)."""
+    rs = getattr(_rngs, "rs", None)
+    if rs is None:
+        rs = _rngs.rs = np.random.RandomState()
+    rs.seed(seed)
+    return rs
+
+
 def initial_params(hidden_dim: int, seed: int, init: str) -> dict[str, np.ndarray]:
     """Initial weights in the seed's layout: W1 (2, H), b1 (H,), W2 (H, 4), b2 (4,), float64.
 
@@ -31,7 +46,7 @@ def initial_params(hidden_dim: int, seed: int, init: str) -> dict[str, np.ndarra
     under ``torch.manual_seed(seed)``.
     """
     if init == "normal":
-        rs = np.random.RandomState(seed)
+        rs = _legacy_rng(seed)
         w1 = rs.randn(INPUT_DIM, hidden_dim)
         w2 = rs.randn(hidden_dim, NUM_CLASSES)
         return {"W1": w1, "b1": np.zeros(hidden_dim), "W2": w2, "b2": np.zeros(NUM_CLASSES)}

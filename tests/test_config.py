@@ -100,3 +100,21 @@ def test_composition_of_groups_and_overrides():
 
 def test_config_dir_is_the_checkout_folder():
     assert config_dir().endswith("configs")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["seed=3"],
+        ["lr=${reg}", "data=sampled", "data.seed=${seed}"],
+        ["resume=null", "progress=true", "objective=test_error"],
+    ],
+)
+def test_reading_values_off_the_nodes_equals_resolving_them(overrides):
+    from omegaconf import OmegaConf
+
+    from quadnet.config import _app_values, compose
+
+    cfg = compose(overrides)
+    resolved = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in cfg.items_ex()}
+    assert _app_values(cfg) == resolved

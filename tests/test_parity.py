@@ -45,3 +45,16 @@ def test_metrics_row_before_last_update_is_the_seeds_last_printed_loss(tmp_path)
     assert [int(r["epoch"]) for r in rows] == [0, 9999, 10000]
     assert float(rows[1]["loss"]) == pytest.approx(0.003966347544057221, rel=1e-12)
     assert s["final_loss"] < float(rows[1]["loss"])
+
+
+@pytest.mark.parametrize("seeds", [[1, 0, 1], [7, 2**31 - 1, 7]])
+def test_initial_weights_are_the_seeds_randomstate_draws_in_any_order(seeds):
+    """The seed program's draw: RandomState(seed).randn for W1, then W2; biases zero."""
+    from quadnet.model import initial_params
+
+    for seed in seeds:
+        p = initial_params(50, seed, "normal")
+        rs = np.random.RandomState(seed)
+        np.testing.assert_array_equal(p["W1"], rs.randn(2, 50))
+        np.testing.assert_array_equal(p["W2"], rs.randn(50, 4))
+        assert not p["b1"].any() and not p["b2"].any()
