@@ -1,57 +1,37 @@
 """The batched launcher's work: compose every job, train the batchable ones together, write each job's dir.
 
 Called from ``hydra_plugins/quadnet_batched_launcher`` (kept thin so that Hydra's plugin
-discovery does not import torch). Every job gets what Hydra's basic launcher gives it: its
-own dir, ``.hydra/``, a log file, the callbacks and a proper ``JobReturn``. Jobs that run on
-their own (or failed validation) go through Hydra's ``run_job``; batched jobs through
-:func:`run_written_job`, which writes the same dir from the batch's result.
+discovery does not import torch). Reading order: :func:`launch_batched` composes the jobs
+(:func:`_compose`), groups and trains them here (:func:`_train`) or through submitit
+(:func:`_train_submitit`), then finishes every job (:func:`_finish_jobs`): batched jobs get
+their dir written from the batch's result by :mod:`quadnet.jobdirs`; jobs that run on their
+own (or failed validation) go through Hydra's ``run_job``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import importlib.util
 import logging
-import multiprocessing
-import os
-import pickle
-import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from omegaconf import DictConfig, OmegaConf
 
-from quadnet.batched import JobResult, batchable, group_key, train_chunk, train_many
+from quadnet.batched import batchable, group_key, train_chunk, train_many
 from quadnet.checkpoint import CheckpointError
-from quadnet.config import ConfigError, TrainConfig, validate
+from quadnet.config import ConfigError, validate
 from quadnet.device import describe, resolve_device
+from quadnet.jobdirs import Job, SweepFacts, set_job_fields, write_forked, write_job, writers_for
 
 log = logging.getLogger(__name__)
-_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
-
-@dataclasses.dataclass
-class _Job:
-    idx: int
-    overrides: list[str]
-    sweep_config: DictConfig
-    composed: TrainConfig | None = None  # as Hydra composed it
-    cfg: TrainConfig | None = None  # as it is trained (the launcher decides on plots)
-    device: torch.device | None = None
-    device_label: str | None = None  # as summaries record it, e.g. 'cuda:0 (NVIDIA H200)'
-    error: Exception | None = None
-    alone: str | None = None  # why it is not batched
-    result: JobResult | None = None
+EXECUTORS = ("local", "slurm", "debug")  # submitit's clusters ("debug" runs the chunks in this process)
 
 
 def _raise(error: Exception) -> Callable[[DictConfig], Any]:
@@ -61,218 +41,7 @@ def _raise(error: Exception) -> Callable[[DictConfig], Any]:
     return task
 
 
-def _write(job: _Job, run_dir: Path) -> float:
-    """Write a batched job's run dir from the batch's result, as its own run would have."""
-    from quadnet.train import conclude
-    from quadnet.trainer import Trainer
-
-    r, cfg = job.result, job.cfg
-    assert r is not None and cfg is not None and job.device_label is not None
-    state = {"params": r.params, "momentum_params": r.momentum_params, "epoch": r.epoch, "history": r.history}
-    trainer = Trainer(
-        cfg,
-        run_dir,
-        resume=state,
-        device=torch.device("cpu"),
-        device_label=job.device_label,
-        summary_extra={"batch": r.batch},
-    )
-    return conclude(trainer.finish(r.status, r.train_seconds), single_run=False)
-
-
-def _save_yaml(obj: Any, path: Path) -> None:
-    data = obj
-    if isinstance(obj, DictConfig | ListConfig):
-        data = OmegaConf.to_container(obj, resolve=False, enum_to_str=True)
-    with open(path, "w") as f:
-        yaml.dump(data, f, Dumper=_Dumper, default_flow_style=False, allow_unicode=True, sort_keys=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class _SweepFacts:
-    """What every job of a sweep shares, read once from the sweep's config."""
-
-    sweep_dir: Path
-    output_subdir: str | None  # where .hydra/ goes; None: not written
-    job_name: str  # names the log file, as Hydra's job logging does
-    has_callbacks: bool
-    subdir_is_job_num: bool  # hydra.sweep.subdir is Hydra's default, ${hydra.job.num}
-
-    @classmethod
-    def of(cls, config: DictConfig) -> _SweepFacts:
-        h = config.hydra
-        subdir = h.output_subdir
-        raw_subdir = OmegaConf.to_container(h.sweep, resolve=False)["subdir"]  # type: ignore[index]
-        return cls(
-            Path(str(h.sweep.dir)).resolve(),
-            None if subdir is None else str(subdir),
-            str(h.job.name),
-            bool(h.callbacks),
-            raw_subdir == "${hydra.job.num}",
-        )
-
-
-EXECUTORS = ("local", "slurm", "debug")  # submitit's clusters ("debug" runs the chunks in this process)
-
-_LOG_FORMAT = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")  # Hydra's file format
-
-
-def _set_job_fields(config: DictConfig, idx: int, facts: _SweepFacts) -> None:
-    """What Hydra's launchers set in a job's config: its id, num and output dir."""
-    h = config.hydra
-    with read_write(h), open_dict(h):
-        h.job.id = h.job.num = idx
-        # resolving ${hydra.job.num} costs ~0.6 ms a job: skip it for Hydra's default subdir
-        subdir = str(idx) if facts.subdir_is_job_num else str(h.sweep.subdir)
-        h.runtime.output_dir = str(facts.sweep_dir / subdir)
-
-
-@contextlib.contextmanager
-def _job_files(job: _Job, facts: _SweepFacts) -> Iterator[Path]:
-    """The job's dir with ``.hydra/`` written, and its log file attached while inside.
-
-    The same files as Hydra's run_job, which deep-copies the config several times and dumps
-    YAML in pure Python (more than training the job in a batch costs); this uses libyaml when
-    present and copies no configs.
-    """
-    config = job.sweep_config
-    output_dir = Path(str(config.hydra.runtime.output_dir))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if facts.output_subdir is not None:
-        assert job.composed is not None
-        hydra_dir = output_dir / facts.output_subdir
-        hydra_dir.mkdir(exist_ok=True)
-        _save_yaml(dataclasses.asdict(job.composed), hydra_dir / "config.yaml")
-        _save_yaml({"hydra": OmegaConf.to_container(config.hydra, enum_to_str=True)}, hydra_dir / "hydra.yaml")
-        _save_yaml(list(config.hydra.overrides.task), hydra_dir / "overrides.yaml")
-    handler = logging.FileHandler(output_dir / f"{facts.job_name}.log")
-    handler.setFormatter(_LOG_FORMAT)
-    logging.getLogger().addHandler(handler)
-    try:
-        yield output_dir
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-
-
-def _outcome(job: _Job, output_dir: Path) -> tuple[JobStatus, Any]:
-    try:
-        return JobStatus.COMPLETED, _write(job, output_dir)
-    except Exception as e:
-        return JobStatus.FAILED, e
-
-
-class _WrittenJobReturn(JobReturn):
-    """A JobReturn whose ``cfg`` (the app's config as a DictConfig) is built when first read.
-
-    Building it costs more than writing the job's dir, and sweepers read only the overrides
-    and the return value; callbacks and other readers get the same config Hydra would give.
-    """
-
-    _composed: TrainConfig | None = None
-    _cfg: Any = None
-
-    @property  # type: ignore[override]
-    def cfg(self) -> Any:
-        if self._cfg is None and self._composed is not None:
-            # the app's part as composed (it has no interpolations), without copying the Hydra node
-            self._cfg = OmegaConf.create(dataclasses.asdict(self._composed))
-        return self._cfg
-
-    @cfg.setter
-    def cfg(self, value: Any) -> None:
-        self._cfg = value
-
-
-def _job_return(job: _Job, facts: _SweepFacts, status: JobStatus, value: Any) -> JobReturn:
-    """The JobReturn Hydra's run_job would give: the job's overrides, configs and outcome."""
-    config = job.sweep_config  # hydra_cfg: the job's own config, not changed again
-    ret = _WrittenJobReturn(overrides=list(config.hydra.overrides.task), hydra_cfg=config, working_dir=os.getcwd())
-    ret._composed = job.composed
-    ret.status, ret.return_value, ret.task_name = status, value, facts.job_name
-    return ret
-
-
-def run_written_job(
-    hydra_context: Any, task_function: Callable[[DictConfig], Any], job: _Job, facts: _SweepFacts
-) -> JobReturn:
-    """What Hydra's run_job does for a job, lean: its dir, ``.hydra/``, log file, callbacks, JobReturn."""
-    config = job.sweep_config
-    callbacks = hydra_context.callbacks
-    if facts.has_callbacks:  # what callbacks may read; setting it costs a copy of the config
-        HydraConfig.instance().set_config(config)
-    try:
-        with _job_files(job, facts) as output_dir:
-            callbacks.on_job_start(config=config, task_function=task_function)
-            ret = _job_return(job, facts, *_outcome(job, output_dir))
-            callbacks.on_job_end(config=config, job_return=ret)
-    except OSError as e:  # its dir could not be written: this job fails, not the sweep
-        ret = _job_return(job, facts, JobStatus.FAILED, e)
-    return ret
-
-
-# ---------------------------------------------------------------- writing in forked processes
-# Writing a job's dir is pure-Python work of ~10-20 ms; thousands of them are the slowest part
-# of a batched sweep. Without callbacks (whose order must be Hydra's), forked writers share it:
-# they inherit the jobs (copy-on-write, nothing pickled), write their dirs and send back only
-# each outcome.
-
-_WRITING: tuple[list[_Job], _SweepFacts] | None = None  # read by the forked writers
-
-
-def _writer_init() -> None:
-    torch.set_num_threads(1)  # as DataLoader workers do: an inherited OpenMP pool can hang after fork
-
-
-def _write_chunk(positions: list[int]) -> list[tuple[JobStatus, Any]]:
-    assert _WRITING is not None
-    jobs, facts = _WRITING
-    out = []
-    for i in positions:
-        try:
-            with _job_files(jobs[i], facts) as output_dir:
-                status, value = _outcome(jobs[i], output_dir)
-        except OSError as e:  # its dir could not be written: this job fails, not the others
-            status, value = JobStatus.FAILED, e
-        if status == JobStatus.FAILED:  # send back what pickles
-            try:
-                pickle.dumps(value)
-            except Exception:
-                value = RuntimeError(f"{type(value).__name__}: {value}")
-        out.append((status, value))
-    return out
-
-
-def _writers(n_jobs: int, asked: int | None) -> int:
-    """Forked writers for n_jobs dirs: as asked, else one per core for big sweeps; none where fork is unsafe."""
-    if sys.platform != "linux" or n_jobs == 0:
-        return 0
-    if asked is not None:
-        return min(asked, n_jobs)
-    return 0 if n_jobs < 64 else min(os.cpu_count() or 1, n_jobs // 32)
-
-
-def _write_forked(jobs: list[_Job], facts: _SweepFacts, workers: int) -> list[JobReturn]:
-    global _WRITING
-    chunk = max(1, min(256, len(jobs) // (4 * workers)))
-    positions = [list(range(i, min(i + chunk, len(jobs)))) for i in range(0, len(jobs), chunk)]
-    outcomes: list[tuple[JobStatus, Any]] = []
-    _WRITING = (jobs, facts)
-    try:
-        ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_writer_init) as pool:
-            futures = [pool.submit(_write_chunk, p) for p in positions]
-            for part, future in zip(positions, futures, strict=True):
-                try:
-                    outcomes += future.result()
-                except Exception as e:  # a writer died (killed, out of memory): its jobs fail, not the sweep
-                    outcomes += [(JobStatus.FAILED, e)] * len(part)
-    finally:
-        _WRITING = None
-    return [_job_return(job, facts, *o) for job, o in zip(jobs, outcomes, strict=True)]
-
-
-def _train(groups: dict[tuple[Any, ...], list[_Job]], max_batch: int) -> None:
+def _train(groups: dict[tuple[Any, ...], list[Job]], max_batch: int) -> None:
     """Train each group as one program here; a group that fails fails each of its jobs."""
     for members in groups.values():
         device = members[0].device
@@ -289,7 +58,7 @@ def _train(groups: dict[tuple[Any, ...], list[_Job]], max_batch: int) -> None:
 
 
 def _train_submitit(
-    groups: dict[tuple[Any, ...], list[_Job]], max_batch: int, executor: str, params: dict[str, Any], folder: Path
+    groups: dict[tuple[Any, ...], list[Job]], max_batch: int, executor: str, params: dict[str, Any], folder: Path
 ) -> None:
     """Hand each group to submitit in chunks of at most max_batch jobs, one batched program per
     submitit job (a SLURM job array with cluster=slurm), and collect what they return. The
@@ -298,7 +67,7 @@ def _train_submitit(
 
     ex = submitit.AutoExecutor(folder=folder, cluster=executor)
     ex.update_parameters(**params)
-    chunks: list[list[_Job]] = []
+    chunks: list[list[Job]] = []
     for members in groups.values():
         size = max_batch or len(members)
         chunks += [members[i : i + size] for i in range(0, len(members), size)]
@@ -323,7 +92,7 @@ def _train_submitit(
             m.result, m.device_label = r, label
 
 
-def _run_alone(hydra_context: Any, task_function: Callable[[DictConfig], Any], job: _Job) -> JobReturn:
+def _run_alone(hydra_context: Any, task_function: Callable[[DictConfig], Any], job: Job) -> JobReturn:
     """A job that is not batched (or failed validation), through Hydra's own run_job."""
     task = _raise(job.error) if job.error is not None else task_function
     return run_job(
@@ -338,8 +107,8 @@ def _run_alone(hydra_context: Any, task_function: Callable[[DictConfig], Any], j
 def _finish_jobs(
     hydra_context: Any,
     task_function: Callable[[DictConfig], Any],
-    jobs: list[_Job],
-    facts: _SweepFacts,
+    jobs: list[Job],
+    facts: SweepFacts,
     writers: int | None,
 ) -> list[JobReturn]:
     """Every job's dir and JobReturn, in job order: batched ones written from their result, the rest run."""
@@ -348,14 +117,14 @@ def _finish_jobs(
             "\t#%d : %s%s", job.idx, " ".join(filter_overrides(job.overrides)), f"  ({job.alone})" if job.alone else ""
         )
     written = [j for j in jobs if j.result is not None]
-    workers = 0 if facts.has_callbacks else _writers(len(written), writers)
+    workers = 0 if facts.has_callbacks else writers_for(len(written), writers)
     returns: dict[int, JobReturn] = {}
     if workers:
-        returns.update(zip([j.idx for j in written], _write_forked(written, facts, workers), strict=True))
+        returns.update(zip([j.idx for j in written], write_forked(written, facts, workers), strict=True))
     for job in jobs:
         if job.idx not in returns:
             if job.result is not None:
-                returns[job.idx] = run_written_job(hydra_context, task_function, job, facts)
+                returns[job.idx] = write_job(hydra_context, task_function, job, facts)
             else:
                 returns[job.idx] = _run_alone(hydra_context, task_function, job)
     return [returns[j.idx] for j in jobs]
@@ -368,14 +137,14 @@ def _compose(
     initial_job_idx: int,
     plots: bool,
     resolve: bool,
-    facts: _SweepFacts,
-) -> list[_Job]:
-    jobs: list[_Job] = []
+    facts: SweepFacts,
+) -> list[Job]:
+    jobs: list[Job] = []
     for i, overrides in enumerate(job_overrides):
         idx = initial_job_idx + i
         sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
-        _set_job_fields(sweep_config, idx, facts)
-        job = _Job(idx, list(overrides), sweep_config)
+        set_job_fields(sweep_config, idx, facts)
+        job = Job(idx, list(overrides), sweep_config)
         try:
             job.composed = validate(sweep_config)
             job.cfg = dataclasses.replace(job.composed, plots=plots)
@@ -426,12 +195,12 @@ def launch_batched(
     try:
         # 1. compose and validate every job, as Hydra's basic launcher would
         t0 = time.perf_counter()
-        facts = _SweepFacts.of(config)
+        facts = SweepFacts.of(config)
         jobs = _compose(hydra_context, config, job_overrides, initial_job_idx, plots, executor is None, facts)
         gc.freeze()
 
         # 2. train each group of batchable jobs as one program
-        groups: dict[tuple[Any, ...], list[_Job]] = defaultdict(list)
+        groups: dict[tuple[Any, ...], list[Job]] = defaultdict(list)
         for job in jobs:
             if job.error is None and job.alone is None:
                 assert job.cfg is not None
