@@ -92,8 +92,9 @@ class _Batch:
         self.reg = as_t([c.reg for c in cfgs])
         self.mom = as_t([c.momentum for c in cfgs])
         self.neg_lr = -self.lr
-        regs = {c.reg for c in cfgs}
+        regs, lrs = {c.reg for c in cfgs}, {c.lr for c in cfgs}
         self.same_reg = regs.pop() if len(regs) == 1 else None
+        self.same_lr = lrs.pop() if len(lrs) == 1 else None
         self.use_momentum = any(c.momentum for c in cfgs)
         self.bufs = [torch.zeros_like(p) for p in self.params()] if self.use_momentum else []
         self.ids = list(range(len(cfgs)))  # positions in the caller's list, of the jobs still here
@@ -123,6 +124,7 @@ class _Batch:
         self._neg_lr = [self.neg_lr.view(s) for s in shapes]
         self._mom = [self.mom.view(s) for s in shapes]
         self._reg = [self.reg.view(s) for s in (shapes[0], shapes[2])]
+        self._dz1 = torch.empty((self.x.shape[0], j, self.h), dtype=self.dtype, device=self.device)
 
     def step(self, loss_out: torch.Tensor) -> None:
         """One SGD step for every job (the batched form of TorchEngine._step_fused).
@@ -135,23 +137,28 @@ class _Batch:
         a = z1.clamp_min(0).transpose(0, 1)  # (J, N, H), a strided view
         logp = torch.log_softmax(torch.baddbmm(self._b2v, a, self._w2t), dim=2)  # (J, N, C)
         torch.sum(logp, dim=(1, 2), out=loss_out)
-        dz2 = logp.exp_().sub_(self.onehot)  # N · dL/dlogits, (J, N, C)
-        dz1 = torch.ops.aten.threshold_backward(torch.bmm(dz2, self.w2), z1.transpose(0, 1), 0)  # (J, N, H)
-        dz1_flat = dz1.transpose(0, 1).reshape(n, j * h)  # (N, J·H), a copy
+        dz2 = logp.exp_().sub_(self.onehot).div_(n)  # dL/dlogits of the mean loss, (J, N, C)
+        # dL/dz1, written straight into the (N, J, H) layout the first layer's GEMM needs
+        dz1 = torch.ops.aten.threshold_backward.grad_input(
+            torch.bmm(dz2, self.w2).transpose(0, 1), z1, 0, grad_input=self._dz1
+        )
         if self.same_reg is not None:  # one reg for all: folded into the GEMMs
             w1_decay, w2_decay, beta = self.w1.view(2, j * h), self.w2, self.same_reg
         else:
             w1_decay, w2_decay, beta = (self.w1 * self._reg[0]).view(2, j * h), self.w2 * self._reg[1], 1.0
         grads = (
-            torch.addmm(w1_decay, self.x.t(), dz1_flat, beta=beta, alpha=1.0 / n).view(2, j, h),
-            dz1.sum(1).div_(n),
-            torch.baddbmm(w2_decay, dz2.transpose(1, 2), a, beta=beta, alpha=1.0 / n),
-            dz2.sum(1).div_(n),
+            torch.addmm(w1_decay, self.x.t(), dz1.view(n, j * h), beta=beta).view(2, j, h),
+            dz1.sum(0),
+            torch.baddbmm(w2_decay, dz2.transpose(1, 2), a, beta=beta),
+            dz2.sum(1),
         )
         for i, (p, g) in enumerate(zip(self.params(), grads, strict=True)):
             if self.use_momentum:
                 g = self.bufs[i].mul_(self._mom[i]).add_(g)
-            p.addcmul_(g, self._neg_lr[i])  # p -= lr·g, per job
+            if self.same_lr is not None:  # one lr for all: a scalar
+                p.add_(g, alpha=-self.same_lr)
+            else:
+                p.addcmul_(g, self._neg_lr[i])  # p -= lr·g, per job
 
     def graphed_step(self, loss_out: torch.Tensor) -> None:
         """:meth:`step` as a CUDA graph replay: the same kernels, launched without ~20 Python calls.
