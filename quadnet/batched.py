@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from quadnet.config import ConfigError, TrainConfig
 from quadnet.data import make_dataset
+from quadnet.device import describe, resolve_device
 from quadnet.model import initial_params
 from quadnet.torch_engine import DTYPES
 
@@ -328,8 +329,6 @@ def _fits(cfgs: list[TrainConfig], device: torch.device) -> int:
 def train_chunk(cfgs: list[TrainConfig], device: str, max_batch: int = 0) -> tuple[str, list[JobResult]] | ConfigError:
     """A chunk of one group, run where it lands (a submitit job): its device as summaries
     record it, and each job's result; or the bad-input error, returned so that it arrives whole."""
-    from quadnet.device import describe, resolve_device
-
     try:
         dev = resolve_device(device)
     except ConfigError as e:

@@ -29,6 +29,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from quadnet.batched import JobResult
 from quadnet.config import TrainConfig
+from quadnet.train import conclude
+from quadnet.trainer import Trainer
 
 _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
@@ -93,9 +95,6 @@ _LOG_FORMAT = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(mess
 
 def _write(job: Job, run_dir: Path) -> float:
     """Write a batched job's run dir from the batch's result, as its own run would have."""
-    from quadnet.train import conclude
-    from quadnet.trainer import Trainer
-
     r, cfg = job.result, job.cfg
     assert r is not None and cfg is not None and job.device_label is not None
     state = {"params": r.params, "momentum_params": r.momentum_params, "epoch": r.epoch, "history": r.history}

@@ -31,6 +31,8 @@ from quadnet.jobdirs import Job, SweepFacts, set_job_fields, write_forked, write
 
 log = logging.getLogger(__name__)
 
+# one line per launch; `python -m quadnet.bench sweep` reads it back
+TIMING_LINE = "composed %d jobs in %.2f s, trained in %.2f s, wrote their dirs in %.2f s"
 EXECUTORS = ("local", "slurm", "debug")  # submitit's clusters ("debug" runs the chunks in this process)
 
 
@@ -229,7 +231,7 @@ def launch_batched(
     finally:
         gc.unfreeze()
     log.info(
-        "composed %d jobs in %.2f s, trained in %.2f s, wrote their dirs in %.2f s",
+        TIMING_LINE,
         len(jobs),
         t1 - t0,
         t2 - t1,

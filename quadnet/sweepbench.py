@@ -23,7 +23,10 @@ _PHASES = re.compile(r"composed (\d+) jobs in ([\d.]+) s, trained in ([\d.]+) s,
 def _phases(output: str, total: float) -> dict[str, float]:
     """The batched launcher's own account of where its time went (it logs one line per launch)."""
     compose = train = write = 0.0
-    for m in _PHASES.finditer(output):
+    found = list(_PHASES.finditer(output))
+    if not found:
+        raise SystemExit("error: the batched launcher's timing line was not in its output; update sweepbench._PHASES")
+    for m in found:
         compose, train, write = compose + float(m[2]), train + float(m[3]), write + float(m[4])
     rest = total - compose - train - write
     return {"startup_and_sweeper_s": rest, "compose_s": compose, "train_s": train, "write_s": write}

@@ -30,6 +30,17 @@ def _probs(summary):
     return np.array([p["probs"] for p in summary["predictions"]], dtype=float)
 
 
+def _sweep(tmp_path, name, *overrides):
+    """``python -m quadnet.train -m overrides`` into tmp_path/name, as a user runs it; it must succeed."""
+    r = run_cli("-m", *overrides, f"hydra.sweep.dir={tmp_path}/{name}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def _summary(tmp_path, name, n):
+    return json.loads((tmp_path / name / str(n) / "summary.json").read_text())
+
+
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-9), ("float32", 1e-5)])
 @pytest.mark.parametrize("data", ["seed", "sampled"])
 def test_batched_equals_sequential_on_a_mixed_sweep(dtype, tol, data, tmp_path):
@@ -55,12 +66,10 @@ def test_batched_equals_sequential_on_a_mixed_sweep(dtype, tol, data, tmp_path):
 
 def test_batched_launcher_from_the_cli_equals_the_basic_launcher(tmp_path):
     sweep = ["hidden_dim=5,50", "lr=0.01,0.1", "epochs=200,400", "momentum=0.5"]
-    rb = run_cli("-m", *sweep, f"hydra.sweep.dir={tmp_path}/basic", cwd=tmp_path)
-    rt = run_cli("-m", "hydra/launcher=batched", *sweep, f"hydra.sweep.dir={tmp_path}/batched", cwd=tmp_path)
-    assert rb.returncode == 0 and rt.returncode == 0, rb.stderr + rt.stderr
+    _sweep(tmp_path, "basic", *sweep)
+    _sweep(tmp_path, "batched", "hydra/launcher=batched", *sweep)
     for n in range(8):
-        a = json.loads((tmp_path / "basic" / str(n) / "summary.json").read_text())
-        b = json.loads((tmp_path / "batched" / str(n) / "summary.json").read_text())
+        a, b = _summary(tmp_path, "basic", n), _summary(tmp_path, "batched", n)
         assert a["config"] == {**b["config"], "plots": True}
         np.testing.assert_allclose(_probs(a), _probs(b), rtol=0, atol=1e-9)
         assert b["batch"]["jobs"] == 8 and "batch" not in a
@@ -146,12 +155,11 @@ def test_forked_writers_write_what_one_process_writes_and_a_blocked_dir_fails_al
 def test_batched_chunks_through_submitit_equal_the_batches_trained_here(tmp_path):
     pytest.importorskip("submitit")
     sweep = ["hydra/launcher=batched", "hydra.launcher.max_batch=2", "seed=range(4)", "epochs=200", "lr=0.01"]
-    here = run_cli("-m", *sweep, f"hydra.sweep.dir={tmp_path}/here", cwd=tmp_path)
-    remote = run_cli("-m", *sweep, "hydra.launcher.executor=local", f"hydra.sweep.dir={tmp_path}/sub", cwd=tmp_path)
-    assert here.returncode == 0 and remote.returncode == 0, here.stderr + remote.stderr
+    _sweep(tmp_path, "here", *sweep)
+    _sweep(tmp_path, "sub", *sweep, "hydra.launcher.executor=local")
     ids = set()
     for n in range(4):
-        a, b = (json.loads((tmp_path / d / str(n) / "summary.json").read_text()) for d in ("here", "sub"))
+        a, b = _summary(tmp_path, "here", n), _summary(tmp_path, "sub", n)
         assert b["status"] == "completed" and b["batch"]["jobs"] == 2
         np.testing.assert_allclose(_probs(a), _probs(b), rtol=0, atol=1e-12)
         ids.add(b["batch"]["submitit_job"])
@@ -180,16 +188,8 @@ def test_a_bad_launcher_option_is_one_line_and_trains_nothing(option, message, t
 
 
 def test_unbatchable_jobs_run_on_their_own_in_the_same_sweep(tmp_path):
-    r = run_cli(
-        "-m",
-        "hydra/launcher=batched",
-        "engine=torch,numpy",
-        "epochs=100",
-        f"hydra.sweep.dir={tmp_path}/s",
-        cwd=tmp_path,
-    )
-    assert r.returncode == 0, r.stderr
-    a, b = (json.loads((tmp_path / "s" / n / "summary.json").read_text()) for n in ("0", "1"))
+    r = _sweep(tmp_path, "s", "hydra/launcher=batched", "engine=torch,numpy", "epochs=100")
+    a, b = _summary(tmp_path, "s", 0), _summary(tmp_path, "s", 1)
     assert a["engine"] == "torch/fused" and "batch" in a and b["engine"] == "numpy" and "batch" not in b
     np.testing.assert_allclose(_probs(a), _probs(b), atol=1e-9)
     assert "engine=numpy runs on its own" in r.stdout + r.stderr
@@ -296,35 +296,14 @@ def test_parallel_and_cluster_launchers_run_a_sweep(launcher, tmp_path):
         ]
     )
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else ["hydra.launcher.timeout_min=5"]
-    r = run_cli(
-        "-m",
-        f"hydra/launcher={launcher}",
-        *extra,
-        "hidden_dim=3,6",
-        "epochs=100",
-        "plots=false",
-        f"hydra.sweep.dir={tmp_path}/s",
-        cwd=tmp_path,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    dims = sorted(
-        json.loads((tmp_path / "s" / n / "summary.json").read_text())["config"]["hidden_dim"] for n in ("0", "1")
-    )
+    _sweep(tmp_path, "s", f"hydra/launcher={launcher}", *extra, "hidden_dim=3,6", "epochs=100", "plots=false")
+    dims = sorted(_summary(tmp_path, "s", n)["config"]["hidden_dim"] for n in (0, 1))
     assert dims == [3, 6]
 
 
 def test_optuna_search_minimises_the_objective(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    r = run_cli(
-        "-m",
-        "+hparams_search=optuna",
-        "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.n_jobs=3",
-        "epochs=200",
-        f"hydra.sweep.dir={tmp_path}/s",
-        cwd=tmp_path,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    _sweep(tmp_path, "s", "+hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=3", "epochs=200")
     best = (tmp_path / "s" / "optimization_results.yaml").read_text()
     assert "best_value" in best and "best_params" in best
     losses = [
@@ -370,10 +349,9 @@ def test_batched_cuda_sweep_with_forked_writers_equals_a_cpu_sweep(tmp_path):
     """The writers fork after CUDA is initialised; they must not touch it."""
     sweep = ["hydra/launcher=batched", "hydra.launcher.writers=2", "seed=range(4)", "epochs=300", "lr=0.01"]
     for device in ("cuda", "cpu"):
-        r = run_cli("-m", *sweep, f"device={device}", f"hydra.sweep.dir={tmp_path}/{device}", cwd=tmp_path)
-        assert r.returncode == 0, r.stderr
+        _sweep(tmp_path, device, *sweep, f"device={device}")
     for n in range(4):
-        g, c = (json.loads((tmp_path / d / str(n) / "summary.json").read_text()) for d in ("cuda", "cpu"))
+        g, c = _summary(tmp_path, "cuda", n), _summary(tmp_path, "cpu", n)
         assert g["status"] == c["status"] == "completed" and g["device"].startswith("cuda:0")
         np.testing.assert_allclose(_probs(g), _probs(c), rtol=0, atol=1e-9)
 
@@ -381,3 +359,14 @@ def test_batched_cuda_sweep_with_forked_writers_equals_a_cpu_sweep(tmp_path):
 def test_hydra_plugins_stays_a_namespace_package():
     """An __init__.py in hydra_plugins/ would hide every other installed Hydra plugin."""
     assert not (ROOT / "hydra_plugins" / "__init__.py").exists()
+
+
+def test_the_sweep_benchmark_reads_the_launchers_timing_line():
+    from quadnet.sweep import TIMING_LINE
+    from quadnet.sweepbench import _phases
+
+    line = TIMING_LINE % (256, 0.3, 8.0, 1.8)
+    phases = _phases(f"[HYDRA] {line}\n", total=15.0)
+    assert phases == pytest.approx({"startup_and_sweeper_s": 4.9, "compose_s": 0.3, "train_s": 8.0, "write_s": 1.8})
+    with pytest.raises(SystemExit, match="timing line"):
+        _phases("no such line", total=1.0)
