@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import SEED_PROBS, make_cfg, probs_of
+from conftest import SEED_PROBS, make_cfg, probs_of, seed_program
 from quadnet.train import train
 
 
@@ -19,8 +19,18 @@ def test_seed_job_reproduces_the_seed_matrix(engine, tmp_path):
 
 
 def test_numpy_engine_is_bit_for_bit_the_seed(tmp_path):
+    """Bit for bit against the seed's program run on this machine; to 1e-12 against the recorded matrix."""
     s = train(make_cfg("engine=numpy"), run_dir=tmp_path)
-    assert np.array_equal(probs_of(s), SEED_PROBS)
+    here = seed_program()
+    assert np.array_equal(probs_of(s), here)
+    np.testing.assert_allclose(here, SEED_PROBS, rtol=0, atol=1e-12)
+
+
+def test_the_bit_for_bit_check_can_fail(tmp_path):
+    """One step fewer changes the last bits: the comparison above is not vacuous."""
+    s = train(make_cfg("engine=numpy", "epochs=9999"), run_dir=tmp_path)
+    assert not np.array_equal(probs_of(s), seed_program())
+    assert np.array_equal(probs_of(s), seed_program(9999))
 
 
 def test_torch_autograd_step_reproduces_the_seed_matrix(tmp_path):
