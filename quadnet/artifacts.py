@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from quadnet.checkpoint import atomic_write_bytes
+from quadnet.checkpoint import atomic_write
 
 METRIC_FIELDS = ("epoch", "loss", "train_accuracy", "test_accuracy")
 
@@ -61,7 +61,7 @@ def prediction_rows(points: np.ndarray, probs: np.ndarray) -> list[dict[str, Any
 
 
 def write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, obj: Any) -> None:

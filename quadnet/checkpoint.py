@@ -1,10 +1,12 @@
-"""Checkpoints: written atomically, loaded without unpickling code.
+"""Checkpoints: written atomically, loaded without unpickling code, checked before use.
 
-A checkpoint is a dict of tensors and plain Python values (str, int, float, bool,
-None, lists, dicts), so ``torch.load(weights_only=True)`` can read it: that
-loader refuses any pickled object it does not know, so a crafted file cannot run
-code. ``checkpoint.pt`` holds the whole training state (resume reads it);
-``model.pt`` holds the final weights and the resolved config (predict reads either).
+A checkpoint is a dict of tensors and plain values, so ``torch.load(weights_only=True)`` can
+read it and a crafted file cannot run code. It holds one job's whole training state: its
+parameters (the seed layout, float64), the optimizer's named buffers and step count, the
+epoch, the metrics so far, the status and the resolved config. ``checkpoint.pt`` is that
+state (resume reads it), ``model.pt`` the same for a completed run without the optimizer.
+A batch of jobs training together writes one file, ``{"format": BATCH, "jobs": {dir: state}}``.
+Files of format ``quadnet-checkpoint/1`` (nn.Linear's layout, one ``momentum`` slot) still load.
 """
 
 from __future__ import annotations
@@ -17,49 +19,57 @@ from typing import Any
 import numpy as np
 import torch
 
-from quadnet.model import numpy_from_state, state_from_numpy
-
-FORMAT = "quadnet-checkpoint/1"
-CHECKPOINT = "checkpoint.pt"
-MODEL = "model.pt"
+FORMAT, OLD_FORMAT, BATCH = "quadnet-checkpoint/2", "quadnet-checkpoint/1", "quadnet-batch/2"
+CHECKPOINT, MODEL = "checkpoint.pt", "model.pt"
+SHAPES = {"W1": (2, "H"), "b1": ("H",), "W2": ("H", 4), "b2": (4,)}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used. Its message is one line, for the user."""
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)``, then rename over ``path``: readers see old or new, never half."""
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)``, then rename over ``path``: readers see old or new, never half.
+
+    A failed write (a full disk) leaves the old file and raises OSError. Temporary files of
+    writers that were killed (their pid is gone) are removed."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except RuntimeError as e:  # torch.save reports a failed write so
+        raise OSError(f"cannot write {str(path)!r}: {str(e).splitlines()[0]}") from None
     finally:
         tmp.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            os.kill(int(stale.name.split(".")[-2]), 0)
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            pass
 
 
-def save(
-    path: Path,
-    *,
-    params: dict[str, np.ndarray],
-    momentum: dict[str, np.ndarray] | None,
-    epoch: int,
-    config: dict[str, Any],
-    history: list[dict[str, float]] | None = None,
-    status: str = "running",
-) -> None:
-    """Write a checkpoint atomically. Tensors are float64 on the CPU, in QuadNet's layout."""
-    payload = {
+def _tensors(p: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in p.items()}
+
+
+def payload(state: dict[str, Any], *, epoch: int, config: dict[str, Any], status: str, history: list[Any]) -> dict[str, Any]:
+    """One job's checkpoint as it is saved (state: params, optimizer buffers, step)."""
+    return {
         "format": FORMAT,
-        "model": state_from_numpy(params),
-        "momentum": None if momentum is None else state_from_numpy(momentum),
+        "params": _tensors(state["params"]),
+        "optimizer": {n: _tensors(b) for n, b in state.get("optimizer", {}).items()},
+        "step": int(state.get("step", epoch)),
         "epoch": int(epoch),
         "status": status,
         "config": config,
-        "history": history or [],
-        "rng": {"torch": torch.get_rng_state()},
+        "history": history,
     }
-    atomic_write_bytes(path, lambda tmp: torch.save(payload, tmp))
+
+
+def save(path: Path, obj: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def find(path: str | Path) -> Path:
@@ -75,30 +85,72 @@ def find(path: str | Path) -> Path:
     return p
 
 
+def read(p: Path) -> Any:
+    """torch.load of a file, with a one-line error for anything that is not a safe torch file."""
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"refused {str(p)!r}: it holds objects other than tensors and plain values") from None
+    except Exception:  # torch raises many kinds for a file that is not one of its own
+        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (not a torch file, or truncated)") from None
+
+
+def _numpy(tensors: Any, hidden: int, what: str) -> dict[str, np.ndarray]:
+    out = {}
+    for name, shape in SHAPES.items():
+        t = tensors.get(name) if isinstance(tensors, dict) else None
+        want = tuple(hidden if s == "H" else s for s in shape)
+        if not isinstance(t, torch.Tensor) or t.is_meta or not t.is_floating_point() or tuple(t.shape) != want:
+            raise CheckpointError(f"its {what} {name} is not a float tensor of shape {want} (hidden_dim={hidden})")
+        out[name] = t.to(torch.float64).numpy().copy()
+    return out
+
+
+def _upgrade(obj: dict[str, Any]) -> dict[str, Any]:
+    """A quadnet-checkpoint/1 payload (nn.Linear's layout, one momentum slot) in today's layout."""
+
+    def seed_layout(sd: Any) -> Any:
+        if not isinstance(sd, dict):
+            return sd
+        get = lambda k: sd.get(k) if isinstance(sd.get(k), torch.Tensor) else None  # noqa: E731
+        w1, b1, w2, b2 = (get(k) for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"))
+        return {"W1": None if w1 is None else w1.T, "b1": b1, "W2": None if w2 is None else w2.T, "b2": b2}
+
+    mom = obj.get("momentum")
+    return {**obj, "params": seed_layout(obj.get("model")), "optimizer": {} if mom is None else {"momentum": seed_layout(mom)}}
+
+
+def check(obj: Any, where: str) -> dict[str, Any]:
+    """A loaded payload checked and converted: params and buffers as NumPy, config validated."""
+    from quadnet.config import ConfigError, validate
+
+    if not isinstance(obj, dict) or obj.get("format") not in (FORMAT, OLD_FORMAT):
+        raise CheckpointError(f"{where} is not a quadnet checkpoint (expected format {FORMAT})")
+    if obj["format"] == OLD_FORMAT:
+        obj = _upgrade(obj)
+    try:
+        cfg = validate(obj.get("config"))  # type: ignore[arg-type]
+    except ConfigError as e:
+        raise CheckpointError(f"{where} has a bad config: {e}") from None
+    epoch, history = obj.get("epoch"), obj.get("history", [])
+    if type(epoch) is not int or not 0 <= epoch:
+        raise CheckpointError(f"{where} has a bad epoch {epoch!r}: must be an integer >= 0")
+    keys = ("epoch", "loss", "train_accuracy", "test_accuracy")
+    if not isinstance(history, list) or not all(isinstance(r, dict) and all(isinstance(r.get(k), int | float) for k in keys) for r in history):
+        raise CheckpointError(f"{where} has damaged metrics: each row must have {', '.join(keys)}")
+    try:
+        params = _numpy(obj.get("params"), cfg.hidden_dim, "weight")
+        opt = obj.get("optimizer") or {}
+        buffers = {str(n): _numpy(b, cfg.hidden_dim, f"{n} buffer") for n, b in opt.items()}
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    state = {"params": params, "optimizer": buffers, "step": int(obj.get("step", epoch))}
+    return {**obj, "state": state, "params": params, "config": obj["config"], "cfg": cfg, "epoch": epoch, "history": history}
+
+
 def load(path: str | Path) -> dict[str, Any]:
-    """Load and check a checkpoint. Raises :class:`CheckpointError` with a one-line reason."""
+    """Load and check one job's checkpoint (a run dir or a file). Raises :class:`CheckpointError`."""
     p = find(path)
-    try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"refused {str(p)!r}: it holds objects other than tensors and plain values "
-            f"and is not loaded ({first[:160]})"
-        ) from None
-    except Exception as e:  # torch raises many kinds for a file that is not one of its own
-        raise CheckpointError(
-            f"{str(p)!r} is not a readable checkpoint (truncated or corrupt: {type(e).__name__})"
-        ) from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (expected format {FORMAT})")
-    try:
-        payload["params"] = numpy_from_state(payload["model"])
-        mom = payload.get("momentum")
-        payload["momentum_params"] = None if mom is None else numpy_from_state(mom)
-        if not isinstance(payload["config"], dict):
-            raise TypeError("config")
-    except (KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{str(p)!r} is missing part of a checkpoint ({e})") from None
-    payload["path"] = str(p)
-    return payload
+    out = check(read(p), repr(str(p)))
+    out["path"] = str(p)
+    return out

@@ -17,8 +17,8 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
-def _hydra_message(ex: BaseException) -> str:
-    """A one-line account of a Hydra/OmegaConf composition error."""
+def one_line(ex: BaseException) -> str:
+    """A one-line account of an error: Hydra's and OmegaConf's in the user's words, else its first line."""
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import (
         ConfigAttributeError,
@@ -82,7 +82,9 @@ def friendly_errors() -> Iterator[None]:
         yield
     except (ConfigError, CheckpointError) as ex:
         fail(str(ex))
-    except (HydraException, OmegaConfBaseException) as ex:
-        fail(_hydra_message(ex))
-    except OSError as ex:  # a path that cannot be read or written: not a bug in quadnet
+    except (HydraException, OmegaConfBaseException, ValueError) as ex:  # Hydra's composition raises ValueError too
+        fail(one_line(ex))
+    except OSError as ex:  # a path that cannot be read or written (a full disk): not a bug in quadnet
         fail(str(ex))
+    except MemoryError:
+        fail("out of memory: the net or the data is too large for this machine (hidden_dim, data.n_train)")

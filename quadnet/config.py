@@ -1,11 +1,10 @@
-"""Every setting quadnet knows, its default, and the checks it must pass.
+"""Every setting quadnet knows: its default and meaning (the dataclasses), and the ranges it must be in.
 
-The dataclasses below are the single source of defaults (the YAML files in
-``configs/`` only pick a data variant and set Hydra's output dirs). Hydra
-composes the YAML on top of this schema, so a key that is not declared here,
-or a value of the wrong type, is refused before any training starts;
-:func:`validate` then checks ranges and choices and returns a typed
-:class:`TrainConfig`.
+The dataclasses are the single source of defaults: ``configs/`` only picks a data variant
+and says where runs go. Hydra composes the YAML onto this schema, so OmegaConf refuses an
+unknown key or a value of the wrong type before anything runs; :func:`validate` then
+checks the ranges and choices in :data:`RULES` and returns a typed :class:`TrainConfig`.
+The comment after each field is also its ``--help`` text.
 """
 
 from __future__ import annotations
@@ -13,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, ValueNode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -27,220 +27,135 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    # which points to train and test on: "seed" (the article's 4+4 points) or
-    # "sampled" (uniform in the square [-extent, extent]², labelled by quadrant)
-    name: str = "seed"
-    n_train: int = 256  # sampled only: number of training points
-    n_test: int = 256  # sampled only: number of test points
-    extent: float = 3.0  # sampled only: half the side of the square
-    margin: float = 0.0  # sampled only: keep |x| and |y| at least this far from the axes
-    seed: int = 0  # sampled only: RNG seed of the draw (independent of the init seed)
+    name: str = "seed"  # seed (the article's 4+4 points) | sampled (uniform, labelled by quadrant) | csv
+    n_train: int = 256  # sampled: number of training points
+    n_test: int = 256  # sampled: number of test points
+    extent: float = 3.0  # sampled: points lie in [-extent, extent]²
+    margin: float = 0.1  # sampled: keep points at least this far from the axes, where the label flips
+    seed: int = 0  # sampled: seed of the draw (independent of the init seed); csv: of the test split
+    path: str | None = None  # csv: a file of x,y,label lines (label 1-4: the quadrant-like class)
+    test_path: str | None = None  # csv: a test file; none: a random fifth of `path` (by data.seed) is held out
 
 
 @dataclass
 class TrainConfig:
-    # --- the model and the optimisation (the seed program's values) ---
+    # --- the model and its optimisation (the seed program's values) ---
     hidden_dim: int = 50  # width of the hidden ReLU layer
-    reg: float = 0.001  # L2 on both weight matrices (grad += reg * W); biases are not decayed
-    lr: float = 0.001  # SGD step size
-    momentum: float = 0.0  # SGD momentum, torch.optim.SGD semantics (0 = the seed's plain GD)
+    optimizer: str = "sgd"  # sgd (the seed's, with optional momentum) | adam (torch.optim.Adam's rule)
+    lr: float = 0.001  # step size
+    reg: float = 0.001  # L2 on both weight matrices (grad += reg·W); biases are not decayed
+    momentum: float = 0.0  # sgd: torch.optim.SGD's momentum (0 = the seed's plain descent)
+    beta1: float = 0.9  # adam: decay of the gradient's running mean
+    beta2: float = 0.999  # adam: decay of the squared gradient's running mean
+    eps: float = 1e-8  # adam: added to the denominator
     epochs: int = 10000  # full-batch gradient steps
     seed: int = 1  # seeds the initial weights
-    init: str = "normal"  # "normal": the seed's RandomState(seed).randn draws; "torch": nn.Linear's
+    init: str = "normal"  # normal: the seed's RandomState(seed).randn draws | torch: nn.Linear's default
     # --- where and how the numbers are computed ---
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps  (auto: cuda, else mps, else cpu)
+    device: str = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "float64"  # float64 (the seed's precision) | float32
-    engine: str = "torch"  # torch | numpy (the hand-written backprop reference)
-    step: str = "fused"  # torch engine: fused (hand-written grads, fast) | autograd (nn + optim)
-    cuda_graph: bool = True  # on CUDA, capture the fused step once and replay it
-    threads: int = 0  # CPU threads for torch; 0 = pick for the size (1 for these tiny tensors)
+    engine: str = "torch"  # torch | numpy (the hand-written backprop reference, cpu)
+    step: str = "fused"  # torch: fused (hand-written gradients) | autograd (nn.Module + torch.optim)
+    cuda_graph: bool = True  # on CUDA, replay the fused steps as a CUDA graph
+    threads: int = 0  # CPU threads for torch; 0 = 1, fastest for tensors this small
     # --- what a run shows and leaves behind ---
-    log_every: int = 100  # a metrics.csv row (and a log line without a bar) every N epochs
-    progress: bool | None = None  # progress bar; None = only when stdout is a terminal
+    log_every: int = 100  # a metrics.csv row every N epochs
+    progress: bool | None = None  # progress bar; null = only when stderr is a terminal
     plots: bool = True  # write loss.png and decision_regions.png
+    animate: bool = False  # write training.gif: the decision regions and the loss over training
     checkpoint_every: int = 1000  # write checkpoint.pt every N epochs (0 = only at the end)
-    resume: str | None = None  # a run dir or checkpoint.pt to continue from
-    logger: str = "none"  # none | tensorboard (needs the [tensorboard] extra)
+    resume: str | None = None  # a run dir or checkpoint to continue from
+    logger: str = "none"  # none | tensorboard (the [tensorboard] extra)
     objective: str = "test_loss"  # what a sweep minimises: test_loss | test_error | final_loss
     data: DataConfig = field(default_factory=DataConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "dtype": ("float32", "float64"),
-    "engine": ("torch", "numpy"),
-    "step": ("fused", "autograd"),
-    "init": ("normal", "torch"),
-    "logger": ("none", "tensorboard"),
-    "objective": ("test_loss", "test_error", "final_loss"),
-    "data.name": ("seed", "sampled"),
+def _choice(*allowed: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in allowed), "choose one of " + ", ".join(allowed)
+
+
+def _range(low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False) -> Any:
+    def ok(v: Any) -> bool:
+        return math.isfinite(v) and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+
+    lo = f"{'(' if open_low else '['}{low:g}"
+    hi = "∞)" if high == math.inf else f"{high:g}{')' if open_high else ']'}"
+    return ok, f"must be in {lo}, {hi}"
+
+
+# key: (check, what is allowed). Types are OmegaConf's job; these are the ranges.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "hidden_dim": _range(1, 1_000_000),
+    "optimizer": _choice("sgd", "adam"),
+    "lr": _range(0, open_low=True),
+    "reg": _range(0),
+    "momentum": _range(0, 1, open_high=True),
+    "beta1": _range(0, 1, open_high=True),
+    "beta2": _range(0, 1, open_high=True),
+    "eps": _range(0, open_low=True),
+    "epochs": _range(0, 1e9),
+    "seed": _range(0, 2**32 - 1),  # NumPy's RandomState takes 32 bits
+    "init": _choice("normal", "torch"),
+    "device": ((lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None), "choose auto, cpu, cuda, cuda:N or mps"),
+    "dtype": _choice("float32", "float64"),
+    "engine": _choice("torch", "numpy"),
+    "step": _choice("fused", "autograd"),
+    "threads": _range(0, 4096),
+    "log_every": _range(1, 1e9),
+    "checkpoint_every": _range(0, 1e9),
+    "logger": _choice("none", "tensorboard"),
+    "objective": _choice("test_loss", "test_error", "final_loss"),
+    "data.name": _choice("seed", "sampled", "csv"),
+    "data.n_train": _range(1, 10_000_000),
+    "data.n_test": _range(1, 10_000_000),
+    "data.extent": _range(0, 1e12, open_low=True),
+    "data.margin": _range(0),
+    "data.seed": _range(0, 2**63 - 1),
 }
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-# --------------------------------------------------------------------------- Hydra glue
-
-
-def config_dir() -> str:
-    """Where Hydra finds ``configs/``: the checkout's folder, else the installed package."""
-    here = Path(__file__).resolve().parent.parent / "configs"
-    return str(here) if (here / "train.yaml").is_file() else "pkg://quadnet.configs"
-
-
-def register_configs() -> None:
-    """Store the schema for ``configs/train.yaml`` and the run-dir resolver (idempotent)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="quadnet_schema", node=TrainConfig)
-    _expose_checkout_plugins()
-    # A short random token, cached per config (and copied into every job of a sweep by
-    # Hydra's load_sweep_config), so that two runs started in the same second get
-    # different dirs.
-    if not OmegaConf.has_resolver("quadnet_uid"):
-        OmegaConf.register_new_resolver("quadnet_uid", lambda: secrets.token_hex(3), use_cache=True)
-
-
-def _expose_checkout_plugins() -> None:
-    """Let Hydra find ``hydra_plugins/quadnet_batched_launcher`` of a source checkout.
-
-    A regular install puts it in site-packages, where Hydra's namespace scan finds it. An
-    editable install maps it through an import hook that the scan cannot walk, so from any
-    directory but the checkout the launcher would be missing; adding the checkout's folder
-    to the namespace's path fixes that.
-    """
-    folder = Path(__file__).resolve().parent.parent / "hydra_plugins"
-    if not (folder / "quadnet_batched_launcher").is_dir():
-        return
-    import hydra_plugins
-
-    if str(folder) not in list(hydra_plugins.__path__):
-        hydra_plugins.__path__.append(str(folder))
-
-
-# --------------------------------------------------------------------------- validation
 
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+    text = repr(value)
+    return ConfigError(f"{key}={text if len(text) <= 40 else text[:37] + '...'} is not allowed: {allowed}")
 
 
-# What each field type accepts, in words; field types are annotation strings such as "int | None".
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+def _typed(cfg: Any) -> DictConfig:
+    """Any mapping as a DictConfig on the schema: OmegaConf refuses unknown keys and wrong types."""
+    if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is TrainConfig:
+        return cfg
+    try:
+        plain = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+        if not isinstance(plain, dict):
+            raise ConfigError(f"a config must be a mapping of keys to values, not {type(plain).__name__}")
+        return OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in plain.items() if k != "hydra"})
+    except OmegaConfBaseException as e:
+        from quadnet.cli import one_line
+
+        raise ConfigError(one_line(e)) from None
 
 
-def _base_type(typ: Any) -> tuple[str, bool]:
-    """('int', optional?) for a field annotation like 'int' or 'bool | None'."""
-    text = typ if isinstance(typ, str) else typ.__name__
-    parts = [p.strip() for p in text.split("|")]
-    return parts[0], "None" in parts[1:]
-
-
-def _check_type(key: str, value: Any, typ: Any) -> Any:
-    """Return ``value`` as ``typ`` (int, float, bool, str or their Optional), or raise."""
-    base, optional = _base_type(typ)
-    must = "must be " + _TYPE_WORDS[base]
-    if value is None:
-        if optional:
-            return None
-        raise _fail(key, value, must)
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-        raise _fail(key, value, must)
-    if base in ("int", "float"):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _fail(key, value, must)
-        if base == "float":
-            return float(value)
-        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-            raise _fail(key, value, must)
-        return int(value)
-    if isinstance(value, str):
-        return value
-    raise _fail(key, value, must)
-
-
-def _typed(cls: type, values: Any, prefix: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
-    if not isinstance(values, dict):
-        raise _fail(prefix.rstrip(".") or "config", values, "must be a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        key = prefix + unknown[0]
-        raise ConfigError(f"unknown config key '{key}'; allowed keys: {', '.join(allowed_keys())}")
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        if name not in values:
-            continue
-        if dataclasses.is_dataclass(f.type) or f.type == "DataConfig":
-            kwargs[name] = _typed(DataConfig, values[name], prefix + name + ".")
-        else:
-            kwargs[name] = _check_type(prefix + name, values[name], f.type)
-    return cls(**kwargs)
-
-
-def _at_least(key: str, value: float, low: float, *, strict: bool = False) -> None:
-    ok = math.isfinite(value) and (value > low if strict else value >= low)
-    if not ok:
-        raise _fail(key, value, f"must be finite and {'>' if strict else '>='} {low:g}")
-
-
-def _app_values(cfg: DictConfig) -> dict[str, Any]:
-    """The app's keys of a composed config as plain values; Hydra's own node is not read.
-
-    Plain values are read off their nodes: resolving every key costs ~0.5 ms, which a sweep
-    of 10,000 jobs pays 10,000 times. Interpolations and missing values resolve as usual.
-    """
-    out: dict[str, Any] = {}
-    for key in cfg:
-        if key == "hydra":
-            continue
-        node = cfg._get_node(key)
-        if isinstance(node, DictConfig) and not (node._is_none() or node._is_interpolation()):
-            out[str(key)] = _app_values(node)
-        elif isinstance(node, ValueNode) and not (node._is_interpolation() or node._is_missing()):
-            out[str(key)] = node._value()
-        else:
-            value = cfg[key]
-            out[str(key)] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    return out
-
-
-def validate(cfg: DictConfig | dict | TrainConfig) -> TrainConfig:
-    """Check every value of a composed config; return it typed. Raises :class:`ConfigError`."""
+def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
+    """Check a composed config (a Hydra node in it is ignored); return it typed. Raises :class:`ConfigError`."""
     if isinstance(cfg, TrainConfig):
         cfg = dataclasses.asdict(cfg)
-    elif isinstance(cfg, DictConfig):
-        cfg = _app_values(cfg)
-    assert isinstance(cfg, dict)
-    cfg = {k: v for k, v in cfg.items() if k != "hydra"}
-    c: TrainConfig = _typed(TrainConfig, cfg, "")
-
-    _at_least("hidden_dim", c.hidden_dim, 1)
-    _at_least("lr", c.lr, 0, strict=True)
-    _at_least("reg", c.reg, 0)
-    _at_least("epochs", c.epochs, 0)
-    _at_least("seed", c.seed, 0)
-    _at_least("log_every", c.log_every, 1)
-    _at_least("checkpoint_every", c.checkpoint_every, 0)
-    _at_least("threads", c.threads, 0)
-    if not (math.isfinite(c.momentum) and 0 <= c.momentum < 1):
-        raise _fail("momentum", c.momentum, "must be in [0, 1)")
-    for key, allowed in CHOICES.items():
-        obj, name = (c.data, "name") if key == "data.name" else (c, key)
-        value = getattr(obj, name)
-        if value not in allowed:
-            raise _fail(key, value, "choose one of " + ", ".join(allowed))
-    if not _DEVICE_RE.match(c.device):
-        raise _fail("device", c.device, "choose auto, cpu, cuda, cuda:N or mps")
-    if c.data.name == "sampled":
-        d = c.data
-        _at_least("data.n_train", d.n_train, 1)
-        _at_least("data.n_test", d.n_test, 1)
-        _at_least("data.extent", d.extent, 0, strict=True)
-        _at_least("data.seed", d.seed, 0)
-        if not (math.isfinite(d.margin) and 0 <= d.margin < d.extent):
-            raise _fail("data.margin", d.margin, f"must be in [0, data.extent={d.extent:g})")
+    node = _typed(cfg)
+    if node.data is None:
+        raise ConfigError("data=null is not allowed: choose data=seed, data=sampled or data=csv")
+    # plain values through OmegaConf's public API (interpolations resolve); ~0.3 ms a job
+    data = DataConfig(**{f.name: node.data[f.name] for f in dataclasses.fields(DataConfig)})
+    c = TrainConfig(**{f.name: node[f.name] for f in dataclasses.fields(TrainConfig) if f.name != "data"}, data=data)
+    for key, (ok, allowed) in RULES.items():
+        if key.startswith("data.") and c.data.name != "sampled" and key != "data.name":
+            continue
+        value = getattr(c.data, key[5:]) if key.startswith("data.") else getattr(c, key)
+        if not ok(value):
+            raise _fail(key, value, allowed)
+    if c.data.name == "sampled" and c.data.margin >= c.data.extent:
+        raise _fail("data.margin", c.data.margin, f"must be below data.extent={c.data.extent:g}")
+    if c.data.name == "csv" and not c.data.path:
+        raise ConfigError("data=csv needs data.path=FILE: a file of x,y,label lines (label 1-4)")
+    if c.engine == "numpy" and c.device not in ("auto", "cpu"):
+        raise ConfigError(f"device={c.device!r} is not allowed with engine=numpy: it runs on the cpu")
     return c
 
 
@@ -256,21 +171,47 @@ def allowed_keys() -> list[str]:
 
 
 def expected_type(key: str) -> str | None:
-    """'an integer', 'a number', … for a dotted key, or None if there is no such key."""
-    cls: Any = TrainConfig
-    *parents, name = key.split(".")
-    for part in parents:
-        if part != "data":
-            return None
-        cls = DataConfig
-    types = {f.name: f.type for f in dataclasses.fields(cls)}
-    if name not in types or dataclasses.is_dataclass(types[name]) or types[name] == "DataConfig":
-        return None
-    return _TYPE_WORDS[_base_type(types[name])[0]]
+    """'an integer', 'a number', … for a dotted key's type, or None if there is no such key."""
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    types.update({f"data.{f.name}": f.type for f in dataclasses.fields(DataConfig)})
+    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+    return words.get(str(types.get(key, "")).split(" |")[0])
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """Compose configs/train.yaml with overrides, as ``python -m quadnet.train`` would."""
+def help_text() -> str:
+    """Each key with its default and meaning, read from the comments above (one definition)."""
+    lines, prefix = [], ""
+    for line in Path(__file__).read_text().splitlines():
+        if line.startswith("class TrainConfig"):
+            prefix = ""
+        elif line.startswith("class DataConfig"):
+            prefix = "data."
+        m = re.fullmatch(r"    (\w+): [^=]+= (.+?)  # (.+)", line)
+        if m and m[1] != "data":
+            default = re.sub(r"^None$", "null", m[2]).strip('"')
+            lines.append(f"  {prefix + m[1] + '=' + default:<26} {m[3]}")
+    return "\n".join(sorted(lines, key=lambda s: s.strip().startswith("data.")))
+
+
+# --------------------------------------------------------------------------- Hydra glue
+
+
+def config_dir() -> str:
+    """Where Hydra finds ``configs/``: the checkout's folder, else the installed package."""
+    here = Path(__file__).resolve().parent.parent / "configs"
+    return str(here) if (here / "train.yaml").is_file() else "pkg://quadnet.configs"
+
+
+def register_configs() -> None:
+    """Store the schema that ``configs/train.yaml`` builds on (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="quadnet_schema", node=TrainConfig)
+
+
+def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """Compose configs/train.yaml with overrides, as ``python -m quadnet.train`` would (Hydra's
+    node too, with_hydra=True). Hydra's global state is set up and cleared again each call."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir, initialize_config_module
 
@@ -282,4 +223,4 @@ def compose(overrides: list[str]) -> DictConfig:
         else initialize_config_dir(where, version_base="1.3")
     )
     with init:
-        return hydra_compose(config_name="train", overrides=overrides)
+        return hydra_compose(config_name="train", overrides=overrides, return_hydra_config=with_hydra)

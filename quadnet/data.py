@@ -1,15 +1,17 @@
 """The points a run trains and tests on, as float64 NumPy arrays.
 
-Classes are quadrants minus one: 0 = I (x>0, y>0), 1 = II, 2 = III, 3 = IV.
+Classes are quadrants minus one: 0 = I (x>0, y>0), 1 = II, 2 = III, 3 = IV. A CSV of your
+own points (``data=csv``) may label them any way, with the same four labels 1-4.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from quadnet.config import DataConfig
+from quadnet.config import ConfigError, DataConfig
 
 NUM_CLASSES = 4
 QUADRANT_NAMES = ("I", "II", "III", "IV")
@@ -45,9 +47,42 @@ def _sample(rng: np.random.Generator, n: int, extent: float, margin: float) -> n
     return pts
 
 
+def read_csv(path: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Points (N, 2) and classes 0..3 from a file of ``x,y,label`` lines (label 1-4; a header
+    line and ``#`` comments are skipped). Raises :class:`ConfigError` with the line at fault."""
+    try:
+        lines = Path(path).expanduser().read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}={path!r} cannot be read: {getattr(e, 'strerror', None) or 'not a text file'}") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        parts = [p.strip() for p in line.split("#", 1)[0].split(",")]
+        if parts == [""] or (i == 1 and not parts[0].lstrip("+-").replace(".", "", 1).isdigit()):
+            continue  # a blank line, a comment or a header
+        try:
+            x, y, label = float(parts[0]), float(parts[1]), int(parts[2])
+            assert len(parts) == 3 and np.isfinite([x, y]).all() and 1 <= label <= NUM_CLASSES
+        except (ValueError, IndexError, AssertionError):
+            raise ConfigError(f"{key}={path!r} line {i}: {line.strip()!r} is not x,y,label with label 1-4") from None
+        rows.append((x, y, label - 1))
+    if not rows:
+        raise ConfigError(f"{key}={path!r} holds no x,y,label lines")
+    arr = np.array(rows)
+    return arr[:, :2].copy(), arr[:, 2].astype(np.int64)
+
+
 def make_dataset(cfg: DataConfig) -> Dataset:
     if cfg.name == "seed":
         return Dataset(SEED_TRAIN, quadrant_class(SEED_TRAIN), SEED_TEST, quadrant_class(SEED_TEST))
+    if cfg.name == "csv":
+        x, y = read_csv(str(cfg.path), "data.path")
+        if cfg.test_path:
+            return Dataset(x, y, *read_csv(cfg.test_path, "data.test_path"))
+        test = np.random.default_rng(cfg.seed).permutation(len(x))[: len(x) // 5]
+        train = np.setdiff1d(np.arange(len(x)), test)
+        if not len(test) or not len(train):
+            raise ConfigError(f"data.path={cfg.path!r} has too few points to hold out a test set; add data.test_path")
+        return Dataset(x[train], y[train], x[test], y[test])
     rng = np.random.default_rng(cfg.seed)
     x_train = _sample(rng, cfg.n_train, cfg.extent, cfg.margin)
     x_test = _sample(rng, cfg.n_test, cfg.extent, cfg.margin)

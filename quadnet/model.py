@@ -1,4 +1,12 @@
-"""The network, and the initial weights that both engines start from."""
+"""The network, Linear(2 → H) → ReLU → Linear(H → 4), for J nets at once: a single run is J = 1.
+
+Parameters carry a leading job dimension and otherwise the seed program's layout:
+W1 (J, 2, H), b1 (J, 1, H), W2 (J, H, 4), b2 (J, 1, 4). :func:`forward` and
+:func:`backward` are the only torch definition of the net; ``step=autograd`` differentiates
+the same :func:`forward` with autograd (:class:`QuadNet`), and the NumPy oracle in
+:mod:`quadnet.reference` is written separately, by hand. Changing the model means changing
+this file and that one.
+"""
 
 from __future__ import annotations
 
@@ -8,75 +16,86 @@ import numpy as np
 import torch
 from torch import nn
 
-from quadnet.data import NUM_CLASSES
+INPUT_DIM, NUM_CLASSES = 2, 4
+PARAMS = ("W1", "b1", "W2", "b2")
+WEIGHTS = ("W1", "W2")  # the parameters `reg` decays; biases are not
 
-INPUT_DIM = 2
+Params = dict[str, np.ndarray]  # one job, seed layout: W1 (2, H), b1 (H,), W2 (H, 4), b2 (4,)
+
+
+def forward(p: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden activations (J, N, H) and logits (J, N, 4) for points x (N, 2).
+
+    Parameters of one job may also come as 2-D views (W1 (2, H), b1 (1, H), …); then the
+    results are 2-D too, computed with 2-D ops, which cost less per call."""
+    w1, b1, w2, b2 = p
+    if w1.dim() == 2:
+        a = torch.addmm(b1, x, w1).clamp_min_(0)
+        return a, torch.addmm(b2, a, w2)
+    a = torch.baddbmm(b1, x.expand(w1.shape[0], -1, -1), w1).clamp_min_(0)
+    return a, torch.baddbmm(b2, a, w2)
+
+
+def backward(p: list[torch.Tensor], x: torch.Tensor, a: torch.Tensor, dlogits: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of the loss (no L2 term) in the parameters' layout, from dL/dlogits (J, N, 4)."""
+    da = dlogits @ p[2].transpose(-1, -2)
+    dz1 = torch.ops.aten.threshold_backward(da, a, 0)  # through ReLU: where the activation was > 0
+    return [x.t() @ dz1, dz1.sum(-2, keepdim=True), a.transpose(-1, -2) @ dlogits, dlogits.sum(-2, keepdim=True)]
 
 
 class QuadNet(nn.Module):
-    """Linear(2 → hidden_dim) → ReLU → Linear(hidden_dim → 4). Returns logits (N, 4)."""
+    """:func:`forward` as an ``nn.Module`` with the parameters as ``nn.Parameter``s, for autograd."""
 
-    def __init__(self, hidden_dim: int) -> None:
+    def __init__(self, params: list[torch.Tensor]) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(INPUT_DIM, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, NUM_CLASSES)
+        self.params = nn.ParameterList([nn.Parameter(t) for t in params])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
+        return forward(list(self.params), x)[1]
 
 
 _rngs = threading.local()
 
 
-def _legacy_rng(seed: int) -> np.random.RandomState:
-    """``np.random.RandomState(seed)``, the same stream: one generator per thread, re-seeded.
-    Making a RandomState costs ~0.2 ms, 15× more than seeding one (seconds for 10,000 jobs)."""
-    rs = getattr(_rngs, "rs", None)
-    if rs is None:
-        rs = _rngs.rs = np.random.RandomState()
-    rs.seed(seed)
-    return rs
-
-
-def initial_params(hidden_dim: int, seed: int, init: str) -> dict[str, np.ndarray]:
-    """Initial weights in the seed's layout: W1 (2, H), b1 (H,), W2 (H, 4), b2 (4,), float64.
+def initial_params(hidden_dim: int, seed: int, init: str) -> Params:
+    """Initial weights of one job, seed layout, float64.
 
     ``normal`` is the seed program's draw, bit for bit: legacy ``RandomState(seed).randn``
     for W1, then for W2, and zero biases. ``torch`` is what ``nn.Linear`` does by default
     under ``torch.manual_seed(seed)``.
     """
     if init == "normal":
-        rs = _legacy_rng(seed)
-        w1 = rs.randn(INPUT_DIM, hidden_dim)
-        w2 = rs.randn(hidden_dim, NUM_CLASSES)
+        rs = getattr(_rngs, "rs", None) or np.random.RandomState()  # re-seeded: cheaper than a new one
+        _rngs.rs = rs
+        rs.seed(seed)
+        w1, w2 = rs.randn(INPUT_DIM, hidden_dim), rs.randn(hidden_dim, NUM_CLASSES)
         return {"W1": w1, "b1": np.zeros(hidden_dim), "W2": w2, "b2": np.zeros(NUM_CLASSES)}
-    if init == "torch":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = QuadNet(hidden_dim).double()
-        return numpy_from_state(net.state_dict())
-    raise ValueError(f"unknown init {init!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fc1, fc2 = nn.Linear(INPUT_DIM, hidden_dim).double(), nn.Linear(hidden_dim, NUM_CLASSES).double()
+    arr = lambda t: t.detach().numpy().copy()  # noqa: E731
+    return {"W1": arr(fc1.weight.T), "b1": arr(fc1.bias), "W2": arr(fc2.weight.T), "b2": arr(fc2.bias)}
 
 
-def state_from_numpy(p: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Seed layout → QuadNet state dict (nn.Linear stores weight as (out, in))."""
-    return {
-        "fc1.weight": torch.from_numpy(np.ascontiguousarray(p["W1"].T)),
-        "fc1.bias": torch.from_numpy(np.ascontiguousarray(p["b1"])),
-        "fc2.weight": torch.from_numpy(np.ascontiguousarray(p["W2"].T)),
-        "fc2.bias": torch.from_numpy(np.ascontiguousarray(p["b2"])),
-    }
+def stack(jobs: list[Params], hidden: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Jobs' parameters (or optimizer buffers) stacked (J, …), narrower nets zero-padded to `hidden`.
+
+    Padded units stay exactly zero: their pre-activation is 0, so ReLU passes no gradient."""
+    out = []
+    for name, shape in zip(PARAMS, ((2, hidden), (1, hidden), (hidden, 4), (1, 4)), strict=True):
+        t = np.zeros((len(jobs), *shape))
+        for j, p in enumerate(jobs):
+            v = p[name].reshape(-1, p[name].shape[-1])
+            t[j, : v.shape[0], : v.shape[1]] = v
+        out.append(torch.as_tensor(t, dtype=dtype, device=device))
+    return out
 
 
-def numpy_from_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """QuadNet state dict → seed layout, float64 NumPy."""
-
-    def arr(t: torch.Tensor) -> np.ndarray:
-        return t.detach().to("cpu", torch.float64).numpy().copy()
-
-    return {
-        "W1": arr(state["fc1.weight"]).T.copy(),
-        "b1": arr(state["fc1.bias"]),
-        "W2": arr(state["fc2.weight"]).T.copy(),
-        "b2": arr(state["fc2.bias"]),
-    }
+def unstack(tensors: list[torch.Tensor], rows: list[int], hidden_dims: list[int]) -> list[Params]:
+    """Jobs at `rows`, unpadded, in the seed layout (float64 NumPy): one copy off the device."""
+    host = [t.detach().to("cpu", torch.float64).numpy() for t in tensors]
+    w1, b1, w2, b2 = host
+    return [
+        {"W1": w1[r, :, :h].copy(), "b1": b1[r, 0, :h].copy(), "W2": w2[r, :h].copy(), "b2": b2[r, 0].copy()}
+        for r, h in zip(rows, hidden_dims, strict=True)
+    ]

@@ -115,16 +115,31 @@ def objective(params: Params, x: np.ndarray, y: np.ndarray, reg: float) -> float
     return loss + 0.5 * reg * sum(float(np.sum(params[k] ** 2)) for k in WEIGHTS)
 
 
-def sgd_update(params: Params, grads: Params, velocity: Params | None, lr: float, momentum: float) -> None:
-    """In place: p -= lr·g, or with momentum (torch.optim.SGD's rule) v = m·v + g; p -= lr·v."""
+def sgd_update(params: Params, grads: Params, state: dict[str, Params], h: dict[str, float], t: int) -> None:
+    """In place, torch.optim.SGD's rule: p -= lr·g, or with momentum v = m·v + g; p -= lr·v."""
     for k, p in params.items():
-        if velocity is None:
-            p -= lr * grads[k]
-        else:
-            v = velocity[k]
-            v *= momentum
-            v += grads[k]
-            p -= lr * v
+        g = grads[k]
+        if "momentum" in state:
+            v = state["momentum"][k]
+            v *= h["momentum"]
+            v += g
+            g = v
+        p -= h["lr"] * g
+
+
+def adam_update(params: Params, grads: Params, state: dict[str, Params], h: dict[str, float], t: int) -> None:
+    """In place, torch.optim.Adam's rule at step t (1-based)."""
+    b1, b2 = h["beta1"], h["beta2"]
+    for k, p in params.items():
+        g, m, v = grads[k], state["exp_avg"][k], state["exp_avg_sq"][k]
+        m += (1 - b1) * (g - m)
+        v *= b2
+        v += (1 - b2) * g * g
+        denom = np.sqrt(v) / np.sqrt(1 - b2**t) + h["eps"]
+        p -= h["lr"] / (1 - b1**t) * m / denom
+
+
+UPDATES = {"sgd": (sgd_update, ("momentum",)), "adam": (adam_update, ("exp_avg", "exp_avg_sq"))}
 
 
 def eval_numerical_gradient(f: Callable[[np.ndarray], float], x: np.ndarray, h: float = 1e-5) -> np.ndarray:
@@ -153,43 +168,49 @@ def rel_error(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class NumpyEngine:
-    """Trains :data:`Params` with :func:`loss_and_grads` and :func:`sgd_update`."""
+    """One job trained with :func:`loss_and_grads` and :data:`UPDATES`, with the torch engine's
+    interface (``run``, ``metrics``, ``export``, ``keep``) so that the same loop drives it."""
 
-    name = "numpy"
+    def __init__(self, cfgs: list[Any], data: Any, device: Any, starts: list[dict[str, Any]]) -> None:
+        (c,), (start,) = cfgs, starts  # a batch of one
+        self.dt = np.dtype(c.dtype)
+        self.params = {k: v.astype(self.dt) for k, v in start["params"].items()}
+        self.x, self.y, self.data = data.x_train.astype(self.dt), data.y_train, data
+        self.update, names = UPDATES[c.optimizer]
+        self.h = {k: getattr(c, k) for k in ("lr", "reg", "momentum", "beta1", "beta2", "eps")}
+        if c.optimizer == "sgd" and not c.momentum:
+            names = ()
+        saved = start.get("optimizer", {})
+        self.state = {n: {k: saved[n][k].astype(self.dt) if n in saved else np.zeros_like(v) for k, v in self.params.items()} for n in names}
+        self.t, self.rows = start.get("step", 0), [0]
 
-    def __init__(
-        self, params: Params, x: np.ndarray, y: np.ndarray, *, lr: float, reg: float, momentum: float, dtype: str
-    ) -> None:
-        self.dtype = np.dtype(dtype)
-        self.params = {k: v.astype(self.dtype, copy=True) for k, v in params.items()}
-        self.x, self.y = x.astype(self.dtype), y
-        self.lr, self.reg, self.momentum = lr, reg, momentum
-        self.velocity = {k: np.zeros_like(v) for k, v in self.params.items()} if momentum else None
-
-    def train_steps(self, n: int, stop: Callable[[], bool]) -> tuple[int, bool]:
-        """Up to n full-batch steps; returns (steps done, whether the loss went non-finite)."""
-        with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported, not warned
+    def run(self, n: int, stop: Callable[[], bool]) -> tuple[int, list[int]]:
+        """Up to n full-batch steps; (steps done, [the first whose loss was not finite, or -1])."""
+        with np.errstate(all="ignore"):  # divergence is reported, not warned about
             for i in range(n):
-                loss, grads = loss_and_grads(self.params, self.x, self.y, self.reg)
+                loss, grads = loss_and_grads(self.params, self.x, self.y, self.h["reg"])
                 if not np.isfinite(loss):
-                    return i, True
-                sgd_update(self.params, grads, self.velocity, self.lr, self.momentum)
+                    return i + 1, [i]
+                self.t += 1
+                self.update(self.params, grads, self.state, self.h, self.t)
                 if stop():
-                    return i + 1, False
-        return n, False
+                    return i + 1, [-1]
+        return n, [-1]
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        scores, _ = forward(self.params, x.astype(self.dtype))
-        return scores.astype(np.float64)
+    def metrics(self) -> list[dict[str, float]]:
+        row = {}
+        for name, x, y in (("train", self.data.x_train, self.data.y_train), ("test", self.data.x_test, self.data.y_test)):
+            keep = y >= 0
+            with np.errstate(all="ignore"):
+                z = forward(self.params, x[keep].astype(self.dt))[0].astype(np.float64)
+                row[f"{name}_loss"] = float(-np.mean(log_softmax(z)[np.arange(keep.sum()), y[keep]]))
+            row[f"{name}_accuracy"] = float(np.mean(z.argmax(1) == y[keep]))
+        row["loss"] = row.pop("train_loss")
+        return [row]
 
-    def numpy_params(self) -> Params:
-        return {k: v.astype(np.float64) for k, v in self.params.items()}
+    def export(self, rows: list[int]) -> list[dict[str, Any]]:
+        f64 = lambda p: {k: v.astype(np.float64) for k, v in p.items()}  # noqa: E731
+        return [{"params": f64(self.params), "optimizer": {n: f64(s) for n, s in self.state.items()}, "step": self.t} for _ in rows]
 
-    def momentum_buffers(self) -> Params | None:
-        return None if self.velocity is None else {k: v.astype(np.float64) for k, v in self.velocity.items()}
-
-    def load(self, params: Params, momentum: Params | None) -> None:
-        for k in self.params:
-            self.params[k][...] = params[k]
-            if self.velocity is not None and momentum is not None:
-                self.velocity[k][...] = momentum[k]
+    def keep(self, rows: list[int]) -> None:
+        self.rows = [self.rows[r] for r in rows]

@@ -1,240 +1,333 @@
-"""The batched launcher's work: compose every job, train the batchable ones together, write each job's dir.
+"""The batched launcher's work: quadnet's jobs of a sweep trained as a few batched programs.
 
-Called from ``hydra_plugins/quadnet_batched_launcher`` (kept thin so that Hydra's plugin
-discovery does not import torch). Reading order: :func:`launch_batched` composes the jobs
-(:func:`_compose`), groups and trains them here (:func:`_train`) or through submitit
-(:func:`_train_submitit`), then finishes every job (:func:`_finish_jobs`): batched jobs get
-their dir written from the batch's result by :mod:`quadnet.jobdirs`; jobs that run on their
-own (or failed validation) go through Hydra's ``run_job``.
+Reading order: :func:`launch` composes every job as Hydra's basic launcher does, groups
+quadnet's jobs (:func:`group_key`), trains each group with the one training loop
+(:func:`train_groups`, here or through submitit), and then hands every job to Hydra's own
+``run_job`` with a task that writes its dir from its result, so each job gets exactly
+Hydra's dir, ``.hydra/`` files, log, callbacks and ``JobReturn``. A task function that is
+not quadnet's runs through ``run_job`` as it is. A job that fails (a bad value, memory, any
+exception) fails alone; Ctrl-C or SIGTERM ends every job as ``interrupted``, writes every
+dir and exits 130/143; the same command with ``hydra.sweep.dir=<that dir>`` resumes the
+unfinished jobs, again as one batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
-import importlib.util
 import logging
+import multiprocessing
+import os
+import shlex
+import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
-from omegaconf import DictConfig, OmegaConf
+import torch
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from quadnet.batched import batchable, group_key, train_chunk, train_many
-from quadnet.checkpoint import CheckpointError
-from quadnet.config import ConfigError, validate
+from quadnet import checkpoint, loop, rundir
+from quadnet.config import ConfigError, TrainConfig, to_dict, validate
+from quadnet.data import make_dataset
 from quadnet.device import describe, resolve_device
-from quadnet.jobdirs import Job, SweepFacts, set_job_fields, write_forked, write_job, writers_for
+from quadnet.engine import build
 
 log = logging.getLogger(__name__)
 
 # one line per launch; `python -m quadnet.bench sweep` reads it back
 TIMING_LINE = "composed %d jobs in %.2f s, trained in %.2f s, wrote their dirs in %.2f s"
-EXECUTORS = ("local", "slurm", "debug")  # submitit's clusters ("debug" runs the chunks in this process)
+EXECUTORS = ("local", "slurm", "debug")  # submitit's clusters ("debug": in this process)
+CHATTY = 16  # sweeps up to this size log a line per job; bigger ones a summary
 
 
-def _raise(error: Exception) -> Callable[[DictConfig], Any]:
-    def task(_: DictConfig) -> Any:
-        raise error
+@dataclasses.dataclass
+class Job:
+    """One job of a batched sweep, from its composed config to its result."""
 
-    return task
+    idx: int
+    overrides: list[str]
+    config: DictConfig  # as Hydra composed it, with its id and num set
+    cfg: TrainConfig | None = None
+    start: loop.Job | None = None  # where it starts (a fresh job, or an unfinished one resumed)
+    result: loop.Job | None = None
+    error: str | None = None
+    device: str = "cpu"  # as the summary records it
+    seconds: float = 0.0  # the wall time of the batch it trained in
+
+    @property
+    def dir(self) -> Path:
+        h = self.config.hydra
+        return Path(str(h.sweep.dir)) / str(h.sweep.subdir)
 
 
-def _train(groups: dict[tuple[Any, ...], list[Job]], max_batch: int) -> None:
-    """Train each group as one program here; a group that fails fails each of its jobs."""
-    for members in groups.values():
-        device = members[0].device
-        assert device is not None
+def group_key(job: Job) -> tuple[Any, ...]:
+    """Jobs that can train as one batch: same data, precision, device, log and checkpoint
+    points and start epoch. The NumPy engine and step=autograd (shared hyperparameters) train alone."""
+    c, alone = job.cfg, job.cfg.engine == "numpy" or job.cfg.step == "autograd"  # type: ignore[union-attr]
+    return (repr(c.data), c.dtype, c.device, c.optimizer, c.log_every, c.checkpoint_every, job.start.epoch, job.idx if alone else -1)  # type: ignore[union-attr]
+
+
+def _resumable(job: Job) -> loop.Job:
+    """The job's unfinished checkpoint in its dir (same config but epochs), else a fresh start."""
+    from quadnet.train import start_state
+
+    c = job.cfg
+    assert c is not None
+    for path in (job.dir / checkpoint.CHECKPOINT, job.dir.parent / ".batches" / f"{job.dir.name}.pt"):
+        if path.is_file():
+            try:
+                ck = checkpoint.load(path)
+            except checkpoint.CheckpointError:
+                continue
+            same = {**ck["config"], "epochs": c.epochs, "progress": c.progress, "plots": c.plots} == to_dict(c)
+            if same and ck["status"] in ("running", "interrupted") and ck["epoch"] <= c.epochs:
+                return loop.Job(c, ck["state"], ck["epoch"], ck["history"])
+    return loop.Job(c, start_state(c))
+
+
+def train_chunk(jobs: list[loop.Job], device: str | torch.device, stop: Callable[[], bool] = lambda: False, save_dir: Path | None = None) -> tuple[str, list[loop.Job], float]:
+    """One batch through the loop; returns the device as summaries record it, the jobs, the seconds.
+    (Also what a submitit job runs, where it lands.) A batch checkpoint goes to save_dir/.batches."""
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    data = make_dataset(jobs[0].cfg.data)
+    engine, dev = build([j.cfg for j in jobs], data, [j.state for j in jobs], dev)
+    save = None
+    if save_dir is not None:
+
+        def save(js: list[loop.Job]) -> None:  # one file for the batch: {job dir name: its state}
+            states = {j.name: checkpoint.payload(j.state, epoch=j.epoch, config=to_dict(j.cfg), status="running", history=j.history) for j in js}
+            (save_dir / ".batches").mkdir(exist_ok=True)
+            checkpoint.save(save_dir / ".batches" / f"{js[0].name}.pt", {"format": checkpoint.BATCH, "jobs": states})
+
+    t0 = time.perf_counter()
+    with loop.threads(jobs[0].cfg.threads):
+        loop.fit(engine, jobs, stop, save)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return describe(dev), jobs, time.perf_counter() - t0
+
+
+def _fits(jobs: list[Job], device: torch.device) -> int:
+    """Jobs per batch: up to 4,096 on the CPU; on CUDA, what half the free memory holds."""
+    if device.type != "cuda":
+        return 4096
+    data = make_dataset(jobs[0].cfg.data)  # type: ignore[union-attr]
+    n, h = max(len(data.x_train), len(data.x_test)), max(j.cfg.hidden_dim for j in jobs)  # type: ignore[union-attr]
+    per_job = 8 * (16 * n * (h + 4) + 16 * h * 8)  # activations and temporaries, generously
+    return max(1, int(torch.cuda.mem_get_info(device)[0] * 0.5) // per_job)
+
+
+def train_groups(groups: list[list[Job]], max_batch: int, stop: Callable[[], bool], sweep_dir: Path) -> None:
+    """Train each group here, in chunks; a chunk that fails is split until the failing job fails alone."""
+    todo = []
+    for g in groups:
+        size = max_batch or _fits(g, resolve_device(g[0].cfg.device))  # type: ignore[union-attr]
+        todo += [g[i : i + size] for i in range(0, len(g), size)]
+    while todo:
+        chunk = todo.pop(0)
+        starts = [dataclasses.replace(j.start, history=list(j.start.history), name=j.dir.name) for j in chunk]  # type: ignore[type-var]
         try:
-            results = train_many([m.cfg for m in members], device, max_batch)  # type: ignore[misc]
-        except Exception as e:
-            log.exception("batch of %d jobs failed", len(members))
-            for m in members:
-                m.error = e
+            label, done, seconds = train_chunk(starts, chunk[0].cfg.device, stop, sweep_dir)  # type: ignore[union-attr]
+        except Exception as e:  # noqa: BLE001 - a bad job must not take its batch down
+            if len(chunk) > 1:
+                todo[:0] = [chunk[: len(chunk) // 2], chunk[len(chunk) // 2 :]]
+                continue
+            chunk[0].error = one_line(e)
             continue
-        for m, r in zip(members, results, strict=True):
-            m.result = r
+        for j, r in zip(chunk, done, strict=True):
+            j.result, j.device, j.seconds = r, label, seconds
 
 
-def _train_submitit(
-    groups: dict[tuple[Any, ...], list[Job]], max_batch: int, executor: str, params: dict[str, Any], folder: Path
-) -> None:
-    """Hand each group to submitit in chunks of at most max_batch jobs, one batched program per
-    submitit job (a SLURM job array with cluster=slurm), and collect what they return. The
-    device is resolved where a chunk runs. A chunk that fails fails each of its jobs."""
+def train_submitit(groups: list[list[Job]], max_batch: int, executor: str, params: dict[str, Any], folder: Path) -> None:
+    """Each chunk of at most max_batch jobs as one submitit job (a SLURM job array on a cluster);
+    its device is resolved where it lands. A chunk that fails fails each of its jobs."""
     import submitit
 
     ex = submitit.AutoExecutor(folder=folder, cluster=executor)
     ex.update_parameters(**params)
-    chunks: list[list[Job]] = []
-    for members in groups.values():
-        size = max_batch or len(members)
-        chunks += [members[i : i + size] for i in range(0, len(members), size)]
+    chunks = [g[i : i + (max_batch or len(g))] for g in groups for i in range(0, len(g), max_batch or len(g))]
     with ex.batch():
-        futures = [ex.submit(train_chunk, [m.cfg for m in c], c[0].cfg.device, max_batch) for c in chunks]  # type: ignore[union-attr]
+        futures = [ex.submit(train_chunk, [j.start for j in c], c[0].cfg.device) for c in chunks]  # type: ignore[union-attr]
     log.info("Submitted %d batched program(s) to submitit (%s) in %s", len(chunks), executor, folder)
     for chunk, future in zip(chunks, futures, strict=True):
         try:
-            out = future.result()
-        except Exception as e:  # it crashed, timed out or was cancelled: its log says why
-            out = RuntimeError(
-                f"submitit job {future.job_id} ({len(chunk)} jobs) failed: {str(e).strip().splitlines()[-1]} "
-                f"(log: {future.paths.stderr})"
-            )
-        if isinstance(out, Exception):
-            for m in chunk:
-                m.error = out
+            label, done, seconds = future.result()
+        except Exception as e:  # noqa: BLE001 - it crashed, timed out or was cancelled: its log says why
+            for j in chunk:
+                j.error = f"submitit job {future.job_id} failed: {one_line(e)} (log: {future.paths.stderr})"
             continue
-        label, results = out
-        for m, r in zip(chunk, results, strict=True):
-            r.batch["submitit_job"] = future.job_id
-            m.result, m.device_label = r, label
+        for j, r in zip(chunk, done, strict=True):
+            j.result, j.device, j.seconds = r, label, seconds
 
 
-def _run_alone(hydra_context: Any, task_function: Callable[[DictConfig], Any], job: Job) -> JobReturn:
-    """A job that is not batched (or failed validation), through Hydra's own run_job."""
-    task = _raise(job.error) if job.error is not None else task_function
-    return run_job(
-        hydra_context=hydra_context,
-        task_function=task,
-        config=job.sweep_config,
-        job_dir_key="hydra.sweep.dir",
-        job_subdir_key="hydra.sweep.subdir",
-    )
+def one_line(e: BaseException) -> str:
+    from quadnet.cli import one_line as cli_one_line
+
+    if isinstance(e, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in str(e):
+        return f"out of memory: {type(e).__name__}; try fewer jobs per batch (hydra.launcher.max_batch) or a narrower net"
+    return cli_one_line(e)
 
 
-def _finish_jobs(
-    hydra_context: Any,
-    task_function: Callable[[DictConfig], Any],
-    jobs: list[Job],
-    facts: SweepFacts,
-    writers: int | None,
-) -> list[JobReturn]:
-    """Every job's dir and JobReturn, in job order: batched ones written from their result, the rest run."""
-    for job in jobs:
-        log.info(
-            "\t#%d : %s%s", job.idx, " ".join(filter_overrides(job.overrides)), f"  ({job.alone})" if job.alone else ""
-        )
-    written = [j for j in jobs if j.result is not None]
-    workers = 0 if facts.has_callbacks else writers_for(len(written), writers)
-    returns: dict[int, JobReturn] = {}
-    if workers:
-        returns.update(zip([j.idx for j in written], write_forked(written, facts, workers), strict=True))
-    for job in jobs:
-        if job.idx not in returns:
-            if job.result is not None:
-                returns[job.idx] = write_job(hydra_context, task_function, job, facts)
-            else:
-                returns[job.idx] = _run_alone(hydra_context, task_function, job)
-    return [returns[j.idx] for j in jobs]
+# ---------------------------------------------------------------------- writing each job through run_job
 
 
-def _compose(
-    hydra_context: Any,
-    config: DictConfig,
-    job_overrides: Sequence[Sequence[str]],
-    initial_job_idx: int,
-    plots: bool,
-    resolve: bool,
-    facts: SweepFacts,
-) -> list[Job]:
-    jobs: list[Job] = []
-    for i, overrides in enumerate(job_overrides):
-        idx = initial_job_idx + i
-        sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
-        set_job_fields(sweep_config, idx, facts)
-        job = Job(idx, list(overrides), sweep_config)
-        try:
-            job.composed = validate(sweep_config)
-            job.cfg = dataclasses.replace(job.composed, plots=plots)
-            job.alone = batchable(job.cfg)
-            if job.alone is None and resolve:  # else where its batch runs
-                job.device = resolve_device(job.cfg.device)
-                job.device_label = describe(job.device)
-        except (ConfigError, CheckpointError) as e:
-            job.error = e
-        jobs.append(job)
-        if i % 64 == 63:
-            gc.freeze()
-    return jobs
+def _writer(job: Job, stop_signal: int | None, n_jobs: int) -> Callable[[DictConfig], Any]:
+    """The task run_job runs for a batched job: write its dir from its result."""
+
+    def task(_: DictConfig) -> Any:
+        from quadnet.train import conclude
+
+        out = Path(str(job.config.hydra.runtime.output_dir))
+        if job.error is not None or job.result is None:
+            rundir.write_failed(out, job.error or "not trained", None if job.cfg is None else to_dict(job.cfg))
+            raise ConfigError(job.error or "not trained")
+        data = make_dataset(job.cfg.data)  # type: ignore[union-attr]
+        summary = rundir.write(out, job.result, data, job.device, job.seconds, stop_signal, {"batch": {"jobs": n_jobs}})
+        return conclude(summary, single_run=False, exit=False, quiet=n_jobs > CHATTY)
+
+    return task
 
 
-def launch_batched(
-    *,
-    hydra_context: Any,
-    task_function: Callable[[DictConfig], Any],
-    config: DictConfig,
-    job_overrides: Sequence[Sequence[str]],
-    initial_job_idx: int,
-    plots: bool,
-    max_batch: int,
-    writers: int | None = None,
-    executor: str | None = None,
-    executor_params: dict[str, Any] | None = None,
-) -> list[JobReturn]:
-    if max_batch < 0:
-        raise ConfigError(f"hydra.launcher.max_batch={max_batch} is not allowed: must be >= 0 (0: what fits)")
-    if writers is not None and writers < 0:
-        raise ConfigError(f"hydra.launcher.writers={writers} is not allowed: must be >= 0, or null for one per core")
-    if executor is not None:
-        if executor not in EXECUTORS:
-            raise ConfigError(
-                f"hydra.launcher.executor={executor!r} is not allowed: choose one of {', '.join(EXECUTORS)}, or null"
-            )
-        if importlib.util.find_spec("submitit") is None:
-            raise ConfigError(f"hydra.launcher.executor={executor} needs submitit: pip install -e '.[sweep]'")
+def _run(ctx: Any, task: Callable[[DictConfig], Any], config: DictConfig) -> JobReturn:
+    return run_job(hydra_context=ctx, task_function=task, config=config, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+
+
+_FORKED: tuple[Any, list[Job], int | None, int] | None = None  # what the forked writers inherit
+
+
+def _write_some(positions: list[int]) -> list[tuple[JobStatus, Any]]:
+    assert _FORKED is not None
+    ctx, jobs, sig, n = _FORKED
+    out = []
+    for i in positions:
+        r = _run(ctx, _writer(jobs[i], sig, n), jobs[i].config)
+        value = r._return_value
+        out.append((r.status, value if r.status == JobStatus.COMPLETED else RuntimeError(str(value))))
+    return out
+
+
+def write_all(ctx: Any, jobs: list[Job], writers: int, stop_signal: int | None) -> list[JobReturn]:
+    """Every job's dir through Hydra's run_job: here, or by forked writers (Linux, no callbacks).
+
+    run_job costs ~22 ms a job on 2 cores, more than training it in a batch: forked writers share
+    that work; each sends back only the job's status and value (a JobReturn without `cfg`)."""
+    global _FORKED
+    if not writers:
+        return [_run(ctx, _writer(j, stop_signal, len(jobs)), j.config) for j in jobs]
+    chunk = max(1, min(256, len(jobs) // (4 * writers)))
+    parts = [list(range(i, min(i + chunk, len(jobs)))) for i in range(0, len(jobs), chunk)]
+    _FORKED, outcomes = (ctx, jobs, stop_signal, len(jobs)), []
+    try:
+        with ProcessPoolExecutor(writers, mp_context=multiprocessing.get_context("fork"), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for part, future in zip(parts, [pool.submit(_write_some, p) for p in parts], strict=True):
+                try:
+                    outcomes += future.result()
+                except Exception as e:  # noqa: BLE001 - a writer died: its jobs fail, not the sweep
+                    outcomes += [(JobStatus.FAILED, e)] * len(part)
+    finally:
+        _FORKED = None
+    name = str(jobs[0].config.hydra.job.name)
+    return [
+        JobReturn(overrides=list(j.config.hydra.overrides.task), hydra_cfg=j.config, working_dir=os.getcwd(), task_name=name, status=s, _return_value=v)
+        for j, (s, v) in zip(jobs, outcomes, strict=True)
+    ]
+
+
+# ---------------------------------------------------------------------- the launcher
+
+
+def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) -> list[JobReturn]:
+    from quadnet.train import task as quadnet_task
+
+    ctx, config, opts = launcher.hydra_context, launcher.config, launcher.options
+    check_options(opts)
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    chatty = len(job_overrides) <= CHATTY
+    log.info("Launching %d jobs%s", len(job_overrides), " batched" if launcher.task_function is quadnet_task else "")
 
-    # Thousands of composed configs stay alive through the launch: keep the cyclic GC from
-    # rescanning them on every full pass (it doubled training time, and made composing 2,000
-    # jobs take longer than writing them). FastSweepLoader freezes the ones it made, too.
-    gc.freeze()
-    try:
-        # 1. compose and validate every job, as Hydra's basic launcher would
-        t0 = time.perf_counter()
-        facts = SweepFacts.of(config)
-        jobs = _compose(hydra_context, config, job_overrides, initial_job_idx, plots, executor is None, facts)
-        gc.freeze()
+    # 1. compose every job, as Hydra's basic launcher does
+    t0 = time.perf_counter()
+    jobs = []
+    for i, overrides in enumerate(job_overrides):
+        config_i = ctx.config_loader.load_sweep_config(config, list(overrides))
+        with open_dict(config_i):
+            config_i.hydra.job.id = config_i.hydra.job.num = initial_job_idx + i
+        jobs.append(Job(initial_job_idx + i, list(overrides), config_i))
+        (log.info if chatty else log.debug)("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(overrides)))
+    if launcher.task_function is not quadnet_task:  # not quadnet's: each job as Hydra runs it
+        return [_ran(ctx, launcher.task_function, j.config, config) for j in jobs]
+    for j in jobs:
+        try:
+            j.cfg = validate(j.config)
+            j.start = _resumable(j)
+        except (ConfigError, checkpoint.CheckpointError) as e:
+            j.error = str(e)
+    groups: dict[tuple[Any, ...], list[Job]] = defaultdict(list)
+    for j in jobs:
+        if j.error is None:
+            groups[group_key(j)].append(j)
+    log.info("%d jobs in %d batch group(s), %d refused", sum(map(len, groups.values())), len(groups), sum(j.error is not None for j in jobs))
 
-        # 2. train each group of batchable jobs as one program
-        groups: dict[tuple[Any, ...], list[Job]] = defaultdict(list)
-        for job in jobs:
-            if job.error is None and job.alone is None:
-                assert job.cfg is not None
-                groups[group_key(job.cfg, job.device or job.cfg.device)].append(job)
-        log.info(
-            "Launching %d jobs: %d batched in %d group(s), %d on their own, %d invalid",
-            len(jobs),
-            sum(len(g) for g in groups.values()),
-            len(groups),
-            sum(1 for j in jobs if j.alone is not None and j.error is None),
-            sum(1 for j in jobs if j.error is not None),
-        )
-        t1 = time.perf_counter()
-        if executor is None:
-            _train(groups, max_batch)
+    # 2. train each group as one program, here or through submitit
+    t1 = time.perf_counter()
+    with loop.catch_signals() as stop:
+        if opts["executor"] is None:
+            train_groups(list(groups.values()), opts["max_batch"], stop, sweep_dir)
         else:
-            folder = Path(str(config.hydra.sweep.dir)) / ".submitit"
-            params = executor_params or {}
-            if isinstance(params, DictConfig):
-                params = OmegaConf.to_container(params, resolve=True)
-            _train_submitit(groups, max_batch, executor, dict(params), folder)  # type: ignore[arg-type]
+            params = OmegaConf.to_container(opts["executor_params"]) if isinstance(opts["executor_params"], DictConfig) else dict(opts["executor_params"] or {})
+            train_submitit(list(groups.values()), opts["max_batch"], opts["executor"], params, sweep_dir / ".submitit")  # type: ignore[arg-type]
 
-        # 3. write every job's dir (or run it, if it is not batched)
+        # 3. every job's dir, through Hydra's run_job (the signal handlers stay up until all are written)
         t2 = time.perf_counter()
-        returns = _finish_jobs(hydra_context, task_function, jobs, facts, writers)
-    finally:
-        gc.unfreeze()
-    log.info(
-        TIMING_LINE,
-        len(jobs),
-        t1 - t0,
-        t2 - t1,
-        time.perf_counter() - t2,
-    )
+        writers = 0 if ctx.callbacks.callbacks or sys.platform != "linux" else opts["writers"]
+        if writers is None:
+            writers = 0 if len(jobs) < 64 else min(loop.usable_cpus(), len(jobs) // 32)
+        returns = write_all(ctx, jobs, min(writers, len(jobs)), stop.signal)
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    log.info(TIMING_LINE, len(jobs), t1 - t0, t2 - t1, time.perf_counter() - t2)
+    _summarise(jobs, sweep_dir, stop.signal)
     return returns
+
+
+def _ran(ctx: Any, task: Callable[[DictConfig], Any], config_i: DictConfig, config: DictConfig) -> JobReturn:
+    ret = _run(ctx, task, config_i)
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    return ret
+
+
+def _summarise(jobs: list[Job], sweep_dir: Path, stop_signal: int | None) -> None:
+    """One line for the whole sweep; on a signal, how to resume it, and the exit."""
+    counts: dict[str, int] = defaultdict(int)
+    for j in jobs:
+        counts["failed" if j.result is None else j.result.status] += 1
+    log.info("%d jobs: %s; report: python -m quadnet.report %s", len(jobs), ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), shlex.quote(str(sweep_dir)))
+    if stop_signal is None:
+        return
+    args = [a for a in sys.argv[1:] if not a.startswith("hydra.sweep.dir=")]
+    log.warning(
+        "interrupted: every job's dir has its checkpoint. Resume the sweep with:\n  python -m quadnet.train %s\n"
+        "or one job with: python -m quadnet.train resume=<job dir>",
+        shlex.join([*args, f"hydra.sweep.dir={sweep_dir}"]),
+    )
+    sys.exit(128 + stop_signal)
+
+
+def check_options(opts: dict[str, Any]) -> None:
+    if opts["max_batch"] < 0:
+        raise ConfigError(f"hydra.launcher.max_batch={opts['max_batch']} is not allowed: must be >= 0 (0: what fits)")
+    if opts["writers"] is not None and opts["writers"] < 0:
+        raise ConfigError(f"hydra.launcher.writers={opts['writers']} is not allowed: must be >= 0, or null for one per core")
+    if opts["executor"] is not None:
+        if opts["executor"] not in EXECUTORS:
+            raise ConfigError(f"hydra.launcher.executor={opts['executor']!r} is not allowed: choose one of {', '.join(EXECUTORS)}, or null")
+        import importlib.util
+
+        if importlib.util.find_spec("submitit") is None:
+            raise ConfigError(f"hydra.launcher.executor={opts['executor']} needs submitit: pip install -e '.[sweep]'")

@@ -1,18 +1,20 @@
 """``python -m quadnet.train [overrides]``: one training run, or a sweep with ``-m``.
 
-:func:`train` is the plain function (tests call it in-process); :func:`main` is the
-thin Hydra entry point around it.
+:func:`train` is the plain function (a config in, a run dir and its summary out);
+:func:`run` calls it from Python with the command line's keys; :func:`task` is what
+Hydra runs for each job, and :func:`main` the entry point around it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import math
-import secrets
+import shlex
+import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,82 +27,115 @@ from quadnet.config import ConfigError, TrainConfig, config_dir, register_config
 
 log = logging.getLogger("quadnet")
 
-# Keys that must not change when resuming: the model's shape and its data.
-_SHAPE_KEYS = ("hidden_dim", "data")
-
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
     return out
 
 
 def _explicit_keys(cfg: Any, resolved: dict[str, Any]) -> set[str]:
-    """The keys the user set: a plain dict's own keys; for Hydra's config, the CLI's overrides;
-    otherwise the keys whose values differ from the defaults."""
+    """The keys the user set: a dict's own keys; in Hydra, the command line's; else those not at their default."""
     from hydra.core.hydra_config import HydraConfig
 
     if isinstance(cfg, dict):
         return set(_flatten(cfg))
     if isinstance(cfg, DictConfig) and HydraConfig.initialized():
-        keys = set()
-        for o in HydraConfig.get().overrides.task:
-            key = o.split("=", 1)[0].lstrip("+~")
-            keys.add("data.name" if key == "data" else key)
-        return keys
+        keys = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+        return {"data.name" if k == "data" else k for k in keys}
     defaults = _flatten(dataclasses.asdict(TrainConfig()))
     return {k for k, v in _flatten(resolved).items() if defaults.get(k, object()) != v}
 
 
-def _resume_config(cfg: Any, resolved: dict[str, Any], ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's config, with the keys the user set now on top of it."""
+def resume_config(cfg: Any, c: TrainConfig, ckpt: dict[str, Any]) -> TrainConfig:
+    """The checkpoint's config with the keys the user set now on top; its shape and data stay."""
+    resolved = dataclasses.asdict(c)
     merged = OmegaConf.create(ckpt["config"])
     flat = _flatten(resolved)
     for key in sorted(_explicit_keys(cfg, resolved) & set(flat)):
         OmegaConf.update(merged, key, flat[key])
-    out = OmegaConf.to_container(merged)
-    assert isinstance(out, dict)
-    for key in _SHAPE_KEYS:
-        if out[key] != ckpt["config"][key]:
+    new = validate(OmegaConf.to_container(merged))  # type: ignore[arg-type]
+    for key in ("hidden_dim", "data", "optimizer"):
+        if getattr(new, key) != getattr(ckpt["cfg"], key):
             raise ConfigError(
-                f"cannot resume {ckpt['path']!r} with {key}={out[key]!r}: the checkpoint was trained "
-                f"with {key}={ckpt['config'][key]!r}, and a run cannot change its shape or data"
+                f"cannot resume {ckpt['path']!r} with {key}={getattr(new, key)!r}: it was trained with "
+                f"{key}={getattr(ckpt['cfg'], key)!r}, and a run cannot change its shape, data or optimizer"
             )
-    return out
+    if ckpt["epoch"] > new.epochs:
+        raise ConfigError(f"epochs={new.epochs} is below the checkpoint's epoch {ckpt['epoch']}; resume continues to a later epoch")
+    return new
 
 
-def _default_run_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
+def start_state(c: TrainConfig) -> dict[str, Any]:
+    from quadnet.model import initial_params
 
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    return Path("outputs") / f"{stamp}_{secrets.token_hex(3)}"
+    return {"params": initial_params(c.hidden_dim, c.seed, c.init), "optimizer": {}, "step": 0}
 
 
 def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Validate ``cfg``, train, write the run dir, and return the summary.
 
-    Raises :class:`~quadnet.config.ConfigError` or
-    :class:`~quadnet.checkpoint.CheckpointError` for bad input, before anything is written.
+    Raises :class:`~quadnet.config.ConfigError` or :class:`~quadnet.checkpoint.CheckpointError`
+    for bad input before anything is trained.
     """
-    from quadnet.trainer import Trainer
+    from quadnet import loop, rundir
+    from quadnet.data import make_dataset
+    from quadnet.device import describe
+    from quadnet.engine import build
 
     c = validate(cfg)
-    ckpt = None
+    job = loop.Job(c, {})
     if c.resume:
         ckpt = checkpoint.load(c.resume)
-        c = validate(_resume_config(cfg, dataclasses.asdict(c), ckpt))
-        if ckpt["epoch"] > c.epochs:
-            raise ConfigError(
-                f"epochs={c.epochs} is below the checkpoint's epoch {ckpt['epoch']}; resume continues to a later epoch"
-            )
-    trainer = Trainer(c, Path(run_dir) if run_dir is not None else _default_run_dir(), resume=ckpt)
-    return trainer.fit()
+        job.cfg = c = resume_config(cfg, c, ckpt)
+        job.state, job.epoch, job.history = ckpt["state"], ckpt["epoch"], [r for r in ckpt["history"] if r["epoch"] <= ckpt["epoch"]]
+    else:
+        job.state = start_state(c)
+    out = Path(run_dir) if run_dir is not None else _default_run_dir()
+    data = make_dataset(c.data)
+    engine, device = build([c], data, [job.state])
+    log.info(
+        "quadnet: %s data, hidden_dim=%d, %d epochs, %s engine%s, %s on %s (%s)%s",
+        c.data.name, c.hidden_dim, c.epochs, c.engine, f"/{c.step}" if c.engine == "torch" else "",
+        c.optimizer, describe(device), c.dtype, f"; resuming at epoch {job.epoch}" if job.epoch else "",
+    )  # fmt: skip
+    save = lambda jobs: checkpoint.save(out / checkpoint.CHECKPOINT, checkpoint.payload(jobs[0].state, epoch=jobs[0].epoch, config=dataclasses.asdict(c), status="running", history=jobs[0].history))  # noqa: E731
+    with loop.threads(c.threads), loop.catch_signals() as stop:
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        loop.fit(engine, [job], stop, save)
+        seconds = time.perf_counter() - t0
+        return rundir.write(out, job, data, describe(device), seconds, stop.signal)
+
+
+def _default_run_dir() -> Path:
+    """Hydra's run dir for this job; outside Hydra, the one train.yaml names (outputs/<time>)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from quadnet.config import compose
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(compose([], with_hydra=True).hydra.run.dir)
+
+
+def run(*overrides: str, run_dir: str | Path | None = None, **keys: Any) -> dict[str, Any]:
+    """Train from Python with the command line's keys; returns the summary (its ``run_dir`` says where).
+
+    ``quadnet.run("data=sampled", hidden_dim=10, epochs=500)``; dotted keys as ``**{"data.n_train": 64}``.
+    Each call composes afresh, so it can be called again in the same process (a notebook)."""
+    from quadnet.config import compose
+
+    from quadnet.rundir import headline
+
+    summary = train(compose([*overrides, *(f"{k}={_value(v)}" for k, v in keys.items())]), run_dir=run_dir)
+    headline(summary)
+    return summary
+
+
+def _value(v: Any) -> str:
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def objective_value(summary: dict[str, Any], objective: str) -> float:
@@ -111,56 +146,73 @@ def objective_value(summary: dict[str, Any], objective: str) -> float:
     return math.inf if value is None else value
 
 
-def conclude(summary: dict[str, Any], single_run: bool | None = None) -> float:
-    """Report how a run ended (a sweep's jobs without their table of test points), exit
-    non-zero where a single run must, and return the objective.
+def conclude(summary: dict[str, Any], single_run: bool = True, exit: bool = True, quiet: bool = False) -> float:
+    """Report how a run ended, exit where it must, and return the objective.
 
-    Interrupted: print the resume command and exit 128+signal. Diverged: an error line, and
-    exit 3 in a single run; in a sweep the other jobs carry on and this one scores +inf.
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+    Interrupted: the resume command, and exit 128+signal (a sweep under Hydra's basic launcher
+    stops there too). Diverged: an error line, exit 3 in a single run; in a sweep the other
+    jobs carry on and this one scores +inf. `quiet`: the headline at debug level (big sweeps)."""
+    from quadnet.rundir import headline
 
-    from quadnet.trainer import report
-
-    if single_run is None:
-        single_run = not HydraConfig.initialized() or HydraConfig.get().mode == RunMode.RUN
-    report(summary, table=single_run)
+    headline(summary, table=single_run, level=logging.DEBUG if quiet else logging.INFO)
     status = summary["status"]
     if status == "interrupted":
-        from quadnet.trainer import resume_command
-
-        log.warning(
-            "interrupted at epoch %d; checkpoint written. Resume with:\n  %s",
-            summary["epoch"],
-            resume_command(Path(summary["run_dir"])),
-        )
-        sys.exit(128 + signal.Signals[summary["signal"]].value)
+        log.log(logging.DEBUG if quiet else logging.WARNING, "interrupted at epoch %d; checkpoint written. Resume with:\n  %s", summary["epoch"], resume_command(summary["run_dir"]))
+        if exit:
+            sys.exit(128 + signal.Signals[summary["signal"] or "SIGINT"].value)
     if status == "diverged":
-        log.error(
-            "diverged: the loss became non-finite at epoch %d (lr=%g); try a smaller lr",
-            summary["epoch"],
-            summary["config"]["lr"],
-        )
-        if single_run:
+        log.log(logging.DEBUG if quiet else logging.ERROR, "diverged: the loss became non-finite at epoch %d (lr=%g); try a smaller lr", summary["epoch"], summary["config"]["lr"])
+        if single_run and exit:
             sys.exit(3)
     return objective_value(summary, summary["config"]["objective"])
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def _hydra_entry(cfg: DictConfig) -> float:
+def resume_command(run_dir: str | Path) -> str:
+    return f"python -m quadnet.train resume={shlex.quote(str(run_dir))}"
+
+
+def task(cfg: DictConfig) -> float:
+    """One job, as Hydra runs it. A refused single run leaves no dir behind; a refused sweep
+    job keeps its dir, with the reason in its summary.json."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    single = hc.mode == RunMode.RUN
     try:
         summary = train(cfg)
-    except (ConfigError, checkpoint.CheckpointError) as e:
+    except (ConfigError, checkpoint.CheckpointError, OSError, MemoryError) as e:
+        out = Path(hc.runtime.output_dir)
+        if not single:
+            from quadnet.rundir import write_failed
+
+            write_failed(out, e)
+            raise
+        if {p.name for p in out.iterdir()} <= {hc.output_subdir, f"{hc.job.name}.log"}:
+            shutil.rmtree(out, ignore_errors=True)  # only what this run made: Hydra's record and an empty log
         fail(str(e))
-    return conclude(summary)
+    return conclude(summary, single_run=single)
+
+
+_hydra_main = hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(task)
 
 
 def main() -> None:
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        from quadnet.config import help_text
+
+        print(f"usage: python -m quadnet.train [key=value ...] [-m key=a,b ...]\n\nkeys (default, meaning):\n{help_text()}")
+        print("\nconfig groups: data=seed|sampled|csv, hydra/launcher=batched|basic|joblib|submitit_local|slurm, +hparams_search=optuna, +experiment=epochs_study")
+        print("Hydra's own options: --hydra-help")
+        return
     register_configs()
     with friendly_errors():
-        _hydra_entry()
+        _hydra_main()
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module's main, not this __main__ copy's: the batched launcher knows
+    # quadnet's jobs by their task function, quadnet.train.task.
+    from quadnet import train as _module
+
+    _module.main()

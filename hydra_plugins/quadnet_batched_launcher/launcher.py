@@ -1,7 +1,7 @@
-"""A Hydra launcher that trains every batchable job of a sweep as one batched program.
+"""A Hydra launcher that trains quadnet's jobs of a sweep as a few batched programs.
 
 Discovery imports this module, so it imports nothing heavy: torch and quadnet's training
-code load only when a sweep is launched.
+code load only when a sweep is launched (:func:`quadnet.sweep.launch` does the work).
 """
 
 from __future__ import annotations
@@ -18,21 +18,8 @@ from hydra_plugins.quadnet_batched_launcher.config import BatchedLauncherConf  #
 
 
 class BatchedLauncher(Launcher):
-    def __init__(
-        self,
-        plots: bool = False,
-        max_batch: int = 0,
-        writers: int | None = None,
-        executor: str | None = None,
-        executor_params: Any = None,
-    ) -> None:
-        self.options: dict[str, Any] = {
-            "plots": plots,
-            "max_batch": max_batch,
-            "writers": writers,
-            "executor": executor,
-            "executor_params": executor_params,
-        }
+    def __init__(self, **options: Any) -> None:
+        self.options = options  # BatchedLauncherConf's fields
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -40,20 +27,12 @@ class BatchedLauncher(Launcher):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from quadnet.fastcompose import FastSweepLoader
 
-        # The sweeper shares this context: its batch validation gets the fast loader too.
+        # The sweeper shares this context: its check of each batch gets the fast loader too.
         if not isinstance(hydra_context.config_loader, FastSweepLoader):
             hydra_context.config_loader = FastSweepLoader(hydra_context.config_loader)  # type: ignore[assignment]
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from quadnet.sweep import launch_batched
+        from quadnet.sweep import launch
 
-        assert self.config is not None and self.hydra_context is not None and self.task_function is not None
-        return launch_batched(
-            hydra_context=self.hydra_context,
-            task_function=self.task_function,
-            config=self.config,
-            job_overrides=job_overrides,
-            initial_job_idx=initial_job_idx,
-            **self.options,
-        )
+        return launch(self, [list(o) for o in job_overrides], initial_job_idx)

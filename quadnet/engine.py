@@ -1,0 +1,176 @@
+"""The torch engine: J jobs of one group trained as one program (a single run is J = 1).
+
+Jobs share their data, dtype and device; seed, init, hidden_dim and every optimizer
+hyperparameter may differ. A step is :func:`quadnet.model.forward`, the softmax
+cross-entropy's gradient, :func:`quadnet.model.backward` and the update rule of
+:mod:`quadnet.optim` (``step=fused``), or autograd through :class:`~quadnet.model.QuadNet`
+and torch.optim (``step=autograd``, the reference semantics; hyperparameters shared).
+On CUDA, runs of steps are captured once as a CUDA graph and replayed.
+
+Both this and the NumPy engine (:class:`quadnet.reference.NumpyEngine`) offer what
+:func:`quadnet.loop.fit` needs: ``run``, ``metrics``, ``export`` and ``keep``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from quadnet import model, optim
+from quadnet.config import TrainConfig
+from quadnet.data import Dataset
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+GRAPH_STEPS = 25  # steps per CUDA graph replay: few enough that Ctrl-C stays prompt
+
+JobState = dict[str, Any]  # {"params": Params, "optimizer": {buffer: Params}}
+
+
+class TorchEngine:
+    def __init__(self, cfgs: list[TrainConfig], data: Dataset, device: torch.device, starts: list[JobState]) -> None:
+        c0 = cfgs[0]
+        self.cfgs, self.device, self.dtype = cfgs, device, DTYPES[c0.dtype]
+        self.rule, self.autograd = c0.optimizer, c0.step == "autograd"
+        self.hidden = max(c.hidden_dim for c in cfgs)
+        as_t = lambda a: torch.as_tensor(np.asarray(a), dtype=self.dtype, device=device)  # noqa: E731
+        self.x, self.x_test = as_t(data.x_train), as_t(data.x_test)
+        self.y, self.y_test = (torch.as_tensor(y, device=device) for y in (data.y_train, data.y_test))
+        self.onehot = F.one_hot(self.y.clamp_min(0), model.NUM_CLASSES).to(self.dtype)
+        self.params = model.stack([s["params"] for s in starts], self.hidden, self.dtype, device)
+        self.h: optim.Hyper = {}
+        for name in optim.HYPER[self.rule]:
+            values = [float(getattr(c, name)) for c in cfgs]
+            self.h[name] = values[0] if len(set(values)) == 1 else as_t(values).view(-1, 1, 1)
+        self.state = {
+            b: model.stack([s["optimizer"].get(b) or _zeros(s["params"]) for s in starts], self.hidden, self.dtype, device)
+            for b in optim.buffers(self.rule, self.h)
+        }
+        self.t = torch.zeros((), dtype=self.dtype, device=device)  # steps taken (Adam's bias correction)
+        self.t += starts[0].get("step", 0)
+        self.rows = list(range(len(cfgs)))  # the caller's index of each job still here
+        self._graph: Any = None
+        self._opt: torch.optim.Optimizer | None = None
+        self._views()
+        if self.autograd:
+            self._net = model.QuadNet(self.params)
+            self.params = list(self._net.params)
+            self._opt = optim.torch_optimizer(self.rule, self.params, self.h)
+            optim.load_torch_state(self._opt, self.params, self.state, int(self.t))
+
+    # ------------------------------------------------------------------ training
+
+    def _views(self) -> None:
+        """What a step works on: for one job, 2-D views of its tensors (cheaper ops; the updates
+        land in the same storage), else the stacked tensors themselves."""
+        one = (lambda ts: [t[0] for t in ts]) if len(self.rows) == 1 else list  # noqa: E731
+        self._p, self._s = one(self.params), {n: one(b) for n, b in self.state.items()}
+        self._onehot = self.onehot if len(self.rows) == 1 else self.onehot.expand(len(self.rows), -1, -1)
+
+    def step(self) -> torch.Tensor:
+        """One step of every job. Returns each job's summed log-probabilities (J,), finite exactly
+        when its loss is, so that divergence is found without a host sync per step."""
+        if self.rule == "adam":
+            self.t += 1
+        if self.autograd:
+            self._opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            with torch.enable_grad():
+                logits = self._net(self.x)
+                j, n = logits.shape[:2]  # the sum of the jobs' mean losses: each job's gradient is its own
+                F.cross_entropy(logits.flatten(0, 1), self.y.repeat(j), reduction="sum").div(n).backward()
+            self._opt.step()  # type: ignore[union-attr]
+            return torch.log_softmax(logits.detach(), dim=2).sum((1, 2))
+        a, logits = model.forward(self._p, self.x)
+        logp = torch.log_softmax(logits, dim=-1)
+        loss = logp.sum((-2, -1))
+        dlogits = logp.exp_().sub_(self._onehot).div_(self.x.shape[0])  # of the mean cross-entropy
+        optim.RULES[self.rule](self._p, model.backward(self._p, self.x, a, dlogits), self._s, self.h, self.t)
+        return loss
+
+    def run(self, n: int, stop: Callable[[], bool]) -> tuple[int, list[int]]:
+        """Up to n steps of every job, stopping early when stop() says so. Returns the steps done
+        and, per job, the first of them whose loss was not finite (-1: none)."""
+        losses: list[torch.Tensor] = []
+        with torch.inference_mode(not self.autograd):
+            while len(losses) < n and not (losses and stop()):
+                if self._graphed(n - len(losses)):
+                    self._graph.replay()
+                    losses += self._graph_losses.clone().unbind(0)
+                else:
+                    losses.append(self.step())
+        bad = ~torch.isfinite(torch.stack(losses).view(len(losses), -1))
+        first = torch.where(bad.any(0), bad.to(torch.uint8).argmax(0), -1)
+        return len(losses), first.tolist()  # the one host sync of a call
+
+    def _graphed(self, left: int) -> bool:
+        """Whether to replay the CUDA graph of GRAPH_STEPS steps; captured at first use."""
+        if self.device.type != "cuda" or self.autograd or not self.cfgs[0].cuda_graph or left < GRAPH_STEPS:
+            return False
+        if self._graph is None:
+            live = [*self.params, *(b for bufs in self.state.values() for b in bufs), self.t]
+            saved = [t.clone() for t in live]
+            side = torch.cuda.Stream(device=self.device)  # capture needs warm-up on a side stream
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            for t, s in zip(live, saved, strict=True):
+                t.copy_(s)  # undo the warm-up steps
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._graph_losses = torch.stack([self.step().view(-1) for _ in range(GRAPH_STEPS)])
+        return True
+
+    # ------------------------------------------------------------------ reading and dropping jobs
+
+    @torch.no_grad()
+    def metrics(self) -> list[dict[str, float]]:
+        """Per job: mean cross-entropy (no L2 term) and accuracy on train and test, in float64;
+        points on an axis (class -1) count in neither."""
+        cols = []
+        for x, y in ((self.x, self.y), (self.x_test, self.y_test)):
+            keep = y >= 0
+            z = model.forward(self.params, x[keep])[1].double()
+            t = y[keep]
+            nll = -torch.log_softmax(z, dim=2).gather(2, t.view(1, -1, 1).expand(z.shape[0], -1, 1)).mean((1, 2))
+            cols += [nll, (z.argmax(2) == t).double().mean(1)]
+        loss, train_acc, test_loss, test_acc = torch.stack(cols).cpu().tolist()  # one transfer for every job
+        keys = ("loss", "train_accuracy", "test_loss", "test_accuracy")
+        return [dict(zip(keys, v, strict=True)) for v in zip(loss, train_acc, test_loss, test_acc, strict=True)]
+
+    def export(self, rows: list[int]) -> list[JobState]:
+        """Jobs at `rows`: their parameters and optimizer buffers, unpadded, float64 NumPy."""
+        dims = [self.cfgs[self.rows[r]].hidden_dim for r in rows]
+        state = self.state if self._opt is None else optim.torch_state(self._opt, self.params, tuple(self.state))
+        bufs = {n: model.unstack(b, rows, dims) for n, b in state.items()}
+        params = model.unstack(self.params, rows, dims)
+        step = int(self.t)
+        return [{"params": p, "optimizer": {n: b[i] for n, b in bufs.items()}, "step": step} for i, p in enumerate(params)]
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every job but those at `rows` (the batch shrinks; a CUDA graph is captured again)."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        pick = lambda ts: [t.index_select(0, idx) for t in ts]  # noqa: E731
+        self.params, self.state = pick(self.params), {n: pick(b) for n, b in self.state.items()}
+        self.h = {n: v if isinstance(v, float) else v.index_select(0, idx) for n, v in self.h.items()}
+        self.rows, self._graph = [self.rows[r] for r in rows], None
+        self._views()
+
+
+def build(cfgs: list[TrainConfig], data: Dataset, starts: list[JobState], device: torch.device | None = None) -> tuple[Any, torch.device]:
+    """The engine for a batch of jobs (one job for engine=numpy), and the device it computes on."""
+    from quadnet.device import resolve_device
+    from quadnet.reference import NumpyEngine
+
+    if cfgs[0].engine == "numpy":
+        return NumpyEngine(cfgs, data, None, starts), torch.device("cpu")
+    device = device or resolve_device(cfgs[0].device)
+    return TorchEngine(cfgs, data, device, starts), device
+
+
+def _zeros(p: model.Params) -> model.Params:
+    return {k: np.zeros_like(v) for k, v in p.items()}

@@ -1,0 +1,191 @@
+"""The training loop: every job of a batch to its own end. A single run is a batch of one.
+
+:func:`fit` reads top to bottom: finish the jobs whose epochs are reached, run every other
+job to the next log point, checkpoint or end, take the jobs whose loss went non-finite out
+at the exact epoch, and record metrics at log points. Ctrl-C or SIGTERM
+(:func:`catch_signals`) ends every job as ``interrupted`` at the same step. The caller
+writes each job's dir from its :class:`Job`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quadnet.config import TrainConfig
+
+log = logging.getLogger("quadnet")
+
+
+@dataclass
+class Job:
+    """One job's progress: where it starts and, once it leaves the loop, how it ended."""
+
+    cfg: TrainConfig
+    state: dict[str, Any]  # params, optimizer buffers and step: at the start, then at `epoch`
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    status: str = "running"  # then completed | diverged | interrupted
+    frames: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (epoch, params) if cfg.animate
+    name: str = ""  # in a sweep, its dir's name (a key of the batch checkpoint)
+
+
+def fit(engine: Any, jobs: list[Job], stop: Callable[[], bool], save: Callable[[list[Job]], None] | None = None) -> None:
+    """Train the jobs in `engine` (all at the same start epoch, sharing log_every and
+    checkpoint_every); `save(jobs)` is called at each checkpoint."""
+    c0, epoch = jobs[0].cfg, jobs[0].epoch
+    every, ckpt_every = c0.log_every, c0.checkpoint_every
+
+    def record(rows: list[int], final: bool = False) -> None:
+        """Metrics at this epoch for jobs at their log points (and frames for animations)."""
+        ms = engine.metrics()
+        pick = [r for r in rows if final or epoch % every == 0 or jobs[engine.rows[r]].cfg.epochs == epoch]
+        for r in pick:
+            j = jobs[engine.rows[r]]
+            if not j.history or j.history[-1]["epoch"] != epoch:
+                j.history.append({"epoch": epoch, **ms[r]})
+        framed = [r for r in pick if jobs[engine.rows[r]].cfg.animate]
+        for r, state in zip(framed, engine.export(framed), strict=True):
+            jobs[engine.rows[r]].frames.append((epoch, state["params"]))
+        # a loss that is not finite at a log point (after the last step, too) is a divergence
+        finish([r for r in pick if not math.isfinite(ms[r]["loss"])], "diverged", epoch)
+
+    def finish(rows: list[int], status: str, at: int | list[int]) -> None:
+        if not rows:
+            return
+        for i, (r, state) in enumerate(zip(rows, engine.export(rows), strict=True)):
+            j = jobs[engine.rows[r]]
+            j.state, j.status, j.epoch = state, status, at[i] if isinstance(at, list) else at
+            if status == "diverged":
+                j.history = [h for h in j.history if h["epoch"] < j.epoch]
+                j.history.append({"epoch": j.epoch, **dict.fromkeys(("loss", "train_accuracy", "test_loss", "test_accuracy"), math.nan)})
+        engine.keep([r for r in range(len(engine.rows)) if r not in set(rows)])
+
+    bar = progress(jobs, epoch)
+    record(list(range(len(engine.rows))))
+    while engine.rows:
+        # 1. jobs that reached their epochs are done; a signal ends the others here
+        finish([r for r, j in enumerate(engine.rows) if jobs[j].cfg.epochs <= epoch], "completed", epoch)
+        if engine.rows and stop():
+            record(list(range(len(engine.rows))), final=True)
+            finish(list(range(len(engine.rows))), "interrupted", epoch)
+        if not engine.rows:
+            break
+        # 2. every other job to the next log point, checkpoint or end
+        target = min(min(jobs[j].cfg.epochs for j in engine.rows), (epoch // every + 1) * every)
+        if ckpt_every:
+            target = min(target, (epoch // ckpt_every + 1) * ckpt_every)
+        done, first = engine.run(target - epoch, stop)
+        # 3. a job whose loss went non-finite stops at that epoch
+        bad = [r for r, b in enumerate(first) if b >= 0]
+        finish(bad, "diverged", [epoch + first[r] for r in bad])
+        epoch += done
+        # 4. metrics at log points, and a checkpoint at its points
+        if engine.rows and epoch == target:
+            record(list(range(len(engine.rows))))
+        bar(done, len(engine.rows), epoch)
+        if save and ckpt_every and epoch % ckpt_every == 0 and engine.rows:
+            for r, state in zip(range(len(engine.rows)), engine.export(list(range(len(engine.rows)))), strict=True):
+                jobs[engine.rows[r]].state, jobs[engine.rows[r]].epoch = state, epoch
+            save(jobs)
+    bar(0, 0, epoch, close=True)
+
+
+# ---------------------------------------------------------------------- what surrounds the loop
+
+
+def progress(jobs: list[Job], start: int) -> Callable[..., None]:
+    """A tqdm bar on a terminal (or as `progress=` says); else about ten plain lines a run."""
+    c0, total = jobs[0].cfg, max(j.cfg.epochs for j in jobs)
+    show = c0.progress if c0.progress is not None else sys.stderr.isatty() and shutil.get_terminal_size().columns > 0
+    what = f"{len(jobs)} jobs" if len(jobs) > 1 else "epoch"
+    if show and total > start:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, unit="epoch", desc=what, dynamic_ncols=True, leave=False)
+
+        def update(done: int, left: int, epoch: int, close: bool = False) -> None:
+            bar.update(done)
+            if len(jobs) > 1:
+                bar.set_postfix_str(f"{left} training", refresh=False)
+            if close:
+                bar.close()
+
+        return update
+    step = max(c0.log_every, math.ceil(max(1, total // 10) / c0.log_every) * c0.log_every)
+
+    def lines(done: int, left: int, epoch: int, close: bool = False) -> None:
+        if close or not done or (epoch % step and epoch != total):
+            return
+        if len(jobs) == 1:
+            h = jobs[0].history[-1] if jobs[0].history and jobs[0].history[-1]["epoch"] == epoch else None
+            if h:
+                log.info("epoch %*d/%d  loss %.6g  train_acc %.3f  test_acc %.3f", len(str(total)), epoch, total, h["loss"], h["train_accuracy"], h["test_accuracy"])
+        else:
+            log.info("epoch %*d/%d  %d of %d jobs training", len(str(total)), epoch, total, left, len(jobs))
+
+    return lines
+
+
+class Stop:
+    """Set by SIGINT/SIGTERM: the loop ends after the current step. A second Ctrl-C aborts."""
+
+    signal: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+
+@contextlib.contextmanager
+def catch_signals() -> Iterator[Stop]:
+    stop = Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.signal = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (SLURM sets it) and a cgroup quota
+    (``docker --cpus`` sets it); not ``os.cpu_count()``, the machine's."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    return n
+
+
+@contextlib.contextmanager
+def threads(asked: int) -> Iterator[int]:
+    """torch's CPU threads for the loop: `asked`, else 1 (fastest for these tiny tensors,
+    quiet or busy: see the README), never more than :func:`usable_cpus`. Restored afterwards."""
+    import torch
+
+    before, want = torch.get_num_threads(), min(asked or 1, usable_cpus())
+    torch.set_num_threads(want)
+    try:
+        yield want
+    finally:
+        torch.set_num_threads(before)

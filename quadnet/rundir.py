@@ -1,0 +1,147 @@
+"""What a run leaves in its dir, written by one function for single runs and sweep jobs alike.
+
+:func:`write` takes a job as the loop left it and writes, in this order, ``checkpoint.pt``
+(what resume needs), ``metrics.csv``, ``summary.json`` (before anything slow, so that a
+signal during the plots loses nothing), ``model.pt`` for a completed run, then the plots.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import platform
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quadnet import artifacts, checkpoint
+from quadnet.config import TrainConfig, to_dict
+from quadnet.data import Dataset
+from quadnet.loop import Job
+from quadnet.reference import forward, softmax
+
+log = logging.getLogger("quadnet")
+
+
+@functools.cache
+def versions() -> dict[str, str | None]:
+    """What produced a run: quadnet (and its git commit, in a checkout), Python and the libraries."""
+    import hydra
+    import omegaconf
+    import torch
+
+    import quadnet
+
+    here = Path(quadnet.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        sha = commit.stdout.strip() if commit.returncode == 0 and (here / ".git").exists() else None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    return {
+        "quadnet": quadnet.__version__,
+        "git_commit": sha,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "hydra": hydra.__version__,
+        "omegaconf": omegaconf.__version__,
+    }
+
+
+def title(cfg: TrainConfig, epoch: int) -> str:
+    opt = "" if cfg.optimizer == "sgd" else f" {cfg.optimizer}"
+    return f"hidden_dim={cfg.hidden_dim}{opt} lr={cfg.lr:g} reg={cfg.reg:g} seed={cfg.seed} · {epoch} epochs"
+
+
+def write(run_dir: Path, job: Job, data: Dataset, device: str, train_seconds: float, stop_signal: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a finished job's dir; return its summary."""
+    cfg, run_dir = job.cfg, Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = job.history[-1]
+    params = job.state["params"]
+    with np.errstate(all="ignore"):  # a diverged run's weights are not finite
+        probs = softmax(forward(params, data.x_test)[0])
+    summary = {
+        "status": job.status,
+        "epoch": job.epoch,
+        "epochs": cfg.epochs,
+        "final_loss": final["loss"],
+        "test_loss": final["test_loss"],
+        "train_accuracy": final["train_accuracy"],
+        "test_accuracy": final["test_accuracy"],
+        "train_seconds": train_seconds,
+        "device": device,
+        "dtype": cfg.dtype,
+        "engine": cfg.engine if cfg.engine == "numpy" else f"torch/{cfg.step}",
+        "run_dir": str(run_dir.resolve()),
+        "signal": signal.Signals(stop_signal).name if job.status == "interrupted" and stop_signal else None,
+        **(extra or {}),
+        "versions": versions(),
+        "predictions": artifacts.prediction_rows(data.x_test, probs),
+        "config": to_dict(cfg),
+    }
+    ckpt = checkpoint.payload(job.state, epoch=job.epoch, config=to_dict(cfg), status=job.status, history=job.history)
+    checkpoint.save(run_dir / checkpoint.CHECKPOINT, ckpt)
+    artifacts.write_metrics(run_dir / "metrics.csv", job.history)
+    artifacts.write_json(run_dir / "summary.json", summary)
+    if job.status == "completed":
+        checkpoint.save(run_dir / checkpoint.MODEL, {**ckpt, "optimizer": {}, "history": []})
+    if cfg.logger == "tensorboard":
+        _tensorboard(run_dir, job.history)
+    if cfg.plots and job.epoch > 0:  # no matplotlib import for an untrained run
+        from quadnet import plots
+
+        plots.plot_curves(run_dir / "loss.png", job.history, title(cfg, job.epoch))
+        if job.status != "diverged":
+            plots.plot_regions(run_dir / "decision_regions.png", params, data, title(cfg, job.epoch))
+    if cfg.animate and job.frames and job.status != "diverged":
+        from quadnet import plots
+
+        frames = job.frames[:: math.ceil(len(job.frames) / 50)]  # at most ~50 frames (size and time)
+        plots.animate(run_dir / "training.gif", frames, job.history, data, title(cfg, job.epoch))
+    return summary
+
+
+def write_failed(run_dir: Path, error: BaseException | str, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A job that could not train: its dir says why, in one line."""
+    summary = {"status": "failed", "error": " ".join(str(error).split()), "versions": versions(), "config": config}
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    artifacts.write_json(Path(run_dir) / "summary.json", summary)
+    return summary
+
+
+def _tensorboard(run_dir: Path, history: list[dict[str, float]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as tb:
+        for row in history:
+            for key in ("loss", "train_accuracy", "test_accuracy", "test_loss"):
+                tb.add_scalar(key, row[key], int(row["epoch"]))
+
+
+def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -> None:
+    """How a run ended, after its table of test points unless table=False (sweep jobs)."""
+    preds = s["predictions"] if table else []
+    lines = ["", f"{'point':>16}  {'predicted':>9}  {'p(predicted)':>12}  {'true':>4}"] if preds else []
+    for p in preds[:8]:
+        q, t = p["quadrant"], p["true_quadrant"]
+        prob = p["probs"][q - 1] if q else math.nan
+        point = "(" + ", ".join(f"{v:g}" for v in p["point"]) + ")"
+        lines.append(f"{point:>16}  {q or '-':>9}  {prob:>12.9f}  {t or '-':>4}")
+    if len(preds) > 8:
+        lines.append(f"{'…':>16}  ({len(preds) - 8} more test points in summary.json)")
+
+    def num(v: float | None, pct: bool = False) -> str:
+        return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%" if pct else f"{v:.6g}"
+
+    lines.append(
+        f"status {s['status']} at epoch {s['epoch']}/{s['epochs']}   train accuracy {num(s['train_accuracy'], True)}   "
+        f"test accuracy {num(s['test_accuracy'], True)}   final loss {num(s['final_loss'])}   train_seconds {s['train_seconds']:.3f}"
+    )
+    lines.append(f"run dir: {s['run_dir']}")
+    log.log(level, "\n".join(lines))
