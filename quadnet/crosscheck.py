@@ -18,23 +18,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quadnet import reference
+from quadnet import loop, model, reference
 from quadnet.cli import closed_pipe_ok
 from quadnet.config import TrainConfig, compose, validate
 from quadnet.data import make_dataset
-from quadnet.model import QuadNet, initial_params, numpy_from_state, state_from_numpy
-from quadnet.torch_engine import TorchEngine
-from quadnet.trainer import loss_and_accuracy
+from quadnet.engine import build
 
 
 def autograd_grads(params: reference.Params, x: np.ndarray, y: np.ndarray, reg: float) -> reference.Params:
-    """Gradients of data loss + reg/2·‖W‖² by torch autograd, in the seed's layout."""
-    net = QuadNet(params["b1"].shape[0]).double()
-    net.load_state_dict(state_from_numpy(params))
-    loss = F.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y))
-    loss = loss + 0.5 * reg * (net.fc1.weight.square().sum() + net.fc2.weight.square().sum())
-    loss.backward()
-    return numpy_from_state({n: p.grad for n, p in net.named_parameters()})
+    """Gradients of data loss + reg/2·‖W‖² by torch autograd through :class:`QuadNet`, seed layout."""
+    net = model.QuadNet(model.stack([params], params["b1"].shape[0], torch.float64, torch.device("cpu")))
+    w1, _, w2, _ = net.params
+    loss = F.cross_entropy(net(torch.from_numpy(x))[0], torch.from_numpy(y))
+    (loss + 0.5 * reg * (w1.square().sum() + w2.square().sum())).backward()
+    return model.unstack([p.grad for p in net.params], [0], [params["b1"].shape[0]])[0]  # type: ignore[misc]
 
 
 def max_abs_diff(a: reference.Params, b: reference.Params) -> float:
@@ -43,49 +40,43 @@ def max_abs_diff(a: reference.Params, b: reference.Params) -> float:
 
 def check(cfg: TrainConfig) -> dict[str, Any]:
     """Run every comparison for cfg (forced to float64 on the CPU); return the figures."""
-    cfg = dataclasses.replace(cfg, dtype="float64")
     data = make_dataset(cfg.data)
     x, y = data.x_train, data.y_train
-    start = initial_params(cfg.hidden_dim, cfg.seed, cfg.init)
-    opt = {"lr": cfg.lr, "reg": cfg.reg, "momentum": cfg.momentum, "dtype": "float64"}
-    engines = {
-        "numpy": reference.NumpyEngine(start, x, y, **opt),
-        "torch/fused": TorchEngine(start, x, y, device=torch.device("cpu"), step="fused", **opt),
-        "torch/autograd": TorchEngine(start, x, y, device=torch.device("cpu"), step="autograd", **opt),
+    start = model.initial_params(cfg.hidden_dim, cfg.seed, cfg.init)
+    variants = {
+        "numpy": dict(engine="numpy"),
+        "torch/fused": dict(engine="torch", step="fused"),
+        "torch/autograd": dict(engine="torch", step="autograd"),
     }
+    engines = {}
+    for name, v in variants.items():
+        c = dataclasses.replace(cfg, dtype="float64", device="cpu", **v)
+        engines[name] = build([c], data, [{"params": start, "optimizer": {}, "step": 0}], torch.device("cpu"))[0]
     loss_diff = {name: 0.0 for name in engines if name != "numpy"}
-    epoch = 0
 
     def compare_losses() -> None:
-        losses = {n: loss_and_accuracy(e.logits(x), y)[0] for n, e in engines.items()}
+        losses = {n: e.metrics()[0]["loss"] for n, e in engines.items()}
         for n in loss_diff:
             loss_diff[n] = max(loss_diff[n], abs(losses[n] - losses["numpy"]))
 
     compare_losses()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic reductions, and fastest for tensors this small
-    try:
-        while epoch < cfg.epochs:
-            n = min(cfg.log_every, cfg.epochs - epoch)
+    with loop.threads(1):  # deterministic reductions, and fastest for tensors this small
+        for epoch in range(0, cfg.epochs, cfg.log_every):
             for e in engines.values():
-                e.train_steps(n, lambda: False)
-            epoch += n
+                e.run(min(cfg.log_every, cfg.epochs - epoch), lambda: False)
             compare_losses()
-    finally:
-        torch.set_num_threads(threads)
-    ref_params = engines["numpy"].numpy_params()
-    ref_probs = reference.softmax(engines["numpy"].logits(data.x_test))
+    final = {n: e.export([0])[0]["params"] for n, e in engines.items()}
+    probs = {n: reference.softmax(reference.forward(p, data.x_test)[0]) for n, p in final.items()}
     result: dict[str, Any] = {"epochs": cfg.epochs, "engines": {}}
     for name in loss_diff:
-        e = engines[name]
         result["engines"][name] = {
             "loss_along_the_way": loss_diff[name],
-            "final_weights": max_abs_diff(e.numpy_params(), ref_params),
-            "test_probs": float(np.max(np.abs(reference.softmax(e.logits(data.x_test)) - ref_probs))),
+            "final_weights": max_abs_diff(final[name], final["numpy"]),
+            "test_probs": float(np.max(np.abs(probs[name] - probs["numpy"]))),
         }
     # gradients on the same weights: at the start and at the end of training
     grads = {}
-    for label, params in (("initial", start), ("final", ref_params)):
+    for label, params in (("initial", start), ("final", final["numpy"])):
         _, g_ref = reference.loss_and_grads({k: v.copy() for k, v in params.items()}, x, y, cfg.reg)
         grads[label] = max_abs_diff(autograd_grads(params, x, y, cfg.reg), g_ref)
     result["gradients_vs_autograd"] = grads
@@ -93,9 +84,7 @@ def check(cfg: TrainConfig) -> dict[str, Any]:
     p = {k: v.copy() for k, v in start.items()}
     _, g = reference.loss_and_grads(p, x, y, cfg.reg)
     result["gradient_check_rel_error"] = max(
-        reference.rel_error(
-            g[k], reference.eval_numerical_gradient(lambda _: reference.objective(p, x, y, cfg.reg), p[k])
-        )
+        reference.rel_error(g[k], reference.eval_numerical_gradient(lambda _: reference.objective(p, x, y, cfg.reg), p[k]))
         for k in p
     )
     return result
@@ -119,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = validate(compose(args.overrides))
     print(
         f"cross-check: {cfg.epochs} epochs, hidden_dim={cfg.hidden_dim}, lr={cfg.lr:g}, reg={cfg.reg:g}, "
-        f"momentum={cfg.momentum:g}, init={cfg.init}, data={cfg.data.name}, float64; tolerance {args.tol:g}"
+        f"momentum={cfg.momentum:g}, {cfg.optimizer}, init={cfg.init}, data={cfg.data.name}, float64; tolerance {args.tol:g}"
     )
     r = check(cfg)
     worst = 0.0

@@ -25,7 +25,7 @@ HYPER = {"sgd": ("lr", "reg", "momentum"), "adam": ("lr", "reg", "beta1", "beta2
 
 def buffers(rule: str, h: Hyper) -> tuple[str, ...]:
     """The buffers a rule keeps: plain SGD (momentum 0 for every job) keeps none."""
-    return () if rule == "sgd" and h["momentum"] == 0.0 else BUFFERS[rule]
+    return () if rule == "sgd" and isinstance(h["momentum"], float) and h["momentum"] == 0.0 else BUFFERS[rule]
 
 
 def _axpy(y: torch.Tensor, a: Any, x: torch.Tensor) -> torch.Tensor:

@@ -1,83 +1,93 @@
-"""The fused torch step against autograd, and the torch engine against the NumPy reference."""
+"""The fused step against autograd and torch.optim, batched against one by one, torch against the NumPy oracle."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import make_cfg, requires_cuda
+from quadnet import optim
 from quadnet.crosscheck import check
 from quadnet.data import make_dataset
-from quadnet.model import initial_params
-from quadnet.reference import NumpyEngine, softmax
-from quadnet.torch_engine import TorchEngine
+from quadnet.engine import build
+from quadnet.train import start_state
 
 CASES = [
     dict(hidden_dim=50, lr=1e-3, reg=1e-3, momentum=0.0, seed=1, init="normal"),
     dict(hidden_dim=7, lr=0.05, reg=0.0, momentum=0.9, seed=3, init="torch"),
     dict(hidden_dim=1, lr=0.2, reg=0.1, momentum=0.5, seed=0, init="normal"),
+    dict(hidden_dim=9, lr=0.01, reg=0.01, seed=2, init="normal", optimizer="adam", beta1=0.8, beta2=0.99, eps=1e-6),
 ]
 
 
-def _engines(case, dtype, steps=("fused", "autograd"), device="cpu", data="seed"):
-    cfg = make_cfg(f"data={data}")
-    d = make_dataset(cfg.data)
-    p = initial_params(case["hidden_dim"], case["seed"], case["init"])
-    opt = dict(lr=case["lr"], reg=case["reg"], momentum=case["momentum"], dtype=dtype)
-    return d, {s: TorchEngine(p, d.x_train, d.y_train, device=torch.device(device), step=s, **opt) for s in steps}
+def _run(cfgs, steps=300, device="cpu", data="seed", stop=lambda: False):
+    """Train configs as one batch; return the engine's (steps done, first bad) and each job's state."""
+    cfgs = [dataclasses.replace(c, data=make_cfg(f"data={data}").data) for c in cfgs]
+    engine, _ = build(cfgs, make_dataset(cfgs[0].data), [start_state(c) for c in cfgs], torch.device(device))
+    out = engine.run(steps, stop)
+    return out, engine.export(list(range(len(cfgs)))), engine
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
-def test_fused_step_equals_autograd(case, dtype, tol):
-    _, eng = _engines(case, dtype, data="sampled")
-    for e in eng.values():
-        assert e.train_steps(300, lambda: False) == (300, False)
-    a, b = eng["fused"].numpy_params(), eng["autograd"].numpy_params()
+def _close(a, b, tol):
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=tol * max(1.0, np.abs(b[k]).max()))
-    ma, mb = eng["fused"].momentum_buffers(), eng["autograd"].momentum_buffers()
-    if case["momentum"]:
-        for k in ma:
-            np.testing.assert_allclose(ma[k], mb[k], rtol=0, atol=tol * max(1.0, np.abs(mb[k]).max()))
-    else:
-        assert ma is None and mb is None
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=tol * max(1.0, np.abs(b[k]).max()), err_msg=k)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_torch_engine_equals_numpy_engine(case):
-    d, eng = _engines(case, "float64", steps=("fused",))
-    p = initial_params(case["hidden_dim"], case["seed"], case["init"])
-    ref = NumpyEngine(
-        p, d.x_train, d.y_train, lr=case["lr"], reg=case["reg"], momentum=case["momentum"], dtype="float64"
-    )
-    ref.train_steps(500, lambda: False)
-    eng["fused"].train_steps(500, lambda: False)
-    np.testing.assert_allclose(
-        softmax(eng["fused"].logits(d.x_test)), softmax(ref.logits(d.x_test)), rtol=0, atol=1e-12
-    )
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.get('optimizer', 'sgd')}-h{c['hidden_dim']}")
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_fused_step_equals_autograd_and_torch_optim(case, dtype, tol):
+    """The hand-written gradients and update rule against nn.Module + loss.backward() + torch.optim."""
+    fused, autograd = (make_cfg(*(f"{k}={v}" for k, v in case.items()), f"dtype={dtype}", f"step={s}") for s in ("fused", "autograd"))
+    (done_f, _), (sf,), _ = _run([fused], data="sampled")
+    (done_a, _), (sa,), _ = _run([autograd], data="sampled")
+    assert done_f == done_a == 300
+    _close(sf["params"], sa["params"], tol)
+    assert set(sf["optimizer"]) == set(sa["optimizer"]) == set(optim.buffers(fused.optimizer, {"momentum": fused.momentum}))
+    for name in sf["optimizer"]:
+        _close(sf["optimizer"][name], sa["optimizer"][name], tol)
 
 
-def test_divergence_is_reported_at_the_first_non_finite_loss():
-    case = dict(hidden_dim=50, lr=1e6, reg=0.0, momentum=0.0, seed=1, init="normal")
-    d, eng = _engines(case, "float64")
-    p = initial_params(50, 1, "normal")
-    ref = NumpyEngine(p, d.x_train, d.y_train, lr=1e6, reg=0.0, momentum=0.0, dtype="float64")
-    results = {name: e.train_steps(1000, lambda: False) for name, e in {**eng, "numpy": ref}.items()}
-    done = {r[0] for r in results.values()}
-    assert all(r[1] for r in results.values()) and len(done) == 1 and done.pop() < 1000
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.get('optimizer', 'sgd')}-h{c['hidden_dim']}")
+def test_torch_engine_equals_numpy_oracle(case):
+    cfg = make_cfg(*(f"{k}={v}" for k, v in case.items()))
+    _, (torch_state,), _ = _run([cfg], steps=500)
+    _, (numpy_state,), _ = _run([dataclasses.replace(cfg, engine="numpy")], steps=500)
+    _close(torch_state["params"], numpy_state["params"], 1e-12)
+
+
+def test_a_batch_equals_each_job_alone():
+    """Different widths, seeds, inits and every hyperparameter in one batch, each equal to its own run."""
+    cfgs = [make_cfg(*(f"{k}={v}" for k, v in case.items() if k != "optimizer")) for case in CASES[:3]]
+    _, batched, _ = _run(cfgs, data="sampled")
+    for c, b in zip(cfgs, batched, strict=True):
+        _, (alone,), _ = _run([c], data="sampled")
+        _close(b["params"], alone["params"], 1e-12)
+    adams = [make_cfg(f"lr={lr}", "optimizer=adam", f"hidden_dim={h}") for lr, h in ((0.01, 5), (0.003, 8))]
+    _, batched, _ = _run(adams)
+    for c, b in zip(adams, batched, strict=True):
+        _close(b["params"], _run([c])[1][0]["params"], 1e-12)
+
+
+def test_divergence_is_found_at_the_same_step_by_every_engine():
+    results = {}
+    for name, extra in {"fused": [], "autograd": ["step=autograd"], "numpy": ["engine=numpy"]}.items():
+        (done, first), _, _ = _run([make_cfg("lr=1e6", *extra)], steps=1000)
+        results[name] = first[0]
+    assert len(set(results.values())) == 1 and 0 <= results["fused"] < 1000, results
 
 
 def test_stop_request_ends_after_the_current_step():
-    _, eng = _engines(CASES[0], "float64", steps=("fused",))
     calls = []
 
     def stop():
         calls.append(1)
         return len(calls) == 5
 
-    assert eng["fused"].train_steps(100, stop) == (5, False)
+    (done, first), _, _ = _run([make_cfg()], steps=100, stop=stop)
+    assert (done, first) == (5, [-1])
 
 
 @pytest.mark.parametrize(
@@ -87,6 +97,7 @@ def test_stop_request_ends_after_the_current_step():
         ["momentum=0.9", "lr=0.01"],
         ["hidden_dim=3", "reg=0.1", "init=torch"],
         ["data=sampled", "data.n_train=64", "hidden_dim=20", "lr=0.05"],
+        ["optimizer=adam", "lr=0.01", "beta1=0.5"],
     ],
 )
 def test_crosscheck_agrees_within_1e9(overrides):
@@ -104,44 +115,18 @@ def test_crosscheck_agrees_within_1e9(overrides):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-9), ("float32", 1e-5)])
 @pytest.mark.parametrize("graph", [True, False])
-def test_cuda_fused_step_equals_cpu(dtype, tol, graph):
-    case = CASES[1]
-    d, cpu = _engines(case, dtype, steps=("fused",))
-    p = initial_params(case["hidden_dim"], case["seed"], case["init"])
-    gpu = TorchEngine(
-        p,
-        d.x_train,
-        d.y_train,
-        lr=case["lr"],
-        reg=case["reg"],
-        momentum=case["momentum"],
-        dtype=dtype,
-        device=torch.device("cuda"),
-        step="fused",
-        cuda_graph=graph,
-    )
-    for e in (cpu["fused"], gpu):
-        assert e.train_steps(250, lambda: False) == (250, False)
-        assert e.train_steps(250, lambda: False) == (250, False)
-    np.testing.assert_allclose(softmax(gpu.logits(d.x_test)), softmax(cpu["fused"].logits(d.x_test)), rtol=0, atol=tol)
+def test_cuda_batch_equals_cpu(dtype, tol, graph):
+    cfgs = [make_cfg(*(f"{k}={v}" for k, v in case.items()), f"dtype={dtype}", f"cuda_graph={graph}") for case in CASES[1:3]]
+    (done_c, _), cpu, _ = _run(cfgs, steps=260)
+    (done_g, _), gpu, _ = _run(cfgs, steps=260, device="cuda")
+    assert done_c == done_g == 260
+    for a, b in zip(gpu, cpu, strict=True):
+        _close(a["params"], b["params"], tol)
 
 
 @requires_cuda
 @pytest.mark.cuda
 def test_cuda_graph_reports_divergence_step_exactly():
-    case = dict(hidden_dim=50, lr=1e6, reg=0.0, momentum=0.0, seed=1, init="normal")
-    d, cpu = _engines(case, "float64", steps=("fused",))
-    p = initial_params(50, 1, "normal")
-    gpu = TorchEngine(
-        p,
-        d.x_train,
-        d.y_train,
-        lr=1e6,
-        reg=0.0,
-        momentum=0.0,
-        dtype="float64",
-        device=torch.device("cuda"),
-        step="fused",
-        cuda_graph=True,
-    )
-    assert gpu.train_steps(1000, lambda: False) == cpu["fused"].train_steps(1000, lambda: False)
+    (_, first_c), _, _ = _run([make_cfg("lr=1e6")], steps=1000)
+    (_, first_g), _, _ = _run([make_cfg("lr=1e6")], steps=1000, device="cuda")
+    assert first_c == first_g and first_c[0] >= 0

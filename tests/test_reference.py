@@ -78,16 +78,19 @@ def test_gradient_check_catches_a_wrong_gradient():
     assert ref.rel_error(grads["W1"], num) > 1e-4  # reg term missing from the numerical side
 
 
-def test_sgd_momentum_matches_torch_rule():
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_update_rules_match_torch_optim(rule):
     import torch
 
-    p0, g1, g2 = rng.normal(size=5), rng.normal(size=5), rng.normal(size=5)
-    params, vel = {"w": p0.copy()}, {"w": np.zeros(5)}
-    for g in (g1, g2):
-        ref.sgd_update(params, {"w": g}, vel, lr=0.1, momentum=0.9)
-    t = torch.tensor(p0, requires_grad=True)
-    opt = torch.optim.SGD([t], lr=0.1, momentum=0.9)
-    for g in (g1, g2):
-        t.grad = torch.tensor(g)
+    p0, grads = rng.normal(size=5), [rng.normal(size=5) for _ in range(3)]
+    h = {"lr": 0.1, "momentum": 0.9, "beta1": 0.8, "beta2": 0.99, "eps": 1e-8}
+    update, names = ref.UPDATES[rule]
+    params, state = {"w": p0.copy()}, {n: {"w": np.zeros(5)} for n in names}
+    for t, g in enumerate(grads, 1):
+        update(params, {"w": g}, state, h, t)
+    w = torch.tensor(p0, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9) if rule == "sgd" else torch.optim.Adam([w], lr=0.1, betas=(0.8, 0.99))
+    for g in grads:
+        w.grad = torch.tensor(g)
         opt.step()
-    np.testing.assert_allclose(params["w"], t.detach().numpy(), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(params["w"], w.detach().numpy(), rtol=0, atol=1e-15)
