@@ -48,6 +48,8 @@ def one_line(ex: BaseException) -> str:
     if isinstance(ex, OverrideParseException):
         return str(ex).splitlines()[0]
     text = str(ex).strip()
+    if text.startswith("Config group override must be"):  # Hydra's words for data=null
+        return "a config group cannot be null (data=null): choose one of its options, e.g. data=seed, sampled or csv"
     return text.splitlines()[0] if text else type(ex).__name__
 
 

@@ -76,11 +76,13 @@ def _choice(*allowed: str) -> tuple[Callable[[Any], bool], str]:
 
 def _range(low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False) -> Any:
     def ok(v: Any) -> bool:
-        return math.isfinite(v) and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+        finite = isinstance(v, int) or math.isfinite(v)  # (an int of thousands of digits is no float)
+        return finite and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
 
-    lo = f"{'(' if open_low else '['}{low:g}"
-    hi = "∞)" if high == math.inf else f"{high:g}{')' if open_high else ']'}"
-    return ok, f"must be in {lo}, {hi}"
+    if (low, high) == (0, 1):
+        return ok, f"must be in [0, 1{')' if open_high else ']'}"
+    text = f"must be finite and {'>' if open_low else '>='} {low:g}"
+    return ok, text + ("" if high == math.inf else f" and {'<' if open_high else '<='} {high:.16g}")
 
 
 # key: (check, what is allowed). Types are OmegaConf's job; these are the ranges.
@@ -122,6 +124,9 @@ def _fail(key: str, value: Any, allowed: str) -> ConfigError:
 def _typed(cfg: Any) -> DictConfig:
     """Any mapping as a DictConfig on the schema: OmegaConf refuses unknown keys and wrong types."""
     if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is TrainConfig:
+        extra = sorted(set(cfg.keys()) - {f.name for f in dataclasses.fields(TrainConfig)} - {"hydra"})
+        if extra:  # added with +key=…
+            raise ConfigError(f"unknown config key '{extra[0]}'; allowed keys: {', '.join(allowed_keys())}")
         return cfg
     try:
         plain = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
