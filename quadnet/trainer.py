@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from quadnet import artifacts, checkpoint
+from quadnet import artifacts, checkpoint, plots
 from quadnet.config import ConfigError, TrainConfig, to_dict
 from quadnet.data import Dataset, make_dataset
 from quadnet.device import describe, resolve_device
@@ -280,17 +280,9 @@ class Trainer:
             )
         if cfg.plots and self.epoch > 0:  # no curves (and no matplotlib import) for an untrained run
             title = f"hidden_dim={cfg.hidden_dim} lr={cfg.lr:g} reg={cfg.reg:g} seed={cfg.seed}"
-            artifacts.plot_curves(run_dir / "loss.png", self.history, title)
+            plots.plot_curves(run_dir / "loss.png", self.history, title)
             if status != "diverged":
-                artifacts.plot_regions(
-                    run_dir / "decision_regions.png",
-                    self.engine.logits,
-                    d.x_train,
-                    d.y_train,
-                    d.x_test,
-                    d.y_test,
-                    title,
-                )
+                plots.plot_regions(run_dir / "decision_regions.png", self.engine.numpy_params(), d, title)
         artifacts.write_json(run_dir / "summary.json", summary)
         if self._tb is not None:
             self._tb.close()
