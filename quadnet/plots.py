@@ -121,6 +121,8 @@ def _loss_axes(ax: Any, history: list[dict[str, float]]) -> list[Any]:
         for key, label, ls in (("loss", "train", "-"), ("test_loss", "test", "--"))
     ]
     losses = np.concatenate([_column(history, "loss"), _column(history, "test_loss")])
+    if len(bad := epochs[~np.isfinite(_column(history, "loss"))]):  # a diverged run: mark where
+        ax.axvline(bad[0], color=WRONG, ls=":", label=f"not finite from epoch {bad[0]:g}")
     if (np.isfinite(losses) & (losses > 0)).any():
         ax.set_yscale("log")
     ax.set(xlabel="epoch", ylabel=LOSS_LABEL, title="loss")
@@ -131,7 +133,7 @@ def _loss_axes(ax: Any, history: list[dict[str, float]]) -> list[Any]:
 def plot_curves(path: Path, history: list[dict[str, float]], title: str) -> None:
     """loss.png: train and test loss (log scale) and train/test accuracy against epochs."""
     plt = _pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.2), constrained_layout=True)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True, constrained_layout=True)
     _loss_axes(ax_loss, history)
     marker = "o" if len(history) < 10 else None
     epochs = _column(history, "epoch")
