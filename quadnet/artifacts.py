@@ -1,4 +1,4 @@
-"""What a run leaves in its dir: metrics.csv, summary.json, and the plots."""
+"""What a run leaves in its dir: metrics.csv and summary.json (the plots are in quadnet.plots)."""
 
 from __future__ import annotations
 
@@ -80,58 +80,3 @@ def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
 def read_metrics(path: Path) -> list[dict[str, float]]:
     with open(path, newline="") as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def plot_curves(path: Path, rows: list[dict[str, float]], title: str) -> None:
-    """loss.png: the training loss (log scale) and train/test accuracy against epochs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    ax_loss.plot(epochs, [r["loss"] for r in rows], color="tab:blue")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title="loss")
-    ax_acc.plot(epochs, [r["train_accuracy"] for r in rows], label="train")
-    ax_acc.plot(epochs, [r["test_accuracy"] for r in rows], label="test", linestyle="--")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(-0.05, 1.05), title="accuracy")
-    ax_acc.legend()
-    fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_regions(
-    path: Path,
-    logits: Any,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
-    title: str,
-) -> None:
-    """decision_regions.png: the predicted quadrant over the plane, with the data points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    pts = np.concatenate([x_train, x_test])
-    lim = max(2.5, float(np.abs(pts).max()) * 1.15)
-    grid = np.linspace(-lim, lim, 301)
-    gx, gy = np.meshgrid(grid, grid)
-    pred = logits(np.column_stack([gx.ravel(), gy.ravel()])).argmax(axis=1).reshape(gx.shape)
-    colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
-    fig, ax = plt.subplots(figsize=(6, 6), constrained_layout=True)
-    ax.contourf(gx, gy, pred, levels=[-0.5, 0.5, 1.5, 2.5, 3.5], cmap=ListedColormap(colors), alpha=0.35)
-    ax.axhline(0, color="k", lw=0.6)
-    ax.axvline(0, color="k", lw=0.6)
-    for pts_, ys, marker, label in ((x_train, y_train, "o", "train"), (x_test, y_test, "^", "test")):
-        cols = [colors[c] if c >= 0 else "k" for c in ys]
-        ax.scatter(pts_[:, 0], pts_[:, 1], c=cols, marker=marker, edgecolors="k", s=50, label=label)
-    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="x", ylabel="y", aspect="equal", title=title)
-    ax.legend(loc="upper left", fontsize="small")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

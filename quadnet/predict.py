@@ -1,124 +1,160 @@
-"""``python -m quadnet.predict RUN_DIR_OR_CHECKPOINT [POINT ...] [--file F] [--json]``.
+"""``python -m quadnet.predict [RUN_DIR_OR_CHECKPOINT] [POINT ...] [--file F] [--json]``.
 
 Asks a trained model which quadrant each point lies in. Points are ``x,y`` (negative
 coordinates typed as they are: ``-2,2``), given as arguments, in a file (one per line,
 ``x,y`` or ``x y``; ``#`` starts a comment), or on stdin (``--file -``, or when no
 point is given and stdin is not a terminal).
+
+Which model: without a run dir (the first argument is a point, or there is none), the newest
+completed run under ``outputs/`` (its ``model.pt``; single runs and sweep jobs alike). In a run
+dir, ``model.pt`` (the completed model) is used when there is one, else ``checkpoint.pt`` (a run
+that was interrupted or is still running; its status is printed); a file is used as it is.
+A diverged model, or one whose weights are not finite, is refused.
+
+In Python, :func:`load` gives a :class:`Model` with scikit-learn's ``predict`` (quadrants 1–4)
+and ``predict_proba`` (n, 4). Any finite point works, even ``1e308,1e308``: the net is
+piecewise linear, so logits(x) = s·logits'(x/s) with s = max(1, |x|), and the softmax is
+taken of that without ever forming an overflowing logit.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import re
 import sys
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quadnet.cli import closed_pipe_ok
-
-USAGE = "usage: python -m quadnet.predict RUN_DIR_OR_CHECKPOINT [x,y ...] [--file PATH|-] [--json]"
+from quadnet.artifacts import prediction_rows
+from quadnet.checkpoint import MODEL, CheckpointError, find
+from quadnet.checkpoint import load as load_checkpoint
+from quadnet.cli import closed_pipe_ok, fail
 
 
 class InputError(ValueError):
     """Bad input to predict; the message is one line."""
 
 
-def parse_point(text: str, where: str) -> tuple[float, float]:
-    parts = [p for p in text.replace(",", " ").split() if p]
-    if len(parts) != 2:
-        raise InputError(f"{where}: {text.strip()!r} is not a point; write two numbers as x,y")
+@dataclass
+class Model:
+    """A trained net: ``predict`` gives quadrants 1–4 (n,), ``predict_proba`` (n, 4) probabilities.
+
+    Points are a list or array of shape (n, 2), or one point of shape (2,)."""
+
+    params: dict[str, np.ndarray]  # seed layout, float64
+    path: str
+    epoch: int
+    status: str
+
+    def predict_proba(self, points: Any) -> np.ndarray:
+        x = np.atleast_2d(np.asarray(points, dtype=np.float64))
+        if x.ndim != 2 or x.shape[1] != 2:
+            raise ValueError(f"points must have shape (n, 2) or (2,), not {np.shape(points)}")
+        p = self.params
+        s = np.maximum(1.0, np.abs(x).max(axis=1, keepdims=True, initial=0.0))  # s = 1: exactly the seed's forward
+        z = np.maximum(0, (x / s) @ p["W1"] + p["b1"] / s) @ p["W2"] + p["b2"] / s
+        with np.errstate(over="ignore"):
+            e = np.exp(s * (z - z.max(axis=1, keepdims=True)))
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict(self, points: Any) -> np.ndarray:
+        return self.predict_proba(points).argmax(axis=1) + 1
+
+
+def load(path: str | Path) -> Model:
+    """The model in a run dir or checkpoint file; :class:`CheckpointError` (one line) if unusable."""
+    p = next(Path(path).expanduser().glob(MODEL), None) or find(path)  # a run dir's model.pt first
+    if not p.is_file() or not zipfile.is_zipfile(p):  # torch.save writes zip archives
+        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint: torch.save did not write it")
     try:
-        x, y = float(parts[0]), float(parts[1])
+        ck = load_checkpoint(p)
+    except CheckpointError as e:  # keep torch's long message out of a one-line error
+        head, cut, _ = str(e).partition(" and is not loaded (")
+        raise CheckpointError(head + " and is not loaded" if cut else str(e)) from None
+    status, params = str(ck.get("status")), ck["params"]
+    if status == "diverged" or (bad := [k for k, v in params.items() if not np.isfinite(v).all()]):
+        weights = f", with non-finite {' '.join(bad)}" if status != "diverged" else ""
+        raise CheckpointError(f"{str(p)!r} cannot predict: its status is {status} at epoch {ck['epoch']}{weights}")
+    return Model(params, str(p), int(ck["epoch"]), status)
+
+
+def newest_run(root: Path = Path("outputs")) -> Path:
+    runs = [*root.glob(f"*/{MODEL}"), *root.glob(f"multirun/*/*/{MODEL}")]
+    if not runs:
+        raise InputError(f"no completed run under {str(root)!r} (no */model.pt); train one, or give a run dir first")
+    return max(runs, key=lambda m: m.stat().st_mtime).parent
+
+
+def parse_point(text: str, where: str) -> tuple[float, float]:
+    parts = text.replace(",", " ").split()
+    try:
+        x, y = (float(v) for v in parts) if len(parts) == 2 else ()
     except ValueError:
-        raise InputError(f"{where}: {text.strip()!r} is not a point; write two numbers as x,y") from None
+        x = y = math.nan
     if not (math.isfinite(x) and math.isfinite(y)):
-        raise InputError(f"{where}: {text.strip()!r} is not a point; coordinates must be finite numbers")
+        raise InputError(f"{where}: {text.strip()!r} is not a point; write two finite numbers as x,y")
     return x, y
 
 
-def read_points(lines: list[str], source: str) -> list[tuple[float, float]]:
-    points = []
-    for i, line in enumerate(lines, 1):
-        content = line.split("#", 1)[0].strip()
-        if content:
-            points.append(parse_point(content, f"{source} line {i}"))
-    return points
+def read_points(f: str) -> list[tuple[float, float]]:
+    """The points in file f ('-': stdin); an empty file (/dev/null too) has none."""
+    try:
+        lines = sys.stdin.read().splitlines() if f == "-" else Path(f).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        why = "does not exist" if isinstance(e, FileNotFoundError) else "is not a text file of x,y lines"
+        raise InputError(f"points file {f!r} {why}") from None
+    where = "stdin" if f == "-" else f"points file {f!r}"
+    return [parse_point(c, f"{where} line {i}") for i, ln in enumerate(lines, 1) if (c := ln.split("#", 1)[0].strip())]
 
 
-def parse_args(argv: list[str]) -> tuple[str, list[tuple[float, float]], bool]:
-    """(checkpoint, points, as_json). Flags are parsed by hand so that '-2,2' is a point."""
-    as_json, files, rest = False, [], []
-    it = iter(argv)
-    for tok in it:
-        if tok in ("-h", "--help"):
-            print(USAGE + "\n\n" + (__doc__ or "").split("\n\n", 1)[1].strip())
-            sys.exit(0)
-        elif tok == "--json":
-            as_json = True
-        elif tok == "--file" or tok.startswith("--file="):
-            value = tok.split("=", 1)[1] if "=" in tok else next(it, None)
-            if value is None:
-                raise InputError("--file needs a path, or - for stdin")
-            files.append(value)
-        elif tok.startswith("--"):
-            raise InputError(f"unknown option {tok!r}; {USAGE}")
-        else:
-            rest.append(tok)
-    if not rest:
-        raise InputError(f"no checkpoint given; {USAGE}")
-    ckpt, point_args = rest[0], rest[1:]
+def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, float]], bool]:
+    """(run dir or checkpoint, whether it is the default, points, as_json). A first argument
+    that is two numbers (x,y) and names no file is a point: the newest run is used."""
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser("python -m quadnet.predict", description=__doc__, formatter_class=raw)
+    parser.add_argument("args", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT | x,y")
+    parser.add_argument("--file", action="append", default=[], help="points, one x,y a line; - for stdin")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.error = lambda m: fail(re.sub(r"unrecognized arguments: (\S+).*", r"unknown option \1", m))
+    args = parser.parse_intermixed_args([" " + t if re.match(r"-[\d.]", t) else t for t in argv])  # ' -2,2': a point
+    default = not (rest := args.args) or (len(rest[0].replace(",", " ").split()) == 2 and not Path(rest[0]).exists())
+    run, point_args = (newest_run(), rest) if default else (Path(rest[0]), rest[1:])
     points = [parse_point(p, f"argument {i}") for i, p in enumerate(point_args, 1)]
-    if not point_args and not files and not sys.stdin.isatty():
-        files.append("-")
-    for f in files:
-        if f == "-":
-            points += read_points(sys.stdin.read().splitlines(), "stdin")
-        else:
-            path = Path(f)
-            if not path.is_file():
-                raise InputError(f"points file {f!r} does not exist")
-            try:
-                lines = path.read_text().splitlines()
-            except UnicodeDecodeError:
-                raise InputError(f"points file {f!r} is not a text file of x,y lines") from None
-            points += read_points(lines, f)
+    files = args.file or ([] if point_args or sys.stdin.isatty() else ["-"])
+    points += [pt for f in files for pt in read_points(f)]
     if not points:
-        raise InputError("no points given; pass x,y arguments, --file PATH, or points on stdin")
-    return ckpt, points, as_json
-
-
-def predict(params: dict[str, np.ndarray], points: np.ndarray) -> list[dict[str, Any]]:
-    """Quadrant 1–4 and probabilities for each point (N, 2), from seed-layout weights."""
-    from quadnet.artifacts import prediction_rows
-    from quadnet.reference import forward, softmax
-
-    scores, _ = forward(params, points)
-    return prediction_rows(points, softmax(scores))
+        names = ", ".join("stdin" if f == "-" else f for f in files)
+        raise InputError(f"no points given{f' ({names} held none)' if files else ''}; pass x,y or --file PATH")
+    return run, default, points, args.json
 
 
 @closed_pipe_ok()
 def main(argv: list[str] | None = None) -> None:
-    from quadnet import checkpoint
-    from quadnet.cli import fail
-
     try:
-        ckpt_path, points, as_json = parse_args(sys.argv[1:] if argv is None else argv)
-        ckpt = checkpoint.load(ckpt_path)
-    except (InputError, checkpoint.CheckpointError) as e:
+        run, default, points, as_json = parse_args(sys.argv[1:] if argv is None else argv)
+        model = load(run)
+    except (InputError, CheckpointError) as e:
         fail(str(e))
-    results = predict(ckpt["params"], np.array(points, dtype=np.float64))
+    rows = prediction_rows(x := np.array(points, dtype=np.float64), model.predict_proba(x))
     if as_json:
-        print(json.dumps({"checkpoint": ckpt["path"], "epoch": ckpt["epoch"], "predictions": results}, indent=2))
+        print(json.dumps({"checkpoint": model.path, "epoch": model.epoch, "predictions": rows}, indent=2))
         return
-    print(f"model: {ckpt['path']} (hidden_dim={ckpt['config']['hidden_dim']}, epoch {ckpt['epoch']})")
-    print(f"{'point':>18}  {'quadrant':>8}  {'p(I)':>9} {'p(II)':>9} {'p(III)':>9} {'p(IV)':>9}")
-    for r in results:
+    how = "  [the newest completed run under outputs/]" if default else ""
+    print(f"model: {model.path} (hidden_dim={len(model.params['b1'])}, {model.status} at epoch {model.epoch}){how}")
+    print("           point  predicted  p(predicted)  true       p(I)     p(II)    p(III)     p(IV)")
+    for r in rows:
+        q, t = r["quadrant"], r["true_quadrant"]
         point = "(" + ", ".join(f"{v:g}" for v in r["point"]) + ")"
+        pq = f"{r['probs'][q - 1]:12.9f}" if q else f"{'-':>12}"
+        note = ("  on an axis: no true quadrant" if r["on_axis"] else "") + ("" if q else "  probabilities not finite")
         probs = " ".join(f"{p:9.6f}" for p in r["probs"])
-        note = "  on an axis: no true quadrant" if r["on_axis"] else ""
-        print(f"{point:>18}  {r['quadrant']:>8}  {probs}{note}")
+        print(f"{point:>16}  {q or '-':>9}  {pq}  {t or '-':>4}  {probs}{note}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,202 @@
+"""Every per-run plot: ``loss.png``, ``decision_regions.png`` and the training GIF.
+
+Params are float64 NumPy arrays in the seed layout (W1 (2, H), b1 (H,), W2 (H, 4), b2 (4,));
+predictions come from the NumPy reference (:func:`quadnet.reference.forward`), so no plot
+needs torch. History rows are dicts with ``epoch, loss, train_accuracy, test_accuracy,
+test_loss``; the losses are mean cross-entropy without the L2 term, and may be NaN.
+matplotlib is imported inside the functions, so importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quadnet.data import QUADRANT_NAMES, Dataset
+from quadnet.reference import Params, forward
+
+# Okabe–Ito colours (safe for colour-blind readers), one per quadrant I–IV, and pale versions
+# of them for the regions, so that the points drawn in the full colour stand out.
+COLORS = np.array([[230, 159, 0], [86, 180, 233], [0, 158, 115], [204, 121, 167]]) / 255
+PALE = 0.4 * COLORS + 0.6
+WRONG = "#d00000"
+LOSS_LABEL = "cross-entropy (without the L2 term)"
+MANY = 100  # with more points than this, markers are small and see-through
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def predict_class(params: Params, x: np.ndarray) -> np.ndarray:
+    """Class 0..3 the net gives each point (N, 2); -1 where its logits are not finite."""
+    with np.errstate(all="ignore"):
+        scores, _ = forward(params, x)
+    return np.where(np.isfinite(scores).all(axis=1), scores.argmax(axis=1), -1)
+
+
+def _extent(data: Dataset) -> float:
+    return max(2.5, float(np.abs(np.concatenate([data.x_train, data.x_test])).max()) * 1.15)
+
+
+def _region_image(params: Params, lim: float, n: int) -> np.ndarray:
+    """(n, n, 3) pale colours of the predicted class over [-lim, lim]², white where undefined."""
+    g = np.linspace(-lim, lim, n)
+    gx, gy = np.meshgrid(g, g)
+    pred = predict_class(params, np.column_stack([gx.ravel(), gy.ravel()])).reshape(n, n)
+    return np.where((pred >= 0)[..., None], PALE[pred.clip(0)], 1.0)
+
+
+def _wrong(params: Params, data: Dataset) -> np.ndarray:
+    """The train and test points (M, 2) that have a quadrant and are classified wrongly."""
+    x = np.concatenate([data.x_train, data.x_test])
+    y = np.concatenate([data.y_train, data.y_test])
+    return x[(y >= 0) & (predict_class(params, x) != y)]
+
+
+def _test_accuracy(params: Params, data: Dataset) -> float:
+    keep = data.y_test >= 0
+    return float(np.mean(predict_class(params, data.x_test[keep]) == data.y_test[keep])) if keep.any() else np.nan
+
+
+def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, Any]:
+    """Draw regions, axes lines, the points and the misclassified rings; return (image, rings)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    lim = _extent(data)
+    image = ax.imshow(_region_image(params, lim, n), extent=(-lim, lim, -lim, lim), origin="lower")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.axvline(0, color="k", lw=0.6)
+    many = len(data.x_train) + len(data.x_test) > MANY
+    size, alpha, ring = (12, 0.6, 30) if many else (60, 1.0, 200)
+    for x, y, marker in ((data.x_train, data.y_train, "o"), (data.x_test, data.y_test, "^")):
+        cols = np.where((y >= 0)[:, None], COLORS[y.clip(0)], 0.5)
+        ax.scatter(x[:, 0], x[:, 1], c=cols, marker=marker, s=size, alpha=alpha, edgecolors="k", linewidths=0.4)
+    wrong = _wrong(params, data)
+    rings = ax.scatter(wrong[:, 0], wrong[:, 1], s=ring, facecolors="none", edgecolors=WRONG, linewidths=1.5)
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="x", ylabel="y", aspect="equal")
+    neutral = {"color": "w", "markerfacecolor": "0.5", "markeredgecolor": "k"}
+    handles = [
+        Patch(facecolor=PALE[i], edgecolor=COLORS[i], label=f"quadrant {q}") for i, q in enumerate(QUADRANT_NAMES)
+    ]
+    handles += [
+        Line2D([], [], marker="o", label="train point", **neutral),
+        Line2D([], [], marker="^", label="test point", **neutral),
+        Line2D([], [], marker="o", color="w", markerfacecolor="none", markeredgecolor=WRONG, label="misclassified"),
+    ]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", borderaxespad=0)
+    return image, rings
+
+
+def plot_regions(path: Path, params: Params, data: Dataset, title: str) -> None:
+    """decision_regions.png: the predicted quadrant over the plane, the points in their true
+    quadrant's colour (● train, ▲ test), misclassified ones ringed, and the test accuracy."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 5.6), constrained_layout=True)
+    _regions_axes(ax, params, data, 301)
+    wrong = len(_wrong(params, data))
+    ax.set_title(f"{title}\ntest accuracy {_test_accuracy(params, data):.1%}, {wrong} points misclassified")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _column(history: list[dict[str, float]], key: str) -> np.ndarray:
+    return np.array([float(r.get(key, np.nan)) for r in history])
+
+
+def _loss_axes(ax: Any, history: list[dict[str, float]]) -> list[Any]:
+    """Train and test loss against epochs (log y when positive); returns the two lines."""
+    marker = "o" if len(history) < 10 else None  # a few points must not look like a curve
+    epochs = _column(history, "epoch")
+    lines = [
+        ax.plot(epochs, _column(history, key), marker=marker, ms=4, ls=ls, label=label)[0]
+        for key, label, ls in (("loss", "train", "-"), ("test_loss", "test", "--"))
+    ]
+    losses = np.concatenate([_column(history, "loss"), _column(history, "test_loss")])
+    if len(bad := epochs[~np.isfinite(_column(history, "loss"))]):  # a diverged run: mark where
+        ax.axvline(bad[0], color=WRONG, ls=":", label=f"not finite from epoch {bad[0]:g}")
+    if (np.isfinite(losses) & (losses > 0)).any():
+        ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel=LOSS_LABEL, title="loss")
+    ax.legend(fontsize="small")
+    return lines
+
+
+def plot_curves(path: Path, history: list[dict[str, float]], title: str) -> None:
+    """loss.png: train and test loss (log scale) and train/test accuracy against epochs."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True, constrained_layout=True)
+    _loss_axes(ax_loss, history)
+    marker = "o" if len(history) < 10 else None
+    epochs = _column(history, "epoch")
+    ax_acc.plot(epochs, _column(history, "train_accuracy"), marker=marker, ms=4, label="train")
+    ax_acc.plot(epochs, _column(history, "test_accuracy"), marker=marker, ms=4, ls="--", label="test")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(-0.05, 1.05), title="accuracy")
+    ax_acc.legend(fontsize="small")
+    last = history[-1] if history else {}
+
+    def num(key: str, spec: str) -> str:
+        v = float(last.get(key, np.nan))
+        return format(v, spec) if np.isfinite(v) else "not finite"
+
+    fig.suptitle(
+        f"{title}\nat epoch {last.get('epoch', 0):g}: train loss {num('loss', '.4g')}, "
+        f"test loss {num('test_loss', '.4g')}, test accuracy {num('test_accuracy', '.1%')}"
+    )
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def animate(
+    path: Path, frames: list[tuple[int, Params]], history: list[dict[str, float]], data: Dataset, title: str
+) -> None:
+    """A GIF of training: the decision regions (left) and the loss up to each frame's epoch
+    (right). One small figure is laid out and drawn once; each frame redraws only what moves."""
+    from PIL import Image
+
+    if not frames:
+        raise ValueError("animate needs at least one frame")
+    plt = _pyplot()
+    fig, (ax_reg, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.6), width_ratios=(1.35, 1), dpi=80, layout="constrained")
+    image, rings = _regions_axes(ax_reg, frames[0][1], data, 120)
+    lines = _loss_axes(ax_loss, history)  # full curves first, so the axes' limits fit all of training
+    now = ax_loss.axvline(0, color="0.5", lw=0.8)
+    fig.suptitle(title, fontsize="medium")
+    ax_reg.set_title("epoch 0: test accuracy 100.0%", fontsize="medium")
+    # Blitting: draw the still parts (ticks, labels, legends) once, then per frame only what moves.
+    moving = [*ax_reg.images, *ax_reg.collections, *ax_reg.lines, *ax_reg.spines.values(), ax_reg.title, *lines, now]
+    moving.sort(key=lambda a: a.get_zorder())
+    for a in moving:
+        a.set_animated(True)
+    fig.canvas.draw()
+    background = fig.canvas.copy_from_bbox(fig.bbox)
+    epochs, lim = _column(history, "epoch"), _extent(data)
+    cols = [_column(history, "loss"), _column(history, "test_loss")]
+    images = []
+    for epoch, params in frames:
+        image.set_data(_region_image(params, lim, 120))
+        rings.set_offsets(_wrong(params, data).reshape(-1, 2))
+        upto = epochs <= epoch
+        for line, col in zip(lines, cols, strict=True):
+            line.set_data(epochs[upto], col[upto])
+        now.set_xdata([epoch, epoch])
+        ax_reg.set_title(f"epoch {epoch}: test accuracy {_test_accuracy(params, data):.1%}", fontsize="medium")
+        fig.canvas.restore_region(background)
+        for a in moving:
+            fig.draw_artist(a)
+        images.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()))
+    plt.close(fig)
+    # one palette for every frame, from the first and the last (no flicker, colours stay true)
+    both = Image.fromarray(np.concatenate([np.asarray(images[0]), np.asarray(images[-1])]))
+    palette = both.quantize(255)
+    gif = [im.quantize(palette=palette, dither=Image.Dither.NONE) for im in images]
+    durations = [120] * (len(gif) - 1) + [2000]  # hold the last frame
+    gif[0].save(path, format="GIF", save_all=True, append_images=gif[1:], duration=durations, loop=0)
