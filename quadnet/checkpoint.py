@@ -92,7 +92,7 @@ def read(p: Path) -> Any:
     except pickle.UnpicklingError:
         raise CheckpointError(f"refused {str(p)!r}: it holds objects other than tensors and plain values") from None
     except Exception:  # torch raises many kinds for a file that is not one of its own
-        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (not a torch file, or truncated)") from None
+        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (not a torch file, or truncated or corrupt)") from None
 
 
 def _numpy(tensors: Any, hidden: int, what: str) -> dict[str, np.ndarray]:

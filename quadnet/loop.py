@@ -94,7 +94,7 @@ def fit(engine: Any, jobs: list[Job], stop: Callable[[], bool], save: Callable[[
         if engine.rows and epoch == target:
             record(list(range(len(engine.rows))))
         bar(done, len(engine.rows), epoch)
-        if save and ckpt_every and epoch % ckpt_every == 0 and engine.rows:
+        if save and ckpt_every and epoch % ckpt_every == 0 and any(jobs[j].cfg.epochs > epoch for j in engine.rows):
             for r, state in zip(range(len(engine.rows)), engine.export(list(range(len(engine.rows)))), strict=True):
                 jobs[engine.rows[r]].state, jobs[engine.rows[r]].epoch = state, epoch
             save(jobs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,23 +62,78 @@ def test_resume_shape_change_from_the_cli_is_one_line(tmp_path):
 
 
 def test_checkpoints_are_written_periodically_and_atomically(tmp_path, monkeypatch):
-    cfg = make_cfg("epochs=300", "checkpoint_every=100")
+    cfg = make_cfg("epochs=300", "checkpoint_every=100", "momentum=0.5")
+    saved = []
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda path, obj: (saved.append((path.name, obj["epoch"])), real_save(path, obj)))
     train(cfg, run_dir=tmp_path)
+    assert saved == [("checkpoint.pt", 100), ("checkpoint.pt", 200), ("checkpoint.pt", 300), ("model.pt", 300)]
     ck = checkpoint.load(tmp_path / "checkpoint.pt")
     assert ck["epoch"] == 300 and ck["status"] == "completed" and ck["config"]["checkpoint_every"] == 100
-    assert "torch" in ck["rng"] and len(ck["history"]) == 4
+    assert len(ck["history"]) == 4 and set(ck["state"]["optimizer"]) == {"momentum"}
     before = (tmp_path / "checkpoint.pt").read_bytes()
 
-    def crash_mid_write(obj, f, *a, **k):
+    def full_disk(obj, f, *a, **k):  # what torch.save does when the disk fills up
         with open(f, "wb") as fh:
             fh.write(b"PK\x03\x04 half a file")
-        raise OSError("disk full")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file")
 
-    monkeypatch.setattr(torch, "save", crash_mid_write)
-    with pytest.raises(OSError):
-        checkpoint.save(tmp_path / "checkpoint.pt", params=ck["params"], momentum=None, epoch=1, config={})
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="cannot write .*PytorchStreamWriter failed"):
+        real_save(tmp_path / "checkpoint.pt", {"format": "x"})
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_killed_writers_temporary_file_is_removed_later(tmp_path):
+    dead = subprocess.run(["true"]).args and _dead_pid()
+    stale = tmp_path / f".checkpoint.pt.{dead}.tmp"
+    stale.write_bytes(b"x" * 1000)
+    train(make_cfg("epochs=20"), run_dir=tmp_path)
+    assert not stale.exists() and (tmp_path / "checkpoint.pt").is_file()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_old_checkpoints_still_load_and_resume(tmp_path):
+    """quadnet-checkpoint/1: nn.Linear's (out, in) layout and a single `momentum` slot."""
+    train(make_cfg("epochs=200", "momentum=0.9", "lr=0.01", "checkpoint_every=0"), run_dir=tmp_path / "new")
+    ck = checkpoint.load(tmp_path / "new")
+    linear = lambda p: {"fc1.weight": torch.tensor(p["W1"].T), "fc1.bias": torch.tensor(p["b1"]), "fc2.weight": torch.tensor(p["W2"].T), "fc2.bias": torch.tensor(p["b2"])}  # noqa: E731
+    old = {"format": "quadnet-checkpoint/1", "model": linear(ck["params"]), "momentum": linear(ck["state"]["optimizer"]["momentum"]), "epoch": 200, "status": "completed", "config": ck["config"], "history": ck["history"], "rng": {"torch": torch.get_rng_state()}}
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "checkpoint.pt")
+    a = train({"resume": str(tmp_path / "new"), "epochs": 400}, run_dir=tmp_path / "a")
+    b = train({"resume": str(tmp_path / "old"), "epochs": 400}, run_dir=tmp_path / "b")
+    assert a["predictions"] == b["predictions"]
+
+
+@pytest.mark.parametrize(
+    "damage,words",
+    [
+        (lambda c: c["config"].pop("hidden_dim") and c["config"].update(hidden_dim="wide"), "bad config"),
+        (lambda c: c.update(epoch=2.5), "bad epoch"),
+        (lambda c: c.update(epoch=-5), "bad epoch"),
+        (lambda c: c.update(history=[{"epoch": 0}]), "damaged metrics"),
+        (lambda c: c["params"].update(W1=torch.zeros(3, 3, dtype=torch.float64)), "W1 is not a float tensor of shape (2, 8)"),
+        (lambda c: c["params"].update(b2=torch.empty(4, device="meta")), "b2 is not a float tensor"),
+        (lambda c: c["config"].update(hidden_dim=7), "shape (2, 7)"),
+        (lambda c: c["optimizer"].update(momentum={"W1": "x"}), "momentum buffer W1"),
+    ],
+)
+def test_a_checkpoint_with_bad_contents_is_refused_in_one_line(damage, words, tmp_path):
+    train(make_cfg("epochs=20", "hidden_dim=8"), run_dir=tmp_path / "r")
+    obj = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    damage(obj)
+    torch.save(obj, tmp_path / "bad.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(words)):
+        checkpoint.load(tmp_path / "bad.pt")
+    r = run_cli(f"resume={tmp_path / 'bad.pt'}", f"hydra.run.dir={tmp_path}/x", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr and not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
