@@ -157,6 +157,8 @@ class TorchEngine:
         pick = lambda ts: [t.index_select(0, idx) for t in ts]  # noqa: E731
         self.params, self.state = pick(self.params), {n: pick(b) for n, b in self.state.items()}
         self.h = {n: v if isinstance(v, float) else v.index_select(0, idx) for n, v in self.h.items()}
+        if len(rows) == 1:  # one job left: its 2-D views take plain floats
+            self.h = {n: float(v) for n, v in self.h.items()}
         self.rows, self._graph = [self.rows[r] for r in rows], None
         self._views()
 

@@ -56,7 +56,7 @@ class Job:
     result: loop.Job | None = None
     error: str | None = None
     device: str = "cpu"  # as the summary records it
-    seconds: float = 0.0  # the wall time of the batch it trained in
+    batch: dict[str, Any] = dataclasses.field(default_factory=dict)  # jobs, seconds (and submitit_job) of its batch
 
     @property
     def dir(self) -> Path:
@@ -89,10 +89,14 @@ def _resumable(job: Job) -> loop.Job:
     return loop.Job(c, start_state(c))
 
 
-def train_chunk(jobs: list[loop.Job], device: str | torch.device, stop: Callable[[], bool] = lambda: False, save_dir: Path | None = None) -> tuple[str, list[loop.Job], float]:
+def train_chunk(jobs: list[loop.Job], device: str, stop: Callable[[], bool] = lambda: False, save_dir: Path | None = None) -> Any:
     """One batch through the loop; returns the device as summaries record it, the jobs, the seconds.
-    (Also what a submitit job runs, where it lands.) A batch checkpoint goes to save_dir/.batches."""
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    (Also what a submitit job runs where it lands: a device that is not there there comes back as
+    the ConfigError, whole.) A batch checkpoint goes to save_dir/.batches."""
+    try:
+        dev = resolve_device(device)
+    except ConfigError as e:
+        return e
     data = make_dataset(jobs[0].cfg.data)
     engine, dev = build([j.cfg for j in jobs], data, [j.state for j in jobs], dev)
     save = None
@@ -131,15 +135,23 @@ def train_groups(groups: list[list[Job]], max_batch: int, stop: Callable[[], boo
         chunk = todo.pop(0)
         starts = [dataclasses.replace(j.start, history=list(j.start.history), name=j.dir.name) for j in chunk]  # type: ignore[type-var]
         try:
-            label, done, seconds = train_chunk(starts, chunk[0].cfg.device, stop, sweep_dir)  # type: ignore[union-attr]
+            out = train_chunk(starts, chunk[0].cfg.device, stop, sweep_dir)  # type: ignore[union-attr]
+            if isinstance(out, Exception):
+                raise out
         except Exception as e:  # noqa: BLE001 - a bad job must not take its batch down
-            if len(chunk) > 1:
+            if len(chunk) > 1 and not isinstance(e, ConfigError):
                 todo[:0] = [chunk[: len(chunk) // 2], chunk[len(chunk) // 2 :]]
                 continue
-            chunk[0].error = one_line(e)
+            for j in chunk:
+                j.error = one_line(e)
             continue
-        for j, r in zip(chunk, done, strict=True):
-            j.result, j.device, j.seconds = r, label, seconds
+        _done(chunk, out)
+
+
+def _done(chunk: list[Job], out: tuple[str, list[loop.Job], float], **extra: Any) -> None:
+    label, done, seconds = out
+    for j, r in zip(chunk, done, strict=True):
+        j.result, j.device, j.batch = r, label, {"jobs": len(chunk), "seconds": seconds, **extra}
 
 
 def train_submitit(groups: list[list[Job]], max_batch: int, executor: str, params: dict[str, Any], folder: Path) -> None:
@@ -155,13 +167,14 @@ def train_submitit(groups: list[list[Job]], max_batch: int, executor: str, param
     log.info("Submitted %d batched program(s) to submitit (%s) in %s", len(chunks), executor, folder)
     for chunk, future in zip(chunks, futures, strict=True):
         try:
-            label, done, seconds = future.result()
+            out = future.result()
         except Exception as e:  # noqa: BLE001 - it crashed, timed out or was cancelled: its log says why
+            out = RuntimeError(f"submitit job {future.job_id} failed: {one_line(e)} (log: {future.paths.stderr})")
+        if isinstance(out, Exception):
             for j in chunk:
-                j.error = f"submitit job {future.job_id} failed: {one_line(e)} (log: {future.paths.stderr})"
+                j.error = str(out)
             continue
-        for j, r in zip(chunk, done, strict=True):
-            j.result, j.device, j.seconds = r, label, seconds
+        _done(chunk, out, submitit_job=future.job_id)
 
 
 def one_line(e: BaseException) -> str:
@@ -186,14 +199,19 @@ def _writer(job: Job, stop_signal: int | None, n_jobs: int) -> Callable[[DictCon
             rundir.write_failed(out, job.error or "not trained", None if job.cfg is None else to_dict(job.cfg))
             raise ConfigError(job.error or "not trained")
         data = make_dataset(job.cfg.data)  # type: ignore[union-attr]
-        summary = rundir.write(out, job.result, data, job.device, job.seconds, stop_signal, {"batch": {"jobs": n_jobs}})
+        # train_seconds: the job's share of its batch's wall time (batch.seconds / batch.jobs)
+        seconds = job.batch["seconds"] / job.batch["jobs"]
+        summary = rundir.write(out, job.result, data, job.device, seconds, stop_signal, {"batch": job.batch})
         return conclude(summary, single_run=False, exit=False, quiet=n_jobs > CHATTY)
 
     return task
 
 
 def _run(ctx: Any, task: Callable[[DictConfig], Any], config: DictConfig) -> JobReturn:
-    return run_job(hydra_context=ctx, task_function=task, config=config, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    try:
+        return run_job(hydra_context=ctx, task_function=task, config=config, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    except OSError as e:  # its dir cannot be made: this job fails, not the sweep
+        return JobReturn(overrides=list(config.hydra.overrides.task), hydra_cfg=config, status=JobStatus.FAILED, _return_value=e)
 
 
 _FORKED: tuple[Any, list[Job], int | None, int] | None = None  # what the forked writers inherit
@@ -266,6 +284,7 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     for j in jobs:
         try:
             j.cfg = validate(j.config)
+            j.cfg = dataclasses.replace(j.cfg, plots=j.cfg.plots and opts["plots"])
             j.start = _resumable(j)
         except (ConfigError, checkpoint.CheckpointError) as e:
             j.error = str(e)

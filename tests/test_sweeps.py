@@ -13,8 +13,10 @@ import torch
 from conftest import ROOT, make_cfg, run_cli
 from quadnet import checkpoint
 from quadnet.artifacts import read_metrics
-from quadnet.batched import train_many
-from quadnet.train import train
+from quadnet import loop, rundir
+from quadnet.data import make_dataset
+from quadnet.sweep import train_chunk
+from quadnet.train import start_state, train
 
 MIXED = [  # seeds, lrs, regs, epochs, hidden_dims, momentum and init all differ
     ["seed=0", "lr=0.001", "reg=0.001", "epochs=700", "hidden_dim=50"],
@@ -37,6 +39,15 @@ def _sweep(tmp_path, name, *overrides):
     return r
 
 
+def _batch(cfgs, tmp_path=None, device="cpu"):
+    """Train configs as one batch, as the launcher does; write each job's dir under tmp_path/bat<i>."""
+    label, jobs, seconds = train_chunk([loop.Job(c, start_state(c)) for c in cfgs], device)
+    if tmp_path is None:
+        return jobs
+    data = make_dataset(cfgs[0].data)
+    return [rundir.write(tmp_path / f"bat{i}", j, data, label, seconds) for i, j in enumerate(jobs)]
+
+
 def _summary(tmp_path, name, n):
     return json.loads((tmp_path / name / str(n) / "summary.json").read_text())
 
@@ -44,14 +55,10 @@ def _summary(tmp_path, name, n):
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-9), ("float32", 1e-5)])
 @pytest.mark.parametrize("data", ["seed", "sampled"])
 def test_batched_equals_sequential_on_a_mixed_sweep(dtype, tol, data, tmp_path):
-    from quadnet.trainer import Trainer
-
     cfgs = [make_cfg(*ov, f"dtype={dtype}", f"data={data}", "log_every=50") for ov in MIXED]
-    results = train_many(cfgs, torch.device("cpu"))
-    for i, (cfg, r) in enumerate(zip(cfgs, results, strict=True)):
+    summaries = _batch(cfgs, tmp_path)
+    for i, (cfg, bat) in enumerate(zip(cfgs, summaries, strict=True)):
         seq = train(cfg, run_dir=tmp_path / f"seq{i}")
-        state = {"params": r.params, "momentum_params": r.momentum_params, "epoch": r.epoch, "history": r.history}
-        bat = Trainer(cfg, tmp_path / f"bat{i}", resume=state).finish(r.status, r.train_seconds)
         assert bat["status"] == seq["status"] and bat["epoch"] == seq["epoch"], MIXED[i]
         if seq["status"] == "diverged":
             continue
@@ -61,7 +68,7 @@ def test_batched_equals_sequential_on_a_mixed_sweep(dtype, tol, data, tmp_path):
         b = read_metrics(tmp_path / f"bat{i}" / "metrics.csv")
         assert [x["epoch"] for x in a] == [x["epoch"] for x in b]
         np.testing.assert_allclose([x["loss"] for x in a], [x["loss"] for x in b], rtol=tol, atol=tol)
-    assert results[4].status == "diverged"
+    assert summaries[4]["status"] == "diverged"
 
 
 def test_batched_launcher_from_the_cli_equals_the_basic_launcher(tmp_path):
@@ -106,8 +113,38 @@ def test_a_failing_job_inside_a_batch_keeps_the_others(tmp_path):
     for d in (tmp_path / "s").iterdir():
         if (d / "summary.json").exists():
             s = json.loads((d / "summary.json").read_text())
-            statuses[(s["config"]["hidden_dim"], s["config"]["lr"])] = s["status"]
-    assert statuses == {(4, 0.1): "completed", (8, 0.1): "completed", (4, 1e6): "diverged", (8, 1e6): "diverged"}
+            key = (s["config"] or {}).get("hidden_dim", s.get("error", "")[:12]), (s["config"] or {}).get("lr")
+            statuses[key] = s["status"]
+    assert statuses == {
+        (4, 0.1): "completed", (8, 0.1): "completed", (4, 1e6): "diverged", (8, 1e6): "diverged", ("hidden_dim=0", None): "failed"
+    }  # fmt: skip
+
+
+def test_a_job_that_fails_in_training_is_taken_out_and_the_rest_train_on(tmp_path, monkeypatch):
+    """Any exception while a batch is built or trained (here: memory, for the widest net) fails
+    that job alone, with a one-line reason; the others equal their own runs."""
+    import quadnet.sweep as sweep
+
+    real = sweep.build
+
+    def build(cfgs, *a, **k):
+        if any(c.hidden_dim == 13 for c in cfgs):
+            raise MemoryError
+        return real(cfgs, *a, **k)
+
+    monkeypatch.setattr(sweep, "build", build)
+    cfgs = [make_cfg(f"hidden_dim={h}", "epochs=150", f"seed={i}") for i, h in enumerate((4, 13, 6, 9, 5))]
+    jobs = [sweep.Job(i, [], None, cfg=c, start=loop.Job(c, start_state(c))) for i, c in enumerate(cfgs)]
+    for j in jobs:
+        j.__class__ = type("J", (sweep.Job,), {"dir": property(lambda self: tmp_path / str(self.idx))})
+    sweep.train_groups([jobs], 0, lambda: False, tmp_path)
+    assert [j.error is None for j in jobs] == [True, False, True, True, True]
+    assert jobs[1].error.startswith("out of memory")
+    for j, c in zip(jobs, cfgs, strict=True):
+        if j.result is not None:
+            (alone,) = _batch([c])
+            for k in alone.state["params"]:
+                np.testing.assert_allclose(j.result.state["params"][k], alone.state["params"][k], rtol=0, atol=1e-9)
 
 
 def _job_files(job_dir):
@@ -147,6 +184,7 @@ def test_forked_writers_write_what_one_process_writes_and_a_blocked_dir_fails_al
         sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
         for s in (sa, sb):
             del s["run_dir"], s["train_seconds"], s["batch"]["seconds"]
+        assert sa["batch"] == {"jobs": 5}
         assert sa == sb and sa["status"] == "completed"
         assert "status completed at epoch 30/30" in (b / "train.log").read_text()
         assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
@@ -188,11 +226,11 @@ def test_a_bad_launcher_option_is_one_line_and_trains_nothing(option, message, t
 
 
 def test_unbatchable_jobs_run_on_their_own_in_the_same_sweep(tmp_path):
-    r = _sweep(tmp_path, "s", "hydra/launcher=batched", "engine=torch,numpy", "epochs=100")
-    a, b = _summary(tmp_path, "s", 0), _summary(tmp_path, "s", 1)
-    assert a["engine"] == "torch/fused" and "batch" in a and b["engine"] == "numpy" and "batch" not in b
-    np.testing.assert_allclose(_probs(a), _probs(b), atol=1e-9)
-    assert "engine=numpy runs on its own" in r.stdout + r.stderr
+    _sweep(tmp_path, "s", "hydra/launcher=batched", "engine=torch,numpy", "epochs=100", "seed=0,1")
+    summaries = [_summary(tmp_path, "s", n) for n in range(4)]
+    assert [s["engine"] for s in summaries] == ["torch/fused", "torch/fused", "numpy", "numpy"]
+    assert [s["batch"]["jobs"] for s in summaries] == [2, 2, 1, 1]  # the NumPy engine trains one job at a time
+    np.testing.assert_allclose(_probs(summaries[0]), _probs(summaries[2]), atol=1e-9)
 
 
 def test_basic_multirun_writes_under_outputs_and_two_sweeps_in_one_second_do_not_collide(tmp_path):
@@ -318,14 +356,9 @@ def test_optuna_search_minimises_the_objective(tmp_path):
 
 
 def test_a_checkpoint_written_by_a_batch_resumes_exactly(tmp_path):
-    cfg = make_cfg("epochs=300", "lr=0.01", "momentum=0.9")
-    r = train_many([cfg], torch.device("cpu"))[0]
+    _batch([make_cfg("epochs=300", "lr=0.01", "momentum=0.9")], tmp_path)
     full = train(make_cfg("epochs=600", "lr=0.01", "momentum=0.9"), run_dir=tmp_path / "full")
-    from quadnet.trainer import Trainer
-
-    state = {"params": r.params, "momentum_params": r.momentum_params, "epoch": r.epoch, "history": r.history}
-    Trainer(cfg, tmp_path / "b", resume=state).finish(r.status, 0.0)
-    resumed = train({"resume": str(tmp_path / "b"), "epochs": 600}, run_dir=tmp_path / "r")
+    resumed = train({"resume": str(tmp_path / "bat0"), "epochs": 600}, run_dir=tmp_path / "r")
     np.testing.assert_allclose(_probs(resumed), _probs(full), atol=1e-9)
     assert checkpoint.load(tmp_path / "r")["epoch"] == 600
 
@@ -334,13 +367,11 @@ def test_a_checkpoint_written_by_a_batch_resumes_exactly(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_batched_on_cuda_equals_cpu():
     cfgs = [make_cfg(*ov, "log_every=50") for ov in MIXED]
-    cpu = train_many(cfgs, torch.device("cpu"))
-    gpu = train_many(cfgs, torch.device("cuda"), max_batch=2)  # chunked
-    for a, b in zip(cpu, gpu, strict=True):
+    for a, b in zip(_batch(cfgs), _batch(cfgs, device="cuda"), strict=True):
         assert a.status == b.status and a.epoch == b.epoch
         if a.status == "completed":
-            for k in a.params:
-                np.testing.assert_allclose(a.params[k], b.params[k], atol=1e-9)
+            for k in a.state["params"]:
+                np.testing.assert_allclose(a.state["params"][k], b.state["params"][k], atol=1e-9)
 
 
 @pytest.mark.cuda
