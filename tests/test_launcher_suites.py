@@ -21,6 +21,7 @@ import pytest
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
 LAUNCHERS = ["basic", "batched"]
+QUIET = ["hydra/hydra_logging=disabled", "hydra/job_logging=disabled"]
 
 
 def test_batched_launcher_is_discovered_from_any_directory(tmp_path: Path) -> None:
@@ -50,10 +51,7 @@ class TestLauncherSuite(LauncherTestSuite):
 
 @pytest.mark.parametrize(
     "task_launcher_cfg, extra_flags",
-    [
-        pytest.param({}, ["-m", "hydra/hydra_logging=disabled", "hydra/job_logging=disabled", f"hydra/launcher={n}"], id=n)
-        for n in LAUNCHERS
-    ],
+    [pytest.param({}, ["-m", *QUIET, f"hydra/launcher={n}"], id=n) for n in LAUNCHERS],
 )
 class TestIntegrationSuite(IntegrationTestSuite):
     """Hydra's IntegrationTestSuite: 11 apps written to tmpdir and run as subprocesses."""
