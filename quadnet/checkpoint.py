@@ -54,7 +54,9 @@ def _tensors(p: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in p.items()}
 
 
-def payload(state: dict[str, Any], *, epoch: int, config: dict[str, Any], status: str, history: list[Any]) -> dict[str, Any]:
+def payload(
+    state: dict[str, Any], *, epoch: int, config: dict[str, Any], status: str, history: list[Any]
+) -> dict[str, Any]:
     """One job's checkpoint as it is saved (state: params, optimizer buffers, step)."""
     return {
         "format": FORMAT,
@@ -92,7 +94,9 @@ def read(p: Path) -> Any:
     except pickle.UnpicklingError:
         raise CheckpointError(f"refused {str(p)!r}: it holds objects other than tensors and plain values") from None
     except Exception:  # torch raises many kinds for a file that is not one of its own
-        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (not a torch file, or truncated or corrupt)") from None
+        raise CheckpointError(
+            f"{str(p)!r} is not a quadnet checkpoint (not a torch file, or truncated or corrupt)"
+        ) from None
 
 
 def _numpy(tensors: Any, hidden: int, what: str) -> dict[str, np.ndarray]:
@@ -117,7 +121,11 @@ def _upgrade(obj: dict[str, Any]) -> dict[str, Any]:
         return {"W1": None if w1 is None else w1.T, "b1": b1, "W2": None if w2 is None else w2.T, "b2": b2}
 
     mom = obj.get("momentum")
-    return {**obj, "params": seed_layout(obj.get("model")), "optimizer": {} if mom is None else {"momentum": seed_layout(mom)}}
+    return {
+        **obj,
+        "params": seed_layout(obj.get("model")),
+        "optimizer": {} if mom is None else {"momentum": seed_layout(mom)},
+    }
 
 
 def check(obj: Any, where: str) -> dict[str, Any]:
@@ -133,10 +141,12 @@ def check(obj: Any, where: str) -> dict[str, Any]:
     except ConfigError as e:
         raise CheckpointError(f"{where} has a bad config: {e}") from None
     epoch, history = obj.get("epoch"), obj.get("history", [])
-    if type(epoch) is not int or not 0 <= epoch:
+    if type(epoch) is not int or not epoch >= 0:
         raise CheckpointError(f"{where} has a bad epoch {epoch!r}: must be an integer >= 0")
     keys = ("epoch", "loss", "train_accuracy", "test_accuracy")
-    if not isinstance(history, list) or not all(isinstance(r, dict) and all(isinstance(r.get(k), int | float) for k in keys) for r in history):
+    if not isinstance(history, list) or not all(
+        isinstance(r, dict) and all(isinstance(r.get(k), int | float) for k in keys) for r in history
+    ):
         raise CheckpointError(f"{where} has damaged metrics: each row must have {', '.join(keys)}")
     try:
         params = _numpy(obj.get("params"), cfg.hidden_dim, "weight")
@@ -145,7 +155,15 @@ def check(obj: Any, where: str) -> dict[str, Any]:
     except CheckpointError as e:
         raise CheckpointError(f"{where}: {e}") from None
     state = {"params": params, "optimizer": buffers, "step": int(obj.get("step", epoch))}
-    return {**obj, "state": state, "params": params, "config": obj["config"], "cfg": cfg, "epoch": epoch, "history": history}
+    return {
+        **obj,
+        "state": state,
+        "params": params,
+        "config": obj["config"],
+        "cfg": cfg,
+        "epoch": epoch,
+        "history": history,
+    }
 
 
 def load(path: str | Path) -> dict[str, Any]:

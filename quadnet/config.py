@@ -98,7 +98,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epochs": _range(0, 1e9),
     "seed": _range(0, 2**32 - 1),  # NumPy's RandomState takes 32 bits
     "init": _choice("normal", "torch"),
-    "device": ((lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None), "choose auto, cpu, cuda, cuda:N or mps"),
+    "device": (
+        (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None),
+        "choose auto, cpu, cuda, cuda:N or mps",
+    ),
     "dtype": _choice("float32", "float64"),
     "engine": _choice("torch", "numpy"),
     "step": _choice("fused", "autograd"),

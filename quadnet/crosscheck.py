@@ -84,7 +84,9 @@ def check(cfg: TrainConfig) -> dict[str, Any]:
     p = {k: v.copy() for k, v in start.items()}
     _, g = reference.loss_and_grads(p, x, y, cfg.reg)
     result["gradient_check_rel_error"] = max(
-        reference.rel_error(g[k], reference.eval_numerical_gradient(lambda _: reference.objective(p, x, y, cfg.reg), p[k]))
+        reference.rel_error(
+            g[k], reference.eval_numerical_gradient(lambda _: reference.objective(p, x, y, cfg.reg), p[k])
+        )
         for k in p
     )
     return result

@@ -53,7 +53,9 @@ def read_csv(path: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         lines = Path(path).expanduser().read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{key}={path!r} cannot be read: {getattr(e, 'strerror', None) or 'not a text file'}") from None
+        raise ConfigError(
+            f"{key}={path!r} cannot be read: {getattr(e, 'strerror', None) or 'not a text file'}"
+        ) from None
     rows = []
     for i, line in enumerate(lines, 1):
         parts = [p.strip() for p in line.split("#", 1)[0].split(",")]

@@ -46,7 +46,9 @@ class TorchEngine:
             values = [float(getattr(c, name)) for c in cfgs]
             self.h[name] = values[0] if len(set(values)) == 1 else as_t(values).view(-1, 1, 1)
         self.state = {
-            b: model.stack([s["optimizer"].get(b) or _zeros(s["params"]) for s in starts], self.hidden, self.dtype, device)
+            b: model.stack(
+                [s["optimizer"].get(b) or _zeros(s["params"]) for s in starts], self.hidden, self.dtype, device
+            )
             for b in optim.buffers(self.rule, self.h)
         }
         self.t = torch.zeros((), dtype=self.dtype, device=device)  # steps taken (Adam's bias correction)
@@ -66,7 +68,7 @@ class TorchEngine:
     def _views(self) -> None:
         """What a step works on: for one job, 2-D views of its tensors (cheaper ops; the updates
         land in the same storage), else the stacked tensors themselves."""
-        one = (lambda ts: [t[0] for t in ts]) if len(self.rows) == 1 else list  # noqa: E731
+        one = (lambda ts: [t[0] for t in ts]) if len(self.rows) == 1 else list
         self._p, self._s = one(self.params), {n: one(b) for n, b in self.state.items()}
         self._onehot = self.onehot if len(self.rows) == 1 else self.onehot.expand(len(self.rows), -1, -1)
 
@@ -149,7 +151,9 @@ class TorchEngine:
         bufs = {n: model.unstack(b, rows, dims) for n, b in state.items()}
         params = model.unstack(self.params, rows, dims)
         step = int(self.t)
-        return [{"params": p, "optimizer": {n: b[i] for n, b in bufs.items()}, "step": step} for i, p in enumerate(params)]
+        return [
+            {"params": p, "optimizer": {n: b[i] for n, b in bufs.items()}, "step": step} for i, p in enumerate(params)
+        ]
 
     def keep(self, rows: list[int]) -> None:
         """Drop every job but those at `rows` (the batch shrinks; a CUDA graph is captured again)."""
@@ -163,7 +167,9 @@ class TorchEngine:
         self._views()
 
 
-def build(cfgs: list[TrainConfig], data: Dataset, starts: list[JobState], device: torch.device | None = None) -> tuple[Any, torch.device]:
+def build(
+    cfgs: list[TrainConfig], data: Dataset, starts: list[JobState], device: torch.device | None = None
+) -> tuple[Any, torch.device]:
     """The engine for a batch of jobs (one job for engine=numpy), and the device it computes on."""
     from quadnet.device import resolve_device
     from quadnet.reference import NumpyEngine

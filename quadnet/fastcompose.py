@@ -30,7 +30,9 @@ def _simple(line: str) -> Override | None:
     if m is None:
         return None
     value = float(m[2]) if m[3] is not None or "e" in m[2].lower() else int(m[2])
-    return Override(type=OverrideType.CHANGE, key_or_group=m[1], value_type=ValueType.ELEMENT, _value=value, input_line=line)
+    return Override(
+        type=OverrideType.CHANGE, key_or_group=m[1], value_type=ValueType.ELEMENT, _value=value, input_line=line
+    )
 
 
 def _plain(o: Override, groups: Any) -> bool:
@@ -76,7 +78,7 @@ class FastSweepLoader:
     def _load(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
         try:
             parsed = self._parse(sweep_overrides)
-        except Exception:  # noqa: BLE001 - Hydra's own loader says what is wrong with it
+        except Exception:
             return self._loader.load_sweep_config(master_config, sweep_overrides)
         key = (id(master_config), tuple(o.key_or_group for o in parsed))
         t = self._templates.get(key)
@@ -91,7 +93,7 @@ class FastSweepLoader:
             for o, plain in zip(parsed, t[2], strict=True):
                 if plain:
                     OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
-        except Exception:  # noqa: BLE001 - a value the schema refuses: Hydra raises its own error
+        except Exception:
             return self._loader.load_sweep_config(master_config, sweep_overrides)
         with open_dict(cfg.hydra):
             cfg.hydra.overrides.task = list(sweep_overrides)

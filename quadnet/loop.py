@@ -40,7 +40,9 @@ class Job:
     name: str = ""  # in a sweep, its dir's name (a key of the batch checkpoint)
 
 
-def fit(engine: Any, jobs: list[Job], stop: Callable[[], bool], save: Callable[[list[Job]], None] | None = None) -> None:
+def fit(
+    engine: Any, jobs: list[Job], stop: Callable[[], bool], save: Callable[[list[Job]], None] | None = None
+) -> None:
     """Train the jobs in `engine` (all at the same start epoch, sharing log_every and
     checkpoint_every); `save(jobs)` is called at each checkpoint."""
     c0, epoch = jobs[0].cfg, jobs[0].epoch
@@ -68,7 +70,12 @@ def fit(engine: Any, jobs: list[Job], stop: Callable[[], bool], save: Callable[[
             j.state, j.status, j.epoch = state, status, at[i] if isinstance(at, list) else at
             if status == "diverged":
                 j.history = [h for h in j.history if h["epoch"] < j.epoch]
-                j.history.append({"epoch": j.epoch, **dict.fromkeys(("loss", "train_accuracy", "test_loss", "test_accuracy"), math.nan)})
+                j.history.append(
+                    {
+                        "epoch": j.epoch,
+                        **dict.fromkeys(("loss", "train_accuracy", "test_loss", "test_accuracy"), math.nan),
+                    }
+                )
         engine.keep([r for r in range(len(engine.rows)) if r not in set(rows)])
 
     bar = progress(jobs, epoch)
@@ -130,7 +137,15 @@ def progress(jobs: list[Job], start: int) -> Callable[..., None]:
         if len(jobs) == 1:
             h = jobs[0].history[-1] if jobs[0].history and jobs[0].history[-1]["epoch"] == epoch else None
             if h:
-                log.info("epoch %*d/%d  loss %.6g  train_acc %.3f  test_acc %.3f", len(str(total)), epoch, total, h["loss"], h["train_accuracy"], h["test_accuracy"])
+                log.info(
+                    "epoch %*d/%d  loss %.6g  train_acc %.3f  test_acc %.3f",
+                    len(str(total)),
+                    epoch,
+                    total,
+                    h["loss"],
+                    h["train_accuracy"],
+                    h["test_accuracy"],
+                )
         else:
             log.info("epoch %*d/%d  %d of %d jobs training", len(str(total)), epoch, total, left, len(jobs))
 

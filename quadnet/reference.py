@@ -181,7 +181,10 @@ class NumpyEngine:
         if c.optimizer == "sgd" and not c.momentum:
             names = ()
         saved = start.get("optimizer", {})
-        self.state = {n: {k: saved[n][k].astype(self.dt) if n in saved else np.zeros_like(v) for k, v in self.params.items()} for n in names}
+        self.state = {
+            n: {k: saved[n][k].astype(self.dt) if n in saved else np.zeros_like(v) for k, v in self.params.items()}
+            for n in names
+        }
         self.t, self.rows = start.get("step", 0), [0]
 
     def run(self, n: int, stop: Callable[[], bool]) -> tuple[int, list[int]]:
@@ -199,7 +202,10 @@ class NumpyEngine:
 
     def metrics(self) -> list[dict[str, float]]:
         row = {}
-        for name, x, y in (("train", self.data.x_train, self.data.y_train), ("test", self.data.x_test, self.data.y_test)):
+        for name, x, y in (
+            ("train", self.data.x_train, self.data.y_train),
+            ("test", self.data.x_test, self.data.y_test),
+        ):
             keep = y >= 0
             with np.errstate(all="ignore"):
                 z = forward(self.params, x[keep].astype(self.dt))[0].astype(np.float64)
@@ -210,7 +216,10 @@ class NumpyEngine:
 
     def export(self, rows: list[int]) -> list[dict[str, Any]]:
         f64 = lambda p: {k: v.astype(np.float64) for k, v in p.items()}  # noqa: E731
-        return [{"params": f64(self.params), "optimizer": {n: f64(s) for n, s in self.state.items()}, "step": self.t} for _ in rows]
+        return [
+            {"params": f64(self.params), "optimizer": {n: f64(s) for n, s in self.state.items()}, "step": self.t}
+            for _ in rows
+        ]
 
     def keep(self, rows: list[int]) -> None:
         self.rows = [self.rows[r] for r in rows]

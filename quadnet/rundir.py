@@ -38,7 +38,9 @@ def versions() -> dict[str, str | None]:
 
     here = Path(quadnet.__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         sha = commit.stdout.strip() if commit.returncode == 0 and (here / ".git").exists() else None
     except (OSError, subprocess.SubprocessError):
         sha = None
@@ -58,7 +60,15 @@ def title(cfg: TrainConfig, epoch: int) -> str:
     return f"hidden_dim={cfg.hidden_dim}{opt} lr={cfg.lr:g} reg={cfg.reg:g} seed={cfg.seed} · {epoch} epochs"
 
 
-def write(run_dir: Path, job: Job, data: Dataset, device: str, train_seconds: float, stop_signal: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write(
+    run_dir: Path,
+    job: Job,
+    data: Dataset,
+    device: str,
+    train_seconds: float,
+    stop_signal: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write a finished job's dir; return its summary."""
     cfg, run_dir = job.cfg, Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import pickle
 import shlex
 import sys
 import time
@@ -68,7 +69,16 @@ def group_key(job: Job) -> tuple[Any, ...]:
     """Jobs that can train as one batch: same data, precision, device, log and checkpoint
     points and start epoch. The NumPy engine and step=autograd (shared hyperparameters) train alone."""
     c, alone = job.cfg, job.cfg.engine == "numpy" or job.cfg.step == "autograd"  # type: ignore[union-attr]
-    return (repr(c.data), c.dtype, c.device, c.optimizer, c.log_every, c.checkpoint_every, job.start.epoch, job.idx if alone else -1)  # type: ignore[union-attr]
+    return (
+        repr(c.data),
+        c.dtype,
+        c.device,
+        c.optimizer,
+        c.log_every,
+        c.checkpoint_every,
+        job.start.epoch,
+        job.idx if alone else -1,
+    )  # type: ignore[union-attr]
 
 
 def _resumable(job: Job) -> loop.Job:
@@ -89,7 +99,9 @@ def _resumable(job: Job) -> loop.Job:
     return loop.Job(c, start_state(c))
 
 
-def train_chunk(jobs: list[loop.Job], device: str, stop: Callable[[], bool] = lambda: False, save_dir: Path | None = None) -> Any:
+def train_chunk(
+    jobs: list[loop.Job], device: str, stop: Callable[[], bool] = lambda: False, save_dir: Path | None = None
+) -> Any:
     """One batch through the loop; returns the device as summaries record it, the jobs, the seconds.
     (Also what a submitit job runs where it lands: a device that is not there there comes back as
     the ConfigError, whole.) A batch checkpoint goes to save_dir/.batches."""
@@ -103,7 +115,12 @@ def train_chunk(jobs: list[loop.Job], device: str, stop: Callable[[], bool] = la
     if save_dir is not None:
 
         def save(js: list[loop.Job]) -> None:  # one file for the batch: {job dir name: its state}
-            states = {j.name: checkpoint.payload(j.state, epoch=j.epoch, config=to_dict(j.cfg), status="running", history=j.history) for j in js}
+            states = {
+                j.name: checkpoint.payload(
+                    j.state, epoch=j.epoch, config=to_dict(j.cfg), status="running", history=j.history
+                )
+                for j in js
+            }
             (save_dir / ".batches").mkdir(exist_ok=True)
             checkpoint.save(save_dir / ".batches" / f"{js[0].name}.pt", {"format": checkpoint.BATCH, "jobs": states})
 
@@ -138,7 +155,7 @@ def train_groups(groups: list[list[Job]], max_batch: int, stop: Callable[[], boo
             out = train_chunk(starts, chunk[0].cfg.device, stop, sweep_dir)  # type: ignore[union-attr]
             if isinstance(out, Exception):
                 raise out
-        except Exception as e:  # noqa: BLE001 - a bad job must not take its batch down
+        except Exception as e:
             if len(chunk) > 1 and not isinstance(e, ConfigError):
                 todo[:0] = [chunk[: len(chunk) // 2], chunk[len(chunk) // 2 :]]
                 continue
@@ -154,7 +171,9 @@ def _done(chunk: list[Job], out: tuple[str, list[loop.Job], float], **extra: Any
         j.result, j.device, j.batch = r, label, {"jobs": len(chunk), "seconds": seconds, **extra}
 
 
-def train_submitit(groups: list[list[Job]], max_batch: int, executor: str, params: dict[str, Any], folder: Path) -> None:
+def train_submitit(
+    groups: list[list[Job]], max_batch: int, executor: str, params: dict[str, Any], folder: Path
+) -> None:
     """Each chunk of at most max_batch jobs as one submitit job (a SLURM job array on a cluster);
     its device is resolved where it lands. A chunk that fails fails each of its jobs."""
     import submitit
@@ -168,7 +187,7 @@ def train_submitit(groups: list[list[Job]], max_batch: int, executor: str, param
     for chunk, future in zip(chunks, futures, strict=True):
         try:
             out = future.result()
-        except Exception as e:  # noqa: BLE001 - it crashed, timed out or was cancelled: its log says why
+        except Exception as e:
             out = RuntimeError(f"submitit job {future.job_id} failed: {one_line(e)} (log: {future.paths.stderr})")
         if isinstance(out, Exception):
             for j in chunk:
@@ -181,7 +200,9 @@ def one_line(e: BaseException) -> str:
     from quadnet.cli import one_line as cli_one_line
 
     if isinstance(e, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in str(e):
-        return f"out of memory: {type(e).__name__}; try fewer jobs per batch (hydra.launcher.max_batch) or a narrower net"
+        return (
+            f"out of memory: {type(e).__name__}; try fewer jobs per batch (hydra.launcher.max_batch) or a narrower net"
+        )
     return cli_one_line(e)
 
 
@@ -209,9 +230,17 @@ def _writer(job: Job, stop_signal: int | None, n_jobs: int) -> Callable[[DictCon
 
 def _run(ctx: Any, task: Callable[[DictConfig], Any], config: DictConfig) -> JobReturn:
     try:
-        return run_job(hydra_context=ctx, task_function=task, config=config, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        return run_job(
+            hydra_context=ctx,
+            task_function=task,
+            config=config,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
     except OSError as e:  # its dir cannot be made: this job fails, not the sweep
-        return JobReturn(overrides=list(config.hydra.overrides.task), hydra_cfg=config, status=JobStatus.FAILED, _return_value=e)
+        return JobReturn(
+            overrides=list(config.hydra.overrides.task), hydra_cfg=config, status=JobStatus.FAILED, _return_value=e
+        )
 
 
 _FORKED: tuple[Any, list[Job], int | None, int] | None = None  # what the forked writers inherit
@@ -224,7 +253,11 @@ def _write_some(positions: list[int]) -> list[tuple[JobStatus, Any]]:
     for i in positions:
         r = _run(ctx, _writer(jobs[i], sig, n), jobs[i].config)
         value = r._return_value
-        out.append((r.status, value if r.status == JobStatus.COMPLETED else RuntimeError(str(value))))
+        try:
+            pickle.dumps(value)  # it goes back to the launcher's process
+        except Exception:
+            value = RuntimeError(str(value))
+        out.append((r.status, value))
     return out
 
 
@@ -240,17 +273,26 @@ def write_all(ctx: Any, jobs: list[Job], writers: int, stop_signal: int | None) 
     parts = [list(range(i, min(i + chunk, len(jobs)))) for i in range(0, len(jobs), chunk)]
     _FORKED, outcomes = (ctx, jobs, stop_signal, len(jobs)), []
     try:
-        with ProcessPoolExecutor(writers, mp_context=multiprocessing.get_context("fork"), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with ProcessPoolExecutor(
+            writers, mp_context=multiprocessing.get_context("fork"), initializer=torch.set_num_threads, initargs=(1,)
+        ) as pool:
             for part, future in zip(parts, [pool.submit(_write_some, p) for p in parts], strict=True):
                 try:
                     outcomes += future.result()
-                except Exception as e:  # noqa: BLE001 - a writer died: its jobs fail, not the sweep
+                except Exception as e:
                     outcomes += [(JobStatus.FAILED, e)] * len(part)
     finally:
         _FORKED = None
     name = str(jobs[0].config.hydra.job.name)
     return [
-        JobReturn(overrides=list(j.config.hydra.overrides.task), hydra_cfg=j.config, working_dir=os.getcwd(), task_name=name, status=s, _return_value=v)
+        JobReturn(
+            overrides=list(j.config.hydra.overrides.task),
+            hydra_cfg=j.config,
+            working_dir=os.getcwd(),
+            task_name=name,
+            status=s,
+            _return_value=v,
+        )
         for j, (s, v) in zip(jobs, outcomes, strict=True)
     ]
 
@@ -292,7 +334,12 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     for j in jobs:
         if j.error is None:
             groups[group_key(j)].append(j)
-    log.info("%d jobs in %d batch group(s), %d refused", sum(map(len, groups.values())), len(groups), sum(j.error is not None for j in jobs))
+    log.info(
+        "%d jobs in %d batch group(s), %d refused",
+        sum(map(len, groups.values())),
+        len(groups),
+        sum(j.error is not None for j in jobs),
+    )
 
     # 2. train each group as one program, here or through submitit
     t1 = time.perf_counter()
@@ -300,7 +347,11 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
         if opts["executor"] is None:
             train_groups(list(groups.values()), opts["max_batch"], stop, sweep_dir)
         else:
-            params = OmegaConf.to_container(opts["executor_params"]) if isinstance(opts["executor_params"], DictConfig) else dict(opts["executor_params"] or {})
+            params = (
+                OmegaConf.to_container(opts["executor_params"])
+                if isinstance(opts["executor_params"], DictConfig)
+                else dict(opts["executor_params"] or {})
+            )
             train_submitit(list(groups.values()), opts["max_batch"], opts["executor"], params, sweep_dir / ".submitit")  # type: ignore[arg-type]
 
         # 3. every job's dir, through Hydra's run_job (the signal handlers stay up until all are written)
@@ -326,7 +377,12 @@ def _summarise(jobs: list[Job], sweep_dir: Path, stop_signal: int | None) -> Non
     counts: dict[str, int] = defaultdict(int)
     for j in jobs:
         counts["failed" if j.result is None else j.result.status] += 1
-    log.info("%d jobs: %s; report: python -m quadnet.report %s", len(jobs), ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), shlex.quote(str(sweep_dir)))
+    log.info(
+        "%d jobs: %s; report: python -m quadnet.report %s",
+        len(jobs),
+        ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+        shlex.quote(str(sweep_dir)),
+    )
     if stop_signal is None:
         return
     args = [a for a in sys.argv[1:] if not a.startswith("hydra.sweep.dir=")]
@@ -342,10 +398,14 @@ def check_options(opts: dict[str, Any]) -> None:
     if opts["max_batch"] < 0:
         raise ConfigError(f"hydra.launcher.max_batch={opts['max_batch']} is not allowed: must be >= 0 (0: what fits)")
     if opts["writers"] is not None and opts["writers"] < 0:
-        raise ConfigError(f"hydra.launcher.writers={opts['writers']} is not allowed: must be >= 0, or null for one per core")
+        raise ConfigError(
+            f"hydra.launcher.writers={opts['writers']} is not allowed: must be >= 0, or null for one per core"
+        )
     if opts["executor"] is not None:
         if opts["executor"] not in EXECUTORS:
-            raise ConfigError(f"hydra.launcher.executor={opts['executor']!r} is not allowed: choose one of {', '.join(EXECUTORS)}, or null")
+            raise ConfigError(
+                f"hydra.launcher.executor={opts['executor']!r} is not allowed: choose one of {', '.join(EXECUTORS)}, or null"
+            )
         import importlib.util
 
         if importlib.util.find_spec("submitit") is None:

@@ -63,7 +63,9 @@ def resume_config(cfg: Any, c: TrainConfig, ckpt: dict[str, Any]) -> TrainConfig
                 f"{key}={getattr(ckpt['cfg'], key)!r}, and a run cannot change its shape, data or optimizer"
             )
     if ckpt["epoch"] > new.epochs:
-        raise ConfigError(f"epochs={new.epochs} is below the checkpoint's epoch {ckpt['epoch']}; resume continues to a later epoch")
+        raise ConfigError(
+            f"epochs={new.epochs} is below the checkpoint's epoch {ckpt['epoch']}; resume continues to a later epoch"
+        )
     return new
 
 
@@ -89,7 +91,11 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
     if c.resume:
         ckpt = checkpoint.load(c.resume)
         job.cfg = c = resume_config(cfg, c, ckpt)
-        job.state, job.epoch, job.history = ckpt["state"], ckpt["epoch"], [r for r in ckpt["history"] if r["epoch"] <= ckpt["epoch"]]
+        job.state, job.epoch, job.history = (
+            ckpt["state"],
+            ckpt["epoch"],
+            [r for r in ckpt["history"] if r["epoch"] <= ckpt["epoch"]],
+        )
     else:
         job.state = start_state(c)
     out = Path(run_dir) if run_dir is not None else _default_run_dir()
@@ -100,7 +106,12 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
         c.data.name, c.hidden_dim, c.epochs, c.engine, f"/{c.step}" if c.engine == "torch" else "",
         c.optimizer, describe(device), c.dtype, f"; resuming at epoch {job.epoch}" if job.epoch else "",
     )  # fmt: skip
-    save = lambda jobs: checkpoint.save(out / checkpoint.CHECKPOINT, checkpoint.payload(jobs[0].state, epoch=jobs[0].epoch, config=dataclasses.asdict(c), status="running", history=jobs[0].history))  # noqa: E731
+    save = lambda jobs: checkpoint.save(
+        out / checkpoint.CHECKPOINT,
+        checkpoint.payload(
+            jobs[0].state, epoch=jobs[0].epoch, config=dataclasses.asdict(c), status="running", history=jobs[0].history
+        ),
+    )  # noqa: E731
     with loop.threads(c.threads), loop.catch_signals() as stop:
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -126,7 +137,6 @@ def run(*overrides: str, run_dir: str | Path | None = None, **keys: Any) -> dict
     ``quadnet.run("data=sampled", hidden_dim=10, epochs=500)``; dotted keys as ``**{"data.n_train": 64}``.
     Each call composes afresh, so it can be called again in the same process (a notebook)."""
     from quadnet.config import compose
-
     from quadnet.rundir import headline
 
     summary = train(compose([*overrides, *(f"{k}={_value(v)}" for k, v in keys.items())]), run_dir=run_dir)
@@ -157,11 +167,21 @@ def conclude(summary: dict[str, Any], single_run: bool = True, exit: bool = True
     headline(summary, table=single_run, level=logging.DEBUG if quiet else logging.INFO)
     status = summary["status"]
     if status == "interrupted":
-        log.log(logging.DEBUG if quiet else logging.WARNING, "interrupted at epoch %d; checkpoint written. Resume with:\n  %s", summary["epoch"], resume_command(summary["run_dir"]))
+        log.log(
+            logging.DEBUG if quiet else logging.WARNING,
+            "interrupted at epoch %d; checkpoint written. Resume with:\n  %s",
+            summary["epoch"],
+            resume_command(summary["run_dir"]),
+        )
         if exit:
             sys.exit(128 + signal.Signals[summary["signal"] or "SIGINT"].value)
     if status == "diverged":
-        log.log(logging.DEBUG if quiet else logging.ERROR, "diverged: the loss became non-finite at epoch %d (lr=%g); try a smaller lr", summary["epoch"], summary["config"]["lr"])
+        log.log(
+            logging.DEBUG if quiet else logging.ERROR,
+            "diverged: the loss became non-finite at epoch %d (lr=%g); try a smaller lr",
+            summary["epoch"],
+            summary["config"]["lr"],
+        )
         if single_run and exit:
             sys.exit(3)
     return objective_value(summary, summary["config"]["objective"])
@@ -194,20 +214,21 @@ def task(cfg: DictConfig) -> float:
     return conclude(summary, single_run=single)
 
 
-_hydra_main = hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(task)
-
-
 def main() -> None:
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         from quadnet.config import help_text
 
-        print(f"usage: python -m quadnet.train [key=value ...] [-m key=a,b ...]\n\nkeys (default, meaning):\n{help_text()}")
-        print("\nconfig groups: data=seed|sampled|csv, hydra/launcher=batched|basic|joblib|submitit_local|slurm, +hparams_search=optuna, +experiment=epochs_study")
+        print(
+            f"usage: python -m quadnet.train [key=value ...] [-m key=a,b ...]\n\nkeys (default, meaning):\n{help_text()}"
+        )
+        print(
+            "\nconfig groups: data=seed|sampled|csv, hydra/launcher=batched|basic|joblib|submitit_local|slurm, +hparams_search=optuna, +experiment=epochs_study"
+        )
         print("Hydra's own options: --hydra-help")
         return
     register_configs()
-    with friendly_errors():
-        _hydra_main()
+    with friendly_errors():  # (hydra.main applied here: at import it would set Hydra's version base for every app)
+        hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(task)()
 
 
 if __name__ == "__main__":

@@ -131,4 +131,6 @@ def test_reading_values_off_the_nodes_equals_resolving_them(overrides):
     from omegaconf import OmegaConf
 
     cfg = compose(overrides)
-    assert validate(cfg) == OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(cfg, resolve=True)))
+    assert validate(cfg) == OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(cfg, resolve=True))
+    )

@@ -40,12 +40,18 @@ def _close(a, b, tol):
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
 def test_fused_step_equals_autograd_and_torch_optim(case, dtype, tol):
     """The hand-written gradients and update rule against nn.Module + loss.backward() + torch.optim."""
-    fused, autograd = (make_cfg(*(f"{k}={v}" for k, v in case.items()), f"dtype={dtype}", f"step={s}") for s in ("fused", "autograd"))
+    fused, autograd = (
+        make_cfg(*(f"{k}={v}" for k, v in case.items()), f"dtype={dtype}", f"step={s}") for s in ("fused", "autograd")
+    )
     (done_f, _), (sf,), _ = _run([fused], data="sampled")
     (done_a, _), (sa,), _ = _run([autograd], data="sampled")
     assert done_f == done_a == 300
     _close(sf["params"], sa["params"], tol)
-    assert set(sf["optimizer"]) == set(sa["optimizer"]) == set(optim.buffers(fused.optimizer, {"momentum": fused.momentum}))
+    assert (
+        set(sf["optimizer"])
+        == set(sa["optimizer"])
+        == set(optim.buffers(fused.optimizer, {"momentum": fused.momentum}))
+    )
     for name in sf["optimizer"]:
         _close(sf["optimizer"][name], sa["optimizer"][name], tol)
 
@@ -116,7 +122,9 @@ def test_crosscheck_agrees_within_1e9(overrides):
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-9), ("float32", 1e-5)])
 @pytest.mark.parametrize("graph", [True, False])
 def test_cuda_batch_equals_cpu(dtype, tol, graph):
-    cfgs = [make_cfg(*(f"{k}={v}" for k, v in case.items()), f"dtype={dtype}", f"cuda_graph={graph}") for case in CASES[1:3]]
+    cfgs = [
+        make_cfg(*(f"{k}={v}" for k, v in case.items()), f"dtype={dtype}", f"cuda_graph={graph}") for case in CASES[1:3]
+    ]
     (done_c, _), cpu, _ = _run(cfgs, steps=260)
     (done_g, _), gpu, _ = _run(cfgs, steps=260, device="cuda")
     assert done_c == done_g == 260

@@ -89,7 +89,11 @@ def test_update_rules_match_torch_optim(rule):
     for t, g in enumerate(grads, 1):
         update(params, {"w": g}, state, h, t)
     w = torch.tensor(p0, requires_grad=True)
-    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9) if rule == "sgd" else torch.optim.Adam([w], lr=0.1, betas=(0.8, 0.99))
+    opt = (
+        torch.optim.SGD([w], lr=0.1, momentum=0.9)
+        if rule == "sgd"
+        else torch.optim.Adam([w], lr=0.1, betas=(0.8, 0.99))
+    )
     for g in grads:
         w.grad = torch.tensor(g)
         opt.step()

@@ -65,7 +65,9 @@ def test_checkpoints_are_written_periodically_and_atomically(tmp_path, monkeypat
     cfg = make_cfg("epochs=300", "checkpoint_every=100", "momentum=0.5")
     saved = []
     real_save = checkpoint.save
-    monkeypatch.setattr(checkpoint, "save", lambda path, obj: (saved.append((path.name, obj["epoch"])), real_save(path, obj)))
+    monkeypatch.setattr(
+        checkpoint, "save", lambda path, obj: (saved.append((path.name, obj["epoch"])), real_save(path, obj))
+    )
     train(cfg, run_dir=tmp_path)
     assert saved == [("checkpoint.pt", 100), ("checkpoint.pt", 200), ("checkpoint.pt", 300), ("model.pt", 300)]
     ck = checkpoint.load(tmp_path / "checkpoint.pt")
@@ -103,8 +105,22 @@ def test_old_checkpoints_still_load_and_resume(tmp_path):
     """quadnet-checkpoint/1: nn.Linear's (out, in) layout and a single `momentum` slot."""
     train(make_cfg("epochs=200", "momentum=0.9", "lr=0.01", "checkpoint_every=0"), run_dir=tmp_path / "new")
     ck = checkpoint.load(tmp_path / "new")
-    linear = lambda p: {"fc1.weight": torch.tensor(p["W1"].T), "fc1.bias": torch.tensor(p["b1"]), "fc2.weight": torch.tensor(p["W2"].T), "fc2.bias": torch.tensor(p["b2"])}  # noqa: E731
-    old = {"format": "quadnet-checkpoint/1", "model": linear(ck["params"]), "momentum": linear(ck["state"]["optimizer"]["momentum"]), "epoch": 200, "status": "completed", "config": ck["config"], "history": ck["history"], "rng": {"torch": torch.get_rng_state()}}
+    linear = lambda p: {
+        "fc1.weight": torch.tensor(p["W1"].T),
+        "fc1.bias": torch.tensor(p["b1"]),
+        "fc2.weight": torch.tensor(p["W2"].T),
+        "fc2.bias": torch.tensor(p["b2"]),
+    }  # noqa: E731
+    old = {
+        "format": "quadnet-checkpoint/1",
+        "model": linear(ck["params"]),
+        "momentum": linear(ck["state"]["optimizer"]["momentum"]),
+        "epoch": 200,
+        "status": "completed",
+        "config": ck["config"],
+        "history": ck["history"],
+        "rng": {"torch": torch.get_rng_state()},
+    }
     (tmp_path / "old").mkdir()
     torch.save(old, tmp_path / "old" / "checkpoint.pt")
     a = train({"resume": str(tmp_path / "new"), "epochs": 400}, run_dir=tmp_path / "a")
@@ -119,7 +135,10 @@ def test_old_checkpoints_still_load_and_resume(tmp_path):
         (lambda c: c.update(epoch=2.5), "bad epoch"),
         (lambda c: c.update(epoch=-5), "bad epoch"),
         (lambda c: c.update(history=[{"epoch": 0}]), "damaged metrics"),
-        (lambda c: c["params"].update(W1=torch.zeros(3, 3, dtype=torch.float64)), "W1 is not a float tensor of shape (2, 8)"),
+        (
+            lambda c: c["params"].update(W1=torch.zeros(3, 3, dtype=torch.float64)),
+            "W1 is not a float tensor of shape (2, 8)",
+        ),
         (lambda c: c["params"].update(b2=torch.empty(4, device="meta")), "b2 is not a float tensor"),
         (lambda c: c["config"].update(hidden_dim=7), "shape (2, 7)"),
         (lambda c: c["optimizer"].update(momentum={"W1": "x"}), "momentum buffer W1"),
