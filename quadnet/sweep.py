@@ -13,12 +13,14 @@ unfinished jobs, again as one batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
 import os
 import pickle
 import shlex
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 TIMING_LINE = "composed %d jobs in %.2f s, trained in %.2f s, wrote their dirs in %.2f s"
 EXECUTORS = ("local", "slurm", "debug")  # submitit's clusters ("debug": in this process)
 CHATTY = 16  # sweeps up to this size log a line per job; bigger ones a summary
+BATCHES = ".batches"  # in the sweep dir: one checkpoint per batch while it trains
 
 
 @dataclasses.dataclass
@@ -81,22 +84,30 @@ def group_key(job: Job) -> tuple[Any, ...]:
     )  # type: ignore[union-attr]
 
 
-def _resumable(job: Job) -> loop.Job:
-    """The job's unfinished checkpoint in its dir (same config but epochs), else a fresh start."""
+def _resumable(job: Job, batches: dict[str, Any]) -> loop.Job:
+    """Where a job starts: its unfinished checkpoint (its dir's, or its entry in a batch
+    checkpoint) when the config is the same but for epochs; else afresh."""
     from quadnet.train import start_state
 
     c = job.cfg
     assert c is not None
-    for path in (job.dir / checkpoint.CHECKPOINT, job.dir.parent / ".batches" / f"{job.dir.name}.pt"):
-        if path.is_file():
-            try:
-                ck = checkpoint.load(path)
-            except checkpoint.CheckpointError:
-                continue
-            same = {**ck["config"], "epochs": c.epochs, "progress": c.progress, "plots": c.plots} == to_dict(c)
-            if same and ck["status"] in ("running", "interrupted") and ck["epoch"] <= c.epochs:
-                return loop.Job(c, ck["state"], ck["epoch"], ck["history"])
+    found = [job.dir / checkpoint.CHECKPOINT] if (job.dir / checkpoint.CHECKPOINT).is_file() else []
+    for ck in [checkpoint.load(p) for p in found] + ([batches[job.dir.name]] if job.dir.name in batches else []):
+        same = {**ck["config"], "epochs": c.epochs, "progress": c.progress, "plots": c.plots} == to_dict(c)
+        if same and ck["status"] in ("running", "interrupted") and ck["epoch"] <= c.epochs:
+            return loop.Job(c, ck["state"], ck["epoch"], ck["history"])
     return loop.Job(c, start_state(c))
+
+
+def _batch_checkpoints(sweep_dir: Path) -> dict[str, Any]:
+    """The job states in the sweep's batch checkpoints (written while batches train), by job dir name."""
+    out = {}
+    for path in sorted((sweep_dir / BATCHES).glob("*.pt")):
+        with contextlib.suppress(checkpoint.CheckpointError):
+            obj = checkpoint.read(path)
+            if isinstance(obj, dict) and obj.get("format") == checkpoint.BATCH:
+                out.update({str(k): checkpoint.check(v, f"{path} [{k}]") for k, v in obj["jobs"].items()})
+    return out
 
 
 def train_chunk(
@@ -121,8 +132,8 @@ def train_chunk(
                 )
                 for j in js
             }
-            (save_dir / ".batches").mkdir(exist_ok=True)
-            checkpoint.save(save_dir / ".batches" / f"{js[0].name}.pt", {"format": checkpoint.BATCH, "jobs": states})
+            (save_dir / BATCHES).mkdir(exist_ok=True)
+            checkpoint.save(save_dir / BATCHES / f"{js[0].name}.pt", {"format": checkpoint.BATCH, "jobs": states})
 
     t0 = time.perf_counter()
     with loop.threads(jobs[0].cfg.threads):
@@ -323,11 +334,12 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
         (log.info if chatty else log.debug)("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(overrides)))
     if launcher.task_function is not quadnet_task:  # not quadnet's: each job as Hydra runs it
         return [_ran(ctx, launcher.task_function, j.config, config) for j in jobs]
+    batches = _batch_checkpoints(sweep_dir)
     for j in jobs:
         try:
             j.cfg = validate(j.config)
             j.cfg = dataclasses.replace(j.cfg, plots=j.cfg.plots and opts["plots"])
-            j.start = _resumable(j)
+            j.start = _resumable(j, batches)
         except (ConfigError, checkpoint.CheckpointError) as e:
             j.error = str(e)
     groups: dict[tuple[Any, ...], list[Job]] = defaultdict(list)
@@ -361,6 +373,8 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
             writers = 0 if len(jobs) < 64 else min(loop.usable_cpus(), len(jobs) // 32)
         returns = write_all(ctx, jobs, min(writers, len(jobs)), stop.signal)
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    if all(r.status == JobStatus.COMPLETED for r in returns):  # every job's dir has its own checkpoint now
+        shutil.rmtree(sweep_dir / BATCHES, ignore_errors=True)
     log.info(TIMING_LINE, len(jobs), t1 - t0, t2 - t1, time.perf_counter() - t2)
     _summarise(jobs, sweep_dir, stop.signal)
     return returns

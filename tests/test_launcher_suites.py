@@ -21,6 +21,17 @@ import pytest
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
 LAUNCHERS = ["basic", "batched"]
+
+
+@pytest.fixture(autouse=True)
+def _hydra_version_base_unset():
+    """Hydra's suites expect no version base set; quadnet's in-process tests set 1.3 (a global)."""
+    from hydra.version import VersionBase
+
+    before = VersionBase.instance()
+    VersionBase.set_instance(VersionBase())
+    yield
+    VersionBase.set_instance(before)
 QUIET = ["hydra/hydra_logging=disabled", "hydra/job_logging=disabled"]
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -400,3 +402,54 @@ def test_the_sweep_benchmark_reads_the_launchers_timing_line():
     assert phases == pytest.approx({"startup_and_sweeper_s": 4.9, "compose_s": 0.3, "train_s": 8.0, "write_s": 1.8})
     with pytest.raises(SystemExit, match="timing line"):
         _phases("no such line", total=1.0)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_keeps_every_job_and_the_sweep_resumes_as_one_batch(sig, code, tmp_path):
+    sweep = ["-m", "hydra/launcher=batched", "seed=0,1,2", "hidden_dim=5,9", "lr=0.01", "log_every=500", "checkpoint_every=500"]
+    p = subprocess.Popen(
+        [sys.executable, "-m", "quadnet.train", *sweep, "epochs=1000000", f"hydra.sweep.dir={tmp_path}/s"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not list((tmp_path / "s" / ".batches").glob("*.pt")) and time.time() < deadline:
+        time.sleep(0.1)  # the batch has written its first checkpoint: it is training
+    p.send_signal(sig)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == code, out
+    assert "Traceback" not in out and "Resume the sweep with" in out and "hydra.sweep.dir=" in out
+    epochs = set()
+    for n in range(6):
+        s = _summary(tmp_path, "s", n)
+        assert s["status"] == "interrupted" and checkpoint.load(tmp_path / "s" / str(n))["status"] == "interrupted"
+        epochs.add(s["epoch"])
+    (stopped,) = epochs  # every job stopped at the same step
+    target = stopped + 300
+    r = run_cli(*sweep, f"epochs={target}", f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "6 jobs in 1 batch group(s)" in r.stdout + r.stderr  # resumed together, as one batch
+    _sweep(tmp_path, "straight", *sweep[1:], f"epochs={target}")
+    for n in range(6):
+        a, b = _summary(tmp_path, "s", n), _summary(tmp_path, "straight", n)
+        assert a["status"] == b["status"] == "completed" and a["epoch"] == target
+        np.testing.assert_allclose(_probs(a), _probs(b), rtol=0, atol=1e-12)
+
+
+def test_threads_follow_the_setting_and_never_exceed_the_usable_cpus(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert loop.usable_cpus() == 1
+    before = torch.get_num_threads()
+    for asked, want in ((0, 1), (4, 1)):
+        with loop.threads(asked) as n:
+            assert n == want and torch.get_num_threads() == want
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+    with loop.threads(2) as n:
+        assert n == 2 and torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
+
+
+def test_a_big_sweep_prints_a_summary_and_a_progress_bar_instead_of_lines_per_job(tmp_path):
+    r = _sweep(tmp_path, "s", "hydra/launcher=batched", "seed=range(20)", "epochs=300", "progress=true")
+    out = r.stdout + r.stderr
+    assert "run dir:" not in out and "#19 :" not in out  # no line per job
+    assert "20 jobs: 20 completed" in out and "20 jobs" in out and "epoch/s" in out  # the summary, and tqdm's bar
