@@ -34,24 +34,29 @@ def sweep(sweep_dir, tmp_path):
     return shutil.copytree(sweep_dir, tmp_path / "s")
 
 
-@pytest.fixture
-def figures(monkeypatch):
-    """What each saved figure shows: file name → texts, axis scales and line counts per axes."""
+def saved_figures(monkeypatch):
+    """Every figure saved from now on in the test, by file name (closed, but all its artists still there)."""
     from matplotlib.figure import Figure
-    from matplotlib.text import Text
 
     seen, save = {}, Figure.savefig
 
     def spy(fig, path, *args, **kwargs):
-        axes = [
-            {"xscale": ax.get_xscale(), "yscale": ax.get_yscale(), "ylabel": ax.get_ylabel(), "lines": len(ax.lines)}
-            for ax in fig.axes
-        ]
-        seen[os.path.basename(str(path))] = {"texts": [t.get_text() for t in fig.findobj(Text)], "axes": axes}
+        seen[os.path.basename(str(path))] = fig
         return save(fig, path, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", spy)
     return seen
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    return saved_figures(monkeypatch)
+
+
+def texts(fig):
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text)]
 
 
 def _report(capsys, *argv):
@@ -98,18 +103,18 @@ def test_a_sweep_with_failed_diverged_and_unfinished_jobs(sweep, capsys, figures
 def test_plots_follow_the_metric_and_draw_each_kind_of_parameter_as_it_is(sweep, capsys, figures):
     assert _report(capsys, sweep, "--metric", "final_loss")[0] == 0
     hidden = figures["report_hidden_dim.png"]
-    assert [a["xscale"] for a in hidden["axes"]] == ["log", "log"]  # 3 and 30: a multiplicative grid
-    assert hidden["axes"][0]["ylabel"] == "final_loss (lower is better)"
-    assert hidden["axes"][1]["ylabel"] == "test_accuracy (higher is better)"
-    assert hidden["axes"][0]["lines"] >= 1 and "median" in hidden["texts"] and "16–84% of jobs" in hidden["texts"]
-    seed = figures["report_seed.png"]["axes"]
-    assert all(a["lines"] == 0 and a["xscale"] == "linear" for a in seed)  # seeds: a scatter, nothing joined
-    assert "median final_loss (lower is better)" in figures["report_heatmap.png"]["texts"]
+    assert [ax.get_xscale() for ax in hidden.axes] == ["log", "log"]  # 3 and 30: a multiplicative grid
+    assert hidden.axes[0].get_ylabel() == "final_loss (lower is better)"
+    assert hidden.axes[1].get_ylabel() == "test_accuracy (higher is better)"
+    assert hidden.axes[0].lines and "median" in texts(hidden) and "16–84% of jobs" in texts(hidden)
+    seed = figures["report_seed.png"].axes
+    assert all(not ax.lines and ax.get_xscale() == "linear" for ax in seed)  # seeds: a scatter, nothing joined
+    assert "median final_loss (lower is better)" in texts(figures["report_heatmap.png"])
     figures.clear()
     assert _report(capsys, sweep, "--metric", "test_accuracy")[0] == 0
-    labels = [a["ylabel"] for a in figures["report_hidden_dim.png"]["axes"]]
+    labels = [ax.get_ylabel() for ax in figures["report_hidden_dim.png"].axes]
     assert labels == ["test_accuracy (higher is better)", "test_loss (lower is better)"]  # no panel twice
-    assert "median test_accuracy (higher is better)" in figures["report_heatmap.png"]["texts"]
+    assert "median test_accuracy (higher is better)" in texts(figures["report_heatmap.png"])
     header, _ = _rows(sweep)
     assert len(header) == len(set(header)) and header.count("test_accuracy") == 1
 
