@@ -4,9 +4,10 @@ SWEEP_DIR defaults to the newest sweep under ``outputs/multirun``. Every job dir
 (its ``.hydra/overrides.yaml`` and ``summary.json``) and every job is printed, sorted by the
 metric. Jobs that failed (with the reason their summary gives), diverged or never finished
 (no ``summary.json``) are listed; a job dir whose files are damaged is listed as damaged,
-never fatal. Writes ``report.csv`` (one column per swept parameter) and, for each swept
-parameter, ``report_<param>.png`` (the metric and the test accuracy against it), plus
-``report_heatmap.png`` when two gridded parameters besides the seed are swept.
+never fatal. Writes ``report.csv`` (one column per swept parameter) and, for each parameter
+that takes two values or more among the completed jobs, ``report_<param>.png`` (the metric and
+the test accuracy against it), plus ``report_heatmap.png`` when two of them, seeds and
+continuous values aside, are swept.
 
 Exit status: 0; 2 for bad input (one ``error:`` line); 1 when report.csv or a plot could
 not be written (a read-only sweep dir, say): the table is printed all the same, followed by
@@ -219,19 +220,17 @@ def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric:
 
 def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: bool) -> str | None:
     """report.csv and the plots; None, or what could not be written and why."""
-    params = swept_params(rows)
-    written = ["report.csv"]
+    done, written = [r for r in rows if r["status"] == "completed"], ["report.csv"]
     try:
-        write_csv(sweep / "report.csv", rows, params)
-        if plots and any(r["status"] == "completed" for r in rows):
-            for p in params:
-                written.append(f"report_{p.replace('/', '_')}.png")
-                plot_param(sweep / written[-1], rows, p, metric)
-            done = [r for r in rows if r["status"] == "completed"]
-            grids = [p for p in params if axis_kind(p, done)[1] != "scatter"]
-            if len(grids) == 2:
-                written.append("report_heatmap.png")
-                plot_heatmap(sweep / written[-1], rows, grids[0], grids[1], metric)
+        write_csv(sweep / "report.csv", rows, swept_params(rows))
+        varied = swept_params(done) if plots else []  # a plot needs two values among the completed jobs
+        for p in varied:
+            written.append(f"report_{p.replace('/', '_')}.png")
+            plot_param(sweep / written[-1], rows, p, metric)
+        grids = [p for p in varied if axis_kind(p, done)[1] != "scatter"]
+        if len(grids) == 2:
+            written.append("report_heatmap.png")
+            plot_heatmap(sweep / written[-1], rows, grids[0], grids[1], metric)
     except OSError as e:
         return f"could not write {written[-1]} in {str(sweep)!r}: {e.strerror or e}"
     return None

@@ -20,9 +20,10 @@ matplotlib.use("Agg")
 
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
-    """8 jobs: lr=1e6 diverges (jobs 2, 3, 6, 7); the others complete."""
+    """16 jobs: lr=1e6 diverges (jobs 4–7 and 12–15); the others complete."""
     root = tmp_path_factory.mktemp("sweep")
-    args = ("-m", "hydra/launcher=batched", "hidden_dim=3,30", "lr=0.05,1e6", "seed=0,1", "epochs=200")
+    grid = ("hidden_dim=3,30", "lr=0.05,1e6", "reg=0.001,0.01", "seed=0,1")
+    args = ("-m", "hydra/launcher=batched", *grid, "epochs=200")
     r = run_cli(*args, "hydra.sweep.dir=s", cwd=root)
     assert r.returncode == 0, r.stderr
     return root / "s"
@@ -77,25 +78,26 @@ def _rows(sweep):
 
 
 def test_a_sweep_with_failed_diverged_and_unfinished_jobs(sweep, capsys, figures):
-    (sweep / "3" / "summary.json").unlink()  # never finished
-    summary = json.loads((sweep / "5" / "summary.json").read_text())
+    (sweep / "5" / "summary.json").unlink()  # never finished
+    summary = json.loads((sweep / "9" / "summary.json").read_text())
     summary.update(status="failed", error="CUDA out of memory.\nTried to allocate 2 GiB")
-    (sweep / "5" / "summary.json").write_text(json.dumps(summary))
+    (sweep / "9" / "summary.json").write_text(json.dumps(summary))
     code, out, err = _report(capsys, sweep)
     assert code == 0 and err == ""
-    assert f"sweep {sweep}: 8 jobs, sorted by test_loss" in out
-    assert "job 3: unfinished (no summary.json)" in out
-    assert "job 5: failed: CUDA out of memory. Tried to allocate 2 GiB" in out  # the reason, on one line
-    assert "not completed (5):" in out and out.count(": diverged") == 3
+    assert f"sweep {sweep}: 16 jobs, sorted by test_loss" in out
+    assert "job 5: unfinished (no summary.json)" in out
+    assert "job 9: failed: CUDA out of memory. Tried to allocate 2 GiB" in out  # the reason, on one line
+    assert "not completed (9):" in out and out.count(": diverged") == 7
     header, rows = _rows(sweep)
     assert header == [
-        "job", "hidden_dim", "lr", "seed", "overrides", "status", "error",
+        "job", "hidden_dim", "lr", "reg", "seed", "overrides", "status", "error",
         "final_loss", "test_loss", "train_accuracy", "test_accuracy", "test_error", "train_seconds",
     ]  # fmt: skip
     done = [float(r["test_loss"]) for r in rows if r["status"] == "completed"]
-    assert done == sorted(done) and len(done) == 3 and all(r["status"] != "completed" for r in rows[3:])
+    assert done == sorted(done) and len(done) == 7 and all(r["status"] != "completed" for r in rows[7:])
     assert {r["lr"] for r in rows} == {"0.05", "1000000.0"}
-    assert set(figures) == {"report_hidden_dim.png", "report_lr.png", "report_seed.png", "report_heatmap.png"}
+    # lr: one value among the completed jobs, nothing to plot against
+    assert set(figures) == {"report_hidden_dim.png", "report_reg.png", "report_seed.png", "report_heatmap.png"}
     for name in figures:
         assert (sweep / name).stat().st_size > 1000, name
 
@@ -120,7 +122,7 @@ def test_plots_follow_the_metric_and_draw_each_kind_of_parameter_as_it_is(sweep,
 
 
 def test_every_job_is_printed_with_its_overrides_in_full(sweep, capsys):
-    """40 jobs (more than the old silent cut of 30), one with an Optuna-style value."""
+    """40 more jobs (past the old silent cut of 30), one with an Optuna-style value."""
     for i in range(40):
         job = sweep / f"j{i}"
         if not job.exists():
@@ -128,13 +130,13 @@ def test_every_job_is_printed_with_its_overrides_in_full(sweep, capsys):
         reg = "1.1889379831773006e-05" if i == 7 else f"0.00{i + 1}"
         (job / ".hydra" / "overrides.yaml").write_text(f"- hidden_dim=3\n- reg={reg}\n- seed={i}\n")
     code, out, _ = _report(capsys, sweep, "--no-plots")
-    assert code == 0 and "48 jobs" in out
+    assert code == 0 and "56 jobs" in out
     assert all(f" j{i} " in out for i in range(40))
     assert "reg=1.189e-05" in out and "reg=1.1889379831773006 " not in out
     _, rows = _rows(sweep)
     assert {r["reg"] for r in rows if r["job"] == "j7"} == {"1.1889379831773006e-05"}  # the full value in the CSV
     code, out, _ = _report(capsys, sweep, "--no-plots", "--top", "5")
-    assert "43 more jobs not shown; all are in report.csv" in out
+    assert "51 more jobs not shown; all are in report.csv" in out
 
 
 def test_damaged_job_dirs_are_listed_and_the_report_goes_on(sweep, capsys):
@@ -159,7 +161,7 @@ def test_damaged_job_dirs_are_listed_and_the_report_goes_on(sweep, capsys):
         "job 7: damaged: .hydra/overrides.yaml is not a list of overrides",
     ):
         assert line in out, line
-    assert len(_rows(sweep)[1]) == 8
+    assert len(_rows(sweep)[1]) == 16
 
 
 def test_a_sweep_dir_that_cannot_be_written_still_gets_its_table(sweep, capsys):
