@@ -26,7 +26,8 @@ LOSS_LABEL = "cross-entropy (without the L2 term)"
 MANY = 100  # with more points than this, markers are small and see-through
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,7 +100,7 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
 def plot_regions(path: Path, params: Params, data: Dataset, title: str) -> None:
     """decision_regions.png: the predicted quadrant over the plane, the points in their true
     quadrant's colour (● train, ▲ test), misclassified ones ringed, and the test accuracy."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 5.6), constrained_layout=True)
     _regions_axes(ax, params, data, 301)
     wrong = len(_wrong(params, data))
@@ -132,7 +133,7 @@ def _loss_axes(ax: Any, history: list[dict[str, float]]) -> list[Any]:
 
 def plot_curves(path: Path, history: list[dict[str, float]], title: str) -> None:
     """loss.png: train and test loss (log scale) and train/test accuracy against epochs."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True, constrained_layout=True)
     _loss_axes(ax_loss, history)
     marker = "o" if len(history) < 10 else None
@@ -164,7 +165,7 @@ def animate(
 
     if not frames:
         raise ValueError("animate needs at least one frame")
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_reg, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.6), width_ratios=(1.35, 1), dpi=80, layout="constrained")
     image, rings = _regions_axes(ax_reg, frames[0][1], data, 120)
     lines = _loss_axes(ax_loss, history)  # full curves first, so the axes' limits fit all of training

@@ -6,15 +6,16 @@ coordinates typed as they are: ``-2,2``), given as arguments, in a file (one per
 point is given and stdin is not a terminal).
 
 Which model: without a run dir (the first argument is a point, or there is none), the newest
-completed run under ``outputs/`` (its ``model.pt``; single runs and sweep jobs alike). In a run
-dir, ``model.pt`` (the completed model) is used when there is one, else ``checkpoint.pt`` (a run
-that was interrupted or is still running; its status is printed); a file is used as it is.
-A diverged model, or one whose weights are not finite, is refused.
+completed run under ``outputs/`` (the newest ``model.pt`` of a single run or a sweep's job). In a
+run dir, ``model.pt`` (the completed model) is used when there is one, even if ``checkpoint.pt``
+is newer (a resume into the same dir that was interrupted: name that file to use it); else
+``checkpoint.pt`` (a run interrupted or still running; its status is printed). A file is used as
+it is. A diverged model, or one whose weights are not finite, is refused.
 
 In Python, :func:`load` gives a :class:`Model` with scikit-learn's ``predict`` (quadrants 1–4)
-and ``predict_proba`` (n, 4). Any finite point works, even ``1e308,1e308``: the net is
-piecewise linear, so logits(x) = s·logits'(x/s) with s = max(1, |x|), and the softmax is
-taken of that without ever forming an overflowing logit.
+and ``predict_proba`` (n, 4). Any finite point works, even ``1e308,1e308``: ReLU is positively
+homogeneous, so logits(x) = s·(W2ᵀ relu(W1ᵀ(x/s) + b1/s) + b2/s) exactly for any s > 0. For a
+point beyond 1e100, s = max |x_i|, and the softmax takes exp(s·(z − max z)): no logit overflows.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class Model:
         if x.ndim != 2 or x.shape[1] != 2:
             raise ValueError(f"points must have shape (n, 2) or (2,), not {np.shape(points)}")
         p = self.params
-        s = np.maximum(1.0, np.abs(x).max(axis=1, keepdims=True, initial=0.0))  # s = 1: exactly the seed's forward
+        # s = 1 for any ordinary point: then these are the NumPy reference's numbers, bit for bit
+        s = np.where((m := np.abs(x).max(axis=1, keepdims=True, initial=0.0)) > 1e100, m, 1.0)
         z = np.maximum(0, (x / s) @ p["W1"] + p["b1"] / s) @ p["W2"] + p["b2"] / s
         with np.errstate(over="ignore"):
             e = np.exp(s * (z - z.max(axis=1, keepdims=True)))

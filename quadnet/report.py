@@ -1,37 +1,44 @@
 """``python -m quadnet.report [SWEEP_DIR] [--metric M]``: one table and a few plots for a sweep.
 
 SWEEP_DIR defaults to the newest sweep under ``outputs/multirun``. Every job dir is read
-(its ``.hydra/overrides.yaml`` and ``summary.json``); jobs that failed, diverged or never
-finished are listed, never fatal. Writes ``report.csv`` and, for each swept parameter,
-``report_<param>.png`` (the metric and the test accuracy against it: every job, the mean,
-and the 16th–84th percentile band over the other parameters, seeds included), plus
-``report_heatmap.png`` when two parameters besides the seed are swept.
+(its ``.hydra/overrides.yaml`` and ``summary.json``) and every job is printed, sorted by the
+metric. Jobs that failed (with the reason their summary gives), diverged or never finished
+(no ``summary.json``) are listed; a job dir whose files are damaged is listed as damaged,
+never fatal. Writes ``report.csv`` (one column per swept parameter) and, for each parameter
+that takes two values or more among the completed jobs, ``report_<param>.png`` (the metric and
+the test accuracy against it), plus ``report_heatmap.png`` when two of them, seeds and
+continuous values aside, are swept.
+
+Exit status: 0; 2 for bad input (one ``error:`` line); 1 when report.csv or a plot could
+not be written (a read-only sweep dir, say): the table is printed all the same, followed by
+one ``error:`` line saying what was not written, since a script that asked for the files
+did not get them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import math
 import statistics
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from quadnet.cli import closed_pipe_ok
+from quadnet.artifacts import summary_metric, write_text
+from quadnet.cli import closed_pipe_ok, fail
 
-METRICS = {  # metric: whether lower is better
-    "test_loss": True,
-    "test_error": True,
-    "final_loss": True,
-    "test_accuracy": False,
-    "train_accuracy": False,
-}
-COLUMNS = ["job", "overrides", "status", "final_loss", "test_loss", "train_accuracy", "test_accuracy", "train_seconds"]
+METRICS = {"test_loss": True, "test_error": True, "final_loss": True, "test_accuracy": False, "train_accuracy": False}
+FIGURES = ["final_loss", "test_loss", "train_accuracy", "test_accuracy", "train_seconds"]
+UNFINISHED = "unfinished (no summary.json)"
+CONTINUOUS = (
+    12  # a numeric parameter with more distinct values than this (and than half the jobs) is drawn as a scatter
+)
 
 
 class ReportError(ValueError):
@@ -42,212 +49,224 @@ def newest_sweep(root: Path) -> Path:
     base = root / "multirun"
     sweeps = [p for p in base.iterdir() if p.is_dir()] if base.is_dir() else []
     if not sweeps:
-        raise ReportError(
-            f"no sweep under {str(base)!r}; run one with python -m quadnet.train -m …, or name a sweep dir"
-        )
+        raise ReportError(f"no sweep under {str(base)!r}; run one (python -m quadnet.train -m …) or name one")
     return max(sweeps, key=lambda p: p.stat().st_mtime)
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """An override's value: int, float, bool, or the text itself."""
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(text)
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def show(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _read(job: Path, name: str, parse: Any, kind: type, what: str) -> Any:
+    """The job dir's file name, parsed; a ValueError that says what is wrong with it."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        value = parse((job / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{name} cannot be read ({type(e).__name__})") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{name} is not a {what}")
+    return value
+
+
+def read_job(d: Path) -> dict[str, Any]:
+    """A job dir's row: overrides, parsed params, status, error and figures (None where there are none)."""
+    row: dict[str, Any] = {"job": d.name, "overrides": "", "params": {}, "error": None, **dict.fromkeys(FIGURES)}
+    try:
+        overrides = _read(d, ".hydra/overrides.yaml", yaml.safe_load, list, "list of overrides")
+        row["overrides"] = " ".join(map(str, overrides))
+        pairs = [o.split("=", 1) for o in map(str, overrides) if "=" in o and not o.startswith("hydra")]
+        row["params"] = {k.lstrip("+~"): parse_value(v) for k, v in pairs}
+        if not (d / "summary.json").exists():
+            return {**row, "status": UNFINISHED}
+        s = _read(d, "summary.json", json.loads, dict, "JSON object")
+        if not isinstance(s.get("status"), str):
+            raise ValueError("summary.json has no status string")
+        bad = [k for k in FIGURES if isinstance(s.get(k), bool) or not isinstance(s.get(k), int | float | None)]
+        if bad:
+            raise ValueError(f"summary.json: {', '.join(bad)} not a number")
+        error = " ".join(str(s["error"]).split()) if s.get("error") is not None else None
+        return {**row, **{k: s.get(k) for k in FIGURES}, "status": s["status"], "error": error}
+    except ValueError as e:
+        return {**row, "status": "damaged", "error": str(e)}
 
 
 def read_jobs(sweep: Path) -> list[dict[str, Any]]:
-    """One row per job dir: its overrides, status and figures (None where there are none)."""
-    rows = []
-    for d in sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name)):
-        ov_file = d / ".hydra" / "overrides.yaml"
-        if not ov_file.is_file():
-            continue
-        try:
-            overrides = yaml.safe_load(ov_file.read_text()) or []
-        except yaml.YAMLError:
-            overrides = []
-        params = {}
-        for o in overrides:
-            if "=" in str(o) and not str(o).startswith("hydra"):
-                k, v = str(o).split("=", 1)
-                params[k.lstrip("+~")] = _parse_value(v)
-        row: dict[str, Any] = {"job": d.name, "overrides": " ".join(map(str, overrides)), "params": params}
-        summary_file = d / "summary.json"
-        try:
-            s = json.loads(summary_file.read_text())
-            row["status"] = s.get("status", "unknown")
-            for key in COLUMNS[3:]:
-                row[key] = s.get(key)
-        except FileNotFoundError:
-            row["status"] = "failed or unfinished (no summary.json)"
-        except (json.JSONDecodeError, OSError):
-            row["status"] = "unreadable summary.json"
-        rows.append(row)
-    return rows
-
-
-def metric_of(row: dict[str, Any], metric: str) -> float | None:
-    from quadnet.artifacts import summary_metric
-
-    return summary_metric(row, metric)
+    if (sweep / ".hydra").is_dir() and (sweep / "summary.json").exists():
+        raise ReportError(f"{str(sweep)!r} is a single run, not a sweep; its results are in its summary.json")
+    dirs = [p for p in sweep.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / "summary.json").exists())]
+    if not dirs:
+        raise ReportError(f"{str(sweep)!r} holds no job dirs (no */.hydra/overrides.yaml)")
+    return [read_job(d) for d in sorted(dirs, key=lambda p: (len(p.name), p.name))]
 
 
 def sort_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    lower = METRICS[metric]
-
-    def key(r: dict[str, Any]) -> tuple[int, float]:
-        v = metric_of(r, metric)
-        return (1, 0.0) if v is None else (0, v if lower else -v)
-
-    return sorted(rows, key=key)
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]], metric: str) -> None:
-    from quadnet.artifacts import write_text
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([*COLUMNS, metric])
-    for r in rows:
-        w.writerow([*(r.get(c) for c in COLUMNS), metric_of(r, metric)])
-    write_text(path, buf.getvalue())
+    """Best first; jobs without the metric (not completed) last."""
+    sign = 1 if METRICS[metric] else -1
+    return sorted(rows, key=lambda r: math.inf if (v := summary_metric(r, metric)) is None else sign * v)
 
 
 def swept_params(rows: list[dict[str, Any]]) -> list[str]:
-    values: dict[str, set[str]] = defaultdict(set)
+    keys = dict.fromkeys(k for r in rows for k in r["params"])
+    return [k for k in keys if len({repr(r["params"][k]) for r in rows if k in r["params"]}) > 1]
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], params: list[str]) -> None:
+    """One row a job: its swept parameters, overrides, status, error and every metric (no column twice)."""
+    figures = [*FIGURES[:-1], "test_error", FIGURES[-1]]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["job", *params, "overrides", "status", "error", *figures])
     for r in rows:
-        for k, v in r["params"].items():
-            values[k].add(repr(v))
-    return [k for k, vs in values.items() if len(vs) > 1]
+        values = [r[f] if f in FIGURES else summary_metric(r, f) for f in figures]
+        w.writerow([r["job"], *(r["params"].get(p) for p in params), r["overrides"], r["status"], r["error"], *values])
+    write_text(path, buf.getvalue())
 
 
-def _axis(values: list[Any]) -> tuple[list[Any], bool]:
-    """Sorted distinct values, and whether a log scale suits them."""
+def axis_kind(param: str, rows: list[dict[str, Any]]) -> tuple[list[Any], str, bool]:
+    """param's sorted distinct values in rows; 'scatter' (seeds, continuous values), 'grid' (a few
+    numbers) or 'categorical'; and whether a log axis suits them (all > 0, a span of 10× or more)."""
+    values = [r["params"][param] for r in rows if param in r["params"]]
     distinct = sorted(set(values), key=lambda v: (isinstance(v, str), v))
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in distinct)
-    log = numeric and min(distinct) > 0 and max(distinct) / min(distinct) >= 100
-    return distinct, log
+    log = numeric and min(distinct) > 0 and max(distinct) / min(distinct) >= 10
+    many = len(distinct) > CONTINUOUS and len(distinct) > len(values) / 2
+    return distinct, "scatter" if param == "seed" or (numeric and many) else "grid" if numeric else "categorical", log
+
+
+def _spread(vals: list[float]) -> tuple[float, float, float]:
+    """(median, 16th percentile, 84th percentile), NaN for none."""
+    return tuple(np.percentile(vals, [50, 16, 84])) if vals else (math.nan, math.nan, math.nan)
 
 
 def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str) -> None:
-    import matplotlib
+    """The metric (left) and the test accuracy (right; test loss if the metric is test accuracy) against param."""
+    from quadnet.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    plt = pyplot()
     done = [r for r in rows if r["status"] == "completed" and param in r["params"]]
-    xs, log = _axis([r["params"][param] for r in done])
-    numeric = all(isinstance(v, int | float) for v in xs)
-    pos = xs if numeric else list(range(len(xs)))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    first = "test_loss" if metric == "test_accuracy" else metric
-    for ax, name in zip(axes, (first, "test_accuracy"), strict=True):
-        means, lows, highs, every = [], [], [], []
-        for x, p in zip(xs, pos, strict=True):
-            vals = [v for r in done if r["params"][param] == x and (v := metric_of(r, name)) is not None]
-            ax.scatter([p] * len(vals), vals, s=10, alpha=0.3, color="tab:blue")
-            means.append(statistics.fmean(vals) if vals else math.nan)
-            # the spread as the 16th–84th percentiles (± 1 sd for a normal spread), never below 0
-            low, high = np.percentile(vals, [16, 84]) if vals else (math.nan, math.nan)
-            lows.append(low)
-            highs.append(high)
-            every += vals
-        ax.plot(pos, means, marker="o", color="tab:red", label="mean")
-        ax.fill_between(pos, lows, highs, color="tab:red", alpha=0.15, label="16th–84th percentile")
-        # losses span orders of magnitude: a log axis keeps the small ones apart
-        if name != "test_accuracy" and every and min(every) > 0 and max(every) / min(every) >= 100:
-            ax.set_yscale("log")
-        if name == "test_accuracy":
-            allright = [
-                statistics.fmean(
-                    [1.0 if metric_of(r, name) == 1.0 else 0.0 for r in done if r["params"][param] == x] or [math.nan]
-                )
-                for x in xs
-            ]
-            ax.plot(pos, allright, marker="s", color="tab:green", label="fraction with all test points right")
-        ax.set(xlabel=param, ylabel=name, xscale="log" if log else "linear")
-        if not numeric:
-            ax.set_xticks(pos, [str(x) for x in xs])
-        ax.legend(fontsize="small")
-    fig.suptitle(f"{first} and test accuracy against {param} ({len(done)} completed jobs)")
+    xs, kind, xlog = axis_kind(param, done)
+    pos = dict(zip(xs, xs if kind != "categorical" else range(len(xs)), strict=True))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    names = (metric, "test_accuracy") if metric != "test_accuracy" else (metric, "test_loss")
+    for ax, name in zip(axes, names, strict=True):
+        pts = [(pos[r["params"][param]], v) for r in done if (v := summary_metric(r, name)) is not None]
+        every = [v for _, v in pts]
+        ylog = "accuracy" not in name and bool(every) and min(every) > 0 and max(every) / min(every) >= 100
+        ax.scatter([p for p, _ in pts], every, s=12, alpha=0.35, color="tab:blue", label="each job")
+        if kind != "scatter":
+            centre, low, high = np.array([_spread([v for p, v in pts if p == pos[x]]) for x in xs]).T
+            if kind == "grid":
+                ax.plot(list(pos.values()), centre, marker="o", color="tab:red", label="median")
+                ax.fill_between(list(pos.values()), low, high, color="tab:red", alpha=0.15, label="16–84% of jobs")
+            else:
+                err = [centre - low, high - centre]
+                label = "median; bars: 16–84% of jobs"
+                ax.errorbar(list(pos.values()), centre, yerr=err, fmt="o", color="tab:red", capsize=4, label=label)
+            if name == "test_accuracy":
+                right = [statistics.fmean([v == 1.0 for p, v in pts if p == pos[x]] or [math.nan]) for x in xs]
+                style = {"marker": "s", "ls": "-" if kind == "grid" else "none", "color": "tab:green"}
+                ax.plot(list(pos.values()), right, label="fraction with every test point right", **style)
+        better = "lower" if METRICS.get(name, True) else "higher"
+        ax.set(xlabel=param, ylabel=f"{name} ({better} is better)", yscale="log" if ylog else "linear")
+        ax.set_xscale("log" if xlog else "linear")
+        if "accuracy" in name:
+            ax.set_ylim(-0.05, 1.05)
+        if len(xs) <= CONTINUOUS:  # a tick at each value
+            ax.set_xticks(list(pos.values()), [show(x) for x in xs], minor=False)
+            ax.minorticks_off()
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
+    fig.suptitle(f"{names[0]} and {names[1]} against {param} ({len(done)} completed jobs)")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.colors import LogNorm
 
+    from quadnet.plots import pyplot
+
+    plt = pyplot()
     done = [r for r in rows if r["status"] == "completed" and a in r["params"] and b in r["params"]]
-    xa, _ = _axis([r["params"][a] for r in done])
-    xb, _ = _axis([r["params"][b] for r in done])
-    grid = np.full((len(xb), len(xa)), np.nan)
-    for i, vb in enumerate(xb):
-        for j, va in enumerate(xa):
-            vals = [
-                v
-                for r in done
-                if r["params"][a] == va and r["params"][b] == vb and (v := metric_of(r, metric)) is not None
-            ]
-            if vals:
-                grid[i, j] = statistics.fmean(vals)
-    fig, ax = plt.subplots(figsize=(1.2 * len(xa) + 3, 0.8 * len(xb) + 2.5), constrained_layout=True)
-    finite = grid[np.isfinite(grid)]
-    # losses span orders of magnitude: a log colour scale keeps the small ones apart
-    log_scale = finite.size > 0 and finite.min() > 0 and finite.max() / finite.min() >= 100
-    norm = LogNorm() if log_scale else None
-    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", norm=norm)
-    ax.set_xticks(range(len(xa)), [str(v) for v in xa])
-    ax.set_yticks(range(len(xb)), [str(v) for v in xb])
-    ax.set(xlabel=a, ylabel=b, title=f"mean {metric} over the other parameters")
-    for i in range(len(xb)):
-        for j in range(len(xa)):
-            if np.isfinite(grid[i, j]):
-                bright = sum(im.cmap(im.norm(grid[i, j]))[:3]) > 1.8  # light cell: dark text
-                ax.text(
-                    j, i, f"{grid[i, j]:.3g}", ha="center", va="center", color="k" if bright else "w", fontsize="small"
-                )
-    fig.colorbar(im, ax=ax)
+    xa, xb = (axis_kind(p, done)[0] for p in (a, b))
+    cells = {(va, vb): [] for va in xa for vb in xb}
+    for r in done:
+        if (v := summary_metric(r, metric)) is not None:
+            cells[r["params"][a], r["params"][b]].append(v)
+    every = [v for vals in cells.values() for v in vals]
+    log = bool(every) and min(every) > 0 and max(every) / min(every) >= 100 and "accuracy" not in metric
+    grid = np.array([[_spread(cells[va, vb])[0] for va in xa] for vb in xb])
+    fig, ax = plt.subplots(figsize=(1.2 * len(xa) + 3.5, 0.8 * len(xb) + 2.5), constrained_layout=True)
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", norm=LogNorm() if log else None)
+    ax.set_xticks(range(len(xa)), [show(v) for v in xa])
+    ax.set_yticks(range(len(xb)), [show(v) for v in xb])
+    ax.set(xlabel=a, ylabel=b, title=f"median {metric} over the jobs in each cell")
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            dark = sum(im.cmap(im.norm(v))[:3]) < 1.8  # a dark cell: white text
+            ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="w" if dark else "k", fontsize="small")
+    better = "lower" if METRICS[metric] else "higher"
+    fig.colorbar(im, ax=ax, label=f"median {metric} ({better} is better)")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def report(sweep: Path, metric: str, plots: bool = True) -> list[dict[str, Any]]:
-    rows = sort_rows(read_jobs(sweep), metric)
-    if not rows:
-        raise ReportError(f"{str(sweep)!r} holds no job dirs (no */.hydra/overrides.yaml)")
-    write_csv(sweep / "report.csv", rows, metric)
-    params = swept_params(rows)
-    if plots and any(r["status"] == "completed" for r in rows):
-        for p in params:
-            plot_param(sweep / f"report_{p.replace('/', '_')}.png", rows, p, metric)
-        others = [p for p in params if p != "seed"]
-        if len(others) == 2:
-            plot_heatmap(sweep / "report_heatmap.png", rows, others[0], others[1], metric)
-    return rows
+def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: bool) -> str | None:
+    """report.csv and the plots; None, or what could not be written and why."""
+    done, written = [r for r in rows if r["status"] == "completed"], ["report.csv"]
+    try:
+        write_csv(sweep / "report.csv", rows, swept_params(rows))
+        varied = swept_params(done) if plots else []  # a plot needs two values among the completed jobs
+        for p in varied:
+            written.append(f"report_{p.replace('/', '_')}.png")
+            plot_param(sweep / written[-1], rows, p, metric)
+        grids = [p for p in varied if axis_kind(p, done)[1] != "scatter"]
+        if len(grids) == 2:
+            written.append("report_heatmap.png")
+            plot_heatmap(sweep / written[-1], rows, grids[0], grids[1], metric)
+    except OSError as e:
+        return f"could not write {written[-1]} in {str(sweep)!r}: {e.strerror or e}"
+    return None
 
 
-def _fmt(v: Any, pct: bool = False) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    return f"{100 * v:.1f}%" if pct else f"{v:.4g}"
+def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int | None) -> None:
+    shown = {id(r): " ".join(f"{k}={show(v)}" for k, v in r["params"].items()) for r in rows}
+    width = max(9, *(len(s) for s in shown.values()))
+    sw = max(6, *(len(r["status"]) for r in rows))
+    extra = ["test_error"] if metric == "test_error" else []
+    heads = ["final loss", "test loss", "train acc", "test acc", *extra, "seconds"]
+    print(f"sweep {sweep}: {len(rows)} jobs, sorted by {metric}")
+    print(f"{'job':>5}  {'overrides':<{width}}  {'status':<{sw}}  " + " ".join(f"{h:>10}" for h in heads))
+    for r in rows[:top]:
+        values = [show(r[f]) for f in FIGURES[:2]]
+        values += [f"{100 * r[f]:.1f}%" if r[f] is not None else "-" for f in FIGURES[2:4]]
+        values += [show(summary_metric(r, "test_error"))] * len(extra) + [show(r["train_seconds"])]
+        print(f"{r['job']:>5}  {shown[id(r)]:<{width}}  {r['status']:<{sw}}  " + " ".join(f"{v:>10}" for v in values))
+    if top is not None and len(rows) > top:
+        print(f"… {len(rows) - top} more jobs not shown; all are in report.csv")
+    bad = [r for r in rows if r["status"] != "completed"]
+    if bad:
+        print(f"not completed ({len(bad)}):")
+        for r in bad:
+            why = f": {r['error']}" if r["error"] else ""
+            print(f"  job {r['job']}: {r['status']}{why}" + (f"  [{shown[id(r)]}]" if shown[id(r)] else ""))
 
 
 @closed_pipe_ok()
 def main(argv: list[str] | None = None) -> None:
-    from quadnet.cli import fail
-
     parser = argparse.ArgumentParser(prog="python -m quadnet.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", nargs="?", help="a sweep dir (default: the newest under outputs/multirun)")
     parser.add_argument("--metric", default="test_loss", help=f"sort by: {', '.join(METRICS)} (default test_loss)")
     parser.add_argument("--outputs", default="outputs", help="where to look for the newest sweep")
     parser.add_argument("--no-plots", action="store_true", help="only the table and report.csv")
-    parser.add_argument("--top", type=int, default=30, help="rows of the table to print (default 30)")
+    parser.add_argument("--top", type=int, default=None, help="print only the best N jobs (default: all)")
     args = parser.parse_args(argv)
     if args.metric not in METRICS:
         fail(f"--metric {args.metric!r} is not allowed: choose one of {', '.join(METRICS)}")
@@ -255,29 +274,13 @@ def main(argv: list[str] | None = None) -> None:
         sweep = Path(args.sweep_dir) if args.sweep_dir else newest_sweep(Path(args.outputs))
         if not sweep.is_dir():
             raise ReportError(f"{str(sweep)!r} is not a directory")
-        rows = report(sweep, args.metric, plots=not args.no_plots)
-    except ReportError as e:
+        rows = sort_rows(read_jobs(sweep), args.metric)
+    except (ReportError, OSError) as e:
         fail(str(e))
-    width = min(60, max(len(r["overrides"]) for r in rows))
-    print(f"sweep {sweep}: {len(rows)} jobs, sorted by {args.metric}")
-    print(
-        f"{'job':>5}  {'overrides':<{width}}  {'status':<10} {'loss':>9} {'train acc':>9} {'test acc':>8} "
-        f"{args.metric:>11} {'seconds':>8}"
-    )
-    for r in rows[: args.top]:
-        status = r["status"] if len(r["status"]) <= 10 else r["status"][:9] + "…"
-        print(
-            f"{r['job']:>5}  {r['overrides'][:width]:<{width}}  {status:<10} {_fmt(r.get('final_loss')):>9} "
-            f"{_fmt(r.get('train_accuracy'), True):>9} {_fmt(r.get('test_accuracy'), True):>8} "
-            f"{_fmt(metric_of(r, args.metric)):>11} {_fmt(r.get('train_seconds')):>8}"
-        )
-    if len(rows) > args.top:
-        print(f"… {len(rows) - args.top} more rows in report.csv")
-    bad = [r for r in rows if r["status"] != "completed"]
-    if bad:
-        print(f"not completed ({len(bad)}):")
-        for r in bad:
-            print(f"  job {r['job']}: {r['status']}  [{r['overrides']}]")
+    problem = write_files(sweep, rows, args.metric, plots=not args.no_plots)
+    print_table(sweep, rows, args.metric, args.top)
+    if problem:
+        fail(problem, code=1)
     print(f"wrote {sweep / 'report.csv'}" + ("" if args.no_plots else " and the report_*.png plots"))
 
 

@@ -1,36 +1,180 @@
-"""The sweep report: a table, report.csv and plots, with failed, diverged and unfinished jobs listed."""
+"""The sweep report: every job in a table, report.csv and plots; failed, diverged, unfinished and
+damaged jobs listed, never fatal."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 import time
+
+import matplotlib
+import pytest
 
 from conftest import run_cli
 from quadnet.report import main
 
+matplotlib.use("Agg")
 
-def test_report_on_a_sweep_with_failed_diverged_and_unfinished_jobs(tmp_path, capsys):
-    r = run_cli("-m", "hydra/launcher=batched", "hidden_dim=3,6", "lr=0.05,1e6", "seed=0,1", "epochs=200", cwd=tmp_path)
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    """16 jobs: lr=1e6 diverges (jobs 4–7 and 12–15); the others complete."""
+    root = tmp_path_factory.mktemp("sweep")
+    grid = ("hidden_dim=3,30", "lr=0.05,1e6", "reg=0.001,0.01", "seed=0,1")
+    args = ("-m", "hydra/launcher=batched", *grid, "epochs=200")
+    r = run_cli(*args, "hydra.sweep.dir=s", cwd=root)
     assert r.returncode == 0, r.stderr
-    sweep = next((tmp_path / "outputs" / "multirun").iterdir())
-    # a job that failed before writing its summary, and one whose summary is corrupt
-    (sweep / "3" / "summary.json").unlink()
-    (sweep / "5" / "summary.json").write_text("{not json")
-    os.chdir(tmp_path)
-    main([])  # the newest sweep under outputs/
-    out = capsys.readouterr().out
-    assert f"sweep {os.path.join('outputs', 'multirun', sweep.name)}" in out or f"sweep {sweep}" in out
-    assert "not completed (5):" in out  # jobs 2, 3, 6, 7 diverged (lr=1e6); 3 and 5 lost their summaries
-    assert "failed or unfinished" in out and "unreadable summary.json" in out and "diverged" in out
-    with open(sweep / "report.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 8
+    return root / "s"
+
+
+@pytest.fixture
+def sweep(sweep_dir, tmp_path):
+    """A fresh copy of the sweep, to damage."""
+    return shutil.copytree(sweep_dir, tmp_path / "s")
+
+
+def saved_figures(monkeypatch):
+    """Every figure saved from now on in the test, by file name (closed, but all its artists still there)."""
+    from matplotlib.figure import Figure
+
+    seen, save = {}, Figure.savefig
+
+    def spy(fig, path, *args, **kwargs):
+        seen[os.path.basename(str(path))] = fig
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    return seen
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    return saved_figures(monkeypatch)
+
+
+def texts(fig):
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text)]
+
+
+def _report(capsys, *argv):
+    """(exit code, stdout, stderr) of the report run in this process."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _rows(sweep):
+    with open(sweep / "report.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_a_sweep_with_failed_diverged_and_unfinished_jobs(sweep, capsys, figures):
+    (sweep / "5" / "summary.json").unlink()  # never finished
+    summary = json.loads((sweep / "9" / "summary.json").read_text())
+    summary.update(status="failed", error="CUDA out of memory.\nTried to allocate 2 GiB")
+    (sweep / "9" / "summary.json").write_text(json.dumps(summary))
+    code, out, err = _report(capsys, sweep)
+    assert code == 0 and err == ""
+    assert f"sweep {sweep}: 16 jobs, sorted by test_loss" in out
+    assert "job 5: unfinished (no summary.json)" in out
+    assert "job 9: failed: CUDA out of memory. Tried to allocate 2 GiB" in out  # the reason, on one line
+    assert "not completed (9):" in out and out.count(": diverged") == 7
+    header, rows = _rows(sweep)
+    assert header == [
+        "job", "hidden_dim", "lr", "reg", "seed", "overrides", "status", "error",
+        "final_loss", "test_loss", "train_accuracy", "test_accuracy", "test_error", "train_seconds",
+    ]  # fmt: skip
     done = [float(r["test_loss"]) for r in rows if r["status"] == "completed"]
-    assert done == sorted(done) and len(done) == 3
-    assert [r["status"] for r in rows[3:]].count("completed") == 0  # not-completed jobs sort last
-    for name in ("report_hidden_dim.png", "report_lr.png", "report_seed.png", "report_heatmap.png"):
+    assert done == sorted(done) and len(done) == 7 and all(r["status"] != "completed" for r in rows[7:])
+    assert {r["lr"] for r in rows} == {"0.05", "1000000.0"}
+    # lr: one value among the completed jobs, nothing to plot against
+    assert set(figures) == {"report_hidden_dim.png", "report_reg.png", "report_seed.png", "report_heatmap.png"}
+    for name in figures:
         assert (sweep / name).stat().st_size > 1000, name
+
+
+def test_plots_follow_the_metric_and_draw_each_kind_of_parameter_as_it_is(sweep, capsys, figures):
+    assert _report(capsys, sweep, "--metric", "final_loss")[0] == 0
+    hidden = figures["report_hidden_dim.png"]
+    assert [ax.get_xscale() for ax in hidden.axes] == ["log", "log"]  # 3 and 30: a multiplicative grid
+    assert hidden.axes[0].get_ylabel() == "final_loss (lower is better)"
+    assert hidden.axes[1].get_ylabel() == "test_accuracy (higher is better)"
+    assert hidden.axes[0].lines and "median" in texts(hidden) and "16–84% of jobs" in texts(hidden)
+    seed = figures["report_seed.png"].axes
+    assert all(not ax.lines and ax.get_xscale() == "linear" for ax in seed)  # seeds: a scatter, nothing joined
+    assert "median final_loss (lower is better)" in texts(figures["report_heatmap.png"])
+    figures.clear()
+    assert _report(capsys, sweep, "--metric", "test_accuracy")[0] == 0
+    labels = [ax.get_ylabel() for ax in figures["report_hidden_dim.png"].axes]
+    assert labels == ["test_accuracy (higher is better)", "test_loss (lower is better)"]  # no panel twice
+    assert "median test_accuracy (higher is better)" in texts(figures["report_heatmap.png"])
+    header, _ = _rows(sweep)
+    assert len(header) == len(set(header)) and header.count("test_accuracy") == 1
+
+
+def test_every_job_is_printed_with_its_overrides_in_full(sweep, capsys):
+    """40 more jobs (past the old silent cut of 30), one with an Optuna-style value."""
+    for i in range(40):
+        job = sweep / f"j{i}"
+        if not job.exists():
+            shutil.copytree(sweep / "0", job)
+        reg = "1.1889379831773006e-05" if i == 7 else f"0.00{i + 1}"
+        (job / ".hydra" / "overrides.yaml").write_text(f"- hidden_dim=3\n- reg={reg}\n- seed={i}\n")
+    code, out, _ = _report(capsys, sweep, "--no-plots")
+    assert code == 0 and "56 jobs" in out
+    assert all(f" j{i} " in out for i in range(40))
+    assert "reg=1.189e-05" in out and "reg=1.1889379831773006 " not in out
+    _, rows = _rows(sweep)
+    assert {r["reg"] for r in rows if r["job"] == "j7"} == {"1.1889379831773006e-05"}  # the full value in the CSV
+    code, out, _ = _report(capsys, sweep, "--no-plots", "--top", "5")
+    assert "51 more jobs not shown; all are in report.csv" in out
+
+
+def test_damaged_job_dirs_are_listed_and_the_report_goes_on(sweep, capsys):
+    def edit(job, **changes):
+        s = json.loads((sweep / job / "summary.json").read_text())
+        (sweep / job / "summary.json").write_text(json.dumps({**s, **changes}))
+
+    (sweep / "0" / "summary.json").write_text("[1, 2]")
+    edit("1", status=3)
+    edit("4", test_loss="0.5")
+    (sweep / "5" / "summary.json").write_bytes(b'{"status": "completed\xff"}')
+    (sweep / "6" / ".hydra" / "overrides.yaml").write_bytes(b"- lr=\xff\n")
+    (sweep / "7" / ".hydra" / "overrides.yaml").write_text("just a scalar\n")
+    code, out, err = _report(capsys, sweep)
+    assert code == 0 and err == "" and "Traceback" not in out
+    for line in (
+        "job 0: damaged: summary.json is not a JSON object",
+        "job 1: damaged: summary.json has no status string",
+        "job 4: damaged: summary.json: test_loss not a number",
+        "job 5: damaged: summary.json cannot be read (UnicodeDecodeError)",
+        "job 6: damaged: .hydra/overrides.yaml cannot be read (UnicodeDecodeError)",
+        "job 7: damaged: .hydra/overrides.yaml is not a list of overrides",
+    ):
+        assert line in out, line
+    assert len(_rows(sweep)[1]) == 16
+
+
+def test_a_sweep_dir_that_cannot_be_written_still_gets_its_table(sweep, capsys):
+    if os.geteuid() != 0:  # root writes through permission bits: there, a dir in report.csv's way
+        os.chmod(sweep, 0o555)
+    else:
+        (sweep / "report.csv").mkdir()
+    try:
+        code, out, err = _report(capsys, sweep)
+    finally:
+        os.chmod(sweep, 0o755)
+    assert code == 1 and "sorted by test_loss" in out and out.count("completed") >= 4
+    assert err.startswith("error: could not write report.csv in ") and err.count("\n") == 1
 
 
 def test_report_picks_the_newest_sweep_and_takes_a_metric(tmp_path, capsys):
@@ -38,21 +182,17 @@ def test_report_picks_the_newest_sweep_and_takes_a_metric(tmp_path, capsys):
         assert run_cli("-m", "hydra/launcher=batched", f"hidden_dim={dims}", "epochs=30", cwd=tmp_path).returncode == 0
         time.sleep(1.1)
     os.chdir(tmp_path)
-    main(["--metric", "test_accuracy", "--no-plots"])
-    out = capsys.readouterr().out
-    assert "hidden_dim=5" in out and "hidden_dim=2" not in out and "sorted by test_accuracy" in out
+    code, out, _ = _report(capsys, "--metric", "test_accuracy", "--no-plots")
+    assert code == 0 and "hidden_dim=5" in out and "hidden_dim=2" not in out and "sorted by test_accuracy" in out
 
 
-def test_report_bad_input_is_one_line(tmp_path, capsys):
+def test_report_bad_input_is_one_line(sweep, tmp_path, capsys):
     os.chdir(tmp_path)
     for argv, words in (
         (["--metric", "speed"], "--metric 'speed'"),
         ([], "no sweep under"),
-        ([str(tmp_path / "nope")], "is not a directory"),
+        ([tmp_path / "nope"], "is not a directory"),
+        ([sweep / "0"], "is a single run, not a sweep"),
     ):
-        try:
-            main(argv)
-        except SystemExit as e:
-            assert e.code == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and words in err and err.count("\n") == 1
+        code, _, err = _report(capsys, *argv)
+        assert code == 2 and err.startswith("error: ") and words in err and err.count("\n") == 1, err

@@ -1,0 +1,255 @@
+"""What a user sees of a run: its plots and GIF (quadnet.plots) and predict (the command and load())."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_report import saved_figures, texts
+
+from conftest import run_cli
+from quadnet import checkpoint, plots
+from quadnet.config import DataConfig
+from quadnet.data import make_dataset
+from quadnet.model import initial_params
+from quadnet.predict import Model, load, main
+from quadnet.reference import NumpyEngine, forward, softmax, softmax_loss
+
+TRAIN_HEADER = "point  predicted  p(predicted)  true"  # train's table of test points
+
+
+def training(data_name="seed", epochs=1000, every=100, frames=50, lr=0.001):
+    """(data, history, frames) of a NumPy-engine run: a history row every `every` epochs and
+    about `frames` (epoch, params) snapshots, as the core hands them to the plots."""
+    data = make_dataset(DataConfig(name=data_name, n_train=256, n_test=256))
+    engine = NumpyEngine(
+        initial_params(50, 1, "normal"), data.x_train, data.y_train, lr=lr, reg=1e-3, momentum=0.0, dtype="float64"
+    )
+    history, snaps = [], []
+    for epoch in range(0, epochs + 1, every):
+        if epoch:
+            engine.train_steps(every, lambda: False)
+        p = engine.numpy_params()
+        row = {"epoch": float(epoch)}
+        for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+            scores, _ = forward(p, x)
+            row["loss" if split == "train" else "test_loss"] = softmax_loss(scores, y)[0]
+            row[f"{split}_accuracy"] = float(np.mean(scores.argmax(1) == y))
+        history.append(row)
+        if epoch % max(every, epochs // frames) == 0:
+            snaps.append((epoch, p))
+    return data, history, snaps
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def test_decision_regions_have_a_key_ring_the_misclassified_and_state_the_test_accuracy(tmp_path, monkeypatch):
+    figures = saved_figures(monkeypatch)
+    data, _, snaps = training(epochs=100, every=100)
+    params = snaps[-1][1]  # 100 epochs: the seed program's wrong answers
+    plots.plot_regions(tmp_path / "r.png", params, data, "hidden_dim=50 · 100 epochs")
+    fig = figures["r.png"]
+    words = texts(fig)
+    for label in (
+        "quadrant I",
+        "quadrant II",
+        "quadrant III",
+        "quadrant IV",
+        "train point",
+        "test point",
+        "misclassified",
+    ):
+        assert label in words, label
+    wrong = sum(
+        int(np.sum(forward(params, x)[0].argmax(1) != y))
+        for x, y in ((data.x_train, data.y_train), (data.x_test, data.y_test))
+    )
+    ax = fig.axes[0]
+    assert wrong > 0 and len(ax.collections[-1].get_offsets()) == wrong  # one ring per misclassified point
+    acc = float(np.mean(forward(params, data.x_test)[0].argmax(1) == data.y_test))
+    assert ax.get_title().startswith("hidden_dim=50 · 100 epochs\n") and f"test accuracy {acc:.1%}" in ax.get_title()
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_many_points_are_small_and_see_through(tmp_path, monkeypatch):
+    figures = saved_figures(monkeypatch)
+    data, _, snaps = training("sampled", epochs=0)
+    plots.plot_regions(tmp_path / "r.png", snaps[-1][1], data, "sampled")
+    train, test = figures["r.png"].axes[0].collections[:2]
+    assert train.get_sizes()[0] <= 12 and train.get_alpha() < 1 and test.get_sizes()[0] <= 12
+
+
+def test_loss_curves_have_the_test_loss_markers_when_few_and_survive_nan(tmp_path, monkeypatch):
+    figures = saved_figures(monkeypatch)
+    _, history, _ = training(epochs=400, every=100)  # 5 rows
+    plots.plot_curves(tmp_path / "few.png", history, "few")
+    loss_ax = figures["few.png"].axes[0]
+    assert [line.get_label() for line in loss_ax.lines] == ["train", "test"]
+    assert all(line.get_marker() == "o" for line in loss_ax.lines)
+    assert "without the L2 term" in loss_ax.get_ylabel() and loss_ax.get_yscale() == "log"
+    assert "at epoch 400:" in figures["few.png"]._suptitle.get_text()
+    _, history, _ = training(epochs=1000, every=50)  # 21 rows: a curve
+    plots.plot_curves(tmp_path / "many.png", history, "many")
+    assert all(line.get_marker() == "None" for line in figures["many.png"].axes[0].lines)
+    diverged = [*history[:3], dict.fromkeys(history[0], math.nan) | {"epoch": 120.0}]
+    plots.plot_curves(tmp_path / "nan.png", diverged, "diverged")
+    assert "not finite from epoch 120" in texts(figures["nan.png"])
+    assert "train loss not finite" in figures["nan.png"]._suptitle.get_text()
+
+
+@pytest.mark.parametrize("data_name", ["seed", "sampled"])
+def test_the_training_gif_has_a_frame_per_snapshot_and_stays_small(data_name, tmp_path):
+    epochs, every, lr = (10000, 100, 0.001) if data_name == "seed" else (500, 10, 0.05)
+    data, history, snaps = training(data_name, epochs=epochs, every=every, lr=lr)
+    assert len(snaps) == 51
+    start = time.perf_counter()
+    plots.animate(tmp_path / "train.gif", snaps, history, data, "hidden_dim=50 lr=0.001 reg=0.001 seed=1")
+    seconds = time.perf_counter() - start
+    size = (tmp_path / "train.gif").stat().st_size
+    assert size < 2_000_000 and seconds < 10, (size, seconds)
+    with Image.open(tmp_path / "train.gif") as gif:
+        assert gif.n_frames == len(snaps) and gif.format == "GIF"
+        first = np.asarray(gif.convert("RGB"))
+        gif.seek(gif.n_frames - 1)
+        last = np.asarray(gif.convert("RGB"))
+    assert first.shape == last.shape and first.shape[1] > first.shape[0] and not np.array_equal(first, last)
+    with pytest.raises(ValueError, match="at least one frame"):
+        plots.animate(tmp_path / "none.gif", [], history, data, "")
+
+
+# ---------------------------------------------------------------------------- predict
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A dir with outputs/: one completed run, then a newer one that diverged."""
+    root = tmp_path_factory.mktemp("runs")
+    assert run_cli("epochs=200", "plots=false", cwd=root).returncode == 0
+    time.sleep(1.1)
+    assert run_cli("lr=1e6", "epochs=40", "plots=false", cwd=root).returncode == 3  # diverged: no model.pt
+    done = [d for d in (root / "outputs").iterdir() if (d / "model.pt").exists()]
+    diverged = [d for d in (root / "outputs").iterdir() if not (d / "model.pt").exists()]
+    assert len(done) == len(diverged) == 1
+    return root, done[0], diverged[0]
+
+
+def _predict(capsys, *argv):
+    """(exit code, stdout, stderr) of predict run in this process."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_predict_defaults_to_the_newest_completed_run_and_prints_trains_columns(runs, capsys, monkeypatch):
+    root, done, _ = runs
+    monkeypatch.chdir(root)
+    code, out, err = _predict(capsys, "-2,2", "2,2", "0,1")  # the first argument is a point, not a run dir
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"model: outputs/{done.name}/model.pt (hidden_dim=50, completed at epoch 200)  " + (
+        "[the newest completed run under outputs/]"
+    )
+    assert TRAIN_HEADER in lines[1] and lines[1].split()[4:] == ["p(I)", "p(II)", "p(III)", "p(IV)"]
+    assert lines[2].split()[:2] == ["(-2,", "2)"]
+    assert lines[4].startswith("          (0, 1)") and lines[4].split(")")[1].split()[2] == "-"  # no true quadrant
+
+
+def test_predict_prints_what_load_gives(runs, capsys):
+    _, done, _ = runs
+    points = [[2.0, 2.0], [-2.0, 2.0], [-2.0, -2.0], [2.0, -2.0], [0.3, -7.5]]
+    code, out, _ = _predict(capsys, done, *(f"{x},{y}" for x, y in points), "--json")
+    assert code == 0
+    printed = json.loads(out)["predictions"]
+    model = load(done)
+    assert [p["quadrant"] for p in printed] == model.predict(points).tolist()
+    assert np.array_equal(np.array([p["probs"] for p in printed]), model.predict_proba(np.array(points)))
+    _, table, _ = _predict(capsys, done, "0.3,-0.2")
+    predicted, prob, true = table.splitlines()[2].split()[2:5]
+    assert (int(predicted), prob, true) == (
+        model.predict([0.3, -0.2])[0],
+        f"{model.predict_proba([0.3, -0.2]).max():.9f}",
+        "4",
+    )
+    # the same numbers as the NumPy reference, bit for bit, for ordinary points
+    assert np.array_equal(model.predict_proba(points), softmax(forward(model.params, np.array(points))[0]))
+
+
+def test_load_takes_lists_arrays_and_one_point(runs):
+    model = load(runs[1] / "model.pt")
+    assert isinstance(model, Model) and model.status == "completed" and model.epoch == 200
+    assert model.predict([2, 2]).shape == (1,) and model.predict_proba((2, 2)).shape == (1, 4)
+    assert model.predict(np.zeros((0, 2))).shape == (0,)
+    assert model.predict([[1, 1], [-1, -1]]).dtype.kind == "i"
+    with pytest.raises(ValueError, match=r"shape \(n, 2\)"):
+        model.predict([1, 2, 3])
+
+
+def test_huge_points_give_finite_probabilities(runs, capsys):
+    code, out, err = _predict(capsys, runs[1], "1e308,1e308", "-1e308,-1e308", "1e-300,-1e308", "--json")
+    assert code == 0, err
+    probs = np.array([p["probs"] for p in json.loads(out)["predictions"]])
+    assert np.isfinite(probs).all() and np.allclose(probs.sum(axis=1), 1)
+    code, out, _ = _predict(capsys, runs[1], "1e308,1e308")
+    assert code == 0 and "(1e+308, 1e+308)" in out
+
+
+def test_a_diverged_or_non_finite_model_is_refused_in_one_line(runs, tmp_path, capsys):
+    _, done, diverged = runs
+    code, _, err = _predict(capsys, diverged, "1,1")
+    assert code == 2 and err.count("\n") == 1 and "cannot predict: its status is diverged at epoch" in err
+    params = checkpoint.load(done / "model.pt")["params"]
+    params["W2"][0, 0] = math.nan
+    checkpoint.save(tmp_path / "nan.pt", params=params, momentum=None, epoch=5, config={}, status="completed")
+    code, _, err = _predict(capsys, tmp_path / "nan.pt", "1,1")
+    assert code == 2 and "with non-finite W2" in err and err.count("\n") == 1
+    with pytest.raises(checkpoint.CheckpointError, match="non-finite"):
+        load(tmp_path / "nan.pt")
+
+
+def test_a_run_dir_uses_its_completed_model_before_a_newer_checkpoint(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.pt", "checkpoint.pt"):
+        (run / name).write_bytes((runs[1] / name).read_bytes())
+    params = {k: v + 1 for k, v in checkpoint.load(run / "model.pt")["params"].items()}
+    checkpoint.save(run / "checkpoint.pt", params=params, momentum=None, epoch=300, config={}, status="interrupted")
+    assert load(run).path == str(run / "model.pt")
+    (run / "model.pt").unlink()
+    code, out, _ = _predict(capsys, run, "1,1")
+    assert code == 0 and out.startswith(f"model: {run / 'checkpoint.pt'} (hidden_dim=50, interrupted at epoch 300)")
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["{run}/summary.json", "1,1"], "summary.json' is not a quadnet checkpoint: torch.save did not write it"),
+        (["/dev/null", "1,1"], "'/dev/null' is not a quadnet checkpoint"),
+        (["{run}", "--file", "/dev/null"], "no points given (/dev/null held none)"),
+        (["{run}", "--file", "{run}/summary.json"], "line 1: '{{' is not a point"),
+        (["{run}", "--file", "{run}/model.pt"], "is not a text file of x,y lines"),
+        (["{run}", "--file", "{run}/nope.txt"], "points file '{run}/nope.txt' does not exist"),
+        (["{run}", "1,nan"], "is not a point; write two finite numbers as x,y"),
+        (["{run}", "--bogus", "1,1"], "unknown option --bogus"),
+    ],
+)
+def test_files_that_are_not_what_predict_needs_get_one_line(runs, args, words, capsys):
+    run = runs[1]
+    code, _, err = _predict(capsys, *(a.format(run=run) for a in args))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert words.format(run=run) in err, err
+    assert "Traceback" not in err and "Weights only" not in err
+
+
+def test_load_raises_a_checkpoint_error_for_a_file_that_is_not_one(runs):
+    for path in (runs[1] / "summary.json", "/dev/null", runs[1] / "nope"):
+        with pytest.raises(checkpoint.CheckpointError):
+            load(path)
