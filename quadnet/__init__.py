@@ -1,3 +1,26 @@
-"""quadnet: the textbook two-layer network that tells which quadrant a point lies in."""
+"""quadnet: the textbook two-layer network that tells which quadrant a point lies in.
 
-__version__ = "0.1.0"
+From Python, with the command line's keys::
+
+    summary = quadnet.run(hidden_dim=10, epochs=2000)      # trains, writes a run dir
+    model = quadnet.load(summary["run_dir"])               # or a checkpoint file
+    model.predict([[2, 2], [-1, 3]])                       # quadrants 1-4
+    model.predict_proba([[2, 2]])                          # shape (1, 4)
+"""
+
+from typing import Any
+
+__version__ = "0.2.0"
+__all__ = ["Model", "load", "run"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: `import quadnet` imports neither torch nor Hydra
+    if name in ("load", "Model"):
+        from quadnet import predict
+
+        return getattr(predict, name)
+    if name == "run":
+        from quadnet.train import run
+
+        return run
+    raise AttributeError(f"module 'quadnet' has no attribute {name!r}")

@@ -1,23 +1,27 @@
-"""``python -m quadnet.bench {single,startup,sweep} [--json]``: speed, measured side by side.
+"""``python -m quadnet.bench {single,step,startup,sweep} [--json]``: speed, measured side by side.
 
-single   the default job (10,000 full-batch steps) through the real Trainer on every
-         engine and dtype available here, interleaved and repeated; prints the best
-         train_seconds of each and its ratio to the NumPy engine.
+single   the default job (10,000 full-batch steps) on every engine and dtype available here,
+         interleaved and repeated; the best train_seconds of each and its ratio to NumPy's.
+step     one batch of J default jobs: the fused step against autograd over the same stacked
+         (J, …) parameters (one backward of the summed losses, torch.optim.SGD), ms per job.
 startup  ``python -m quadnet.train epochs=0`` against a bare ``import torch``, as subprocesses.
-sweep    the same sweep under Hydra's basic launcher and under the batched launcher.
+sweep    the same sweep under Hydra's basic launcher and the batched launcher, end to end;
+         ``--busy N`` runs N CPU-bound processes beside both, as on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
-import statistics
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,65 +32,92 @@ def machine() -> dict[str, Any]:
     import numpy as np
     import torch
 
-    info = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
+    from quadnet.loop import usable_cpus
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo() if ln.startswith("model name")), platform.machine())
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cpus": usable_cpus(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": cuda,
     }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
 
 
-def _variants() -> dict[str, list[str]]:
+def _cpuinfo() -> list[str]:
+    with contextlib.suppress(OSError):
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    return []
+
+
+def bench_single(epochs: int, repeat: int) -> list[dict[str, Any]]:
     import torch
 
-    v = {
+    from quadnet.config import compose
+    from quadnet.train import train
+
+    variants = {
         "numpy engine (float64)": ["engine=numpy"],
-        "torch fused, cpu float64": ["device=cpu"],
+        "torch fused, cpu float64 (the default)": ["device=cpu"],
         "torch fused, cpu float32": ["device=cpu", "dtype=float32"],
         "torch fused, cpu float64, 2 threads": ["device=cpu", "threads=2"],
         "torch autograd, cpu float64": ["device=cpu", "step=autograd"],
     }
     if torch.cuda.is_available():
-        v["torch fused, cuda float64, graph"] = ["device=cuda"]
-        v["torch fused, cuda float32, graph"] = ["device=cuda", "dtype=float32"]
-        v["torch fused, cuda float64, eager"] = ["device=cuda", "cuda_graph=false"]
-    return v
-
-
-def bench_single(epochs: int, repeat: int) -> dict[str, Any]:
-    from quadnet.config import compose, validate
-    from quadnet.train import train
-
-    variants = _variants()
+        variants |= {
+            "torch fused, cuda float64, graph": ["device=cuda"],
+            "torch fused, cuda float32, graph": ["device=cuda", "dtype=float32"],
+        }
+        variants["torch fused, cuda float64, eager"] = ["device=cuda", "cuda_graph=false"]
     times: dict[str, list[float]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(repeat):  # interleaved, so drift in machine load hits every variant alike
+        for r in range(repeat):  # interleaved, so that drift in the machine's load hits every variant alike
             for i, (name, ov) in enumerate(variants.items()):
-                cfg = validate(compose([*ov, f"epochs={epochs}", "plots=false", "progress=false"]))
-                s = train(cfg, run_dir=Path(tmp) / f"{r}-{i}")
-                assert s["status"] == "completed"
+                s = train(
+                    compose([*ov, f"epochs={epochs}", "plots=false", "progress=false"]), run_dir=Path(tmp) / f"{r}-{i}"
+                )
                 times[name].append(s["train_seconds"] * 10000 / max(epochs, 1))
     base = min(times["numpy engine (float64)"])
-    rows = [
-        {
-            "variant": k,
-            "best_s_per_10k": min(t),
-            "median_s_per_10k": statistics.median(t),
-            "ratio_to_numpy": min(t) / base,
-        }
-        for k, t in times.items()
-    ]
-    return {"benchmark": "single", "epochs": epochs, "repeat": repeat, "machine": machine(), "rows": rows}
+    return [{"variant": k, "best_s_per_10k": min(t), "ratio_to_numpy": min(t) / base} for k, t in times.items()]
+
+
+def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
+    import dataclasses
+
+    import torch
+
+    from quadnet import engine, loop
+    from quadnet.config import TrainConfig
+    from quadnet.data import make_dataset
+    from quadnet.train import start_state
+
+    rows = []
+    with loop.threads(1):
+        for j in sizes:
+            cfgs = [dataclasses.replace(TrainConfig(), seed=s) for s in range(j)]
+            steps = max(20, min(2000, 400_000 // j))
+            best = {}
+            for step in ("fused", "autograd"):
+                runs = []
+                for _ in range(repeat):
+                    cs = [dataclasses.replace(c, step=step) for c in cfgs]
+                    e, _ = engine.build(cs, make_dataset(cs[0].data), [start_state(c) for c in cs], torch.device("cpu"))
+                    t0 = time.perf_counter()
+                    e.run(steps, lambda: False)
+                    runs.append((time.perf_counter() - t0) / steps * 10000 / j * 1000)
+                best[step] = min(runs)
+            rows.append(
+                {
+                    "jobs": j,
+                    "steps_timed": steps,
+                    "fused_ms_per_job": best["fused"],
+                    "autograd_ms_per_job": best["autograd"],
+                    "autograd_over_fused": best["autograd"] / best["fused"],
+                }
+            )
+    return rows
 
 
 def bench_startup(repeat: int) -> dict[str, Any]:
@@ -95,79 +126,161 @@ def bench_startup(repeat: int) -> dict[str, Any]:
         subprocess.run(cmd, cwd=cwd, check=True, capture_output=True)
         return time.perf_counter() - t0
 
-    torch_t, run_t = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(repeat):
-            torch_t.append(timed([sys.executable, "-c", "import torch"], tmp))
-            run_t.append(timed([sys.executable, "-m", "quadnet.train", "epochs=0"], tmp))
+        bare = min(timed([sys.executable, "-c", "import torch"], tmp) for _ in range(repeat))
+        run = min(timed([sys.executable, "-m", "quadnet.train", "epochs=0"], tmp) for _ in range(repeat))
+    return {"import_torch_s": bare, "train_epochs0_s": run, "overhead_s": run - bare}
+
+
+@contextlib.contextmanager
+def busy(n: int) -> Iterator[None]:
+    """N CPU-bound processes beside the benchmark, as other users' work on a shared machine."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+_PHASES = re.compile(r"composed (\d+) jobs in ([\d.]+) s, trained in ([\d.]+) s, wrote their dirs in ([\d.]+) s")
+
+
+def _sweep(n: int, launcher: str, sweep_dir: Path, device: str) -> tuple[float, str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "quadnet.train",
+        "-m",
+        f"seed=range({n})",
+        f"device={device}",
+        f"hydra/launcher={launcher}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=sweep_dir.parent)
+    seconds = time.perf_counter() - t0
+    done = sum(json.loads(p.read_text())["status"] == "completed" for p in sweep_dir.glob("*/summary.json"))
+    if r.returncode != 0 or done != n:
+        raise SystemExit(
+            f"error: the {launcher} sweep completed {done} of {n} jobs: {r.stderr.strip().splitlines()[-1:]}"
+        )
+    return seconds, r.stdout + r.stderr
+
+
+def bench_sweep(jobs: int, sample: int, device: str, n_busy: int) -> dict[str, Any]:
+    """The basic launcher timed on 1 and `sample` jobs (its cost per job extrapolated); the batched on all."""
+    sample = max(2, min(sample, jobs))
+    with tempfile.TemporaryDirectory() as tmp, busy(n_busy):
+        t1, _ = _sweep(1, "basic", Path(tmp) / "basic1", device)
+        tk, _ = _sweep(sample, "basic", Path(tmp) / "basick", device)
+        tb, output = _sweep(jobs, "batched", Path(tmp) / "batched", device)
+    found = _PHASES.findall(output)
+    if not found:
+        raise SystemExit("error: the batched launcher's timing line was not in its output (quadnet.sweep.TIMING_LINE)")
+    compose, train, write = (sum(float(m[i]) for m in found) for i in (1, 2, 3))
+    basic = (tk - t1) / (sample - 1)
+    phases = {
+        "startup_and_sweeper_s": tb - compose - train - write,
+        "compose_s": compose,
+        "train_s": train,
+        "write_s": write,
+    }
     return {
-        "benchmark": "startup",
-        "repeat": repeat,
-        "machine": machine(),
-        "import_torch_s": min(torch_t),
-        "train_epochs0_s": min(run_t),
-        "overhead_s": min(run_t) - min(torch_t),
+        "jobs": jobs,
+        "busy": n_busy,
+        "device": device,
+        "basic_per_job_s": basic,
+        "batched_s": tb,
+        "batched_per_job_s": tb / jobs,
+        "phases": phases,
+        "ratio_per_job": basic / (tb / jobs),
     }
 
 
-def _print(result: dict[str, Any]) -> None:
-    m = result["machine"]
-    if result["benchmark"] == "sweep":
-        from quadnet.sweepbench import print_sweep
-
-        print_sweep(result)
-        return
+def _print(what: str, r: Any, m: dict[str, Any]) -> None:
     print(
-        f"machine: {m['cpu']}, {m['cores']} cores, python {m['python']}, torch {m['torch']}, "
-        f"numpy {m['numpy']}, cuda: {m['cuda'] or 'none'}"
+        f"machine: {m['cpu']}, {m['cpus']} usable cpus, python {m['python']}, torch {m['torch']}, numpy {m['numpy']}, cuda: {m['cuda'] or 'none'}"
     )
-    if result["benchmark"] == "single":
-        print(f"default job, {result['epochs']} epochs, best of {result['repeat']} (seconds per 10,000 steps)")
-        print(f"{'variant':<40} {'best s':>8} {'median s':>9} {'× numpy':>8}")
-        for r in result["rows"]:
-            print(
-                f"{r['variant']:<40} {r['best_s_per_10k']:>8.3f} {r['median_s_per_10k']:>9.3f} "
-                f"{r['ratio_to_numpy']:>8.2f}"
-            )
-    else:
+    if what == "single":
+        print(f"{'variant':<42} {'s per 10k steps':>15} {'× numpy':>8}")
+        for row in r:
+            print(f"{row['variant']:<42} {row['best_s_per_10k']:>15.3f} {row['ratio_to_numpy']:>8.2f}")
+    elif what == "step":
         print(
-            f"import torch: {result['import_torch_s']:.2f} s   python -m quadnet.train epochs=0: "
-            f"{result['train_epochs0_s']:.2f} s   overhead: {result['overhead_s']:.2f} s "
-            f"(best of {result['repeat']})"
+            f"{'jobs':>6} {'fused ms/job':>13} {'autograd ms/job':>16} {'autograd / fused':>17}   (per 10,000 steps, 1 thread)"
         )
+        for row in r:
+            print(
+                f"{row['jobs']:>6} {row['fused_ms_per_job']:>13.1f} {row['autograd_ms_per_job']:>16.1f} {row['autograd_over_fused']:>17.2f}"
+            )
+    elif what == "startup":
+        print(
+            f"import torch {r['import_torch_s']:.2f} s; python -m quadnet.train epochs=0 {r['train_epochs0_s']:.2f} s; overhead {r['overhead_s']:.2f} s"
+        )
+    else:
+        p = r["phases"]
+        print(f"sweep of {r['jobs']} default jobs, device={r['device']}, {r['busy']} busy processes beside it")
+        print(
+            f"  basic launcher {r['basic_per_job_s']:.3f} s per job; batched {r['batched_per_job_s']:.4f} s per job ({r['batched_s']:.1f} s in all)"
+        )
+        print(
+            f"    batched: start-up and the sweeper's checks {p['startup_and_sweeper_s']:.1f} s, composing {p['compose_s']:.1f} s, training {p['train_s']:.1f} s, writing {p['write_s']:.1f} s"
+        )
+        print(f"  batched is {r['ratio_per_job']:.1f}× faster per job")
 
 
 @closed_pipe_ok()
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m quadnet.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m quadnet.bench", description=(__doc__ or "").split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("single", help="the default job on every engine")
-    p.add_argument("--epochs", type=int, default=10000)
-    p.add_argument("--repeat", type=int, default=3)
-    p = sub.add_parser("startup", help="start-up cost of python -m quadnet.train")
-    p.add_argument("--repeat", type=int, default=3)
-    p = sub.add_parser("sweep", help="basic launcher against batched launcher")
-    p.add_argument("--jobs", type=int, default=256)
-    p.add_argument("--sample", type=int, default=4, help="basic-launcher jobs actually run (the rest extrapolated)")
-    p.add_argument("--device", default="auto")
-    for p in sub.choices.values():
+    for name, helptext in (
+        ("single", "the default job on every engine"),
+        ("step", "fused against autograd, by batch size"),
+        ("startup", "start-up cost"),
+        ("sweep", "basic launcher against batched"),
+    ):
+        p = sub.add_parser(name, help=helptext)
         p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        if name != "sweep":
+            p.add_argument("--repeat", type=int, default=3, help="runs of each variant; the best counts")
+    sub.choices["single"].add_argument("--epochs", type=int, default=10000)
+    sub.choices["step"].add_argument("--jobs", default="1,64,256,4096", help="batch sizes, comma-separated")
+    sub.choices["sweep"].add_argument("--jobs", type=int, default=256)
+    sub.choices["sweep"].add_argument(
+        "--sample", type=int, default=4, help="basic-launcher jobs run (the rest extrapolated)"
+    )
+    sub.choices["sweep"].add_argument("--device", default="auto")
+    sub.choices["sweep"].add_argument("--busy", type=int, default=0, help="CPU-bound processes to run beside it")
     args = parser.parse_args(argv)
-    for name in ("epochs", "repeat", "jobs", "sample"):
-        if getattr(args, name, 1) < 1:
-            parser.error(f"--{name} must be at least 1")
+    sizes = [int(j) for j in str(args.jobs).split(",") if j.strip().isdigit()] if args.what == "step" else []
+    if (
+        min(
+            [
+                getattr(args, "repeat", 1),
+                getattr(args, "epochs", 1),
+                getattr(args, "sample", 1),
+                *sizes,
+                *([args.jobs] if args.what == "sweep" else []),
+            ]
+        )
+        < 1
+        or getattr(args, "busy", 0) < 0
+    ):
+        parser.error("--repeat, --epochs, --jobs and --sample must be at least 1, --busy at least 0")
     if args.what == "single":
-        result = bench_single(args.epochs, args.repeat)
+        result: Any = bench_single(args.epochs, args.repeat)
+    elif args.what == "step":
+        result = bench_step(sizes, args.repeat)
     elif args.what == "startup":
         result = bench_startup(args.repeat)
     else:
-        from quadnet.sweepbench import bench_sweep
-
-        result = bench_sweep(args.jobs, args.sample, args.device)
+        result = bench_sweep(args.jobs, args.sample, args.device, args.busy)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps({"benchmark": args.what, "machine": machine(), "result": result}, indent=2))
     else:
-        _print(result)
+        _print(args.what, result, machine())
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ signal during the plots loses nothing), ``model.pt`` for a completed run, then t
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import math
+import os
 import platform
 import signal
 import subprocess
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from quadnet import artifacts, checkpoint
-from quadnet.config import TrainConfig, to_dict
+from quadnet.config import ConfigError, TrainConfig, to_dict
 from quadnet.data import Dataset
 from quadnet.loop import Job
 from quadnet.reference import forward, softmax
@@ -53,6 +55,27 @@ def versions() -> dict[str, str | None]:
         "hydra": hydra.__version__,
         "omegaconf": omegaconf.__version__,
     }
+
+
+_LOCKS: dict[str, int] = {}  # sweep dirs this process holds
+
+
+def lock(folder: Path) -> None:
+    """Hold ``folder/.lock`` for the life of this process (flock: it dies with the process), so
+    that a second sweep into the same dir is refused; this process may take it again."""
+    key = str(folder.resolve())
+    if key in _LOCKS:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"another sweep is writing into {key} (it holds .lock there); wait for it or choose another hydra.sweep.dir"
+        ) from None
+    _LOCKS[key] = fd
 
 
 def title(cfg: TrainConfig, epoch: int) -> str:

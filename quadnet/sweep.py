@@ -319,7 +319,7 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     sweep_dir = Path(str(config.hydra.sweep.dir))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    rundir.lock(sweep_dir)
     chatty = len(job_overrides) <= CHATTY
     log.info("Launching %d jobs%s", len(job_overrides), " batched" if launcher.task_function is quadnet_task else "")
 

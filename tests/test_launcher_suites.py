@@ -26,12 +26,14 @@ LAUNCHERS = ["basic", "batched"]
 @pytest.fixture(autouse=True)
 def _hydra_version_base_unset():
     """Hydra's suites expect no version base set; quadnet's in-process tests set 1.3 (a global)."""
-    from hydra.version import VersionBase
+    from hydra import version
 
-    before = VersionBase.instance()
-    VersionBase.set_instance(VersionBase())
+    base = version.VersionBase.instance()
+    before, base.version_base = base.version_base, version._UNSPECIFIED_
     yield
-    VersionBase.set_instance(before)
+    base.version_base = before
+
+
 QUIET = ["hydra/hydra_logging=disabled", "hydra/job_logging=disabled"]
 
 

@@ -393,20 +393,17 @@ def test_hydra_plugins_stays_a_namespace_package():
     assert not (ROOT / "hydra_plugins" / "__init__.py").exists()
 
 
-def test_the_sweep_benchmark_reads_the_launchers_timing_line():
-    from quadnet.sweep import TIMING_LINE
-    from quadnet.sweepbench import _phases
-
-    line = TIMING_LINE % (256, 0.3, 8.0, 1.8)
-    phases = _phases(f"[HYDRA] {line}\n", total=15.0)
-    assert phases == pytest.approx({"startup_and_sweeper_s": 4.9, "compose_s": 0.3, "train_s": 8.0, "write_s": 1.8})
-    with pytest.raises(SystemExit, match="timing line"):
-        _phases("no such line", total=1.0)
-
-
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_keeps_every_job_and_the_sweep_resumes_as_one_batch(sig, code, tmp_path):
-    sweep = ["-m", "hydra/launcher=batched", "seed=0,1,2", "hidden_dim=5,9", "lr=0.01", "log_every=500", "checkpoint_every=500"]
+    sweep = [
+        "-m",
+        "hydra/launcher=batched",
+        "seed=0,1,2",
+        "hidden_dim=5,9",
+        "lr=0.01",
+        "log_every=500",
+        "checkpoint_every=500",
+    ]
     p = subprocess.Popen(
         [sys.executable, "-m", "quadnet.train", *sweep, "epochs=1000000", f"hydra.sweep.dir={tmp_path}/s"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -453,3 +450,25 @@ def test_a_big_sweep_prints_a_summary_and_a_progress_bar_instead_of_lines_per_jo
     out = r.stdout + r.stderr
     assert "run dir:" not in out and "#19 :" not in out  # no line per job
     assert "20 jobs: 20 completed" in out and "20 jobs" in out and "epoch/s" in out  # the summary, and tqdm's bar
+
+
+def test_a_second_sweep_into_the_same_dir_is_refused_while_the_first_runs(tmp_path):
+    sweep = ["-m", "hydra/launcher=batched", "seed=0,1", f"hydra.sweep.dir={tmp_path}/s"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "quadnet.train", *sweep, "epochs=1000000", "log_every=1000"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "s" / ".lock").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        r = run_cli(*sweep, "epochs=10", cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.startswith("error: another sweep is writing into"), r.stderr
+        assert r.stderr.count("\n") == 1 and not (tmp_path / "s" / "0" / "summary.json").exists()
+    finally:
+        first.kill()
+        first.wait()
+    _sweep(tmp_path, "s", *sweep[1:3], "epochs=10")  # the lock died with its process

@@ -17,7 +17,7 @@ from quadnet.config import DataConfig
 from quadnet.data import make_dataset
 from quadnet.model import initial_params
 from quadnet.predict import Model, load, main
-from quadnet.reference import NumpyEngine, forward, softmax, softmax_loss
+from quadnet.reference import forward, loss_and_grads, sgd_update, softmax, softmax_loss
 
 TRAIN_HEADER = "point  predicted  p(predicted)  true"  # train's table of test points
 
@@ -26,14 +26,12 @@ def training(data_name="seed", epochs=1000, every=100, frames=50, lr=0.001):
     """(data, history, frames) of a NumPy-engine run: a history row every `every` epochs and
     about `frames` (epoch, params) snapshots, as the core hands them to the plots."""
     data = make_dataset(DataConfig(name=data_name, n_train=256, n_test=256))
-    engine = NumpyEngine(
-        initial_params(50, 1, "normal"), data.x_train, data.y_train, lr=lr, reg=1e-3, momentum=0.0, dtype="float64"
-    )
+    p = initial_params(50, 1, "normal")
     history, snaps = [], []
     for epoch in range(0, epochs + 1, every):
-        if epoch:
-            engine.train_steps(every, lambda: False)
-        p = engine.numpy_params()
+        for _ in range(every if epoch else 0):
+            sgd_update(p, loss_and_grads(p, data.x_train, data.y_train, 1e-3)[1], {}, {"lr": lr}, 0)
+        p = {k: v.copy() for k, v in p.items()}
         row = {"epoch": float(epoch)}
         for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
             scores, _ = forward(p, x)
@@ -208,7 +206,9 @@ def test_a_diverged_or_non_finite_model_is_refused_in_one_line(runs, tmp_path, c
     assert code == 2 and err.count("\n") == 1 and "cannot predict: its status is diverged at epoch" in err
     params = checkpoint.load(done / "model.pt")["params"]
     params["W2"][0, 0] = math.nan
-    checkpoint.save(tmp_path / "nan.pt", params=params, momentum=None, epoch=5, config={}, status="completed")
+    checkpoint.save(
+        tmp_path / "nan.pt", checkpoint.payload({"params": params}, epoch=5, config={}, status="completed", history=[])
+    )
     code, _, err = _predict(capsys, tmp_path / "nan.pt", "1,1")
     assert code == 2 and "with non-finite W2" in err and err.count("\n") == 1
     with pytest.raises(checkpoint.CheckpointError, match="non-finite"):
@@ -221,7 +221,10 @@ def test_a_run_dir_uses_its_completed_model_before_a_newer_checkpoint(runs, tmp_
     for name in ("model.pt", "checkpoint.pt"):
         (run / name).write_bytes((runs[1] / name).read_bytes())
     params = {k: v + 1 for k, v in checkpoint.load(run / "model.pt")["params"].items()}
-    checkpoint.save(run / "checkpoint.pt", params=params, momentum=None, epoch=300, config={}, status="interrupted")
+    checkpoint.save(
+        run / "checkpoint.pt",
+        checkpoint.payload({"params": params}, epoch=300, config={}, status="interrupted", history=[]),
+    )
     assert load(run).path == str(run / "model.pt")
     (run / "model.pt").unlink()
     code, out, _ = _predict(capsys, run, "1,1")
