@@ -211,10 +211,18 @@ def config_dir() -> str:
 
 
 def register_configs() -> None:
-    """Store the schema that ``configs/train.yaml`` builds on (idempotent)."""
+    """Store the schema that ``configs/train.yaml`` builds on (once: Hydra 1.4 warns of a second)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="quadnet_schema", node=TrainConfig)
+    if "quadnet_schema.yaml" not in ConfigStore.instance().list(""):
+        ConfigStore.instance().store(name="quadnet_schema", node=TrainConfig)
+
+
+def version_base() -> dict[str, str]:
+    """Hydra 1.3 needs version_base="1.3" for today's defaults; 1.4 has them and deprecates the argument."""
+    import hydra
+
+    return {} if tuple(int(p) for p in hydra.__version__.split(".")[:2]) >= (1, 4) else {"version_base": "1.3"}
 
 
 def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
@@ -226,9 +234,9 @@ def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
     register_configs()
     where = config_dir()
     init = (
-        initialize_config_module("quadnet.configs", version_base="1.3")
+        initialize_config_module("quadnet.configs", **version_base())
         if where.startswith("pkg://")
-        else initialize_config_dir(where, version_base="1.3")
+        else initialize_config_dir(where, **version_base())
     )
     with init:
         return hydra_compose(config_name="train", overrides=overrides, return_hydra_config=with_hydra)

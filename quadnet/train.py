@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from quadnet import checkpoint
 from quadnet.cli import fail, friendly_errors
-from quadnet.config import ConfigError, TrainConfig, config_dir, register_configs, validate
+from quadnet.config import ConfigError, TrainConfig, config_dir, register_configs, validate, version_base
 
 log = logging.getLogger("quadnet")
 
@@ -228,7 +228,7 @@ def main() -> None:
         return
     register_configs()
     with friendly_errors():  # (hydra.main applied here: at import it would set Hydra's version base for every app)
-        hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(task)()
+        hydra.main(config_path=config_dir(), config_name="train", **version_base())(task)()
 
 
 if __name__ == "__main__":
