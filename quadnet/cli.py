@@ -27,7 +27,7 @@ def one_line(ex: BaseException) -> str:
         ValidationError,
     )
 
-    from quadnet.config import allowed_keys, expected_type
+    from quadnet.config import allowed_keys, expected_type, version_base
 
     cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else None
     if isinstance(ex, MissingConfigException) and ex.options is not None and ex.missing_cfg_file:
@@ -36,6 +36,11 @@ def one_line(ex: BaseException) -> str:
     err = cause or ex
     key = getattr(err, "full_key", None) or getattr(err, "key", None)
     if isinstance(err, ConfigKeyError | ConfigAttributeError) and key:
+        if str(key).startswith("hydra.sweeper.sampler.") and not version_base():  # Hydra 1.4
+            return (
+                "hydra-optuna-sweeper does not work with Hydra 1.4 yet (its sampler config is never instantiated); "
+                "run Optuna searches with hydra-core 1.3"
+            )
         if str(key).startswith("hydra."):  # Hydra's own keys: too many to list
             return f"unknown config key '{key}'; add it with '+{key}=…', or see Hydra's keys with --cfg hydra"
         return f"unknown config key '{key}'; allowed keys: {', '.join(allowed_keys())}"

@@ -97,8 +97,9 @@ class FastSweepLoader:
             return self._loader.load_sweep_config(master_config, sweep_overrides)
         with open_dict(cfg.hydra):
             cfg.hydra.overrides.task = list(sweep_overrides)
-            d = cfg.hydra.job.config.override_dirname  # as Hydra builds hydra.job.override_dirname
-            lines = sorted(o.input_line for o in parsed if o.key_or_group not in d.exclude_keys)
-            cfg.hydra.job.override_dirname = d.item_sep.join(lines).replace("=", d.kv_sep)
+            if not OmegaConf.is_interpolation(cfg.hydra.job, "override_dirname"):  # 1.4 resolves it lazily
+                d = cfg.hydra.job.config.override_dirname  # as Hydra 1.3 builds hydra.job.override_dirname
+                lines = sorted(o.input_line for o in parsed if o.key_or_group not in d.exclude_keys)
+                cfg.hydra.job.override_dirname = d.item_sep.join(lines).replace("=", d.kv_sep)
         OmegaConf.copy_cache(from_config=master_config, to_config=cfg)
         return cfg

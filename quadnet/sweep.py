@@ -349,7 +349,7 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     for idx, overrides in enumerate(job_overrides, initial_job_idx):
         job_config = ctx.config_loader.load_sweep_config(config, list(overrides))
         with open_dict(job_config):
-            job_config.hydra.job.id = job_config.hydra.job.num = idx
+            job_config.hydra.job.id, job_config.hydra.job.num = str(idx), idx
         jobs.append(Job(idx, job_config))
         log.log(
             logging.INFO if len(job_overrides) <= CHATTY else logging.DEBUG,
