@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import platform
 import re
 import subprocess
@@ -194,41 +193,17 @@ def bench_sweep(jobs: int, sample: int, device: str, n_busy: int) -> dict[str, A
         "basic_per_job_s": basic,
         "batched_s": tb,
         "batched_per_job_s": tb / jobs,
-        "phases": phases,
-        "ratio_per_job": basic / (tb / jobs),
+        **phases,
+        "batched_faster_per_job": basic / (tb / jobs),
     }
 
 
-def _print(what: str, r: Any, m: dict[str, Any]) -> None:
-    print(
-        f"machine: {m['cpu']}, {m['cpus']} usable cpus, python {m['python']}, torch {m['torch']}, numpy {m['numpy']}, cuda: {m['cuda'] or 'none'}"
-    )
-    if what == "single":
-        print(f"{'variant':<42} {'s per 10k steps':>15} {'× numpy':>8}")
-        for row in r:
-            print(f"{row['variant']:<42} {row['best_s_per_10k']:>15.3f} {row['ratio_to_numpy']:>8.2f}")
-    elif what == "step":
-        print(
-            f"{'jobs':>6} {'fused ms/job':>13} {'autograd ms/job':>16} {'autograd / fused':>17}   (per 10,000 steps, 1 thread)"
-        )
-        for row in r:
-            print(
-                f"{row['jobs']:>6} {row['fused_ms_per_job']:>13.1f} {row['autograd_ms_per_job']:>16.1f} {row['autograd_over_fused']:>17.2f}"
-            )
-    elif what == "startup":
-        print(
-            f"import torch {r['import_torch_s']:.2f} s; python -m quadnet.train epochs=0 {r['train_epochs0_s']:.2f} s; overhead {r['overhead_s']:.2f} s"
-        )
-    else:
-        p = r["phases"]
-        print(f"sweep of {r['jobs']} default jobs, device={r['device']}, {r['busy']} busy processes beside it")
-        print(
-            f"  basic launcher {r['basic_per_job_s']:.3f} s per job; batched {r['batched_per_job_s']:.4f} s per job ({r['batched_s']:.1f} s in all)"
-        )
-        print(
-            f"    batched: start-up and the sweeper's checks {p['startup_and_sweeper_s']:.1f} s, composing {p['compose_s']:.1f} s, training {p['train_s']:.1f} s, writing {p['write_s']:.1f} s"
-        )
-        print(f"  batched is {r['ratio_per_job']:.1f}× faster per job")
+def _table(rows: list[dict[str, Any]]) -> None:
+    """Rows of figures as an aligned table, one column per key."""
+    cells = [list(rows[0])] + [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+    for line in cells:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))))
 
 
 @closed_pipe_ok()
@@ -277,10 +252,12 @@ def main(argv: list[str] | None = None) -> None:
         result = bench_startup(args.repeat)
     else:
         result = bench_sweep(args.jobs, args.sample, args.device, args.busy)
+    rows = result if isinstance(result, list) else [result]
     if args.json:
-        print(json.dumps({"benchmark": args.what, "machine": machine(), "result": result}, indent=2))
-    else:
-        _print(args.what, result, machine())
+        print(json.dumps({"benchmark": args.what, "machine": machine(), "rows": rows}, indent=2))
+        return
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
+    _table(rows)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,13 @@ def payload(
     }
 
 
+def of(job: Any, status: str) -> dict[str, Any]:
+    """The payload of a job of the training loop (:class:`quadnet.loop.Job`) as it stands."""
+    from quadnet.config import to_dict
+
+    return payload(job.state, epoch=job.epoch, config=to_dict(job.cfg), status=status, history=job.history)
+
+
 def save(path: Path, obj: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 

@@ -187,18 +187,21 @@ def expected_type(key: str) -> str | None:
 
 
 def help_text() -> str:
-    """Each key with its default and meaning, read from the comments above (one definition)."""
-    lines, prefix = [], ""
+    """``--help``: each key with its default and meaning, read from the comments above (one definition)."""
+    keys: dict[str, list[str]] = {"": [], "data.": []}
+    prefix = ""
     for line in Path(__file__).read_text().splitlines():
-        if line.startswith("class TrainConfig"):
-            prefix = ""
-        elif line.startswith("class DataConfig"):
-            prefix = "data."
+        prefix = {"class TrainConfig:": "", "class DataConfig:": "data."}.get(line, prefix)
         m = re.fullmatch(r"    (\w+): [^=]+= (.+?)  # (.+)", line)
         if m and m[1] != "data":
-            default = re.sub(r"^None$", "null", m[2]).strip('"')
-            lines.append(f"  {prefix + m[1] + '=' + default:<26} {m[3]}")
-    return "\n".join(sorted(lines, key=lambda s: s.strip().startswith("data.")))
+            default = {"None": "null", "True": "true", "False": "false"}.get(m[2], m[2].strip('"'))
+            keys[prefix].append(f"  {prefix + m[1] + '=' + default:<26} {m[3]}")
+    lines = ["usage: python -m quadnet.train [key=value ...]   (a sweep: -m key=a,b,c ...)", "", "keys:"]
+    lines += keys[""] + keys["data."]
+    groups = "data=seed|sampled|csv  hydra/launcher=batched|basic|joblib|submitit_local|slurm  +hparams_search=optuna"
+    return "\n".join(
+        [*lines, "", f"config groups: {groups}  +experiment=epochs_study", "Hydra's own options: --hydra-help"]
+    )
 
 
 # --------------------------------------------------------------------------- Hydra glue

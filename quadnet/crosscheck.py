@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = validate(compose(args.overrides))
     print(
         f"cross-check: {cfg.epochs} epochs, hidden_dim={cfg.hidden_dim}, lr={cfg.lr:g}, reg={cfg.reg:g}, "
-        f"momentum={cfg.momentum:g}, {cfg.optimizer}, init={cfg.init}, data={cfg.data.name}, float64; tolerance {args.tol:g}"
+        f"momentum={cfg.momentum:g}, {cfg.optimizer}, init={cfg.init}, data={cfg.data.name}, float64; "
+        f"tolerance {args.tol:g}"
     )
     r = check(cfg)
     worst = 0.0

@@ -118,7 +118,7 @@ def write(
         "predictions": artifacts.prediction_rows(data.x_test, probs),
         "config": to_dict(cfg),
     }
-    ckpt = checkpoint.payload(job.state, epoch=job.epoch, config=to_dict(cfg), status=job.status, history=job.history)
+    ckpt = checkpoint.of(job, job.status)
     checkpoint.save(run_dir / checkpoint.CHECKPOINT, ckpt)
     artifacts.write_metrics(run_dir / "metrics.csv", job.history)
     artifacts.write_json(run_dir / "summary.json", summary)
@@ -172,9 +172,10 @@ def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -
     def num(v: float | None, pct: bool = False) -> str:
         return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%" if pct else f"{v:.6g}"
 
+    accuracy = f"train accuracy {num(s['train_accuracy'], True)}   test accuracy {num(s['test_accuracy'], True)}"
     lines.append(
-        f"status {s['status']} at epoch {s['epoch']}/{s['epochs']}   train accuracy {num(s['train_accuracy'], True)}   "
-        f"test accuracy {num(s['test_accuracy'], True)}   final loss {num(s['final_loss'])}   train_seconds {s['train_seconds']:.3f}"
+        f"status {s['status']} at epoch {s['epoch']}/{s['epochs']}   {accuracy}   final loss {num(s['final_loss'])}"
     )
+    lines[-1] += f"   train_seconds {s['train_seconds']:.3f}"
     lines.append(f"run dir: {s['run_dir']}")
     log.log(level, "\n".join(lines))

@@ -113,12 +113,7 @@ def train_chunk(
         return e
 
     def save(js: list[loop.Job]) -> None:
-        states = {
-            j.name: checkpoint.payload(
-                j.state, epoch=j.epoch, config=to_dict(j.cfg), status="running", history=j.history
-            )
-            for j in js
-        }
+        states = {j.name: checkpoint.of(j, "running") for j in js}
         (save_dir / BATCHES).mkdir(exist_ok=True)  # type: ignore[operator]
         checkpoint.save(save_dir / BATCHES / f"{js[0].name}.pt", {"format": checkpoint.BATCH, "jobs": states})  # type: ignore[operator]
 

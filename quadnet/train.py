@@ -106,12 +106,10 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
         c.data.name, c.hidden_dim, c.epochs, c.engine, f"/{c.step}" if c.engine == "torch" else "",
         c.optimizer, describe(device), c.dtype, f"; resuming at epoch {job.epoch}" if job.epoch else "",
     )  # fmt: skip
-    save = lambda jobs: checkpoint.save(
-        out / checkpoint.CHECKPOINT,
-        checkpoint.payload(
-            jobs[0].state, epoch=jobs[0].epoch, config=dataclasses.asdict(c), status="running", history=jobs[0].history
-        ),
-    )  # noqa: E731
+
+    def save(jobs: list[loop.Job]) -> None:
+        checkpoint.save(out / checkpoint.CHECKPOINT, checkpoint.of(jobs[0], "running"))
+
     with loop.threads(c.threads), loop.catch_signals() as stop:
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -216,15 +214,11 @@ def task(cfg: DictConfig) -> float:
 
 def main() -> None:
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        from quadnet.cli import closed_pipe_ok
         from quadnet.config import help_text
 
-        print(
-            f"usage: python -m quadnet.train [key=value ...] [-m key=a,b ...]\n\nkeys (default, meaning):\n{help_text()}"
-        )
-        print(
-            "\nconfig groups: data=seed|sampled|csv, hydra/launcher=batched|basic|joblib|submitit_local|slurm, +hparams_search=optuna, +experiment=epochs_study"
-        )
-        print("Hydra's own options: --hydra-help")
+        with closed_pipe_ok():
+            print(help_text())
         return
     register_configs()
     with friendly_errors():  # (hydra.main applied here: at import it would set Hydra's version base for every app)

@@ -80,7 +80,7 @@ def test_a_batch_equals_each_job_alone():
 def test_divergence_is_found_at_the_same_step_by_every_engine():
     results = {}
     for name, extra in {"fused": [], "autograd": ["step=autograd"], "numpy": ["engine=numpy"]}.items():
-        (done, first), _, _ = _run([make_cfg("lr=1e6", *extra)], steps=1000)
+        (_, first), _, _ = _run([make_cfg("lr=1e6", *extra)], steps=1000)
         results[name] = first[0]
     assert len(set(results.values())) == 1 and 0 <= results["fused"] < 1000, results
 

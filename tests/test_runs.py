@@ -81,7 +81,7 @@ def test_checkpoints_are_written_periodically_and_atomically(tmp_path, monkeypat
         raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match="cannot write .*PytorchStreamWriter failed"):
+    with pytest.raises(OSError, match=r"cannot write .*PytorchStreamWriter failed"):
         real_save(tmp_path / "checkpoint.pt", {"format": "x"})
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
@@ -105,12 +105,15 @@ def test_old_checkpoints_still_load_and_resume(tmp_path):
     """quadnet-checkpoint/1: nn.Linear's (out, in) layout and a single `momentum` slot."""
     train(make_cfg("epochs=200", "momentum=0.9", "lr=0.01", "checkpoint_every=0"), run_dir=tmp_path / "new")
     ck = checkpoint.load(tmp_path / "new")
-    linear = lambda p: {
-        "fc1.weight": torch.tensor(p["W1"].T),
-        "fc1.bias": torch.tensor(p["b1"]),
-        "fc2.weight": torch.tensor(p["W2"].T),
-        "fc2.bias": torch.tensor(p["b2"]),
-    }  # noqa: E731
+
+    def linear(p):
+        return {
+            "fc1.weight": torch.tensor(p["W1"].T),
+            "fc1.bias": torch.tensor(p["b1"]),
+            "fc2.weight": torch.tensor(p["W2"].T),
+            "fc2.bias": torch.tensor(p["b2"]),
+        }
+
     old = {
         "format": "quadnet-checkpoint/1",
         "model": linear(ck["params"]),

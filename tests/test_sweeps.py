@@ -15,9 +15,9 @@ import torch
 from conftest import ROOT, make_cfg, run_cli
 from quadnet import checkpoint, loop, rundir
 from quadnet.artifacts import read_metrics
+from quadnet.config import version_base
 from quadnet.data import make_dataset
 from quadnet.sweep import train_chunk
-from quadnet.config import version_base
 from quadnet.train import start_state, train
 
 MIXED = [  # seeds, lrs, regs, epochs, hidden_dims, momentum and init all differ
@@ -118,8 +118,9 @@ def test_a_failing_job_inside_a_batch_keeps_the_others(tmp_path):
             key = (s["config"] or {}).get("hidden_dim", s.get("error", "")[:12]), (s["config"] or {}).get("lr")
             statuses[key] = s["status"]
     assert statuses == {
-        (4, 0.1): "completed", (8, 0.1): "completed", (4, 1e6): "diverged", (8, 1e6): "diverged", ("hidden_dim=0", None): "failed"
-    }  # fmt: skip
+        **{(4, 0.1): "completed", (8, 0.1): "completed", (4, 1e6): "diverged", (8, 1e6): "diverged"},
+        ("hidden_dim=0", None): "failed",
+    }
 
 
 def test_a_job_that_fails_in_training_is_taken_out_and_the_rest_train_on(tmp_path, monkeypatch):
