@@ -108,6 +108,32 @@ def fit(
     bar(0, 0, epoch, close=True)
 
 
+def train_batch(jobs: list[Job], device: Any, stop: Callable[[], bool] = lambda: False, save: Any = None) -> Any:
+    """Jobs of one group through :func:`fit` on a device (a torch.device or its name): the device
+    as summaries record it, the jobs and the seconds; or, for a device that is not there, the
+    ConfigError itself (what a submitit job runs where it lands; the error comes back whole)."""
+    import time
+
+    import torch
+
+    from quadnet.config import ConfigError
+    from quadnet.data import make_dataset
+    from quadnet.device import describe, resolve_device
+    from quadnet.engine import build
+
+    try:
+        device = device if isinstance(device, torch.device) else resolve_device(device)
+    except ConfigError as e:
+        return e
+    engine, device = build([j.cfg for j in jobs], make_dataset(jobs[0].cfg.data), [j.state for j in jobs], device)
+    t0 = time.perf_counter()
+    with threads(jobs[0].cfg.threads):
+        fit(engine, jobs, stop, save)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return describe(device), jobs, time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------------- what surrounds the loop
 
 

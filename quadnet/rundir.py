@@ -22,7 +22,7 @@ import numpy as np
 
 from quadnet import artifacts, checkpoint
 from quadnet.config import ConfigError, TrainConfig, to_dict
-from quadnet.data import Dataset
+from quadnet.data import make_dataset
 from quadnet.loop import Job
 from quadnet.reference import forward, softmax
 
@@ -86,14 +86,13 @@ def title(cfg: TrainConfig, epoch: int) -> str:
 def write(
     run_dir: Path,
     job: Job,
-    data: Dataset,
     device: str,
     train_seconds: float,
     stop_signal: int | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a finished job's dir; return its summary."""
-    cfg, run_dir = job.cfg, Path(run_dir)
+    cfg, run_dir, data = job.cfg, Path(run_dir), make_dataset(job.cfg.data)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = job.history[-1]
     params = job.state["params"]

@@ -38,8 +38,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from quadnet import checkpoint, loop, rundir
 from quadnet.config import ConfigError, TrainConfig, to_dict, validate
 from quadnet.data import make_dataset
-from quadnet.device import describe, resolve_device
-from quadnet.engine import build
 
 log = logging.getLogger(__name__)
 
@@ -101,29 +99,15 @@ def _batch_checkpoints(sweep_dir: Path) -> dict[str, Any]:
     return out
 
 
-def train_chunk(
-    jobs: list[loop.Job], device: str, stop: Callable[[], bool] = lambda: False, save_dir: Path | None = None
-) -> Any:
-    """One batch through the loop: (the device as summaries record it, the jobs, the seconds).
-    Also what a submitit job runs where it lands: a device that is not there comes back as
-    the ConfigError itself. While it trains, its checkpoints go to one file in save_dir/.batches."""
-    try:
-        dev = resolve_device(device)
-    except ConfigError as e:
-        return e
+def _saver(sweep_dir: Path) -> Callable[[list[loop.Job]], None]:
+    """While a batch trains, its checkpoints go to one file: {job dir name: its state}."""
 
-    def save(js: list[loop.Job]) -> None:
-        states = {j.name: checkpoint.of(j, "running") for j in js}
-        (save_dir / BATCHES).mkdir(exist_ok=True)  # type: ignore[operator]
-        checkpoint.save(save_dir / BATCHES / f"{js[0].name}.pt", {"format": checkpoint.BATCH, "jobs": states})  # type: ignore[operator]
+    def save(jobs: list[loop.Job]) -> None:
+        (sweep_dir / BATCHES).mkdir(exist_ok=True)
+        states = {j.name: checkpoint.of(j, "running") for j in jobs}
+        checkpoint.save(sweep_dir / BATCHES / f"{jobs[0].name}.pt", {"format": checkpoint.BATCH, "jobs": states})
 
-    engine, dev = build([j.cfg for j in jobs], make_dataset(jobs[0].cfg.data), [j.state for j in jobs], dev)
-    t0 = time.perf_counter()
-    with loop.threads(jobs[0].cfg.threads):
-        loop.fit(engine, jobs, stop, save if save_dir else None)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return describe(dev), jobs, time.perf_counter() - t0
+    return save
 
 
 def _chunks(groups: list[list[Job]], max_batch: int) -> list[list[Job]]:
@@ -157,7 +141,7 @@ def train_here(groups: list[list[Job]], max_batch: int, stop: Callable[[], bool]
         chunk = todo.pop(0)
         starts = [dataclasses.replace(j.start, history=list(j.start.history), name=j.dir.name) for j in chunk]  # type: ignore
         try:
-            _done(chunk, train_chunk(starts, chunk[0].cfg.device, stop, sweep_dir))  # type: ignore[union-attr]
+            _done(chunk, loop.train_batch(starts, chunk[0].cfg.device, stop, _saver(sweep_dir)))  # type: ignore
         except Exception as e:
             if len(chunk) > 1:
                 todo[:0] = [chunk[: len(chunk) // 2], chunk[len(chunk) // 2 :]]
@@ -176,7 +160,7 @@ def train_submitit(
     ex.update_parameters(**params)
     chunks = _chunks(groups, max_batch)
     with ex.batch():
-        futures = [ex.submit(train_chunk, [j.start for j in c], c[0].cfg.device) for c in chunks]  # type: ignore
+        futures = [ex.submit(loop.train_batch, [j.start for j in c], c[0].cfg.device) for c in chunks]  # type: ignore
     log.info("Submitted %d batched program(s) to submitit (%s) in %s", len(chunks), executor, folder)
     for chunk, future in zip(chunks, futures, strict=True):
         try:
@@ -207,8 +191,7 @@ def _write(job: Job, stop_signal: int | None, n_jobs: int) -> Any:
         rundir.write_failed(out, job.error or "not trained", job.cfg and to_dict(job.cfg))
         raise ConfigError(job.error or "not trained")
     seconds = job.batch["seconds"] / job.batch["jobs"]  # train_seconds: its share of its batch's time
-    data = make_dataset(job.result.cfg.data)
-    summary = rundir.write(out, job.result, data, job.device, seconds, stop_signal, {"batch": job.batch})
+    summary = rundir.write(out, job.result, job.device, seconds, stop_signal, {"batch": job.batch})
     return conclude(summary, single_run=False, exit=False, quiet=n_jobs > CHATTY)
 
 

@@ -14,7 +14,6 @@ import shlex
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,41 +34,49 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _explicit_keys(cfg: Any, resolved: dict[str, Any]) -> set[str]:
-    """The keys the user set: a dict's own keys; in Hydra, the command line's; else those not at their default."""
+def _explicit(cfg: Any, c: TrainConfig) -> dict[str, Any]:
+    """The keys the user set, with their values: in Hydra the command line's, from a dict its
+    own, else those not at their default."""
     from hydra.core.hydra_config import HydraConfig
 
-    if isinstance(cfg, dict):
-        return set(_flatten(cfg))
+    flat = _flatten(dataclasses.asdict(c))
     if isinstance(cfg, DictConfig) and HydraConfig.initialized():
         keys = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-        return {"data.name" if k == "data" else k for k in keys}
-    defaults = _flatten(dataclasses.asdict(TrainConfig()))
-    return {k for k, v in _flatten(resolved).items() if defaults.get(k, object()) != v}
+        keys = {"data.name" if k == "data" else k for k in keys}
+    elif isinstance(cfg, dict):
+        keys = set(_flatten(cfg))
+    else:
+        keys = {k for k, v in _flatten(dataclasses.asdict(TrainConfig())).items() if flat[k] != v}
+    return {k: flat[k] for k in sorted(keys & set(flat))}
 
 
-def resume_config(cfg: Any, c: TrainConfig, ckpt: dict[str, Any]) -> TrainConfig:
-    """The checkpoint's config with the keys the user set now on top; its shape and data stay."""
-    resolved = dataclasses.asdict(c)
-    merged = OmegaConf.create(ckpt["config"])
-    flat = _flatten(resolved)
-    for key in sorted(_explicit_keys(cfg, resolved) & set(flat)):
-        OmegaConf.update(merged, key, flat[key])
+def start(cfg: Any, c: TrainConfig) -> Any:
+    """Where a run starts: afresh, or (resume=) from a checkpoint's state and config, with the keys
+    the user set now on top; its shape, data and optimizer stay."""
+    from quadnet.loop import Job
+
+    if not c.resume:
+        return Job(c, start_state(c))
+    ck = checkpoint.load(c.resume)
+    merged = OmegaConf.create(ck["config"])
+    for key, value in _explicit(cfg, c).items():
+        OmegaConf.update(merged, key, value)
     new = validate(OmegaConf.to_container(merged))  # type: ignore[arg-type]
     for key in ("hidden_dim", "data", "optimizer"):
-        if getattr(new, key) != getattr(ckpt["cfg"], key):
+        if getattr(new, key) != getattr(ck["cfg"], key):
             raise ConfigError(
-                f"cannot resume {ckpt['path']!r} with {key}={getattr(new, key)!r}: it was trained with "
-                f"{key}={getattr(ckpt['cfg'], key)!r}, and a run cannot change its shape, data or optimizer"
+                f"cannot resume {ck['path']!r} with {key}={getattr(new, key)!r}: it was trained with "
+                f"{key}={getattr(ck['cfg'], key)!r}, and a run cannot change its shape, data or optimizer"
             )
-    if ckpt["epoch"] > new.epochs:
+    if ck["epoch"] > new.epochs:
         raise ConfigError(
-            f"epochs={new.epochs} is below the checkpoint's epoch {ckpt['epoch']}; resume continues to a later epoch"
+            f"epochs={new.epochs} is below the checkpoint's epoch {ck['epoch']}; resume goes on from there"
         )
-    return new
+    return Job(new, ck["state"], ck["epoch"], [r for r in ck["history"] if r["epoch"] <= ck["epoch"]])
 
 
 def start_state(c: TrainConfig) -> dict[str, Any]:
+    """A fresh job's state: its initial weights, no optimizer buffers yet, step 0."""
     from quadnet.model import initial_params
 
     return {"params": initial_params(c.hidden_dim, c.seed, c.init), "optimizer": {}, "step": 0}
@@ -82,40 +89,30 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
     for bad input before anything is trained.
     """
     from quadnet import loop, rundir
-    from quadnet.data import make_dataset
-    from quadnet.device import describe
-    from quadnet.engine import build
+    from quadnet.device import describe, resolve_device
 
-    c = validate(cfg)
-    job = loop.Job(c, {})
-    if c.resume:
-        ckpt = checkpoint.load(c.resume)
-        job.cfg = c = resume_config(cfg, c, ckpt)
-        job.state, job.epoch, job.history = (
-            ckpt["state"],
-            ckpt["epoch"],
-            [r for r in ckpt["history"] if r["epoch"] <= ckpt["epoch"]],
-        )
-    else:
-        job.state = start_state(c)
-    out = Path(run_dir) if run_dir is not None else _default_run_dir()
-    data = make_dataset(c.data)
-    engine, device = build([c], data, [job.state])
+    job = start(cfg, validate(cfg))
+    c, out = job.cfg, Path(run_dir) if run_dir is not None else _default_run_dir()
+    device = resolve_device(c.device if c.engine == "torch" else "cpu")
+    what = f"{c.data.name} data, hidden_dim={c.hidden_dim}, {c.epochs} epochs, {c.engine} engine"
+    resumed = f"; resuming at epoch {job.epoch}" if job.epoch else ""
     log.info(
-        "quadnet: %s data, hidden_dim=%d, %d epochs, %s engine%s, %s on %s (%s)%s",
-        c.data.name, c.hidden_dim, c.epochs, c.engine, f"/{c.step}" if c.engine == "torch" else "",
-        c.optimizer, describe(device), c.dtype, f"; resuming at epoch {job.epoch}" if job.epoch else "",
-    )  # fmt: skip
+        "quadnet: %s%s, %s on %s (%s)%s",
+        what,
+        f"/{c.step}" * (c.engine == "torch"),
+        c.optimizer,
+        describe(device),
+        c.dtype,
+        resumed,
+    )
 
     def save(jobs: list[loop.Job]) -> None:
         checkpoint.save(out / checkpoint.CHECKPOINT, checkpoint.of(jobs[0], "running"))
 
-    with loop.threads(c.threads), loop.catch_signals() as stop:
+    with loop.catch_signals() as stop:  # up until the run dir is complete
         out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        loop.fit(engine, [job], stop, save)
-        seconds = time.perf_counter() - t0
-        return rundir.write(out, job, data, describe(device), seconds, stop.signal)
+        label, _, seconds = loop.train_batch([job], device, stop, save)
+        return rundir.write(out, job, label, seconds, stop.signal)
 
 
 def _default_run_dir() -> Path:

@@ -16,8 +16,6 @@ from conftest import ROOT, make_cfg, run_cli
 from quadnet import checkpoint, loop, rundir
 from quadnet.artifacts import read_metrics
 from quadnet.config import version_base
-from quadnet.data import make_dataset
-from quadnet.sweep import train_chunk
 from quadnet.train import start_state, train
 
 MIXED = [  # seeds, lrs, regs, epochs, hidden_dims, momentum and init all differ
@@ -43,11 +41,10 @@ def _sweep(tmp_path, name, *overrides):
 
 def _batch(cfgs, tmp_path=None, device="cpu"):
     """Train configs as one batch, as the launcher does; write each job's dir under tmp_path/bat<i>."""
-    label, jobs, seconds = train_chunk([loop.Job(c, start_state(c)) for c in cfgs], device)
+    label, jobs, seconds = loop.train_batch([loop.Job(c, start_state(c)) for c in cfgs], device)
     if tmp_path is None:
         return jobs
-    data = make_dataset(cfgs[0].data)
-    return [rundir.write(tmp_path / f"bat{i}", j, data, label, seconds) for i, j in enumerate(jobs)]
+    return [rundir.write(tmp_path / f"bat{i}", j, label, seconds) for i, j in enumerate(jobs)]
 
 
 def _summary(tmp_path, name, n):
@@ -126,16 +123,17 @@ def test_a_failing_job_inside_a_batch_keeps_the_others(tmp_path):
 def test_a_job_that_fails_in_training_is_taken_out_and_the_rest_train_on(tmp_path, monkeypatch):
     """Any exception while a batch is built or trained (here: memory, for the widest net) fails
     that job alone, with a one-line reason; the others equal their own runs."""
+    import quadnet.engine
     import quadnet.sweep as sweep
 
-    real = sweep.build
+    real = quadnet.engine.build
 
     def build(cfgs, *a, **k):
         if any(c.hidden_dim == 13 for c in cfgs):
             raise MemoryError
         return real(cfgs, *a, **k)
 
-    monkeypatch.setattr(sweep, "build", build)
+    monkeypatch.setattr(quadnet.engine, "build", build)
     cfgs = [make_cfg(f"hidden_dim={h}", "epochs=150", f"seed={i}") for i, h in enumerate((4, 13, 6, 9, 5))]
     jobs = [sweep.Job(i, None, cfg=c, start=loop.Job(c, start_state(c))) for i, c in enumerate(cfgs)]
     for j in jobs:
