@@ -18,10 +18,24 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.core.plugins import Plugins
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
 LAUNCHERS = ["basic", "batched"]
 QUIET = ["hydra/hydra_logging=disabled", "hydra/job_logging=disabled"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugins_scanned() -> None:
+    """Scan Hydra's plugins before the first test snapshots Hydra's singletons.
+
+    The suites restore the singletons after each test (``hydra_restore_singletons``). Hydra 1.4
+    imports plugin modules once, so the configs they store on import (hydra/sweeper/basic,
+    hydra/launcher/batched, …) must already be in the first snapshot, or every later test
+    fails with "Could not find 'hydra/sweeper/basic'". (Hydra 1.3 re-ran the modules on each
+    scan. Hydra's own plugin tests get the scan from a test_discovery that runs first.)
+    """
+    Plugins.instance()
 
 
 def test_batched_launcher_is_discovered_from_any_directory(tmp_path: Path) -> None:
