@@ -33,22 +33,13 @@ def machine() -> dict[str, Any]:
 
     from quadnet.loop import usable_cpus
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo() if ln.startswith("model name")), platform.machine())
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "cpu": cpu,
-        "cpus": usable_cpus(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "cuda": cuda,
-    }
-
-
-def _cpuinfo() -> list[str]:
+    cpuinfo: list[str] = []
     with contextlib.suppress(OSError):
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    return []
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), platform.machine())
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    versions = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__, cuda=cuda)
+    return {"cpu": cpu, "cpus": usable_cpus(), **versions}
 
 
 def bench_single(epochs: int, repeat: int) -> list[dict[str, Any]]:
@@ -68,23 +59,19 @@ def bench_single(epochs: int, repeat: int) -> list[dict[str, Any]]:
         variants |= {
             "torch fused, cuda float64, graph": ["device=cuda"],
             "torch fused, cuda float32, graph": ["device=cuda", "dtype=float32"],
+            "torch fused, cuda float64, eager": ["device=cuda", "cuda_graph=false"],
         }
-        variants["torch fused, cuda float64, eager"] = ["device=cuda", "cuda_graph=false"]
     times: dict[str, list[float]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeat):  # interleaved, so that drift in the machine's load hits every variant alike
             for i, (name, ov) in enumerate(variants.items()):
-                s = train(
-                    compose([*ov, f"epochs={epochs}", "plots=false", "progress=false"]), run_dir=Path(tmp) / f"{r}-{i}"
-                )
-                times[name].append(s["train_seconds"] * 10000 / max(epochs, 1))
+                cfg = compose([*ov, f"epochs={epochs}", "plots=false", "progress=false"])
+                times[name].append(train(cfg, run_dir=Path(tmp) / f"{r}-{i}")["train_seconds"] * 10000 / max(epochs, 1))
     base = min(times["numpy engine (float64)"])
     return [{"variant": k, "best_s_per_10k": min(t), "ratio_to_numpy": min(t) / base} for k, t in times.items()]
 
 
 def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
-    import dataclasses
-
     import torch
 
     from quadnet import engine, loop
@@ -92,43 +79,35 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
     from quadnet.data import make_dataset
     from quadnet.train import start_state
 
+    def ms_per_job(jobs: int, step: str, steps: int) -> float:
+        cfgs = [TrainConfig(seed=s, step=step) for s in range(jobs)]
+        e, _ = engine.build(cfgs, make_dataset(cfgs[0].data), [start_state(c) for c in cfgs], torch.device("cpu"))
+        t0 = time.perf_counter()
+        e.run(steps, lambda: False)
+        return (time.perf_counter() - t0) / steps * 10000 / jobs * 1000
+
     rows = []
     with loop.threads(1):
         for j in sizes:
-            cfgs = [dataclasses.replace(TrainConfig(), seed=s) for s in range(j)]
             steps = max(20, min(2000, 400_000 // j))
-            best = {}
-            for step in ("fused", "autograd"):
-                runs = []
-                for _ in range(repeat):
-                    cs = [dataclasses.replace(c, step=step) for c in cfgs]
-                    e, _ = engine.build(cs, make_dataset(cs[0].data), [start_state(c) for c in cs], torch.device("cpu"))
-                    t0 = time.perf_counter()
-                    e.run(steps, lambda: False)
-                    runs.append((time.perf_counter() - t0) / steps * 10000 / j * 1000)
-                best[step] = min(runs)
+            f, a = (min(ms_per_job(j, step, steps) for _ in range(repeat)) for step in ("fused", "autograd"))
             rows.append(
-                {
-                    "jobs": j,
-                    "steps_timed": steps,
-                    "fused_ms_per_job": best["fused"],
-                    "autograd_ms_per_job": best["autograd"],
-                    "autograd_over_fused": best["autograd"] / best["fused"],
-                }
+                dict(jobs=j, steps_timed=steps, fused_ms_per_job=f, autograd_ms_per_job=a, autograd_over_fused=a / f)
             )
     return rows
 
 
-def bench_startup(repeat: int) -> dict[str, Any]:
-    def timed(cmd: list[str], cwd: str) -> float:
-        t0 = time.perf_counter()
-        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True)
-        return time.perf_counter() - t0
-
+def bench_startup(repeat: int) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
-        bare = min(timed([sys.executable, "-c", "import torch"], tmp) for _ in range(repeat))
-        run = min(timed([sys.executable, "-m", "quadnet.train", "epochs=0"], tmp) for _ in range(repeat))
-    return {"import_torch_s": bare, "train_epochs0_s": run, "overhead_s": run - bare}
+
+        def timed(*args: str) -> float:
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, *args], cwd=tmp, check=True, capture_output=True)
+            return time.perf_counter() - t0
+
+        bare = min(timed("-c", "import torch") for _ in range(repeat))
+        run = min(timed("-m", "quadnet.train", "epochs=0") for _ in range(repeat))
+    return [{"import_torch_s": bare, "train_epochs0_s": run, "overhead_s": run - bare}]
 
 
 @contextlib.contextmanager
@@ -147,28 +126,19 @@ _PHASES = re.compile(r"composed (\d+) jobs in ([\d.]+) s, trained in ([\d.]+) s,
 
 
 def _sweep(n: int, launcher: str, sweep_dir: Path, device: str) -> tuple[float, str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "quadnet.train",
-        "-m",
-        f"seed=range({n})",
-        f"device={device}",
-        f"hydra/launcher={launcher}",
-        f"hydra.sweep.dir={sweep_dir}",
-    ]
+    overrides = [f"seed=range({n})", f"device={device}", f"hydra/launcher={launcher}"]
+    cmd = [sys.executable, "-m", "quadnet.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=sweep_dir.parent)
     seconds = time.perf_counter() - t0
     done = sum(json.loads(p.read_text())["status"] == "completed" for p in sweep_dir.glob("*/summary.json"))
     if r.returncode != 0 or done != n:
-        raise SystemExit(
-            f"error: the {launcher} sweep completed {done} of {n} jobs: {r.stderr.strip().splitlines()[-1:]}"
-        )
+        last = r.stderr.strip().splitlines()[-1:]
+        raise SystemExit(f"error: the {launcher} sweep completed {done} of {n} jobs: {last}")
     return seconds, r.stdout + r.stderr
 
 
-def bench_sweep(jobs: int, sample: int, device: str, n_busy: int) -> dict[str, Any]:
+def bench_sweep(jobs: int, sample: int, device: str, n_busy: int) -> list[dict[str, Any]]:
     """The basic launcher timed on 1 and `sample` jobs (its cost per job extrapolated); the batched on all."""
     sample = max(2, min(sample, jobs))
     with tempfile.TemporaryDirectory() as tmp, busy(n_busy):
@@ -180,22 +150,9 @@ def bench_sweep(jobs: int, sample: int, device: str, n_busy: int) -> dict[str, A
         raise SystemExit("error: the batched launcher's timing line was not in its output (quadnet.sweep.TIMING_LINE)")
     compose, train, write = (sum(float(m[i]) for m in found) for i in (1, 2, 3))
     basic = (tk - t1) / (sample - 1)
-    phases = {
-        "startup_and_sweeper_s": tb - compose - train - write,
-        "compose_s": compose,
-        "train_s": train,
-        "write_s": write,
-    }
-    return {
-        "jobs": jobs,
-        "busy": n_busy,
-        "device": device,
-        "basic_per_job_s": basic,
-        "batched_s": tb,
-        "batched_per_job_s": tb / jobs,
-        **phases,
-        "batched_faster_per_job": basic / (tb / jobs),
-    }
+    head = dict(jobs=jobs, busy=n_busy, device=device, basic_per_job_s=basic, batched_s=tb, batched_per_job_s=tb / jobs)
+    phases = dict(startup_and_sweeper_s=tb - compose - train - write, compose_s=compose, train_s=train, write_s=write)
+    return [{**head, **phases, "batched_faster_per_job": basic / (tb / jobs)}]
 
 
 def _table(rows: list[dict[str, Any]]) -> None:
@@ -222,37 +179,25 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--repeat", type=int, default=3, help="runs of each variant; the best counts")
     sub.choices["single"].add_argument("--epochs", type=int, default=10000)
     sub.choices["step"].add_argument("--jobs", default="1,64,256,4096", help="batch sizes, comma-separated")
-    sub.choices["sweep"].add_argument("--jobs", type=int, default=256)
-    sub.choices["sweep"].add_argument(
-        "--sample", type=int, default=4, help="basic-launcher jobs run (the rest extrapolated)"
-    )
-    sub.choices["sweep"].add_argument("--device", default="auto")
-    sub.choices["sweep"].add_argument("--busy", type=int, default=0, help="CPU-bound processes to run beside it")
+    sweep = sub.choices["sweep"]
+    sweep.add_argument("--jobs", type=int, default=256)
+    sweep.add_argument("--sample", type=int, default=4, help="basic-launcher jobs run (the rest extrapolated)")
+    sweep.add_argument("--device", default="auto")
+    sweep.add_argument("--busy", type=int, default=0, help="CPU-bound processes to run beside it")
     args = parser.parse_args(argv)
+    given = vars(args)
     sizes = [int(j) for j in str(args.jobs).split(",") if j.strip().isdigit()] if args.what == "step" else []
-    if (
-        min(
-            [
-                getattr(args, "repeat", 1),
-                getattr(args, "epochs", 1),
-                getattr(args, "sample", 1),
-                *sizes,
-                *([args.jobs] if args.what == "sweep" else []),
-            ]
-        )
-        < 1
-        or getattr(args, "busy", 0) < 0
-    ):
+    counts = [given.get(k, 1) for k in ("repeat", "epochs", "sample")] + (
+        [args.jobs] if args.what == "sweep" else sizes
+    )
+    if min(counts) < 1 or given.get("busy", 0) < 0:
         parser.error("--repeat, --epochs, --jobs and --sample must be at least 1, --busy at least 0")
-    if args.what == "single":
-        result: Any = bench_single(args.epochs, args.repeat)
-    elif args.what == "step":
-        result = bench_step(sizes, args.repeat)
-    elif args.what == "startup":
-        result = bench_startup(args.repeat)
-    else:
-        result = bench_sweep(args.jobs, args.sample, args.device, args.busy)
-    rows = result if isinstance(result, list) else [result]
+    rows = {
+        "single": lambda: bench_single(args.epochs, args.repeat),
+        "step": lambda: bench_step(sizes, args.repeat),
+        "startup": lambda: bench_startup(args.repeat),
+        "sweep": lambda: bench_sweep(args.jobs, args.sample, args.device, args.busy),
+    }[args.what]()
     if args.json:
         print(json.dumps({"benchmark": args.what, "machine": machine(), "rows": rows}, indent=2))
         return

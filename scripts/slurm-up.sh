@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A single-node SLURM cluster on this machine, from Debian's packages, for the `slurm` tests:
+# A single-node SLURM cluster on this machine, from Debian's packages (slurm-wlm, slurmdbd,
+# munge, mariadb-server; installed when missing), for the `slurm` tests:
 #   sudo scripts/slurm-up.sh && python -m pytest -m slurm
-# munged runs as user munge, slurmctld and slurmd as root; the node is this host (its real
+# munged runs as user munge, MariaDB as mysql, slurmdbd, slurmctld and slurmd as root; the node is this host (its real
 # hostname, reached on 127.0.0.1) with CPUs=$(nproc), in one partition `debug` (Default=YES).
 # Safe to run again: what already answers is left running, a changed slurm.conf restarts
 # the daemons. It exits 0 once `sinfo` shows the node idle and `srun hostname` works, and
@@ -150,7 +151,12 @@ if [[ ! -f $CONF ]] || [[ "$(cat "$CONF")" != "$new_conf" ]]; then
   changed=1
 fi
 
-pid_alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+pid_alive() { # pid_alive PIDFILE: the daemon it names runs (a stale file's pid may be reused)
+  local pid
+  [[ -s $1 ]] || return 1
+  pid=$(cat "$1")
+  [[ -r /proc/$pid/comm && $(cat "/proc/$pid/comm") == "$(basename "$1" .pid)" ]]
+}
 stop_pid() { # stop_pid PIDFILE: TERM the daemon it names, and wait for it to go
   if pid_alive "$1"; then
     local pid

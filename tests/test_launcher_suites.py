@@ -17,24 +17,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hydra
 import pytest
+from hydra.core.plugins import Plugins
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
 LAUNCHERS = ["basic", "batched"]
-
-
-@pytest.fixture(autouse=True)
-def _hydra_version_base_unset():
-    """Hydra's suites expect no version base set; quadnet's in-process tests set 1.3 (a global)."""
-    from hydra import version
-
-    base = version.VersionBase.instance()
-    before, base.version_base = base.version_base, version._UNSPECIFIED_
-    yield
-    base.version_base = before
-
-
+# Hydra 1.3's suite checks each job's log and .hydra/ in the job's working dir, which holds
+# them only when the job changes into its output dir: what an app without version_base gets.
+# Earlier tests in this process set version_base=1.3 (no chdir) for good, so ask for it.
+SUITE_OVERRIDES = ["hydra.job.chdir=true"] if hydra.__version__.startswith("1.3") else []
 QUIET = ["hydra/hydra_logging=disabled", "hydra/job_logging=disabled"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugins_scanned() -> None:
+    """Scan Hydra's plugins before the first test snapshots Hydra's singletons.
+
+    The suites restore the singletons after each test (``hydra_restore_singletons``). Hydra 1.4
+    imports plugin modules once, so the configs they store on import (hydra/sweeper/basic,
+    hydra/launcher/batched, …) must already be in the first snapshot, or every later test
+    fails with "Could not find 'hydra/sweeper/basic'". (Hydra 1.3 re-ran the modules on each
+    scan. Hydra's own plugin tests get the scan from a test_discovery that runs first.)
+    """
+    Plugins.instance()
 
 
 def test_batched_launcher_is_discovered_from_any_directory(tmp_path: Path) -> None:
@@ -57,7 +63,7 @@ def test_batched_launcher_is_discovered_from_any_directory(tmp_path: Path) -> No
     assert "could not discover plugins" not in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("launcher_name, overrides", [pytest.param(n, [], id=n) for n in LAUNCHERS])
+@pytest.mark.parametrize("launcher_name, overrides", [pytest.param(n, SUITE_OVERRIDES, id=n) for n in LAUNCHERS])
 class TestLauncherSuite(LauncherTestSuite):
     """Hydra's LauncherTestSuite: 9 in-process sweeps over Hydra's test app."""
 

@@ -3,13 +3,14 @@ the ``hydra/launcher=slurm`` preset. Each job's probabilities must equal a local
 run of the same overrides.
 
 Skipped without ``sbatch`` on PATH or without a cluster that answers ``sinfo`` with a live
-node; ``scripts/slurm-up.sh`` starts a one-node cluster on this machine (as root), then
-``python -m pytest -m slurm``.
+node (with QUADNET_REQUIRE_SLURM=1, as in CI, they fail instead); ``scripts/slurm-up.sh``
+starts a one-node cluster on this machine (as root), then ``python -m pytest -m slurm``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -50,6 +51,8 @@ def cluster_problem() -> str | None:
 @pytest.fixture(scope="module")
 def slurm() -> None:
     problem = cluster_problem()
+    if problem and os.environ.get("QUADNET_REQUIRE_SLURM"):  # CI, right after scripts/slurm-up.sh
+        pytest.fail(f"QUADNET_REQUIRE_SLURM is set, but {problem}")
     if problem:
         pytest.skip(problem)
     pytest.importorskip("submitit")
