@@ -37,9 +37,12 @@ def one_line(ex: BaseException) -> str:
     key = getattr(err, "full_key", None) or getattr(err, "key", None)
     if isinstance(err, ConfigKeyError | ConfigAttributeError) and key:
         if str(key).startswith("hydra.sweeper.sampler.") and not version_base():  # Hydra 1.4
+            from importlib.metadata import version
+
             return (
-                "hydra-optuna-sweeper does not work with Hydra 1.4 yet (its sampler config is never instantiated); "
-                "run Optuna searches with hydra-core 1.3"
+                f"hydra-optuna-sweeper {version('hydra-optuna-sweeper')} does not work with hydra-core "
+                f"{version('hydra-core')} (its sampler is never instantiated): use hydra-core 1.3, "
+                "or pip install 'hydra-optuna-sweeper==1.4.0rc3'"
             )
         if str(key).startswith("hydra."):  # Hydra's own keys: too many to list
             return f"unknown config key '{key}'; add it with '+{key}=…', or see Hydra's keys with --cfg hydra"

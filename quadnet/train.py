@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import shlex
 import shutil
 import signal
@@ -217,6 +218,8 @@ def main() -> None:
         with closed_pipe_ok():
             print(help_text())
         return
+    if not sys.stderr.isatty():  # no colour codes in logs and pipes (Optuna's colorlog honours this)
+        os.environ.setdefault("NO_COLOR", "1")
     register_configs()
     with friendly_errors():  # (hydra.main applied here: at import it would set Hydra's version base for every app)
         hydra.main(config_path=config_dir(), config_name="train", **version_base())(task)()
