@@ -43,53 +43,45 @@ def check(cfg: TrainConfig) -> dict[str, Any]:
     data = make_dataset(cfg.data)
     x, y = data.x_train, data.y_train
     start = model.initial_params(cfg.hidden_dim, cfg.seed, cfg.init)
-    variants = {
-        "numpy": dict(engine="numpy"),
-        "torch/fused": dict(engine="torch", step="fused"),
-        "torch/autograd": dict(engine="torch", step="autograd"),
-    }
     engines = {}
-    for name, v in variants.items():
-        c = dataclasses.replace(cfg, dtype="float64", device="cpu", **v)
+    for name in ("numpy", "torch/fused", "torch/autograd"):
+        engine, _, step = name.partition("/")
+        c = dataclasses.replace(cfg, dtype="float64", device="cpu", engine=engine, step=step or cfg.step)
         engines[name] = build([c], data, [{"params": start, "optimizer": {}, "step": 0}], torch.device("cpu"))[0]
-    loss_diff = {name: 0.0 for name in engines if name != "numpy"}
 
-    def compare_losses() -> None:
-        losses = {n: e.metrics()[0]["loss"] for n, e in engines.items()}
-        for n in loss_diff:
-            loss_diff[n] = max(loss_diff[n], abs(losses[n] - losses["numpy"]))
+    def losses() -> dict[str, float]:
+        return {n: e.metrics()[0]["loss"] for n, e in engines.items()}
 
-    compare_losses()
+    along = [losses()]
     with loop.threads(1):  # deterministic reductions, and fastest for tensors this small
         for epoch in range(0, cfg.epochs, cfg.log_every):
             for e in engines.values():
                 e.run(min(cfg.log_every, cfg.epochs - epoch), lambda: False)
-            compare_losses()
+            along.append(losses())
     final = {n: e.export([0])[0]["params"] for n, e in engines.items()}
     probs = {n: reference.softmax(reference.forward(p, data.x_test)[0]) for n, p in final.items()}
-    result: dict[str, Any] = {"epochs": cfg.epochs, "engines": {}}
-    for name in loss_diff:
-        result["engines"][name] = {
-            "loss_along_the_way": loss_diff[name],
+    compared = {
+        name: {
+            "loss_along_the_way": max(abs(ls[name] - ls["numpy"]) for ls in along),
             "final_weights": max_abs_diff(final[name], final["numpy"]),
             "test_probs": float(np.max(np.abs(probs[name] - probs["numpy"]))),
         }
+        for name in ("torch/fused", "torch/autograd")
+    }
     # gradients on the same weights: at the start and at the end of training
-    grads = {}
-    for label, params in (("initial", start), ("final", final["numpy"])):
-        _, g_ref = reference.loss_and_grads({k: v.copy() for k, v in params.items()}, x, y, cfg.reg)
-        grads[label] = max_abs_diff(autograd_grads(params, x, y, cfg.reg), g_ref)
-    result["gradients_vs_autograd"] = grads
-    # and the analytic gradient against centred finite differences (a relative error)
     p = {k: v.copy() for k, v in start.items()}
-    _, g = reference.loss_and_grads(p, x, y, cfg.reg)
-    result["gradient_check_rel_error"] = max(
-        reference.rel_error(
-            g[k], reference.eval_numerical_gradient(lambda _: reference.objective(p, x, y, cfg.reg), p[k])
-        )
-        for k in p
-    )
-    return result
+    grads = {
+        label: max_abs_diff(autograd_grads(q, x, y, cfg.reg), reference.loss_and_grads(q, x, y, cfg.reg)[1])
+        for label, q in (("initial", p), ("final", final["numpy"]))
+    }
+
+    # and the analytic gradient against centred finite differences (a relative error)
+    def objective(_: np.ndarray) -> float:
+        return reference.objective(p, x, y, cfg.reg)
+
+    g = reference.loss_and_grads(p, x, y, cfg.reg)[1]
+    rel = max(reference.rel_error(g[k], reference.eval_numerical_gradient(objective, p[k])) for k in p)
+    return {"epochs": cfg.epochs, "engines": compared, "gradients_vs_autograd": grads, "gradient_check_rel_error": rel}
 
 
 @closed_pipe_ok()
@@ -114,15 +106,12 @@ def main(argv: list[str] | None = None) -> None:
         f"tolerance {args.tol:g}"
     )
     r = check(cfg)
-    worst = 0.0
     print(f"{'against numpy':>16}  {'loss (max over run)':>20}  {'final weights':>14}  {'test probs':>11}")
     for name, d in r["engines"].items():
-        worst = max(worst, *d.values())
         print(f"{name:>16}  {d['loss_along_the_way']:>20.3e}  {d['final_weights']:>14.3e}  {d['test_probs']:>11.3e}")
-    g = r["gradients_vs_autograd"]
-    worst = max(worst, *g.values())
+    g, gc = r["gradients_vs_autograd"], r["gradient_check_rel_error"]
+    worst = max(*g.values(), *(v for d in r["engines"].values() for v in d.values()))
     print(f"numpy gradients vs autograd: {g['initial']:.3e} at the initial weights, {g['final']:.3e} at the final")
-    gc = r["gradient_check_rel_error"]
     print(f"numpy gradients vs centred differences: relative error {gc:.3e} (tolerance {args.grad_check_tol:g})")
     ok = worst <= args.tol and gc <= args.grad_check_tol
     print(f"{'PASS' if ok else 'FAIL'}: largest difference {worst:.3e}")
