@@ -84,15 +84,10 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
     wrong = _wrong(params, data)
     rings = ax.scatter(wrong[:, 0], wrong[:, 1], s=ring, facecolors="none", edgecolors=WRONG, linewidths=1.5)
     ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="x", ylabel="y", aspect="equal")
-    neutral = {"color": "w", "markerfacecolor": "0.5", "markeredgecolor": "k"}
-    handles = [
-        Patch(facecolor=PALE[i], edgecolor=COLORS[i], label=f"quadrant {q}") for i, q in enumerate(QUADRANT_NAMES)
-    ]
-    handles += [
-        Line2D([], [], marker="o", label="train point", **neutral),
-        Line2D([], [], marker="^", label="test point", **neutral),
-        Line2D([], [], marker="o", color="w", markerfacecolor="none", markeredgecolor=WRONG, label="misclassified"),
-    ]
+    quadrants = zip(PALE, COLORS, QUADRANT_NAMES, strict=True)
+    handles = [Patch(facecolor=pale, edgecolor=c, label=f"quadrant {q}") for pale, c, q in quadrants]
+    keys = [("o", "train point", "0.5", "k"), ("^", "test point", "0.5", "k"), ("o", "misclassified", "none", WRONG)]
+    handles += [Line2D([], [], marker=m, color="w", mfc=face, mec=edge, label=t) for m, t, face, edge in keys]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", borderaxespad=0)
     return image, rings
 
@@ -113,16 +108,21 @@ def _column(history: list[dict[str, float]], key: str) -> np.ndarray:
     return np.array([float(r.get(key, np.nan)) for r in history])
 
 
-def _loss_axes(ax: Any, history: list[dict[str, float]]) -> list[Any]:
-    """Train and test loss against epochs (log y when positive); returns the two lines."""
+def _lines(ax: Any, history: list[dict[str, float]], keys: tuple[str, str]) -> list[Any]:
+    """The train (solid) and test (dashed) columns `keys` against epochs; returns the two lines."""
     marker = "o" if len(history) < 10 else None  # a few points must not look like a curve
     epochs = _column(history, "epoch")
-    lines = [
+    return [
         ax.plot(epochs, _column(history, key), marker=marker, ms=4, ls=ls, label=label)[0]
-        for key, label, ls in (("loss", "train", "-"), ("test_loss", "test", "--"))
+        for key, label, ls in zip(keys, ("train", "test"), ("-", "--"), strict=True)
     ]
+
+
+def _loss_axes(ax: Any, history: list[dict[str, float]]) -> list[Any]:
+    """Train and test loss against epochs (log y when positive); returns the two lines."""
+    lines = _lines(ax, history, ("loss", "test_loss"))
     losses = np.concatenate([_column(history, "loss"), _column(history, "test_loss")])
-    if len(bad := epochs[~np.isfinite(_column(history, "loss"))]):  # a diverged run: mark where
+    if len(bad := _column(history, "epoch")[~np.isfinite(_column(history, "loss"))]):  # a diverged run: mark where
         ax.axvline(bad[0], color=WRONG, ls=":", label=f"not finite from epoch {bad[0]:g}")
     if (np.isfinite(losses) & (losses > 0)).any():
         ax.set_yscale("log")
@@ -136,10 +136,7 @@ def plot_curves(path: Path, history: list[dict[str, float]], title: str) -> None
     plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True, constrained_layout=True)
     _loss_axes(ax_loss, history)
-    marker = "o" if len(history) < 10 else None
-    epochs = _column(history, "epoch")
-    ax_acc.plot(epochs, _column(history, "train_accuracy"), marker=marker, ms=4, label="train")
-    ax_acc.plot(epochs, _column(history, "test_accuracy"), marker=marker, ms=4, ls="--", label="test")
+    _lines(ax_acc, history, ("train_accuracy", "test_accuracy"))
     ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(-0.05, 1.05), title="accuracy")
     ax_acc.legend(fontsize="small")
     last = history[-1] if history else {}
@@ -181,7 +178,7 @@ def animate(
     background = fig.canvas.copy_from_bbox(fig.bbox)
     epochs, lim = _column(history, "epoch"), _extent(data)
     cols = [_column(history, "loss"), _column(history, "test_loss")]
-    images = []
+    rgb = []
     for epoch, params in frames:
         image.set_data(_region_image(params, lim, 120))
         rings.set_offsets(_wrong(params, data).reshape(-1, 2))
@@ -193,11 +190,10 @@ def animate(
         fig.canvas.restore_region(background)
         for a in moving:
             fig.draw_artist(a)
-        images.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()))
+        rgb.append(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
     plt.close(fig)
     # one palette for every frame, from the first and the last (no flicker, colours stay true)
-    both = Image.fromarray(np.concatenate([np.asarray(images[0]), np.asarray(images[-1])]))
-    palette = both.quantize(255)
-    gif = [im.quantize(palette=palette, dither=Image.Dither.NONE) for im in images]
+    palette = Image.fromarray(np.concatenate([rgb[0], rgb[-1]])).quantize(255)
+    gif = [Image.fromarray(a).quantize(palette=palette, dither=Image.Dither.NONE) for a in rgb]
     durations = [120] * (len(gif) - 1) + [2000]  # hold the last frame
     gif[0].save(path, format="GIF", save_all=True, append_images=gif[1:], duration=durations, loop=0)
