@@ -25,6 +25,9 @@ from typing import Any
 from quadnet.config import TrainConfig
 
 log = logging.getLogger("quadnet")
+NOT_FINITE = dict.fromkeys(
+    ("loss", "train_accuracy", "test_loss", "test_accuracy"), math.nan
+)  # a diverged job's last row
 
 
 @dataclass
@@ -70,12 +73,7 @@ def fit(
             j.state, j.status, j.epoch = state, status, at[i] if isinstance(at, list) else at
             if status == "diverged":
                 j.history = [h for h in j.history if h["epoch"] < j.epoch]
-                j.history.append(
-                    {
-                        "epoch": j.epoch,
-                        **dict.fromkeys(("loss", "train_accuracy", "test_loss", "test_accuracy"), math.nan),
-                    }
-                )
+                j.history.append({"epoch": j.epoch, **NOT_FINITE})
         engine.keep([r for r in range(len(engine.rows)) if r not in set(rows)])
 
     bar = progress(jobs, epoch)
@@ -102,7 +100,7 @@ def fit(
             record(list(range(len(engine.rows))))
         bar(done, len(engine.rows), epoch)
         if save and ckpt_every and epoch % ckpt_every == 0 and any(jobs[j].cfg.epochs > epoch for j in engine.rows):
-            for r, state in zip(range(len(engine.rows)), engine.export(list(range(len(engine.rows)))), strict=True):
+            for r, state in enumerate(engine.export(list(range(len(engine.rows))))):
                 jobs[engine.rows[r]].state, jobs[engine.rows[r]].epoch = state, epoch
             save(jobs)
     bar(0, 0, epoch, close=True)
@@ -160,20 +158,13 @@ def progress(jobs: list[Job], start: int) -> Callable[..., None]:
     def lines(done: int, left: int, epoch: int, close: bool = False) -> None:
         if close or not done or (epoch % step and epoch != total):
             return
-        if len(jobs) == 1:
-            h = jobs[0].history[-1] if jobs[0].history and jobs[0].history[-1]["epoch"] == epoch else None
-            if h:
-                log.info(
-                    "epoch %*d/%d  loss %.6g  train_acc %.3f  test_acc %.3f",
-                    len(str(total)),
-                    epoch,
-                    total,
-                    h["loss"],
-                    h["train_accuracy"],
-                    h["test_accuracy"],
-                )
-        else:
-            log.info("epoch %*d/%d  %d of %d jobs training", len(str(total)), epoch, total, left, len(jobs))
+        head, h = f"epoch {epoch:>{len(str(total))}}/{total}", jobs[0].history[-1] if jobs[0].history else {}
+        if len(jobs) > 1:
+            log.info("%s  %d of %d jobs training", head, left, len(jobs))
+        elif h.get("epoch") == epoch:
+            log.info(
+                "%s  loss %.6g  train_acc %.3f  test_acc %.3f", head, h["loss"], h["train_accuracy"], h["test_accuracy"]
+            )
 
     return lines
 

@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-import pickle
 import shlex
 import shutil
 import sys
@@ -33,7 +32,7 @@ import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from quadnet import checkpoint, loop, rundir
 from quadnet.config import ConfigError, TrainConfig, to_dict, validate
@@ -210,20 +209,13 @@ def write_job(ctx: Any, job: Job, stop_signal: int | None, n_jobs: int) -> JobRe
     )
     handler = None
     try:
-        with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
-            config.hydra.runtime.output_dir = str(job.dir.resolve())
         job.dir.mkdir(parents=True, exist_ok=True)
         if config.hydra.output_subdir is not None:
             record = job.dir / str(config.hydra.output_subdir)
             record.mkdir(exist_ok=True)
-            app = (
-                to_dict(job.cfg) if job.cfg else {k: OmegaConf.to_container(config)[k] for k in config if k != "hydra"}
-            )
-            for file, obj in (
-                ("config", app),
-                ("hydra", {"hydra": OmegaConf.to_container(config.hydra, enum_to_str=True)}),
-                ("overrides", ret.overrides),
-            ):
+            everything = OmegaConf.to_container(config, enum_to_str=True)
+            app = to_dict(job.cfg) if job.cfg else {k: v for k, v in everything.items() if k != "hydra"}  # type: ignore
+            for file, obj in (("config", app), ("hydra", {"hydra": everything["hydra"]}), ("overrides", ret.overrides)):
                 (record / f"{file}.yaml").write_text(
                     yaml.dump(obj, Dumper=_YAML, default_flow_style=False, allow_unicode=True, sort_keys=False)
                 )
@@ -250,13 +242,10 @@ def write_job(ctx: Any, job: Job, stop_signal: int | None, n_jobs: int) -> JobRe
 
 def _run(ctx: Any, task: Callable[[DictConfig], Any], config: DictConfig) -> JobReturn:
     """A job that is not quadnet's, as Hydra's basic launcher runs it."""
-    return run_job(
-        hydra_context=ctx,
-        task_function=task,
-        config=config,
-        job_dir_key="hydra.sweep.dir",
-        job_subdir_key="hydra.sweep.subdir",
-    )
+    return run_job(hydra_context=ctx, task_function=task, config=config, **_SWEEP_KEYS)
+
+
+_SWEEP_KEYS = {"job_dir_key": "hydra.sweep.dir", "job_subdir_key": "hydra.sweep.subdir"}
 
 
 _FORKED: tuple[Any, list[Job], int | None] | None = None  # what the forked writers inherit
@@ -267,10 +256,7 @@ def _write_some(positions: list[int]) -> list[tuple[JobStatus, Any]]:
     out = []
     for i in positions:
         r = write_job(ctx, jobs[i], sig, len(jobs))
-        try:
-            out.append((r.status, pickle.loads(pickle.dumps(r._return_value))))  # it goes back to the launcher
-        except Exception:
-            out.append((r.status, RuntimeError(str(r._return_value))))
+        out.append((r.status, r._return_value))  # a float, or an exception of quadnet's, Hydra's or the OS's
     return out
 
 
@@ -326,8 +312,11 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     jobs = []
     for idx, overrides in enumerate(job_overrides, initial_job_idx):
         job_config = ctx.config_loader.load_sweep_config(config, list(overrides))
-        with open_dict(job_config):
+        with open_dict(job_config):  # what Hydra's launchers set: id, num, and the dir they make of them
             job_config.hydra.job.id, job_config.hydra.job.num = str(idx), idx
+            job_config.hydra.runtime.output_dir = str(
+                Path(str(config.hydra.sweep.dir), str(job_config.hydra.sweep.subdir)).resolve()
+            )
         jobs.append(Job(idx, job_config))
         log.log(
             logging.INFO if len(job_overrides) <= CHATTY else logging.DEBUG,
