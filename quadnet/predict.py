@@ -21,6 +21,7 @@ point beyond 1e100, s = max |x_i|, and the softmax takes exp(s·(z − max z)): 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -94,14 +95,11 @@ def newest_run(root: Path = Path("outputs")) -> Path:
 
 
 def parse_point(text: str, where: str) -> tuple[float, float]:
-    parts = text.replace(",", " ").split()
-    try:
-        x, y = (float(v) for v in parts) if len(parts) == 2 else ()
-    except ValueError:
-        x = y = math.nan
-    if not (math.isfinite(x) and math.isfinite(y)):
-        raise InputError(f"{where}: {text.strip()!r} is not a point; write two finite numbers as x,y")
-    return x, y
+    with contextlib.suppress(ValueError):  # not two numbers
+        x, y = map(float, text.replace(",", " ").split())
+        if math.isfinite(x) and math.isfinite(y):
+            return x, y
+    raise InputError(f"{where}: {text.strip()!r} is not a point; write two finite numbers as x,y")
 
 
 def read_points(f: str) -> list[tuple[float, float]]:
@@ -151,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {model.path} (hidden_dim={len(model.params['b1'])}, {model.status} at epoch {model.epoch}){how}")
     print("           point  predicted  p(predicted)  true       p(I)     p(II)    p(III)     p(IV)")
     for r in rows:
-        q, t = r["quadrant"], r["true_quadrant"]
-        point = "(" + ", ".join(f"{v:g}" for v in r["point"]) + ")"
+        q, t, (x, y) = r["quadrant"], r["true_quadrant"], r["point"]
+        point = f"({x:g}, {y:g})"
         pq = f"{r['probs'][q - 1]:12.9f}" if q else f"{'-':>12}"
         note = ("  on an axis: no true quadrant" if r["on_axis"] else "") + ("" if q else "  probabilities not finite")
         probs = " ".join(f"{p:9.6f}" for p in r["probs"])
