@@ -118,21 +118,16 @@ def _numpy(tensors: Any, hidden: int, what: str) -> dict[str, np.ndarray]:
 
 
 def _upgrade(obj: dict[str, Any]) -> dict[str, Any]:
-    """A quadnet-checkpoint/1 payload (nn.Linear's layout, one momentum slot) in today's layout."""
+    """A quadnet-checkpoint/1 payload (nn.Linear's (out, in) layout, one momentum slot) in today's layout."""
 
-    def seed_layout(sd: Any) -> Any:
+    def layout(sd: Any) -> Any:
         if not isinstance(sd, dict):
             return sd
-        get = lambda k: sd.get(k) if isinstance(sd.get(k), torch.Tensor) else None  # noqa: E731
-        w1, b1, w2, b2 = (get(k) for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"))
-        return {"W1": None if w1 is None else w1.T, "b1": b1, "W2": None if w2 is None else w2.T, "b2": b2}
+        get = {k: v.T if isinstance(v, torch.Tensor) and v.dim() == 2 else v for k, v in sd.items()}.get
+        return {"W1": get("fc1.weight"), "b1": get("fc1.bias"), "W2": get("fc2.weight"), "b2": get("fc2.bias")}
 
     mom = obj.get("momentum")
-    return {
-        **obj,
-        "params": seed_layout(obj.get("model")),
-        "optimizer": {} if mom is None else {"momentum": seed_layout(mom)},
-    }
+    return {**obj, "params": layout(obj.get("model")), "optimizer": {} if mom is None else {"momentum": layout(mom)}}
 
 
 def check(obj: Any, where: str) -> dict[str, Any]:
@@ -162,15 +157,7 @@ def check(obj: Any, where: str) -> dict[str, Any]:
     except CheckpointError as e:
         raise CheckpointError(f"{where}: {e}") from None
     state = {"params": params, "optimizer": buffers, "step": int(obj.get("step", epoch))}
-    return {
-        **obj,
-        "state": state,
-        "params": params,
-        "config": obj["config"],
-        "cfg": cfg,
-        "epoch": epoch,
-        "history": history,
-    }
+    return {**obj, "state": state, "params": params, "cfg": cfg, "history": history}
 
 
 def load(path: str | Path) -> dict[str, Any]:

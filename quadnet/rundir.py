@@ -7,6 +7,7 @@ signal during the plots loses nothing), ``model.pt`` for a completed run, then t
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import logging
@@ -31,30 +32,19 @@ log = logging.getLogger("quadnet")
 
 @functools.cache
 def versions() -> dict[str, str | None]:
-    """What produced a run: quadnet (and its git commit, in a checkout), Python and the libraries."""
-    import hydra
-    import omegaconf
-    import torch
+    """What produced a run: the packages' versions, Python's, and quadnet's git commit in a checkout."""
+    from importlib.metadata import version
 
-    import quadnet
-
-    here = Path(quadnet.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        sha = commit.stdout.strip() if commit.returncode == 0 and (here / ".git").exists() else None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
-    return {
-        "quadnet": quadnet.__version__,
-        "git_commit": sha,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "hydra": hydra.__version__,
-        "omegaconf": omegaconf.__version__,
-    }
+    out: dict[str, str | None] = {p: version(p) for p in ("quadnet", "torch", "numpy", "hydra-core", "omegaconf")}
+    out |= {"python": platform.python_version(), "git_commit": None}
+    here = Path(__file__).resolve().parent.parent
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if (here / ".git").exists():
+            git = subprocess.run(
+                ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            )
+            out["git_commit"] = git.stdout.strip() or None
+    return out
 
 
 _LOCKS: dict[str, int] = {}  # sweep dirs this process holds
