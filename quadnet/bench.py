@@ -26,6 +26,17 @@ from typing import Any
 
 from quadnet.cli import closed_pipe_ok
 
+VARIANTS = {  # bench single: name and overrides
+    "numpy engine (float64)": ["engine=numpy"],
+    "torch fused, cpu float64 (the default)": ["device=cpu"],
+    "torch fused, cpu float32": ["device=cpu", "dtype=float32"],
+    "torch fused, cpu float64, 2 threads": ["device=cpu", "threads=2"],
+    "torch autograd, cpu float64": ["device=cpu", "step=autograd"],
+    "torch fused, cuda float64, graph": ["device=cuda"],
+    "torch fused, cuda float32, graph": ["device=cuda", "dtype=float32"],
+    "torch fused, cuda float64, eager": ["device=cuda", "cuda_graph=false"],
+}
+
 
 def machine() -> dict[str, Any]:
     import numpy as np
@@ -48,19 +59,7 @@ def bench_single(epochs: int, repeat: int) -> list[dict[str, Any]]:
     from quadnet.config import compose
     from quadnet.train import train
 
-    variants = {
-        "numpy engine (float64)": ["engine=numpy"],
-        "torch fused, cpu float64 (the default)": ["device=cpu"],
-        "torch fused, cpu float32": ["device=cpu", "dtype=float32"],
-        "torch fused, cpu float64, 2 threads": ["device=cpu", "threads=2"],
-        "torch autograd, cpu float64": ["device=cpu", "step=autograd"],
-    }
-    if torch.cuda.is_available():
-        variants |= {
-            "torch fused, cuda float64, graph": ["device=cuda"],
-            "torch fused, cuda float32, graph": ["device=cuda", "dtype=float32"],
-            "torch fused, cuda float64, eager": ["device=cuda", "cuda_graph=false"],
-        }
+    variants = {k: ov for k, ov in VARIANTS.items() if "cuda" not in k or torch.cuda.is_available()}
     times: dict[str, list[float]] = {k: [] for k in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeat):  # interleaved, so that drift in the machine's load hits every variant alike
@@ -167,19 +166,16 @@ def _table(rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m quadnet.bench", description=(__doc__ or "").split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
-    for name, helptext in (
-        ("single", "the default job on every engine"),
-        ("step", "fused against autograd, by batch size"),
-        ("startup", "start-up cost"),
-        ("sweep", "basic launcher against batched"),
-    ):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-        if name != "sweep":
-            p.add_argument("--repeat", type=int, default=3, help="runs of each variant; the best counts")
-    sub.choices["single"].add_argument("--epochs", type=int, default=10000)
-    sub.choices["step"].add_argument("--jobs", default="1,64,256,4096", help="batch sizes, comma-separated")
-    sweep = sub.choices["sweep"]
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    repeated = argparse.ArgumentParser(add_help=False, parents=[common])
+    repeated.add_argument("--repeat", type=int, default=3, help="runs of each variant; the best counts")
+    single = sub.add_parser("single", help="the default job on every engine", parents=[repeated])
+    single.add_argument("--epochs", type=int, default=10000)
+    step = sub.add_parser("step", help="fused against autograd, by batch size", parents=[repeated])
+    step.add_argument("--jobs", default="1,64,256,4096", help="batch sizes, comma-separated")
+    sub.add_parser("startup", help="start-up cost", parents=[repeated])
+    sweep = sub.add_parser("sweep", help="basic launcher against batched", parents=[common])
     sweep.add_argument("--jobs", type=int, default=256)
     sweep.add_argument("--sample", type=int, default=4, help="basic-launcher jobs run (the rest extrapolated)")
     sweep.add_argument("--device", default="auto")
@@ -187,9 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     given = vars(args)
     sizes = [int(j) for j in str(args.jobs).split(",") if j.strip().isdigit()] if args.what == "step" else []
-    counts = [given.get(k, 1) for k in ("repeat", "epochs", "sample")] + (
-        [args.jobs] if args.what == "sweep" else sizes
-    )
+    counts = [given.get(k, 1) for k in ("repeat", "epochs", "sample")]
+    counts += [args.jobs] if args.what == "sweep" else sizes
     if min(counts) < 1 or given.get("busy", 0) < 0:
         parser.error("--repeat, --epochs, --jobs and --sample must be at least 1, --busy at least 0")
     rows = {
