@@ -9,6 +9,8 @@ matplotlib is imported inside the functions, so importing this module costs noth
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ PALE = 0.4 * COLORS + 0.6
 WRONG = "#d00000"
 LOSS_LABEL = "cross-entropy (without the L2 term)"
 MANY = 100  # with more points than this, markers are small and see-through
+History = list[dict[str, float]]
 
 
 def pyplot() -> Any:
@@ -34,6 +37,16 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@contextlib.contextmanager
+def figure(path: Path, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
+    """A new figure and its axes (plt.subplots' arguments), saved to path at 100 dpi and closed after the block."""
+    plt = pyplot()
+    fig, axes = plt.subplots(*args, **kwargs)
+    yield fig, axes
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def predict_class(params: Params, x: np.ndarray) -> np.ndarray:
@@ -50,8 +63,7 @@ def _extent(data: Dataset) -> float:
 def _region_image(params: Params, lim: float, n: int) -> np.ndarray:
     """(n, n, 3) pale colours of the predicted class over [-lim, lim]², white where undefined."""
     g = np.linspace(-lim, lim, n)
-    gx, gy = np.meshgrid(g, g)
-    pred = predict_class(params, np.column_stack([gx.ravel(), gy.ravel()])).reshape(n, n)
+    pred = predict_class(params, np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)).reshape(n, n)
     return np.where((pred >= 0)[..., None], PALE[pred.clip(0)], 1.0)
 
 
@@ -95,20 +107,17 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
 def plot_regions(path: Path, params: Params, data: Dataset, title: str) -> None:
     """decision_regions.png: the predicted quadrant over the plane, the points in their true
     quadrant's colour (● train, ▲ test), misclassified ones ringed, and the test accuracy."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.2, 5.6), constrained_layout=True)
-    _regions_axes(ax, params, data, 301)
-    wrong = len(_wrong(params, data))
-    ax.set_title(f"{title}\ntest accuracy {_test_accuracy(params, data):.1%}, {wrong} points misclassified")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, figsize=(7.2, 5.6), constrained_layout=True) as (_, ax):
+        _, rings = _regions_axes(ax, params, data, 301)
+        wrong = len(rings.get_offsets())
+        ax.set_title(f"{title}\ntest accuracy {_test_accuracy(params, data):.1%}, {wrong} points misclassified")
 
 
-def _column(history: list[dict[str, float]], key: str) -> np.ndarray:
+def _column(history: History, key: str) -> np.ndarray:
     return np.array([float(r.get(key, np.nan)) for r in history])
 
 
-def _lines(ax: Any, history: list[dict[str, float]], keys: tuple[str, str]) -> list[Any]:
+def _lines(ax: Any, history: History, keys: tuple[str, str]) -> list[Any]:
     """The train (solid) and test (dashed) columns `keys` against epochs; returns the two lines."""
     marker = "o" if len(history) < 10 else None  # a few points must not look like a curve
     epochs = _column(history, "epoch")
@@ -118,7 +127,7 @@ def _lines(ax: Any, history: list[dict[str, float]], keys: tuple[str, str]) -> l
     ]
 
 
-def _loss_axes(ax: Any, history: list[dict[str, float]]) -> list[Any]:
+def _loss_axes(ax: Any, history: History) -> list[Any]:
     """Train and test loss against epochs (log y when positive); returns the two lines."""
     lines = _lines(ax, history, ("loss", "test_loss"))
     losses = np.concatenate([_column(history, "loss"), _column(history, "test_loss")])
@@ -131,31 +140,26 @@ def _loss_axes(ax: Any, history: list[dict[str, float]]) -> list[Any]:
     return lines
 
 
-def plot_curves(path: Path, history: list[dict[str, float]], title: str) -> None:
+def plot_curves(path: Path, history: History, title: str) -> None:
     """loss.png: train and test loss (log scale) and train/test accuracy against epochs."""
-    plt = pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True, constrained_layout=True)
-    _loss_axes(ax_loss, history)
-    _lines(ax_acc, history, ("train_accuracy", "test_accuracy"))
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(-0.05, 1.05), title="accuracy")
-    ax_acc.legend(fontsize="small")
     last = history[-1] if history else {}
 
     def num(key: str, spec: str) -> str:
         v = float(last.get(key, np.nan))
         return format(v, spec) if np.isfinite(v) else "not finite"
 
-    fig.suptitle(
-        f"{title}\nat epoch {last.get('epoch', 0):g}: train loss {num('loss', '.4g')}, "
-        f"test loss {num('test_loss', '.4g')}, test accuracy {num('test_accuracy', '.1%')}"
-    )
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(10, 4.2), sharex=True, constrained_layout=True) as (fig, (ax_loss, ax_acc)):
+        _loss_axes(ax_loss, history)
+        _lines(ax_acc, history, ("train_accuracy", "test_accuracy"))
+        ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(-0.05, 1.05), title="accuracy")
+        ax_acc.legend(fontsize="small")
+        fig.suptitle(
+            f"{title}\nat epoch {last.get('epoch', 0):g}: train loss {num('loss', '.4g')}, "
+            f"test loss {num('test_loss', '.4g')}, test accuracy {num('test_accuracy', '.1%')}"
+        )
 
 
-def animate(
-    path: Path, frames: list[tuple[int, Params]], history: list[dict[str, float]], data: Dataset, title: str
-) -> None:
+def animate(path: Path, frames: list[tuple[int, Params]], history: History, data: Dataset, title: str) -> None:
     """A GIF of training: the decision regions (left) and the loss up to each frame's epoch
     (right). One small figure is laid out and drawn once; each frame redraws only what moves."""
     from PIL import Image

@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {model.path} (hidden_dim={len(model.params['b1'])}, {model.status} at epoch {model.epoch}){how}")
     print("           point  predicted  p(predicted)  true       p(I)     p(II)    p(III)     p(IV)")
     for r in rows:
-        q, t, (x, y) = r["quadrant"], r["true_quadrant"], r["point"]
-        point = f"({x:g}, {y:g})"
+        q, t, (px, py) = r["quadrant"], r["true_quadrant"], r["point"]
+        point = f"({px:g}, {py:g})"
         pq = f"{r['probs'][q - 1]:12.9f}" if q else f"{'-':>12}"
         note = ("  on an axis: no true quadrant" if r["on_axis"] else "") + ("" if q else "  probabilities not finite")
         probs = " ".join(f"{p:9.6f}" for p in r["probs"])

@@ -36,13 +36,12 @@ from quadnet.cli import closed_pipe_ok, fail
 METRICS = {"test_loss": True, "test_error": True, "final_loss": True, "test_accuracy": False, "train_accuracy": False}
 FIGURES = ["final_loss", "test_loss", "train_accuracy", "test_accuracy", "train_seconds"]
 UNFINISHED = "unfinished (no summary.json)"
-CONTINUOUS = (
-    12  # a numeric parameter with more distinct values than this (and than half the jobs) is drawn as a scatter
-)
+# a numeric parameter with more distinct values than this (and than half the jobs) is drawn as a scatter
+CONTINUOUS = 12
 
 
 class ReportError(ValueError):
-    pass
+    """Bad input: one error line, exit status 2."""
 
 
 def newest_sweep(root: Path) -> Path:
@@ -89,8 +88,7 @@ def read_job(d: Path) -> dict[str, Any]:
         s = _read(d, "summary.json", json.loads, dict, "JSON object")
         if not isinstance(s.get("status"), str):
             raise ValueError("summary.json has no status string")
-        bad = [k for k in FIGURES if isinstance(s.get(k), bool) or not isinstance(s.get(k), int | float | None)]
-        if bad:
+        if bad := [k for k in FIGURES if isinstance(s.get(k), bool) or not isinstance(s.get(k), int | float | None)]:
             raise ValueError(f"summary.json: {', '.join(bad)} not a number")
         error = " ".join(str(s["error"]).split()) if s.get("error") is not None else None
         return {**row, **{k: s.get(k) for k in FIGURES}, "status": s["status"], "error": error}
@@ -146,76 +144,72 @@ def _spread(vals: list[float]) -> tuple[float, float, float]:
     return tuple(np.percentile(vals, [50, 16, 84])) if vals else (math.nan, math.nan, math.nan)
 
 
+def _log_scale(name: str, vals: list[float]) -> bool:
+    """Whether a log axis suits the figure `name` with these values: all > 0, a span of 100× or more."""
+    return "accuracy" not in name and bool(vals) and min(vals) > 0 and max(vals) / min(vals) >= 100
+
+
 def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str) -> None:
     """The metric (left) and the test accuracy (right; test loss if the metric is test accuracy) against param."""
-    from quadnet.plots import pyplot
+    from quadnet.plots import figure
 
-    plt = pyplot()
     done = [r for r in rows if r["status"] == "completed" and param in r["params"]]
     xs, kind, xlog = axis_kind(param, done)
-    pos = dict(zip(xs, xs if kind != "categorical" else range(len(xs)), strict=True))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    names = (metric, "test_accuracy") if metric != "test_accuracy" else (metric, "test_loss")
-    for ax, name in zip(axes, names, strict=True):
-        pts = [(pos[r["params"][param]], v) for r in done if (v := summary_metric(r, name)) is not None]
-        every = [v for _, v in pts]
-        ylog = "accuracy" not in name and bool(every) and min(every) > 0 and max(every) / min(every) >= 100
-        ax.scatter([p for p, _ in pts], every, s=12, alpha=0.35, color="tab:blue", label="each job")
-        if kind != "scatter":
-            centre, low, high = np.array([_spread([v for p, v in pts if p == pos[x]]) for x in xs]).T
-            if kind == "grid":
-                ax.plot(list(pos.values()), centre, marker="o", color="tab:red", label="median")
-                ax.fill_between(list(pos.values()), low, high, color="tab:red", alpha=0.15, label="16–84% of jobs")
-            else:
-                err = [centre - low, high - centre]
-                label = "median; bars: 16–84% of jobs"
-                ax.errorbar(list(pos.values()), centre, yerr=err, fmt="o", color="tab:red", capsize=4, label=label)
-            if name == "test_accuracy":
-                right = [statistics.fmean([v == 1.0 for p, v in pts if p == pos[x]] or [math.nan]) for x in xs]
-                style = {"marker": "s", "ls": "-" if kind == "grid" else "none", "color": "tab:green"}
-                ax.plot(list(pos.values()), right, label="fraction with every test point right", **style)
-        better = "lower" if METRICS.get(name, True) else "higher"
-        ax.set(xlabel=param, ylabel=f"{name} ({better} is better)", yscale="log" if ylog else "linear")
-        ax.set_xscale("log" if xlog else "linear")
-        if "accuracy" in name:
-            ax.set_ylim(-0.05, 1.05)
-        if len(xs) <= CONTINUOUS:  # a tick at each value
-            ax.set_xticks(list(pos.values()), [show(x) for x in xs], minor=False)
-            ax.minorticks_off()
-        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
-    fig.suptitle(f"{names[0]} and {names[1]} against {param} ({len(done)} completed jobs)")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    at = xs if kind != "categorical" else list(range(len(xs)))  # where each value is drawn
+    pos = dict(zip(xs, at, strict=True))
+    names = (metric, "test_loss" if metric == "test_accuracy" else "test_accuracy")
+    with figure(path, 1, 2, figsize=(11, 4.2), constrained_layout=True) as (fig, axes):
+        for ax, name in zip(axes, names, strict=True):
+            pts = [(pos[r["params"][param]], v) for r in done if (v := summary_metric(r, name)) is not None]
+            groups = [[v for p, v in pts if p == x] for x in at]  # the figures at each value
+            every = [v for _, v in pts]
+            ax.scatter([p for p, _ in pts], every, s=12, alpha=0.35, color="tab:blue", label="each job")
+            if kind != "scatter":
+                centre, low, high = np.array([_spread(g) for g in groups]).T
+                if kind == "grid":
+                    ax.plot(at, centre, marker="o", color="tab:red", label="median")
+                    ax.fill_between(at, low, high, color="tab:red", alpha=0.15, label="16–84% of jobs")
+                else:
+                    err = [centre - low, high - centre]
+                    label = "median; bars: 16–84% of jobs"
+                    ax.errorbar(at, centre, yerr=err, fmt="o", color="tab:red", capsize=4, label=label)
+                if name == "test_accuracy":
+                    right = [statistics.fmean([v == 1.0 for v in g] or [math.nan]) for g in groups]
+                    style = {"marker": "s", "ls": "-" if kind == "grid" else "none", "color": "tab:green"}
+                    ax.plot(at, right, label="fraction with every test point right", **style)
+            better = "lower" if METRICS.get(name, True) else "higher"
+            ax.set(xlabel=param, ylabel=f"{name} ({better} is better)", xscale="log" if xlog else "linear")
+            ax.set_yscale("log" if _log_scale(name, every) else "linear")
+            if "accuracy" in name:
+                ax.set_ylim(-0.05, 1.05)
+            if len(xs) <= CONTINUOUS:  # a tick at each value
+                ax.set_xticks(at, [show(x) for x in xs], minor=False)
+                ax.minorticks_off()
+            ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
+        fig.suptitle(f"{names[0]} and {names[1]} against {param} ({len(done)} completed jobs)")
 
 
 def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric: str) -> None:
     from matplotlib.colors import LogNorm
 
-    from quadnet.plots import pyplot
+    from quadnet.plots import figure
 
-    plt = pyplot()
     done = [r for r in rows if r["status"] == "completed" and a in r["params"] and b in r["params"]]
     xa, xb = (axis_kind(p, done)[0] for p in (a, b))
-    cells = {(va, vb): [] for va in xa for vb in xb}
-    for r in done:
-        if (v := summary_metric(r, metric)) is not None:
-            cells[r["params"][a], r["params"][b]].append(v)
-    every = [v for vals in cells.values() for v in vals]
-    log = bool(every) and min(every) > 0 and max(every) / min(every) >= 100 and "accuracy" not in metric
-    grid = np.array([[_spread(cells[va, vb])[0] for va in xa] for vb in xb])
-    fig, ax = plt.subplots(figsize=(1.2 * len(xa) + 3.5, 0.8 * len(xb) + 2.5), constrained_layout=True)
-    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", norm=LogNorm() if log else None)
-    ax.set_xticks(range(len(xa)), [show(v) for v in xa])
-    ax.set_yticks(range(len(xb)), [show(v) for v in xb])
-    ax.set(xlabel=a, ylabel=b, title=f"median {metric} over the jobs in each cell")
-    for (i, j), v in np.ndenumerate(grid):
-        if np.isfinite(v):
-            dark = sum(im.cmap(im.norm(v))[:3]) < 1.8  # a dark cell: white text
-            ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="w" if dark else "k", fontsize="small")
-    better = "lower" if METRICS[metric] else "higher"
-    fig.colorbar(im, ax=ax, label=f"median {metric} ({better} is better)")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    pts = [(r["params"][a], r["params"][b], v) for r in done if (v := summary_metric(r, metric)) is not None]
+    grid = np.array([[_spread([v for pa, pb, v in pts if (pa, pb) == (va, vb)])[0] for va in xa] for vb in xb])
+    norm = LogNorm() if _log_scale(metric, [v for *_, v in pts]) else None
+    with figure(path, figsize=(1.2 * len(xa) + 3.5, 0.8 * len(xb) + 2.5), constrained_layout=True) as (fig, ax):
+        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", norm=norm)
+        ax.set_xticks(range(len(xa)), [show(v) for v in xa])
+        ax.set_yticks(range(len(xb)), [show(v) for v in xb])
+        ax.set(xlabel=a, ylabel=b, title=f"median {metric} over the jobs in each cell")
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                dark = sum(im.cmap(im.norm(v))[:3]) < 1.8  # a dark cell: white text
+                ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="w" if dark else "k", fontsize="small")
+        better = "lower" if METRICS[metric] else "higher"
+        fig.colorbar(im, ax=ax, label=f"median {metric} ({better} is better)")
 
 
 def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: bool) -> str | None:
@@ -251,8 +245,7 @@ def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int |
         print(f"{r['job']:>5}  {shown[id(r)]:<{width}}  {r['status']:<{sw}}  " + " ".join(f"{v:>10}" for v in values))
     if top is not None and len(rows) > top:
         print(f"… {len(rows) - top} more jobs not shown; all are in report.csv")
-    bad = [r for r in rows if r["status"] != "completed"]
-    if bad:
+    if bad := [r for r in rows if r["status"] != "completed"]:
         print(f"not completed ({len(bad)}):")
         for r in bad:
             why = f": {r['error']}" if r["error"] else ""
