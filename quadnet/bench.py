@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,13 @@ VARIANTS = {  # bench single: name and overrides
     "torch fused, cuda float32, graph": ["device=cuda", "dtype=float32"],
     "torch fused, cuda float64, eager": ["device=cuda", "cuda_graph=false"],
 }
+
+
+def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any]:
+    """(the seconds that fn(*args, **kwargs) took, what it returned)."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t0, out
 
 
 def machine() -> dict[str, Any]:
@@ -81,9 +88,7 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
     def ms_per_job(jobs: int, step: str, steps: int) -> float:
         cfgs = [TrainConfig(seed=s, step=step) for s in range(jobs)]
         e, _ = engine.build(cfgs, make_dataset(cfgs[0].data), [start_state(c) for c in cfgs], torch.device("cpu"))
-        t0 = time.perf_counter()
-        e.run(steps, lambda: False)
-        return (time.perf_counter() - t0) / steps * 10000 / jobs * 1000
+        return _timed(e.run, steps, lambda: False)[0] / steps * 10000 / jobs * 1000
 
     rows = []
     with loop.threads(1):
@@ -100,9 +105,7 @@ def bench_startup(repeat: int) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
 
         def timed(*args: str) -> float:
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, *args], cwd=tmp, check=True, capture_output=True)
-            return time.perf_counter() - t0
+            return _timed(subprocess.run, [sys.executable, *args], cwd=tmp, check=True, capture_output=True)[0]
 
         bare = min(timed("-c", "import torch") for _ in range(repeat))
         run = min(timed("-m", "quadnet.train", "epochs=0") for _ in range(repeat))
@@ -127,9 +130,7 @@ _PHASES = re.compile(r"composed (\d+) jobs in ([\d.]+) s, trained in ([\d.]+) s,
 def _sweep(n: int, launcher: str, sweep_dir: Path, device: str) -> tuple[float, str]:
     overrides = [f"seed=range({n})", f"device={device}", f"hydra/launcher={launcher}"]
     cmd = [sys.executable, "-m", "quadnet.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=sweep_dir.parent)
-    seconds = time.perf_counter() - t0
+    seconds, r = _timed(subprocess.run, cmd, capture_output=True, text=True, cwd=sweep_dir.parent)
     done = sum(json.loads(p.read_text())["status"] == "completed" for p in sweep_dir.glob("*/summary.json"))
     if r.returncode != 0 or done != n:
         last = r.stderr.strip().splitlines()[-1:]
