@@ -214,19 +214,18 @@ def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric:
 
 def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: bool) -> str | None:
     """report.csv and the plots; None, or what could not be written and why."""
-    done, written = [r for r in rows if r["status"] == "completed"], ["report.csv"]
-    try:
-        write_csv(sweep / "report.csv", rows, swept_params(rows))
-        varied = swept_params(done) if plots else []  # a plot needs two values among the completed jobs
-        for p in varied:
-            written.append(f"report_{p.replace('/', '_')}.png")
-            plot_param(sweep / written[-1], rows, p, metric)
-        grids = [p for p in varied if axis_kind(p, done)[1] != "scatter"]
-        if len(grids) == 2:
-            written.append("report_heatmap.png")
-            plot_heatmap(sweep / written[-1], rows, grids[0], grids[1], metric)
-    except OSError as e:
-        return f"could not write {written[-1]} in {str(sweep)!r}: {e.strerror or e}"
+    done = [r for r in rows if r["status"] == "completed"]
+    varied = swept_params(done) if plots else []  # a plot needs two values among the completed jobs
+    grids = [p for p in varied if axis_kind(p, done)[1] != "scatter"]
+    # (file, writer, its arguments after the path), in order; the first that cannot be written stops the rest
+    writes: list[tuple[str, Any, tuple[Any, ...]]] = [("report.csv", write_csv, (rows, swept_params(rows)))]
+    writes += [(f"report_{p.replace('/', '_')}.png", plot_param, (rows, p, metric)) for p in varied]
+    writes += [("report_heatmap.png", plot_heatmap, (rows, *grids, metric))] if len(grids) == 2 else []
+    for name, write, args in writes:
+        try:
+            write(sweep / name, *args)
+        except OSError as e:
+            return f"could not write {name} in {str(sweep)!r}: {e.strerror or e}"
     return None
 
 
