@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from quadnet import loop, model, reference
-from quadnet.cli import closed_pipe_ok
+from quadnet.cli import closed_pipe_ok, friendly_errors
 from quadnet.config import TrainConfig, compose, validate
 from quadnet.data import make_dataset
 from quadnet.engine import build
@@ -83,8 +83,6 @@ def check(cfg: TrainConfig) -> dict[str, Any]:
 
 @closed_pipe_ok()
 def main(argv: list[str] | None = None) -> None:
-    from quadnet.cli import friendly_errors
-
     parser = argparse.ArgumentParser(prog="python -m quadnet.crosscheck", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, as for quadnet.train (key=value)")
     parser.add_argument("--tol", type=float, default=1e-9, help="largest allowed difference (default 1e-9)")

@@ -88,8 +88,7 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
     image = ax.imshow(_region_image(params, lim, n), extent=(-lim, lim, -lim, lim), origin="lower")
     ax.axhline(0, color="k", lw=0.6)
     ax.axvline(0, color="k", lw=0.6)
-    many = len(data.x_train) + len(data.x_test) > MANY
-    size, alpha, ring = (12, 0.6, 30) if many else (60, 1.0, 200)
+    size, alpha, ring = (12, 0.6, 30) if len(data.x_train) + len(data.x_test) > MANY else (60, 1.0, 200)
     for x, y, marker in ((data.x_train, data.y_train, "o"), (data.x_test, data.y_test, "^")):
         cols = np.where((y >= 0)[:, None], COLORS[y.clip(0)], 0.5)
         ax.scatter(x[:, 0], x[:, 1], c=cols, marker=marker, s=size, alpha=alpha, edgecolors="k", linewidths=0.4)
