@@ -17,6 +17,11 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     sys.exit(code)
 
 
+def out_of_memory(ex: BaseException) -> bool:
+    """A CPU or GPU allocation that failed (torch raises RuntimeError or OutOfMemoryError)."""
+    return isinstance(ex, MemoryError) or type(ex).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(ex)
+
+
 def one_line(ex: BaseException) -> str:
     """A one-line account of an error: Hydra's and OmegaConf's in the user's words, else its first line."""
     from hydra.errors import MissingConfigException, OverrideParseException
@@ -29,6 +34,8 @@ def one_line(ex: BaseException) -> str:
 
     from quadnet.config import allowed_keys, expected_type, version_base
 
+    if out_of_memory(ex):
+        return "out of memory: the nets or the data do not fit (hidden_dim, data.n_train; a sweep's max_batch)"
     cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else None
     if isinstance(ex, MissingConfigException) and ex.options is not None and ex.missing_cfg_file:
         group, _, name = ex.missing_cfg_file.rpartition("/")
@@ -96,5 +103,7 @@ def friendly_errors() -> Iterator[None]:
         fail(one_line(ex))
     except OSError as ex:  # a path that cannot be read or written (a full disk): not a bug in quadnet
         fail(str(ex))
-    except MemoryError:
-        fail("out of memory: the net or the data is too large for this machine (hidden_dim, data.n_train)")
+    except (MemoryError, RuntimeError) as ex:
+        if not out_of_memory(ex):
+            raise
+        fail(one_line(ex))

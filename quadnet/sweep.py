@@ -35,6 +35,7 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from quadnet import checkpoint, loop, rundir
+from quadnet.cli import one_line
 from quadnet.config import ConfigError, TrainConfig, to_dict, validate
 from quadnet.data import make_dataset
 
@@ -168,14 +169,6 @@ def train_submitit(
             _done(
                 chunk, RuntimeError(f"submitit job {future.job_id} failed: {one_line(e)} (log: {future.paths.stderr})")
             )
-
-
-def one_line(e: BaseException) -> str:
-    from quadnet.cli import one_line as words
-
-    if isinstance(e, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in str(e):
-        return "out of memory; try fewer jobs per batch (hydra.launcher.max_batch) or a narrower net"
-    return words(e)
 
 
 # ---------------------------------------------------------------------- every job's dir, through run_job

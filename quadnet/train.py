@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from quadnet import checkpoint
-from quadnet.cli import fail, friendly_errors
+from quadnet.cli import fail, friendly_errors, one_line, out_of_memory
 from quadnet.config import ConfigError, TrainConfig, config_dir, register_configs, validate, version_base
 
 log = logging.getLogger("quadnet")
@@ -197,7 +197,9 @@ def task(cfg: DictConfig) -> float:
     single = hc.mode == RunMode.RUN
     try:
         summary = train(cfg)
-    except (ConfigError, checkpoint.CheckpointError, OSError, MemoryError) as e:
+    except (ConfigError, checkpoint.CheckpointError, OSError, MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not out_of_memory(e):
+            raise
         out = Path(hc.runtime.output_dir)
         if not single:
             from quadnet.rundir import write_failed
@@ -206,7 +208,7 @@ def task(cfg: DictConfig) -> float:
             raise
         if {p.name for p in out.iterdir()} <= {hc.output_subdir, f"{hc.job.name}.log"}:
             shutil.rmtree(out, ignore_errors=True)  # only what this run made: Hydra's record and an empty log
-        fail(str(e))
+        fail(one_line(e))
     return conclude(summary, single_run=single)
 
 
