@@ -51,6 +51,7 @@ def test_default_run_from_the_cli_writes_every_artifact(tmp_path):
     ):
         assert (run / name).is_file(), name
     s = json.loads((run / "summary.json").read_text())
+    assert set(s["versions"]) == {"quadnet", "git_commit", "python", "torch", "numpy", "hydra-core", "omegaconf"}
     assert set(s) >= SUMMARY_KEYS
     assert s["status"] == "completed" and s["device"] == "cpu" and s["engine"] == "torch/fused"
     probs = np.array([p["probs"] for p in s["predictions"]])

@@ -208,6 +208,19 @@ def test_divergence_stops_at_once_and_the_single_run_exits_non_zero(tmp_path):
     assert (tmp_path / "r" / "checkpoint.pt").is_file() and not (tmp_path / "r" / "model.pt").exists()
 
 
+@pytest.mark.parametrize("lr,epochs", [(1e6, 27), (1e308, 1)])
+def test_weights_that_blow_up_on_the_last_step_are_diverged_not_completed(lr, epochs, tmp_path):
+    """The loss before each update is finite, the weights after the last one are not."""
+    r = run_cli(f"lr={lr}", f"epochs={epochs}", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert r.returncode == 3 and s["status"] == "diverged" and s["epoch"] == epochs, r.stderr
+    for engine in ("numpy", "torch"):
+        assert (
+            train(make_cfg(f"lr={lr}", f"epochs={epochs}", f"engine={engine}"), run_dir=tmp_path / engine)["status"]
+            == "diverged"
+        )
+
+
 def test_divergence_in_process_returns_the_status(tmp_path):
     s = train(make_cfg("lr=1e6", "engine=numpy"), run_dir=tmp_path)
     assert s["status"] == "diverged" and s["epoch"] < 10000
