@@ -85,7 +85,9 @@ def test_bad_values_from_the_real_cli_have_no_traceback(tmp_path):
 
 
 def test_out_of_memory_is_one_line_and_leaves_no_dir(tmp_path):
-    r = run_cli("hidden_dim=1000000", "data=sampled", "data.n_train=10000000", "epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    r = run_cli(
+        "hidden_dim=1000000", "data=sampled", "data.n_train=10000000", "epochs=1", "hydra.run.dir=run", cwd=tmp_path
+    )
     assert r.returncode == 2 and r.stderr.strip().startswith("error: out of memory") and r.stderr.count("\n") == 1
     assert not (tmp_path / "run").exists()
 
