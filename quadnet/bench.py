@@ -182,11 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("--busy", type=int, default=0, help="CPU-bound processes to run beside it")
     args = parser.parse_args(argv)
     given = vars(args)
-    sizes = [int(j) for j in str(args.jobs).split(",") if j.strip().isdigit()] if args.what == "step" else []
+    sizes = [int(j) if j.strip().isdigit() else 0 for j in str(args.jobs).split(",")] if args.what == "step" else []
     counts = [given.get(k, 1) for k in ("repeat", "epochs", "sample")]
     counts += [args.jobs] if args.what == "sweep" else sizes
     if min(counts) < 1 or given.get("busy", 0) < 0:
-        parser.error("--repeat, --epochs, --jobs and --sample must be at least 1, --busy at least 0")
+        parser.error("--repeat, --epochs, --jobs (each size) and --sample must be whole numbers >= 1, --busy >= 0")
     rows = {
         "single": lambda: bench_single(args.epochs, args.repeat),
         "step": lambda: bench_step(sizes, args.repeat),

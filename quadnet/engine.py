@@ -26,6 +26,7 @@ from quadnet.data import Dataset
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 GRAPH_STEPS = 25  # steps per CUDA graph replay: few enough that Ctrl-C stays prompt
+TUNE_STEPS = 10  # steps timed per thread count (see TorchEngine._tune_threads)
 
 JobState = dict[str, Any]  # {"params": Params, "optimizer": {buffer: Params}}
 
@@ -55,6 +56,7 @@ class TorchEngine:
         self.t += starts[0].get("step", 0)
         self.rows = list(range(len(cfgs)))  # the caller's index of each job still here
         self._graph: Any = None
+        self.tune_threads = 0  # set by the loop: the CPUs to try against one thread
         self._opt: torch.optim.Optimizer | None = None
         self._views()
         if self.autograd:
@@ -86,7 +88,8 @@ class TorchEngine:
             self._opt.step()  # type: ignore[union-attr]
             return torch.log_softmax(logits.detach(), dim=2).sum((1, 2))
         a, logits = model.forward(self._p, self.x)
-        logp = torch.log_softmax(logits, dim=-1)
+        # (for J jobs, logits - logsumexp is faster than log_softmax's kernel on 4 classes; for one, slower)
+        logp = torch.log_softmax(logits, dim=1) if logits.dim() == 2 else logits - logits.logsumexp(2, keepdim=True)
         loss = logp.sum((-2, -1))
         dlogits = logp.exp_().sub_(self._onehot).div_(self.x.shape[0])  # of the mean cross-entropy
         optim.RULES[self.rule](self._p, model.backward(self._p, self.x, a, dlogits), self._s, self.h, self.t)
@@ -97,6 +100,8 @@ class TorchEngine:
         and, per job, the first of them whose loss was not finite (-1: none)."""
         losses: list[torch.Tensor] = []
         with torch.inference_mode(not self.autograd):
+            if self.tune_threads and n >= 2 * TUNE_STEPS:
+                self._tune_threads(losses)
             while len(losses) < n and not (losses and stop()):
                 if self._graphed(n - len(losses)):
                     self._graph.replay()
@@ -106,6 +111,21 @@ class TorchEngine:
         bad = ~torch.isfinite(torch.stack(losses).view(len(losses), -1))
         first = torch.where(bad.any(0), bad.to(torch.uint8).argmax(0), -1)
         return len(losses), first.tolist()  # the one host sync of a call
+
+    def _tune_threads(self, losses: list[torch.Tensor]) -> None:
+        """A big CPU batch with threads=0: time its first steps on one thread and on every usable
+        CPU, and keep the faster. More threads pay on a quiet machine and cost far more on a busy
+        one (see the README's figures); only a measurement on this machine, now, can tell."""
+        import time
+
+        seconds = {}
+        for n in (1, self.tune_threads):
+            torch.set_num_threads(n)
+            t0 = time.perf_counter()
+            losses += [self.step() for _ in range(TUNE_STEPS)]
+            seconds[n] = time.perf_counter() - t0
+        torch.set_num_threads(min(seconds, key=seconds.__getitem__))
+        self.tune_threads = 0
 
     def _graphed(self, left: int) -> bool:
         """Whether to replay the CUDA graph of GRAPH_STEPS steps; captured at first use."""

@@ -126,6 +126,8 @@ def train_batch(jobs: list[Job], device: Any, stop: Callable[[], bool] = lambda:
     engine, device = build([j.cfg for j in jobs], make_dataset(jobs[0].cfg.data), [j.state for j in jobs], device)
     t0 = time.perf_counter()
     with threads(jobs[0].cfg.threads):
+        if not jobs[0].cfg.threads and len(jobs) >= 64 and device.type == "cpu" and usable_cpus() > 1:
+            engine.tune_threads = usable_cpus()  # a big batch may run faster on more threads: it measures
         fit(engine, jobs, stop, save)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -211,8 +213,8 @@ def usable_cpus() -> int:
 
 @contextlib.contextmanager
 def threads(asked: int) -> Iterator[int]:
-    """torch's CPU threads for the loop: `asked`, else 1 (fastest for these tiny tensors,
-    quiet or busy: see the README), never more than :func:`usable_cpus`. Restored afterwards."""
+    """torch's CPU threads for the loop: `asked`, else 1 (fastest for one job's tiny tensors, quiet
+    or busy; a big batch then measures whether more pay), never more than :func:`usable_cpus`."""
     import torch
 
     before, want = torch.get_num_threads(), min(asked or 1, usable_cpus())

@@ -27,20 +27,28 @@ def forward(p: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch
     """Hidden activations (J, N, H) and logits (J, N, 4) for points x (N, 2).
 
     Parameters of one job may also come as 2-D views (W1 (2, H), b1 (1, H), …); then the
-    results are 2-D too, computed with 2-D ops, which cost less per call."""
+    results are 2-D too. The first layer of J jobs is one GEMM over all of them, (N, 2) @ (2, J·H):
+    faster than J small ones (see bench step)."""
     w1, b1, w2, b2 = p
     if w1.dim() == 2:
         a = torch.addmm(b1, x, w1).clamp_min_(0)
         return a, torch.addmm(b2, a, w2)
-    a = torch.baddbmm(b1, x.expand(w1.shape[0], -1, -1), w1).clamp_min_(0)
-    return a, torch.baddbmm(b2, a, w2)
+    j, _, h = w1.shape
+    a = torch.addmm(b1.reshape(1, j * h), x, w1.transpose(0, 1).reshape(2, j * h)).view(-1, j, h).transpose(0, 1)
+    return a.clamp_min_(0), torch.baddbmm(b2, a, w2)
 
 
 def backward(p: list[torch.Tensor], x: torch.Tensor, a: torch.Tensor, dlogits: torch.Tensor) -> list[torch.Tensor]:
     """Gradients of the loss (no L2 term) in the parameters' layout, from dL/dlogits (J, N, 4)."""
-    da = dlogits @ p[2].transpose(-1, -2)
-    dz1 = torch.ops.aten.threshold_backward(da, a, 0)  # through ReLU: where the activation was > 0
-    return [x.t() @ dz1, dz1.sum(-2, keepdim=True), a.transpose(-1, -2) @ dlogits, dlogits.sum(-2, keepdim=True)]
+    dz1 = torch.ops.aten.threshold_backward(dlogits @ p[2].transpose(-1, -2), a, 0)  # through ReLU: where a > 0
+    if dz1.dim() == 2:
+        return [x.t() @ dz1, dz1.sum(0, keepdim=True), a.t() @ dlogits, dlogits.sum(0, keepdim=True)]
+    # J jobs: dW1 as one GEMM for all of them (as in forward), and dW2 as (dl^T a)^T, which is
+    # faster than a^T dl here; both made contiguous, so that the updates run on plain tensors
+    j, n, h = dz1.shape
+    dw1 = (x.t() @ dz1.transpose(0, 1).reshape(n, j * h)).view(2, j, h).transpose(0, 1).contiguous()
+    dw2 = (dlogits.transpose(1, 2) @ a).transpose(1, 2).contiguous()
+    return [dw1, dz1.sum(1, keepdim=True), dw2, dlogits.sum(1, keepdim=True)]
 
 
 class QuadNet(nn.Module):

@@ -75,6 +75,17 @@ def probs_of(summary: dict[str, Any]) -> np.ndarray:
     return np.array([p["probs"] for p in summary["predictions"]])
 
 
+def call_main(main: Any, capsys: Any, *argv: Any) -> tuple[Any, str, str]:
+    """(exit code, stdout, stderr) of a command's main(argv) run in this process."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def run_cli(
     *args: str, cwd: Path, module: str = "quadnet.train", timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_cfg, requires_cuda
+from conftest import make_cfg, requires_cuda, run_cli
 from quadnet import optim
 from quadnet.crosscheck import check
 from quadnet.data import make_dataset
@@ -138,3 +138,16 @@ def test_cuda_graph_reports_divergence_step_exactly():
     (_, first_c), _, _ = _run([make_cfg("lr=1e6")], steps=1000)
     (_, first_g), _, _ = _run([make_cfg("lr=1e6")], steps=1000, device="cuda")
     assert first_c == first_g and first_c[0] >= 0
+
+
+def test_crosscheck_from_the_cli_passes_within_its_tolerance_and_fails_past_it(tmp_path):
+    ok = run_cli("epochs=50", "log_every=10", module="quadnet.crosscheck", cwd=tmp_path)
+    assert ok.returncode == 0 and ok.stdout.strip().splitlines()[-1].startswith("PASS"), ok.stderr
+    bad = run_cli("epochs=50", "log_every=10", "--tol", "1e-30", module="quadnet.crosscheck", cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stdout.strip().splitlines()[-1].startswith("FAIL")
+
+
+@pytest.mark.parametrize("args", [["step", "--jobs", "abc"], ["step", "--jobs", "0,8"], ["sweep", "--busy", "-1"]])
+def test_bench_refuses_bad_sizes_in_one_line(args, tmp_path):
+    r = run_cli(*args, module="quadnet.bench", cwd=tmp_path)
+    assert r.returncode == 2 and "must be whole numbers >= 1" in r.stderr and "Traceback" not in r.stderr

@@ -12,7 +12,7 @@ import time
 import matplotlib
 import pytest
 
-from conftest import run_cli
+from conftest import call_main, run_cli
 from quadnet.report import main
 
 matplotlib.use("Agg")
@@ -61,14 +61,7 @@ def texts(fig):
 
 
 def _report(capsys, *argv):
-    """(exit code, stdout, stderr) of the report run in this process."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call_main(main, capsys, *argv)
 
 
 def _rows(sweep):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from test_report import saved_figures, texts
 
-from conftest import run_cli
+from conftest import call_main, run_cli
 from quadnet import checkpoint, plots
 from quadnet.config import DataConfig
 from quadnet.data import make_dataset
@@ -137,14 +137,7 @@ def runs(tmp_path_factory):
 
 
 def _predict(capsys, *argv):
-    """(exit code, stdout, stderr) of predict run in this process."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call_main(main, capsys, *argv)
 
 
 def test_predict_defaults_to_the_newest_completed_run_and_prints_trains_columns(runs, capsys, monkeypatch):
