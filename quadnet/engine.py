@@ -88,8 +88,7 @@ class TorchEngine:
             self._opt.step()  # type: ignore[union-attr]
             return torch.log_softmax(logits.detach(), dim=2).sum((1, 2))
         a, logits = model.forward(self._p, self.x)
-        # (for J jobs, logits - logsumexp is faster than log_softmax's kernel on 4 classes; for one, slower)
-        logp = torch.log_softmax(logits, dim=1) if logits.dim() == 2 else logits - logits.logsumexp(2, keepdim=True)
+        logp = torch.log_softmax(logits, dim=-1)
         loss = logp.sum((-2, -1))
         dlogits = logp.exp_().sub_(self._onehot).div_(self.x.shape[0])  # of the mean cross-entropy
         optim.RULES[self.rule](self._p, model.backward(self._p, self.x, a, dlogits), self._s, self.h, self.t)
@@ -178,7 +177,7 @@ class TorchEngine:
     def keep(self, rows: list[int]) -> None:
         """Drop every job but those at `rows` (the batch shrinks; a CUDA graph is captured again)."""
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        pick = lambda ts: [t.index_select(0, idx) for t in ts]  # noqa: E731
+        pick = lambda ts: model.lay_out([t.index_select(0, idx) for t in ts])  # noqa: E731
         self.params, self.state = pick(self.params), {n: pick(b) for n, b in self.state.items()}
         self.h = {n: v if isinstance(v, float) else v.index_select(0, idx) for n, v in self.h.items()}
         if len(rows) == 1:  # one job left: its 2-D views take plain floats

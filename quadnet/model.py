@@ -43,10 +43,10 @@ def backward(p: list[torch.Tensor], x: torch.Tensor, a: torch.Tensor, dlogits: t
     dz1 = torch.ops.aten.threshold_backward(dlogits @ p[2].transpose(-1, -2), a, 0)  # through ReLU: where a > 0
     if dz1.dim() == 2:
         return [x.t() @ dz1, dz1.sum(0, keepdim=True), a.t() @ dlogits, dlogits.sum(0, keepdim=True)]
-    # J jobs: dW1 as one GEMM for all of them (as in forward), and dW2 as (dl^T a)^T, which is
-    # faster than a^T dl here; both made contiguous, so that the updates run on plain tensors
+    # J jobs: dW1 as one GEMM for all of them (as in forward), in W1's layout; dW2 as (dl^T a)^T,
+    # faster than a^T dl here, made contiguous as W2 is, so that the updates run on dense tensors
     j, n, h = dz1.shape
-    dw1 = (x.t() @ dz1.transpose(0, 1).reshape(n, j * h)).view(2, j, h).transpose(0, 1).contiguous()
+    dw1 = (x.t() @ dz1.transpose(0, 1).reshape(n, j * h)).view(2, j, h).transpose(0, 1)  # W1's layout
     dw2 = (dlogits.transpose(1, 2) @ a).transpose(1, 2).contiguous()
     return [dw1, dz1.sum(1, keepdim=True), dw2, dlogits.sum(1, keepdim=True)]
 
@@ -96,7 +96,14 @@ def stack(jobs: list[Params], hidden: int, dtype: torch.dtype, device: torch.dev
             v = p[name].reshape(-1, p[name].shape[-1])
             t[j, : v.shape[0], : v.shape[1]] = v
         out.append(torch.as_tensor(t, dtype=dtype, device=device))
-    return out
+    return lay_out(out)
+
+
+def lay_out(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """W1 (J, 2, H) stored input-major, (2, J, H) in memory, so that the first layer and its gradient
+    are single GEMMs over all jobs without a copy; the other tensors as they are."""
+    w1 = tensors[0]
+    return [w1.transpose(0, 1).contiguous().transpose(0, 1), *tensors[1:]]
 
 
 def unstack(tensors: list[torch.Tensor], rows: list[int], hidden_dims: list[int]) -> list[Params]:

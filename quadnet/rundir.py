@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from hydra.experimental.callback import Callback
 
 from quadnet import artifacts, checkpoint
 from quadnet.config import ConfigError, TrainConfig, to_dict
@@ -66,6 +67,19 @@ def lock(folder: Path) -> None:
             f"another sweep is writing into {key} (it holds .lock there); wait for it or choose another hydra.sweep.dir"
         ) from None
     _LOCKS[key] = fd
+
+
+class SweepLock(Callback):
+    """A Hydra callback (configs/train.yaml): every sweep, under any launcher, holds its dir's lock
+    from its start, before any job dir is made."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from quadnet.cli import fail
+
+        try:
+            lock(Path(str(config.hydra.sweep.dir)))
+        except ConfigError as e:  # Hydra turns a callback's exception into a warning: end the sweep here
+            fail(str(e))
 
 
 def title(cfg: TrainConfig, epoch: int) -> str:

@@ -495,3 +495,12 @@ def test_under_hydra_1_4_an_optuna_search_gets_one_honest_line(tmp_path):
         "-m", "+hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path
     )
     assert r.returncode == 2 and "does not work with hydra-core 1.4" in r.stderr.splitlines()[-1]
+
+
+def test_a_basic_sweep_into_a_dir_another_process_holds_is_refused_before_writing(tmp_path):
+    from quadnet.rundir import lock
+
+    lock(tmp_path / "s")  # this test's process holds it, as a running sweep would
+    r = run_cli("-m", "seed=0,1", "epochs=5", f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: another sweep is writing into"), r.stderr
+    assert r.stderr.count("\n") == 1 and sorted(p.name for p in (tmp_path / "s").iterdir()) == [".lock"]
