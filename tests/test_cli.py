@@ -146,3 +146,33 @@ def test_cuda_run_matches_the_seed(tmp_path):
     s = train(make_cfg("device=cuda"), run_dir=tmp_path)
     assert s["device"].startswith("cuda:0")
     np.testing.assert_allclose(np.array([p["probs"] for p in s["predictions"]]), SEED_PROBS, atol=1e-9)
+
+
+def test_your_own_points_from_a_csv_and_one_line_for_a_bad_one(tmp_path):
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(80, 2)) * 0.3 + np.repeat([[1, 1], [-1, 1], [-1, -1], [1, -1]], 20, axis=0)  # 4 blobs
+    labels = np.repeat([1, 2, 3, 4], 20)
+    lines = ["x,y,label"] + [f"{x},{y},{c}" for (x, y), c in zip(pts, labels, strict=True)]
+    (tmp_path / "blobs.csv").write_text("\n".join(lines) + "\n")
+    s = train(
+        make_cfg("data=csv", f"data.path={tmp_path / 'blobs.csv'}", "epochs=300", "lr=0.05"), run_dir=tmp_path / "r"
+    )
+    assert s["status"] == "completed" and len(s["predictions"]) == 16 and s["test_accuracy"] >= 0.9  # a fifth held out
+    (tmp_path / "bad.csv").write_text("1,2,1\n3,4,5\n")
+    r = run_cli("data=csv", f"data.path={tmp_path / 'bad.csv'}", "hydra.run.dir=x", cwd=tmp_path)
+    assert (
+        r.returncode == 2
+        and r.stderr.count("\n") == 1
+        and "line 2: '3,4,5' is not x,y,label with label 1-4" in r.stderr
+    )
+    assert not (tmp_path / "x").exists()
+
+
+def test_animate_writes_a_gif_of_the_run_and_nothing_without_it(tmp_path):
+    from PIL import Image
+
+    train(make_cfg("animate=true", "epochs=500", "log_every=50"), run_dir=tmp_path / "a")
+    with Image.open(tmp_path / "a" / "training.gif") as gif:
+        assert gif.n_frames == 11  # epochs 0, 50, …, 500
+    train(make_cfg("epochs=500", "log_every=50"), run_dir=tmp_path / "b")
+    assert not (tmp_path / "b" / "training.gif").exists()
