@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -140,7 +139,7 @@ def train_batch(jobs: list[Job], device: Any, stop: Callable[[], bool] = lambda:
 def progress(jobs: list[Job], start: int) -> Callable[..., None]:
     """A tqdm bar on a terminal (or as `progress=` says); else about ten plain lines a run."""
     c0, total = jobs[0].cfg, max(j.cfg.epochs for j in jobs)
-    show = c0.progress if c0.progress is not None else sys.stderr.isatty() and shutil.get_terminal_size().columns > 0
+    show = c0.progress if c0.progress is not None else _columns() > 0  # a terminal that says how wide it is
     what = f"{len(jobs)} jobs" if len(jobs) > 1 else "epoch"
     if show and total > start:
         from tqdm import tqdm
@@ -169,6 +168,14 @@ def progress(jobs: list[Job], start: int) -> Callable[..., None]:
             )
 
     return lines
+
+
+def _columns() -> int:
+    """stderr's terminal width; 0 when it is no terminal, or one that reports none (`script -qc`)."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
+    except (OSError, ValueError):
+        return 0
 
 
 class Stop:

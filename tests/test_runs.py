@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -351,3 +352,11 @@ def test_without_a_terminal_the_log_has_plain_periodic_lines(tmp_path):
     assert len(lines) == 10 and lines[-1].startswith("epoch 1000/1000")
     log = (tmp_path / "r" / "train.log").read_text()
     assert "epoch 1000/1000" in log and "[quadnet]" in log  # the file keeps Hydra's timestamped format
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux's script for a pseudo-terminal")
+def test_a_terminal_that_reports_no_width_gets_plain_progress_lines(tmp_path):
+    """`script -qc` runs the command on a terminal of 0 columns: a bar would print nothing."""
+    cmd = f"{sys.executable} -m quadnet.train epochs=3000 plots=false hydra.run.dir=r"
+    r = subprocess.run(["script", "-qc", cmd, "/dev/null"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "epoch  300/3000  loss" in r.stdout, r.stdout[-500:]
