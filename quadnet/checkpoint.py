@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,10 @@ def atomic_write(path: Path, write: Any) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except RuntimeError as e:  # torch.save reports a failed write so
-        raise OSError(f"cannot write {str(path)!r}: {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:  # torch.save reports a failed write (a full disk) so
+        raise OSError(f"cannot write {str(path)!r}: {str(e).splitlines()[0].split('] ')[-1].lstrip('. ')}") from None
+    except OSError as e:  # name the file (a full disk's error does not)
+        raise OSError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
@@ -97,7 +100,9 @@ def find(path: str | Path) -> Path:
 def read(p: Path) -> Any:
     """torch.load of a file, with a one-line error for anything that is not a safe torch file."""
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of some files before refusing them: one line is ours
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(f"refused {str(p)!r}: it holds objects other than tensors and plain values") from None
     except Exception:  # torch raises many kinds for a file that is not one of its own
@@ -111,7 +116,8 @@ def _numpy(tensors: Any, hidden: int, what: str) -> dict[str, np.ndarray]:
     for name, shape in SHAPES.items():
         t = tensors.get(name) if isinstance(tensors, dict) else None
         want = tuple(hidden if s == "H" else s for s in shape)
-        if not isinstance(t, torch.Tensor) or t.is_meta or not t.is_floating_point() or tuple(t.shape) != want:
+        dense = isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_meta
+        if not dense or not t.is_floating_point() or tuple(t.shape) != want:  # type: ignore[union-attr]
             raise CheckpointError(f"its {what} {name} is not a float tensor of shape {want} (hidden_dim={hidden})")
         out[name] = t.to(torch.float64).numpy().copy()
     return out
@@ -150,13 +156,15 @@ def check(obj: Any, where: str) -> dict[str, Any]:
         isinstance(r, dict) and all(isinstance(r.get(k), int | float) for k in keys) for r in history
     ):
         raise CheckpointError(f"{where} has damaged metrics: each row must have {', '.join(keys)}")
+    step, opt = obj.get("step", epoch), obj.get("optimizer") or {}
+    if type(step) is not int or step < 0 or not isinstance(opt, dict):
+        raise CheckpointError(f"{where} has a bad optimizer state: step {step!r}, buffers {type(opt).__name__}")
     try:
         params = _numpy(obj.get("params"), cfg.hidden_dim, "weight")
-        opt = obj.get("optimizer") or {}
         buffers = {str(n): _numpy(b, cfg.hidden_dim, f"{n} buffer") for n, b in opt.items()}
     except CheckpointError as e:
         raise CheckpointError(f"{where}: {e}") from None
-    state = {"params": params, "optimizer": buffers, "step": int(obj.get("step", epoch))}
+    state = {"params": params, "optimizer": buffers, "step": step}
     return {**obj, "state": state, "params": params, "cfg": cfg, "history": history}
 
 

@@ -89,8 +89,8 @@ def _range(low: float, high: float = math.inf, *, open_low: bool = False, open_h
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "hidden_dim": _range(1, 1_000_000),
     "optimizer": _choice("sgd", "adam"),
-    "lr": _range(0, open_low=True),
-    "reg": _range(0),
+    "lr": _range(0, 1e30, open_low=True),  # (beyond, float32 cannot hold the step)
+    "reg": _range(0, 1e30),
     "momentum": _range(0, 1, open_high=True),
     "beta1": _range(0, 1, open_high=True),
     "beta2": _range(0, 1, open_high=True),
@@ -127,7 +127,8 @@ def _fail(key: str, value: Any, allowed: str) -> ConfigError:
 def _typed(cfg: Any) -> DictConfig:
     """Any mapping as a DictConfig on the schema: OmegaConf refuses unknown keys and wrong types."""
     if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is TrainConfig:
-        extra = sorted(set(cfg.keys()) - {f.name for f in dataclasses.fields(TrainConfig)} - {"hydra"})
+        keys = [str(k) for k in cfg if k != "hydra"] + [f"data.{k}" for k in (cfg.data or {})]
+        extra = sorted(set(keys) - set(allowed_keys()) - {"data"})
         if extra:  # added with +key=…
             raise ConfigError(f"unknown config key '{extra[0]}'; allowed keys: {', '.join(allowed_keys())}")
         return cfg
@@ -149,9 +150,14 @@ def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
     node = _typed(cfg)
     if node.data is None:
         raise ConfigError("data=null is not allowed: choose data=seed, data=sampled or data=csv")
-    # plain values through OmegaConf's public API (interpolations resolve); ~0.3 ms a job
-    data = DataConfig(**{f.name: node.data[f.name] for f in dataclasses.fields(DataConfig)})
-    c = TrainConfig(**{f.name: node[f.name] for f in dataclasses.fields(TrainConfig) if f.name != "data"}, data=data)
+    try:  # plain values through OmegaConf's public API (interpolations resolve); ~0.3 ms a job
+        data = DataConfig(**{f.name: node.data[f.name] for f in dataclasses.fields(DataConfig)})
+        top = {f.name: node[f.name] for f in dataclasses.fields(TrainConfig) if f.name != "data"}
+    except OmegaConfBaseException as e:  # ~lr, ${oops}: a key without a value
+        from quadnet.cli import one_line
+
+        raise ConfigError(one_line(e)) from None
+    c = TrainConfig(**top, data=data)
     for key, (ok, allowed) in RULES.items():
         if key.startswith("data.") and c.data.name != "sampled" and key != "data.name":
             continue

@@ -47,11 +47,19 @@ def _sample(rng: np.random.Generator, n: int, extent: float, margin: float) -> n
     return pts
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def read_csv(path: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     """Points (N, 2) and classes 0..3 from a file of ``x,y,label`` lines (label 1-4; a header
     line and ``#`` comments are skipped). Raises :class:`ConfigError` with the line at fault."""
     try:
-        lines = Path(path).expanduser().read_text().splitlines()
+        lines = Path(path).expanduser().read_text(encoding="utf-8-sig").splitlines()  # (a BOM is not data)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(
             f"{key}={path!r} cannot be read: {getattr(e, 'strerror', None) or 'not a text file'}"
@@ -59,12 +67,14 @@ def read_csv(path: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     rows = []
     for i, line in enumerate(lines, 1):
         parts = [p.strip() for p in line.split("#", 1)[0].split(",")]
-        if parts == [""] or (i == 1 and not parts[0].lstrip("+-").replace(".", "", 1).isdigit()):
-            continue  # a blank line, a comment or a header
+        if parts == [""]:
+            continue  # a blank line or a comment
         try:
             x, y, label = float(parts[0]), float(parts[1]), int(parts[2])
             assert len(parts) == 3 and np.isfinite([x, y]).all() and 1 <= label <= NUM_CLASSES
         except (ValueError, IndexError, AssertionError):
+            if i == 1 and not _is_number(parts[0]):
+                continue  # a header line
             raise ConfigError(f"{key}={path!r} line {i}: {line.strip()!r} is not x,y,label with label 1-4") from None
         rows.append((x, y, label - 1))
     if not rows:

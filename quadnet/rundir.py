@@ -48,38 +48,42 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-_LOCKS: dict[str, int] = {}  # sweep dirs this process holds
+_LOCKS: dict[str, int] = {}  # run and sweep dirs this process holds
 
 
-def lock(folder: Path) -> None:
-    """Hold ``folder/.lock`` for the life of this process (flock: it dies with the process), so
-    that a second sweep into the same dir is refused; this process may take it again."""
+def lock(folder: Path, what: str = "sweep") -> None:
+    """Hold ``folder`` for the life of this process (flock on the dir itself: it dies with the
+    process and leaves no file), so that a second run or sweep into it is refused."""
     key = str(folder.resolve())
     if key in _LOCKS:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT)
+    fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ConfigError(
-            f"another sweep is writing into {key} (it holds .lock there); wait for it or choose another hydra.sweep.dir"
-        ) from None
+        raise ConfigError(f"another {what} is writing into {key}; wait for it or choose another dir") from None
     _LOCKS[key] = fd
 
 
-class SweepLock(Callback):
-    """A Hydra callback (configs/train.yaml): every sweep, under any launcher, holds its dir's lock
-    from its start, before any job dir is made."""
+class DirLock(Callback):
+    """A Hydra callback (configs/train.yaml): every run and every sweep, under any launcher, holds
+    its dir from its start, before Hydra writes anything into it."""
 
-    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+    def _hold(self, folder: Any, what: str) -> None:
         from quadnet.cli import fail
 
         try:
-            lock(Path(str(config.hydra.sweep.dir)))
-        except ConfigError as e:  # Hydra turns a callback's exception into a warning: end the sweep here
+            lock(Path(str(folder)), what)
+        except ConfigError as e:  # Hydra turns a callback's exception into a warning: end here
             fail(str(e))
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        self._hold(config.hydra.run.dir, "run")
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self._hold(config.hydra.sweep.dir, "sweep")
 
 
 def title(cfg: TrainConfig, epoch: int) -> str:

@@ -234,8 +234,8 @@ def write_job(ctx: Any, job: Job, stop_signal: int | None, n_jobs: int) -> JobRe
 
 
 def _callbacks(ctx: Any) -> list[Any]:
-    """The sweep's Hydra callbacks other than quadnet's own SweepLock (which only acts at the start)."""
-    return [c for c in ctx.callbacks.callbacks if not isinstance(c, rundir.SweepLock)]
+    """The sweep's Hydra callbacks other than quadnet's own DirLock (which only acts at the start)."""
+    return [c for c in ctx.callbacks.callbacks if not isinstance(c, rundir.DirLock)]
 
 
 def _run(ctx: Any, task: Callable[[DictConfig], Any], config: DictConfig) -> JobReturn:

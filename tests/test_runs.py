@@ -360,3 +360,12 @@ def test_a_terminal_that_reports_no_width_gets_plain_progress_lines(tmp_path):
     cmd = f"{sys.executable} -m quadnet.train epochs=3000 plots=false hydra.run.dir=r"
     r = subprocess.run(["script", "-qc", cmd, "/dev/null"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "epoch  300/3000  loss" in r.stdout, r.stdout[-500:]
+
+
+def test_a_second_run_into_a_dir_a_running_one_holds_is_refused(tmp_path):
+    from quadnet.rundir import lock
+
+    lock(tmp_path / "r", "run")  # this test's process holds it, as a running run would
+    r = run_cli("epochs=5", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: another run is writing into") and r.stderr.count("\n") == 1
+    assert list((tmp_path / "r").iterdir()) == []  # Hydra wrote nothing into it
