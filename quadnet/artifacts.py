@@ -40,12 +40,16 @@ def summary_metric(summary: dict[str, Any], name: str) -> float | None:
         value = None if acc is None else 1 - acc
     else:
         value = summary.get(name)
-    return float(value) if value is not None and math.isfinite(value) else None
+    try:
+        return float(value) if value is not None and math.isfinite(value) else None
+    except (TypeError, ValueError, OverflowError):  # a damaged summary
+        return None
 
 
-def prediction_rows(points: np.ndarray, probs: np.ndarray) -> list[dict[str, Any]]:
-    """Per point (N, 2): the predicted quadrant 1–4 (None if probs are not finite), the
-    probabilities, the true quadrant (None on an axis) and whether it lies on an axis."""
+def prediction_rows(points: np.ndarray, probs: np.ndarray, classes: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Per point (N, 2): the predicted class 1–4 (None if probs are not finite), the probabilities,
+    the true class (the data's label; without labels the point's quadrant, None on an axis) and
+    whether it lies on an axis."""
     from quadnet.data import quadrant_class
 
     return [
@@ -56,7 +60,7 @@ def prediction_rows(points: np.ndarray, probs: np.ndarray) -> list[dict[str, Any
             "true_quadrant": int(t) + 1 if t >= 0 else None,
             "on_axis": bool(t < 0),
         }
-        for pt, p, t in zip(points, probs, quadrant_class(points), strict=True)
+        for pt, p, t in zip(points, probs, quadrant_class(points) if classes is None else classes, strict=True)
     ]
 
 

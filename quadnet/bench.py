@@ -11,7 +11,6 @@ sweep    the same sweep under Hydra's basic launcher and the batched launcher, e
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import platform
@@ -24,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from quadnet.cli import closed_pipe_ok
+from quadnet.cli import ArgumentParser, closed_pipe_ok
 
 VARIANTS = {  # bench single: name and overrides
     "numpy engine (float64)": ["engine=numpy"],
@@ -164,11 +163,11 @@ def _table(rows: list[dict[str, Any]]) -> None:
 
 @closed_pipe_ok()
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m quadnet.bench", description=(__doc__ or "").split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m quadnet.bench", description=(__doc__ or "").split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    repeated = argparse.ArgumentParser(add_help=False, parents=[common])
+    repeated = ArgumentParser(add_help=False, parents=[common])
     repeated.add_argument("--repeat", type=int, default=3, help="runs of each variant; the best counts")
     single = sub.add_parser("single", help="the default job on every engine", parents=[repeated])
     single.add_argument("--epochs", type=int, default=10000)

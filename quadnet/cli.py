@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
 
@@ -68,6 +70,14 @@ def one_line(ex: BaseException) -> str:
     return text.splitlines()[0] if text else type(ex).__name__
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with quadnet's one-line errors (exit 2) instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        fail(f"{message} (see {self.prog} --help)")
+        raise AssertionError  # (fail exits)
+
+
 @contextlib.contextmanager
 def closed_pipe_ok() -> Iterator[None]:
     """Let ``python -m quadnet.report | head`` end quietly when the reader stops reading."""
@@ -107,3 +117,5 @@ def friendly_errors() -> Iterator[None]:
         if not out_of_memory(ex):
             raise
         fail(one_line(ex))
+    except KeyboardInterrupt:  # Ctrl-C before training, or twice: stop at once, keep what is written
+        fail("interrupted: stopped at once (what was written so far is kept)", 130)

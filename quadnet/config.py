@@ -39,21 +39,21 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    # --- the model and its optimisation (the seed program's values) ---
+    # --- the model and its optimisation (the original program's values) ---
     hidden_dim: int = 50  # width of the hidden ReLU layer
-    optimizer: str = "sgd"  # sgd (the seed's, with optional momentum) | adam (torch.optim.Adam's rule)
+    optimizer: str = "sgd"  # sgd (the original's, with optional momentum) | adam (torch.optim.Adam's rule)
     lr: float = 0.001  # step size
     reg: float = 0.001  # L2 on both weight matrices (grad += reg·W); biases are not decayed
-    momentum: float = 0.0  # sgd: torch.optim.SGD's momentum (0 = the seed's plain descent)
+    momentum: float = 0.0  # sgd: torch.optim.SGD's momentum (0 = the original's plain descent)
     beta1: float = 0.9  # adam: decay of the gradient's running mean
     beta2: float = 0.999  # adam: decay of the squared gradient's running mean
     eps: float = 1e-8  # adam: added to the denominator
     epochs: int = 10000  # full-batch gradient steps
     seed: int = 1  # seeds the initial weights
-    init: str = "normal"  # normal: the seed's RandomState(seed).randn draws | torch: nn.Linear's default
+    init: str = "normal"  # normal: the original's RandomState(seed).randn draws | torch: nn.Linear's default
     # --- where and how the numbers are computed ---
     device: str = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
-    dtype: str = "float64"  # float64 (the seed's precision) | float32
+    dtype: str = "float64"  # float64 (the original's precision) | float32
     engine: str = "torch"  # torch | numpy (the hand-written backprop reference, cpu)
     step: str = "fused"  # torch: fused (hand-written gradients) | autograd (nn.Module + torch.optim)
     cuda_graph: bool = True  # on CUDA, replay the fused steps as a CUDA graph
@@ -119,6 +119,19 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+_OWNER = {
+    "n_train": "sampled",
+    "n_test": "sampled",
+    "extent": "sampled",
+    "margin": "sampled",
+    "path": "csv",
+    "test_path": "csv",
+}
+_ONLY = {
+    name: tuple(k for k, v in _OWNER.items() if v != name) for name in ("seed", "sampled", "csv")
+}  # keys it ignores
+
+
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:
     text = repr(value)
     return ConfigError(f"{key}={text if len(text) <= 40 else text[:37] + '...'} is not allowed: {allowed}")
@@ -166,6 +179,15 @@ def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
             raise _fail(key, value, allowed)
     if c.data.name == "sampled" and c.data.margin >= c.data.extent:
         raise _fail("data.margin", c.data.margin, f"must be below data.extent={c.data.extent:g}")
+    unused = [
+        k
+        for k, v in dataclasses.asdict(c.data).items()
+        if k in _ONLY.get(c.data.name, ()) and v != getattr(DataConfig, k)
+    ]
+    if unused:  # (a key of another data variant would be silently ignored)
+        raise ConfigError(
+            f"data.{unused[0]} does not apply to data={c.data.name}; did you mean data={_OWNER[unused[0]]}?"
+        )
     if c.data.name == "csv" and not c.data.path:
         raise ConfigError("data=csv needs data.path=FILE: a file of x,y,label lines (label 1-4)")
     if c.engine == "numpy" and c.device not in ("auto", "cpu"):

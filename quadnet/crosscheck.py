@@ -9,7 +9,6 @@ weights, and with centred finite differences. Exit 0 when all are within --tol, 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from quadnet import loop, model, reference
-from quadnet.cli import closed_pipe_ok, friendly_errors
+from quadnet.cli import ArgumentParser, closed_pipe_ok, friendly_errors
 from quadnet.config import TrainConfig, compose, validate
 from quadnet.data import make_dataset
 from quadnet.engine import build
@@ -83,7 +82,7 @@ def check(cfg: TrainConfig) -> dict[str, Any]:
 
 @closed_pipe_ok()
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m quadnet.crosscheck", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m quadnet.crosscheck", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, as for quadnet.train (key=value)")
     parser.add_argument("--tol", type=float, default=1e-9, help="largest allowed difference (default 1e-9)")
     parser.add_argument(
@@ -93,14 +92,18 @@ def main(argv: list[str] | None = None) -> None:
         help="largest allowed relative error against finite differences (default 1e-7)",
     )
     args = parser.parse_args(argv)
+    if not all(0 <= t < float("inf") for t in (args.tol, args.grad_check_tol)):
+        parser.error("--tol and --grad-check-tol must be finite and >= 0")
     with friendly_errors():
         cfg = validate(compose(args.overrides))
+        make_dataset(cfg.data)  # (a bad CSV says so here, in one line)
     print(
         f"cross-check: {cfg.epochs} epochs, hidden_dim={cfg.hidden_dim}, lr={cfg.lr:g}, reg={cfg.reg:g}, "
         f"momentum={cfg.momentum:g}, {cfg.optimizer}, init={cfg.init}, data={cfg.data.name}, float64; "
         f"tolerance {args.tol:g}"
     )
-    r = check(cfg)
+    with np.errstate(all="ignore"):  # a diverging config is reported as FAIL, not warned about
+        r = check(cfg)
     print(f"{'against numpy':>16}  {'loss (max over run)':>20}  {'final weights':>14}  {'test probs':>11}")
     for name, d in r["engines"].items():
         print(f"{name:>16}  {d['loss_along_the_way']:>20.3e}  {d['final_weights']:>14.3e}  {d['test_probs']:>11.3e}")

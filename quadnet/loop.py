@@ -125,8 +125,9 @@ def train_batch(jobs: list[Job], device: Any, stop: Callable[[], bool] = lambda:
     engine, device = build([j.cfg for j in jobs], make_dataset(jobs[0].cfg.data), [j.state for j in jobs], device)
     t0 = time.perf_counter()
     with threads(jobs[0].cfg.threads):
-        if not jobs[0].cfg.threads and len(jobs) >= 64 and device.type == "cpu" and usable_cpus() > 1:
-            engine.tune_threads = usable_cpus()  # a big batch may run faster on more threads: it measures
+        room = usable_cpus() - os.getloadavg()[0]  # the CPUs that other processes leave idle, roughly
+        if not jobs[0].cfg.threads and len(jobs) >= 64 and device.type == "cpu" and room > 1:
+            engine.tune_threads = usable_cpus()  # a big batch on a quiet machine may gain: it measures
         fit(engine, jobs, stop, save)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

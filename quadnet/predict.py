@@ -27,7 +27,7 @@ import math
 import re
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ class Model:
 
     Points are a list or array of shape (n, 2), or one point of shape (2,)."""
 
-    params: dict[str, np.ndarray]  # seed layout, float64
+    params: dict[str, np.ndarray] = field(repr=False)  # seed layout, float64
     path: str
     epoch: int
     status: str

@@ -17,7 +17,6 @@ did not get them.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import io
@@ -31,7 +30,7 @@ import numpy as np
 import yaml
 
 from quadnet.artifacts import summary_metric, write_text
-from quadnet.cli import closed_pipe_ok, fail
+from quadnet.cli import ArgumentParser, closed_pipe_ok, fail
 
 METRICS = {"test_loss": True, "test_error": True, "final_loss": True, "test_accuracy": False, "train_accuracy": False}
 FIGURES = ["final_loss", "test_loss", "train_accuracy", "test_accuracy", "train_seconds"]
@@ -136,6 +135,7 @@ def axis_kind(param: str, rows: list[dict[str, Any]]) -> tuple[list[Any], str, b
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in distinct)
     log = numeric and min(distinct) > 0 and max(distinct) / min(distinct) >= 10
     many = len(distinct) > CONTINUOUS and len(distinct) > len(values) / 2
+    many |= len(values) == len(distinct) >= 3 and any(isinstance(v, float) for v in distinct)  # a search, not a grid
     return distinct, "scatter" if param == "seed" or (numeric and many) else "grid" if numeric else "categorical", log
 
 
@@ -253,7 +253,7 @@ def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int |
 
 @closed_pipe_ok()
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m quadnet.report", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m quadnet.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", nargs="?", help="a sweep dir (default: the newest under outputs/multirun)")
     parser.add_argument("--metric", default="test_loss", help=f"sort by: {', '.join(METRICS)} (default test_loss)")
     parser.add_argument("--outputs", default="outputs", help="where to look for the newest sweep")

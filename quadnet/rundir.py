@@ -122,7 +122,7 @@ def write(
         "signal": signal.Signals(stop_signal).name if job.status == "interrupted" and stop_signal else None,
         **(extra or {}),
         "versions": versions(),
-        "predictions": artifacts.prediction_rows(data.x_test, probs),
+        "predictions": artifacts.prediction_rows(data.x_test, probs, data.y_test),
         "config": to_dict(cfg),
     }
     ckpt = checkpoint.of(job, job.status)
@@ -142,7 +142,8 @@ def write(
     if cfg.animate and job.frames and job.status != "diverged":
         from quadnet import plots
 
-        frames = job.frames[:: math.ceil(len(job.frames) / 50)]  # at most ~50 frames (size and time)
+        pick = np.unique(np.linspace(0, len(job.frames) - 1, min(50, len(job.frames))).round().astype(int))
+        frames = [job.frames[i] for i in pick]  # at most 50, the first and the last among them (size and time)
         plots.animate(run_dir / "training.gif", frames, job.history, data, title(cfg, job.epoch))
     return summary
 

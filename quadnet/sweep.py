@@ -157,7 +157,10 @@ def train_submitit(
     import submitit
 
     ex = submitit.AutoExecutor(folder=folder, cluster=executor)
-    ex.update_parameters(**params)
+    try:
+        ex.update_parameters(**params)
+    except Exception as e:  # submitit's words for an unknown or bad parameter
+        raise ConfigError(f"hydra.launcher.executor_params={params!r} is not allowed: {one_line(e)}") from None
     chunks = _chunks(groups, max_batch)
     with ex.batch():
         futures = [ex.submit(loop.train_batch, [j.start for j in c], c[0].cfg.device) for c in chunks]  # type: ignore
@@ -361,7 +364,9 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     if all(r.status == JobStatus.COMPLETED for r in returns):  # each job's dir has its own checkpoint now
         shutil.rmtree(sweep_dir / BATCHES, ignore_errors=True)
     log.info(TIMING_LINE, len(jobs), t1 - t0, t2 - t1, time.perf_counter() - t2)
-    counts = Counter("failed" if j.result is None else j.result.status for j in jobs)
+    counts = Counter(
+        "failed" if r.status != JobStatus.COMPLETED else j.result.status for j, r in zip(jobs, returns, strict=True)
+    )  # type: ignore
     outcome = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     log.info("%d jobs: %s; report: python -m quadnet.report %s", len(jobs), outcome, shlex.quote(str(sweep_dir)))
     if stop.signal is not None:

@@ -130,12 +130,22 @@ def _default_run_dir() -> Path:
 def run(*overrides: str, run_dir: str | Path | None = None, **keys: Any) -> dict[str, Any]:
     """Train from Python with the command line's keys; returns the summary (its ``run_dir`` says where).
 
-    ``quadnet.run("data=sampled", hidden_dim=10, epochs=500)``; dotted keys as ``**{"data.n_train": 64}``.
-    Each call composes afresh, so it can be called again in the same process (a notebook)."""
+    ``quadnet.run("data=sampled", hidden_dim=10, epochs=500)``; dotted keys as ``**{"data.n_train": 64}``;
+    ``hydra.run.dir=…`` or ``run_dir=`` picks the dir. Each call composes afresh, so it can be called
+    again in the same process (a notebook). The run dir holds the run's files, without Hydra's
+    ``.hydra/`` record and log, which only the command line writes."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from quadnet.config import compose
     from quadnet.rundir import headline
 
-    summary = train(compose([*overrides, *(f"{k}={_value(v)}" for k, v in keys.items())]), run_dir=run_dir)
+    lines = [*overrides, *(f"{k}={_value(v)}" for k, v in keys.items())]
+    try:
+        cfg = compose(lines, with_hydra=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:  # in the command line's words
+        raise ConfigError(one_line(e)) from None
+    summary = train(cfg, run_dir=run_dir if run_dir is not None else cfg.hydra.run.dir)
     headline(summary)
     return summary
 
