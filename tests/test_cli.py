@@ -158,6 +158,21 @@ def test_your_own_points_from_a_csv_and_one_line_for_a_bad_one(tmp_path):
         make_cfg("data=csv", f"data.path={tmp_path / 'blobs.csv'}", "epochs=300", "lr=0.05"), run_dir=tmp_path / "r"
     )
     assert s["status"] == "completed" and len(s["predictions"]) == 16 and s["test_accuracy"] >= 0.9  # a fifth held out
+    (tmp_path / "test.csv").write_text("2,2,3\n-2,2,4\n-2,-2,1\n2,-2,2\n")  # labels are the file's, not quadrants
+    t = train(
+        make_cfg(
+            "data=csv", f"data.path={tmp_path / 'blobs.csv'}", f"data.test_path={tmp_path / 'test.csv'}", "epochs=5"
+        ),
+        run_dir=tmp_path / "t",
+    )
+    assert [p["true_quadrant"] for p in t["predictions"]] == [3, 4, 1, 2]
+    (tmp_path / "bom.csv").write_text("\ufeffx,y,label\n1e-3,1,1\n-1,1,2\n-1,-1,3\n1,-1,4\n2,2,1\n", encoding="utf-8")
+    from quadnet.data import read_csv
+
+    assert len(read_csv(str(tmp_path / "bom.csv"), "data.path")[0]) == 5  # the header skipped, 1e-3 kept
+    (tmp_path / "nan.csv").write_text("nan,1,1\n")
+    with pytest.raises(ConfigError, match="line 1: 'nan,1,1' is not x,y,label"):
+        read_csv(str(tmp_path / "nan.csv"), "data.path")
     (tmp_path / "bad.csv").write_text("1,2,1\n3,4,5\n")
     r = run_cli("data=csv", f"data.path={tmp_path / 'bad.csv'}", "hydra.run.dir=x", cwd=tmp_path)
     assert (
