@@ -182,7 +182,7 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str) 
             ax.set_yscale("log" if _log_scale(name, every) else "linear")
             if "accuracy" in name:
                 ax.set_ylim(-0.05, 1.05)
-            if len(xs) <= CONTINUOUS:  # a tick at each value
+            if len(xs) <= CONTINUOUS and kind != "scatter":  # a tick at each value of a grid
                 ax.set_xticks(at, [show(x) for x in xs], minor=False)
                 ax.minorticks_off()
             ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
