@@ -40,12 +40,16 @@ def forward(p: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def backward(p: list[torch.Tensor], x: torch.Tensor, a: torch.Tensor, dlogits: torch.Tensor) -> list[torch.Tensor]:
     """Gradients of the loss (no L2 term) in the parameters' layout, from dL/dlogits (J, N, 4)."""
-    dz1 = torch.ops.aten.threshold_backward(dlogits @ p[2].transpose(-1, -2), a, 0)  # through ReLU: where a > 0
-    if dz1.dim() == 2:
+    da = dlogits @ p[2].transpose(-1, -2)
+    if da.dim() == 2:
+        dz1 = torch.ops.aten.threshold_backward(da, a, 0)  # through ReLU: where a > 0
         return [x.t() @ dz1, dz1.sum(0, keepdim=True), a.t() @ dlogits, dlogits.sum(0, keepdim=True)]
-    # J jobs: dW1 as one GEMM for all of them (as in forward), in W1's layout; dW2 as (dl^T a)^T,
-    # faster than a^T dl here, made contiguous as W2 is, so that the updates run on dense tensors
-    j, n, h = dz1.shape
+    # J jobs: dz1 written in the (N, J, H) layout, so that dW1 is one GEMM for all jobs without a
+    # copy (as in forward), in W1's layout; dW2 as (dl^T a)^T, faster than a^T dl here, made
+    # contiguous as W2 is, so that the updates run on dense tensors
+    j, n, h = da.shape
+    dz1 = torch.empty((n, j, h), dtype=da.dtype, device=da.device).transpose(0, 1)
+    torch.ops.aten.threshold_backward.grad_input(da, a, 0, grad_input=dz1)
     dw1 = (x.t() @ dz1.transpose(0, 1).reshape(n, j * h)).view(2, j, h).transpose(0, 1)  # W1's layout
     dw2 = (dlogits.transpose(1, 2) @ a).transpose(1, 2).contiguous()
     return [dw1, dz1.sum(1, keepdim=True), dw2, dlogits.sum(1, keepdim=True)]

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hydra.experimental.callback import Callback
 
 from quadnet import artifacts, checkpoint
 from quadnet.config import ConfigError, TrainConfig, to_dict
@@ -65,25 +64,6 @@ def lock(folder: Path, what: str = "sweep") -> None:
         os.close(fd)
         raise ConfigError(f"another {what} is writing into {key}; wait for it or choose another dir") from None
     _LOCKS[key] = fd
-
-
-class DirLock(Callback):
-    """A Hydra callback (configs/train.yaml): every run and every sweep, under any launcher, holds
-    its dir from its start, before Hydra writes anything into it."""
-
-    def _hold(self, folder: Any, what: str) -> None:
-        from quadnet.cli import fail
-
-        try:
-            lock(Path(str(folder)), what)
-        except ConfigError as e:  # Hydra turns a callback's exception into a warning: end here
-            fail(str(e))
-
-    def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        self._hold(config.hydra.run.dir, "run")
-
-    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        self._hold(config.hydra.sweep.dir, "sweep")
 
 
 def title(cfg: TrainConfig, epoch: int) -> str:

@@ -218,7 +218,7 @@ def write_job(ctx: Any, job: Job, stop_signal: int | None, n_jobs: int) -> JobRe
         handler = logging.FileHandler(job.dir / f"{name}.log")
         handler.setFormatter(_LOG_FORMAT)
         logging.getLogger().addHandler(handler)
-        if _callbacks(ctx):  # what callbacks may read
+        if ctx.callbacks.callbacks:  # what callbacks may read
             HydraConfig.instance().set_config(config)
             ret.cfg = OmegaConf.create(to_dict(job.cfg) if job.cfg else {})
         ctx.callbacks.on_job_start(config=config, task_function=lambda _: None)
@@ -234,11 +234,6 @@ def write_job(ctx: Any, job: Job, stop_signal: int | None, n_jobs: int) -> JobRe
             logging.getLogger().removeHandler(handler)
             handler.close()
     return ret
-
-
-def _callbacks(ctx: Any) -> list[Any]:
-    """The sweep's Hydra callbacks other than quadnet's own DirLock (which only acts at the start)."""
-    return [c for c in ctx.callbacks.callbacks if not isinstance(c, rundir.DirLock)]
 
 
 def _run(ctx: Any, task: Callable[[DictConfig], Any], config: DictConfig) -> JobReturn:
@@ -356,7 +351,7 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
 
         # 3. every job's dir (the signal handlers stay up until all are written)
         t2 = time.perf_counter()
-        writers = 0 if _callbacks(ctx) or sys.platform != "linux" else opts["writers"]
+        writers = 0 if ctx.callbacks.callbacks or sys.platform != "linux" else opts["writers"]
         if writers is None:
             writers = 0 if len(jobs) < 64 else min(loop.usable_cpus(), len(jobs) // 32)
         returns = write_all(ctx, jobs, min(writers, len(jobs)), stop.signal)

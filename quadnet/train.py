@@ -205,6 +205,13 @@ def task(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     single = hc.mode == RunMode.RUN
+    if single or str(hc.launcher._target_).endswith(".BasicLauncher"):  # this process runs the jobs
+        from quadnet.rundir import lock
+
+        try:  # (the batched launcher takes the sweep's lock itself, before any job dir is made)
+            lock(Path(hc.runtime.output_dir if single else hc.sweep.dir), "run" if single else "sweep")
+        except ConfigError as e:
+            fail(str(e))  # at once: nothing of this run is written into another's dir
     try:
         summary = train(cfg)
     except (ConfigError, checkpoint.CheckpointError, OSError, MemoryError, RuntimeError) as e:
