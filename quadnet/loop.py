@@ -125,8 +125,8 @@ def train_batch(jobs: list[Job], device: Any, stop: Callable[[], bool] = lambda:
     engine, device = build([j.cfg for j in jobs], make_dataset(jobs[0].cfg.data), [j.state for j in jobs], device)
     t0 = time.perf_counter()
     with threads(jobs[0].cfg.threads):
-        room = usable_cpus() - os.getloadavg()[0]  # the CPUs that other processes leave idle, roughly
-        if not jobs[0].cfg.threads and len(jobs) >= 64 and device.type == "cpu" and room > 1:
+        big = not jobs[0].cfg.threads and len(jobs) >= 64 and device.type == "cpu" and usable_cpus() > 1
+        if big and idle_cpus() > usable_cpus() - 0.5:  # no other process is busy right now
             engine.tune_threads = usable_cpus()  # a big batch on a quiet machine may gain: it measures
         fit(engine, jobs, stop, save)
     if device.type == "cuda":
@@ -217,6 +217,23 @@ def usable_cpus() -> int:
         if quota != "max":
             n = min(n, max(1, math.ceil(int(quota) / int(period))))
     return n
+
+
+def idle_cpus(window: float = 0.05) -> float:
+    """How many of the machine's CPUs were idle over the last `window` seconds (/proc/stat)."""
+    import time
+
+    def sample() -> tuple[int, int]:
+        counts = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return counts[3] + counts[4], sum(counts)  # idle and iowait, all
+
+    try:
+        idle0, all0 = sample()
+        time.sleep(window)
+        idle1, all1 = sample()
+    except (OSError, ValueError, IndexError):
+        return float(usable_cpus())
+    return (os.cpu_count() or 1) * (idle1 - idle0) / max(1, all1 - all0)
 
 
 @contextlib.contextmanager

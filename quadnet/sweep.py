@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import os
@@ -340,8 +341,10 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
         sum(bool(j.error) for j in jobs),
     )
 
-    # 2. train each group as one program, here or through submitit
+    # 2. train each group as one program, here or through submitit. The thousands of live configs are
+    # moved out of the cyclic GC's reach meanwhile: its full passes over them doubled training time.
     t1 = time.perf_counter()
+    gc.freeze()
     with loop.catch_signals() as stop:
         if opts["executor"] is None:
             train_here(list(groups.values()), opts["max_batch"], stop, sweep_dir)
@@ -355,6 +358,7 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
         if writers is None:
             writers = 0 if len(jobs) < 64 else min(loop.usable_cpus(), len(jobs) // 32)
         returns = write_all(ctx, jobs, min(writers, len(jobs)), stop.signal)
+    gc.unfreeze()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     if all(r.status == JobStatus.COMPLETED for r in returns):  # each job's dir has its own checkpoint now
         shutil.rmtree(sweep_dir / BATCHES, ignore_errors=True)
