@@ -26,7 +26,7 @@ from quadnet.data import Dataset
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 GRAPH_STEPS = 25  # steps per CUDA graph replay: few enough that Ctrl-C stays prompt
-TUNE_STEPS = 5  # steps timed per try, two tries per thread count (see TorchEngine._tune_threads)
+TUNE_STEPS = 20  # steps timed per try, two tries per thread count (see TorchEngine._tune_threads)
 
 JobState = dict[str, Any]  # {"params": Params, "optimizer": {buffer: Params}}
 
