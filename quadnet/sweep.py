@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 TIMING_LINE = "composed %d jobs in %.2f s, trained in %.2f s, wrote their dirs in %.2f s"
 EXECUTORS = ("local", "slurm", "debug")  # submitit's clusters ("debug": in this process)
 CHATTY = 16  # sweeps up to this size log a line per job; bigger ones a summary
+CPU_BATCH = 1024  # most jobs in one CPU batch by default (see _chunks)
 BATCHES = ".batches"  # in the sweep dir: one checkpoint per batch while it trains
 
 
@@ -112,7 +113,8 @@ def _saver(sweep_dir: Path) -> Callable[[list[loop.Job]], None]:
 
 
 def _chunks(groups: list[list[Job]], max_batch: int) -> list[list[Job]]:
-    """Each group in chunks of at most max_batch jobs; 0: up to 4,096 on the CPU, and on CUDA what
+    """Each group in chunks of at most max_batch jobs; 0: up to 1,024 on the CPU (bigger batches cost
+    more per job: bench step, and the README's figures), and on CUDA what
     half the free memory holds (activations and temporaries, counted generously)."""
     out = []
     for g in groups:
@@ -121,7 +123,7 @@ def _chunks(groups: list[list[Job]], max_batch: int) -> list[list[Job]]:
             d, h = make_dataset(g[0].cfg.data), max(j.cfg.hidden_dim for j in g)  # type: ignore[union-attr]
             n = max(len(d.x_train), len(d.x_test))
             size = max(1, int(torch.cuda.mem_get_info()[0] * 0.5) // (8 * (16 * n * (h + 4) + 128 * h)))
-        out += [g[i : i + (size or 4096)] for i in range(0, len(g), size or 4096)]
+        out += [g[i : i + (size or CPU_BATCH)] for i in range(0, len(g), size or CPU_BATCH)]
     return out
 
 
