@@ -13,7 +13,7 @@ import numpy as np
 
 from quadnet.checkpoint import atomic_write
 
-METRIC_FIELDS = ("epoch", "loss", "train_accuracy", "test_accuracy")
+METRIC_FIELDS = ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss")
 
 
 def clean(obj: Any) -> Any:
@@ -77,7 +77,7 @@ def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: row[k] for k in METRIC_FIELDS})
+        writer.writerow({k: row.get(k, math.nan) for k in METRIC_FIELDS})  # (0.1 checkpoints: no test_loss)
     write_text(path, buf.getvalue())
 
 

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,8 +110,6 @@ def train_batch(jobs: list[Job], device: Any, stop: Callable[[], bool] = lambda:
     """Jobs of one group through :func:`fit` on a device (a torch.device or its name): the device
     as summaries record it, the jobs and the seconds; or, for a device that is not there, the
     ConfigError itself (what a submitit job runs where it lands; the error comes back whole)."""
-    import time
-
     import torch
 
     from quadnet.config import ConfigError
@@ -221,7 +220,6 @@ def usable_cpus() -> int:
 
 def idle_cpus(window: float = 0.05) -> float:
     """How many of the machine's CPUs were idle over the last `window` seconds (/proc/stat)."""
-    import time
 
     def sample() -> tuple[int, int]:
         counts = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]

@@ -65,7 +65,7 @@ def test_default_run_from_the_cli_writes_every_artifact(tmp_path):
     assert "test accuracy 100.0%" in (run / "train.log").read_text()
     rows = read_metrics(run / "metrics.csv")
     assert [r["epoch"] for r in rows][:3] == [0, 100, 200] and rows[-1]["epoch"] == 10000
-    assert rows[-1]["loss"] == pytest.approx(s["final_loss"])
+    assert rows[-1]["loss"] == pytest.approx(s["final_loss"]) and rows[-1]["test_loss"] == pytest.approx(s["test_loss"])
     m = checkpoint.load(run / "model.pt")
     assert m["config"]["hidden_dim"] == 50 and m["epoch"] == 10000
 
