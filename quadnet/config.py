@@ -10,10 +10,11 @@ The comment after each field is also its ``--help`` text.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +99,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epochs": _range(0, 1e9),
     "seed": _range(0, 2**32 - 1),  # NumPy's RandomState takes 32 bits
     "init": _choice("normal", "torch"),
-    "device": (
-        (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None),
-        "choose auto, cpu, cuda, cuda:N or mps",
-    ),
+    "device": (lambda v: bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v)), "choose auto, cpu, cuda, cuda:N or mps"),
     "dtype": _choice("float32", "float64"),
     "engine": _choice("torch", "numpy"),
     "step": _choice("fused", "autograd"),
@@ -119,17 +117,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-_OWNER = {
-    "n_train": "sampled",
-    "n_test": "sampled",
-    "extent": "sampled",
-    "margin": "sampled",
-    "path": "csv",
-    "test_path": "csv",
-}
-_ONLY = {
-    name: tuple(k for k, v in _OWNER.items() if v != name) for name in ("seed", "sampled", "csv")
-}  # keys it ignores
+# The data variant each key belongs to; the others ignore it (data.seed is shared).
+_OWNER = {**dict.fromkeys(("n_train", "n_test", "extent", "margin"), "sampled"), "path": "csv", "test_path": "csv"}
 
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:
@@ -145,28 +134,24 @@ def _typed(cfg: Any) -> DictConfig:
         if extra:  # added with +key=…
             raise ConfigError(f"unknown config key '{extra[0]}'; allowed keys: {', '.join(allowed_keys())}")
         return cfg
-    try:
-        plain = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
-        if not isinstance(plain, dict):
-            raise ConfigError(f"a config must be a mapping of keys to values, not {type(plain).__name__}")
-        return OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in plain.items() if k != "hydra"})
-    except OmegaConfBaseException as e:
-        from quadnet.cli import one_line
-
-        raise ConfigError(one_line(e)) from None
+    plain = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    if not isinstance(plain, dict):
+        raise ConfigError(f"a config must be a mapping of keys to values, not {type(plain).__name__}")
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in plain.items() if k != "hydra"})
 
 
 def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
     """Check a composed config (a Hydra node in it is ignored); return it typed. Raises :class:`ConfigError`."""
     if isinstance(cfg, TrainConfig):
         cfg = dataclasses.asdict(cfg)
-    node = _typed(cfg)
-    if node.data is None:
-        raise ConfigError("data=null is not allowed: choose data=seed, data=sampled or data=csv")
-    try:  # plain values through OmegaConf's public API (interpolations resolve); ~0.3 ms a job
-        data = DataConfig(**{f.name: node.data[f.name] for f in dataclasses.fields(DataConfig)})
-        top = {f.name: node[f.name] for f in dataclasses.fields(TrainConfig) if f.name != "data"}
-    except OmegaConfBaseException as e:  # ~lr, ${oops}: a key without a value
+    try:  # OmegaConf refuses an unknown key or a wrong type, and ~lr, ${oops}: a key without a value
+        node = _typed(cfg)
+        if node.data is None:
+            raise ConfigError("data=null is not allowed: choose data=seed, data=sampled or data=csv")
+        # plain values through OmegaConf's public API (interpolations resolve); ~0.3 ms a job
+        data = DataConfig(**{f.name: node.data[f.name] for f in fields(DataConfig)})
+        top = {f.name: node[f.name] for f in fields(TrainConfig) if f.name != "data"}
+    except OmegaConfBaseException as e:
         from quadnet.cli import one_line
 
         raise ConfigError(one_line(e)) from None
@@ -179,15 +164,9 @@ def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
             raise _fail(key, value, allowed)
     if c.data.name == "sampled" and c.data.margin >= c.data.extent:
         raise _fail("data.margin", c.data.margin, f"must be below data.extent={c.data.extent:g}")
-    unused = [
-        k
-        for k, v in dataclasses.asdict(c.data).items()
-        if k in _ONLY.get(c.data.name, ()) and v != getattr(DataConfig, k)
-    ]
-    if unused:  # (a key of another data variant would be silently ignored)
-        raise ConfigError(
-            f"data.{unused[0]} does not apply to data={c.data.name}; did you mean data={_OWNER[unused[0]]}?"
-        )
+    for key, owner in _OWNER.items():  # (a key of another data variant would be silently ignored)
+        if owner != c.data.name and getattr(c.data, key) != getattr(DataConfig, key):
+            raise ConfigError(f"data.{key} does not apply to data={c.data.name}; did you mean data={owner}?")
     if c.data.name == "csv" and not c.data.path:
         raise ConfigError("data=csv needs data.path=FILE: a file of x,y,label lines (label 1-4)")
     if c.engine == "numpy" and c.device not in ("auto", "cpu"):
@@ -202,34 +181,27 @@ def to_dict(c: TrainConfig) -> dict[str, Any]:
 
 def allowed_keys() -> list[str]:
     """Every settable key, dotted, for error messages."""
-    top = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "data"]
-    return sorted(top) + [f"data.{f.name}" for f in dataclasses.fields(DataConfig)]
+    top = [f.name for f in fields(TrainConfig) if f.name != "data"]
+    return sorted(top) + [f"data.{f.name}" for f in fields(DataConfig)]
 
 
 def expected_type(key: str) -> str | None:
     """'an integer', 'a number', … for a dotted key's type, or None if there is no such key."""
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    types.update({f"data.{f.name}": f.type for f in dataclasses.fields(DataConfig)})
+    types = {f.name: f.type for f in fields(TrainConfig)} | {f"data.{f.name}": f.type for f in fields(DataConfig)}
     words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
     return words.get(str(types.get(key, "")).split(" |")[0])
 
 
 def help_text() -> str:
     """``--help``: each key with its default and meaning, read from the comments above (one definition)."""
-    keys: dict[str, list[str]] = {"": [], "data.": []}
-    prefix = ""
-    for line in Path(__file__).read_text().splitlines():
-        prefix = {"class TrainConfig:": "", "class DataConfig:": "data."}.get(line, prefix)
-        m = re.fullmatch(r"    (\w+): [^=]+= (.+?)  # (.+)", line)
-        if m and m[1] != "data":
-            default = {"None": "null", "True": "true", "False": "false"}.get(m[2], m[2].strip('"'))
-            keys[prefix].append(f"  {prefix + m[1] + '=' + default:<26} {m[3]}")
     lines = ["usage: python -m quadnet.train [key=value ...]   (a sweep: -m key=a,b,c ...)", "", "keys:"]
-    lines += keys[""] + keys["data."]
+    for schema, prefix in ((TrainConfig, ""), (DataConfig, "data.")):  # (TrainConfig.data has no comment)
+        for key, default, meaning in re.findall(r"^    (\w+): [^=]+= (.+?)  # (.+)$", inspect.getsource(schema), re.M):
+            default = {"None": "null", "True": "true", "False": "false"}.get(default, default.strip('"'))
+            lines.append(f"  {prefix + key + '=' + default:<26} {meaning}")
     groups = "data=seed|sampled|csv  hydra/launcher=batched|basic|joblib|submitit_local|slurm  +hparams_search=optuna"
-    return "\n".join(
-        [*lines, "", f"config groups: {groups}  +experiment=epochs_study", "Hydra's own options: --hydra-help"]
-    )
+    tail = ["", f"config groups: {groups}  +experiment=epochs_study", "Hydra's own options: --hydra-help"]
+    return "\n".join(lines + tail)
 
 
 # --------------------------------------------------------------------------- Hydra glue
@@ -263,11 +235,7 @@ def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
     from hydra import initialize_config_dir, initialize_config_module
 
     register_configs()
-    where = config_dir()
-    init = (
-        initialize_config_module("quadnet.configs", **version_base())
-        if where.startswith("pkg://")
-        else initialize_config_dir(where, **version_base())
-    )
-    with init:
+    where = config_dir()  # a folder, or pkg://quadnet.configs: the module
+    initialize = initialize_config_module if where.startswith("pkg://") else initialize_config_dir
+    with initialize(where.removeprefix("pkg://"), **version_base()):
         return hydra_compose(config_name="train", overrides=overrides, return_hydra_config=with_hydra)
