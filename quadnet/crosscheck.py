@@ -10,7 +10,6 @@ weights, and with centred finite differences. Exit 0 when all are within --tol, 
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any
 
 import numpy as np
@@ -33,14 +32,17 @@ def autograd_grads(params: reference.Params, x: np.ndarray, y: np.ndarray, reg: 
     return model.unstack([p.grad for p in net.params], [0], [params["b1"].shape[0]])[0]  # type: ignore[misc]
 
 
-def max_abs_diff(a: reference.Params, b: reference.Params) -> float:
-    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+def max_abs_diff(a: Any, b: Any) -> float:
+    """The largest |a - b| between two arrays, lists, or dicts of arrays such as weights; NaN stays NaN."""
+    if isinstance(a, dict):
+        return float(np.max([max_abs_diff(a[k], b[k]) for k in a]))
+    return float(np.max(np.abs(np.subtract(a, b))))
 
 
 def check(cfg: TrainConfig) -> dict[str, Any]:
     """Run every comparison for cfg (forced to float64 on the CPU); return the figures."""
     data = make_dataset(cfg.data)
-    x, y = data.x_train, data.y_train
+    x, y, reg = data.x_train, data.y_train, cfg.reg
     start = model.initial_params(cfg.hidden_dim, cfg.seed, cfg.init)
     engines = {}
     for name in ("numpy", "torch/fused", "torch/autograd"):
@@ -56,26 +58,18 @@ def check(cfg: TrainConfig) -> dict[str, Any]:
                 along[n].append(e.metrics()[0]["loss"])
     final = {n: e.export([0])[0]["params"] for n, e in engines.items()}
     probs = {n: reference.softmax(reference.forward(p, data.x_test)[0]) for n, p in final.items()}
-    compared = {
-        name: {
-            "loss_along_the_way": float(np.max(np.abs(np.subtract(along[name], along["numpy"])))),  # NaN stays NaN
-            "final_weights": max_abs_diff(final[name], final["numpy"]),
-            "test_probs": float(np.max(np.abs(probs[name] - probs["numpy"]))),
-        }
-        for name in ("torch/fused", "torch/autograd")
-    }
+    figures = {"loss_along_the_way": along, "final_weights": final, "test_probs": probs}
+    compared = {n: {k: max_abs_diff(f[n], f["numpy"]) for k, f in figures.items()} for n in engines if n != "numpy"}
     # gradients on the same weights: at the start and at the end of training
     p = {k: v.copy() for k, v in start.items()}
-    grads = {
-        label: max_abs_diff(autograd_grads(q, x, y, cfg.reg), reference.loss_and_grads(q, x, y, cfg.reg)[1])
-        for label, q in (("initial", p), ("final", final["numpy"]))
-    }
+    pairs = (("initial", p), ("final", final["numpy"]))
+    grads = {k: max_abs_diff(autograd_grads(q, x, y, reg), reference.loss_and_grads(q, x, y, reg)[1]) for k, q in pairs}
 
     # and the analytic gradient against centred finite differences (a relative error)
     def objective(_: np.ndarray) -> float:
-        return reference.objective(p, x, y, cfg.reg)
+        return reference.objective(p, x, y, reg)
 
-    g = reference.loss_and_grads(p, x, y, cfg.reg)[1]
+    g = reference.loss_and_grads(p, x, y, reg)[1]
     rel = max(reference.rel_error(g[k], reference.eval_numerical_gradient(objective, p[k])) for k in p)
     return {"epochs": cfg.epochs, "engines": compared, "gradients_vs_autograd": grads, "gradient_check_rel_error": rel}
 
@@ -85,23 +79,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m quadnet.crosscheck", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, as for quadnet.train (key=value)")
     parser.add_argument("--tol", type=float, default=1e-9, help="largest allowed difference (default 1e-9)")
-    parser.add_argument(
-        "--grad-check-tol",
-        type=float,
-        default=1e-7,
-        help="largest allowed relative error against finite differences (default 1e-7)",
-    )
+    rel_help = "largest allowed relative error against finite differences (default 1e-7)"
+    parser.add_argument("--grad-check-tol", type=float, default=1e-7, help=rel_help)
     args = parser.parse_args(argv)
     if not all(0 <= t < float("inf") for t in (args.tol, args.grad_check_tol)):
         parser.error("--tol and --grad-check-tol must be finite and >= 0")
     with friendly_errors():
         cfg = validate(compose(args.overrides))
         make_dataset(cfg.data)  # (a bad CSV says so here, in one line)
-    print(
-        f"cross-check: {cfg.epochs} epochs, hidden_dim={cfg.hidden_dim}, lr={cfg.lr:g}, reg={cfg.reg:g}, "
-        f"momentum={cfg.momentum:g}, {cfg.optimizer}, init={cfg.init}, data={cfg.data.name}, float64; "
-        f"tolerance {args.tol:g}"
-    )
+    net = f"hidden_dim={cfg.hidden_dim}, lr={cfg.lr:g}, reg={cfg.reg:g}, momentum={cfg.momentum:g}, {cfg.optimizer}"
+    setup = f"{cfg.epochs} epochs, {net}, init={cfg.init}, data={cfg.data.name}, float64"
+    print(f"cross-check: {setup}; tolerance {args.tol:g}")
     with np.errstate(all="ignore"):  # a diverging config is reported as FAIL, not warned about
         r = check(cfg)
     print(f"{'against numpy':>16}  {'loss (max over run)':>20}  {'final weights':>14}  {'test probs':>11}")
@@ -113,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"numpy gradients vs centred differences: relative error {gc:.3e} (tolerance {args.grad_check_tol:g})")
     ok = worst <= args.tol and gc <= args.grad_check_tol
     print(f"{'PASS' if ok else 'FAIL'}: largest difference {worst:.3e}")
-    sys.exit(0 if ok else 1)
+    raise SystemExit(0 if ok else 1)
 
 
 if __name__ == "__main__":
