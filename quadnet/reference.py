@@ -30,10 +30,7 @@ def affine_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> tuple[np.ndar
 def affine_backward(dout: np.ndarray, cache: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """dout: (N, M) → dx: (N, D), dw: (D, M), db: (M,)."""
     x, w = cache
-    dx = dout @ w.T
-    dw = x.T @ dout
-    db = dout.sum(axis=0)
-    return dx, dw, db
+    return dout @ w.T, x.T @ dout, dout.sum(axis=0)
 
 
 def relu_forward(x: np.ndarray) -> tuple[np.ndarray, Any]:
@@ -44,16 +41,13 @@ def relu_forward(x: np.ndarray) -> tuple[np.ndarray, Any]:
 def relu_backward(dout: np.ndarray, cache: Any) -> np.ndarray:
     """Passes the gradient where the input was positive. dout, x: same shape → dx."""
     x = cache
-    dx = dout.copy()
-    dx[x <= 0] = 0
-    return dx
+    return np.where(x <= 0, 0, dout)
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
     """Row-wise softmax, shifted by the row max for stability. scores: (N, C) → (N, C)."""
-    probs = np.exp(scores - scores.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    return probs
+    exp = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def log_softmax(scores: np.ndarray) -> np.ndarray:
@@ -96,9 +90,7 @@ def backward(dscores: np.ndarray, caches: tuple[Any, Any, Any], params: Params, 
     da, dw2, db2 = affine_backward(dscores, fc2_cache)
     dh = relu_backward(da, relu_cache)
     _, dw1, db1 = affine_backward(dh, fc1_cache)
-    dw1 += reg * params["W1"]
-    dw2 += reg * params["W2"]
-    return {"W1": dw1, "b1": db1, "W2": dw2, "b2": db2}
+    return {"W1": dw1 + reg * params["W1"], "b1": db1, "W2": dw2 + reg * params["W2"], "b2": db2}
 
 
 def loss_and_grads(params: Params, x: np.ndarray, y: np.ndarray, reg: float) -> tuple[float, Params]:
@@ -120,10 +112,8 @@ def sgd_update(params: Params, grads: Params, state: dict[str, Params], h: dict[
     for k, p in params.items():
         g = grads[k]
         if "momentum" in state:
-            v = state["momentum"][k]
-            v *= h["momentum"]
-            v += g
-            g = v
+            g = state["momentum"][k]
+            g[...] = h["momentum"] * g + grads[k]  # the velocity v = m·v + g, in place; the step takes v
         p -= h["lr"] * g
 
 
@@ -133,8 +123,7 @@ def adam_update(params: Params, grads: Params, state: dict[str, Params], h: dict
     for k, p in params.items():
         g, m, v = grads[k], state["exp_avg"][k], state["exp_avg_sq"][k]
         m += (1 - b1) * (g - m)
-        v *= b2
-        v += (1 - b2) * g * g
+        v[...] = b2 * v + (1 - b2) * g * g
         denom = np.sqrt(v) / np.sqrt(1 - b2**t) + h["eps"]
         p -= h["lr"] / (1 - b1**t) * m / denom
 
@@ -148,9 +137,7 @@ def eval_numerical_gradient(f: Callable[[np.ndarray], float], x: np.ndarray, h: 
     x is perturbed in place and restored, so f may close over it.
     """
     grad = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"], op_flags=[["readwrite"]])
-    while not it.finished:
-        ix = it.multi_index
+    for ix in np.ndindex(x.shape):
         old = x[ix]
         x[ix] = old + h
         f_plus = f(x)
@@ -158,7 +145,6 @@ def eval_numerical_gradient(f: Callable[[np.ndarray], float], x: np.ndarray, h: 
         f_minus = f(x)
         x[ix] = old
         grad[ix] = (f_plus - f_minus) / (2 * h)
-        it.iternext()
     return grad
 
 
@@ -178,13 +164,10 @@ class NumpyEngine:
         self.x, self.y, self.data = data.x_train.astype(self.dt), data.y_train, data
         self.update, names = UPDATES[c.optimizer]
         self.h = {k: getattr(c, k) for k in ("lr", "reg", "momentum", "beta1", "beta2", "eps")}
-        if c.optimizer == "sgd" and not c.momentum:
-            names = ()
+        names = names if c.optimizer != "sgd" or c.momentum else ()  # plain SGD keeps no buffer
         saved = start.get("optimizer", {})
-        self.state = {
-            n: {k: saved[n][k].astype(self.dt) if n in saved else np.zeros_like(v) for k, v in self.params.items()}
-            for n in names
-        }
+        zeros = {k: np.zeros_like(v) for k, v in self.params.items()}  # astype copies: each buffer is its own
+        self.state = {n: {k: saved.get(n, zeros)[k].astype(self.dt) for k in self.params} for n in names}
         self.t, self.rows = start.get("step", 0), [0]
 
     def run(self, n: int, stop: Callable[[], bool]) -> tuple[int, list[int]]:
@@ -202,24 +185,19 @@ class NumpyEngine:
 
     def metrics(self) -> list[dict[str, float]]:
         row = {}
-        for name, x, y in (
-            ("train", self.data.x_train, self.data.y_train),
-            ("test", self.data.x_test, self.data.y_test),
-        ):
-            keep = y >= 0
+        for name in ("train", "test"):
+            x, y = getattr(self.data, f"x_{name}"), getattr(self.data, f"y_{name}")
+            x, y = x[y >= 0], y[y >= 0]  # a point on an axis has no class
             with np.errstate(all="ignore"):
-                z = forward(self.params, x[keep].astype(self.dt))[0].astype(np.float64)
-                row[f"{name}_loss"] = float(-np.mean(log_softmax(z)[np.arange(keep.sum()), y[keep]]))
-            row[f"{name}_accuracy"] = float(np.mean(z.argmax(1) == y[keep]))
-        row["loss"] = row.pop("train_loss")
-        return [row]
+                z = forward(self.params, x.astype(self.dt))[0].astype(np.float64)
+                row["loss" if name == "train" else "test_loss"] = float(-np.mean(log_softmax(z)[np.arange(len(y)), y]))
+            row[f"{name}_accuracy"] = float(np.mean(z.argmax(1) == y))
+        return [row]  # the torch engine's keys, in its order
 
     def export(self, rows: list[int]) -> list[dict[str, Any]]:
         f64 = lambda p: {k: v.astype(np.float64) for k, v in p.items()}  # noqa: E731
-        return [
-            {"params": f64(self.params), "optimizer": {n: f64(s) for n, s in self.state.items()}, "step": self.t}
-            for _ in rows
-        ]
+        optimizer = {n: f64(s) for n, s in self.state.items()}  # rows is [0] or []: a batch of one
+        return [{"params": f64(self.params), "optimizer": optimizer, "step": self.t} for _ in rows]
 
     def keep(self, rows: list[int]) -> None:
         self.rows = [self.rows[r] for r in rows]
