@@ -35,13 +35,11 @@ def summary_metric(summary: dict[str, Any], name: str) -> float | None:
     """A figure of a completed run's summary (test_error is 1 − test_accuracy); None otherwise."""
     if summary.get("status") != "completed":
         return None
-    if name == "test_error":
-        acc = summary.get("test_accuracy")
-        value = None if acc is None else 1 - acc
-    else:
-        value = summary.get(name)
+    value = summary.get("test_accuracy" if name == "test_error" else name)
     try:
-        return float(value) if value is not None and math.isfinite(value) else None
+        if value is None or not math.isfinite(value):
+            return None
+        return 1 - float(value) if name == "test_error" else float(value)
     except (TypeError, ValueError, OverflowError):  # a damaged summary
         return None
 
@@ -74,10 +72,10 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    # a missing figure is NaN (0.1 checkpoints: no test_loss); other keys of a row are not written
+    writer = csv.DictWriter(buf, METRIC_FIELDS, restval=math.nan, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, math.nan) for k in METRIC_FIELDS})  # (0.1 checkpoints: no test_loss)
+    writer.writerows(rows)
     write_text(path, buf.getvalue())
 
 
