@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +93,8 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
         for j in sizes:
             steps = max(20, min(2000, 400_000 // j))
             f, a = (min(ms_per_job(j, step, steps) for _ in range(repeat)) for step in ("fused", "autograd"))
-            rows.append(
-                dict(jobs=j, steps_timed=steps, fused_ms_per_job=f, autograd_ms_per_job=a, autograd_over_fused=a / f)
-            )
+            row = dict(jobs=j, steps_timed=steps, fused_ms_per_job=f, autograd_ms_per_job=a)
+            rows.append({**row, "autograd_over_fused": a / f})
     return rows
 
 
@@ -108,18 +107,6 @@ def bench_startup(repeat: int) -> list[dict[str, Any]]:
         bare = min(timed("-c", "import torch") for _ in range(repeat))
         run = min(timed("-m", "quadnet.train", "epochs=0") for _ in range(repeat))
     return [{"import_torch_s": bare, "train_epochs0_s": run, "overhead_s": run - bare}]
-
-
-@contextlib.contextmanager
-def busy(n: int) -> Iterator[None]:
-    """N CPU-bound processes beside the benchmark, as other users' work on a shared machine."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-    try:
-        yield
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
 
 
 _PHASES = re.compile(r"composed (\d+) jobs in ([\d.]+) s, trained in ([\d.]+) s, wrote their dirs in ([\d.]+) s")
@@ -137,9 +124,13 @@ def _sweep(n: int, launcher: str, sweep_dir: Path, device: str) -> tuple[float, 
 
 
 def bench_sweep(jobs: int, sample: int, device: str, n_busy: int) -> list[dict[str, Any]]:
-    """The basic launcher timed on 1 and `sample` jobs (its cost per job extrapolated); the batched on all."""
+    """The basic launcher timed on 1 and `sample` jobs (its cost per job extrapolated); the batched on all.
+    n_busy CPU-bound processes run beside them, as other users' work on a shared machine."""
     sample = max(2, min(sample, jobs))
-    with tempfile.TemporaryDirectory() as tmp, busy(n_busy):
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as busy:
+        for _ in range(n_busy):  # killed, then waited for (Popen's exit), when the block ends
+            proc = busy.enter_context(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+            busy.callback(proc.kill)
         t1, _ = _sweep(1, "basic", Path(tmp) / "basic1", device)
         tk, _ = _sweep(sample, "basic", Path(tmp) / "basick", device)
         tb, output = _sweep(jobs, "batched", Path(tmp) / "batched", device)
@@ -151,14 +142,6 @@ def bench_sweep(jobs: int, sample: int, device: str, n_busy: int) -> list[dict[s
     head = dict(jobs=jobs, busy=n_busy, device=device, basic_per_job_s=basic, batched_s=tb, batched_per_job_s=tb / jobs)
     phases = dict(startup_and_sweeper_s=tb - compose - train - write, compose_s=compose, train_s=train, write_s=write)
     return [{**head, **phases, "batched_faster_per_job": basic / (tb / jobs)}]
-
-
-def _table(rows: list[dict[str, Any]]) -> None:
-    """Rows of figures as an aligned table, one column per key."""
-    cells = [list(rows[0])] + [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    for line in cells:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))))
 
 
 @closed_pipe_ok()
@@ -181,10 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("--busy", type=int, default=0, help="CPU-bound processes to run beside it")
     args = parser.parse_args(argv)
     given = vars(args)
-    sizes = [int(j) if j.strip().isdigit() else 0 for j in str(args.jobs).split(",")] if args.what == "step" else []
-    counts = [given.get(k, 1) for k in ("repeat", "epochs", "sample")]
-    counts += [args.jobs] if args.what == "sweep" else sizes
-    if min(counts) < 1 or given.get("busy", 0) < 0:
+    sizes = [int(j) if j.strip().isdigit() else 0 for j in str(given.get("jobs", 1)).split(",")]  # sweep: one
+    if min(sizes + [given.get(k, 1) for k in ("repeat", "epochs", "sample")]) < 1 or given.get("busy", 0) < 0:
         parser.error("--repeat, --epochs, --jobs (each size) and --sample must be whole numbers >= 1, --busy >= 0")
     rows = {
         "single": lambda: bench_single(args.epochs, args.repeat),
@@ -196,7 +177,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"benchmark": args.what, "machine": machine(), "rows": rows}, indent=2))
         return
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
-    _table(rows)
+    # the rows as an aligned table, one column per key
+    cells = [list(rows[0])] + [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
+    widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
+    for line in cells:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))))
 
 
 if __name__ == "__main__":
