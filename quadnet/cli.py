@@ -12,10 +12,9 @@ from typing import NoReturn
 EXIT_BAD_INPUT = 2
 
 
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     """Print ``error: message`` on one line to stderr and exit with ``code``."""
-    one_line = " ".join(str(message).split())
-    print(f"error: {one_line}", file=sys.stderr)
+    print("error:", " ".join(str(message).split()), file=sys.stderr)
     sys.exit(code)
 
 
@@ -26,13 +25,8 @@ def out_of_memory(ex: BaseException) -> bool:
 
 def one_line(ex: BaseException) -> str:
     """A one-line account of an error: Hydra's and OmegaConf's in the user's words, else its first line."""
-    from hydra.errors import MissingConfigException, OverrideParseException
-    from omegaconf.errors import (
-        ConfigAttributeError,
-        ConfigKeyError,
-        OmegaConfBaseException,
-        ValidationError,
-    )
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
     from quadnet.config import allowed_keys, expected_type, version_base
 
@@ -62,9 +56,7 @@ def one_line(ex: BaseException) -> str:
         key = getattr(cause, "full_key", None)
         first = str(cause.msg if hasattr(cause, "msg") else cause).splitlines()[0]
         return f"{key}: {first}" if key else first
-    if isinstance(ex, OverrideParseException):
-        return str(ex).splitlines()[0]
-    text = str(ex).strip()
+    text = str(ex).strip()  # (an override that does not parse: its first line says where)
     if text.startswith("Config group override must be"):  # Hydra's words for data=null
         return "a config group cannot be null (data=null): choose one of its options, e.g. data=seed, sampled or csv"
     return text.splitlines()[0] if text else type(ex).__name__
@@ -75,7 +67,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         fail(f"{message} (see {self.prog} --help)")
-        raise AssertionError  # (fail exits)
 
 
 @contextlib.contextmanager
@@ -95,8 +86,8 @@ def friendly_errors() -> Iterator[None]:
     """Turn bad input (config, override, checkpoint, a path in the way) into ``error: …`` and exit code 2.
 
     Hydra prints composition errors over several lines; with HYDRA_FULL_ERROR set it
-    raises them instead, and they are caught and shortened here. Anything else is a
-    bug and keeps its traceback.
+    raises them instead, and they are caught and shortened here. A path that cannot be read
+    or written is not a bug in quadnet either; anything else is, and keeps its traceback.
     """
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -107,12 +98,10 @@ def friendly_errors() -> Iterator[None]:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         yield
-    except (ConfigError, CheckpointError) as ex:
-        fail(str(ex))
+    except (ConfigError, CheckpointError, OSError) as ex:
+        fail(str(ex))  # OSError: a path that cannot be read or written (a full disk)
     except (HydraException, OmegaConfBaseException, ValueError) as ex:  # Hydra's composition raises ValueError too
         fail(one_line(ex))
-    except OSError as ex:  # a path that cannot be read or written (a full disk): not a bug in quadnet
-        fail(str(ex))
     except (MemoryError, RuntimeError) as ex:
         if not out_of_memory(ex):
             raise

@@ -39,9 +39,7 @@ def quadrant_class(points: np.ndarray) -> np.ndarray:
 
 def _sample(rng: np.random.Generator, n: int, extent: float, margin: float) -> np.ndarray:
     """n points uniform in the square [-extent, extent]² minus the band |x|<margin or |y|<margin."""
-    magnitude = rng.uniform(margin, extent, size=(n, 2))
-    sign = rng.choice(np.array([-1.0, 1.0]), size=(n, 2))
-    pts = magnitude * sign
+    pts = rng.uniform(margin, extent, size=(n, 2)) * rng.choice(np.array([-1.0, 1.0]), size=(n, 2))  # magnitude, sign
     # margin=0 can still (with probability ~0) give an exact zero; nudge it off the axis.
     pts[pts == 0] = np.finfo(np.float64).tiny
     return pts
@@ -61,9 +59,8 @@ def read_csv(path: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         lines = Path(path).expanduser().read_text(encoding="utf-8-sig").splitlines()  # (a BOM is not data)
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(
-            f"{key}={path!r} cannot be read: {getattr(e, 'strerror', None) or 'not a text file'}"
-        ) from None
+        reason = getattr(e, "strerror", None) or "not a text file"
+        raise ConfigError(f"{key}={path!r} cannot be read: {reason}") from None
     rows = []
     for i, line in enumerate(lines, 1):
         parts = [p.strip() for p in line.split("#", 1)[0].split(",")]
@@ -96,6 +93,5 @@ def make_dataset(cfg: DataConfig) -> Dataset:
             raise ConfigError(f"data.path={cfg.path!r} has too few points to hold out a test set; add data.test_path")
         return Dataset(x[train], y[train], x[test], y[test])
     rng = np.random.default_rng(cfg.seed)
-    x_train = _sample(rng, cfg.n_train, cfg.extent, cfg.margin)
-    x_test = _sample(rng, cfg.n_test, cfg.extent, cfg.margin)
+    x_train, x_test = (_sample(rng, n, cfg.extent, cfg.margin) for n in (cfg.n_train, cfg.n_test))  # (in this order)
     return Dataset(x_train, quadrant_class(x_train), x_test, quadrant_class(x_test))

@@ -7,31 +7,23 @@ import torch
 from quadnet.config import ConfigError
 
 
-def _mps_available() -> bool:
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps and mps.is_available())
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` → cuda, else mps, else cpu. An explicit device that is missing is an error."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps") if _mps_available() else torch.device("cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "mps":
-        if not _mps_available():
-            raise ConfigError("device='mps' is not available on this machine; use device=auto or cpu")
-        return torch.device("mps")
+        return torch.device(
+            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps' is not available on this machine; use device=auto or cpu")
+    if name in ("cpu", "mps"):
+        return torch.device(name)
     # cuda or cuda:N
     if not torch.cuda.is_available():
         raise ConfigError(
             f"device={name!r} is not available: this torch build or machine has no CUDA "
             f"(torch {torch.__version__}); use device=auto or cpu"
         )
-    index = int(name.split(":")[1]) if ":" in name else 0
-    count = torch.cuda.device_count()
+    index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
     if index >= count:
         raise ConfigError(f"device={name!r} is not available: only cuda:0..cuda:{count - 1} exist")
     return torch.device("cuda", index)
