@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import re
 import sys
 import zipfile
@@ -97,7 +96,7 @@ def newest_run(root: Path = Path("outputs")) -> Path:
 def parse_point(text: str, where: str) -> tuple[float, float]:
     with contextlib.suppress(ValueError):  # not two numbers
         x, y = map(float, text.replace(",", " ").split())
-        if math.isfinite(x) and math.isfinite(y):
+        if np.isfinite((x, y)).all():
             return x, y
     raise InputError(f"{where}: {text.strip()!r} is not a point; write two finite numbers as x,y")
 
@@ -149,8 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {model.path} (hidden_dim={len(model.params['b1'])}, {model.status} at epoch {model.epoch}){how}")
     print("           point  predicted  p(predicted)  true       p(I)     p(II)    p(III)     p(IV)")
     for r in rows:
-        q, t, (px, py) = r["quadrant"], r["true_quadrant"], r["point"]
-        point = f"({px:g}, {py:g})"
+        q, t, point = r["quadrant"], r["true_quadrant"], "({:g}, {:g})".format(*r["point"])
         pq = f"{r['probs'][q - 1]:12.9f}" if q else f"{'-':>12}"
         note = ("  on an axis: no true quadrant" if r["on_axis"] else "") + ("" if q else "  probabilities not finite")
         probs = " ".join(f"{p:9.6f}" for p in r["probs"])

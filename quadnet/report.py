@@ -78,10 +78,9 @@ def read_job(d: Path) -> dict[str, Any]:
     """A job dir's row: overrides, parsed params, status, error and figures (None where there are none)."""
     row: dict[str, Any] = {"job": d.name, "overrides": "", "params": {}, "error": None, **dict.fromkeys(FIGURES)}
     try:
-        overrides = _read(d, ".hydra/overrides.yaml", yaml.safe_load, list, "list of overrides")
-        row["overrides"] = " ".join(map(str, overrides))
-        pairs = [o.split("=", 1) for o in map(str, overrides) if "=" in o and not o.startswith("hydra")]
-        row["params"] = {k.lstrip("+~"): parse_value(v) for k, v in pairs}
+        overrides = [str(o) for o in _read(d, ".hydra/overrides.yaml", yaml.safe_load, list, "list of overrides")]
+        pairs = [o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra")]
+        row |= {"overrides": " ".join(overrides), "params": {k.lstrip("+~"): parse_value(v) for k, v in pairs}}
         if not (d / "summary.json").exists():
             return {**row, "status": UNFINISHED}
         s = _read(d, "summary.json", json.loads, dict, "JSON object")
