@@ -57,20 +57,11 @@ def _tensors(p: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in p.items()}
 
 
-def payload(
-    state: dict[str, Any], *, epoch: int, config: dict[str, Any], status: str, history: list[Any]
-) -> dict[str, Any]:
+def payload(state: dict[str, Any], *, epoch: int, config: dict[str, Any], status: str, history: list) -> dict[str, Any]:
     """One job's checkpoint as it is saved (state: params, optimizer buffers, step)."""
-    return {
-        "format": FORMAT,
-        "params": _tensors(state["params"]),
-        "optimizer": {n: _tensors(b) for n, b in state.get("optimizer", {}).items()},
-        "step": int(state.get("step", epoch)),
-        "epoch": int(epoch),
-        "status": status,
-        "config": config,
-        "history": history,
-    }
+    buffers = {n: _tensors(b) for n, b in state.get("optimizer", {}).items()}
+    tensors = {"params": _tensors(state["params"]), "optimizer": buffers, "step": int(state.get("step", epoch))}
+    return {"format": FORMAT, **tensors, "epoch": int(epoch), "status": status, "config": config, "history": history}
 
 
 def of(job: Any, status: str) -> dict[str, Any]:
@@ -106,19 +97,19 @@ def read(p: Path) -> Any:
     except pickle.UnpicklingError:
         raise CheckpointError(f"refused {str(p)!r}: it holds objects other than tensors and plain values") from None
     except Exception:  # torch raises many kinds for a file that is not one of its own
-        raise CheckpointError(
-            f"{str(p)!r} is not a quadnet checkpoint (not a torch file, or truncated or corrupt)"
-        ) from None
+        why = "not a torch file, or truncated or corrupt"
+        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint ({why})") from None
 
 
 def _numpy(tensors: Any, hidden: int, what: str) -> dict[str, np.ndarray]:
+    """Four float tensors of the net's shapes → float64 arrays; what: "<file>: its weight" or "… buffer"."""
     out = {}
     for name, shape in SHAPES.items():
         t = tensors.get(name) if isinstance(tensors, dict) else None
         want = tuple(hidden if s == "H" else s for s in shape)
         dense = isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_meta
         if not dense or not t.is_floating_point() or tuple(t.shape) != want:  # type: ignore[union-attr]
-            raise CheckpointError(f"its {what} {name} is not a float tensor of shape {want} (hidden_dim={hidden})")
+            raise CheckpointError(f"{what} {name} is not a float tensor of shape {want} (hidden_dim={hidden})")
         out[name] = t.to(torch.float64).numpy().copy()
     return out
 
@@ -159,11 +150,8 @@ def check(obj: Any, where: str) -> dict[str, Any]:
     step, opt = obj.get("step", epoch), obj.get("optimizer") or {}
     if type(step) is not int or step < 0 or not isinstance(opt, dict):
         raise CheckpointError(f"{where} has a bad optimizer state: step {step!r}, buffers {type(opt).__name__}")
-    try:
-        params = _numpy(obj.get("params"), cfg.hidden_dim, "weight")
-        buffers = {str(n): _numpy(b, cfg.hidden_dim, f"{n} buffer") for n, b in opt.items()}
-    except CheckpointError as e:
-        raise CheckpointError(f"{where}: {e}") from None
+    params = _numpy(obj.get("params"), cfg.hidden_dim, f"{where}: its weight")
+    buffers = {str(n): _numpy(b, cfg.hidden_dim, f"{where}: its {n} buffer") for n, b in opt.items()}
     state = {"params": params, "optimizer": buffers, "step": step}
     return {**obj, "state": state, "params": params, "cfg": cfg, "history": history}
 
@@ -171,6 +159,4 @@ def check(obj: Any, where: str) -> dict[str, Any]:
 def load(path: str | Path) -> dict[str, Any]:
     """Load and check one job's checkpoint (a run dir or a file). Raises :class:`CheckpointError`."""
     p = find(path)
-    out = check(read(p), repr(str(p)))
-    out["path"] = str(p)
-    return out
+    return {**check(read(p), repr(str(p))), "path": str(p)}
