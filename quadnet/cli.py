@@ -98,10 +98,12 @@ def friendly_errors() -> Iterator[None]:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         yield
-    except (ConfigError, CheckpointError, OSError) as ex:
-        fail(str(ex))  # OSError: a path that cannot be read or written (a full disk)
+    except (ConfigError, CheckpointError) as ex:
+        fail(str(ex))
     except (HydraException, OmegaConfBaseException, ValueError) as ex:  # Hydra's composition raises ValueError too
-        fail(one_line(ex))
+        fail(one_line(ex))  # (before OSError: Hydra's MissingConfigException is one)
+    except OSError as ex:  # a path that cannot be read or written (a full disk)
+        fail(str(ex))
     except (MemoryError, RuntimeError) as ex:
         if not out_of_memory(ex):
             raise

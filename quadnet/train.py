@@ -21,18 +21,16 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from quadnet import checkpoint
-from quadnet.cli import fail, friendly_errors, one_line, out_of_memory
-from quadnet.config import ConfigError, TrainConfig, config_dir, register_configs, validate, version_base
+from quadnet import artifacts, checkpoint, loop, rundir
+from quadnet.cli import closed_pipe_ok, fail, friendly_errors, one_line, out_of_memory
+from quadnet.config import ConfigError, TrainConfig, compose, config_dir, register_configs, validate, version_base
 
 log = logging.getLogger("quadnet")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
+    parts = [_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v} for k, v in d.items()]
+    return {key: value for part in parts for key, value in part.items()}
 
 
 def _explicit(cfg: Any, c: TrainConfig) -> dict[str, Any]:
@@ -51,13 +49,11 @@ def _explicit(cfg: Any, c: TrainConfig) -> dict[str, Any]:
     return {k: flat[k] for k in sorted(keys & set(flat))}
 
 
-def start(cfg: Any, c: TrainConfig) -> Any:
+def start(cfg: Any, c: TrainConfig) -> loop.Job:
     """Where a run starts: afresh, or (resume=) from a checkpoint's state and config, with the keys
     the user set now on top; its shape, data and optimizer stay."""
-    from quadnet.loop import Job
-
     if not c.resume:
-        return Job(c, start_state(c))
+        return loop.Job(c, start_state(c))
     ck = checkpoint.load(c.resume)
     merged = OmegaConf.create(ck["config"])
     for key, value in _explicit(cfg, c).items():
@@ -69,11 +65,10 @@ def start(cfg: Any, c: TrainConfig) -> Any:
                 f"cannot resume {ck['path']!r} with {key}={getattr(new, key)!r}: it was trained with "
                 f"{key}={getattr(ck['cfg'], key)!r}, and a run cannot change its shape, data or optimizer"
             )
-    if ck["epoch"] > new.epochs:
-        raise ConfigError(
-            f"epochs={new.epochs} is below the checkpoint's epoch {ck['epoch']}; resume goes on from there"
-        )
-    return Job(new, ck["state"], ck["epoch"], [r for r in ck["history"] if r["epoch"] <= ck["epoch"]])
+    epoch = ck["epoch"]
+    if epoch > new.epochs:
+        raise ConfigError(f"epochs={new.epochs} is below the checkpoint's epoch {epoch}; resume goes on from there")
+    return loop.Job(new, ck["state"], epoch, [r for r in ck["history"] if r["epoch"] <= epoch])
 
 
 def start_state(c: TrainConfig) -> dict[str, Any]:
@@ -89,23 +84,15 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
     Raises :class:`~quadnet.config.ConfigError` or :class:`~quadnet.checkpoint.CheckpointError`
     for bad input before anything is trained.
     """
-    from quadnet import loop, rundir
     from quadnet.device import describe, resolve_device
 
     job = start(cfg, validate(cfg))
     c, out = job.cfg, Path(run_dir) if run_dir is not None else _default_run_dir()
     device = resolve_device(c.device if c.engine == "torch" else "cpu")
-    what = f"{c.data.name} data, hidden_dim={c.hidden_dim}, {c.epochs} epochs, {c.engine} engine"
+    engine = f"{c.engine} engine" + f"/{c.step}" * (c.engine == "torch")
+    what = f"{c.data.name} data, hidden_dim={c.hidden_dim}, {c.epochs} epochs, {engine}, {c.optimizer}"
     resumed = f"; resuming at epoch {job.epoch}" if job.epoch else ""
-    log.info(
-        "quadnet: %s%s, %s on %s (%s)%s",
-        what,
-        f"/{c.step}" * (c.engine == "torch"),
-        c.optimizer,
-        describe(device),
-        c.dtype,
-        resumed,
-    )
+    log.info("quadnet: %s on %s (%s)%s", what, describe(device), c.dtype, resumed)
 
     def save(jobs: list[loop.Job]) -> None:
         checkpoint.save(out / checkpoint.CHECKPOINT, checkpoint.of(jobs[0], "running"))
@@ -119,8 +106,6 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
 def _default_run_dir() -> Path:
     """Hydra's run dir for this job; outside Hydra, the one train.yaml names (outputs/<time>)."""
     from hydra.core.hydra_config import HydraConfig
-
-    from quadnet.config import compose
 
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
@@ -137,29 +122,18 @@ def run(*overrides: str, run_dir: str | Path | None = None, **keys: Any) -> dict
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from quadnet.config import compose
-    from quadnet.rundir import headline
-
     lines = [*overrides, *(f"{k}={_value(v)}" for k, v in keys.items())]
     try:
         cfg = compose(lines, with_hydra=True)
     except (HydraException, OmegaConfBaseException, ValueError) as e:  # in the command line's words
         raise ConfigError(one_line(e)) from None
     summary = train(cfg, run_dir=run_dir if run_dir is not None else cfg.hydra.run.dir)
-    headline(summary)
+    rundir.headline(summary)
     return summary
 
 
 def _value(v: Any) -> str:
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-
-
-def objective_value(summary: dict[str, Any], objective: str) -> float:
-    """The number a sweeper minimises; +inf for a run that did not finish with finite values."""
-    from quadnet.artifacts import summary_metric
-
-    value = summary_metric(summary, objective)
-    return math.inf if value is None else value
 
 
 def conclude(summary: dict[str, Any], single_run: bool = True, exit: bool = True, quiet: bool = False) -> float:
@@ -168,33 +142,21 @@ def conclude(summary: dict[str, Any], single_run: bool = True, exit: bool = True
     Interrupted: the resume command, and exit 128+signal (a sweep under Hydra's basic launcher
     stops there too). Diverged: an error line, exit 3 in a single run; in a sweep the other
     jobs carry on and this one scores +inf. `quiet`: the headline at debug level (big sweeps)."""
-    from quadnet.rundir import headline
-
-    headline(summary, table=single_run, level=logging.DEBUG if quiet else logging.INFO)
+    rundir.headline(summary, table=single_run, level=logging.DEBUG if quiet else logging.INFO)
     status = summary["status"]
     if status == "interrupted":
-        log.log(
-            logging.DEBUG if quiet else logging.WARNING,
-            "interrupted at epoch %d; checkpoint written. Resume with:\n  %s",
-            summary["epoch"],
-            resume_command(summary["run_dir"]),
-        )
+        resume = f"python -m quadnet.train resume={shlex.quote(str(summary['run_dir']))}"
+        message = "interrupted at epoch %d; checkpoint written. Resume with:\n  %s"
+        log.log(logging.DEBUG if quiet else logging.WARNING, message, summary["epoch"], resume)
         if exit:
             sys.exit(128 + signal.Signals[summary["signal"] or "SIGINT"].value)
     if status == "diverged":
-        log.log(
-            logging.DEBUG if quiet else logging.ERROR,
-            "diverged: the loss became non-finite at epoch %d (lr=%g); try a smaller lr",
-            summary["epoch"],
-            summary["config"]["lr"],
-        )
+        message = "diverged: the loss became non-finite at epoch %d (lr=%g); try a smaller lr"
+        log.log(logging.DEBUG if quiet else logging.ERROR, message, summary["epoch"], summary["config"]["lr"])
         if single_run and exit:
             sys.exit(3)
-    return objective_value(summary, summary["config"]["objective"])
-
-
-def resume_command(run_dir: str | Path) -> str:
-    return f"python -m quadnet.train resume={shlex.quote(str(run_dir))}"
+    value = artifacts.summary_metric(summary, summary["config"]["objective"])  # what a sweeper minimises
+    return math.inf if value is None else value  # +inf: a run that did not finish with finite values
 
 
 def task(cfg: DictConfig) -> float:
@@ -206,10 +168,8 @@ def task(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     single = hc.mode == RunMode.RUN
     if single or str(hc.launcher._target_).endswith(".BasicLauncher"):  # this process runs the jobs
-        from quadnet.rundir import lock
-
         try:  # (the batched launcher takes the sweep's lock itself, before any job dir is made)
-            lock(Path(hc.runtime.output_dir if single else hc.sweep.dir), "run" if single else "sweep")
+            rundir.lock(Path(hc.runtime.output_dir if single else hc.sweep.dir), "run" if single else "sweep")
         except ConfigError as e:
             fail(str(e))  # at once: nothing of this run is written into another's dir
     try:
@@ -219,9 +179,7 @@ def task(cfg: DictConfig) -> float:
             raise
         out = Path(hc.runtime.output_dir)
         if not single:
-            from quadnet.rundir import write_failed
-
-            write_failed(out, e)
+            rundir.write_failed(out, e)
             raise
         if {p.name for p in out.iterdir()} <= {hc.output_subdir, f"{hc.job.name}.log"}:
             shutil.rmtree(out, ignore_errors=True)  # only what this run made: Hydra's record and an empty log
@@ -231,7 +189,6 @@ def task(cfg: DictConfig) -> float:
 
 def main() -> None:
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
-        from quadnet.cli import closed_pipe_ok
         from quadnet.config import help_text
 
         with closed_pipe_ok():
