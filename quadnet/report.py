@@ -22,7 +22,6 @@ import csv
 import io
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ from quadnet.cli import ArgumentParser, closed_pipe_ok, fail
 
 METRICS = {"test_loss": True, "test_error": True, "final_loss": True, "test_accuracy": False, "train_accuracy": False}
 FIGURES = ["final_loss", "test_loss", "train_accuracy", "test_accuracy", "train_seconds"]
-UNFINISHED = "unfinished (no summary.json)"
 # a numeric parameter with more distinct values than this (and than half the jobs) is drawn as a scatter
 CONTINUOUS = 12
 
@@ -82,7 +80,7 @@ def read_job(d: Path) -> dict[str, Any]:
         pairs = [o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra")]
         row |= {"overrides": " ".join(overrides), "params": {k.lstrip("+~"): parse_value(v) for k, v in pairs}}
         if not (d / "summary.json").exists():
-            return {**row, "status": UNFINISHED}
+            return {**row, "status": "unfinished (no summary.json)"}
         s = _read(d, "summary.json", json.loads, dict, "JSON object")
         if not isinstance(s.get("status"), str):
             raise ValueError("summary.json has no status string")
@@ -173,7 +171,7 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str) 
                     label = "median; bars: 16–84% of jobs"
                     ax.errorbar(at, centre, yerr=err, fmt="o", color="tab:red", capsize=4, label=label)
                 if name == "test_accuracy":
-                    right = [statistics.fmean([v == 1.0 for v in g] or [math.nan]) for g in groups]
+                    right = [np.mean(np.equal(g, 1.0)) if g else math.nan for g in groups]
                     style = {"marker": "s", "ls": "-" if kind == "grid" else "none", "color": "tab:green"}
                     ax.plot(at, right, label="fraction with every test point right", **style)
             better = "lower" if METRICS.get(name, True) else "higher"
