@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from quadnet import artifacts, checkpoint
+from quadnet import artifacts, checkpoint, plots
 from quadnet.config import ConfigError, TrainConfig, to_dict
 from quadnet.data import make_dataset
 from quadnet.loop import Job
@@ -40,9 +40,7 @@ def versions() -> dict[str, str | None]:
     here = Path(__file__).resolve().parent.parent
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         if (here / ".git").exists():
-            git = subprocess.run(
-                ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-            )
+            git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
             out["git_commit"] = git.stdout.strip() or None
     return out
 
@@ -72,18 +70,13 @@ def title(cfg: TrainConfig, epoch: int) -> str:
 
 
 def write(
-    run_dir: Path,
-    job: Job,
-    device: str,
-    train_seconds: float,
-    stop_signal: int | None = None,
-    extra: dict[str, Any] | None = None,
+    run_dir: Path, job: Job, device: str, seconds: float, stop_signal: int | None = None, extra: dict | None = None
 ) -> dict[str, Any]:
-    """Write a finished job's dir; return its summary."""
+    """Write a finished job's dir; return its summary. seconds: the training loop's time (``train_seconds``);
+    extra: more keys for the summary."""
     cfg, run_dir, data = job.cfg, Path(run_dir), make_dataset(job.cfg.data)
     run_dir.mkdir(parents=True, exist_ok=True)
-    final = job.history[-1]
-    params = job.state["params"]
+    final, params, name = job.history[-1], job.state["params"], title(cfg, job.epoch)
     with np.errstate(all="ignore"):  # a diverged run's weights are not finite
         probs = softmax(forward(params, data.x_test)[0])
     summary = {
@@ -91,10 +84,8 @@ def write(
         "epoch": job.epoch,
         "epochs": cfg.epochs,
         "final_loss": final["loss"],
-        "test_loss": final["test_loss"],
-        "train_accuracy": final["train_accuracy"],
-        "test_accuracy": final["test_accuracy"],
-        "train_seconds": train_seconds,
+        **{key: final[key] for key in ("test_loss", "train_accuracy", "test_accuracy")},
+        "train_seconds": seconds,
         "device": device,
         "dtype": cfg.dtype,
         "engine": cfg.engine if cfg.engine == "numpy" else f"torch/{cfg.step}",
@@ -112,19 +103,20 @@ def write(
     if job.status == "completed":
         checkpoint.save(run_dir / checkpoint.MODEL, {**ckpt, "optimizer": {}, "history": []})
     if cfg.logger == "tensorboard":
-        _tensorboard(run_dir, job.history)
-    if cfg.plots and job.epoch > 0:  # no matplotlib import for an untrained run
-        from quadnet import plots
+        from torch.utils.tensorboard import SummaryWriter
 
-        plots.plot_curves(run_dir / "loss.png", job.history, title(cfg, job.epoch))
+        with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as tb:
+            for row in job.history:
+                for key in ("loss", "train_accuracy", "test_accuracy", "test_loss"):
+                    tb.add_scalar(key, row[key], int(row["epoch"]))
+    if cfg.plots and job.epoch > 0:  # no matplotlib import for an untrained run (plots imports it when it draws)
+        plots.plot_curves(run_dir / "loss.png", job.history, name)
         if job.status != "diverged":
-            plots.plot_regions(run_dir / "decision_regions.png", params, data, title(cfg, job.epoch))
+            plots.plot_regions(run_dir / "decision_regions.png", params, data, name)
     if cfg.animate and job.frames and job.status != "diverged":
-        from quadnet import plots
-
         pick = np.unique(np.linspace(0, len(job.frames) - 1, min(50, len(job.frames))).round().astype(int))
         frames = [job.frames[i] for i in pick]  # at most 50, the first and the last among them (size and time)
-        plots.animate(run_dir / "training.gif", frames, job.history, data, title(cfg, job.epoch))
+        plots.animate(run_dir / "training.gif", frames, job.history, data, name)
     return summary
 
 
@@ -134,15 +126,6 @@ def write_failed(run_dir: Path, error: BaseException | str, config: dict[str, An
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     artifacts.write_json(Path(run_dir) / "summary.json", summary)
     return summary
-
-
-def _tensorboard(run_dir: Path, history: list[dict[str, float]]) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as tb:
-        for row in history:
-            for key in ("loss", "train_accuracy", "test_accuracy", "test_loss"):
-                tb.add_scalar(key, row[key], int(row["epoch"]))
 
 
 def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -> None:
@@ -160,10 +143,8 @@ def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -
     def num(v: float | None, pct: bool = False) -> str:
         return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%" if pct else f"{v:.6g}"
 
+    status = f"status {s['status']} at epoch {s['epoch']}/{s['epochs']}"
     accuracy = f"train accuracy {num(s['train_accuracy'], True)}   test accuracy {num(s['test_accuracy'], True)}"
-    lines.append(
-        f"status {s['status']} at epoch {s['epoch']}/{s['epochs']}   {accuracy}   final loss {num(s['final_loss'])}"
-    )
-    lines[-1] += f"   train_seconds {s['train_seconds']:.3f}"
+    lines.append(f"{status}   {accuracy}   final loss {num(s['final_loss'])}   train_seconds {s['train_seconds']:.3f}")
     lines.append(f"run dir: {s['run_dir']}")
     log.log(level, "\n".join(lines))
