@@ -46,11 +46,9 @@ class TorchEngine:
         for name in optim.HYPER[self.rule]:
             values = [float(getattr(c, name)) for c in cfgs]
             self.h[name] = values[0] if len(set(values)) == 1 else as_t(values).view(-1, 1, 1)
+        saved = lambda b: [s["optimizer"].get(b) or _zeros(s["params"]) for s in starts]  # noqa: E731
         self.state = {
-            b: model.stack(
-                [s["optimizer"].get(b) or _zeros(s["params"]) for s in starts], self.hidden, self.dtype, device
-            )
-            for b in optim.buffers(self.rule, self.h)
+            b: model.stack(saved(b), self.hidden, self.dtype, device) for b in optim.buffers(self.rule, self.h)
         }
         self.t = torch.zeros((), dtype=self.dtype, device=device)  # steps taken (Adam's bias correction)
         self.t += starts[0].get("step", 0)
@@ -170,7 +168,7 @@ class TorchEngine:
         state = self.state if self._opt is None else optim.torch_state(self._opt, self.params, tuple(self.state))
         bufs = {n: model.unstack(b, rows, dims) for n, b in state.items()}
         params = model.unstack(self.params, rows, dims)
-        step = int(self.t)
+        step = int(self.t)  # (one host sync)
         return [
             {"params": p, "optimizer": {n: b[i] for n, b in bufs.items()}, "step": step} for i, p in enumerate(params)
         ]

@@ -25,9 +25,8 @@ from typing import Any
 from quadnet.config import TrainConfig
 
 log = logging.getLogger("quadnet")
-NOT_FINITE = dict.fromkeys(
-    ("loss", "train_accuracy", "test_loss", "test_accuracy"), math.nan
-)  # a diverged job's last row
+# a diverged job's last row
+NOT_FINITE = dict.fromkeys(("loss", "train_accuracy", "test_loss", "test_accuracy"), math.nan)
 
 
 @dataclass
@@ -163,9 +162,8 @@ def progress(jobs: list[Job], start: int) -> Callable[..., None]:
         if len(jobs) > 1:
             log.info("%s  %d of %d jobs training", head, left, len(jobs))
         elif h.get("epoch") == epoch:
-            log.info(
-                "%s  loss %.6g  train_acc %.3f  test_acc %.3f", head, h["loss"], h["train_accuracy"], h["test_accuracy"]
-            )
+            figures = h["loss"], h["train_accuracy"], h["test_accuracy"]
+            log.info("%s  loss %.6g  train_acc %.3f  test_acc %.3f", head, *figures)
 
     return lines
 

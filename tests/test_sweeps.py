@@ -137,9 +137,7 @@ def test_a_job_that_fails_in_training_is_taken_out_and_the_rest_train_on(tmp_pat
 
     monkeypatch.setattr(quadnet.engine, "build", build)
     cfgs = [make_cfg(f"hidden_dim={h}", "epochs=150", f"seed={i}") for i, h in enumerate((4, 13, 6, 9, 5))]
-    jobs = [sweep.Job(i, None, cfg=c, start=loop.Job(c, start_state(c))) for i, c in enumerate(cfgs)]
-    for j in jobs:
-        j.__class__ = type("J", (sweep.Job,), {"dir": property(lambda self: tmp_path / str(self.idx))})
+    jobs = [sweep.Job(i, None, tmp_path / str(i), cfg=c, start=loop.Job(c, start_state(c))) for i, c in enumerate(cfgs)]
     sweep.train_here([jobs], 0, lambda: False, tmp_path)
     assert [j.error is None for j in jobs] == [True, False, True, True, True]
     assert jobs[1].error.startswith("out of memory")
