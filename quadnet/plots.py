@@ -69,8 +69,7 @@ def _region_image(params: Params, lim: float, n: int) -> np.ndarray:
 
 def _wrong(params: Params, data: Dataset) -> np.ndarray:
     """The train and test points (M, 2) that have a quadrant and are classified wrongly."""
-    x = np.concatenate([data.x_train, data.x_test])
-    y = np.concatenate([data.y_train, data.y_test])
+    x, y = np.concatenate([data.x_train, data.x_test]), np.concatenate([data.y_train, data.y_test])
     return x[(y >= 0) & (predict_class(params, x) != y)]
 
 
@@ -92,8 +91,7 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
     for x, y, marker in ((data.x_train, data.y_train, "o"), (data.x_test, data.y_test, "^")):
         cols = np.where((y >= 0)[:, None], COLORS[y.clip(0)], 0.5)
         ax.scatter(x[:, 0], x[:, 1], c=cols, marker=marker, s=size, alpha=alpha, edgecolors="k", linewidths=0.4)
-    wrong = _wrong(params, data)
-    rings = ax.scatter(wrong[:, 0], wrong[:, 1], s=ring, facecolors="none", edgecolors=WRONG, linewidths=1.5)
+    rings = ax.scatter(*_wrong(params, data).T, s=ring, facecolors="none", edgecolors=WRONG, linewidths=1.5)
     ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="x", ylabel="y", aspect="equal")
     quadrants = zip(PALE, COLORS, QUADRANT_NAMES, strict=True)
     handles = [Patch(facecolor=pale, edgecolor=c, label=f"quadrant {q}") for pale, c, q in quadrants]
@@ -152,10 +150,9 @@ def plot_curves(path: Path, history: History, title: str) -> None:
         _lines(ax_acc, history, ("train_accuracy", "test_accuracy"))
         ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(-0.05, 1.05), title="accuracy")
         ax_acc.legend(fontsize="small")
-        fig.suptitle(
-            f"{title}\nat epoch {last.get('epoch', 0):g}: train loss {num('loss', '.4g')}, "
-            f"test loss {num('test_loss', '.4g')}, test accuracy {num('test_accuracy', '.1%')}"
-        )
+        figures = f"train loss {num('loss', '.4g')}, test loss {num('test_loss', '.4g')}"
+        figures += f", test accuracy {num('test_accuracy', '.1%')}"
+        fig.suptitle(f"{title}\nat epoch {last.get('epoch', 0):g}: {figures}")
 
 
 def animate(path: Path, frames: list[tuple[int, Params]], history: History, data: Dataset, title: str) -> None:
@@ -175,19 +172,16 @@ def animate(path: Path, frames: list[tuple[int, Params]], history: History, data
     # Blitting: draw the still parts (ticks, labels, legends) once, then per frame only what moves.
     moving = [*ax_reg.images, *ax_reg.collections, *ax_reg.lines, *ax_reg.spines.values(), ax_reg.title, *lines, now]
     moving.sort(key=lambda a: a.get_zorder())
-    for a in moving:
-        a.set_animated(True)
+    plt.setp(moving, animated=True)
     fig.canvas.draw()
     background = fig.canvas.copy_from_bbox(fig.bbox)
-    epochs, lim = _column(history, "epoch"), _extent(data)
-    cols = [_column(history, "loss"), _column(history, "test_loss")]
+    lim, curves = _extent(data), [line.get_data() for line in lines]  # the full curves, cut at each frame
     rgb = []
     for epoch, params in frames:
         image.set_data(_region_image(params, lim, 120))
         rings.set_offsets(_wrong(params, data).reshape(-1, 2))
-        upto = epochs <= epoch
-        for line, col in zip(lines, cols, strict=True):
-            line.set_data(epochs[upto], col[upto])
+        for line, (epochs, losses) in zip(lines, curves, strict=True):
+            line.set_data(epochs[epochs <= epoch], losses[epochs <= epoch])
         now.set_xdata([epoch, epoch])
         ax_reg.set_title(f"epoch {epoch}: test accuracy {_test_accuracy(params, data):.1%}", fontsize="medium")
         fig.canvas.restore_region(background)
