@@ -18,14 +18,12 @@ METRIC_FIELDS = ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss"
 
 def clean(obj: Any) -> Any:
     """JSON-safe copy: NumPy scalars to Python, non-finite floats to None."""
+    if isinstance(obj, np.ndarray | np.generic):
+        obj = obj.tolist()  # nested lists, or a Python scalar
     if isinstance(obj, dict):
         return {str(k): clean(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return clean(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
