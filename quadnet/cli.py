@@ -42,11 +42,10 @@ def one_line(ex: BaseException) -> str:
         if str(key).startswith("hydra.sweeper.sampler.") and not version_base():  # Hydra 1.4
             from importlib.metadata import version
 
-            return (
-                f"hydra-optuna-sweeper {version('hydra-optuna-sweeper')} does not work with hydra-core "
-                f"{version('hydra-core')} (its sampler is never instantiated): use hydra-core 1.3, "
-                "or pip install 'hydra-optuna-sweeper==1.4.0rc3'"
-            )
+            sweeper, core = version("hydra-optuna-sweeper"), version("hydra-core")
+            problem = f"hydra-optuna-sweeper {sweeper} does not work with hydra-core {core}"
+            fix = "use hydra-core 1.3, or pip install 'hydra-optuna-sweeper==1.4.0rc3'"
+            return f"{problem} (its sampler is never instantiated): {fix}"
         if str(key).startswith("hydra."):  # Hydra's own keys: too many to list
             return f"unknown config key '{key}'; add it with '+{key}=…', or see Hydra's keys with --cfg hydra"
         return f"unknown config key '{key}'; allowed keys: {', '.join(allowed_keys())}"

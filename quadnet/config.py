@@ -157,10 +157,9 @@ def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
         raise ConfigError(one_line(e)) from None
     c = TrainConfig(**top, data=data)
     for key, (ok, allowed) in RULES.items():
-        if key.startswith("data.") and c.data.name != "sampled" and key != "data.name":
-            continue
-        value = getattr(c.data, key[5:]) if key.startswith("data.") else getattr(c, key)
-        if not ok(value):
+        group, _, name = key.rpartition(".")
+        value = getattr(c.data if group else c, name)
+        if not ok(value) and (not group or name == "name" or c.data.name == "sampled"):  # others ignore data.*
             raise _fail(key, value, allowed)
     if c.data.name == "sampled" and c.data.margin >= c.data.extent:
         raise _fail("data.margin", c.data.margin, f"must be below data.extent={c.data.extent:g}")
@@ -196,7 +195,7 @@ def help_text() -> str:
     """``--help``: each key with its default and meaning, read from the comments above (one definition)."""
     lines = ["usage: python -m quadnet.train [key=value ...]   (a sweep: -m key=a,b,c ...)", "", "keys:"]
     for schema, prefix in ((TrainConfig, ""), (DataConfig, "data.")):  # (TrainConfig.data has no comment)
-        for key, default, meaning in re.findall(r"^    (\w+): [^=]+= (.+?)  # (.+)$", inspect.getsource(schema), re.M):
+        for key, default, meaning in re.findall(r"^    (\w+): .+?= (.+?)  # (.+)$", inspect.getsource(schema), re.M):
             default = {"None": "null", "True": "true", "False": "false"}.get(default, default.strip('"'))
             lines.append(f"  {prefix + key + '=' + default:<26} {meaning}")
     groups = "data=seed|sampled|csv  hydra/launcher=batched|basic|joblib|submitit_local|slurm  +hparams_search=optuna"
@@ -231,11 +230,10 @@ def version_base() -> dict[str, str]:
 def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
     """Compose configs/train.yaml with overrides, as ``python -m quadnet.train`` would (Hydra's
     node too, with_hydra=True). Hydra's global state is set up and cleared again each call."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir, initialize_config_module
+    import hydra
 
     register_configs()
     where = config_dir()  # a folder, or pkg://quadnet.configs: the module
-    initialize = initialize_config_module if where.startswith("pkg://") else initialize_config_dir
+    initialize = hydra.initialize_config_module if where.startswith("pkg://") else hydra.initialize_config_dir
     with initialize(where.removeprefix("pkg://"), **version_base()):
-        return hydra_compose(config_name="train", overrides=overrides, return_hydra_config=with_hydra)
+        return hydra.compose(config_name="train", overrides=overrides, return_hydra_config=with_hydra)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from quadnet import artifacts, checkpoint, loop, rundir
@@ -36,8 +37,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _explicit(cfg: Any, c: TrainConfig) -> dict[str, Any]:
     """The keys the user set, with their values: in Hydra the command line's, from a dict its
     own, else those not at their default."""
-    from hydra.core.hydra_config import HydraConfig
-
     flat = _flatten(dataclasses.asdict(c))
     if isinstance(cfg, DictConfig) and HydraConfig.initialized():
         keys = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
@@ -105,8 +104,6 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
 
 def _default_run_dir() -> Path:
     """Hydra's run dir for this job; outside Hydra, the one train.yaml names (outputs/<time>)."""
-    from hydra.core.hydra_config import HydraConfig
-
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(compose([], with_hydra=True).hydra.run.dir)
@@ -162,7 +159,6 @@ def conclude(summary: dict[str, Any], single_run: bool = True, exit: bool = True
 def task(cfg: DictConfig) -> float:
     """One job, as Hydra runs it. A refused single run leaves no dir behind; a refused sweep
     job keeps its dir, with the reason in its summary.json."""
-    from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
