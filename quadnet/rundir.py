@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from quadnet import artifacts, checkpoint, plots
-from quadnet.config import ConfigError, TrainConfig, to_dict
+from quadnet.config import ConfigError, to_dict
 from quadnet.data import make_dataset
 from quadnet.loop import Job
 from quadnet.reference import forward, softmax
@@ -64,11 +64,6 @@ def lock(folder: Path, what: str = "sweep") -> None:
     _LOCKS[key] = fd
 
 
-def title(cfg: TrainConfig, epoch: int) -> str:
-    opt = "" if cfg.optimizer == "sgd" else f" {cfg.optimizer}"
-    return f"hidden_dim={cfg.hidden_dim}{opt} lr={cfg.lr:g} reg={cfg.reg:g} seed={cfg.seed} · {epoch} epochs"
-
-
 def write(
     run_dir: Path, job: Job, device: str, seconds: float, stop_signal: int | None = None, extra: dict | None = None
 ) -> dict[str, Any]:
@@ -76,7 +71,9 @@ def write(
     extra: more keys for the summary."""
     cfg, run_dir, data = job.cfg, Path(run_dir), make_dataset(job.cfg.data)
     run_dir.mkdir(parents=True, exist_ok=True)
-    final, params, name = job.history[-1], job.state["params"], title(cfg, job.epoch)
+    final, params = job.history[-1], job.state["params"]
+    opt = "" if cfg.optimizer == "sgd" else f" {cfg.optimizer}"  # the plots' title:
+    title = f"hidden_dim={cfg.hidden_dim}{opt} lr={cfg.lr:g} reg={cfg.reg:g} seed={cfg.seed} · {job.epoch} epochs"
     with np.errstate(all="ignore"):  # a diverged run's weights are not finite
         probs = softmax(forward(params, data.x_test)[0])
     summary = {
@@ -110,13 +107,13 @@ def write(
                 for key in ("loss", "train_accuracy", "test_accuracy", "test_loss"):
                     tb.add_scalar(key, row[key], int(row["epoch"]))
     if cfg.plots and job.epoch > 0:  # no matplotlib import for an untrained run (plots imports it when it draws)
-        plots.plot_curves(run_dir / "loss.png", job.history, name)
+        plots.plot_curves(run_dir / "loss.png", job.history, title)
         if job.status != "diverged":
-            plots.plot_regions(run_dir / "decision_regions.png", params, data, name)
+            plots.plot_regions(run_dir / "decision_regions.png", params, data, title)
     if cfg.animate and job.frames and job.status != "diverged":
         pick = np.unique(np.linspace(0, len(job.frames) - 1, min(50, len(job.frames))).round().astype(int))
         frames = [job.frames[i] for i in pick]  # at most 50, the first and the last among them (size and time)
-        plots.animate(run_dir / "training.gif", frames, job.history, data, name)
+        plots.animate(run_dir / "training.gif", frames, job.history, data, title)
     return summary
 
 
