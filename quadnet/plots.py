@@ -24,7 +24,6 @@ from quadnet.reference import Params, forward
 COLORS = np.array([[230, 159, 0], [86, 180, 233], [0, 158, 115], [204, 121, 167]]) / 255
 PALE = 0.4 * COLORS + 0.6
 WRONG = "#d00000"
-LOSS_LABEL = "cross-entropy (without the L2 term)"
 MANY = 100  # with more points than this, markers are small and see-through
 History = list[dict[str, float]]
 
@@ -132,7 +131,7 @@ def _loss_axes(ax: Any, history: History) -> list[Any]:
         ax.axvline(bad[0], color=WRONG, ls=":", label=f"not finite from epoch {bad[0]:g}")
     if (np.isfinite(losses) & (losses > 0)).any():
         ax.set_yscale("log")
-    ax.set(xlabel="epoch", ylabel=LOSS_LABEL, title="loss")
+    ax.set(xlabel="epoch", ylabel="cross-entropy (without the L2 term)", title="loss")
     ax.legend(fontsize="small")
     return lines
 

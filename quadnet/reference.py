@@ -23,8 +23,7 @@ WEIGHTS = ("W1", "W2")  # the parameters that `reg` decays; biases are not
 
 def affine_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, Any]:
     """out = x @ w + b.  x: (N, D), w: (D, M), b: (M,) → out: (N, M)."""
-    out = x @ w + b
-    return out, (x, w)
+    return x @ w + b, (x, w)  # the cache: what the backward needs
 
 
 def affine_backward(dout: np.ndarray, cache: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
