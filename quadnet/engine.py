@@ -26,7 +26,7 @@ from quadnet.data import Dataset
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 GRAPH_STEPS = 25  # steps per CUDA graph replay: few enough that Ctrl-C stays prompt
-TUNE_STEPS = 20  # steps timed per try, two tries per thread count (see TorchEngine._tune_threads)
+TUNE_STEPS, TUNE_TRIES = 10, 5  # steps timed per try, tries per thread count (see TorchEngine._tune_threads)
 
 JobState = dict[str, Any]  # {"params": Params, "optimizer": {buffer: Params}}
 
@@ -97,7 +97,7 @@ class TorchEngine:
         and, per job, the first of them whose loss was not finite (-1: none)."""
         losses: list[torch.Tensor] = []
         with torch.inference_mode(not self.autograd):
-            if self.tune_threads and n >= 4 * TUNE_STEPS:
+            if self.tune_threads and n >= 2 * TUNE_TRIES * TUNE_STEPS:
                 self._tune_threads(losses)
             while len(losses) < n and not (losses and stop()):
                 if self._graphed(n - len(losses)):
@@ -111,18 +111,18 @@ class TorchEngine:
 
     def _tune_threads(self, losses: list[torch.Tensor]) -> None:
         """A big CPU batch with threads=0: time its first steps on one thread and on every usable
-        CPU, interleaved, and take more threads only if they are clearly (20%) faster. More threads
-        pay on a quiet machine and cost many times more on a busy one (see the README); only a
-        measurement here and now can tell."""
+        CPU, interleaved (the fastest try of each counts), and take more threads only if they are
+        clearly (15%) faster. More threads pay on a quiet machine and cost many times more on a
+        busy one (see the README); only a measurement here and now can tell."""
         import time
 
         best = {1: float("inf"), self.tune_threads: float("inf")}
-        for n in [*best] * 2:
+        for n in [*best] * TUNE_TRIES:
             torch.set_num_threads(n)
             t0 = time.perf_counter()
             losses += [self.step() for _ in range(TUNE_STEPS)]
             best[n] = min(best[n], time.perf_counter() - t0)
-        torch.set_num_threads(self.tune_threads if best[self.tune_threads] < 0.8 * best[1] else 1)
+        torch.set_num_threads(self.tune_threads if best[self.tune_threads] < 0.85 * best[1] else 1)
         self.tune_threads = 0
 
     def _graphed(self, left: int) -> bool:
