@@ -303,11 +303,16 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     # 1. compose every job, as Hydra's basic launcher does
     t0 = time.perf_counter()
     jobs, level = [], logging.INFO if len(job_overrides) <= CHATTY else logging.DEBUG
+    # Hydra's default subdir is the job's number: known without resolving it for each job (~0.5 ms)
+    numbered = OmegaConf.to_container(config.hydra.sweep)["subdir"] == "${hydra.job.num}"  # type: ignore[index]
     for idx, overrides in enumerate(job_overrides, initial_job_idx):
         job_config = ctx.config_loader.load_sweep_config(config, list(overrides))
         with open_dict(job_config):  # what Hydra's launchers set: id, num, and the dir they make of them
             job_config.hydra.job.id, job_config.hydra.job.num = str(idx), idx
-            out = Path(str(config.hydra.sweep.dir), str(job_config.hydra.sweep.subdir)).resolve()
+            by_number = numbered and not any(o.lstrip("+~").startswith("hydra.sweep") for o in overrides)
+            out = Path(
+                str(config.hydra.sweep.dir), str(idx) if by_number else str(job_config.hydra.sweep.subdir)
+            ).resolve()
             job_config.hydra.runtime.output_dir = str(out)
         jobs.append(Job(idx, job_config, out))
         log.log(level, "\t#%d : %s", idx, " ".join(filter_overrides(overrides)))

@@ -99,6 +99,14 @@ def test_batched_launcher_from_the_cli_equals_the_basic_launcher(tmp_path):
     assert (tmp_path / "batched" / "multirun.yaml").is_file()
 
 
+def test_job_dirs_follow_a_custom_subdir_as_under_the_basic_launcher(tmp_path):
+    sub = "hydra.sweep.subdir=${hydra.job.override_dirname}"
+    for launcher in ("basic", "batched"):
+        _sweep(tmp_path, launcher, f"hydra/launcher={launcher}", "seed=0,1", "epochs=5", sub)
+        made = sorted(p.parent.name for p in (tmp_path / launcher).glob("*/summary.json"))
+        assert made == ["epochs=5,seed=0", "epochs=5,seed=1"], launcher
+
+
 def _batched_sweep_error(tmp_path, *overrides: str) -> str:
     """Run a batched sweep into tmp_path/s that must fail with bad input; its one-line error."""
     r = run_cli("-m", "hydra/launcher=batched", *overrides, f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)
