@@ -310,18 +310,16 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
         with open_dict(job_config):  # what Hydra's launchers set: id, num, and the dir they make of them
             job_config.hydra.job.id, job_config.hydra.job.num = str(idx), idx
             by_number = numbered and not any(o.lstrip("+~").startswith("hydra.sweep") for o in overrides)
-            out = Path(
-                str(config.hydra.sweep.dir), str(idx) if by_number else str(job_config.hydra.sweep.subdir)
-            ).resolve()
+            out = (sweep_dir / (str(idx) if by_number else str(job_config.hydra.sweep.subdir))).resolve()
             job_config.hydra.runtime.output_dir = str(out)
         jobs.append(Job(idx, job_config, out))
         log.log(level, "\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
     if launcher.task_function is not quadnet_task:  # not quadnet's: each job as Hydra runs it
         keys = {"job_dir_key": "hydra.sweep.dir", "job_subdir_key": "hydra.sweep.subdir"}
-        returns = [
-            run_job(hydra_context=ctx, task_function=launcher.task_function, config=j.config, **keys) for j in jobs
-        ]
+        task = launcher.task_function
+        returns = [run_job(hydra_context=ctx, task_function=task, config=j.config, **keys) for j in jobs]
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+        gc.unfreeze()  # (the fast loader froze the configs)
         return returns
     batches = _batch_checkpoints(sweep_dir)
     groups: dict[tuple[Any, ...], list[Job]] = defaultdict(list)
