@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from quadnet.model import shapes
+
 FORMAT, OLD_FORMAT, BATCH = "quadnet-checkpoint/2", "quadnet-checkpoint/1", "quadnet-batch/2"
 CHECKPOINT, MODEL = "checkpoint.pt", "model.pt"
-SHAPES = {"W1": (2, "H"), "b1": ("H",), "W2": ("H", 4), "b2": (4,)}
 
 
 class CheckpointError(ValueError):
@@ -104,9 +105,8 @@ def read(p: Path) -> Any:
 def _numpy(tensors: Any, hidden: int, what: str) -> dict[str, np.ndarray]:
     """Four float tensors of the net's shapes → float64 arrays; what: "<file>: its weight" or "… buffer"."""
     out = {}
-    for name, shape in SHAPES.items():
+    for name, want in shapes(hidden).items():
         t = tensors.get(name) if isinstance(tensors, dict) else None
-        want = tuple(hidden if s == "H" else s for s in shape)
         dense = isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_meta
         if not dense or not t.is_floating_point() or tuple(t.shape) != want:  # type: ignore[union-attr]
             raise CheckpointError(f"{what} {name} is not a float tensor of shape {want} (hidden_dim={hidden})")

@@ -88,13 +88,18 @@ def initial_params(hidden_dim: int, seed: int, init: str) -> Params:
     return {"W1": arr(fc1.weight.T), "b1": arr(fc1.bias), "W2": arr(fc2.weight.T), "b2": arr(fc2.bias)}
 
 
+def shapes(hidden: int) -> dict[str, tuple[int, ...]]:
+    """One job's parameters and their shapes in the seed layout (checkpoints are checked against them)."""
+    return {"W1": (INPUT_DIM, hidden), "b1": (hidden,), "W2": (hidden, NUM_CLASSES), "b2": (NUM_CLASSES,)}
+
+
 def stack(jobs: list[Params], hidden: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
     """Jobs' parameters (or optimizer buffers) stacked (J, …), narrower nets zero-padded to `hidden`.
 
     Padded units stay exactly zero: their pre-activation is 0, so ReLU passes no gradient."""
     out = []
-    for name, shape in zip(PARAMS, ((2, hidden), (1, hidden), (hidden, 4), (1, 4)), strict=True):
-        t = np.zeros((len(jobs), *shape))
+    for name, shape in shapes(hidden).items():
+        t = np.zeros((len(jobs), *shape) if len(shape) == 2 else (len(jobs), 1, *shape))  # a bias as a row
         for j, p in enumerate(jobs):
             v = p[name].reshape(-1, p[name].shape[-1])
             t[j, : v.shape[0], : v.shape[1]] = v
