@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import math
 import multiprocessing
@@ -75,19 +76,36 @@ def group_key(j: Job) -> tuple[Any, ...]:
     return (repr(c.data), c.dtype, c.device, c.optimizer, c.log_every, c.checkpoint_every, s.epoch, alone and j.idx)  # type: ignore
 
 
+class SweepConflict(ConfigError):
+    """The sweep dir holds runs that this sweep cannot continue: it is refused before anything is written."""
+
+
+FREE = ("epochs", "progress", "plots", "threads", "checkpoint_every")  # what resuming a job may change
+
+
 def _resumable(job: Job, c: TrainConfig, batches: dict[str, Any]) -> loop.Job:
-    """Where a job (config c, as trained) starts: its unfinished checkpoint (its dir's, or its
-    entry in a batch checkpoint) when the config is the same but for epochs; else afresh."""
+    """Where a job (config c, as trained) starts: afresh, or from the furthest of its checkpoints
+    (its dir's, or its entry in a batch checkpoint; a diverged one aside). One that reached c.epochs
+    (completed) is done already. A checkpoint of other settings, or beyond c.epochs, refuses the
+    sweep (:class:`SweepConflict`): going on would throw its training away."""
     from quadnet.train import start_state
 
-    path = job.dir / checkpoint.CHECKPOINT
-    for ck in ([checkpoint.load(path)] if path.is_file() else []) + [
-        batches[k] for k in [job.dir.name] if k in batches
-    ]:
-        same = {**ck["config"], "epochs": c.epochs, "progress": c.progress, "plots": c.plots} == to_dict(c)
-        if same and ck["status"] in ("running", "interrupted") and ck["epoch"] <= c.epochs:
-            return loop.Job(c, ck["state"], ck["epoch"], ck["history"])
-    return loop.Job(c, start_state(c))
+    path, name = job.dir / checkpoint.CHECKPOINT, job.dir.name
+    found = ([checkpoint.load(path)] if path.is_file() else []) + ([batches[name]] if name in batches else [])
+    found = [ck for ck in found if ck["status"] != "diverged"]
+    if not found:
+        return loop.Job(c, start_state(c))
+    ck = max(found, key=lambda ck: ck["epoch"])
+    was, now = ck["config"], to_dict(c)
+    changed = ", ".join(f"{k}={was.get(k)!r} (now {v!r})" for k, v in now.items() if k not in FREE and was.get(k) != v)
+    if changed or ck["epoch"] > c.epochs:
+        why = f"it was trained with {changed}" if changed else f"epochs={c.epochs} is below its epoch"
+        raise SweepConflict(
+            f"{job.dir} holds a run at epoch {ck['epoch']} and {why}; resume with the settings it had and epochs >= "
+            f"{ck['epoch']}, or choose another hydra.sweep.dir"
+        )
+    done = ck["status"] == "completed" and ck["epoch"] == c.epochs and (job.dir / "summary.json").is_file()
+    return loop.Job(c, ck["state"], ck["epoch"], ck["history"], status="completed" if done else "running")
 
 
 def _batch_checkpoints(sweep_dir: Path) -> dict[str, Any]:
@@ -193,8 +211,11 @@ def _write(job: Job, stop_signal: int | None, n_jobs: int) -> Any:
     if job.result is None:
         rundir.write_failed(out, job.error or "not trained", job.cfg and to_dict(job.cfg))
         raise ConfigError(job.error or "not trained")
-    seconds = job.batch["seconds"] / job.batch["jobs"]  # train_seconds: its share of its batch's time
-    summary = rundir.write(out, job.result, job.device, seconds, stop_signal, {"batch": job.batch})
+    if job.result is job.start:  # completed in an earlier launch of this sweep: its dir is kept
+        summary = json.loads((out / "summary.json").read_text())
+    else:
+        seconds = job.batch["seconds"] / job.batch["jobs"]  # train_seconds: its share of its batch's time
+        summary = rundir.write(out, job.result, job.device, seconds, stop_signal, {"batch": job.batch})
     return conclude(summary, single_run=False, exit=False, quiet=n_jobs > CHATTY)
 
 
@@ -327,11 +348,18 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
         try:
             j.cfg = validate(j.config)
             j.start = _resumable(j, dataclasses.replace(j.cfg, plots=j.cfg.plots and opts["plots"]), batches)
-            groups[group_key(j)].append(j)
+        except SweepConflict:
+            raise
         except (ConfigError, checkpoint.CheckpointError) as e:
             j.error = str(e)
-    refused = sum(bool(j.error) for j in jobs)
-    log.info("%d jobs in %d batch group(s), %d refused", len(jobs) - refused, len(groups), refused)
+            continue
+        if j.start.status == "completed":  # done in an earlier launch: its dir stays as it is
+            j.result = j.start
+        else:
+            groups[group_key(j)].append(j)
+    counts = Counter("refused" if j.error else j.start.status if j.start.epoch else "new" for j in jobs)  # type: ignore
+    resumed = f"{counts['running']} resumed from their checkpoints, {counts['completed']} completed before, "
+    log.info("%d jobs in %d batch group(s): %s%d refused", len(jobs), len(groups), resumed, counts["refused"])
 
     # 2. train each group as one program, here or through submitit. The thousands of live configs are
     # moved out of the cyclic GC's reach meanwhile: its full passes over them doubled training time.
@@ -361,7 +389,8 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     outcome = ", ".join(f"{n} {s}" for s, n in sorted(ends.items()))
     log.info("%d jobs: %s; report: python -m quadnet.report %s", len(jobs), outcome, shlex.quote(str(sweep_dir)))
     if stop.signal is not None:
-        again = [a for a in sys.argv[1:] if not a.startswith("hydra.sweep.dir=")] + [f"hydra.sweep.dir={sweep_dir}"]
+        again = [a for a in sys.argv[1:] if not a.startswith("hydra.sweep.dir=")]
+        again.append(f"hydra.sweep.dir={sweep_dir.resolve()}")
         resume = "Resume the sweep with:\n  python -m quadnet.train " + shlex.join(again)
         log.warning("interrupted: every job's dir has its checkpoint. %s", resume)
         sys.exit(128 + stop.signal)

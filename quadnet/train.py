@@ -144,7 +144,8 @@ def conclude(summary: dict[str, Any], single_run: bool = True, exit: bool = True
     if status == "interrupted":
         resume = f"python -m quadnet.train resume={shlex.quote(str(summary['run_dir']))}"
         message = "interrupted at epoch %d; checkpoint written. Resume with:\n  %s"
-        log.log(logging.DEBUG if quiet else logging.WARNING, message, summary["epoch"], resume)
+        # (a batched sweep, exit=False, prints one command for the whole sweep instead)
+        log.log(logging.WARNING if exit and not quiet else logging.DEBUG, message, summary["epoch"], resume)
         if exit:
             sys.exit(128 + signal.Signals[summary["signal"] or "SIGINT"].value)
     if status == "diverged":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -452,6 +453,33 @@ def test_a_signal_keeps_every_job_and_the_sweep_resumes_as_one_batch(sig, code, 
         np.testing.assert_allclose(_probs(a), _probs(b), rtol=0, atol=1e-12)
 
 
+def test_a_sweep_run_again_into_its_dir_continues_its_jobs_and_never_throws_training_away(tmp_path):
+    sweep = ["hydra/launcher=batched", "seed=0,1", "log_every=50"]
+    _sweep(tmp_path, "s", *sweep, "epochs=200")
+    before = {n: (tmp_path / "s" / str(n) / "summary.json").read_text() for n in (0, 1)}
+    # the same sweep again: both jobs completed before, and their dirs stay as they are
+    r = _sweep(tmp_path, "s", *sweep, "epochs=200")
+    out = r.stdout + r.stderr
+    assert "0 resumed from their checkpoints, 2 completed before, 0 refused" in out
+    assert before == {n: (tmp_path / "s" / str(n) / "summary.json").read_text() for n in (0, 1)}
+    # fewer epochs, or other settings: refused in one line, before anything is written
+    for change in ("epochs=100", "lr=0.01"):
+        r = run_cli("-m", *sweep, "epochs=200", change, f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "holds a run at epoch 200 and " in r.stderr.splitlines()[-1] and "another hydra.sweep.dir" in r.stderr
+        assert before == {n: (tmp_path / "s" / str(n) / "summary.json").read_text() for n in (0, 1)}
+    # more epochs: each job goes on from its checkpoint, as if it had trained straight through
+    r = _sweep(tmp_path, "s", *sweep, "epochs=350")
+    out = r.stdout + r.stderr
+    assert "2 resumed from their checkpoints" in out
+    _sweep(tmp_path, "straight", *sweep, "epochs=350")
+    for n in (0, 1):
+        a, b = _summary(tmp_path, "s", n), _summary(tmp_path, "straight", n)
+        assert a["status"] == b["status"] == "completed" and a["epoch"] == 350
+        np.testing.assert_allclose(_probs(a), _probs(b), rtol=0, atol=1e-12)
+        assert [r["epoch"] for r in read_metrics(tmp_path / "s" / str(n) / "metrics.csv")] == list(range(0, 351, 50))
+
+
 def test_threads_follow_the_setting_and_never_exceed_the_usable_cpus(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     assert loop.usable_cpus() == 1
@@ -490,6 +518,7 @@ def test_a_second_sweep_into_the_same_dir_is_refused_while_the_first_runs(tmp_pa
     finally:
         first.kill()
         first.wait()
+    shutil.rmtree(tmp_path / "s" / ".batches", ignore_errors=True)  # (its training would be resumed, not redone)
     _sweep(tmp_path, "s", *sweep[1:3], "epochs=10")  # the lock died with its process
 
 
