@@ -209,10 +209,13 @@ def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity mask (SLURM sets it) and a cgroup quota
     (``docker --cpus`` sets it); not ``os.cpu_count()``, the machine's."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    v1 = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+    for read in (lambda: Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2],  # cgroup v2, then v1
+                 lambda: [v1.read_text(), v1.with_name("cpu.cfs_period_us").read_text()]):  # fmt: skip
+        with contextlib.suppress(OSError, ValueError):
+            quota, period = (v.strip() for v in read())
+            if quota not in ("max", "-1"):
+                n = min(n, max(1, math.ceil(int(quota) / int(period))))
     return n
 
 

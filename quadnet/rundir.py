@@ -45,14 +45,14 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-_LOCKS: dict[str, int] = {}  # run and sweep dirs this process holds
+LOCKS: dict[str, int] = {}  # run and sweep dirs this process holds
 
 
 def lock(folder: Path, what: str = "sweep") -> None:
     """Hold ``folder`` for the life of this process (flock on the dir itself: it dies with the
     process and leaves no file), so that a second run or sweep into it is refused."""
     key = str(folder.resolve())
-    if key in _LOCKS:
+    if key in LOCKS:
         return
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
@@ -61,7 +61,7 @@ def lock(folder: Path, what: str = "sweep") -> None:
     except BlockingIOError:
         os.close(fd)
         raise ConfigError(f"another {what} is writing into {key}; wait for it or choose another dir") from None
-    _LOCKS[key] = fd
+    LOCKS[key] = fd
 
 
 def write(

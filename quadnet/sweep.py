@@ -14,6 +14,8 @@ unfinished jobs, again as one batch.
 from __future__ import annotations
 
 import contextlib
+import copy
+import ctypes
 import dataclasses
 import gc
 import json
@@ -21,8 +23,10 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 from collections import Counter, defaultdict
@@ -46,7 +50,6 @@ log = logging.getLogger(__name__)
 
 # one line per launch; `python -m quadnet.bench sweep` reads it back
 TIMING_LINE = "composed %d jobs in %.2f s, trained in %.2f s, wrote their dirs in %.2f s"
-EXECUTORS = ("local", "slurm", "debug")  # submitit's clusters ("debug": in this process)
 CHATTY = 16  # sweeps up to this size log a line per job; bigger ones a summary
 CPU_BATCH = 1024  # most jobs in one CPU batch by default (see _chunks)
 BATCHES = ".batches"  # in the sweep dir: one checkpoint per batch while it trains
@@ -60,6 +63,8 @@ class Job:
     idx: int
     config: DictConfig  # as Hydra composed it, with its id and num set
     dir: Path  # its output dir (hydra.runtime.output_dir), read off its config once
+    key: str = ""  # its dir within the sweep dir: its name in batch checkpoints
+    kept: bool = False  # completed in an earlier launch of this sweep: its dir is kept as it is
     cfg: TrainConfig | None = None
     start: loop.Job | None = None  # where it starts: afresh, or an unfinished job resumed
     result: loop.Job | None = None
@@ -76,7 +81,7 @@ def group_key(j: Job) -> tuple[Any, ...]:
     return (repr(c.data), c.dtype, c.device, c.optimizer, c.log_every, c.checkpoint_every, s.epoch, alone and j.idx)  # type: ignore
 
 
-class SweepConflict(ConfigError):
+class SweepRefused(ConfigError):
     """The sweep dir holds runs that this sweep cannot continue: it is refused before anything is written."""
 
 
@@ -87,10 +92,10 @@ def _resumable(job: Job, c: TrainConfig, batches: dict[str, Any]) -> loop.Job:
     """Where a job (config c, as trained) starts: afresh, or from the furthest of its checkpoints
     (its dir's, or its entry in a batch checkpoint; a diverged one aside). One that reached c.epochs
     (completed) is done already. A checkpoint of other settings, or beyond c.epochs, refuses the
-    sweep (:class:`SweepConflict`): going on would throw its training away."""
+    sweep (:class:`SweepRefused`): going on would throw its training away."""
     from quadnet.train import start_state
 
-    path, name = job.dir / checkpoint.CHECKPOINT, job.dir.name
+    path, name = job.dir / checkpoint.CHECKPOINT, job.key
     found = ([checkpoint.load(path)] if path.is_file() else []) + ([batches[name]] if name in batches else [])
     found = [ck for ck in found if ck["status"] != "diverged"]
     if not found:
@@ -100,12 +105,20 @@ def _resumable(job: Job, c: TrainConfig, batches: dict[str, Any]) -> loop.Job:
     changed = ", ".join(f"{k}={was.get(k)!r} (now {v!r})" for k, v in now.items() if k not in FREE and was.get(k) != v)
     if changed or ck["epoch"] > c.epochs:
         why = f"it was trained with {changed}" if changed else f"epochs={c.epochs} is below its epoch"
-        raise SweepConflict(
+        raise SweepRefused(
             f"{job.dir} holds a run at epoch {ck['epoch']} and {why}; resume with the settings it had and epochs >= "
             f"{ck['epoch']}, or choose another hydra.sweep.dir"
         )
-    done = ck["status"] == "completed" and ck["epoch"] == c.epochs and (job.dir / "summary.json").is_file()
+    done = ck["status"] == "completed" and ck["epoch"] == c.epochs and _summary(job.dir).get("epoch") == ck["epoch"]
     return loop.Job(c, ck["state"], ck["epoch"], ck["history"], status="completed" if done else "running")
+
+
+def _summary(folder: Path) -> dict[str, Any]:
+    """A completed run's summary.json; {} when it is missing, damaged or of another status."""
+    with contextlib.suppress(OSError, ValueError):
+        summary = json.loads((folder / "summary.json").read_text())
+        return summary if isinstance(summary, dict) and summary.get("status") == "completed" else {}
+    return {}
 
 
 def _batch_checkpoints(sweep_dir: Path) -> dict[str, Any]:
@@ -119,18 +132,21 @@ def _batch_checkpoints(sweep_dir: Path) -> dict[str, Any]:
 
 
 def _saver(sweep_dir: Path) -> Callable[[list[loop.Job]], None]:
-    """While a batch trains, its checkpoints go to one file: {job dir name: its state}, at its
-    checkpoint points but at most once every BATCH_SAVE_SECONDS (the file holds every job)."""
-    last = -math.inf
+    """While a batch trains, its checkpoints go to one file: {job key: its state}, at its checkpoint
+    points but at most once every BATCH_SAVE_SECONDS, and never more than a tenth of the time
+    (the file holds every job and its metrics so far)."""
+    last, cost = -math.inf, 0.0
 
     def save(jobs: list[loop.Job]) -> None:
-        nonlocal last
-        if time.monotonic() - last < BATCH_SAVE_SECONDS:
+        nonlocal last, cost
+        if time.monotonic() - last < max(BATCH_SAVE_SECONDS, 10 * cost):
             return
         last = time.monotonic()
         (sweep_dir / BATCHES).mkdir(exist_ok=True)
         states = {j.name: checkpoint.of(j, "running") for j in jobs}
-        checkpoint.save(sweep_dir / BATCHES / f"{jobs[0].name}.pt", {"format": checkpoint.BATCH, "jobs": states})
+        name = jobs[0].name.replace("/", "_")
+        checkpoint.save(sweep_dir / BATCHES / f"{name}.pt", {"format": checkpoint.BATCH, "jobs": states})
+        cost = time.monotonic() - last
 
     return save
 
@@ -165,7 +181,7 @@ def train_here(groups: list[list[Job]], max_batch: int, stop: Callable[[], bool]
     todo = _chunks(groups, max_batch)
     while todo:
         chunk = todo.pop(0)
-        starts = [dataclasses.replace(j.start, history=list(j.start.history), name=j.dir.name) for j in chunk]  # type: ignore
+        starts = [dataclasses.replace(j.start, history=list(j.start.history), name=j.key) for j in chunk]  # type: ignore
         try:
             _done(chunk, loop.train_batch(starts, chunk[0].cfg.device, stop, _saver(sweep_dir)))  # type: ignore
         except Exception as e:
@@ -211,8 +227,8 @@ def _write(job: Job, stop_signal: int | None, n_jobs: int) -> Any:
     if job.result is None:
         rundir.write_failed(out, job.error or "not trained", job.cfg and to_dict(job.cfg))
         raise ConfigError(job.error or "not trained")
-    if job.result is job.start:  # completed in an earlier launch of this sweep: its dir is kept
-        summary = json.loads((out / "summary.json").read_text())
+    if job.kept:  # completed in an earlier launch of this sweep: its dir is kept
+        summary = _summary(out)
     else:
         seconds = job.batch["seconds"] / job.batch["jobs"]  # train_seconds: its share of its batch's time
         summary = rundir.write(out, job.result, job.device, seconds, stop_signal, {"batch": job.batch})
@@ -274,6 +290,15 @@ def _write_some(positions: list[int]) -> list[tuple[JobStatus, Any]]:
     return out
 
 
+def _writer() -> None:
+    """A forked writer (Linux): one thread, killed with its parent (a Ctrl-C it goes on through,
+    as its parent does), and the sweep dir's lock left to its parent alone."""
+    torch.set_num_threads(1)
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphan writer outlives a kill -9
+    for fd in rundir.LOCKS.values():
+        os.close(fd)
+
+
 def write_all(ctx: Any, jobs: list[Job], writers: int, stop_signal: int | None) -> list[JobReturn]:
     """Every job's dir: here, or by forked writers (Linux, no callbacks), which share the work
     and send back each job's status and value (its JobReturn is made here)."""
@@ -285,7 +310,7 @@ def write_all(ctx: Any, jobs: list[Job], writers: int, stop_signal: int | None) 
     _FORKED, outcomes = (ctx, jobs, stop_signal), []
     fork = multiprocessing.get_context("fork")
     try:
-        with ProcessPoolExecutor(writers, mp_context=fork, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with ProcessPoolExecutor(writers, mp_context=fork, initializer=_writer) as pool:
             for part, future in zip(parts, [pool.submit(_write_some, p) for p in parts], strict=True):
                 try:
                     outcomes += future.result()
@@ -314,7 +339,6 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     from quadnet.train import task as quadnet_task
 
     ctx, config, opts = launcher.hydra_context, launcher.config, launcher.options
-    check_options(opts)
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -323,17 +347,19 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
 
     # 1. compose every job, as Hydra's basic launcher does
     t0 = time.perf_counter()
-    jobs, level = [], logging.INFO if len(job_overrides) <= CHATTY else logging.DEBUG
-    # Hydra's default subdir is the job's number: known without resolving it for each job (~0.5 ms)
-    numbered = OmegaConf.to_container(config.hydra.sweep)["subdir"] == "${hydra.job.num}"  # type: ignore[index]
+    jobs, level, seen = [], logging.INFO if len(job_overrides) <= CHATTY else logging.DEBUG, set()
     for idx, overrides in enumerate(job_overrides, initial_job_idx):
         job_config = ctx.config_loader.load_sweep_config(config, list(overrides))
+        if id(job_config) in seen:  # the same overrides twice (seed=1,1): the loader's config, shared
+            job_config = copy.deepcopy(job_config)
+        seen.add(id(job_config))
         with open_dict(job_config):  # what Hydra's launchers set: id, num, and the dir they make of them
             job_config.hydra.job.id, job_config.hydra.job.num = str(idx), idx
-            by_number = numbered and not any(o.lstrip("+~").startswith("hydra.sweep") for o in overrides)
-            out = (sweep_dir / (str(idx) if by_number else str(job_config.hydra.sweep.subdir))).resolve()
-            job_config.hydra.runtime.output_dir = str(out)
-        jobs.append(Job(idx, job_config, out))
+            # Hydra's default subdir is the job's number: known without resolving it (~0.5 ms a job)
+            numbered = OmegaConf.to_container(job_config.hydra.sweep)["subdir"] == "${hydra.job.num}"  # type: ignore
+            out = Path(os.path.abspath(sweep_dir / (str(idx) if numbered else str(job_config.hydra.sweep.subdir))))
+            job_config.hydra.runtime.output_dir = str(out)  # (as Hydra's run_job makes it)
+        jobs.append(Job(idx, job_config, out, key=os.path.relpath(out, os.path.abspath(sweep_dir))))
         log.log(level, "\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
     if launcher.task_function is not quadnet_task:  # not quadnet's: each job as Hydra runs it
         keys = {"job_dir_key": "hydra.sweep.dir", "job_subdir_key": "hydra.sweep.subdir"}
@@ -347,14 +373,19 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     for j in jobs:
         try:
             j.cfg = validate(j.config)
+            if j.cfg.resume:
+                raise SweepRefused(
+                    f"resume={j.cfg.resume!r} is not for batched sweeps: to go on with a sweep, run it again with "
+                    "hydra.sweep.dir=<its dir>; to go on with one of its jobs, run that job alone (without -m)"
+                )
             j.start = _resumable(j, dataclasses.replace(j.cfg, plots=j.cfg.plots and opts["plots"]), batches)
-        except SweepConflict:
+        except SweepRefused:
             raise
         except (ConfigError, checkpoint.CheckpointError) as e:
             j.error = str(e)
             continue
         if j.start.status == "completed":  # done in an earlier launch: its dir stays as it is
-            j.result = j.start
+            j.result, j.kept = j.start, True
         else:
             groups[group_key(j)].append(j)
     counts = Counter("refused" if j.error else j.start.status if j.start.epoch else "new" for j in jobs)  # type: ignore
@@ -390,23 +421,11 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     log.info("%d jobs: %s; report: python -m quadnet.report %s", len(jobs), outcome, shlex.quote(str(sweep_dir)))
     if stop.signal is not None:
         again = [a for a in sys.argv[1:] if not a.startswith("hydra.sweep.dir=")]
-        again.append(f"hydra.sweep.dir={sweep_dir.resolve()}")
+        where = os.path.abspath(sweep_dir)
+        if not re.fullmatch(r"[\w/.:@+-]+", where):  # quoted for Hydra's override grammar too
+            where = "'" + where.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        again.append(f"hydra.sweep.dir={where}")
         resume = "Resume the sweep with:\n  python -m quadnet.train " + shlex.join(again)
         log.warning("interrupted: every job's dir has its checkpoint. %s", resume)
         sys.exit(128 + stop.signal)
     return returns
-
-
-def check_options(opts: dict[str, Any]) -> None:
-    import importlib.util
-
-    rules = {  # key: (whether its value is allowed, what is)
-        "max_batch": (opts["max_batch"] >= 0, "must be >= 0 (0: what fits)"),
-        "writers": ((opts["writers"] or 0) >= 0, "must be >= 0, or null for one per core"),
-        "executor": (opts["executor"] in (None, *EXECUTORS), f"choose one of {', '.join(EXECUTORS)}, or null"),
-    }
-    for key, (ok, allowed) in rules.items():
-        if not ok:
-            raise ConfigError(f"hydra.launcher.{key}={opts[key]!r} is not allowed: {allowed}")
-    if opts["executor"] is not None and importlib.util.find_spec("submitit") is None:
-        raise ConfigError(f"hydra.launcher.executor={opts['executor']} needs submitit: pip install -e '.[sweep]'")

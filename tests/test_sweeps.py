@@ -228,11 +228,21 @@ def test_a_bad_device_found_in_a_submitit_chunk_is_one_line(tmp_path):
         ("writers=-1", "hydra.launcher.writers=-1 is not allowed: must be >= 0, or null"),
         ("max_batch=-1", "hydra.launcher.max_batch=-1 is not allowed: must be >= 0"),
         ("executor=lsf", "hydra.launcher.executor='lsf' is not allowed: choose one of local, slurm, debug"),
+        ("+hydra.launcher.nope=1", "unknown config key 'hydra.launcher.nope'; the batched launcher's: plots, "),
     ],
 )
-def test_a_bad_launcher_option_is_one_line_and_trains_nothing(option, message, tmp_path):
-    assert _batched_sweep_error(tmp_path, f"hydra.launcher.{option}", "seed=0,1").startswith(f"error: {message}")
-    assert not list((tmp_path / "s").glob("*/summary.json"))
+def test_a_bad_launcher_option_is_one_line_and_writes_nothing(option, message, tmp_path):
+    overrides = [option if option.startswith("+") else f"hydra.launcher.{option}", "seed=0,1"]
+    assert _batched_sweep_error(tmp_path, *overrides).startswith(f"error: {message}")
+    assert not (tmp_path / "s").exists()  # refused before the sweeper writes its record
+
+
+def test_the_same_job_twice_gets_two_dirs_and_resume_is_refused_in_a_batched_sweep(tmp_path):
+    _sweep(tmp_path, "s", "hydra/launcher=batched", "seed=1,1", "epochs=20")
+    a, b = _summary(tmp_path, "s", 0), _summary(tmp_path, "s", 1)
+    assert a["run_dir"].endswith("/0") and b["run_dir"].endswith("/1") and a["predictions"] == b["predictions"]
+    error = _batched_sweep_error(tmp_path, f"resume={tmp_path}/s/0", "epochs=30,40")
+    assert "is not for batched sweeps" in error and "hydra.sweep.dir=<its dir>" in error
 
 
 def test_unbatchable_jobs_run_on_their_own_in_the_same_sweep(tmp_path):
@@ -491,6 +501,27 @@ def test_threads_follow_the_setting_and_never_exceed_the_usable_cpus(monkeypatch
     with loop.threads(2) as n:
         assert n == 2 and torch.get_num_threads() == 2
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    "files,cpus",
+    [
+        ({"/sys/fs/cgroup/cpu.max": "250000 100000\n"}, 3),  # cgroup v2 (docker --cpus 2.5)
+        ({"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "150000\n", "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}, 2),
+        ({"/sys/fs/cgroup/cpu.max": "max 100000\n", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "-1\n"}, 8),  # no quota
+    ],
+)
+def test_usable_cpus_honour_a_cgroup_quota(files, cpus, monkeypatch):
+    from pathlib import Path
+
+    def read_text(self, *args, **kwargs):
+        if str(self) not in files:
+            raise FileNotFoundError(self)
+        return files[str(self)]
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert loop.usable_cpus() == cpus
 
 
 def test_a_big_sweep_prints_a_summary_and_a_progress_bar_instead_of_lines_per_job(tmp_path):

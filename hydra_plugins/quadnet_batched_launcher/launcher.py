@@ -7,6 +7,8 @@ code load only when a sweep is launched (:func:`quadnet.sweep.launch` does the w
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn
@@ -14,7 +16,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from hydra_plugins.quadnet_batched_launcher.config import BatchedLauncherConf  # noqa: F401  (registers it)
+from hydra_plugins.quadnet_batched_launcher.config import BatchedLauncherConf  # (importing it registers it)
 
 
 class BatchedLauncher(Launcher):
@@ -26,6 +28,12 @@ class BatchedLauncher(Launcher):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from quadnet.fastcompose import FastSweepLoader
+        from quadnet.rundir import lock
+
+        # before the sweeper writes into the sweep dir: a bad option, or a dir another sweep holds,
+        # is refused (in one line) without touching it
+        check_options(self.options)
+        lock(Path(str(config.hydra.sweep.dir)))
 
         # The sweeper shares this context: its check of each batch gets the fast loader too.
         if not isinstance(hydra_context.config_loader, FastSweepLoader):
@@ -36,3 +44,28 @@ class BatchedLauncher(Launcher):
         from quadnet.sweep import launch
 
         return launch(self, [list(o) for o in job_overrides], initial_job_idx)
+
+
+EXECUTORS = ("local", "slurm", "debug")  # submitit's clusters ("debug": in this process)
+
+
+def check_options(opts: dict[str, Any]) -> None:
+    import importlib.util
+
+    from quadnet.config import ConfigError
+
+    known = [f.name for f in fields(BatchedLauncherConf) if f.name != "_target_"]
+    if unknown := sorted(set(opts) - set(known)):
+        raise ConfigError(
+            f"unknown config key 'hydra.launcher.{unknown[0]}'; the batched launcher's: {', '.join(known)}"
+        )
+    rules = {  # key: (whether its value is allowed, what is)
+        "max_batch": (opts["max_batch"] >= 0, "must be >= 0 (0: what fits)"),
+        "writers": ((opts["writers"] or 0) >= 0, "must be >= 0, or null for one per core"),
+        "executor": (opts["executor"] in (None, *EXECUTORS), f"choose one of {', '.join(EXECUTORS)}, or null"),
+    }
+    for key, (ok, allowed) in rules.items():
+        if not ok:
+            raise ConfigError(f"hydra.launcher.{key}={opts[key]!r} is not allowed: {allowed}")
+    if opts["executor"] is not None and importlib.util.find_spec("submitit") is None:
+        raise ConfigError(f"hydra.launcher.executor={opts['executor']} needs submitit: pip install -e '.[sweep]'")
