@@ -205,11 +205,13 @@ def test_batched_chunks_through_submitit_equal_the_batches_trained_here(tmp_path
     sweep = ["hydra/launcher=batched", "hydra.launcher.max_batch=2", "seed=range(4)", "epochs=200", "lr=0.01"]
     _sweep(tmp_path, "here", *sweep)
     _sweep(tmp_path, "sub", *sweep, "hydra.launcher.executor=local")
+    _sweep(tmp_path, "debug", *sweep, "hydra.launcher.executor=debug")  # submitit's, in this process
     ids = set()
     for n in range(4):
-        a, b = _summary(tmp_path, "here", n), _summary(tmp_path, "sub", n)
-        assert b["status"] == "completed" and b["batch"]["jobs"] == 2
+        a, b, c = (_summary(tmp_path, name, n) for name in ("here", "sub", "debug"))
+        assert b["status"] == c["status"] == "completed" and b["batch"]["jobs"] == c["batch"]["jobs"] == 2
         np.testing.assert_allclose(_probs(a), _probs(b), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(_probs(a), _probs(c), rtol=0, atol=1e-12)
         ids.add(b["batch"]["submitit_job"])
     assert len(ids) == 2  # two chunks of two, one submitit job each
     assert (tmp_path / "sub" / ".submitit").is_dir()
