@@ -307,15 +307,15 @@ def write_all(ctx: Any, jobs: list[Job], writers: int, stop_signal: int | None) 
         return [write_job(ctx, j, stop_signal, len(jobs)) for j in jobs]
     size = max(1, min(256, len(jobs) // (4 * writers)))
     parts = [list(range(i, min(i + size, len(jobs)))) for i in range(0, len(jobs), size)]
-    _FORKED, outcomes = (ctx, jobs, stop_signal), []
+    _FORKED, outcomes, args = (ctx, jobs, stop_signal), [], (stop_signal, len(jobs))
     fork = multiprocessing.get_context("fork")
     try:
         with ProcessPoolExecutor(writers, mp_context=fork, initializer=_writer) as pool:
             for part, future in zip(parts, [pool.submit(_write_some, p) for p in parts], strict=True):
                 try:
                     outcomes += future.result()
-                except Exception as e:  # a writer died: its jobs fail, not the sweep
-                    outcomes += [(JobStatus.FAILED, e)] * len(part)
+                except Exception:  # a writer died (killed, out of memory): its jobs are written here
+                    outcomes += [(r.status, r._return_value) for r in (write_job(ctx, jobs[i], *args) for i in part)]
     finally:
         _FORKED = None
     return [_job_return(j, status=s, _return_value=v) for j, (s, v) in zip(jobs, outcomes, strict=True)]
