@@ -142,10 +142,13 @@ def _saver(sweep_dir: Path) -> Callable[[list[loop.Job]], None]:
         if time.monotonic() - last < max(BATCH_SAVE_SECONDS, 10 * cost):
             return
         last = time.monotonic()
-        (sweep_dir / BATCHES).mkdir(exist_ok=True)
         states = {j.name: checkpoint.of(j, "running") for j in jobs}
         name = jobs[0].name.replace("/", "_")
-        checkpoint.save(sweep_dir / BATCHES / f"{name}.pt", {"format": checkpoint.BATCH, "jobs": states})
+        try:  # (a convenience: training goes on without it, and each job's dir is written at the end)
+            (sweep_dir / BATCHES).mkdir(exist_ok=True)
+            checkpoint.save(sweep_dir / BATCHES / f"{name}.pt", {"format": checkpoint.BATCH, "jobs": states})
+        except OSError as e:
+            log.warning("no batch checkpoint written: %s", one_line(e))
         cost = time.monotonic() - last
 
     return save
