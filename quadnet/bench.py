@@ -146,7 +146,9 @@ def bench_sweep(jobs: int, sample: int, device: str, n_busy: int) -> list[dict[s
 
 @closed_pipe_ok()
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m quadnet.bench", description=(__doc__ or "").split("\n\n")[0])
+    parser = ArgumentParser(
+        prog="python -m quadnet.bench", description=(__doc__ or "").split("\n\n")[0].replace("``", "")
+    )
     sub = parser.add_subparsers(dest="what", required=True)
     common = ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -158,9 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     step.add_argument("--jobs", default="1,64,256,4096", help="batch sizes, comma-separated")
     sub.add_parser("startup", help="start-up cost", parents=[repeated])
     sweep = sub.add_parser("sweep", help="basic launcher against batched", parents=[common])
-    sweep.add_argument("--jobs", type=int, default=256)
+    sweep.add_argument("--jobs", type=int, default=256, help="jobs in the sweep (default 256)")
     sweep.add_argument("--sample", type=int, default=4, help="basic-launcher jobs run (the rest extrapolated)")
-    sweep.add_argument("--device", default="auto")
+    sweep.add_argument("--device", default="auto", help="device= of every job (default auto)")
     sweep.add_argument("--busy", type=int, default=0, help="CPU-bound processes to run beside it")
     args = parser.parse_args(argv)
     given = vars(args)
