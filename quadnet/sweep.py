@@ -113,11 +113,27 @@ def _resumable(job: Job, c: TrainConfig, batches: dict[str, Any]) -> loop.Job:
     return loop.Job(c, ck["state"], ck["epoch"], ck["history"], status="completed" if done else "running")
 
 
+def _refused(launcher: Any, why: str) -> None:
+    """Refuse a sweep run again into its dir: Hydra's record of it (multirun.yaml), which the sweeper
+    has just rewritten, is put back as it was (see BatchedLauncher.setup), and nothing else is touched."""
+    record, before, existed = launcher.record
+    if before is None:
+        record.unlink(missing_ok=True)
+        if not existed:  # this sweep made the dir
+            with contextlib.suppress(OSError):
+                record.parent.rmdir()
+    else:
+        record.write_bytes(before)
+    raise SweepRefused(why)
+
+
 def _summary(folder: Path) -> dict[str, Any]:
-    """A completed run's summary.json; {} when it is missing, damaged or of another status."""
+    """A completed run's summary.json; {} when it is missing, damaged, incomplete or of another status."""
+    keys = ("status", "epoch", "epochs", "final_loss", "train_accuracy", "test_accuracy", "train_seconds", "run_dir")
     with contextlib.suppress(OSError, ValueError):
-        summary = json.loads((folder / "summary.json").read_text())
-        return summary if isinstance(summary, dict) and summary.get("status") == "completed" else {}
+        s = json.loads((folder / "summary.json").read_text())
+        complete = isinstance(s, dict) and all(k in s for k in keys) and isinstance(s.get("config"), dict)
+        return s if complete and s["status"] == "completed" and "objective" in s["config"] else {}
     return {}
 
 
@@ -377,14 +393,15 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
         try:
             j.cfg = validate(j.config)
             if j.cfg.resume:
-                raise SweepRefused(
+                _refused(
+                    launcher,
                     f"resume={j.cfg.resume!r} is not for batched sweeps: to go on with a sweep, run it again with "
-                    "hydra.sweep.dir=<its dir>; to go on with one of its jobs, run that job alone (without -m)"
+                    "hydra.sweep.dir=<its dir>; to go on with one of its jobs, run that job alone (without -m)",
                 )
             j.start = _resumable(j, dataclasses.replace(j.cfg, plots=j.cfg.plots and opts["plots"]), batches)
-        except SweepRefused:
-            raise
         except (ConfigError, checkpoint.CheckpointError) as e:
+            if isinstance(e, SweepRefused) or (j.dir / checkpoint.CHECKPOINT).exists():  # (an earlier run's dir)
+                _refused(launcher, f"{e} ({j.dir} holds an earlier run)" if not isinstance(e, SweepRefused) else str(e))
             j.error = str(e)
             continue
         if j.start.status == "completed":  # done in an earlier launch: its dir stays as it is

@@ -243,8 +243,10 @@ def test_the_same_job_twice_gets_two_dirs_and_resume_is_refused_in_a_batched_swe
     _sweep(tmp_path, "s", "hydra/launcher=batched", "seed=1,1", "epochs=20")
     a, b = _summary(tmp_path, "s", 0), _summary(tmp_path, "s", 1)
     assert a["run_dir"].endswith("/0") and b["run_dir"].endswith("/1") and a["predictions"] == b["predictions"]
-    error = _batched_sweep_error(tmp_path, f"resume={tmp_path}/s/0", "epochs=30,40")
-    assert "is not for batched sweeps" in error and "hydra.sweep.dir=<its dir>" in error
+    resume = f"resume={tmp_path}/s/0"
+    r = run_cli("-m", "hydra/launcher=batched", resume, "epochs=30,40", f"hydra.sweep.dir={tmp_path}/r", cwd=tmp_path)
+    assert r.returncode == 2 and "is not for batched sweeps" in r.stderr and "hydra.sweep.dir=<its dir>" in r.stderr
+    assert not (tmp_path / "r").exists()  # the refused sweep leaves no dir
 
 
 def test_unbatchable_jobs_run_on_their_own_in_the_same_sweep(tmp_path):
@@ -474,12 +476,15 @@ def test_a_sweep_run_again_into_its_dir_continues_its_jobs_and_never_throws_trai
     out = r.stdout + r.stderr
     assert "0 resumed from their checkpoints, 2 completed before, 0 refused" in out
     assert before == {n: (tmp_path / "s" / str(n) / "summary.json").read_text() for n in (0, 1)}
-    # fewer epochs, or other settings: refused in one line, before anything is written
-    for change in ("epochs=100", "lr=0.01"):
+    # fewer epochs, other settings, a bad key: refused in one line; nothing is written, Hydra's record stays
+    record = (tmp_path / "s" / "multirun.yaml").read_text()
+    for change, why in (("epochs=100", "holds a run at epoch 200 and "), ("lr=0.01", "holds a run at epoch 200 and "),
+                        ("+foo=1", "unknown config key 'foo'")):  # fmt: skip
         r = run_cli("-m", *sweep, "epochs=200", change, f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        assert "holds a run at epoch 200 and " in r.stderr.splitlines()[-1] and "another hydra.sweep.dir" in r.stderr
+        assert why in r.stderr.splitlines()[-1], r.stderr
         assert before == {n: (tmp_path / "s" / str(n) / "summary.json").read_text() for n in (0, 1)}
+        assert (tmp_path / "s" / "multirun.yaml").read_text() == record
     # more epochs: each job goes on from its checkpoint, as if it had trained straight through
     r = _sweep(tmp_path, "s", *sweep, "epochs=350")
     out = r.stdout + r.stderr

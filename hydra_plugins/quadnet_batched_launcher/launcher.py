@@ -25,15 +25,20 @@ class BatchedLauncher(Launcher):
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
+        self.record: tuple[Path, bytes | None, bool] | None = None  # multirun.yaml, as it was, and its dir's existence
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from quadnet.fastcompose import FastSweepLoader
         from quadnet.rundir import lock
 
         # before the sweeper writes into the sweep dir: a bad option, or a dir another sweep holds,
-        # is refused (in one line) without touching it
+        # is refused (in one line) without touching it; and what the sweeper will overwrite is kept,
+        # for a sweep that the launcher refuses (quadnet.sweep._refused)
         check_options(self.options)
-        lock(Path(str(config.hydra.sweep.dir)))
+        folder = Path(str(config.hydra.sweep.dir))
+        record = folder / "multirun.yaml"
+        self.record = (record, record.read_bytes() if record.is_file() else None, folder.exists())
+        lock(folder)
 
         # The sweeper shares this context: its check of each batch gets the fast loader too.
         if not isinstance(hydra_context.config_loader, FastSweepLoader):
