@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 EXIT_BAD_INPUT = 2
 
@@ -78,6 +79,26 @@ def closed_pipe_ok() -> Iterator[None]:
         # Point stdout at devnull, so that Python's own flush at exit does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+
+
+def on_signals(message: str, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+    """From now on these signals end the command with ``error: message`` and exit 128+signal, wherever
+    it is (while torch imports, say), instead of a traceback or a silent death. The training loop
+    sets its own handlers while it trains (:func:`quadnet.loop.catch_signals`)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        fail(message, 128 + signum)
+
+    for s in signals:
+        signal.signal(s, handler)
+
+
+def train_main() -> None:
+    """``quadnet-train``: as ``python -m quadnet.train``, with a signal while it starts ending in one line."""
+    on_signals("interrupted while starting: nothing was written")
+    from quadnet.train import main
+
+    main()
 
 
 @contextlib.contextmanager

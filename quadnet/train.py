@@ -18,12 +18,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":  # python -m quadnet.train: a signal while torch and Hydra import is one line too
+    from quadnet.cli import on_signals
+
+    on_signals("interrupted while starting: nothing was written")
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from quadnet import artifacts, checkpoint, loop, rundir
-from quadnet.cli import closed_pipe_ok, fail, friendly_errors, one_line, out_of_memory
+from quadnet.cli import closed_pipe_ok, fail, friendly_errors, on_signals, one_line, out_of_memory
 from quadnet.config import ConfigError, TrainConfig, compose, config_dir, register_configs, validate, version_base
 
 log = logging.getLogger("quadnet")
@@ -194,6 +199,9 @@ def main() -> None:
     if not sys.stderr.isatty():  # no colour codes in logs and pipes (Optuna's colorlog honours this)
         os.environ.setdefault("NO_COLOR", "1")
     register_configs()
+    # from here Ctrl-C raises KeyboardInterrupt (friendly_errors makes it one line), SIGTERM ends in one line
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    on_signals("terminated: stopped at once (what was written so far is kept)", (signal.SIGTERM,))
     with friendly_errors():  # (hydra.main applied here: at import it would set Hydra's version base for every app)
         hydra.main(config_path=config_dir(), config_name="train", **version_base())(task)()
 

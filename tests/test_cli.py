@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +197,26 @@ def test_animate_writes_a_gif_of_the_run_and_nothing_without_it(tmp_path):
         assert gif.n_frames == 11  # epochs 0, 50, …, 500
     train(make_cfg("epochs=500", "log_every=50"), run_dir=tmp_path / "b")
     assert not (tmp_path / "b" / "training.gif").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status (Linux)")
+@pytest.mark.parametrize(
+    "command", [["-m", "quadnet.train"], ["-c", "from quadnet.cli import train_main; train_main()"]]
+)
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_the_command_starts_is_one_line(command, sig, code, tmp_path):
+    """Ctrl-C or SIGTERM while torch and Hydra import (python -m quadnet.train, or quadnet-train)."""
+    p = subprocess.Popen(
+        [sys.executable, *command, f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline:  # until quadnet's handler is up (SIGTERM caught), then at once
+        caught = re.search(r"SigCgt:\s*([0-9a-f]+)", Path(f"/proc/{p.pid}/status").read_text())
+        if caught and int(caught[1], 16) >> (signal.SIGTERM - 1) & 1:
+            break
+        time.sleep(0.002)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert not (tmp_path / "r" / "summary.json").exists()
