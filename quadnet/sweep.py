@@ -360,8 +360,7 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     ctx, config, opts = launcher.hydra_context, launcher.config, launcher.options
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    sweep_dir = Path(str(config.hydra.sweep.dir))
-    rundir.lock(sweep_dir)
+    sweep_dir = Path(str(config.hydra.sweep.dir))  # (held since BatchedLauncher.setup: rundir.lock)
     log.info("Launching %d jobs", len(job_overrides))
 
     # 1. compose every job, as Hydra's basic launcher does
