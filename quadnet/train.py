@@ -169,6 +169,12 @@ def task(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     single = hc.mode == RunMode.RUN
+    if hc.job.chdir:  # the job runs in its dir: a relative path the user gave is relative to where they are
+        from hydra.utils import to_absolute_path
+
+        for key in ("data.path", "data.test_path", "resume"):
+            if isinstance(path := OmegaConf.select(cfg, key, throw_on_resolution_failure=False), str):
+                OmegaConf.update(cfg, key, to_absolute_path(path))
     if single or str(hc.launcher._target_).endswith(".BasicLauncher"):  # this process runs the jobs
         try:  # (the batched launcher takes the sweep's lock itself, before any job dir is made)
             rundir.lock(Path(hc.runtime.output_dir if single else hc.sweep.dir), "run" if single else "sweep")
@@ -198,6 +204,11 @@ def main() -> None:
         return
     if not sys.stderr.isatty():  # no colour codes in logs and pipes (Optuna's colorlog honours this)
         os.environ.setdefault("NO_COLOR", "1")
+    from hydra._internal.utils import get_args_parser  # (no public API parses Hydra's flags)
+
+    parser = get_args_parser()  # a bad flag (--bogus, --cfg x) in one line, not Hydra's usage block
+    parser.error = lambda m: fail(f"{m}; see --help for quadnet's keys and --hydra-help for Hydra's options")
+    parser.parse_args()
     register_configs()
     # from here Ctrl-C raises KeyboardInterrupt (friendly_errors makes it one line), SIGTERM ends in one line
     signal.signal(signal.SIGINT, signal.default_int_handler)

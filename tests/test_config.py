@@ -56,6 +56,8 @@ BAD = [
     ("data.margin=5 data=sampled", ["data.margin=5", "data.extent"]),
     ("resume=/no/such/run", ["'/no/such/run' does not exist"]),
     ("hidden_dim=", ["hidden_dim"]),
+    ("--bogus", ["unrecognized arguments: --bogus", "--hydra-help"]),
+    ("--cfg nope", ["--cfg", "invalid choice: 'nope'"]),
 ]
 
 

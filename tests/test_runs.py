@@ -62,6 +62,16 @@ def test_resume_shape_change_from_the_cli_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: cannot resume") and "Traceback" not in r.stderr
 
 
+def test_with_hydra_job_chdir_relative_paths_are_where_the_user_is(tmp_path):
+    (tmp_path / "pts.csv").write_text("1,1,1\n-1,1,2\n-1,-1,3\n1,-1,4\n2,2,1\n")
+    chdir = ["hydra.job.chdir=true", "plots=false"]
+    r = run_cli("data=csv", "data.path=pts.csv", "epochs=10", "hydra.run.dir=a", *chdir, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("resume=a", "epochs=20", "hydra.run.dir=b", *chdir, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["epoch"] == 20
+
+
 def test_checkpoints_are_written_periodically_and_atomically(tmp_path, monkeypatch):
     cfg = make_cfg("epochs=300", "checkpoint_every=100", "momentum=0.5")
     saved = []
