@@ -208,7 +208,7 @@ def main() -> None:
 
     parser = get_args_parser()  # a bad flag (--bogus, --cfg x) in one line, not Hydra's usage block
     parser.error = lambda m: fail(f"{m}; see --help for quadnet's keys and --hydra-help for Hydra's options")
-    parser.parse_args()
+    (parser.parse_args if version_base() else parser.parse_intermixed_args)()  # as Hydra 1.3 or 1.4 parses
     register_configs()
     # from here Ctrl-C raises KeyboardInterrupt (friendly_errors makes it one line), SIGTERM ends in one line
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import make_cfg, run_cli
-from quadnet.config import ConfigError, TrainConfig, compose, config_dir, validate
+from quadnet.config import ConfigError, TrainConfig, compose, config_dir, validate, version_base
 from quadnet.train import main
 
 BAD = [
@@ -81,6 +81,15 @@ def test_bad_value_is_one_line_exit_2(override, words, tmp_path, monkeypatch, ca
         assert w in err, (w, err)
     assert not (tmp_path / "run").exists()  # a refused run leaves no dir behind
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_hydra_flags_are_parsed_as_hydra_parses_them(tmp_path):
+    """Hydra 1.4 takes -m among the overrides; 1.3 refuses it there (in one line)."""
+    r = run_cli("epochs=1", "-m", "seed=1,2", "plots=false", f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)
+    if version_base():
+        assert r.returncode == 2 and r.stderr.startswith("error: unrecognized arguments: seed=1,2")
+    else:
+        assert r.returncode == 0 and len(list((tmp_path / "s").glob("*/summary.json"))) == 2, r.stderr
 
 
 def test_bad_values_from_the_real_cli_have_no_traceback(tmp_path):
