@@ -10,6 +10,7 @@ The comment after each field is also its ``--help`` text.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import math
 import re
@@ -168,6 +169,8 @@ def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
             raise ConfigError(f"data.{key} does not apply to data={c.data.name}; did you mean data={owner}?")
     if c.data.name == "csv" and not c.data.path:
         raise ConfigError("data=csv needs data.path=FILE: a file of x,y,label lines (label 1-4)")
+    if c.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logger=tensorboard needs tensorboard: pip install -e '.[tensorboard]'")
     if c.engine == "numpy" and c.device not in ("auto", "cpu"):
         raise ConfigError(f"device={c.device!r} is not allowed with engine=numpy: it runs on the cpu")
     return c

@@ -23,7 +23,6 @@ import logging
 import math
 import multiprocessing
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -439,12 +438,10 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     outcome = ", ".join(f"{n} {s}" for s, n in sorted(ends.items()))
     log.info("%d jobs: %s; report: python -m quadnet.report %s", len(jobs), outcome, shlex.quote(str(sweep_dir)))
     if stop.signal is not None:
-        again = [a for a in sys.argv[1:] if not a.startswith("hydra.sweep.dir=")]
-        where = os.path.abspath(sweep_dir)
-        if not re.fullmatch(r"[\w/.:@+-]+", where):  # quoted for Hydra's override grammar too
-            where = "'" + where.replace("\\", "\\\\").replace("'", "\\'") + "'"
-        again.append(f"hydra.sweep.dir={where}")
-        resume = "Resume the sweep with:\n  python -m quadnet.train " + shlex.join(again)
-        log.warning("interrupted: every job's dir has its checkpoint. %s", resume)
+        from quadnet.train import resume_sweep
+
+        log.warning(
+            "interrupted: every job's dir has its checkpoint. Resume the sweep with:\n  %s", resume_sweep(sweep_dir)
+        )
         sys.exit(128 + stop.signal)
     return returns

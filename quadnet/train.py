@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -92,6 +93,11 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
 
     job = start(cfg, validate(cfg))
     c, out = job.cfg, Path(run_dir) if run_dir is not None else _default_run_dir()
+    if (out / checkpoint.CHECKPOINT).is_file() and not (c.resume and checkpoint.find(c.resume).parent.samefile(out)):
+        raise ConfigError(  # an earlier run's training is never thrown away
+            f"{out} holds an earlier run (its {checkpoint.CHECKPOINT}): resume={shlex.quote(str(out))} goes on "
+            "from it (a sweep: run it again with hydra/launcher=batched), or choose another dir"
+        )
     device = resolve_device(c.device if c.engine == "torch" else "cpu")
     engine = f"{c.engine} engine" + f"/{c.step}" * (c.engine == "torch")
     what = f"{c.data.name} data, hidden_dim={c.hidden_dim}, {c.epochs} epochs, {engine}, {c.optimizer}"
@@ -138,16 +144,21 @@ def _value(v: Any) -> str:
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def conclude(summary: dict[str, Any], single_run: bool = True, exit: bool = True, quiet: bool = False) -> float:
+def conclude(
+    summary: dict[str, Any], single_run: bool = True, exit: bool = True, quiet: bool = False, sweep: Path | None = None
+) -> float:
     """Report how a run ended, exit where it must, and return the objective.
 
     Interrupted: the resume command, and exit 128+signal (a sweep under Hydra's basic launcher
-    stops there too). Diverged: an error line, exit 3 in a single run; in a sweep the other
-    jobs carry on and this one scores +inf. `quiet`: the headline at debug level (big sweeps)."""
+    stops there too; `sweep`, its dir: the command goes on with all of it). Diverged: an error
+    line, exit 3 in a single run; in a sweep the other jobs carry on and this one scores +inf.
+    `quiet`: the headline at debug level (big sweeps)."""
     rundir.headline(summary, table=single_run, level=logging.DEBUG if quiet else logging.INFO)
     status = summary["status"]
     if status == "interrupted":
         resume = f"python -m quadnet.train resume={shlex.quote(str(summary['run_dir']))}"
+        if sweep is not None:
+            resume = resume_sweep(sweep)
         message = "interrupted at epoch %d; checkpoint written. Resume with:\n  %s"
         # (a batched sweep, exit=False, prints one command for the whole sweep instead)
         log.log(logging.WARNING if exit and not quiet else logging.DEBUG, message, summary["epoch"], resume)
@@ -160,6 +171,16 @@ def conclude(summary: dict[str, Any], single_run: bool = True, exit: bool = True
             sys.exit(3)
     value = artifacts.summary_metric(summary, summary["config"]["objective"])  # what a sweeper minimises
     return math.inf if value is None else value  # +inf: a run that did not finish with finite values
+
+
+def resume_sweep(sweep_dir: Path) -> str:
+    """The command that goes on with an interrupted sweep: this one, into its dir, under the batched
+    launcher (it resumes each job from its checkpoint and keeps those that completed)."""
+    again = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweep.dir=", "hydra/launcher="))]
+    where = os.path.abspath(sweep_dir)
+    if not re.fullmatch(r"[\w/.:@+-]+", where):  # quoted for Hydra's override grammar too
+        where = "'" + where.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return "python -m quadnet.train " + shlex.join([*again, "hydra/launcher=batched", f"hydra.sweep.dir={where}"])
 
 
 def task(cfg: DictConfig) -> float:
@@ -175,7 +196,8 @@ def task(cfg: DictConfig) -> float:
         for key in ("data.path", "data.test_path", "resume"):
             if isinstance(path := OmegaConf.select(cfg, key, throw_on_resolution_failure=False), str):
                 OmegaConf.update(cfg, key, to_absolute_path(path))
-    if single or str(hc.launcher._target_).endswith(".BasicLauncher"):  # this process runs the jobs
+    basic = not single and str(hc.launcher._target_).endswith(".BasicLauncher")
+    if single or basic:  # this process runs the jobs
         try:  # (the batched launcher takes the sweep's lock itself, before any job dir is made)
             rundir.lock(Path(hc.runtime.output_dir if single else hc.sweep.dir), "run" if single else "sweep")
         except ConfigError as e:
@@ -187,12 +209,13 @@ def task(cfg: DictConfig) -> float:
             raise
         out = Path(hc.runtime.output_dir)
         if not single:
-            rundir.write_failed(out, e)
+            if not (out / checkpoint.CHECKPOINT).exists():  # (an earlier run's dir stays as it was)
+                rundir.write_failed(out, e)
             raise
         if {p.name for p in out.iterdir()} <= {hc.output_subdir, f"{hc.job.name}.log"}:
             shutil.rmtree(out, ignore_errors=True)  # only what this run made: Hydra's record and an empty log
         fail(one_line(e))
-    return conclude(summary, single_run=single)
+    return conclude(summary, single_run=single, sweep=Path(hc.sweep.dir) if basic else None)
 
 
 def main() -> None:

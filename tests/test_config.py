@@ -83,6 +83,15 @@ def test_bad_value_is_one_line_exit_2(override, words, tmp_path, monkeypatch, ca
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+def test_the_tensorboard_logger_without_tensorboard_is_refused_before_training(monkeypatch):
+    import importlib.util
+
+    cfg = TrainConfig(logger="tensorboard")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)  # as without the extra
+    with pytest.raises(ConfigError, match=r"logger=tensorboard needs tensorboard: pip install -e '\.\[tensorboard\]'"):
+        validate(cfg)
+
+
 def test_hydra_flags_are_parsed_as_hydra_parses_them(tmp_path):
     """Hydra 1.4 takes -m among the overrides; 1.3 refuses it there (in one line)."""
     r = run_cli("epochs=1", "-m", "seed=1,2", "plots=false", f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import quadnet
 from conftest import make_cfg, run_cli
 from quadnet import checkpoint
 from quadnet.artifacts import read_metrics
@@ -60,6 +61,19 @@ def test_resume_shape_change_from_the_cli_is_one_line(tmp_path):
     train(make_cfg("epochs=20", "hidden_dim=8"), run_dir=tmp_path / "a")
     r = run_cli(f"resume={tmp_path / 'a'}", "hidden_dim=9", f"hydra.run.dir={tmp_path}/b", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("error: cannot resume") and "Traceback" not in r.stderr
+
+
+def test_a_run_into_a_dir_that_holds_an_earlier_run_is_refused_and_resume_goes_on_there(tmp_path):
+    assert run_cli("epochs=100", "plots=false", "hydra.run.dir=r", cwd=tmp_path).returncode == 0
+    files = ("checkpoint.pt", "model.pt", "summary.json", "metrics.csv")
+    before = {f: (tmp_path / "r" / f).read_bytes() for f in files}
+    r = run_cli("epochs=50", "hydra.run.dir=r", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "holds an earlier run" in r.stderr, r.stderr
+    with pytest.raises(ConfigError, match="holds an earlier run"):
+        quadnet.run(epochs=50, run_dir=tmp_path / "r")
+    assert before == {f: (tmp_path / "r" / f).read_bytes() for f in files}  # nothing of it trained over
+    r = run_cli("resume=r", "epochs=200", "hydra.run.dir=r", cwd=tmp_path)  # going on with it, in its dir
+    assert r.returncode == 0 and json.loads((tmp_path / "r" / "summary.json").read_text())["epoch"] == 200
 
 
 def test_with_hydra_job_chdir_relative_paths_are_where_the_user_is(tmp_path):

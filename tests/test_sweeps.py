@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import signal
 import subprocess
@@ -462,6 +463,39 @@ def test_a_signal_keeps_every_job_and_the_sweep_resumes_as_one_batch(sig, code, 
     assert "6 jobs in 1 batch group(s)" in r.stdout + r.stderr  # resumed together, as one batch
     _sweep(tmp_path, "straight", *sweep[1:], f"epochs={target}")
     for n in range(6):
+        a, b = _summary(tmp_path, "s", n), _summary(tmp_path, "straight", n)
+        assert a["status"] == b["status"] == "completed" and a["epoch"] == target
+        np.testing.assert_allclose(_probs(a), _probs(b), rtol=0, atol=1e-12)
+
+
+def test_an_interrupted_basic_sweep_goes_on_under_the_batched_launcher_and_is_never_trained_over(tmp_path):
+    sweep = ["-m", "seed=0,1", "lr=0.01", "log_every=500", "checkpoint_every=500", "plots=false"]
+    p = subprocess.Popen(
+        [sys.executable, "-m", "quadnet.train", *sweep, "hydra/launcher=basic", "epochs=1000000",
+         f"hydra.sweep.dir={tmp_path}/s"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (tmp_path / "s" / "0" / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.1)  # job 0 is training
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in out, out
+    command = shlex.split(out.split("Resume with:\n")[1].splitlines()[0])
+    assert command[:3] == ["python", "-m", "quadnet.train"] and "hydra/launcher=batched" in command, command
+    target = checkpoint.load(tmp_path / "s" / "0")["epoch"] + 300
+    # the basic launcher again into its dir: job 0's run is refused, not trained over
+    ck = (tmp_path / "s" / "0" / "checkpoint.pt").read_bytes()
+    r = run_cli(
+        "-m", "seed=0", "hydra/launcher=basic", f"epochs={target}", f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path
+    )
+    assert r.returncode == 2 and "holds an earlier run" in r.stderr.splitlines()[-1], r.stderr
+    assert (tmp_path / "s" / "0" / "checkpoint.pt").read_bytes() == ck
+    # the printed command (with more epochs) goes on with job 0 and trains job 1, as if straight through
+    r = run_cli(*[a if a != "epochs=1000000" else f"epochs={target}" for a in command[3:]], cwd=tmp_path)
+    assert r.returncode == 0 and "1 resumed from their checkpoints" in r.stdout + r.stderr, r.stderr
+    _sweep(tmp_path, "straight", "hydra/launcher=batched", *sweep[1:], f"epochs={target}")
+    for n in (0, 1):
         a, b = _summary(tmp_path, "s", n), _summary(tmp_path, "straight", n)
         assert a["status"] == b["status"] == "completed" and a["epoch"] == target
         np.testing.assert_allclose(_probs(a), _probs(b), rtol=0, atol=1e-12)
