@@ -236,7 +236,9 @@ def main() -> None:
     # from here Ctrl-C raises KeyboardInterrupt (friendly_errors makes it one line), SIGTERM ends in one line
     signal.signal(signal.SIGINT, signal.default_int_handler)
     on_signals("terminated: stopped at once (what was written so far is kept)", (signal.SIGTERM,))
-    with friendly_errors():  # (hydra.main applied here: at import it would set Hydra's version base for every app)
+    logging.raiseExceptions = False  # a reader that stops reading (| head) does not stop the run
+    # (hydra.main applied here: at import it would set Hydra's version base for every app)
+    with friendly_errors(), closed_pipe_ok():
         hydra.main(config_path=config_dir(), config_name="train", **version_base())(task)()
 
 

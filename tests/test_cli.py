@@ -220,3 +220,15 @@ def test_a_signal_while_the_command_starts_is_one_line(command, sig, code, tmp_p
     assert p.returncode == code and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert not (tmp_path / "r" / "summary.json").exists()
+
+
+def test_a_reader_that_stops_reading_stops_neither_the_run_nor_prints_a_traceback(tmp_path):
+    """`python -m quadnet.train | head`: the run goes on and writes its dir; --cfg's output just ends."""
+    for args, code in ((["epochs=10", "plots=false", "hydra.run.dir=r"], 0), (["--cfg", "job"], 1)):
+        p = subprocess.Popen(
+            [sys.executable, "-m", "quadnet.train", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        p.stdout.close()  # type: ignore[union-attr]
+        err = p.stderr.read().decode()  # type: ignore[union-attr]
+        assert p.wait() == code and err == "", err
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "completed"
