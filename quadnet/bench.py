@@ -182,8 +182,12 @@ def main(argv: list[str] | None = None) -> None:
     # the rows as an aligned table, one column per key
     cells = [list(rows[0])] + [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
     widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
+    names = isinstance(next(iter(rows[0].values())), str)  # a first column of names reads left-aligned
     for line in cells:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))))
+        justified = [
+            c.ljust(w) if names and not i else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        print("  ".join(justified))
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def plot_regions(path: Path, params: Params, data: Dataset, title: str) -> None:
     with figure(path, figsize=(7.2, 5.6), constrained_layout=True) as (_, ax):
         _, rings = _regions_axes(ax, params, data, 301)
         wrong = len(rings.get_offsets())
-        ax.set_title(f"{title}\ntest accuracy {_test_accuracy(params, data):.1%}, {wrong} points misclassified")
+        accuracy, n = _test_accuracy(params, data), len(data.x_train) + len(data.x_test)
+        ax.set_title(f"{title}\ntest accuracy {accuracy:.1%}; {wrong} of {n} points (train and test) misclassified")
 
 
 def _column(history: History, key: str) -> np.ndarray:

@@ -122,7 +122,8 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, float]], 
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.error = lambda m: fail(re.sub(r"unrecognized arguments: (\S+).*", r"unknown option \1", m))
     args = parser.parse_intermixed_args([" " + t if re.match(r"-[\d.]", t) else t for t in argv])  # ' -2,2': a point
-    default = not (rest := args.args) or (len(rest[0].replace(",", " ").split()) == 2 and not Path(rest[0]).exists())
+    # (numbers that name no file are points, and a bad one is named as such: 1,1,1)
+    default = not (rest := args.args) or (re.fullmatch(r"[-+\d.,eE\s]+", rest[0]) and not Path(rest[0]).exists())
     run, point_args = (newest_run(), rest) if default else (Path(rest[0]), rest[1:])
     points = [parse_point(p, f"argument {i}") for i, p in enumerate(point_args, 1)]
     files = args.file or ([] if point_args or sys.stdin.isatty() else ["-"])
@@ -146,13 +147,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     how = "  [the newest completed run under outputs/]" if default else ""
     print(f"model: {model.path} (hidden_dim={len(model.params['b1'])}, {model.status} at epoch {model.epoch}){how}")
-    print("           point  predicted  p(predicted)  true       p(I)     p(II)    p(III)     p(IV)")
-    for r in rows:
-        q, t, point = r["quadrant"], r["true_quadrant"], "({:g}, {:g})".format(*r["point"])
+    shown = ["({:g}, {:g})".format(*r["point"]) for r in rows]
+    w = max([16, *map(len, shown)])
+    print(f"{'point':>{w}}  predicted  p(predicted)  true       p(I)     p(II)    p(III)     p(IV)")
+    for r, point in zip(rows, shown, strict=True):
+        q, t = r["quadrant"], r["true_quadrant"]
         pq = f"{r['probs'][q - 1]:12.9f}" if q else f"{'-':>12}"
         note = ("  on an axis: no true quadrant" if r["on_axis"] else "") + ("" if q else "  probabilities not finite")
         probs = " ".join(f"{p:9.6f}" for p in r["probs"])
-        print(f"{point:>16}  {q or '-':>9}  {pq}  {t or '-':>4}  {probs}{note}")
+        print(f"{point:>{w}}  {q or '-':>9}  {pq}  {t or '-':>4}  {probs}{note}")
 
 
 if __name__ == "__main__":

@@ -182,6 +182,8 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str) 
             if len(xs) <= CONTINUOUS and kind != "scatter":  # a tick at each value of a grid
                 ax.set_xticks(at, [show(x) for x in xs], minor=False)
                 ax.minorticks_off()
+            elif not xlog and all(isinstance(x, int) for x in xs):  # seeds: whole-number ticks
+                ax.xaxis.get_major_locator().set_params(integer=True)
             ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
         fig.suptitle(f"{names[0]} and {names[1]} against {param} ({len(done)} completed jobs)")
 

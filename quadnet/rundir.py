@@ -127,15 +127,16 @@ def write_failed(run_dir: Path, error: BaseException | str, config: dict[str, An
 
 def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -> None:
     """How a run ended, after its table of test points unless table=False (sweep jobs)."""
-    preds = s["predictions"] if table else []
-    lines = ["", f"{'point':>16}  {'predicted':>9}  {'p(predicted)':>12}  {'true':>4}"] if preds else []
-    for p in preds[:8]:
+    preds = s["predictions"][:8] if table else []
+    points = ["({:g}, {:g})".format(*p["point"]) for p in preds]
+    w = max([16, *map(len, points)])
+    lines = ["", f"{'point':>{w}}  {'predicted':>9}  {'p(predicted)':>12}  {'true':>4}"] if preds else []
+    for point, p in zip(points, preds, strict=True):
         q, t = p["quadrant"], p["true_quadrant"]
         prob = p["probs"][q - 1] if q else math.nan
-        point = "(" + ", ".join(f"{v:g}" for v in p["point"]) + ")"
-        lines.append(f"{point:>16}  {q or '-':>9}  {prob:>12.9f}  {t or '-':>4}")
-    if len(preds) > 8:
-        lines.append(f"{'…':>16}  ({len(preds) - 8} more test points in summary.json)")
+        lines.append(f"{point:>{w}}  {q or '-':>9}  {prob:>12.9f}  {t or '-':>4}")
+    if table and len(s["predictions"]) > 8:
+        lines.append(f"{'…':>{w}}  ({len(s['predictions']) - 8} more test points in summary.json)")
 
     def num(v: float | None, pct: bool = False) -> str:
         return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%" if pct else f"{v:.6g}"

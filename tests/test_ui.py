@@ -71,6 +71,7 @@ def test_decision_regions_have_a_key_ring_the_misclassified_and_state_the_test_a
     assert wrong > 0 and len(ax.collections[-1].get_offsets()) == wrong  # one ring per misclassified point
     acc = float(np.mean(forward(params, data.x_test)[0].argmax(1) == data.y_test))
     assert ax.get_title().startswith("hidden_dim=50 · 100 epochs\n") and f"test accuracy {acc:.1%}" in ax.get_title()
+    assert f"{wrong} of 8 points (train and test) misclassified" in ax.get_title()
     assert (tmp_path / "r.png").stat().st_size > 10_000
 
 
