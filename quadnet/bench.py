@@ -15,6 +15,7 @@ import contextlib
 import json
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from quadnet.cli import ArgumentParser, closed_pipe_ok
+from quadnet.cli import ArgumentParser, command, fail
 
 VARIANTS = {  # bench single: name and overrides
     "numpy engine (float64)": ["engine=numpy"],
@@ -70,7 +71,10 @@ def bench_single(epochs: int, repeat: int) -> list[dict[str, Any]]:
         for r in range(repeat):  # interleaved, so that drift in the machine's load hits every variant alike
             for i, name in enumerate(times):
                 cfg = compose([*VARIANTS[name], f"epochs={epochs}", "plots=false", "progress=false"])
-                times[name].append(train(cfg, run_dir=Path(tmp) / f"{r}-{i}")["train_seconds"] * 10000 / max(epochs, 1))
+                s = train(cfg, run_dir=Path(tmp) / f"{r}-{i}")
+                if s["signal"]:  # (the run's own handlers caught it: its time is not a figure)
+                    fail("interrupted: stopped at once", 128 + signal.Signals[s["signal"]])
+                times[name].append(s["train_seconds"] * 10000 / max(epochs, 1))
     base = min(times["numpy engine (float64)"])
     return [{"variant": k, "best_s_per_10k": min(t), "ratio_to_numpy": min(t) / base} for k, t in times.items()]
 
@@ -144,7 +148,7 @@ def bench_sweep(jobs: int, sample: int, device: str, n_busy: int) -> list[dict[s
     return [{**head, **phases, "batched_faster_per_job": basic / (tb / jobs)}]
 
 
-@closed_pipe_ok()
+@command()
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(
         prog="python -m quadnet.bench", description=(__doc__ or "").split("\n\n")[0].replace("``", "")

@@ -39,8 +39,9 @@ def atomic_write(path: Path, write: Any) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except RuntimeError as e:  # torch.save reports a failed write (a full disk) so
-        raise OSError(f"cannot write {str(path)!r}: {str(e).splitlines()[0].split('] ')[-1].lstrip('. ')}") from None
+    except RuntimeError as e:  # torch.save reports a failed write (a full disk) so, in its own words
+        why = str(e).splitlines()[0].split("] ")[-1].lstrip(". ")
+        raise OSError(f"cannot write {str(path)!r} (is the disk full? torch.save: {why})") from None
     except OSError as e:  # name the file (a full disk's error does not)
         raise OSError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
     finally:

@@ -81,6 +81,20 @@ def closed_pipe_ok() -> Iterator[None]:
         sys.exit(1)
 
 
+@contextlib.contextmanager
+def command() -> Iterator[None]:
+    """Around the work of report, predict, crosscheck and bench: Ctrl-C or SIGTERM ends it in one
+    line (exit 130/143), and a reader that stops reading ends it quietly (the handlers are put back after)."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    on_signals("interrupted: stopped at once")
+    try:
+        with closed_pipe_ok():
+            yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def on_signals(message: str, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
     """From now on these signals end the command with ``error: message`` and exit 128+signal, wherever
     it is (while torch imports, say), instead of a traceback or a silent death. The training loop

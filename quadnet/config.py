@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -207,6 +208,17 @@ def help_text() -> str:
 
 
 # --------------------------------------------------------------------------- Hydra glue
+
+
+def user_path(path: str) -> Path:
+    """A path the user gave (data.path, resume=): ``~`` expanded, and a relative one taken from
+    where the command was started, also in a job that runs in its own dir (hydra.job.chdir=true)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or "hydra" not in sys.modules:
+        return p
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.cwd) / p if HydraConfig.initialized() else p
 
 
 def config_dir() -> str:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from quadnet import loop, model, reference
-from quadnet.cli import ArgumentParser, closed_pipe_ok, friendly_errors
+from quadnet.cli import ArgumentParser, command, friendly_errors
 from quadnet.config import TrainConfig, compose, validate
 from quadnet.data import make_dataset
 from quadnet.engine import build
@@ -74,7 +74,7 @@ def check(cfg: TrainConfig) -> dict[str, Any]:
     return {"epochs": cfg.epochs, "engines": compared, "gradients_vs_autograd": grads, "gradient_check_rel_error": rel}
 
 
-@closed_pipe_ok()
+@command()
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m quadnet.crosscheck", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, as for quadnet.train (key=value)")

@@ -7,11 +7,10 @@ own points (``data=csv``) may label them any way, with the same four labels 1-4.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from quadnet.config import ConfigError, DataConfig
+from quadnet.config import ConfigError, DataConfig, user_path
 
 NUM_CLASSES = 4
 QUADRANT_NAMES = ("I", "II", "III", "IV")
@@ -57,7 +56,7 @@ def read_csv(path: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     """Points (N, 2) and classes 0..3 from a file of ``x,y,label`` lines (label 1-4; a header
     line and ``#`` comments are skipped). Raises :class:`ConfigError` with the line at fault."""
     try:
-        lines = Path(path).expanduser().read_text(encoding="utf-8-sig").splitlines()  # (a BOM is not data)
+        lines = user_path(path).read_text(encoding="utf-8-sig").splitlines()  # (a BOM is not data)
     except (OSError, UnicodeDecodeError) as e:
         reason = getattr(e, "strerror", None) or "not a text file"
         raise ConfigError(f"{key}={path!r} cannot be read: {reason}") from None

@@ -43,9 +43,13 @@ def figure(path: Path, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
     """A new figure and its axes (plt.subplots' arguments), saved to path at 100 dpi and closed after the block."""
     plt = pyplot()
     fig, axes = plt.subplots(*args, **kwargs)
-    yield fig, axes
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        yield fig, axes
+        fig.savefig(path, dpi=100)
+    except OSError as e:  # name the file (a full disk's error does not)
+        raise OSError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
 
 
 def predict_class(params: Params, x: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ import numpy as np
 from quadnet.artifacts import prediction_rows
 from quadnet.checkpoint import MODEL, CheckpointError, find
 from quadnet.checkpoint import load as load_checkpoint
-from quadnet.cli import closed_pipe_ok, fail
+from quadnet.cli import command, fail
 
 
 class InputError(ValueError):
@@ -57,6 +57,8 @@ class Model:
         x = np.atleast_2d(np.asarray(points, dtype=np.float64))
         if x.ndim != 2 or x.shape[1] != 2:
             raise ValueError(f"points must have shape (n, 2) or (2,), not {np.shape(points)}")
+        if not np.isfinite(x).all():
+            raise ValueError("points must be finite: a point with nan or inf lies in no quadrant")
         p = self.params
         # s = 1 for any ordinary point: then these are the NumPy reference's numbers, bit for bit
         s = np.where((m := np.abs(x).max(axis=1, keepdims=True, initial=0.0)) > 1e100, m, 1.0)
@@ -134,7 +136,7 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, float]], 
     return run, default, points, args.json
 
 
-@closed_pipe_ok()
+@command()
 def main(argv: list[str] | None = None) -> None:
     try:
         run, default, points, as_json = parse_args(sys.argv[1:] if argv is None else argv)

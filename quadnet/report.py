@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from quadnet.artifacts import summary_metric, write_text
-from quadnet.cli import ArgumentParser, closed_pipe_ok, fail
+from quadnet.cli import ArgumentParser, command, fail
 
 METRICS = {"test_loss": True, "test_error": True, "final_loss": True, "test_accuracy": False, "train_accuracy": False}
 FIGURES = ["final_loss", "test_loss", "train_accuracy", "test_accuracy", "train_seconds"]
@@ -250,7 +250,7 @@ def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int |
             print(f"  job {r['job']}: {r['status']}{why}" + (f"  [{shown[id(r)]}]" if shown[id(r)] else ""))
 
 
-@closed_pipe_ok()
+@command()
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m quadnet.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", nargs="?", help="a sweep dir (default: the newest under outputs/multirun)")
@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-plots", action="store_true", help="only the table and report.csv")
     parser.add_argument("--top", type=int, default=None, help="print only the best N jobs (default: all)")
     args = parser.parse_args(argv)
+    if args.top is not None and args.top < 1:
+        fail(f"--top {args.top} is not allowed: must be >= 1")
     if args.metric not in METRICS:
         fail(f"--metric {args.metric!r} is not allowed: choose one of {', '.join(METRICS)}")
     try:

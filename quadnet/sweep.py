@@ -140,9 +140,11 @@ def _batch_checkpoints(sweep_dir: Path) -> dict[str, Any]:
     """The job states in the sweep's batch checkpoints, by job dir name."""
     out = {}
     for path in sorted((sweep_dir / BATCHES).glob("*.pt")):
-        with contextlib.suppress(checkpoint.CheckpointError, KeyError, TypeError, AttributeError):
+        try:
             jobs = checkpoint.read(path)["jobs"]
             out.update({str(k): checkpoint.check(v, f"{path} [{k}]") for k, v in jobs.items()})
+        except (checkpoint.CheckpointError, KeyError, TypeError, AttributeError) as e:
+            log.warning("a damaged batch checkpoint is not used: %s", one_line(e))
     return out
 
 
@@ -437,7 +439,7 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     ends = Counter(j.result.status if ok else "failed" for j, ok in zip(jobs, done, strict=True))  # type: ignore
     outcome = ", ".join(f"{n} {s}" for s, n in sorted(ends.items()))
     log.info("%d jobs: %s; report: python -m quadnet.report %s", len(jobs), outcome, shlex.quote(str(sweep_dir)))
-    if stop.signal is not None:
+    if stop.signal is not None and ends["interrupted"]:
         from quadnet.train import resume_sweep
 
         log.warning(

@@ -30,7 +30,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from quadnet import artifacts, checkpoint, loop, rundir
 from quadnet.cli import closed_pipe_ok, fail, friendly_errors, on_signals, one_line, out_of_memory
-from quadnet.config import ConfigError, TrainConfig, compose, config_dir, register_configs, validate, version_base
+from quadnet.config import (
+    ConfigError,
+    TrainConfig,
+    compose,
+    config_dir,
+    register_configs,
+    user_path,
+    validate,
+    version_base,
+)
 
 log = logging.getLogger("quadnet")
 
@@ -59,16 +68,17 @@ def start(cfg: Any, c: TrainConfig) -> loop.Job:
     the user set now on top; its shape, data and optimizer stay."""
     if not c.resume:
         return loop.Job(c, start_state(c))
-    ck = checkpoint.load(c.resume)
+    ck = checkpoint.load(user_path(c.resume))
     merged = OmegaConf.create(ck["config"])
     for key, value in _explicit(cfg, c).items():
         OmegaConf.update(merged, key, value)
     new = validate(OmegaConf.to_container(merged))  # type: ignore[arg-type]
-    for key in ("hidden_dim", "data", "optimizer"):
+    for key in ("hidden_dim", "data", "optimizer", "seed", "init"):
         if getattr(new, key) != getattr(ck["cfg"], key):
             raise ConfigError(
                 f"cannot resume {ck['path']!r} with {key}={getattr(new, key)!r}: it was trained with "
-                f"{key}={getattr(ck['cfg'], key)!r}, and a run cannot change its shape, data or optimizer"
+                f"{key}={getattr(ck['cfg'], key)!r}, and a run cannot change its shape, data, optimizer or "
+                "initial weights"
             )
     epoch = ck["epoch"]
     if epoch > new.epochs:
@@ -93,10 +103,11 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
 
     job = start(cfg, validate(cfg))
     c, out = job.cfg, Path(run_dir) if run_dir is not None else _default_run_dir()
-    if (out / checkpoint.CHECKPOINT).is_file() and not (c.resume and checkpoint.find(c.resume).parent.samefile(out)):
-        raise ConfigError(  # an earlier run's training is never thrown away
-            f"{out} holds an earlier run (its {checkpoint.CHECKPOINT}): resume={shlex.quote(str(out))} goes on "
-            "from it (a sweep: run it again with hydra/launcher=batched), or choose another dir"
+    resumed_here = c.resume and checkpoint.find(user_path(c.resume)).parent.resolve() == out.resolve()
+    if (out / checkpoint.CHECKPOINT).is_file() and not resumed_here:  # an earlier run's training is never lost
+        raise ConfigError(
+            f"{out} holds an earlier run (its {checkpoint.CHECKPOINT}): resume={shlex.quote(hydra_value(out))} goes "
+            "on from it (a sweep: run it again with hydra/launcher=batched), or choose another dir"
         )
     device = resolve_device(c.device if c.engine == "torch" else "cpu")
     engine = f"{c.engine} engine" + f"/{c.step}" * (c.engine == "torch")
@@ -105,7 +116,10 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
     log.info("quadnet: %s on %s (%s)%s", what, describe(device), c.dtype, resumed)
 
     def save(jobs: list[loop.Job]) -> None:
-        checkpoint.save(out / checkpoint.CHECKPOINT, checkpoint.of(jobs[0], "running"))
+        try:  # (training goes on without it, as a batch's does: the run dir is written at the end)
+            checkpoint.save(out / checkpoint.CHECKPOINT, checkpoint.of(jobs[0], "running"))
+        except OSError as e:
+            log.warning("no checkpoint written at epoch %d: %s", jobs[0].epoch, one_line(e))
 
     with loop.catch_signals() as stop:  # up until the run dir is complete
         out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +170,7 @@ def conclude(
     rundir.headline(summary, table=single_run, level=logging.DEBUG if quiet else logging.INFO)
     status = summary["status"]
     if status == "interrupted":
-        resume = f"python -m quadnet.train resume={shlex.quote(str(summary['run_dir']))}"
+        resume = "python -m quadnet.train " + shlex.quote(f"resume={hydra_value(summary['run_dir'])}")
         if sweep is not None:
             resume = resume_sweep(sweep)
         message = "interrupted at epoch %d; checkpoint written. Resume with:\n  %s"
@@ -173,14 +187,20 @@ def conclude(
     return math.inf if value is None else value  # +inf: a run that did not finish with finite values
 
 
+def hydra_value(path: str | Path) -> str:
+    """An absolute path as a value in Hydra's override grammar: quoted unless it is plain."""
+    where = os.path.abspath(path)
+    if re.fullmatch(r"[\w/.:@+-]+", where):
+        return where
+    return "'" + where.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def resume_sweep(sweep_dir: Path) -> str:
     """The command that goes on with an interrupted sweep: this one, into its dir, under the batched
     launcher (it resumes each job from its checkpoint and keeps those that completed)."""
     again = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweep.dir=", "hydra/launcher="))]
-    where = os.path.abspath(sweep_dir)
-    if not re.fullmatch(r"[\w/.:@+-]+", where):  # quoted for Hydra's override grammar too
-        where = "'" + where.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    return "python -m quadnet.train " + shlex.join([*again, "hydra/launcher=batched", f"hydra.sweep.dir={where}"])
+    again += ["hydra/launcher=batched", f"hydra.sweep.dir={hydra_value(sweep_dir)}"]
+    return "python -m quadnet.train " + shlex.join(again)
 
 
 def task(cfg: DictConfig) -> float:
@@ -190,16 +210,11 @@ def task(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     single = hc.mode == RunMode.RUN
-    if hc.job.chdir:  # the job runs in its dir: a relative path the user gave is relative to where they are
-        from hydra.utils import to_absolute_path
-
-        for key in ("data.path", "data.test_path", "resume"):
-            if isinstance(path := OmegaConf.select(cfg, key, throw_on_resolution_failure=False), str):
-                OmegaConf.update(cfg, key, to_absolute_path(path))
+    sweep = Path(hc.runtime.cwd, hc.sweep.dir)  # (a job with hydra.job.chdir=true runs in its own dir)
     basic = not single and str(hc.launcher._target_).endswith(".BasicLauncher")
     if single or basic:  # this process runs the jobs
         try:  # (the batched launcher takes the sweep's lock itself, before any job dir is made)
-            rundir.lock(Path(hc.runtime.output_dir if single else hc.sweep.dir), "run" if single else "sweep")
+            rundir.lock(Path(hc.runtime.output_dir) if single else sweep, "run" if single else "sweep")
         except ConfigError as e:
             fail(str(e))  # at once: nothing of this run is written into another's dir
     try:
@@ -215,7 +230,7 @@ def task(cfg: DictConfig) -> float:
         if {p.name for p in out.iterdir()} <= {hc.output_subdir, f"{hc.job.name}.log"}:
             shutil.rmtree(out, ignore_errors=True)  # only what this run made: Hydra's record and an empty log
         fail(one_line(e))
-    return conclude(summary, single_run=single, sweep=Path(hc.sweep.dir) if basic else None)
+    return conclude(summary, single_run=single, sweep=sweep if basic else None)
 
 
 def main() -> None:

@@ -232,3 +232,23 @@ def test_a_reader_that_stops_reading_stops_neither_the_run_nor_prints_a_tracebac
         err = p.stderr.read().decode()  # type: ignore[union-attr]
         assert p.wait() == code and err == "", err
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status (Linux)")
+@pytest.mark.parametrize(
+    "command",
+    [["quadnet.crosscheck", "epochs=100000000"], ["quadnet.bench", "single", "--epochs", "100000000", "--repeat", "1"]],
+)
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_ends_the_other_commands_in_one_line(command, sig, code, tmp_path):
+    p = subprocess.Popen([sys.executable, "-m", *command], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # until the command's handler is up, then a while into its work
+        caught = re.search(r"SigCgt:\s*([0-9a-f]+)", Path(f"/proc/{p.pid}/status").read_text())
+        if caught and int(caught[1], 16) >> (signal.SIGTERM - 1) & 1:
+            break
+        time.sleep(0.01)
+    time.sleep(2)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code and err.strip() == "error: interrupted: stopped at once", err

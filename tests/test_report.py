@@ -130,6 +130,8 @@ def test_every_job_is_printed_with_its_overrides_in_full(sweep, capsys):
     assert {r["reg"] for r in rows if r["job"] == "j7"} == {"1.1889379831773006e-05"}  # the full value in the CSV
     code, out, _ = _report(capsys, sweep, "--no-plots", "--top", "5")
     assert "51 more jobs not shown; all are in report.csv" in out
+    code, _, err = _report(capsys, sweep, "--no-plots", "--top", "-1")
+    assert code == 2 and err.strip() == "error: --top -1 is not allowed: must be >= 1"
 
 
 def test_damaged_job_dirs_are_listed_and_the_report_goes_on(sweep, capsys):

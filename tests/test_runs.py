@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -55,6 +56,9 @@ def test_resume_takes_the_checkpoints_config_and_refuses_a_new_shape(tmp_path):
         train({"resume": str(tmp_path / "a"), "hidden_dim": 50}, run_dir=tmp_path / "c")
     with pytest.raises(ConfigError, match="below the checkpoint's epoch"):
         train({"resume": str(tmp_path / "a"), "epochs": 10}, run_dir=tmp_path / "d")
+    for key, value in (("seed", 5), ("init", "torch")):  # its weights are the checkpoint's: no other label
+        with pytest.raises(ConfigError, match=rf"{key}=.*trained with {key}=.*initial weights"):
+            train({"resume": str(tmp_path / "a"), key: value}, run_dir=tmp_path / "e")
 
 
 def test_resume_shape_change_from_the_cli_is_one_line(tmp_path):
@@ -81,9 +85,17 @@ def test_with_hydra_job_chdir_relative_paths_are_where_the_user_is(tmp_path):
     chdir = ["hydra.job.chdir=true", "plots=false"]
     r = run_cli("data=csv", "data.path=pts.csv", "epochs=10", "hydra.run.dir=a", *chdir, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    # resumed (it reads its data by the path it was given), and from a home-relative path
     r = run_cli("resume=a", "epochs=20", "hydra.run.dir=b", *chdir, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["epoch"] == 20
+    r = run_cli("data=csv", "data.path='~/pts.csv'", "epochs=10", "hydra.run.dir=c", *chdir, cwd=tmp_path,
+                env={"HOME": str(tmp_path)})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    # a basic sweep into a relative dir: its lock and its jobs' dirs are where the user is
+    r = run_cli("-m", "seed=1,2", "epochs=10", "hydra.sweep.dir=s", *chdir, cwd=tmp_path)
+    assert r.returncode == 0 and sorted(p.name for p in (tmp_path / "s").iterdir()) == ["0", "1", "multirun.yaml"]
+    assert not (tmp_path / "s" / "0" / "s").exists()
 
 
 def test_checkpoints_are_written_periodically_and_atomically(tmp_path, monkeypatch):
@@ -188,7 +200,7 @@ def test_a_checkpoint_with_bad_contents_is_refused_in_one_line(damage, words, tm
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_after_the_step_and_leaves_a_resumable_run(sig, code, tmp_path):
-    run = tmp_path / "run"
+    run = tmp_path / "a run, (1)"  # the printed command quotes it for the shell and for Hydra
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.Popen(
@@ -200,7 +212,7 @@ def test_signal_stops_after_the_step_and_leaves_a_resumable_run(sig, code, tmp_p
             "checkpoint_every=0",
             "plots=false",
             "log_every=1000",
-            f"hydra.run.dir={run}",
+            f"hydra.run.dir='{run}'",
         ],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -217,11 +229,12 @@ def test_signal_stops_after_the_step_and_leaves_a_resumable_run(sig, code, tmp_p
     assert proc.returncode == code, err
     s = json.loads((run / "summary.json").read_text())
     assert s["status"] == "interrupted" and 0 < s["epoch"] < 100000000 and s["signal"] == sig.name
-    assert f"python -m quadnet.train resume={run}" in out + err
+    command = shlex.split((out + err).split("Resume with:\n")[1].splitlines()[0])
+    assert command[:3] == ["python", "-m", "quadnet.train"] and command[3].startswith("resume="), command
     ck = checkpoint.load(run)
     assert ck["epoch"] == s["epoch"] and ck["status"] == "interrupted"
-    # and it resumes from there
-    r = run_cli(f"resume={run}", f"epochs={s['epoch'] + 500}", f"hydra.run.dir={tmp_path}/resumed", cwd=tmp_path)
+    # and the printed command resumes from there
+    r = run_cli(*command[3:], f"epochs={s['epoch'] + 500}", f"hydra.run.dir={tmp_path}/resumed", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     s2 = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert s2["status"] == "completed" and s2["epoch"] == s["epoch"] + 500

@@ -183,6 +183,8 @@ def test_load_takes_lists_arrays_and_one_point(runs):
     assert model.predict([[1, 1], [-1, -1]]).dtype.kind == "i"
     with pytest.raises(ValueError, match=r"shape \(n, 2\)"):
         model.predict([1, 2, 3])
+    with pytest.raises(ValueError, match="points must be finite"):
+        model.predict([[np.nan, 1], [np.inf, 1]])
 
 
 def test_huge_points_give_finite_probabilities(runs, capsys):
