@@ -49,6 +49,8 @@ def one_line(ex: BaseException) -> str:
             return f"{problem} (its sampler is never instantiated): {fix}"
         if str(key).startswith("hydra."):  # Hydra's own keys: too many to list
             return f"unknown config key '{key}'; add it with '+{key}=…', or see Hydra's keys with --cfg hydra"
+        if str(key) in allowed_keys():  # a key of quadnet's that has no value: deleted with ~key
+            return f"'{key}' has no value (deleted with ~{key}?): every key needs one, its default or yours"
         return f"unknown config key '{key}'; allowed keys: {', '.join(allowed_keys())}"
     if isinstance(err, ValidationError) and key and expected_type(str(key)):
         return f"{key}={getattr(err, 'value', None)!r} is not allowed: must be {expected_type(str(key))}"

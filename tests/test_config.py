@@ -56,6 +56,7 @@ BAD = [
     ("data.margin=5 data=sampled", ["data.margin=5", "data.extent"]),
     ("resume=/no/such/run", ["'/no/such/run' does not exist"]),
     ("hidden_dim=", ["hidden_dim"]),
+    ("~epochs", ["'epochs' has no value (deleted with ~epochs?)"]),
     ("--bogus", ["unrecognized arguments: --bogus", "--hydra-help"]),
     ("--cfg nope", ["--cfg", "invalid choice: 'nope'"]),
 ]
