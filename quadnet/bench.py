@@ -11,6 +11,11 @@ sweep    the same sweep under Hydra's basic launcher and the batched launcher, e
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m quadnet.bench: a signal while it imports is one line too
+    from quadnet.cli import STOPPED, on_signals
+
+    on_signals(STOPPED)
+
 import contextlib
 import json
 import platform

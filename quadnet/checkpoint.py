@@ -79,7 +79,10 @@ def save(path: Path, obj: dict[str, Any]) -> None:
 
 def find(path: str | Path) -> Path:
     """A run dir → its checkpoint.pt (or model.pt); a file → itself."""
-    p = Path(path).expanduser()
+    try:
+        p = Path(path).expanduser()
+    except RuntimeError:  # ~nouser
+        raise CheckpointError(f"{str(path)!r}: no home dir is known for that user") from None
     if p.is_dir():
         for name in (CHECKPOINT, MODEL):
             if (p / name).is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import signal
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 EXIT_BAD_INPUT = 2
+STOPPED = "interrupted: stopped at once"  # how report, predict, crosscheck and bench end on a signal
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -88,7 +90,7 @@ def command() -> Iterator[None]:
     """Around the work of report, predict, crosscheck and bench: Ctrl-C or SIGTERM ends it in one
     line (exit 130/143), and a reader that stops reading ends it quietly (the handlers are put back after)."""
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    on_signals("interrupted: stopped at once")
+    on_signals(STOPPED)
     try:
         with closed_pipe_ok():
             yield
@@ -109,12 +111,26 @@ def on_signals(message: str, signals: tuple[int, ...] = (signal.SIGINT, signal.S
         signal.signal(s, handler)
 
 
-def train_main() -> None:
-    """``quadnet-train``: as ``python -m quadnet.train``, with a signal while it starts ending in one line."""
-    on_signals("interrupted while starting: nothing was written")
-    from quadnet.train import main
+def _start(name: str, message: str = STOPPED) -> None:
+    """A console command runs as ``python -m quadnet.<name>`` does: a signal while it imports ends in one line too."""
+    on_signals(message)
+    importlib.import_module(f"quadnet.{name}").main()
 
-    main()
+
+def train_main() -> None:
+    _start("train", "interrupted while starting: nothing was written")
+
+
+def predict_main() -> None:
+    _start("predict")
+
+
+def report_main() -> None:
+    _start("report")
+
+
+def crosscheck_main() -> None:
+    _start("crosscheck")
 
 
 @contextlib.contextmanager

@@ -170,11 +170,15 @@ def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
             raise ConfigError(f"data.{key} does not apply to data={c.data.name}; did you mean data={owner}?")
     if c.data.name == "csv" and not c.data.path:
         raise ConfigError("data=csv needs data.path=FILE: a file of x,y,label lines (label 1-4)")
-    if c.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("logger=tensorboard needs tensorboard: pip install -e '.[tensorboard]'")
     if c.engine == "numpy" and c.device not in ("auto", "cpu"):
         raise ConfigError(f"device={c.device!r} is not allowed with engine=numpy: it runs on the cpu")
     return c
+
+
+def check_installed(c: TrainConfig) -> None:
+    """What a run about to train needs installed (a checkpoint's config, read to predict, needs none)."""
+    if c.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logger=tensorboard needs tensorboard: pip install -e '.[tensorboard]'")
 
 
 def to_dict(c: TrainConfig) -> dict[str, Any]:
@@ -213,7 +217,10 @@ def help_text() -> str:
 def user_path(path: str) -> Path:
     """A path the user gave (data.path, resume=): ``~`` expanded, and a relative one taken from
     where the command was started, also in a job that runs in its own dir (hydra.job.chdir=true)."""
-    p = Path(path).expanduser()
+    try:
+        p = Path(path).expanduser()
+    except RuntimeError:  # ~nouser
+        raise ConfigError(f"{path!r}: no home dir is known for that user") from None
     if p.is_absolute() or "hydra" not in sys.modules:
         return p
     from hydra.core.hydra_config import HydraConfig

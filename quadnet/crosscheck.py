@@ -9,6 +9,11 @@ weights, and with centred finite differences. Exit 0 when all are within --tol, 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m quadnet.crosscheck: a signal while it imports is one line too
+    from quadnet.cli import STOPPED, on_signals
+
+    on_signals(STOPPED)
+
 import dataclasses
 from typing import Any
 

@@ -20,6 +20,11 @@ point beyond 1e100, s = max |x_i|, and the softmax takes exp(s·(z − max z)): 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m quadnet.predict: a signal while it imports is one line too
+    from quadnet.cli import STOPPED, on_signals
+
+    on_signals(STOPPED)
+
 import argparse
 import contextlib
 import json

@@ -17,6 +17,11 @@ did not get them.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m quadnet.report: a signal while it imports is one line too
+    from quadnet.cli import STOPPED, on_signals
+
+    on_signals(STOPPED)
+
 import contextlib
 import csv
 import io
@@ -87,7 +92,12 @@ def read_job(d: Path) -> dict[str, Any]:
         if bad := [k for k in FIGURES if isinstance(s.get(k), bool) or not isinstance(s.get(k), int | float | None)]:
             raise ValueError(f"summary.json: {', '.join(bad)} not a number")
         error = " ".join(str(s["error"]).split()) if s.get("error") is not None else None
-        return {**row, **{k: s.get(k) for k in FIGURES}, "status": s["status"], "error": error}
+        # each swept value as the job ran with it (.hydra/ may hold a later, refused command's)
+        ran = s["config"] if isinstance(s.get("config"), dict) else {}
+        data = ran.get("data") if isinstance(ran.get("data"), dict) else {}
+        ran = {**ran, **{f"data.{k}": v for k, v in data.items()}, "data": data.get("name")}
+        params = {k: ran[k] if ran.get(k) is not None else v for k, v in row["params"].items()}
+        return {**row, **{k: s.get(k) for k in FIGURES}, "status": s["status"], "error": error, "params": params}
     except ValueError as e:
         return {**row, "status": "damaged", "error": str(e)}
 

@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from quadnet import checkpoint, loop, rundir
 from quadnet.cli import one_line
-from quadnet.config import ConfigError, TrainConfig, to_dict, validate
+from quadnet.config import ConfigError, TrainConfig, check_installed, to_dict, validate
 from quadnet.data import make_dataset
 
 log = logging.getLogger(__name__)
@@ -392,6 +392,7 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     for j in jobs:
         try:
             j.cfg = validate(j.config)
+            check_installed(j.cfg)
             if j.cfg.resume:
                 _refused(
                     launcher,
@@ -439,11 +440,10 @@ def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) 
     ends = Counter(j.result.status if ok else "failed" for j, ok in zip(jobs, done, strict=True))  # type: ignore
     outcome = ", ".join(f"{n} {s}" for s, n in sorted(ends.items()))
     log.info("%d jobs: %s; report: python -m quadnet.report %s", len(jobs), outcome, shlex.quote(str(sweep_dir)))
-    if stop.signal is not None and ends["interrupted"]:
+    if stop.signal is not None:
         from quadnet.train import resume_sweep
 
-        log.warning(
-            "interrupted: every job's dir has its checkpoint. Resume the sweep with:\n  %s", resume_sweep(sweep_dir)
-        )
+        again = f"every job's dir has its checkpoint. Resume the sweep with:\n  {resume_sweep(sweep_dir)}"
+        log.warning("interrupted: %s", again if ends["interrupted"] else "after every job had trained and is written")
         sys.exit(128 + stop.signal)
     return returns

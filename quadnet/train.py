@@ -33,6 +33,7 @@ from quadnet.cli import closed_pipe_ok, fail, friendly_errors, on_signals, one_l
 from quadnet.config import (
     ConfigError,
     TrainConfig,
+    check_installed,
     compose,
     config_dir,
     register_configs,
@@ -103,9 +104,10 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
 
     job = start(cfg, validate(cfg))
     c, out = job.cfg, Path(run_dir) if run_dir is not None else _default_run_dir()
-    resumed_here = c.resume and checkpoint.find(user_path(c.resume)).parent.resolve() == out.resolve()
-    if (out / checkpoint.CHECKPOINT).is_file() and not resumed_here:  # an earlier run's training is never lost
-        raise ConfigError(
+    check_installed(c)
+    here = out / checkpoint.CHECKPOINT
+    if here.is_file() and not (c.resume and checkpoint.find(user_path(c.resume)).resolve() == here.resolve()):
+        raise ConfigError(  # an earlier run's training is never lost
             f"{out} holds an earlier run (its {checkpoint.CHECKPOINT}): resume={shlex.quote(hydra_value(out))} goes "
             "on from it (a sweep: run it again with hydra/launcher=batched), or choose another dir"
         )
@@ -124,7 +126,10 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
     with loop.catch_signals() as stop:  # up until the run dir is complete
         out.mkdir(parents=True, exist_ok=True)
         label, _, seconds = loop.train_batch([job], device, stop, save)
-        return rundir.write(out, job, label, seconds, stop.signal)
+        summary = rundir.write(out, job, label, seconds, stop.signal)
+    if stop.signal is not None and job.status != "interrupted":  # it came as the dir was written: it stops
+        signal.raise_signal(stop.signal)  # what comes next (a basic sweep's next job), with the handler before
+    return summary
 
 
 def _default_run_dir() -> Path:
@@ -171,7 +176,7 @@ def conclude(
     status = summary["status"]
     if status == "interrupted":
         resume = "python -m quadnet.train " + shlex.quote(f"resume={hydra_value(summary['run_dir'])}")
-        if sweep is not None:
+        if sweep is not None and not summary["config"]["resume"]:  # (resume= is not for batched sweeps)
             resume = resume_sweep(sweep)
         message = "interrupted at epoch %d; checkpoint written. Resume with:\n  %s"
         # (a batched sweep, exit=False, prints one command for the whole sweep instead)
@@ -192,7 +197,8 @@ def hydra_value(path: str | Path) -> str:
     where = os.path.abspath(path)
     if re.fullmatch(r"[\w/.:@+-]+", where):
         return where
-    return "'" + where.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    # in a quoted value a backslash escapes only before a quote (or the closing one): double those
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: 2 * m[1] + ("\\'" if m[2] else ""), where) + "'"
 
 
 def resume_sweep(sweep_dir: Path) -> str:
@@ -210,11 +216,11 @@ def task(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     single = hc.mode == RunMode.RUN
-    sweep = Path(hc.runtime.cwd, hc.sweep.dir)  # (a job with hydra.job.chdir=true runs in its own dir)
     basic = not single and str(hc.launcher._target_).endswith(".BasicLauncher")
+    sweep = Path(hc.runtime.cwd, hc.sweep.dir) if basic else None  # (a hydra.job.chdir=true job runs in its dir)
     if single or basic:  # this process runs the jobs
         try:  # (the batched launcher takes the sweep's lock itself, before any job dir is made)
-            rundir.lock(Path(hc.runtime.output_dir) if single else sweep, "run" if single else "sweep")
+            rundir.lock(sweep or Path(hc.runtime.output_dir), "sweep" if sweep else "run")
         except ConfigError as e:
             fail(str(e))  # at once: nothing of this run is written into another's dir
     try:
@@ -230,7 +236,7 @@ def task(cfg: DictConfig) -> float:
         if {p.name for p in out.iterdir()} <= {hc.output_subdir, f"{hc.job.name}.log"}:
             shutil.rmtree(out, ignore_errors=True)  # only what this run made: Hydra's record and an empty log
         fail(one_line(e))
-    return conclude(summary, single_run=single, sweep=sweep if basic else None)
+    return conclude(summary, single_run=single, sweep=sweep)
 
 
 def main() -> None:
@@ -245,7 +251,8 @@ def main() -> None:
     from hydra._internal.utils import get_args_parser  # (no public API parses Hydra's flags)
 
     parser = get_args_parser()  # a bad flag (--bogus, --cfg x) in one line, not Hydra's usage block
-    parser.error = lambda m: fail(f"{m}; see --help for quadnet's keys and --hydra-help for Hydra's options")
+    where = " (Hydra 1.3 takes its flags, such as -m, before the overrides)" if version_base() else ""
+    parser.error = lambda m: fail(f"{m}{where}; see --help for quadnet's keys and --hydra-help for Hydra's options")
     (parser.parse_args if version_base() else parser.parse_intermixed_args)()  # as Hydra 1.3 or 1.4 parses
     register_configs()
     # from here Ctrl-C raises KeyboardInterrupt (friendly_errors makes it one line), SIGTERM ends in one line

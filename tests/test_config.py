@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_cfg, run_cli
 from quadnet.config import ConfigError, TrainConfig, compose, config_dir, validate, version_base
-from quadnet.train import main
+from quadnet.train import main, train
 
 BAD = [
     # (override, words the one-line message must contain)
@@ -56,6 +56,7 @@ BAD = [
     ("data.margin=5 data=sampled", ["data.margin=5", "data.extent"]),
     ("resume=/no/such/run", ["'/no/such/run' does not exist"]),
     ("hidden_dim=", ["hidden_dim"]),
+    ("data=csv data.path='~nouser_q/p.csv'", ["no home dir is known for that user"]),
     ("~epochs", ["'epochs' has no value (deleted with ~epochs?)"]),
     ("--bogus", ["unrecognized arguments: --bogus", "--hydra-help"]),
     ("--cfg nope", ["--cfg", "invalid choice: 'nope'"]),
@@ -84,13 +85,15 @@ def test_bad_value_is_one_line_exit_2(override, words, tmp_path, monkeypatch, ca
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-def test_the_tensorboard_logger_without_tensorboard_is_refused_before_training(monkeypatch):
+def test_the_tensorboard_logger_without_tensorboard_is_refused_before_training(monkeypatch, tmp_path):
     import importlib.util
 
-    cfg = TrainConfig(logger="tensorboard")
+    cfg = TrainConfig(logger="tensorboard", epochs=5)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)  # as without the extra
+    validate(cfg)  # (a checkpoint's config: its model can still predict)
     with pytest.raises(ConfigError, match=r"logger=tensorboard needs tensorboard: pip install -e '\.\[tensorboard\]'"):
-        validate(cfg)
+        train(cfg, run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
 
 
 def test_hydra_flags_are_parsed_as_hydra_parses_them(tmp_path):
@@ -98,6 +101,7 @@ def test_hydra_flags_are_parsed_as_hydra_parses_them(tmp_path):
     r = run_cli("epochs=1", "-m", "seed=1,2", "plots=false", f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)
     if version_base():
         assert r.returncode == 2 and r.stderr.startswith("error: unrecognized arguments: seed=1,2")
+        assert "(Hydra 1.3 takes its flags, such as -m, before the overrides)" in r.stderr
     else:
         assert r.returncode == 0 and len(list((tmp_path / "s").glob("*/summary.json"))) == 2, r.stderr
 

@@ -122,6 +122,9 @@ def test_every_job_is_printed_with_its_overrides_in_full(sweep, capsys):
             shutil.copytree(sweep / "0", job)
         reg = "1.1889379831773006e-05" if i == 7 else f"0.00{i + 1}"
         (job / ".hydra" / "overrides.yaml").write_text(f"- hidden_dim=3\n- reg={reg}\n- seed={i}\n")
+        summary = json.loads((job / "summary.json").read_text())  # (the values it ran with, as in its summary)
+        summary["config"].update(hidden_dim=3, reg=float(reg), seed=i)
+        (job / "summary.json").write_text(json.dumps(summary))
     code, out, _ = _report(capsys, sweep, "--no-plots")
     assert code == 0 and "56 jobs" in out
     assert all(f" j{i} " in out for i in range(40))
@@ -132,6 +135,15 @@ def test_every_job_is_printed_with_its_overrides_in_full(sweep, capsys):
     assert "51 more jobs not shown; all are in report.csv" in out
     code, _, err = _report(capsys, sweep, "--no-plots", "--top", "-1")
     assert code == 2 and err.strip() == "error: --top -1 is not allowed: must be >= 1"
+
+
+def test_each_value_is_the_one_the_job_ran_with_though_a_refused_rerun_rewrote_its_record(sweep, capsys):
+    """Hydra writes a job's .hydra/ record before quadnet can refuse the command (a rerun into the dir)."""
+    ran = json.loads((sweep / "0" / "summary.json").read_text())["config"]
+    (sweep / "0" / ".hydra" / "overrides.yaml").write_text("- hidden_dim=77\n- reg=0.5\n")
+    assert _report(capsys, sweep, "--no-plots")[0] == 0
+    (row,) = [r for r in _rows(sweep)[1] if r["job"] == "0"]
+    assert (row["hidden_dim"], row["reg"]) == (str(ran["hidden_dim"]), str(ran["reg"]))
 
 
 def test_damaged_job_dirs_are_listed_and_the_report_goes_on(sweep, capsys):

@@ -78,6 +78,35 @@ def test_a_run_into_a_dir_that_holds_an_earlier_run_is_refused_and_resume_goes_o
     assert before == {f: (tmp_path / "r" / f).read_bytes() for f in files}  # nothing of it trained over
     r = run_cli("resume=r", "epochs=200", "hydra.run.dir=r", cwd=tmp_path)  # going on with it, in its dir
     assert r.returncode == 0 and json.loads((tmp_path / "r" / "summary.json").read_text())["epoch"] == 200
+    (tmp_path / "r" / "model.pt").write_bytes(before["model.pt"])  # an older model beside a newer checkpoint
+    r = run_cli("resume=r/model.pt", "epochs=300", "hydra.run.dir=r", cwd=tmp_path)
+    assert r.returncode == 2 and "holds an earlier run" in r.stderr  # only its own checkpoint goes on there
+
+
+def test_a_signal_while_the_run_dir_is_written_is_not_lost(tmp_path, monkeypatch):
+    from quadnet import rundir
+
+    write = rundir.write
+
+    def write_and_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands while the plots draw
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(rundir, "write", write_and_signal)
+    with pytest.raises(KeyboardInterrupt):  # it stops what comes next (a basic sweep's next job)
+        train(make_cfg("epochs=20", "plots=false"), run_dir=tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "path", ["/a/b\\x", "/a/it's", "/a/b\\'c", "/a/end\\", "/a/x y,z", "/a/é(1)=[2]", "/plain/a-b"]
+)
+def test_a_path_in_a_printed_command_is_what_hydra_reads(path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from quadnet.train import hydra_value
+
+    assert OverridesParser.create().parse_override(f"resume={hydra_value(path)}").value() == path
 
 
 def test_with_hydra_job_chdir_relative_paths_are_where_the_user_is(tmp_path):
