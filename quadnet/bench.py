@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from quadnet.cli import ArgumentParser, command, fail
+from quadnet.cli import STOPPED, ArgumentParser, command, fail
 
 VARIANTS = {  # bench single: name and overrides
     "numpy engine (float64)": ["engine=numpy"],
@@ -78,7 +78,7 @@ def bench_single(epochs: int, repeat: int) -> list[dict[str, Any]]:
                 cfg = compose([*VARIANTS[name], f"epochs={epochs}", "plots=false", "progress=false"])
                 s = train(cfg, run_dir=Path(tmp) / f"{r}-{i}")
                 if s["signal"]:  # (the run's own handlers caught it: its time is not a figure)
-                    fail("interrupted: stopped at once", 128 + signal.Signals[s["signal"]])
+                    fail(STOPPED, 128 + signal.Signals[s["signal"]])
                 times[name].append(s["train_seconds"] * 10000 / max(epochs, 1))
     base = min(times["numpy engine (float64)"])
     return [{"variant": k, "best_s_per_10k": min(t), "ratio_to_numpy": min(t) / base} for k, t in times.items()]

@@ -94,6 +94,8 @@ def command() -> Iterator[None]:
     try:
         with closed_pipe_ok():
             yield
+    except KeyboardInterrupt as e:  # (quadnet.train.Interrupted: a run of bench's, stopped as it was written)
+        fail(STOPPED, 128 + getattr(e, "signum", signal.SIGINT))
     finally:
         for s, h in old.items():
             signal.signal(s, h)

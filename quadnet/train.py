@@ -7,6 +7,7 @@ Hydra runs for each job, and :func:`main` the entry point around it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -127,9 +128,18 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
         out.mkdir(parents=True, exist_ok=True)
         label, _, seconds = loop.train_batch([job], device, stop, save)
         summary = rundir.write(out, job, label, seconds, stop.signal)
-    if stop.signal is not None and job.status != "interrupted":  # it came as the dir was written: it stops
-        signal.raise_signal(stop.signal)  # what comes next (a basic sweep's next job), with the handler before
+    if stop.signal is not None and job.status != "interrupted":  # it came as the dir was written
+        raise Interrupted(stop.signal, summary)
     return summary
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal that came as a run's dir was written: the run is complete, and what would come
+    next (a basic sweep's next job, a notebook's next line) does not start."""
+
+    def __init__(self, signum: int, summary: dict[str, Any]) -> None:
+        super().__init__(f"{signal.Signals(signum).name} after {summary['run_dir']} was written")
+        self.signum, self.summary = signum, summary
 
 
 def _default_run_dir() -> Path:
@@ -214,10 +224,11 @@ def task(cfg: DictConfig) -> float:
     job keeps its dir, with the reason in its summary.json."""
     from hydra.types import RunMode
 
+    global _sweep
     hc = HydraConfig.get()
     single = hc.mode == RunMode.RUN
     basic = not single and str(hc.launcher._target_).endswith(".BasicLauncher")
-    sweep = Path(hc.runtime.cwd, hc.sweep.dir) if basic else None  # (a hydra.job.chdir=true job runs in its dir)
+    sweep = _sweep = Path(hc.runtime.cwd, hc.sweep.dir) if basic else None  # (hydra.job.chdir=true: in its dir)
     if single or basic:  # this process runs the jobs
         try:  # (the batched launcher takes the sweep's lock itself, before any job dir is made)
             rundir.lock(sweep or Path(hc.runtime.output_dir), "sweep" if sweep else "run")
@@ -225,6 +236,13 @@ def task(cfg: DictConfig) -> float:
             fail(str(e))  # at once: nothing of this run is written into another's dir
     try:
         summary = train(cfg)
+    except Interrupted as e:  # the job is complete and written; the sweep stops after it
+        conclude(e.summary, single_run=single)
+        again = (
+            f" Resume the sweep with:\n  {resume_sweep(sweep)}" if sweep and not e.summary["config"]["resume"] else ""
+        )
+        log.warning("interrupted after %s was written.%s", e.summary["run_dir"], again)
+        sys.exit(128 + e.signum)
     except (ConfigError, checkpoint.CheckpointError, OSError, MemoryError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not out_of_memory(e):
             raise
@@ -237,6 +255,20 @@ def task(cfg: DictConfig) -> float:
             shutil.rmtree(out, ignore_errors=True)  # only what this run made: Hydra's record and an empty log
         fail(one_line(e))
     return conclude(summary, single_run=single, sweep=sweep)
+
+
+_sweep: Path | None = None  # the basic sweep this process runs, once a job of it has started
+
+
+def _stopped(signum: int) -> None:
+    """Ctrl-C or SIGTERM outside a run's loop (between a basic sweep's jobs, say): one line, with the
+    command that goes on with a basic sweep, and an exit at once. (Unwinding through Hydra's and
+    OmegaConf's code from here could turn into a second error; quadnet writes its files atomically.)"""
+    again = f"; go on with the sweep: {resume_sweep(_sweep)}" if _sweep else ""
+    print("error: interrupted: stopped at once (what was written so far is kept)" + again, file=sys.stderr)
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+    os._exit(128 + signum)
 
 
 def main() -> None:
@@ -255,9 +287,9 @@ def main() -> None:
     parser.error = lambda m: fail(f"{m}{where}; see --help for quadnet's keys and --hydra-help for Hydra's options")
     (parser.parse_args if version_base() else parser.parse_intermixed_args)()  # as Hydra 1.3 or 1.4 parses
     register_configs()
-    # from here Ctrl-C raises KeyboardInterrupt (friendly_errors makes it one line), SIGTERM ends in one line
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    on_signals("terminated: stopped at once (what was written so far is kept)", (signal.SIGTERM,))
+    # from here a signal outside a run's loop (between a basic sweep's jobs, say) ends in one line
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: _stopped(signum))
     logging.raiseExceptions = False  # a reader that stops reading (| head) does not stop the run
     # (hydra.main applied here: at import it would set Hydra's version base for every app)
     with friendly_errors(), closed_pipe_ok():

@@ -254,3 +254,13 @@ def test_a_signal_ends_the_other_commands_in_one_line(command, sig, code, tmp_pa
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     assert p.returncode == code and err.strip() == "error: interrupted: stopped at once", err
+
+
+def test_a_signal_between_a_basic_sweeps_jobs_is_one_line_with_the_command_that_goes_on(tmp_path):
+    """(Between jobs Hydra composes the next one: quadnet's loop is not running, its handler is main's.)"""
+    code = "import quadnet.train as t, pathlib, sys; sys.argv[1:] = ['-m', 'seed=0,1']; "
+    code += f"t._sweep = pathlib.Path({str(tmp_path / 's')!r}); t._stopped(15)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 143 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: interrupted: stopped at once (what was written so far is kept); go on with")
+    assert r.stderr.strip().endswith(f"-m seed=0,1 hydra/launcher=batched hydra.sweep.dir={tmp_path / 's'}")
