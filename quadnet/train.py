@@ -7,6 +7,7 @@ Hydra runs for each job, and :func:`main` the entry point around it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import logging
@@ -19,6 +20,7 @@ import signal
 import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 if __name__ == "__main__":  # python -m quadnet.train: a signal while torch and Hydra import is one line too
     from quadnet.cli import on_signals
@@ -280,19 +282,19 @@ def main() -> None:
         return
     if not sys.stderr.isatty():  # no colour codes in logs and pipes (Optuna's colorlog honours this)
         os.environ.setdefault("NO_COLOR", "1")
-    from hydra._internal.utils import get_args_parser  # (no public API parses Hydra's flags)
 
-    parser = get_args_parser()  # a bad flag (--bogus, --cfg x) in one line, not Hydra's usage block
-    where = " (Hydra 1.3 takes its flags, such as -m, before the overrides)" if version_base() else ""
-    parser.error = lambda m: fail(f"{m}{where}; see --help for quadnet's keys and --hydra-help for Hydra's options")
-    (parser.parse_args if version_base() else parser.parse_intermixed_args)()  # as Hydra 1.3 or 1.4 parses
+    def bad_flag(_: Any, message: str) -> None:  # one line, not the usage block of the parser Hydra makes
+        if version_base() and "=" in message:  # overrides after a flag
+            message += " (Hydra 1.3 takes its flags, such as -m, before the overrides)"
+        fail(f"{message}; see --help for quadnet's keys and --hydra-help for Hydra's options")
+
     register_configs()
     # from here a signal outside a run's loop (between a basic sweep's jobs, say) ends in one line
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda signum, frame: _stopped(signum))
     logging.raiseExceptions = False  # a reader that stops reading (| head) does not stop the run
     # (hydra.main applied here: at import it would set Hydra's version base for every app)
-    with friendly_errors(), closed_pipe_ok():
+    with friendly_errors(), closed_pipe_ok(), mock.patch.object(argparse.ArgumentParser, "error", bad_flag):
         hydra.main(config_path=config_dir(), config_name="train", **version_base())(task)()
 
 
