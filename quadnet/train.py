@@ -111,8 +111,8 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
     here = out / checkpoint.CHECKPOINT
     if here.is_file() and not (c.resume and checkpoint.find(user_path(c.resume)).resolve() == here.resolve()):
         raise ConfigError(  # an earlier run's training is never lost
-            f"{out} holds an earlier run (its {checkpoint.CHECKPOINT}): resume={shlex.quote(hydra_value(out))} goes "
-            "on from it (a sweep: run it again with hydra/launcher=batched), or choose another dir"
+            f"{out} holds an earlier run (its {checkpoint.CHECKPOINT}): {shlex.quote(f'resume={hydra_value(out)}')} "
+            "goes on from it (a sweep: run it again with hydra/launcher=batched), or choose another dir"
         )
     device = resolve_device(c.device if c.engine == "torch" else "cpu")
     engine = f"{c.engine} engine" + f"/{c.step}" * (c.engine == "torch")
