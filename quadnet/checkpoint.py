@@ -78,11 +78,10 @@ def save(path: Path, obj: dict[str, Any]) -> None:
 
 
 def find(path: str | Path) -> Path:
-    """A run dir → its checkpoint.pt (or model.pt); a file → itself."""
-    try:
-        p = Path(path).expanduser()
-    except RuntimeError:  # ~nouser
-        raise CheckpointError(f"{str(path)!r}: no home dir is known for that user") from None
+    """A run dir → its checkpoint.pt (or model.pt); a file → itself (a path as the user gave it: config.user_path)."""
+    from quadnet.config import user_path
+
+    p = user_path(str(path))
     if p.is_dir():
         for name in (CHECKPOINT, MODEL):
             if (p / name).is_file():

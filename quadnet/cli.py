@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 EXIT_BAD_INPUT = 2
 STOPPED = "interrupted: stopped at once"  # how report, predict, crosscheck and bench end on a signal
+KEPT = f"{STOPPED} (what was written so far is kept)"  # how quadnet.train ends on one outside its loop
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -163,4 +164,4 @@ def friendly_errors() -> Iterator[None]:
             raise
         fail(one_line(ex))
     except KeyboardInterrupt:  # Ctrl-C before training, or twice: stop at once, keep what is written
-        fail("interrupted: stopped at once (what was written so far is kept)", 130)
+        fail(KEPT, 130)

@@ -41,6 +41,7 @@ from quadnet.artifacts import prediction_rows
 from quadnet.checkpoint import MODEL, CheckpointError, find
 from quadnet.checkpoint import load as load_checkpoint
 from quadnet.cli import command, fail
+from quadnet.config import ConfigError, user_path
 
 
 class InputError(ValueError):
@@ -78,7 +79,7 @@ class Model:
 
 def load(path: str | Path) -> Model:
     """The model in a run dir or checkpoint file; :class:`CheckpointError` (one line) if unusable."""
-    p = next(Path(path).expanduser().glob(MODEL), None) or find(path)  # a run dir's model.pt first
+    p = next(user_path(str(path)).glob(MODEL), None) or find(path)  # a run dir's model.pt first
     if not p.is_file() or not zipfile.is_zipfile(p):  # torch.save writes zip archives
         raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint: torch.save did not write it")
     try:
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run, default, points, as_json = parse_args(sys.argv[1:] if argv is None else argv)
         model = load(run)
-    except (InputError, CheckpointError) as e:
+    except (InputError, CheckpointError, ConfigError) as e:  # (ConfigError: a ~user with no home)
         fail(str(e))
     rows = prediction_rows(x := np.array(points, dtype=np.float64), model.predict_proba(x))
     if as_json:

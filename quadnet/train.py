@@ -32,7 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from quadnet import artifacts, checkpoint, loop, rundir
-from quadnet.cli import closed_pipe_ok, fail, friendly_errors, on_signals, one_line, out_of_memory
+from quadnet.cli import KEPT, closed_pipe_ok, fail, friendly_errors, on_signals, one_line, out_of_memory
 from quadnet.config import (
     ConfigError,
     TrainConfig,
@@ -40,7 +40,6 @@ from quadnet.config import (
     compose,
     config_dir,
     register_configs,
-    user_path,
     validate,
     version_base,
 )
@@ -72,7 +71,7 @@ def start(cfg: Any, c: TrainConfig) -> loop.Job:
     the user set now on top; its shape, data and optimizer stay."""
     if not c.resume:
         return loop.Job(c, start_state(c))
-    ck = checkpoint.load(user_path(c.resume))
+    ck = checkpoint.load(c.resume)
     merged = OmegaConf.create(ck["config"])
     for key, value in _explicit(cfg, c).items():
         OmegaConf.update(merged, key, value)
@@ -109,7 +108,7 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
     c, out = job.cfg, Path(run_dir) if run_dir is not None else _default_run_dir()
     check_installed(c)
     here = out / checkpoint.CHECKPOINT
-    if here.is_file() and not (c.resume and checkpoint.find(user_path(c.resume)).resolve() == here.resolve()):
+    if here.is_file() and not (c.resume and checkpoint.find(c.resume).resolve() == here.resolve()):
         raise ConfigError(  # an earlier run's training is never lost
             f"{out} holds an earlier run (its {checkpoint.CHECKPOINT}): {shlex.quote(f'resume={hydra_value(out)}')} "
             "goes on from it (a sweep: run it again with hydra/launcher=batched), or choose another dir"
@@ -267,7 +266,7 @@ def _stopped(signum: int) -> None:
     command that goes on with a basic sweep, and an exit at once. (Unwinding through Hydra's and
     OmegaConf's code from here could turn into a second error; quadnet writes its files atomically.)"""
     again = f"; go on with the sweep: {resume_sweep(_sweep)}" if _sweep else ""
-    print("error: interrupted: stopped at once (what was written so far is kept)" + again, file=sys.stderr)
+    print(f"error: {KEPT}{again}", file=sys.stderr)
     with contextlib.suppress(OSError):
         sys.stdout.flush()
     os._exit(128 + signum)
