@@ -1,4 +1,5 @@
-"""What a run leaves in its dir: metrics.csv and summary.json (the plots are in quadnet.plots)."""
+"""What a run leaves in its dir: metrics.csv and summary.json, written atomically (the
+checkpoint is in quadnet.checkpoint, the plots in quadnet.plots)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,36 @@ import csv
 import io
 import json
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quadnet.checkpoint import atomic_write
-
 METRIC_FIELDS = ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)``, then rename over ``path``: readers see old or new, never half.
+
+    A failed write (a full disk) leaves the old file and raises OSError naming the file.
+    Temporary files of writers that were killed (their pid is gone) are removed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # name the file (a full disk's error does not)
+        raise OSError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            os.kill(int(stale.name.split(".")[-2]), 0)
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            pass
 
 
 def clean(obj: Any) -> Any:
@@ -42,22 +65,23 @@ def summary_metric(summary: dict[str, Any], name: str) -> float | None:
         return None
 
 
-def prediction_rows(points: np.ndarray, probs: np.ndarray, classes: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """Per point (N, 2): the predicted class 1–4 (None if probs are not finite), the probabilities,
-    the true class (the data's label; without labels the point's quadrant, None on an axis) and
-    whether it lies on an axis."""
-    from quadnet.data import quadrant_class
+def prediction_rows(
+    points: np.ndarray, probs: np.ndarray, classes: tuple[Any, ...], truth: np.ndarray | None
+) -> list[dict[str, Any]]:
+    """Per point (N, 2): the predicted class's label (None if probs are not finite), the
+    probabilities, the true label (the data's; for quadrant classes without data, the point's
+    quadrant, None on an axis) and, for quadrant classes, whether it lies on an axis."""
+    from quadnet.data import QUADRANTS, quadrant_class
 
-    return [
-        {
-            "point": pt.tolist(),
-            "quadrant": int(np.argmax(p)) + 1 if np.isfinite(p).all() else None,
-            "probs": p.tolist(),
-            "true_quadrant": int(t) + 1 if t >= 0 else None,
-            "on_axis": bool(t < 0),
-        }
-        for pt, p, t in zip(points, probs, quadrant_class(points) if classes is None else classes, strict=True)
-    ]
+    quadrants = tuple(classes) == QUADRANTS
+    if truth is None:
+        truth = quadrant_class(points) if quadrants else np.full(len(points), -1)
+    rows = []
+    for pt, p, t in zip(points, probs, truth, strict=True):
+        row = {"point": pt.tolist(), "predicted": classes[int(np.argmax(p))] if np.isfinite(p).all() else None}
+        row |= {"probs": p.tolist(), "true": classes[t] if t >= 0 else None}
+        rows.append(row | ({"on_axis": bool(t < 0)} if quadrants else {}))
+    return rows
 
 
 def write_text(path: Path, text: str) -> None:

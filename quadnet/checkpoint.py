@@ -1,165 +1,204 @@
-"""Checkpoints: written atomically, loaded without unpickling code, checked before use.
+"""Checkpoints: NumPy ``.npz`` files, written atomically, read without unpickling, checked before use.
 
-A checkpoint is a dict of tensors and plain values, so ``torch.load(weights_only=True)`` can
-read it and a crafted file cannot run code. It holds one job's whole training state: its
-parameters (the seed layout, float64), the optimizer's named buffers and step count, the
-epoch, the metrics so far, the status and the resolved config. ``checkpoint.pt`` is that
-state (resume reads it), ``model.pt`` the same for a completed run without the optimizer.
-A batch of jobs training together writes one file, ``{"format": BATCH, "jobs": {dir: state}}``.
-Files of format ``quadnet-checkpoint/1`` (nn.Linear's layout, one ``momentum`` slot) still load.
+``checkpoint.npz`` holds one job's whole training state: ``params/<W1|b1|W2|b2>`` (the seed
+layout, float64), ``optimizer/<buffer>/<param>``, ``history`` (a row per log point, columns
+:data:`~quadnet.artifacts.METRIC_FIELDS`) and ``meta``, a JSON string with the format, epoch,
+optimizer step, status, classes and resolved config. ``np.load(path)`` reads it without torch,
+and ``allow_pickle=False`` means a crafted file cannot run code. For a completed run it is the
+model (``predict`` and ``quadnet.load`` read it). A batch of jobs training together writes one
+file, each job's arrays under ``<its dir>/``. The ``checkpoint.pt``/``model.pt`` files of quadnet
+0.1 and 0.2 (torch.save, read with ``torch.load(weights_only=True)``) still load.
 """
 
 from __future__ import annotations
 
-import os
-import pickle
+import json
+import math
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from quadnet.artifacts import METRIC_FIELDS, atomic_write
 from quadnet.model import shapes
 
-FORMAT, OLD_FORMAT, BATCH = "quadnet-checkpoint/2", "quadnet-checkpoint/1", "quadnet-batch/2"
-CHECKPOINT, MODEL = "checkpoint.pt", "model.pt"
+FORMAT, BATCH = "quadnet-checkpoint/3", "quadnet-batch/3"
+TORCH_FORMATS = ("quadnet-checkpoint/1", "quadnet-checkpoint/2")
+CHECKPOINT = "checkpoint.npz"
+NAMES = (CHECKPOINT, "checkpoint.pt", "model.pt")  # what a run dir may hold, newest format first
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used. Its message is one line, for the user."""
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)``, then rename over ``path``: readers see old or new, never half.
-
-    A failed write (a full disk) leaves the old file and raises OSError. Temporary files of
-    writers that were killed (their pid is gone) are removed."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except RuntimeError as e:  # torch.save reports a failed write (a full disk) so, in its own words
-        why = str(e).splitlines()[0].split("] ")[-1].lstrip(". ")
-        raise OSError(f"cannot write {str(path)!r} (is the disk full? torch.save: {why})") from None
-    except OSError as e:  # name the file (a full disk's error does not)
-        raise OSError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        try:
-            os.kill(int(stale.name.split(".")[-2]), 0)
-        except ProcessLookupError:
-            stale.unlink(missing_ok=True)
-        except (ValueError, PermissionError):
-            pass
+def arrays(state: dict[str, Any], *, epoch: int, config: dict, status: str, history: list, classes: Any) -> dict:
+    """One job's checkpoint as the arrays it is saved as (state: params, optimizer buffers, step)."""
+    out = {f"params/{k}": v for k, v in state["params"].items()}
+    out |= {f"optimizer/{n}/{k}": v for n, b in state.get("optimizer", {}).items() for k, v in b.items()}
+    out["history"] = np.array([[r.get(f, math.nan) for f in METRIC_FIELDS] for r in history]).reshape(-1, 5)
+    step = int(state.get("step", epoch))
+    meta = {"format": FORMAT, "epoch": int(epoch), "step": step, "status": status, "classes": list(classes)}
+    return out | {"meta": np.array(json.dumps({**meta, "config": config}))}
 
 
-def _tensors(p: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in p.items()}
-
-
-def payload(state: dict[str, Any], *, epoch: int, config: dict[str, Any], status: str, history: list) -> dict[str, Any]:
-    """One job's checkpoint as it is saved (state: params, optimizer buffers, step)."""
-    buffers = {n: _tensors(b) for n, b in state.get("optimizer", {}).items()}
-    tensors = {"params": _tensors(state["params"]), "optimizer": buffers, "step": int(state.get("step", epoch))}
-    return {"format": FORMAT, **tensors, "epoch": int(epoch), "status": status, "config": config, "history": history}
-
-
-def of(job: Any, status: str) -> dict[str, Any]:
-    """The payload of a job of the training loop (:class:`quadnet.loop.Job`) as it stands."""
+def of(job: Any, status: str, classes: Any) -> dict[str, np.ndarray]:
+    """The arrays of a job of the training loop (:class:`quadnet.loop.Job`) as it stands."""
     from quadnet.config import to_dict
 
-    return payload(job.state, epoch=job.epoch, config=to_dict(job.cfg), status=status, history=job.history)
+    return arrays(job.state, epoch=job.epoch, config=to_dict(job.cfg), status=status, history=job.history, classes=classes)
 
 
-def save(path: Path, obj: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def save(path: Path, obj: dict[str, np.ndarray]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **obj)
+
+    atomic_write(path, write)
+
+
+def save_batch(path: Path, jobs: dict[str, dict[str, np.ndarray]]) -> None:
+    """Many jobs' arrays in one file, each under its name."""
+    every = {f"{name}/{k}": v for name, job in jobs.items() for k, v in job.items()}
+    save(path, every | {"meta": np.array(json.dumps({"format": BATCH, "jobs": list(jobs)}))})
+
+
+def in_dir(folder: Path) -> Path | None:
+    """The checkpoint a run dir holds (the newest format first), or None."""
+    return next((folder / n for n in NAMES if (folder / n).is_file()), None)
 
 
 def find(path: str | Path) -> Path:
-    """A run dir → its checkpoint.pt (or model.pt); a file → itself (a path as the user gave it: config.user_path)."""
+    """A run dir → its checkpoint; a file → itself (a path as the user gave it: config.user_path)."""
     from quadnet.config import user_path
 
     p = user_path(str(path))
     if p.is_dir():
-        for name in (CHECKPOINT, MODEL):
-            if (p / name).is_file():
-                return p / name
-        raise CheckpointError(f"{str(p)!r} holds no {CHECKPOINT} or {MODEL}")
+        if (found := in_dir(p)) is None:
+            raise CheckpointError(f"{str(p)!r} holds no {' or '.join(NAMES)}")
+        return found
     if not p.exists():
         raise CheckpointError(f"{str(p)!r} does not exist; give a run dir or a checkpoint file")
     return p
 
 
-def read(p: Path) -> Any:
-    """torch.load of a file, with a one-line error for anything that is not a safe torch file."""
+def read(p: Path) -> dict[str, Any]:
+    """A file's arrays by name (npz), or a quadnet 0.1/0.2 torch file's payload; one-line errors."""
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            if not hasattr(f, "files") or "meta" not in f.files:
+                raise CheckpointError  # a zip of another kind: perhaps torch.save's
+            return {k: f[k] for k in f.files}
+    except CheckpointError:
+        pass
+    except ValueError as e:  # an object array (pickled), or not a NumPy file at all
+        if "pickle" in str(e):
+            raise CheckpointError(f"refused {str(p)!r}: it holds objects other than arrays") from None
+        if not zipfile.is_zipfile(p):
+            raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (not a NumPy or torch file)") from None
+    except (OSError, EOFError, zipfile.BadZipFile):
+        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (truncated or corrupt)") from None
+    return _read_torch(p)
+
+
+def _read_torch(p: Path) -> dict[str, Any]:
+    import pickle
+
+    import torch
+
     try:
         with warnings.catch_warnings():  # torch warns of some files before refusing them: one line is ours
             warnings.simplefilter("ignore")
-            return torch.load(p, map_location="cpu", weights_only=True)
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(f"refused {str(p)!r}: it holds objects other than tensors and plain values") from None
     except Exception:  # torch raises many kinds for a file that is not one of its own
-        why = "not a torch file, or truncated or corrupt"
-        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint ({why})") from None
+        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (truncated or corrupt)") from None
+    if not isinstance(obj, dict) or obj.get("format") not in TORCH_FORMATS:
+        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (expected format {FORMAT})")
+    if obj["format"] == TORCH_FORMATS[0]:  # 0.1: nn.Linear's (out, in) layout, one momentum slot
+        obj = {**obj, "params": _linear(obj.get("model")), "optimizer": {"momentum": _linear(obj["momentum"])}
+               if obj.get("momentum") is not None else {}}  # fmt: skip
+    dense = lambda t: t.to(torch.float64).numpy() if isinstance(t, torch.Tensor) and t.layout == torch.strided else t  # noqa: E731
+    out = {f"params/{k}": dense(v) for k, v in (obj.get("params") or {}).items()}
+    out |= {f"optimizer/{n}/{k}": dense(v) for n, b in (obj.get("optimizer") or {}).items() for k, v in b.items()}
+    history = obj.get("history", [])
+    rows = [[r.get(f, math.nan) for f in METRIC_FIELDS] if isinstance(r, dict) else [] for r in history]
+    out["history"] = np.array(rows, dtype=object if len({len(r) for r in rows}) > 1 else float).reshape(len(rows), -1)
+    meta = {k: obj.get(k) for k in ("epoch", "status", "config")} | {"step": obj.get("step", obj.get("epoch"))}
+    return out | {"meta": np.array(json.dumps({**meta, "format": FORMAT, "classes": [1, 2, 3, 4]}, default=str))}
 
 
-def _numpy(tensors: Any, hidden: int, what: str) -> dict[str, np.ndarray]:
-    """Four float tensors of the net's shapes → float64 arrays; what: "<file>: its weight" or "… buffer"."""
-    out = {}
-    for name, want in shapes(hidden).items():
-        t = tensors.get(name) if isinstance(tensors, dict) else None
-        dense = isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_meta
-        if not dense or not t.is_floating_point() or tuple(t.shape) != want:  # type: ignore[union-attr]
-            raise CheckpointError(f"{what} {name} is not a float tensor of shape {want} (hidden_dim={hidden})")
-        out[name] = t.to(torch.float64).numpy().copy()
-    return out
+def _linear(sd: Any) -> Any:
+    if not isinstance(sd, dict):
+        return {}
+    get = {k: v.T if hasattr(v, "dim") and v.dim() == 2 else v for k, v in sd.items()}.get
+    return {"W1": get("fc1.weight"), "b1": get("fc1.bias"), "W2": get("fc2.weight"), "b2": get("fc2.bias")}
 
 
-def _upgrade(obj: dict[str, Any]) -> dict[str, Any]:
-    """A quadnet-checkpoint/1 payload (nn.Linear's (out, in) layout, one momentum slot) in today's layout."""
-
-    def layout(sd: Any) -> Any:
-        if not isinstance(sd, dict):
-            return sd
-        get = {k: v.T if isinstance(v, torch.Tensor) and v.dim() == 2 else v for k, v in sd.items()}.get
-        return {"W1": get("fc1.weight"), "b1": get("fc1.bias"), "W2": get("fc2.weight"), "b2": get("fc2.bias")}
-
-    mom = obj.get("momentum")
-    return {**obj, "params": layout(obj.get("model")), "optimizer": {} if mom is None else {"momentum": layout(mom)}}
+def _float(a: Any, want: tuple[int, ...], what: str) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.dtype.kind != "f" or a.shape != want:
+        raise CheckpointError(f"{what} is not a float array of shape {want}")
+    return a.astype(np.float64)
 
 
-def check(obj: Any, where: str) -> dict[str, Any]:
-    """A loaded payload checked and converted: params and buffers as NumPy, config validated."""
+def check(f: dict[str, Any], where: str) -> dict[str, Any]:
+    """One job's arrays checked and unpacked: its state (params, optimizer buffers, step), epoch,
+    status, classes, history (rows of dicts), config (validated, ``cfg``) and ``config`` (its dict)."""
     from quadnet.config import ConfigError, validate
 
-    if not isinstance(obj, dict) or obj.get("format") not in (FORMAT, OLD_FORMAT):
-        raise CheckpointError(f"{where} is not a quadnet checkpoint (expected format {FORMAT})")
-    if obj["format"] == OLD_FORMAT:
-        obj = _upgrade(obj)
     try:
-        cfg = validate(obj.get("config"))  # type: ignore[arg-type]
+        meta = json.loads(str(f["meta"]))
+        assert meta["format"] == FORMAT
+    except (KeyError, ValueError, TypeError, AssertionError):
+        raise CheckpointError(f"{where} is not a quadnet checkpoint (expected format {FORMAT})") from None
+    try:
+        cfg = validate(meta.get("config"))  # type: ignore[arg-type]
     except ConfigError as e:
         raise CheckpointError(f"{where} has a bad config: {e}") from None
-    epoch, history = obj.get("epoch"), obj.get("history", [])
-    if type(epoch) is not int or not epoch >= 0:
-        raise CheckpointError(f"{where} has a bad epoch {epoch!r}: must be an integer >= 0")
-    keys = ("epoch", "loss", "train_accuracy", "test_accuracy")
-    if not isinstance(history, list) or not all(
-        isinstance(r, dict) and all(isinstance(r.get(k), int | float) for k in keys) for r in history
-    ):
-        raise CheckpointError(f"{where} has damaged metrics: each row must have {', '.join(keys)}")
-    step, opt = obj.get("step", epoch), obj.get("optimizer") or {}
-    if type(step) is not int or step < 0 or not isinstance(opt, dict):
-        raise CheckpointError(f"{where} has a bad optimizer state: step {step!r}, buffers {type(opt).__name__}")
-    params = _numpy(obj.get("params"), cfg.hidden_dim, f"{where}: its weight")
-    buffers = {str(n): _numpy(b, cfg.hidden_dim, f"{where}: its {n} buffer") for n, b in opt.items()}
-    state = {"params": params, "optimizer": buffers, "step": step}
-    return {**obj, "state": state, "params": params, "cfg": cfg, "history": history}
+    epoch, step, classes = meta.get("epoch"), meta.get("step"), meta.get("classes")
+    for name, v in (("epoch", epoch), ("optimizer step", step)):
+        if type(v) is not int or v < 0:
+            raise CheckpointError(f"{where} has a bad {name} {v!r}: must be an integer >= 0")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, int | str) for c in classes):
+        raise CheckpointError(f"{where} has bad classes {classes!r}: a list of two labels or more")
+    h = f.get("history")
+    if not isinstance(h, np.ndarray) or h.dtype.kind != "f" or h.ndim != 2 or h.shape[1] != len(METRIC_FIELDS):
+        raise CheckpointError(f"{where} has damaged metrics: each row must have {', '.join(METRIC_FIELDS)}")
+    want = shapes(cfg.hidden_dim, len(classes))
+    params = {k: _float(f.get(f"params/{k}"), s, f"{where}: its weight {k}") for k, s in want.items()}
+    names = sorted({k.split("/")[1] for k in f if k.startswith("optimizer/")})
+    bufs = {n: {k: _float(f.get(f"optimizer/{n}/{k}"), s, f"{where}: its {n} buffer {k}") for k, s in want.items()}
+            for n in names}  # fmt: skip
+    history = [dict(zip(METRIC_FIELDS, map(float, r), strict=True)) for r in h]
+    state = {"params": params, "optimizer": bufs, "step": step}
+    return {**meta, "state": state, "params": params, "cfg": cfg, "history": history}
 
 
 def load(path: str | Path) -> dict[str, Any]:
     """Load and check one job's checkpoint (a run dir or a file). Raises :class:`CheckpointError`."""
     p = find(path)
     return {**check(read(p), repr(str(p))), "path": str(p)}
+
+
+def batch_jobs(path: Path) -> list[str]:
+    """The names of the jobs in a batch checkpoint (its meta alone is read)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+        assert meta["format"] == BATCH
+        return [str(n) for n in meta["jobs"]]
+    except (OSError, ValueError, KeyError, TypeError, AssertionError, EOFError, zipfile.BadZipFile):
+        raise CheckpointError(f"{path} is not a batch checkpoint (truncated or corrupt)") from None
+
+
+def load_batch(path: Path) -> dict[str, dict[str, Any]]:
+    """The checked jobs of a batch checkpoint, by name."""
+    f = read(path)
+    meta = json.loads(str(f.pop("meta")))
+    if meta.get("format") != BATCH:
+        raise CheckpointError(f"{path} is not a batch checkpoint")
+    return {n: check({k[len(n) + 1 :]: v for k, v in f.items() if k.startswith(n + "/")}, f"{path} [{n}]")
+            for n in meta["jobs"]}  # fmt: skip

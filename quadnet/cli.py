@@ -22,51 +22,6 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     sys.exit(code)
 
 
-def out_of_memory(ex: BaseException) -> bool:
-    """A CPU or GPU allocation that failed (torch raises RuntimeError or OutOfMemoryError)."""
-    return isinstance(ex, MemoryError) or type(ex).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(ex)
-
-
-def one_line(ex: BaseException) -> str:
-    """A one-line account of an error: Hydra's and OmegaConf's in the user's words, else its first line."""
-    from hydra.errors import MissingConfigException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
-
-    from quadnet.config import allowed_keys, expected_type, version_base
-
-    if out_of_memory(ex):
-        return "out of memory: the nets or the data do not fit (hidden_dim, data.n_train; a sweep's max_batch)"
-    cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else None
-    if isinstance(ex, MissingConfigException) and ex.options is not None and ex.missing_cfg_file:
-        group, _, name = ex.missing_cfg_file.rpartition("/")
-        return f"{group}={name!r} is not a config option; choose one of {', '.join(sorted(ex.options))}"
-    err = cause or ex
-    key = getattr(err, "full_key", None) or getattr(err, "key", None)
-    if isinstance(err, ConfigKeyError | ConfigAttributeError) and key:
-        if str(key).startswith("hydra.sweeper.sampler.") and not version_base():  # Hydra 1.4
-            from importlib.metadata import version
-
-            sweeper, core = version("hydra-optuna-sweeper"), version("hydra-core")
-            problem = f"hydra-optuna-sweeper {sweeper} does not work with hydra-core {core}"
-            fix = "use hydra-core 1.3, or pip install 'hydra-optuna-sweeper==1.4.0rc3'"
-            return f"{problem} (its sampler is never instantiated): {fix}"
-        if str(key).startswith("hydra."):  # Hydra's own keys: too many to list
-            return f"unknown config key '{key}'; add it with '+{key}=…', or see Hydra's keys with --cfg hydra"
-        if str(key) in allowed_keys():  # a key of quadnet's that has no value: deleted with ~key
-            return f"'{key}' has no value (deleted with ~{key}?): every key needs one, its default or yours"
-        return f"unknown config key '{key}'; allowed keys: {', '.join(allowed_keys())}"
-    if isinstance(err, ValidationError) and key and expected_type(str(key)):
-        return f"{key}={getattr(err, 'value', None)!r} is not allowed: must be {expected_type(str(key))}"
-    if cause is not None:
-        key = getattr(cause, "full_key", None)
-        first = str(cause.msg if hasattr(cause, "msg") else cause).splitlines()[0]
-        return f"{key}: {first}" if key else first
-    text = str(ex).strip()  # (an override that does not parse: its first line says where)
-    if text.startswith("Config group override must be"):  # Hydra's words for data=null
-        return "a config group cannot be null (data=null): choose one of its options, e.g. data=seed, sampled or csv"
-    return text.splitlines()[0] if text else type(ex).__name__
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with quadnet's one-line errors (exit 2) instead of a usage block."""
 
@@ -148,7 +103,7 @@ def friendly_errors() -> Iterator[None]:
     from omegaconf.errors import OmegaConfBaseException
 
     from quadnet.checkpoint import CheckpointError
-    from quadnet.config import ConfigError
+    from quadnet.config import ConfigError, one_line, out_of_memory
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:

@@ -10,6 +10,7 @@ The comment after each field is also its ``--help`` text.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import inspect
 import math
@@ -36,7 +37,7 @@ class DataConfig:
     extent: float = 3.0  # sampled: points lie in [-extent, extent]²
     margin: float = 0.1  # sampled: keep points at least this far from the axes, where the label flips
     seed: int = 0  # sampled: seed of the draw (independent of the init seed); csv: of the test split
-    path: str | None = None  # csv: a file of x,y,label lines (label 1-4: the quadrant-like class)
+    path: str | None = None  # csv: a file of x,y,label lines; its labels (numbers or words, sorted) are the classes
     test_path: str | None = None  # csv: a test file; none: a random fifth of `path` (by data.seed) is held out
 
 
@@ -57,18 +58,18 @@ class TrainConfig:
     # --- where and how the numbers are computed ---
     device: str = "auto"  # auto (cuda, else mps, else cpu) | cpu | cuda | cuda:N | mps
     dtype: str = "float64"  # float64 (the original's precision) | float32
-    engine: str = "torch"  # torch | numpy (the hand-written backprop reference, cpu)
+    engine: str = "auto"  # auto (numba on the cpu when installed, else torch) | numba | torch | numpy (the reference)
     step: str = "fused"  # torch: fused (hand-written gradients) | autograd (nn.Module + torch.optim)
     cuda_graph: bool = True  # on CUDA, replay the fused steps as a CUDA graph
-    threads: int = 0  # CPU threads for torch; 0 = 1, fastest for tensors this small
+    threads: int = 0  # CPU threads; 0 = numba: every usable CPU for a batch, torch: 1 (fastest for tensors this small)
     # --- what a run shows and leaves behind ---
-    log_every: int = 100  # a metrics.csv row every N epochs
+    log_every: int = 0  # a metrics.csv row every N epochs; 0 = about 100 rows a run (epochs/100)
     progress: bool | None = None  # progress bar; null = only when stderr is a terminal
     plots: bool = True  # write loss.png and decision_regions.png
     animate: bool = False  # write training.gif: the decision regions and the loss over training
     checkpoint_every: int = 1000  # write checkpoint.pt every N epochs (0 = only at the end)
     resume: str | None = None  # a run dir or checkpoint to continue from
-    logger: str = "none"  # none | tensorboard (the [tensorboard] extra)
+    logger: str = "none"  # none | tensorboard | mlflow (the [tensorboard] or [mlflow] extra)
     objective: str = "test_loss"  # what a sweep minimises: test_loss | test_error | final_loss
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -103,12 +104,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "init": _choice("normal", "torch"),
     "device": (lambda v: bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v)), "choose auto, cpu, cuda, cuda:N or mps"),
     "dtype": _choice("float32", "float64"),
-    "engine": _choice("torch", "numpy"),
+    "engine": _choice("auto", "numba", "torch", "numpy"),
     "step": _choice("fused", "autograd"),
     "threads": _range(0, 4096),
-    "log_every": _range(1, 1e9),
+    "log_every": _range(0, 1e9),
     "checkpoint_every": _range(0, 1e9),
-    "logger": _choice("none", "tensorboard"),
+    "logger": _choice("none", "tensorboard", "mlflow"),
     "objective": _choice("test_loss", "test_error", "final_loss"),
     "data.name": _choice("seed", "sampled", "csv"),
     "data.n_train": _range(1, 10_000_000),
@@ -134,7 +135,7 @@ def _typed(cfg: Any) -> DictConfig:
         keys = [str(k) for k in cfg if k != "hydra"] + [f"data.{k}" for k in (cfg.data or {})]
         extra = sorted(set(keys) - set(allowed_keys()) - {"data"})
         if extra:  # added with +key=…
-            raise ConfigError(f"unknown config key '{extra[0]}'; allowed keys: {', '.join(allowed_keys())}")
+            raise ConfigError(_unknown(extra[0], allowed_keys()))
         return cfg
     plain = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
     if not isinstance(plain, dict):
@@ -154,10 +155,12 @@ def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
         data = DataConfig(**{f.name: node.data[f.name] for f in fields(DataConfig)})
         top = {f.name: node[f.name] for f in fields(TrainConfig) if f.name != "data"}
     except OmegaConfBaseException as e:
-        from quadnet.cli import one_line
-
         raise ConfigError(one_line(e)) from None
-    c = TrainConfig(**top, data=data)
+    return check(TrainConfig(**top, data=data))
+
+
+def check(c: TrainConfig) -> TrainConfig:
+    """The ranges and choices of :data:`RULES`, and the rules between keys, of a typed config."""
     for key, (ok, allowed) in RULES.items():
         group, _, name = key.rpartition(".")
         value = getattr(c.data if group else c, name)
@@ -169,16 +172,84 @@ def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
         if owner != c.data.name and getattr(c.data, key) != getattr(DataConfig, key):
             raise ConfigError(f"data.{key} does not apply to data={c.data.name}; did you mean data={owner}?")
     if c.data.name == "csv" and not c.data.path:
-        raise ConfigError("data=csv needs data.path=FILE: a file of x,y,label lines (label 1-4)")
-    if c.engine == "numpy" and c.device not in ("auto", "cpu"):
-        raise ConfigError(f"device={c.device!r} is not allowed with engine=numpy: it runs on the cpu")
+        raise ConfigError("data=csv needs data.path=FILE: a file of x,y,label lines")
+    if c.engine in ("numpy", "numba") and c.device not in ("auto", "cpu"):
+        raise ConfigError(f"device={c.device!r} is not allowed with engine={c.engine}: it runs on the cpu")
+    if c.engine == "numba" and c.step == "autograd":
+        raise ConfigError("step=autograd is not allowed with engine=numba: autograd is torch's (engine=torch)")
     return c
+
+
+def log_every(c: TrainConfig) -> int:
+    """Epochs between metrics rows: log_every, or for 0 about 100 rows a run."""
+    return c.log_every or max(1, c.epochs // 100)
+
+
+def out_of_memory(ex: BaseException) -> bool:
+    """A CPU or GPU allocation that failed (torch raises RuntimeError or OutOfMemoryError)."""
+    return isinstance(ex, MemoryError) or type(ex).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(ex)
+
+
+def _unknown(key: str, known: list[str], where: str = "allowed keys") -> str:
+    """'unknown config key', with the likeliest meant key first (hiden_dim, Lr) and the known ones."""
+    close = difflib.get_close_matches(key.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
+    guess = f"; did you mean {next(k for k in known if k.lower() == close[0])}?" if close else ""
+    return f"unknown config key '{key}'{guess} {where}: {', '.join(known)}"
+
+
+def one_line(ex: BaseException) -> str:
+    """A one-line account of an error: Hydra's and OmegaConf's in the user's words, else its first line."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    if out_of_memory(ex):
+        return "out of memory: the nets or the data do not fit (hidden_dim, data.n_train; a sweep's max_batch)"
+    cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else None
+    if isinstance(ex, MissingConfigException) and ex.options is not None and ex.missing_cfg_file:
+        group, _, name = ex.missing_cfg_file.rpartition("/")
+        return f"{group}={name!r} is not a config option; choose one of {', '.join(sorted(ex.options))}"
+    err = cause or ex
+    key = str(getattr(err, "full_key", None) or getattr(err, "key", None) or "")
+    if isinstance(err, ConfigKeyError | ConfigAttributeError) and key:
+        if key.startswith("hydra.sweeper.sampler.") and not version_base():  # Hydra 1.4
+            from importlib.metadata import version
+
+            sweeper, core = version("hydra-optuna-sweeper"), version("hydra-core")
+            problem = f"hydra-optuna-sweeper {sweeper} does not work with hydra-core {core}"
+            fix = "use hydra-core 1.3, or pip install 'hydra-optuna-sweeper==1.4.0rc3'"
+            return f"{problem} (its sampler is never instantiated): {fix}"
+        schema = getattr(err, "object_type", None)  # the dataclass of the node the key is missing from
+        if key.startswith("hydra.") and dataclasses.is_dataclass(schema):  # a launcher's or sweeper's keys
+            known = [f.name for f in fields(schema) if not f.name.startswith("_")]
+            return _unknown(key, known, f"{key.rpartition('.')[0]} has the keys")
+        if key.startswith("hydra."):  # Hydra's own keys: too many to list
+            return f"unknown config key '{key}'; add it with '+{key}=…', or see Hydra's keys with --cfg hydra"
+        if key in allowed_keys():  # a key of quadnet's that has no value: deleted with ~key
+            return f"'{key}' has no value (deleted with ~{key}?): every key needs one, its default or yours"
+        return _unknown(key, allowed_keys())
+    if isinstance(err, ValidationError) and key and expected_type(key):
+        return f"{key}={getattr(err, 'value', None)!r} is not allowed: must be {expected_type(key)}"
+    if cause is not None:
+        key = getattr(cause, "full_key", None)
+        first = str(cause.msg if hasattr(cause, "msg") else cause).splitlines()[0]
+        return f"{key}: {first}" if key else first
+    text = str(ex).strip()  # (an override that does not parse: its first line says where)
+    if text.startswith("Config group override must be"):  # Hydra's words for data=null
+        return "a config group cannot be null (data=null): choose one of its options, e.g. data=seed, sampled or csv"
+    if text.startswith("Ambiguous value for argument"):  # Hydra's advice, of which -m is the likeliest
+        return text.splitlines()[0] + ": to sweep it, add -m (--multirun); a list is key=[a,b], a string key='a,b'"
+    dotted = [a.split("=")[0] for a in sys.argv[1:] if a.split("=")[0] in ("hydra.launcher", "hydra.sweeper")]
+    if "_target_" in text and dotted:  # hydra.launcher=batched: a value, where a config group was meant
+        return f"{dotted[0]}=… sets a value; to pick a config, use {dotted[0].replace('.', '/')}=… (a slash)"
+    return text.splitlines()[0] if text else type(ex).__name__
 
 
 def check_installed(c: TrainConfig) -> None:
     """What a run about to train needs installed (a checkpoint's config, read to predict, needs none)."""
-    if c.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("logger=tensorboard needs tensorboard: pip install -e '.[tensorboard]'")
+    for key, value, module, extra in (("logger", "tensorboard", "tensorboard", "tensorboard"),
+                                      ("logger", "mlflow", "mlflow", "mlflow"), ("engine", "numba", "numba", "fast")):  # fmt: skip
+        if getattr(c, key) == value and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{key}={value} needs {module}: pip install -e '.[{extra}]'")
 
 
 def to_dict(c: TrainConfig) -> dict[str, Any]:

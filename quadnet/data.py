@@ -1,18 +1,20 @@
-"""The points a run trains and tests on, as float64 NumPy arrays.
+"""The points a run trains and tests on, as float64 NumPy arrays, and the classes they fall in.
 
-Classes are quadrants minus one: 0 = I (x>0, y>0), 1 = II, 2 = III, 3 = IV. A CSV of your
-own points (``data=csv``) may label them any way, with the same four labels 1-4.
+The quadrant data (``seed``, ``sampled``) has the classes 1-4, the quadrants I-IV; a point's
+class index is its quadrant minus one. A CSV of your own points (``data=csv``) has the classes
+its labels name: every distinct label, sorted (numbers as numbers), so 0-3 and 1-4 both work.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from quadnet.config import ConfigError, DataConfig, user_path
 
-NUM_CLASSES = 4
+QUADRANTS = (1, 2, 3, 4)
 QUADRANT_NAMES = ("I", "II", "III", "IV")
 
 # The seed article's data: one training point per quadrant, and the test points
@@ -20,13 +22,20 @@ QUADRANT_NAMES = ("I", "II", "III", "IV")
 SEED_TRAIN = np.array([[2, 1], [-1, 1], [-1, -1], [1, -1]], dtype=np.float64)
 SEED_TEST = np.array([[2, 2], [-2, 2], [-2, -2], [2, -2]], dtype=np.float64)
 
+Label = int | str
+
 
 @dataclass(frozen=True)
 class Dataset:
     x_train: np.ndarray  # (N_train, 2) float64
-    y_train: np.ndarray  # (N_train,) int64, class 0..3
+    y_train: np.ndarray  # (N_train,) int64: the index of each point's class (-1: on an axis, no quadrant)
     x_test: np.ndarray  # (N_test, 2) float64
-    y_test: np.ndarray  # (N_test,) int64, class 0..3
+    y_test: np.ndarray  # (N_test,) int64
+    classes: tuple[Label, ...] = QUADRANTS  # the label of each class index
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
 
 def quadrant_class(points: np.ndarray) -> np.ndarray:
@@ -52,45 +61,73 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def read_csv(path: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Points (N, 2) and classes 0..3 from a file of ``x,y,label`` lines (label 1-4; a header
-    line and ``#`` comments are skipped). Raises :class:`ConfigError` with the line at fault."""
+def read_csv(path: str, key: str) -> tuple[np.ndarray, list[Label]]:
+    """Points (N, 2) and their labels from a file of ``x,y,label`` lines (a header line and ``#``
+    comments are skipped; a label is a whole number or a word). Raises :class:`ConfigError`
+    with the line at fault."""
     try:
         lines = user_path(path).read_text(encoding="utf-8-sig").splitlines()  # (a BOM is not data)
     except (OSError, UnicodeDecodeError) as e:
         reason = getattr(e, "strerror", None) or "not a text file"
         raise ConfigError(f"{key}={path!r} cannot be read: {reason}") from None
-    rows = []
+    points, labels = [], []
     for i, line in enumerate(lines, 1):
         parts = [p.strip() for p in line.split("#", 1)[0].split(",")]
         if parts == [""]:
             continue  # a blank line or a comment
         try:
-            x, y, label = float(parts[0]), float(parts[1]), int(parts[2])
-            assert len(parts) == 3 and np.isfinite([x, y]).all() and 1 <= label <= NUM_CLASSES
+            x, y = float(parts[0]), float(parts[1])
+            assert len(parts) == 3 and np.isfinite([x, y]).all() and parts[2]
         except (ValueError, IndexError, AssertionError):
             if i == 1 and not _is_number(parts[0]):
                 continue  # a header line
-            raise ConfigError(f"{key}={path!r} line {i}: {line.strip()!r} is not x,y,label with label 1-4") from None
-        rows.append((x, y, label - 1))
-    if not rows:
+            raise ConfigError(f"{key}={path!r} line {i}: {line.strip()!r} is not x,y,label") from None
+        points.append((x, y))
+        labels.append(int(parts[2]) if parts[2].lstrip("+-").isdigit() else parts[2])
+    if not points:
         raise ConfigError(f"{key}={path!r} holds no x,y,label lines")
-    arr = np.array(rows)
-    return arr[:, :2].copy(), arr[:, 2].astype(np.int64)
+    return np.array(points), labels
+
+
+def _classes(*label_lists: list[Label]) -> tuple[Label, ...]:
+    """Every distinct label, sorted: numbers as numbers (all of them, or none, are numbers)."""
+    found = {lab for labels in label_lists for lab in labels}
+    if len(found) < 2:
+        raise ConfigError(f"data.path holds one class only ({', '.join(map(str, found))}): a classifier needs two")
+    return tuple(sorted(found, key=lambda lab: (isinstance(lab, str), str(lab) if isinstance(lab, str) else lab)))
+
+
+_made: dict[tuple[Any, ...], Dataset] = {}
 
 
 def make_dataset(cfg: DataConfig) -> Dataset:
+    """The data of a config; made once per process for the same settings (and the same CSV files)."""
+    files = [user_path(p).stat().st_mtime_ns if p and user_path(p).exists() else None for p in (cfg.path, cfg.test_path)]
+    key = (repr(cfg), *files)
+    if key not in _made:
+        if len(_made) > 16:
+            _made.clear()
+        _made[key] = _make(cfg)
+    return _made[key]
+
+
+def _make(cfg: DataConfig) -> Dataset:
     if cfg.name == "seed":
         return Dataset(SEED_TRAIN, quadrant_class(SEED_TRAIN), SEED_TEST, quadrant_class(SEED_TEST))
     if cfg.name == "csv":
-        x, y = read_csv(str(cfg.path), "data.path")
+        x, labels = read_csv(str(cfg.path), "data.path")
         if cfg.test_path:
-            return Dataset(x, y, *read_csv(cfg.test_path, "data.test_path"))
-        test = np.random.default_rng(cfg.seed).permutation(len(x))[: len(x) // 5]
-        train = np.setdiff1d(np.arange(len(x)), test)
-        if not len(test) or not len(train):
-            raise ConfigError(f"data.path={cfg.path!r} has too few points to hold out a test set; add data.test_path")
-        return Dataset(x[train], y[train], x[test], y[test])
+            x_test, test_labels = read_csv(cfg.test_path, "data.test_path")
+        else:
+            test = np.random.default_rng(cfg.seed).permutation(len(x))[: len(x) // 5]
+            train = np.setdiff1d(np.arange(len(x)), test)
+            if not len(test) or not len(train):
+                raise ConfigError(f"data.path={cfg.path!r} has too few points to hold out a test set; add data.test_path")
+            x, labels, x_test, test_labels = x[train], [labels[i] for i in train], x[test], [labels[i] for i in test]
+        classes = _classes(labels, test_labels)
+        index = {lab: i for i, lab in enumerate(classes)}
+        y, y_test = (np.array([index[lab] for lab in ls], dtype=np.int64) for ls in (labels, test_labels))
+        return Dataset(x, y, x_test, y_test, classes)
     rng = np.random.default_rng(cfg.seed)
     x_train, x_test = (_sample(rng, n, cfg.extent, cfg.margin) for n in (cfg.n_train, cfg.n_test))  # (in this order)
     return Dataset(x_train, quadrant_class(x_train), x_test, quadrant_class(x_test))

@@ -1,22 +1,31 @@
-"""Turn the ``device`` setting into a torch.device, refusing one that is not there."""
+"""Turn the ``device`` setting into a device name ('cpu', 'cuda:0', 'mps'), refusing one that is not there."""
 
 from __future__ import annotations
 
-import torch
+import glob
+import sys
 
 from quadnet.config import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
+def gpu_possible() -> bool:
+    """Whether this machine might have a GPU torch can use: a GPU's device file (NVIDIA, AMD's ROCm,
+    WSL), or a Mac. Without one, device=auto is the cpu without importing torch (1-2 s)."""
+    return sys.platform == "darwin" or bool(glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/kfd") + glob.glob("/dev/dxg"))
+
+
+def resolve_device(name: str) -> str:
     """``auto`` → cuda, else mps, else cpu. An explicit device that is missing is an error."""
+    if name == "cpu" or (name == "auto" and not gpu_possible()):
+        return "cpu"
+    import torch
+
     if name == "auto":
-        return torch.device(
-            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        )
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device='mps' is not available on this machine; use device=auto or cpu")
-    if name in ("cpu", "mps"):
-        return torch.device(name)
+        return "cuda:0" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("device='mps' is not available on this machine; use device=auto or cpu")
+        return name
     # cuda or cuda:N
     if not torch.cuda.is_available():
         raise ConfigError(
@@ -26,12 +35,13 @@ def resolve_device(name: str) -> torch.device:
     index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
     if index >= count:
         raise ConfigError(f"device={name!r} is not available: only cuda:0..cuda:{count - 1} exist")
-    return torch.device("cuda", index)
+    return f"cuda:{index}"
 
 
-def describe(device: torch.device) -> str:
+def describe(device: str) -> str:
     """The device as recorded in summaries, e.g. 'cpu' or 'cuda:0 (NVIDIA H200)'."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return device.type
+    if device.startswith("cuda"):
+        import torch
+
+        return f"{device} ({torch.cuda.get_device_name(int(device.partition(':')[2]))})"
+    return device

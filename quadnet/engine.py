@@ -1,24 +1,27 @@
-"""The torch engine: J jobs of one group trained as one program (a single run is J = 1).
+"""The torch engine: J jobs of one group trained as one program (a single run is J = 1), and
+:func:`build`, which picks the engine for a batch.
 
 Jobs share their data, dtype and device; seed, init, hidden_dim and every optimizer
 hyperparameter may differ. A step is :func:`quadnet.model.forward`, the softmax
 cross-entropy's gradient, :func:`quadnet.model.backward` and the update rule of
-:mod:`quadnet.optim` (``step=fused``), or autograd through :class:`~quadnet.model.QuadNet`
+:mod:`quadnet.optim` (``step=fused``), or autograd through :class:`QuadNet`
 and torch.optim (``step=autograd``, the reference semantics; hyperparameters shared).
 On CUDA, runs of steps are captured once as a CUDA graph and replayed.
 
-Both this and the NumPy engine (:class:`quadnet.reference.NumpyEngine`) offer what
-:func:`quadnet.loop.fit` needs: ``run``, ``metrics``, ``export`` and ``keep``.
+All engines (this, :class:`quadnet.fast.FastEngine` and :class:`quadnet.reference.NumpyEngine`)
+offer what :func:`quadnet.loop.fit` needs: ``run``, ``metrics``, ``export``, ``keep`` and ``rows``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from quadnet import model, optim
 from quadnet.config import TrainConfig
@@ -26,21 +29,34 @@ from quadnet.data import Dataset
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 GRAPH_STEPS = 25  # steps per CUDA graph replay: few enough that Ctrl-C stays prompt
-TUNE_STEPS, TUNE_TRIES = 10, 5  # steps timed per try, tries per thread count (see TorchEngine._tune_threads)
 
-JobState = dict[str, Any]  # {"params": Params, "optimizer": {buffer: Params}}
+JobState = dict[str, Any]  # {"params": Params, "optimizer": {buffer: Params}, "step": int}
+
+
+class QuadNet(nn.Module):
+    """:func:`quadnet.model.forward` as an ``nn.Module`` with the parameters as ``nn.Parameter``s, for autograd."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.params = nn.ParameterList([nn.Parameter(t) for t in params])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return model.forward(list(self.params), x)[1]
 
 
 class TorchEngine:
-    def __init__(self, cfgs: list[TrainConfig], data: Dataset, device: torch.device, starts: list[JobState]) -> None:
-        c0 = cfgs[0]
-        self.cfgs, self.device, self.dtype = cfgs, device, DTYPES[c0.dtype]
+    def __init__(
+        self, cfgs: list[TrainConfig], data: Dataset, device: str, starts: list[JobState], threads: int = 1
+    ) -> None:
+        c0, device = cfgs[0], torch.device(device)
+        self.cfgs, self.device, self.dtype, self.threads = cfgs, device, DTYPES[c0.dtype], threads
+        self.name = f"torch/{c0.step}"
         self.rule, self.autograd = c0.optimizer, c0.step == "autograd"
         self.hidden = max(c.hidden_dim for c in cfgs)
         as_t = lambda a: torch.as_tensor(np.asarray(a), dtype=self.dtype, device=device)  # noqa: E731
         self.x, self.x_test = as_t(data.x_train), as_t(data.x_test)
         self.y, self.y_test = (torch.as_tensor(y, device=device) for y in (data.y_train, data.y_test))
-        self.onehot = F.one_hot(self.y.clamp_min(0), model.NUM_CLASSES).to(self.dtype)
+        self.onehot = F.one_hot(self.y.clamp_min(0), data.num_classes).to(self.dtype)
         self.params = model.stack([s["params"] for s in starts], self.hidden, self.dtype, device)
         self.h: optim.Hyper = {}
         for name in optim.HYPER[self.rule]:
@@ -54,11 +70,10 @@ class TorchEngine:
         self.t += starts[0].get("step", 0)
         self.rows = list(range(len(cfgs)))  # the caller's index of each job still here
         self._graph: Any = None
-        self.tune_threads = 0  # set by the loop: the CPUs to try against one thread
         self._opt: torch.optim.Optimizer | None = None
         self._views()
         if self.autograd:
-            self._net = model.QuadNet(self.params)
+            self._net = QuadNet(self.params)
             self.params = list(self._net.params)
             self._opt = optim.torch_optimizer(self.rule, self.params, self.h)
             optim.load_torch_state(self._opt, self.params, self.state, int(self.t))
@@ -96,9 +111,7 @@ class TorchEngine:
         """Up to n steps of every job, stopping early when stop() says so. Returns the steps done
         and, per job, the first of them whose loss was not finite (-1: none)."""
         losses: list[torch.Tensor] = []
-        with torch.inference_mode(not self.autograd):
-            if self.tune_threads and n >= 2 * TUNE_TRIES * TUNE_STEPS:
-                self._tune_threads(losses)
+        with torch.inference_mode(not self.autograd), torch_threads(self.threads):
             while len(losses) < n and not (losses and stop()):
                 if self._graphed(n - len(losses)):
                     self._graph.replay()
@@ -108,22 +121,6 @@ class TorchEngine:
         bad = ~torch.isfinite(torch.stack(losses).view(len(losses), -1))
         first = torch.where(bad.any(0), bad.to(torch.uint8).argmax(0), -1)
         return len(losses), first.tolist()  # the one host sync of a call
-
-    def _tune_threads(self, losses: list[torch.Tensor]) -> None:
-        """A big CPU batch with threads=0: time its first steps on one thread and on every usable
-        CPU, interleaved (the fastest try of each counts), and take more threads only if they are
-        clearly (15%) faster. More threads pay on a quiet machine and cost many times more on a
-        busy one (see the README); only a measurement here and now can tell."""
-        import time
-
-        best = {1: float("inf"), self.tune_threads: float("inf")}
-        for n in [*best] * TUNE_TRIES:
-            torch.set_num_threads(n)
-            t0 = time.perf_counter()
-            losses += [self.step() for _ in range(TUNE_STEPS)]
-            best[n] = min(best[n], time.perf_counter() - t0)
-        torch.set_num_threads(self.tune_threads if best[self.tune_threads] < 0.85 * best[1] else 1)
-        self.tune_threads = 0
 
     def _graphed(self, left: int) -> bool:
         """Whether to replay the CUDA graph of GRAPH_STEPS steps; captured at first use."""
@@ -185,17 +182,15 @@ class TorchEngine:
         self._views()
 
 
-def build(
-    cfgs: list[TrainConfig], data: Dataset, starts: list[JobState], device: torch.device | None = None
-) -> tuple[Any, torch.device]:
-    """The engine for a batch of jobs (one job for engine=numpy), and the device it computes on."""
-    from quadnet.device import resolve_device
-    from quadnet.reference import NumpyEngine
-
-    if cfgs[0].engine == "numpy":
-        return NumpyEngine(cfgs, data, None, starts), torch.device("cpu")
-    device = device or resolve_device(cfgs[0].device)
-    return TorchEngine(cfgs, data, device, starts), device
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's CPU threads for a block of work, put back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _zeros(p: model.Params) -> model.Params:

@@ -1,10 +1,10 @@
 """The training loop: every job of a batch to its own end. A single run is a batch of one.
 
 :func:`fit` reads top to bottom: finish the jobs whose epochs are reached, run every other
-job to the next log point, checkpoint or end, take the jobs whose loss went non-finite out
-at the exact epoch, and record metrics at log points. Ctrl-C or SIGTERM
-(:func:`catch_signals`) ends every job as ``interrupted`` at the same step. The caller
-writes each job's dir from its :class:`Job`.
+job to the next point where one of them logs, checkpoints, draws a frame or ends, take the
+jobs whose loss went non-finite out at the exact epoch, and record metrics at each job's
+log points. Ctrl-C or SIGTERM (:func:`catch_signals`) ends every job as ``interrupted`` at
+the same step. The caller writes each job's dir from its :class:`Job`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quadnet.config import TrainConfig
+import numpy as np
+
+from quadnet.config import ConfigError, TrainConfig, log_every
 
 log = logging.getLogger("quadnet")
 # a diverged job's last row
 NOT_FINITE = dict.fromkeys(("loss", "train_accuracy", "test_loss", "test_accuracy"), math.nan)
+FRAMES = 50  # training.gif's frames at most
 
 
 @dataclass
@@ -42,23 +45,33 @@ class Job:
     name: str = ""  # in a sweep, its dir's name (a key of the batch checkpoint)
 
 
-def fit(
-    engine: Any, jobs: list[Job], stop: Callable[[], bool], save: Callable[[list[Job]], None] | None = None
-) -> None:
-    """Train the jobs in `engine` (all at the same start epoch, sharing log_every and
-    checkpoint_every); `save(jobs)` is called at each checkpoint."""
-    c0, epoch = jobs[0].cfg, jobs[0].epoch
-    every, ckpt_every = c0.log_every, c0.checkpoint_every
+def frame_epochs(epochs: int) -> set[int]:
+    """Where training.gif's frames are: epoch 0, then log-spaced (the regions change most early on)."""
+    return {0, *np.unique(np.geomspace(1, max(epochs, 1), FRAMES - 1).round().astype(int)).tolist()}
 
-    def record(rows: list[int], final: bool = False) -> None:
+
+def fit(
+    engine: Any,
+    jobs: list[Job],
+    stop: Callable[[], bool],
+    save: Callable[[list[Job]], None] | None = None,
+    quiet: bool = False,
+) -> None:
+    """Train the jobs in `engine` (all at the same start epoch, sharing checkpoint_every); each logs
+    at its own log points. `save(jobs)` is called at each checkpoint; quiet: no progress shown."""
+    epoch, ckpt_every = jobs[0].epoch, jobs[0].cfg.checkpoint_every
+    every = [log_every(j.cfg) for j in jobs]
+    frames = [frame_epochs(j.cfg.epochs) if j.cfg.animate else set() for j in jobs]
+
+    def record(final: bool = False) -> None:
         """Metrics at this epoch for jobs at their log points (and frames for animations)."""
-        ms = engine.metrics()
-        pick = [r for r in rows if final or epoch % every == 0 or jobs[engine.rows[r]].cfg.epochs == epoch]
+        ms, rows = engine.metrics(), range(len(engine.rows))
+        pick = [r for r in rows if final or epoch % every[engine.rows[r]] == 0 or jobs[engine.rows[r]].cfg.epochs == epoch]
         for r in pick:
             j = jobs[engine.rows[r]]
             if not j.history or j.history[-1]["epoch"] != epoch:
                 j.history.append({"epoch": epoch, **ms[r]})
-        framed = [r for r in pick if jobs[engine.rows[r]].cfg.animate]
+        framed = [r for r in rows if epoch in frames[engine.rows[r]]]
         for r, state in zip(framed, engine.export(framed), strict=True):
             jobs[engine.rows[r]].frames.append((epoch, state["params"]))
         # a loss that is not finite at a log point (after the last step, too) is a divergence
@@ -75,20 +88,23 @@ def fit(
                 j.history.append({"epoch": j.epoch, **NOT_FINITE})
         engine.keep([r for r in range(len(engine.rows)) if r not in set(rows)])
 
-    bar = progress(jobs, epoch)
-    record(list(range(len(engine.rows))))
+    def next_stop(j: int) -> int:
+        """The next epoch at which job j logs, draws a frame, checkpoints or ends."""
+        points = [(epoch // every[j] + 1) * every[j], jobs[j].cfg.epochs, *(f for f in frames[j] if f > epoch)]
+        return min(points + ([(epoch // ckpt_every + 1) * ckpt_every] if ckpt_every else []))
+
+    bar = progress(jobs, epoch) if not quiet else lambda *a, **k: None
+    record()
     while engine.rows:
         # 1. jobs that reached their epochs are done; a signal ends the others here
         finish([r for r, j in enumerate(engine.rows) if jobs[j].cfg.epochs <= epoch], "completed", epoch)
         if engine.rows and stop():
-            record(list(range(len(engine.rows))), final=True)
+            record(final=True)
             finish(list(range(len(engine.rows))), "interrupted", epoch)
         if not engine.rows:
             break
-        # 2. every other job to the next log point, checkpoint or end
-        target = min(min(jobs[j].cfg.epochs for j in engine.rows), (epoch // every + 1) * every)
-        if ckpt_every:
-            target = min(target, (epoch // ckpt_every + 1) * ckpt_every)
+        # 2. every other job to the next point where one of them logs, draws, checkpoints or ends
+        target = min(next_stop(j) for j in engine.rows)
         done, first = engine.run(target - epoch, stop)
         # 3. a job whose loss went non-finite stops at that epoch
         bad = [r for r, b in enumerate(first) if b >= 0]
@@ -96,7 +112,7 @@ def fit(
         epoch += done
         # 4. metrics at log points, and a checkpoint at its points
         if engine.rows and epoch == target:
-            record(list(range(len(engine.rows))))
+            record()
         bar(done, len(engine.rows), epoch)
         if save and ckpt_every and epoch % ckpt_every == 0 and any(jobs[j].cfg.epochs > epoch for j in engine.rows):
             for r, state in enumerate(engine.export(list(range(len(engine.rows))))):
@@ -105,31 +121,56 @@ def fit(
     bar(0, 0, epoch, close=True)
 
 
-def train_batch(jobs: list[Job], device: Any, stop: Callable[[], bool] = lambda: False, save: Any = None) -> Any:
-    """Jobs of one group through :func:`fit` on a device (a torch.device or its name): the device
-    as summaries record it, the jobs and the seconds; or, for a device that is not there, the
-    ConfigError itself (what a submitit job runs where it lands; the error comes back whole)."""
-    import torch
+def engine_name(c: TrainConfig, device: str) -> str:
+    """What trains a job: engine=auto is numba on the cpu when it is installed and the step is fused, else torch."""
+    import importlib.util
 
-    from quadnet.config import ConfigError
+    if c.engine == "auto":
+        fast = c.step == "fused" and device == "cpu" and importlib.util.find_spec("numba") is not None
+        return "numba" if fast else f"torch/{c.step}"
+    return f"torch/{c.step}" if c.engine == "torch" else c.engine
+
+
+def build(cfgs: list[TrainConfig], data: Any, starts: list[dict[str, Any]], device: str) -> Any:
+    """The engine for a batch of jobs on a device (one job for engine=numpy). threads=0 is every
+    usable CPU for numba (its threads did not slow down beside busy processes) and one for torch
+    (two torch threads beside a busy process were 5-13x slower than one)."""
+    name, c0 = engine_name(cfgs[0], device), cfgs[0]
+    if name == "numpy":
+        from quadnet.reference import NumpyEngine
+
+        return NumpyEngine(cfgs, data, device, starts)
+    if name == "numba":
+        from quadnet.fast import FastEngine
+
+        return FastEngine(cfgs, data, starts, min(c0.threads or usable_cpus(), usable_cpus()))
+    from quadnet.engine import TorchEngine
+
+    return TorchEngine(cfgs, data, device, starts, min(c0.threads or 1, usable_cpus()))
+
+
+def train_batch(
+    jobs: list[Job], device: str, stop: Callable[[], bool] = lambda: False, save: Any = None, quiet: bool = False
+) -> Any:
+    """Jobs of one group through :func:`fit` on a device (its name, as config's ``device`` says it):
+    the device as summaries record it, the engine's name, the jobs and the seconds; or, for a device
+    that is not there, the ConfigError itself (what a submitit job runs where it lands; the error
+    comes back whole)."""
     from quadnet.data import make_dataset
     from quadnet.device import describe, resolve_device
-    from quadnet.engine import build
 
     try:
-        device = device if isinstance(device, torch.device) else resolve_device(device)
+        device = "cpu" if jobs[0].cfg.engine in ("numba", "numpy") else resolve_device(device)
     except ConfigError as e:
         return e
-    engine, device = build([j.cfg for j in jobs], make_dataset(jobs[0].cfg.data), [j.state for j in jobs], device)
+    engine = build([j.cfg for j in jobs], make_dataset(jobs[0].cfg.data), [j.state for j in jobs], device)
     t0 = time.perf_counter()
-    with threads(jobs[0].cfg.threads):
-        big = not jobs[0].cfg.threads and len(jobs) >= 64 and device.type == "cpu" and usable_cpus() > 1
-        if big and idle_cpus() > usable_cpus() - 0.5:  # no other process is busy right now
-            engine.tune_threads = usable_cpus()  # a big batch on a quiet machine may gain: it measures
-        fit(engine, jobs, stop, save)
-    if device.type == "cuda":
+    fit(engine, jobs, stop, save, quiet)
+    if device.startswith("cuda"):
+        import torch
+
         torch.cuda.synchronize(device)
-    return describe(device), jobs, time.perf_counter() - t0
+    return describe(device), engine.name, jobs, time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------- what surrounds the loop
@@ -138,6 +179,7 @@ def train_batch(jobs: list[Job], device: Any, stop: Callable[[], bool] = lambda:
 def progress(jobs: list[Job], start: int) -> Callable[..., None]:
     """A tqdm bar on a terminal (or as `progress=` says); else about ten plain lines a run."""
     c0, total = jobs[0].cfg, max(j.cfg.epochs for j in jobs)
+    every = log_every(c0)
     show = c0.progress if c0.progress is not None else _columns() > 0  # a terminal that says how wide it is
     what = f"{len(jobs)} jobs" if len(jobs) > 1 else "epoch"
     if show and total > start:
@@ -153,7 +195,7 @@ def progress(jobs: list[Job], start: int) -> Callable[..., None]:
                 bar.close()
 
         return update
-    step = max(c0.log_every, math.ceil(max(1, total // 10) / c0.log_every) * c0.log_every)
+    step = max(every, math.ceil(max(1, total // 10) / every) * every)
 
     def lines(done: int, left: int, epoch: int, close: bool = False) -> None:
         if close or not done or (epoch % step and epoch != total):
@@ -217,33 +259,3 @@ def usable_cpus() -> int:
             if quota not in ("max", "-1"):
                 n = min(n, max(1, math.ceil(int(quota) / int(period))))
     return n
-
-
-def idle_cpus(window: float = 0.05) -> float:
-    """How many of the machine's CPUs were idle over the last `window` seconds (/proc/stat)."""
-
-    def sample() -> tuple[int, int]:
-        counts = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return counts[3] + counts[4], sum(counts)  # idle and iowait, all
-
-    try:
-        idle0, all0 = sample()
-        time.sleep(window)
-        idle1, all1 = sample()
-    except (OSError, ValueError, IndexError):
-        return float(usable_cpus())
-    return (os.cpu_count() or 1) * (idle1 - idle0) / max(1, all1 - all0)
-
-
-@contextlib.contextmanager
-def threads(asked: int) -> Iterator[int]:
-    """torch's CPU threads for the loop: `asked`, else 1 (fastest for one job's tiny tensors, quiet
-    or busy; a big batch then measures whether more pay), never more than :func:`usable_cpus`."""
-    import torch
-
-    before, want = torch.get_num_threads(), min(asked or 1, usable_cpus())
-    torch.set_num_threads(want)
-    try:
-        yield want
-    finally:
-        torch.set_num_threads(before)

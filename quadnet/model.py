@@ -1,34 +1,36 @@
-"""The network, Linear(2 → H) → ReLU → Linear(H → 4), for J nets at once: a single run is J = 1.
+"""The network, Linear(2 → H) → ReLU → Linear(H → C), for J nets at once: a single run is J = 1.
 
 Parameters carry a leading job dimension and otherwise the seed program's layout:
-W1 (J, 2, H), b1 (J, 1, H), W2 (J, H, 4), b2 (J, 1, 4). :func:`forward` and
-:func:`backward` are the only torch definition of the net; ``step=autograd`` differentiates
-the same :func:`forward` with autograd (:class:`QuadNet`), and the NumPy oracle in
-:mod:`quadnet.reference` is written separately, by hand. Changing the model means changing
-this file and that one.
+W1 (J, 2, H), b1 (J, 1, H), W2 (J, H, C), b2 (J, 1, C), C classes (the four quadrants, or a
+CSV's labels). :func:`forward` and :func:`backward` are the torch definition of the net;
+``step=autograd`` differentiates the same :func:`forward` with autograd; the numba engine
+(:mod:`quadnet.fast`) and the NumPy oracle (:mod:`quadnet.reference`) are written
+separately, by hand, and tested equal to it. Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-INPUT_DIM, NUM_CLASSES = 2, 4
+INPUT_DIM = 2
 PARAMS = ("W1", "b1", "W2", "b2")
 WEIGHTS = ("W1", "W2")  # the parameters `reg` decays; biases are not
 
-Params = dict[str, np.ndarray]  # one job, seed layout: W1 (2, H), b1 (H,), W2 (H, 4), b2 (4,)
+Params = dict[str, np.ndarray]  # one job, seed layout: W1 (2, H), b1 (H,), W2 (H, C), b2 (C,)
+Tensor = Any  # torch.Tensor (torch is imported only where tensors are made)
 
 
-def forward(p: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden activations (J, N, H) and logits (J, N, 4) for points x (N, 2).
+def forward(p: list[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    """Hidden activations (J, N, H) and logits (J, N, C) for points x (N, 2).
 
     Parameters of one job may also come as 2-D views (W1 (2, H), b1 (1, H), …); then the
     results are 2-D too. The first layer of J jobs is one GEMM over all of them, (N, 2) @ (2, J·H):
     faster than J small ones (see bench step)."""
+    import torch
+
     w1, b1, w2, b2 = p
     if w1.dim() == 2:
         a = torch.addmm(b1, x, w1).clamp_min_(0)
@@ -38,8 +40,10 @@ def forward(p: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch
     return a.clamp_min_(0), torch.baddbmm(b2, a, w2)
 
 
-def backward(p: list[torch.Tensor], x: torch.Tensor, a: torch.Tensor, dlogits: torch.Tensor) -> list[torch.Tensor]:
-    """Gradients of the loss (no L2 term) in the parameters' layout, from dL/dlogits (J, N, 4)."""
+def backward(p: list[Tensor], x: Tensor, a: Tensor, dlogits: Tensor) -> list[Tensor]:
+    """Gradients of the loss (no L2 term) in the parameters' layout, from dL/dlogits (J, N, C)."""
+    import torch
+
     da = dlogits @ p[2].transpose(-1, -2)
     dw2 = (dlogits.transpose(-1, -2) @ a).transpose(-1, -2)  # in W2's layout (see lay_out), no copy
     if da.dim() == 2:
@@ -54,21 +58,10 @@ def backward(p: list[torch.Tensor], x: torch.Tensor, a: torch.Tensor, dlogits: t
     return [dw1, dz1.sum(1, keepdim=True), dw2, dlogits.sum(1, keepdim=True)]
 
 
-class QuadNet(nn.Module):
-    """:func:`forward` as an ``nn.Module`` with the parameters as ``nn.Parameter``s, for autograd."""
-
-    def __init__(self, params: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.params = nn.ParameterList([nn.Parameter(t) for t in params])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return forward(list(self.params), x)[1]
-
-
 _rngs = threading.local()
 
 
-def initial_params(hidden_dim: int, seed: int, init: str) -> Params:
+def initial_params(hidden_dim: int, seed: int, init: str, classes: int = 4) -> Params:
     """Initial weights of one job, seed layout, float64.
 
     ``normal`` is the seed program's draw, bit for bit: legacy ``RandomState(seed).randn``
@@ -79,26 +72,30 @@ def initial_params(hidden_dim: int, seed: int, init: str) -> Params:
         rs = getattr(_rngs, "rs", None) or np.random.RandomState()  # re-seeded: cheaper than a new one
         _rngs.rs = rs
         rs.seed(seed)
-        w1, w2 = rs.randn(INPUT_DIM, hidden_dim), rs.randn(hidden_dim, NUM_CLASSES)
-        return {"W1": w1, "b1": np.zeros(hidden_dim), "W2": w2, "b2": np.zeros(NUM_CLASSES)}
+        w1, w2 = rs.randn(INPUT_DIM, hidden_dim), rs.randn(hidden_dim, classes)
+        return {"W1": w1, "b1": np.zeros(hidden_dim), "W2": w2, "b2": np.zeros(classes)}
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        fc1, fc2 = nn.Linear(INPUT_DIM, hidden_dim).double(), nn.Linear(hidden_dim, NUM_CLASSES).double()
+        fc1, fc2 = torch.nn.Linear(INPUT_DIM, hidden_dim).double(), torch.nn.Linear(hidden_dim, classes).double()
     arr = lambda t: t.detach().numpy().copy()  # noqa: E731
     return {"W1": arr(fc1.weight.T), "b1": arr(fc1.bias), "W2": arr(fc2.weight.T), "b2": arr(fc2.bias)}
 
 
-def shapes(hidden: int) -> dict[str, tuple[int, ...]]:
+def shapes(hidden: int, classes: int = 4) -> dict[str, tuple[int, ...]]:
     """One job's parameters and their shapes in the seed layout (checkpoints are checked against them)."""
-    return {"W1": (INPUT_DIM, hidden), "b1": (hidden,), "W2": (hidden, NUM_CLASSES), "b2": (NUM_CLASSES,)}
+    return {"W1": (INPUT_DIM, hidden), "b1": (hidden,), "W2": (hidden, classes), "b2": (classes,)}
 
 
-def stack(jobs: list[Params], hidden: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+def stack(jobs: list[Params], hidden: int, dtype: Any, device: Any) -> list[Tensor]:
     """Jobs' parameters (or optimizer buffers) stacked (J, …), narrower nets zero-padded to `hidden`.
 
     Padded units stay exactly zero: their pre-activation is 0, so ReLU passes no gradient."""
+    import torch
+
     out = []
-    for name, shape in shapes(hidden).items():
+    for name, shape in shapes(hidden, len(jobs[0]["b2"])).items():
         t = np.zeros((len(jobs), *shape) if len(shape) == 2 else (len(jobs), 1, *shape))  # a bias as a row
         for j, p in enumerate(jobs):
             v = p[name].reshape(-1, p[name].shape[-1])
@@ -107,17 +104,19 @@ def stack(jobs: list[Params], hidden: int, dtype: torch.dtype, device: torch.dev
     return lay_out(out)
 
 
-def lay_out(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def lay_out(tensors: list[Tensor]) -> list[Tensor]:
     """How the parameters lie in memory (their shapes stay the seed's): W1 (J, 2, H) input-major,
     (2, J, H) in memory, so that the first layer and its gradient are single GEMMs over all jobs
-    without a copy; W2 (J, H, 4) as (J, 4, H), nn.Linear's layout, so that its gradient comes out
+    without a copy; W2 (J, H, C) as (J, C, H), nn.Linear's layout, so that its gradient comes out
     of one batched GEMM in place (bench step: ~10% faster a step than W2 as it is)."""
     w1, b1, w2, b2 = tensors
     return [w1.transpose(0, 1).contiguous().transpose(0, 1), b1, w2.transpose(1, 2).contiguous().transpose(1, 2), b2]
 
 
-def unstack(tensors: list[torch.Tensor], rows: list[int], hidden_dims: list[int]) -> list[Params]:
+def unstack(tensors: list[Tensor], rows: list[int], hidden_dims: list[int]) -> list[Params]:
     """Jobs at `rows`, unpadded, in the seed layout (float64 NumPy): one copy off the device."""
+    import torch
+
     host = [t.detach().to("cpu", torch.float64).numpy() for t in tensors]
     w1, b1, w2, b2 = host
     return [

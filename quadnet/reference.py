@@ -167,7 +167,7 @@ class NumpyEngine:
         saved = start.get("optimizer", {})
         zeros = {k: np.zeros_like(v) for k, v in self.params.items()}  # astype copies: each buffer is its own
         self.state = {n: {k: saved.get(n, zeros)[k].astype(self.dt) for k in self.params} for n in names}
-        self.t, self.rows = start.get("step", 0), [0]
+        self.t, self.rows, self.name = start.get("step", 0), [0], "numpy"
 
     def run(self, n: int, stop: Callable[[], bool]) -> tuple[int, list[int]]:
         """Up to n full-batch steps; (steps done, [the first whose loss was not finite, or -1])."""

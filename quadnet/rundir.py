@@ -1,8 +1,8 @@
 """What a run leaves in its dir, written by one function for single runs and sweep jobs alike.
 
-:func:`write` takes a job as the loop left it and writes, in this order, ``checkpoint.pt``
-(what resume needs), ``metrics.csv``, ``summary.json`` (before anything slow, so that a
-signal during the plots loses nothing), ``model.pt`` for a completed run, then the plots.
+:func:`write` takes a job as the loop left it and writes, in this order, ``checkpoint.npz``
+(what resume and predict read), ``metrics.csv``, ``summary.json`` (before anything slow, so
+that a signal during the plots loses nothing), then the plots.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def lock(folder: Path, what: str = "sweep") -> None:
 
 
 def write(
-    run_dir: Path, job: Job, device: str, seconds: float, stop_signal: int | None = None, extra: dict | None = None
+    run_dir: Path, job: Job, ran: dict[str, Any], stop_signal: int | None = None, extra: dict | None = None
 ) -> dict[str, Any]:
-    """Write a finished job's dir; return its summary. seconds: the training loop's time (``train_seconds``);
-    extra: more keys for the summary."""
+    """Write a finished job's dir; return its summary. ran: where and how it trained (``device``,
+    ``engine``, ``train_seconds``: the training loop's time); extra: more keys for the summary."""
     cfg, run_dir, data = job.cfg, Path(run_dir), make_dataset(job.cfg.data)
     run_dir.mkdir(parents=True, exist_ok=True)
     final, params = job.history[-1], job.state["params"]
@@ -82,23 +82,19 @@ def write(
         "epochs": cfg.epochs,
         "final_loss": final["loss"],
         **{key: final[key] for key in ("test_loss", "train_accuracy", "test_accuracy")},
-        "train_seconds": seconds,
-        "device": device,
+        **ran,
         "dtype": cfg.dtype,
-        "engine": cfg.engine if cfg.engine == "numpy" else f"torch/{cfg.step}",
         "run_dir": str(run_dir.resolve()),
         "signal": signal.Signals(stop_signal).name if job.status == "interrupted" and stop_signal else None,
         **(extra or {}),
         "versions": versions(),
-        "predictions": artifacts.prediction_rows(data.x_test, probs, data.y_test),
+        "classes": list(data.classes),
+        "predictions": artifacts.prediction_rows(data.x_test, probs, data.classes, data.y_test),
         "config": to_dict(cfg),
     }
-    ckpt = checkpoint.of(job, job.status)
-    checkpoint.save(run_dir / checkpoint.CHECKPOINT, ckpt)
+    checkpoint.save(run_dir / checkpoint.CHECKPOINT, checkpoint.of(job, job.status, data.classes))
     artifacts.write_metrics(run_dir / "metrics.csv", job.history)
     artifacts.write_json(run_dir / "summary.json", summary)
-    if job.status == "completed":
-        checkpoint.save(run_dir / checkpoint.MODEL, {**ckpt, "optimizer": {}, "history": []})
     if cfg.logger == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
 
@@ -111,9 +107,7 @@ def write(
         if job.status != "diverged":
             plots.plot_regions(run_dir / "decision_regions.png", params, data, title)
     if cfg.animate and job.frames and job.status != "diverged":
-        pick = np.unique(np.linspace(0, len(job.frames) - 1, min(50, len(job.frames))).round().astype(int))
-        frames = [job.frames[i] for i in pick]  # at most 50, the first and the last among them (size and time)
-        plots.animate(run_dir / "training.gif", frames, job.history, data, title)
+        plots.animate(run_dir / "training.gif", job.frames, job.history, data, title)
     return summary
 
 
@@ -126,15 +120,17 @@ def write_failed(run_dir: Path, error: BaseException | str, config: dict[str, An
 
 
 def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -> None:
-    """How a run ended, after its table of test points unless table=False (sweep jobs)."""
+    """How a run ended, after its table of test points unless table=False (sweep jobs); a point
+    predicted wrongly is marked, as the plots ring it."""
     preds = s["predictions"][:8] if table else []
     points = ["({:g}, {:g})".format(*p["point"]) for p in preds]
     w = max([16, *map(len, points)])
     lines = ["", f"{'point':>{w}}  {'predicted':>9}  {'p(predicted)':>12}  {'true':>4}"] if preds else []
     for point, p in zip(points, preds, strict=True):
-        q, t = p["quadrant"], p["true_quadrant"]
-        prob = p["probs"][q - 1] if q else math.nan
-        lines.append(f"{point:>{w}}  {q or '-':>9}  {prob:>12.9f}  {t or '-':>4}")
+        q, t = p["predicted"], p["true"]
+        prob = p["probs"][s["classes"].index(q)] if q is not None else math.nan
+        wrong = "  ✗ wrong" if q is not None and t is not None and q != t else ""
+        lines.append(f"{point:>{w}}  {q if q is not None else '-':>9}  {prob:>12.9f}  {t if t is not None else '-':>4}{wrong}")
     if table and len(s["predictions"]) > 8:
         lines.append(f"{'…':>{w}}  ({len(s['predictions']) - 8} more test points in summary.json)")
 

@@ -1,115 +1,183 @@
-"""The batched launcher's work: quadnet's jobs of a sweep trained as a few batched programs.
+"""The batched launcher's work: quadnet's jobs of a sweep trained as a few batched programs, in
+chunks, so that memory does not grow with the sweep.
 
-Reading order: :func:`launch` composes every job as Hydra's basic launcher does, groups
-quadnet's jobs (:func:`group_key`), trains each group with the one training loop
-(:func:`train_here`, or :func:`train_submitit` on a cluster), and then hands every job to
-Hydra's own ``run_job`` with a task that writes its dir from its result, so each job gets
-Hydra's dir, ``.hydra/`` files, log, callbacks and ``JobReturn``. A task function that is
-not quadnet's runs through ``run_job`` as it is. A job that fails (a bad value, memory, any
-exception) fails alone; Ctrl-C or SIGTERM ends every job as ``interrupted``, writes every
-dir and exits 130/143; the same command with ``hydra.sweep.dir=<that dir>`` resumes the
-unfinished jobs, again as one batch.
+Reading order: :func:`launch` takes the jobs in chunks of at most ``max_batch`` (1,024 on the
+CPU). Each chunk is composed (:class:`quadnet.compose.Composer`), grouped (:func:`group_key`),
+trained (:func:`train_here`, or :func:`train_submitit` on a cluster) in a helper thread, and
+its dirs written while the next chunk trains; then it is dropped. What stays of a job for
+the whole sweep is its status and objective (:class:`Returns`, Hydra's ``JobReturn`` made
+when read). A job that fails (a bad value, memory, any exception) fails alone; Ctrl-C or
+SIGTERM ends every running job as ``interrupted``, writes its dir and exits 130/143; the same
+command resumes the sweep: completed jobs are kept, the others go on from their checkpoints.
+A task function that is not quadnet's runs through Hydra's ``run_job`` as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import ctypes
 import dataclasses
-import gc
 import json
 import logging
 import math
-import multiprocessing
 import os
 import shlex
-import shutil
-import signal
 import sys
 import time
+from array import array
 from collections import Counter, defaultdict
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf, open_dict
 
 from quadnet import checkpoint, loop, rundir
-from quadnet.cli import one_line
-from quadnet.config import ConfigError, TrainConfig, check_installed, to_dict, validate
-from quadnet.data import make_dataset
+from quadnet.config import ConfigError, TrainConfig, check, check_installed, one_line, to_dict, validate
 
 log = logging.getLogger(__name__)
 
-# one line per launch; `python -m quadnet.bench sweep` reads it back
-TIMING_LINE = "composed %d jobs in %.2f s, trained in %.2f s, wrote their dirs in %.2f s"
+# one line per sweep; `python -m quadnet.bench sweep` reads it back
+TIMING_LINE = "composed %d jobs in %.2f s, trained in %.2f s, wrote their dirs in %.2f s; %.2f s in all"
 CHATTY = 16  # sweeps up to this size log a line per job; bigger ones a summary
-CPU_BATCH = 1024  # most jobs in one CPU batch by default (see _chunks)
+CPU_BATCH = 1024  # most jobs in one CPU batch by default (bigger batches cost more per job: bench step)
+CUDA_CHUNK = 16384  # most jobs composed at once on CUDA (a batch may hold more than that, memory permitting)
 BATCHES = ".batches"  # in the sweep dir: one checkpoint per batch while it trains
 BATCH_SAVE_SECONDS = 10.0  # ~0.1 ms a job each time: 256 jobs saved every 1,000 epochs cost 20% of their training
+FREE = ("epochs", "progress", "plots", "threads", "checkpoint_every")  # what resuming a job may change
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 @dataclasses.dataclass
 class Job:
-    """One job of a batched sweep, from its composed config to its result."""
+    """One job of a batched sweep, from its overrides to its result."""
 
     idx: int
-    config: DictConfig  # as Hydra composed it, with its id and num set
-    dir: Path  # its output dir (hydra.runtime.output_dir), read off its config once
-    key: str = ""  # its dir within the sweep dir: its name in batch checkpoints
-    kept: bool = False  # completed in an earlier launch of this sweep: its dir is kept as it is
+    overrides: list[str]
+    dir: Path  # its output dir (hydra.runtime.output_dir)
+    key: str  # its dir within the sweep dir: its name in batch checkpoints
     cfg: TrainConfig | None = None
+    config: Any = None  # Hydra's composition, for a job the Composer leaves to Hydra
+    kept: bool = False  # completed in an earlier launch of this sweep: its dir is kept as it is
     start: loop.Job | None = None  # where it starts: afresh, or an unfinished job resumed
     result: loop.Job | None = None
     error: str | None = None  # why it failed, in one line
-    device: str = "cpu"  # as its summary records it
-    batch: dict[str, Any] = dataclasses.field(default_factory=dict)  # its batch's jobs and seconds
-
-
-def group_key(j: Job) -> tuple[Any, ...]:
-    """Jobs that train as one batch share data, precision, device, optimizer, log and checkpoint
-    points and start epoch. The NumPy engine and step=autograd (shared hyperparameters) train alone."""
-    c, s = j.start.cfg, j.start  # type: ignore[union-attr]
-    alone = c.engine == "numpy" or c.step == "autograd"  # type: ignore[union-attr]
-    return (repr(c.data), c.dtype, c.device, c.optimizer, c.log_every, c.checkpoint_every, s.epoch, alone and j.idx)  # type: ignore
+    ran: dict[str, Any] = dataclasses.field(default_factory=dict)  # device, engine, train_seconds, batch
 
 
 class SweepRefused(ConfigError):
     """The sweep dir holds runs that this sweep cannot continue: it is refused before anything is written."""
 
 
-FREE = ("epochs", "progress", "plots", "threads", "checkpoint_every")  # what resuming a job may change
+class Returns(Sequence[JobReturn]):
+    """Every job's JobReturn, made when it is read: the sweep keeps a status and a value a job."""
+
+    def __init__(self, overrides: Sequence[Sequence[str]], name: str) -> None:
+        self.overrides, self.name = overrides, name
+        self.status, self.value, self.errors = bytearray(len(overrides)), array("d", bytes(8 * len(overrides))), {}
+
+    def set(self, i: int, status: JobStatus, value: Any) -> None:
+        self.status[i] = status.value
+        if status == JobStatus.COMPLETED:
+            self.value[i] = value
+        else:
+            self.errors[i] = value
+
+    def __len__(self) -> int:
+        return len(self.overrides)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        status = JobStatus(self.status[i])
+        value = self.value[i] if status == JobStatus.COMPLETED else self.errors.get(i)
+        ret = JobReturn(overrides=list(self.overrides[i]), task_name=self.name, working_dir=os.getcwd())
+        ret.status, ret.return_value = status, value
+        return ret
 
 
-def _resumable(job: Job, c: TrainConfig, batches: dict[str, Any]) -> loop.Job:
+def group_key(j: Job) -> tuple[Any, ...]:
+    """Jobs that train as one batch share data, precision, device, engine, optimizer, checkpoint
+    points and start epoch. The NumPy engine and step=autograd (shared hyperparameters) train alone."""
+    c, s = j.start.cfg, j.start  # type: ignore[union-attr]
+    alone = c.engine == "numpy" or c.step == "autograd"
+    return (repr(c.data), c.dtype, c.device, c.engine, c.optimizer, c.checkpoint_every, s.epoch, alone and j.idx)
+
+
+# ---------------------------------------------------------------------- resuming a sweep
+
+
+def _summary(folder: Path) -> dict[str, Any]:
+    """A completed run's summary.json; {} when it is missing, damaged, incomplete or of another status."""
+    keys = ("status", "epoch", "epochs", "final_loss", "train_accuracy", "test_accuracy", "train_seconds", "run_dir")
+    with contextlib.suppress(OSError, ValueError):
+        s = json.loads((folder / "summary.json").read_text())
+        complete = isinstance(s, dict) and all(k in s for k in keys) and isinstance(s.get("config"), dict)
+        return s if complete and s["status"] == "completed" and "objective" in s["config"] else {}
+    return {}
+
+
+class Batches:
+    """The job states in the sweep's batch checkpoints (one file a training batch), read when asked;
+    a file is removed once every job in it has a dir of its own (:meth:`written`)."""
+
+    def __init__(self, sweep_dir: Path) -> None:
+        self.where: dict[str, Path] = {}
+        self.left: Counter[Path] = Counter()
+        self._loaded: tuple[Path | None, dict[str, Any]] = (None, {})
+        for path in sorted((sweep_dir / BATCHES).glob("*.npz")):
+            try:
+                self.where |= dict.fromkeys(checkpoint.batch_jobs(path), path)
+            except checkpoint.CheckpointError as e:
+                log.warning("a damaged batch checkpoint is not used: %s", e)
+        self.left.update(self.where.values())
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        path = self.where.get(name)
+        try:
+            if path is not None and self._loaded[0] != path:
+                self._loaded = (path, checkpoint.load_batch(path))  # (one file in memory at a time)
+            return self._loaded[1][name] if path is not None else None
+        except checkpoint.CheckpointError as e:
+            log.warning("a damaged batch checkpoint is not used: %s", e)
+            self.where = {k: v for k, v in self.where.items() if v != path}
+            return None
+
+    def written(self, name: str) -> None:
+        if (path := self.where.pop(name, None)) is not None:
+            self.left[path] -= 1
+            if not self.left[path]:
+                path.unlink(missing_ok=True)
+
+
+def resumable(job: Job, c: TrainConfig, batches: Batches) -> loop.Job:
     """Where a job (config c, as trained) starts: afresh, or from the furthest of its checkpoints
-    (its dir's, or its entry in a batch checkpoint; a diverged one aside). One that reached c.epochs
-    (completed) is done already. A checkpoint of other settings, or beyond c.epochs, refuses the
-    sweep (:class:`SweepRefused`): going on would throw its training away."""
+    (its dir's, or its entry in a batch checkpoint; a diverged one aside). A job that completed
+    at c.epochs is kept as it is (its summary says so: no checkpoint is read). A checkpoint of
+    other settings, or beyond c.epochs, refuses the sweep (:class:`SweepRefused`): going on would
+    throw its training away."""
     from quadnet.train import start_state
 
-    path, name = job.dir / checkpoint.CHECKPOINT, job.key
-    found = ([checkpoint.load(path)] if path.is_file() else []) + ([batches[name]] if name in batches else [])
+    done, now = _summary(job.dir), to_dict(c)
+    if done.get("epoch") == c.epochs and all(done["config"].get(k) == v for k, v in now.items() if k not in FREE):
+        return loop.Job(c, {}, c.epochs, status="completed")
+    here = checkpoint.in_dir(job.dir)
+    found = ([checkpoint.load(here)] if here else []) + [b for b in [batches.get(job.key)] if b]
     found = [ck for ck in found if ck["status"] != "diverged"]
     if not found:
         return loop.Job(c, start_state(c))
     ck = max(found, key=lambda ck: ck["epoch"])
-    was, now = ck["config"], to_dict(c)
-    changed = ", ".join(f"{k}={was.get(k)!r} (now {v!r})" for k, v in now.items() if k not in FREE and was.get(k) != v)
+    changed = ", ".join(f"{k}={ck['config'].get(k)!r} (now {v!r})" for k, v in now.items() if k not in FREE
+                        and ck["config"].get(k) != v)  # fmt: skip
     if changed or ck["epoch"] > c.epochs:
         why = f"it was trained with {changed}" if changed else f"epochs={c.epochs} is below its epoch"
         raise SweepRefused(
             f"{job.dir} holds a run at epoch {ck['epoch']} and {why}; resume with the settings it had and epochs >= "
             f"{ck['epoch']}, or choose another hydra.sweep.dir"
         )
-    done = ck["status"] == "completed" and ck["epoch"] == c.epochs and _summary(job.dir).get("epoch") == ck["epoch"]
-    return loop.Job(c, ck["state"], ck["epoch"], ck["history"], status="completed" if done else "running")
+    return loop.Job(c, ck["state"], ck["epoch"], ck["history"])
 
 
 def _refused(launcher: Any, why: str) -> None:
@@ -126,32 +194,15 @@ def _refused(launcher: Any, why: str) -> None:
     raise SweepRefused(why)
 
 
-def _summary(folder: Path) -> dict[str, Any]:
-    """A completed run's summary.json; {} when it is missing, damaged, incomplete or of another status."""
-    keys = ("status", "epoch", "epochs", "final_loss", "train_accuracy", "test_accuracy", "train_seconds", "run_dir")
-    with contextlib.suppress(OSError, ValueError):
-        s = json.loads((folder / "summary.json").read_text())
-        complete = isinstance(s, dict) and all(k in s for k in keys) and isinstance(s.get("config"), dict)
-        return s if complete and s["status"] == "completed" and "objective" in s["config"] else {}
-    return {}
-
-
-def _batch_checkpoints(sweep_dir: Path) -> dict[str, Any]:
-    """The job states in the sweep's batch checkpoints, by job dir name."""
-    out = {}
-    for path in sorted((sweep_dir / BATCHES).glob("*.pt")):
-        try:
-            jobs = checkpoint.read(path)["jobs"]
-            out.update({str(k): checkpoint.check(v, f"{path} [{k}]") for k, v in jobs.items()})
-        except (checkpoint.CheckpointError, KeyError, TypeError, AttributeError) as e:
-            log.warning("a damaged batch checkpoint is not used: %s", one_line(e))
-    return out
+# ---------------------------------------------------------------------- training
 
 
 def _saver(sweep_dir: Path) -> Callable[[list[loop.Job]], None]:
     """While a batch trains, its checkpoints go to one file: {job key: its state}, at its checkpoint
     points but at most once every BATCH_SAVE_SECONDS, and never more than a tenth of the time
     (the file holds every job and its metrics so far)."""
+    from quadnet.data import make_dataset
+
     last, cost = -math.inf, 0.0
 
     def save(jobs: list[loop.Job]) -> None:
@@ -159,11 +210,11 @@ def _saver(sweep_dir: Path) -> Callable[[list[loop.Job]], None]:
         if time.monotonic() - last < max(BATCH_SAVE_SECONDS, 10 * cost):
             return
         last = time.monotonic()
-        states = {j.name: checkpoint.of(j, "running") for j in jobs}
-        name = jobs[0].name.replace("/", "_")
+        classes = make_dataset(jobs[0].cfg.data).classes
         try:  # (a convenience: training goes on without it, and each job's dir is written at the end)
             (sweep_dir / BATCHES).mkdir(exist_ok=True)
-            checkpoint.save(sweep_dir / BATCHES / f"{name}.pt", {"format": checkpoint.BATCH, "jobs": states})
+            states = {j.name: checkpoint.of(j, "running", classes) for j in jobs}
+            checkpoint.save_batch(sweep_dir / BATCHES / f"{jobs[0].name.replace('/', '_')}.npz", states)
         except OSError as e:
             log.warning("no batch checkpoint written: %s", one_line(e))
         cost = time.monotonic() - last
@@ -171,14 +222,17 @@ def _saver(sweep_dir: Path) -> Callable[[list[loop.Job]], None]:
     return save
 
 
-def _chunks(groups: list[list[Job]], max_batch: int) -> list[list[Job]]:
-    """Each group in chunks of at most max_batch jobs; 0: up to 1,024 on the CPU (bigger batches cost
-    more per job: bench step, and the README's figures), and on CUDA what
-    half the free memory holds (activations and temporaries, counted generously)."""
+def _batches(groups: list[list[Job]], max_batch: int) -> list[list[Job]]:
+    """Each group in batches of at most max_batch jobs; 0: up to 1,024 on the CPU, and on CUDA
+    what half the free memory holds (activations and temporaries, counted generously)."""
     out = []
     for g in groups:
         size = max_batch
-        if not size and g[0].cfg.device.startswith(("cuda", "auto")) and torch.cuda.is_available():  # type: ignore[union-attr]
+        if not size and _on_cuda(g[0].cfg):  # type: ignore[arg-type]
+            import torch
+
+            from quadnet.data import make_dataset
+
             d, h = make_dataset(g[0].cfg.data), max(j.cfg.hidden_dim for j in g)  # type: ignore[union-attr]
             n = max(len(d.x_train), len(d.x_test))
             size = max(1, int(torch.cuda.mem_get_info()[0] * 0.5) // (8 * (16 * n * (h + 4) + 128 * h)))
@@ -186,35 +240,51 @@ def _chunks(groups: list[list[Job]], max_batch: int) -> list[list[Job]]:
     return out
 
 
-def _done(chunk: list[Job], out: Any, **extra: Any) -> None:
+def _on_cuda(c: TrainConfig) -> bool:
+    """Whether a job trains on CUDA (torch is imported only where a GPU may be there)."""
+    from quadnet.device import gpu_possible
+
+    if not c.device.startswith(("cuda", "auto")) or c.engine in ("numba", "numpy") or not gpu_possible():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _done(batch: list[Job], out: Any, **extra: Any) -> None:
+    """A batch's outcome into its jobs: an error for each, or its result and its share of the time
+    (in proportion to the steps it trained, so that a 10-epoch job shows less than a 10,000-epoch one)."""
     if isinstance(out, Exception):
-        for j in chunk:
+        for j in batch:
             j.error = str(out)
         return
-    label, done, seconds = out
-    for j, r in zip(chunk, done, strict=True):
-        j.result, j.device, j.batch = r, label, {"jobs": len(chunk), "seconds": seconds, **extra}
+    device, engine, done, seconds = out
+    steps = [max(r.epoch - j.start.epoch, 0) for j, r in zip(batch, done, strict=True)]  # type: ignore[union-attr]
+    for j, r, s in zip(batch, done, steps, strict=True):
+        share = seconds * s / max(sum(steps), 1)
+        j.result, j.ran = r, {"train_seconds": share, "device": device, "engine": engine}
+        j.ran["batch"] = {"jobs": len(batch), "seconds": seconds, **extra}
 
 
-def train_here(groups: list[list[Job]], max_batch: int, stop: Callable[[], bool], sweep_dir: Path) -> None:
-    """Each chunk in this process; a chunk that fails is split until the failing job fails alone."""
-    todo = _chunks(groups, max_batch)
-    while todo:
-        chunk = todo.pop(0)
-        starts = [dataclasses.replace(j.start, history=list(j.start.history), name=j.key) for j in chunk]  # type: ignore
-        try:
-            _done(chunk, loop.train_batch(starts, chunk[0].cfg.device, stop, _saver(sweep_dir)))  # type: ignore
-        except Exception as e:
-            if len(chunk) > 1:
-                todo[:0] = [chunk[: len(chunk) // 2], chunk[len(chunk) // 2 :]]
-            else:
-                _done(chunk, RuntimeError(one_line(e)))
-
-
-def train_submitit(
-    groups: list[list[Job]], max_batch: int, executor: str, params: dict[str, Any], folder: Path
+def train_here(
+    groups: list[list[Job]], max_batch: int, stop: Callable[[], bool], sweep_dir: Path, quiet: bool = False
 ) -> None:
-    """Each chunk as one submitit job (all of them a SLURM job array on a cluster); a chunk that
+    """Each batch in this process; a batch that fails is split until the failing job fails alone."""
+    todo = _batches(groups, max_batch)
+    while todo:
+        batch = todo.pop(0)
+        starts = [dataclasses.replace(j.start, history=list(j.start.history), name=j.key) for j in batch]  # type: ignore
+        try:
+            _done(batch, loop.train_batch(starts, batch[0].cfg.device, stop, _saver(sweep_dir), quiet))  # type: ignore
+        except Exception as e:
+            if len(batch) > 1:
+                todo[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+            else:
+                _done(batch, RuntimeError(one_line(e)))
+
+
+def train_submitit(groups: list[list[Job]], max_batch: int, executor: str, params: dict[str, Any], folder: Path) -> None:
+    """Each batch as one submitit job (all of them a SLURM job array on a cluster); a batch that
     fails (a crash, a timeout, a device not there) fails each of its jobs, naming its log."""
     import submitit
 
@@ -223,227 +293,230 @@ def train_submitit(
         ex.update_parameters(**params)
     except Exception as e:  # submitit's words for an unknown or bad parameter
         raise ConfigError(f"hydra.launcher.executor_params={params!r} is not allowed: {one_line(e)}") from None
-    chunks = _chunks(groups, max_batch)
+    batches = _batches(groups, max_batch)
     with ex.batch():
-        futures = [ex.submit(loop.train_batch, [j.start for j in c], c[0].cfg.device) for c in chunks]  # type: ignore
-    log.info("Submitted %d batched program(s) to submitit (%s) in %s", len(chunks), executor, folder)
-    for chunk, future in zip(chunks, futures, strict=True):
+        futures = [ex.submit(loop.train_batch, [j.start for j in b], b[0].cfg.device) for b in batches]  # type: ignore
+    log.info("Submitted %d batched program(s) to submitit (%s) in %s", len(batches), executor, folder)
+    for batch, future in zip(batches, futures, strict=True):
         try:
-            _done(chunk, future.result(), submitit_job=future.job_id)
+            _done(batch, future.result(), submitit_job=future.job_id)
         except Exception as e:
-            _done(
-                chunk, RuntimeError(f"submitit job {future.job_id} failed: {one_line(e)} (log: {future.paths.stderr})")
-            )
+            _done(batch, RuntimeError(f"submitit job {future.job_id} failed: {one_line(e)} (log: {future.paths.stderr})"))
 
 
-# ---------------------------------------------------------------------- every job's dir, through run_job
+# ---------------------------------------------------------------------- the job dirs
 
 
-def _write(job: Job, stop_signal: int | None, n_jobs: int) -> Any:
+def _write(job: Job, stop_signal: int | None, quiet: bool) -> Any:
     """A batched job's run dir from its result; its objective (or its error, raised)."""
     from quadnet.train import conclude
 
-    out = Path(str(job.config.hydra.runtime.output_dir))
     if job.result is None:
-        rundir.write_failed(out, job.error or "not trained", job.cfg and to_dict(job.cfg))
+        rundir.write_failed(job.dir, job.error or "not trained", job.cfg and to_dict(job.cfg))
         raise ConfigError(job.error or "not trained")
     if job.kept:  # completed in an earlier launch of this sweep: its dir is kept
-        summary = _summary(out)
+        summary = _summary(job.dir)
     else:
-        seconds = job.batch["seconds"] / job.batch["jobs"]  # train_seconds: its share of its batch's time
-        summary = rundir.write(out, job.result, job.device, seconds, stop_signal, {"batch": job.batch})
-    return conclude(summary, single_run=False, exit=False, quiet=n_jobs > CHATTY)
+        summary = rundir.write(job.dir, job.result, job.ran, stop_signal, {"overrides": job.overrides})
+    return conclude(summary, single_run=False, exit=False, quiet=quiet)
 
 
-_YAML = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-_LOG_FORMAT = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")  # Hydra's job log's
-
-
-def write_job(ctx: Any, job: Job, stop_signal: int | None, n_jobs: int) -> JobReturn:
-    """What Hydra's run_job does for a job, lean: its dir, ``.hydra/`` files, log file, callbacks
-    and JobReturn, around :func:`_write`. run_job deep-copies the config four times and dumps
-    YAML in pure Python: ~40 ms a job on 2 cores, twice what training it in a batch costs; this
-    takes ~8 ms. The tests check its files against the basic launcher's."""
-    config, name, ret = job.config, str(job.config.hydra.job.name), _job_return(job)
+def write_lean(job: Job, hc: Any, stop_signal: int | None, quiet: bool) -> tuple[JobStatus, Any]:
+    """What Hydra's run_job leaves in a job's dir, for a job the Composer made: ``.hydra/config.yaml``
+    and ``overrides.yaml`` (the sweep's own Hydra config is its multirun.yaml, not a copy in each
+    job), the job's log file when it logs anything, then its files (:func:`_write`)."""
     handler = None
     try:
         job.dir.mkdir(parents=True, exist_ok=True)
-        if config.hydra.output_subdir is not None:
-            record = job.dir / str(config.hydra.output_subdir)
-            record.mkdir(exist_ok=True)
-            everything = OmegaConf.to_container(config, enum_to_str=True)
-            app = to_dict(job.cfg) if job.cfg else {k: v for k, v in everything.items() if k != "hydra"}  # type: ignore
-            for file, obj in (("config", app), ("hydra", {"hydra": everything["hydra"]}), ("overrides", ret.overrides)):
-                (record / f"{file}.yaml").write_text(
-                    yaml.dump(obj, Dumper=_YAML, default_flow_style=False, allow_unicode=True, sort_keys=False)
-                )
-        handler = logging.FileHandler(job.dir / f"{name}.log")
-        handler.setFormatter(_LOG_FORMAT)
-        logging.getLogger().addHandler(handler)
-        if ctx.callbacks.callbacks:  # what callbacks may read
-            HydraConfig.instance().set_config(config)
-            ret.cfg = OmegaConf.create(to_dict(job.cfg) if job.cfg else {})
-        ctx.callbacks.on_job_start(config=config, task_function=lambda _: None)
-        try:
-            ret.return_value, ret.status = _write(job, stop_signal, n_jobs), JobStatus.COMPLETED
-        except Exception as e:
-            ret.return_value, ret.status = e, JobStatus.FAILED
-        ctx.callbacks.on_job_end(config=config, job_return=ret)
-    except OSError as e:  # its dir cannot be made: this job fails, not the sweep
-        ret.return_value, ret.status = e, JobStatus.FAILED
+        if hc.output_subdir is not None:
+            (job.dir / str(hc.output_subdir)).mkdir(exist_ok=True)
+            for file, obj in (("config", to_dict(job.cfg) if job.cfg else {}), ("overrides", job.overrides)):
+                text = yaml.dump(obj, Dumper=_DUMPER, default_flow_style=False, allow_unicode=True, sort_keys=False)
+                (job.dir / str(hc.output_subdir) / f"{file}.yaml").write_text(text)
+        if logging.getLogger("quadnet").isEnabledFor(logging.DEBUG if quiet else logging.INFO):
+            handler = logging.FileHandler(job.dir / f"{hc.job.name}.log")
+            handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+            logging.getLogger().addHandler(handler)
+        return JobStatus.COMPLETED, _write(job, stop_signal, quiet)
+    except Exception as e:  # its dir cannot be made or written: this job fails, not the sweep
+        return JobStatus.FAILED, e
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
-    return ret
 
 
-_FORKED: tuple[Any, list[Job], int | None] | None = None  # what the forked writers inherit
-
-
-def _write_some(positions: list[int]) -> list[tuple[JobStatus, Any]]:
-    ctx, jobs, sig = _FORKED  # type: ignore[misc]
-    out = []
-    for i in positions:
-        r = write_job(ctx, jobs[i], sig, len(jobs))
-        out.append((r.status, r._return_value))  # a float, or an exception of quadnet's, Hydra's or the OS's
-    return out
-
-
-def _writer() -> None:
-    """A forked writer (Linux): one thread, killed with its parent (a Ctrl-C it goes on through,
-    as its parent does), and the sweep dir's lock left to its parent alone."""
-    torch.set_num_threads(1)
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphan writer outlives a kill -9
-    for fd in rundir.LOCKS.values():
-        os.close(fd)
-
-
-def write_all(ctx: Any, jobs: list[Job], writers: int, stop_signal: int | None) -> list[JobReturn]:
-    """Every job's dir: here, or by forked writers (Linux, no callbacks), which share the work
-    and send back each job's status and value (its JobReturn is made here)."""
-    global _FORKED
-    if not writers:
-        return [write_job(ctx, j, stop_signal, len(jobs)) for j in jobs]
-    size = max(1, min(256, len(jobs) // (4 * writers)))
-    parts = [list(range(i, min(i + size, len(jobs)))) for i in range(0, len(jobs), size)]
-    _FORKED, outcomes, args = (ctx, jobs, stop_signal), [], (stop_signal, len(jobs))
-    fork = multiprocessing.get_context("fork")
-    try:
-        with ProcessPoolExecutor(writers, mp_context=fork, initializer=_writer) as pool:
-            for part, future in zip(parts, [pool.submit(_write_some, p) for p in parts], strict=True):
-                try:
-                    outcomes += future.result()
-                except Exception:  # a writer died (killed, out of memory): its jobs are written here
-                    outcomes += [(r.status, r._return_value) for r in (write_job(ctx, jobs[i], *args) for i in part)]
-    finally:
-        _FORKED = None
-    return [_job_return(j, status=s, _return_value=v) for j, (s, v) in zip(jobs, outcomes, strict=True)]
-
-
-def _job_return(job: Job, **fields: Any) -> JobReturn:
-    c = job.config
-    return JobReturn(
-        overrides=list(c.hydra.overrides.task),
-        hydra_cfg=c,
-        working_dir=os.getcwd(),
-        task_name=c.hydra.job.name,
-        **fields,
-    )
+def write_hydra(ctx: Any, job: Job, stop_signal: int | None, quiet: bool) -> tuple[JobStatus, Any]:
+    """A job Hydra composed: its dir through Hydra's own run_job (its .hydra/, log, callbacks)."""
+    ret = run_job(hydra_context=ctx, task_function=lambda _: _write(job, stop_signal, quiet), config=job.config,
+                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")  # fmt: skip
+    return ret.status, ret._return_value
 
 
 # ---------------------------------------------------------------------- the launcher
 
 
-def launch(launcher: Any, job_overrides: list[list[str]], initial_job_idx: int) -> list[JobReturn]:
+class Sweep:
+    """One launch: its chunks composed, started, trained and written in turn."""
+
+    def __init__(self, launcher: Any, job_overrides: Sequence[Sequence[str]], first_idx: int) -> None:
+        self.launcher, self.ctx, self.config, self.opts = launcher, launcher.hydra_context, launcher.config, launcher.options
+        self.dir, self.overrides, self.first = Path(str(self.config.hydra.sweep.dir)), job_overrides, first_idx
+        hc = self.config.hydra
+        self.hc, self.quiet = hc, len(job_overrides) > CHATTY
+        self.numbered = OmegaConf.to_container(hc.sweep)["subdir"] == "${hydra.job.num}"  # type: ignore[index]
+        self.lean = self.numbered and not self.ctx.callbacks.callbacks  # (else Hydra makes each job's dir)
+        loader = self.ctx.config_loader
+        self.composer = loader.composer(self.config) if hasattr(loader, "composer") else None
+        self.loader = getattr(loader, "_loader", loader)
+        self.returns = Returns(job_overrides, str(hc.job.name))
+        self.batches, self.counts, self.seconds = Batches(self.dir), Counter(), Counter()
+        cuda = _on_cuda(TrainConfig(device="auto"))  # (a CUDA batch may hold more jobs than a chunk)
+        size = int(self.opts["max_batch"]) or (CUDA_CHUNK if cuda else CPU_BATCH)
+        self.chunk = size * (16 if self.opts["executor"] else 1)  # (a cluster trains 16 batches at once)
+        self.quiet_training = len(job_overrides) > self.chunk  # a chunk's progress is one line, not a bar
+
+    def compose(self, i: int) -> Job:
+        """Job i's config and dir; a bad value fails the job (its error), not the sweep."""
+        overrides = list(self.overrides[i])
+        idx = self.first + i
+        job = Job(idx, overrides, Path(os.path.abspath(self.dir / str(idx))), str(idx))
+        try:
+            typed = self.composer.typed(overrides) if self.composer is not None and self.lean else None
+            if typed is None:
+                job.config = self.loader.load_sweep_config(self.config, overrides)
+                with open_dict(job.config):  # what Hydra's launchers set: id, num, and the dir they make of them
+                    job.config.hydra.job.id, job.config.hydra.job.num = str(idx), idx
+                    sub = str(idx) if self.numbered else str(job.config.hydra.sweep.subdir)
+                    job.dir = Path(os.path.abspath(self.dir / sub))
+                    job.config.hydra.runtime.output_dir = str(job.dir)  # (as Hydra's run_job makes it)
+                job.key = os.path.relpath(job.dir, os.path.abspath(self.dir))
+            job.cfg = validate(job.config) if typed is None else check(typed)
+            check_installed(job.cfg)
+            if job.cfg.resume:
+                raise SweepRefused(
+                    f"resume={job.cfg.resume!r} is not for batched sweeps: to go on with a sweep, run it again with "
+                    "hydra.sweep.dir=<its dir>; to go on with one of its jobs, run that job alone (without -m)"
+                )
+        except ConfigError as e:
+            if isinstance(e, SweepRefused):
+                raise
+            job.error = str(e)
+        return job
+
+    def start(self, job: Job) -> None:
+        """Where a job starts (kept, resumed or new); refusals of a sweep dir's earlier runs raise."""
+        if job.error is None:
+            try:
+                c = job.cfg
+                job.start = resumable(job, dataclasses.replace(c, plots=c.plots and self.opts["plots"]), self.batches)  # type: ignore
+            except (ConfigError, checkpoint.CheckpointError) as e:
+                if isinstance(e, SweepRefused):
+                    raise
+                job.error = str(e)
+        if job.error is not None and checkpoint.in_dir(job.dir) is not None:  # (an earlier run's dir)
+            raise SweepRefused(f"{job.error} ({job.dir} holds an earlier run)")
+        if job.start is not None and job.start.status == "completed":
+            job.result, job.kept = job.start, True
+        self.counts["refused" if job.error else job.start.status if job.start.epoch else "new"] += 1  # type: ignore
+
+    def train(self, jobs: list[Job], stop: Any) -> list[Job]:
+        t0 = time.perf_counter()
+        groups: dict[tuple[Any, ...], list[Job]] = defaultdict(list)
+        for j in jobs:
+            if j.start is not None and not j.kept:
+                j.ran["device"] = j.cfg.device  # type: ignore[union-attr]
+                groups[group_key(j)].append(j)
+        if self.opts["executor"] is None:
+            train_here(list(groups.values()), self.opts["max_batch"], stop, self.dir, self.quiet_training)
+        elif groups:
+            params = OmegaConf.to_container(OmegaConf.create(self.opts["executor_params"] or {}))
+            train_submitit(list(groups.values()), self.opts["max_batch"], self.opts["executor"], params, self.dir / ".submitit")  # type: ignore
+        self.seconds["train"] += time.perf_counter() - t0
+        return jobs
+
+    def write(self, jobs: list[Job], stop_signal: int | None) -> None:
+        t0 = time.perf_counter()
+        for j in jobs:
+            if j.config is None:
+                status, value = write_lean(j, self.hc, stop_signal, self.quiet)
+            else:
+                status, value = write_hydra(self.ctx, j, stop_signal, self.quiet)
+            self.returns.set(j.idx - self.first, status, value)
+            self.counts["ended " + (j.result.status if status == JobStatus.COMPLETED else "failed")] += 1  # type: ignore
+            if status == JobStatus.COMPLETED:  # its dir holds its own checkpoint now
+                self.batches.written(j.key)
+                (self.dir / BATCHES / f"{j.key.replace('/', '_')}.npz").unlink(missing_ok=True)  # (this launch's)
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        self.seconds["write"] += time.perf_counter() - t0
+        if self.quiet_training:
+            log.info("jobs %d-%d of %d written", jobs[0].idx, jobs[-1].idx, len(self.overrides))
+
+    def chunks(self) -> Iterator[list[Job]]:
+        for first in range(0, len(self.overrides), self.chunk):
+            t0 = time.perf_counter()
+            jobs = [self.compose(i) for i in range(first, min(first + self.chunk, len(self.overrides)))]
+            for j in jobs:
+                self.start(j)
+            self.seconds["compose"] += time.perf_counter() - t0
+            yield jobs
+
+
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+    from quadnet.train import resume_sweep
     from quadnet.train import task as quadnet_task
 
-    ctx, config, opts = launcher.hydra_context, launcher.config, launcher.options
+    t_start = time.perf_counter()
+    ctx, config = launcher.hydra_context, launcher.config
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    sweep_dir = Path(str(config.hydra.sweep.dir))  # (held since BatchedLauncher.setup: rundir.lock)
     log.info("Launching %d jobs", len(job_overrides))
-
-    # 1. compose every job, as Hydra's basic launcher does
-    t0 = time.perf_counter()
-    jobs, level, seen = [], logging.INFO if len(job_overrides) <= CHATTY else logging.DEBUG, set()
+    level = logging.INFO if len(job_overrides) <= CHATTY else logging.DEBUG
     for idx, overrides in enumerate(job_overrides, initial_job_idx):
-        job_config = ctx.config_loader.load_sweep_config(config, list(overrides))
-        if id(job_config) in seen:  # the same overrides twice (seed=1,1): the loader's config, shared
-            job_config = copy.deepcopy(job_config)
-        seen.add(id(job_config))
-        with open_dict(job_config):  # what Hydra's launchers set: id, num, and the dir they make of them
-            job_config.hydra.job.id, job_config.hydra.job.num = str(idx), idx
-            # Hydra's default subdir is the job's number: known without resolving it (~0.5 ms a job)
-            numbered = OmegaConf.to_container(job_config.hydra.sweep)["subdir"] == "${hydra.job.num}"  # type: ignore
-            out = Path(os.path.abspath(sweep_dir / (str(idx) if numbered else str(job_config.hydra.sweep.subdir))))
-            job_config.hydra.runtime.output_dir = str(out)  # (as Hydra's run_job makes it)
-        jobs.append(Job(idx, job_config, out, key=os.path.relpath(out, os.path.abspath(sweep_dir))))
         log.log(level, "\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
     if launcher.task_function is not quadnet_task:  # not quadnet's: each job as Hydra runs it
-        keys = {"job_dir_key": "hydra.sweep.dir", "job_subdir_key": "hydra.sweep.subdir"}
-        task = launcher.task_function
-        returns = [run_job(hydra_context=ctx, task_function=task, config=j.config, **keys) for j in jobs]
+        loader = getattr(ctx.config_loader, "_loader", ctx.config_loader)
+        returns = []
+        for idx, overrides in enumerate(job_overrides, initial_job_idx):
+            job_config = loader.load_sweep_config(config, list(overrides))
+            with open_dict(job_config):
+                job_config.hydra.job.id, job_config.hydra.job.num = str(idx), idx
+            keys = {"job_dir_key": "hydra.sweep.dir", "job_subdir_key": "hydra.sweep.subdir"}
+            returns.append(run_job(hydra_context=ctx, task_function=launcher.task_function, config=job_config, **keys))
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-        gc.unfreeze()  # (the fast loader froze the configs)
         return returns
-    batches = _batch_checkpoints(sweep_dir)
-    groups: dict[tuple[Any, ...], list[Job]] = defaultdict(list)
-    for j in jobs:
-        try:
-            j.cfg = validate(j.config)
-            check_installed(j.cfg)
-            if j.cfg.resume:
-                _refused(
-                    launcher,
-                    f"resume={j.cfg.resume!r} is not for batched sweeps: to go on with a sweep, run it again with "
-                    "hydra.sweep.dir=<its dir>; to go on with one of its jobs, run that job alone (without -m)",
-                )
-            j.start = _resumable(j, dataclasses.replace(j.cfg, plots=j.cfg.plots and opts["plots"]), batches)
-        except (ConfigError, checkpoint.CheckpointError) as e:
-            if isinstance(e, SweepRefused) or (j.dir / checkpoint.CHECKPOINT).exists():  # (an earlier run's dir)
-                _refused(launcher, f"{e} ({j.dir} holds an earlier run)" if not isinstance(e, SweepRefused) else str(e))
-            j.error = str(e)
-            continue
-        if j.start.status == "completed":  # done in an earlier launch: its dir stays as it is
-            j.result, j.kept = j.start, True
-        else:
-            groups[group_key(j)].append(j)
-    counts = Counter("refused" if j.error else j.start.status if j.start.epoch else "new" for j in jobs)  # type: ignore
-    resumed = f"{counts['running']} resumed from their checkpoints, {counts['completed']} completed before, "
-    log.info("%d jobs in %d batch group(s): %s%d refused", len(jobs), len(groups), resumed, counts["refused"])
 
-    # 2. train each group as one program, here or through submitit. The thousands of live configs are
-    # moved out of the cyclic GC's reach meanwhile: its full passes over them doubled training time.
-    t1 = time.perf_counter()
-    gc.freeze()
-    with loop.catch_signals() as stop:
-        todo, size = list(groups.values()), opts["max_batch"]
-        if opts["executor"] is None:
-            train_here(todo, size, stop, sweep_dir)
-        else:
-            params = OmegaConf.to_container(OmegaConf.create(opts["executor_params"] or {}))
-            train_submitit(todo, size, opts["executor"], params, sweep_dir / ".submitit")  # type: ignore[arg-type]
-
-        # 3. every job's dir (the signal handlers stay up until all are written)
-        t2 = time.perf_counter()
-        writers = 0 if ctx.callbacks.callbacks or sys.platform != "linux" else opts["writers"]
-        if writers is None:
-            writers = 0 if len(jobs) < 64 else min(loop.usable_cpus(), len(jobs) // 32)
-        returns = write_all(ctx, jobs, min(writers, len(jobs)), stop.signal)
-    gc.unfreeze()
-    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    if all(r.status == JobStatus.COMPLETED for r in returns):  # each job's dir has its own checkpoint now
-        shutil.rmtree(sweep_dir / BATCHES, ignore_errors=True)
-    log.info(TIMING_LINE, len(jobs), t1 - t0, t2 - t1, time.perf_counter() - t2)
-    done = [r.status == JobStatus.COMPLETED for r in returns]
-    ends = Counter(j.result.status if ok else "failed" for j, ok in zip(jobs, done, strict=True))  # type: ignore
-    outcome = ", ".join(f"{n} {s}" for s, n in sorted(ends.items()))
-    log.info("%d jobs: %s; report: python -m quadnet.report %s", len(jobs), outcome, shlex.quote(str(sweep_dir)))
+    sweep = Sweep(launcher, job_overrides, initial_job_idx)
+    try:
+        if launcher.record[2]:  # the sweep dir was there: every job is checked before anything is written
+            for i in range(len(job_overrides)):
+                sweep.start(sweep.compose(i))
+            sweep.counts.clear()
+    except SweepRefused as e:
+        _refused(launcher, str(e))
+    with loop.catch_signals() as stop, ThreadPoolExecutor(1) as trainer:
+        training: Any = None
+        for jobs in sweep.chunks():  # (the next chunk trains in the helper thread while this one's dirs are written)
+            if stop():
+                break
+            ahead, training = training, trainer.submit(sweep.train, jobs, stop)
+            if ahead is not None:
+                sweep.write(ahead.result(), stop.signal)
+        if training is not None:
+            sweep.write(training.result(), stop.signal)
+    n, c = len(job_overrides), sweep.counts
+    resumed = f"{c['running']} resumed from their checkpoints, {c['completed']} completed before, {c['refused']} refused"
+    log.info("%d jobs (%d new, %s)", n, c["new"], resumed)
+    seconds = (sweep.seconds[k] for k in ("compose", "train", "write"))
+    log.info(TIMING_LINE, n, *seconds, time.perf_counter() - t_start)
+    ends = {k[6:]: v for k, v in c.items() if k.startswith("ended ") and v}
+    outcome = ", ".join(f"{v} {k}" for k, v in sorted(ends.items())) or "none written"
+    log.info("%d jobs: %s; report: python -m quadnet.report %s", n, outcome, shlex.quote(str(sweep.dir)))
     if stop.signal is not None:
-        from quadnet.train import resume_sweep
-
-        again = f"every job's dir has its checkpoint. Resume the sweep with:\n  {resume_sweep(sweep_dir)}"
-        log.warning("interrupted: %s", again if ends["interrupted"] else "after every job had trained and is written")
+        again = f"every job's dir written has its checkpoint. Resume the sweep with:\n  {resume_sweep(sweep.dir)}"
+        log.warning("interrupted: %s", again if ends.get("interrupted") or sum(ends.values()) < n else
+                    "after every job had trained and is written")  # fmt: skip
         sys.exit(128 + stop.signal)
-    return returns
+    with contextlib.suppress(OSError):
+        (sweep.dir / BATCHES).rmdir()  # (when no batch checkpoint is left in it)
+    return sweep.returns

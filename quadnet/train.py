@@ -32,13 +32,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from quadnet import artifacts, checkpoint, loop, rundir
-from quadnet.cli import KEPT, closed_pipe_ok, fail, friendly_errors, on_signals, one_line, out_of_memory
+from quadnet.data import make_dataset
+from quadnet.cli import KEPT, closed_pipe_ok, fail, friendly_errors, on_signals
 from quadnet.config import (
     ConfigError,
     TrainConfig,
     check_installed,
     compose,
     config_dir,
+    one_line,
+    out_of_memory,
     register_configs,
     validate,
     version_base,
@@ -91,9 +94,11 @@ def start(cfg: Any, c: TrainConfig) -> loop.Job:
 
 def start_state(c: TrainConfig) -> dict[str, Any]:
     """A fresh job's state: its initial weights, no optimizer buffers yet, step 0."""
+    from quadnet.data import make_dataset
     from quadnet.model import initial_params
 
-    return {"params": initial_params(c.hidden_dim, c.seed, c.init), "optimizer": {}, "step": 0}
+    classes = make_dataset(c.data).num_classes
+    return {"params": initial_params(c.hidden_dim, c.seed, c.init, classes), "optimizer": {}, "step": 0}
 
 
 def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
@@ -107,31 +112,44 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
     job = start(cfg, validate(cfg))
     c, out = job.cfg, Path(run_dir) if run_dir is not None else _default_run_dir()
     check_installed(c)
-    here = out / checkpoint.CHECKPOINT
-    if here.is_file() and not (c.resume and checkpoint.find(c.resume).resolve() == here.resolve()):
-        raise ConfigError(  # an earlier run's training is never lost
-            f"{out} holds an earlier run (its {checkpoint.CHECKPOINT}): {shlex.quote(f'resume={hydra_value(out)}')} "
-            "goes on from it (a sweep: run it again with hydra/launcher=batched), or choose another dir"
-        )
-    device = resolve_device(c.device if c.engine == "torch" else "cpu")
-    engine = f"{c.engine} engine" + f"/{c.step}" * (c.engine == "torch")
-    what = f"{c.data.name} data, hidden_dim={c.hidden_dim}, {c.epochs} epochs, {engine}, {c.optimizer}"
+    refuse_earlier_run(out, c.resume)
+    device = resolve_device(c.device if c.engine in ("auto", "torch") else "cpu")
+    classes = make_dataset(c.data).classes
+    what = f"{c.data.name} data, hidden_dim={c.hidden_dim}, {c.epochs} epochs, {loop.engine_name(c, device)} engine"
+    what += f", {c.optimizer}"
     resumed = f"; resuming at epoch {job.epoch}" if job.epoch else ""
     log.info("quadnet: %s on %s (%s)%s", what, describe(device), c.dtype, resumed)
 
     def save(jobs: list[loop.Job]) -> None:
         try:  # (training goes on without it, as a batch's does: the run dir is written at the end)
-            checkpoint.save(out / checkpoint.CHECKPOINT, checkpoint.of(jobs[0], "running"))
+            checkpoint.save(out / checkpoint.CHECKPOINT, checkpoint.of(jobs[0], "running", classes))
         except OSError as e:
             log.warning("no checkpoint written at epoch %d: %s", jobs[0].epoch, one_line(e))
 
     with loop.catch_signals() as stop:  # up until the run dir is complete
         out.mkdir(parents=True, exist_ok=True)
-        label, _, seconds = loop.train_batch([job], device, stop, save)
-        summary = rundir.write(out, job, label, seconds, stop.signal)
+        label, engine, _, seconds = loop.train_batch([job], device, stop, save)
+        ran = {"train_seconds": seconds, "device": label, "engine": engine, "overrides": _overrides()}
+        summary = rundir.write(out, job, ran, stop.signal)
     if stop.signal is not None and job.status != "interrupted":  # it came as the dir was written
         raise Interrupted(stop.signal, summary)
     return summary
+
+
+def refuse_earlier_run(out: Path, resume: str | None) -> None:
+    """An earlier run's training is never lost: a run into a dir that holds one is refused, unless
+    resume= names that dir (or its very checkpoint)."""
+    here = checkpoint.in_dir(out)
+    if here is not None and not (resume and checkpoint.find(resume).resolve() == here.resolve()):
+        raise ConfigError(
+            f"{out} holds an earlier run (its {here.name}): {shlex.quote(f'resume={hydra_value(out)}')} "
+            "goes on from it (a sweep: run it again with hydra/launcher=batched), or choose another dir"
+        )
+
+
+def _overrides() -> list[str]:
+    """The job's command-line overrides (summary.json keeps them beside the config), [] outside Hydra."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 class Interrupted(KeyboardInterrupt):
@@ -249,7 +267,7 @@ def task(cfg: DictConfig) -> float:
             raise
         out = Path(hc.runtime.output_dir)
         if not single:
-            if not (out / checkpoint.CHECKPOINT).exists():  # (an earlier run's dir stays as it was)
+            if checkpoint.in_dir(out) is None:  # (an earlier run's dir stays as it was)
                 rundir.write_failed(out, e)
             raise
         if {p.name for p in out.iterdir()} <= {hc.output_subdir, f"{hc.job.name}.log"}:

@@ -28,7 +28,7 @@ class BatchedLauncher(Launcher):
         self.record: tuple[Path, bytes | None, bool] | None = None  # multirun.yaml, as it was, and its dir's existence
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        from quadnet.fastcompose import FastSweepLoader
+        from quadnet.compose import SweepLoader
         from quadnet.rundir import lock
 
         # before the sweeper writes into the sweep dir: a bad option, or a dir another sweep holds,
@@ -40,9 +40,9 @@ class BatchedLauncher(Launcher):
         self.record = (record, record.read_bytes() if record.is_file() else None, folder.exists())
         lock(folder)
 
-        # The sweeper shares this context: its check of each batch gets the fast loader too.
-        if not isinstance(hydra_context.config_loader, FastSweepLoader):
-            hydra_context.config_loader = FastSweepLoader(hydra_context.config_loader)  # type: ignore[assignment]
+        # The sweeper shares this context: its check of each job gets the Composer too.
+        if not isinstance(hydra_context.config_loader, SweepLoader):
+            hydra_context.config_loader = SweepLoader(hydra_context.config_loader)  # type: ignore[assignment]
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:

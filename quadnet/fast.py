@@ -1,0 +1,285 @@
+"""The numba engine: the torch step's arithmetic, compiled, with every job of a batch in a SIMD lane.
+
+A block of L jobs keeps each parameter job-innermost: one array of rows × L lanes (rows: W1
+as 2·H rows, b1 H, W2 H·C, b2 C), so every loop of a step runs over the lanes and compiles to
+vector instructions, and a call runs many steps without returning to Python. Blocks train in
+threads (the compiled loop releases the GIL). Narrower nets are zero-padded, as in the torch
+engine. ``bench step`` measures it against the machine's arithmetic limit; the tests assert it
+equals the torch engine (1e-12 in float64). numba compiles the kernels on first use and caches
+them on disk (next to this file, else in the user's cache dir); where no cache dir is writable it
+compiles once per process.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from quadnet.model import INPUT_DIM, PARAMS
+
+LANES = 64  # most jobs in a block: more amortise each loop's set-up, fewer stay in the L1/L2 caches
+HYPER = ("lr", "reg", "momentum", "beta1", "beta2", "eps")
+RULES = {"sgd": 0, "momentum": 1, "adam": 2}  # plain descent keeps no buffer
+
+
+def _jit(fn: Callable[..., Any]) -> Any:
+    """njit with the on-disk cache; without one where no cache dir can be written (numba refuses)."""
+    try:
+        return njit(cache=True, nogil=True, error_model="numpy")(fn)
+    except RuntimeError as e:  # "cannot cache function …: no locator available"
+        warnings.warn(f"numba cannot cache its kernels ({e}); they compile in each process", stacklevel=2)
+        return njit(nogil=True, error_model="numpy")(fn)
+
+
+@_jit
+def _forward(p: Any, x: Any, h_dim: int, n_cls: int, a: Any, z: Any) -> None:
+    """Logits z (N, C, L) and hidden activations a (N, H, L) of one block p (rows, L) for points x (N, 2)."""
+    lanes, w2, b2 = p.shape[1], 3 * h_dim, 3 * h_dim + h_dim * n_cls
+    for n in range(x.shape[0]):
+        x0, x1 = x[n, 0], x[n, 1]
+        for h in range(h_dim):
+            w0, w1, b, an = p[h], p[h_dim + h], p[2 * h_dim + h], a[n, h]
+            for i in range(lanes):
+                v = b[i] + x0 * w0[i] + x1 * w1[i]
+                an[i] = v if not v <= 0.0 else 0.0  # ReLU that passes NaN on, as torch's does
+        for c in range(n_cls):
+            z[n, c, :] = p[b2 + c]
+        for h in range(h_dim):
+            an = a[n, h]
+            for c in range(n_cls):
+                zc, w = z[n, c], p[w2 + h * n_cls + c]
+                for i in range(lanes):
+                    zc[i] += an[i] * w[i]
+
+
+@_jit
+def logits(blocks: Any, x: Any, h_dim: int, n_cls: int) -> Any:
+    """Logits (B, N, C, L) of every block for points x (N, 2)."""
+    n_blocks, _, lanes = blocks.shape
+    z = np.zeros((n_blocks, x.shape[0], n_cls, lanes), blocks.dtype)
+    a = np.empty((x.shape[0], h_dim, lanes), blocks.dtype)
+    for k in range(n_blocks):
+        _forward(blocks[k], x, h_dim, n_cls, a, z[k])
+    return z
+
+
+@_jit
+def _exp(u: float) -> float:
+    """exp(u) for u <= 0, to about an ulp, in operations that vectorize (libm's exp does not).
+    Below -60 it returns exp(-60): as a softmax weight beside the largest (1), that is < 1e-26."""
+    u = u if u > -60.0 else -60.0
+    k = np.floor(u * 1.4426950408889634 + 0.5)  # u = k·ln2 + r, |r| <= ln2/2
+    r = (u - k * 0.6931471803691238) - k * 1.9082149292705877e-10
+    e = 1.0 + r * (1.0 + r * (0.5 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (1 / 720 + r * (1 / 5040 + r * (
+        1 / 40320 + r * (1 / 362880 + r * (1 / 3628800 + r * (1 / 39916800 + r / 479001600)))))))))))  # fmt: skip
+    for bit in (64.0, 32.0, 16.0, 8.0, 4.0, 2.0, 1.0):  # · 2^k, k in [-87, 0], bit by bit
+        e = e * 2.0**-bit if -k >= bit else e
+        k = k + bit if -k >= bit else k
+    return e
+
+
+@_jit
+def train(blocks: Any, m: Any, v: Any, hyp: Any, x: Any, onehot: Any, h_dim: int, rule: int, t: int,
+          steps: int, bad: Any) -> None:  # fmt: skip
+    """`steps` full-batch steps of every block: blocks, m, v (B, rows, L) are the parameters and
+    the optimizer's buffers, hyp (B, 6, L) the HYPER values of each lane, onehot (N, C) the labels,
+    t the steps taken before. bad (B, L): the first of these steps whose loss was not finite
+    (left as it is where it is set already, or where none is)."""
+    n_blocks, rows, lanes = blocks.shape
+    n, n_cls = onehot.shape
+    w2, b2 = 3 * h_dim, 3 * h_dim + h_dim * n_cls
+    a, z = np.empty((n, h_dim, lanes), blocks.dtype), np.empty((n, n_cls, lanes), blocks.dtype)
+    g, da = np.empty((rows, lanes), blocks.dtype), np.empty((n, lanes), blocks.dtype)
+    top, total, finite = np.empty(lanes), np.empty(lanes), np.empty(lanes)
+    bc1, bc2 = np.empty(lanes), np.empty(lanes)
+    for k in range(n_blocks):
+        p, lr, reg, mom = blocks[k], hyp[k, 0], hyp[k, 1], hyp[k, 2]
+        for step in range(steps):
+            # forward, and the mean cross-entropy's gradient in the logits (z, in place)
+            _forward(p, x, h_dim, n_cls, a, z)
+            finite[:] = 0.0
+            for i in range(n):
+                top[:] = z[i, 0]
+                total[:] = 0.0
+                for c in range(1, n_cls):
+                    zc = z[i, c]
+                    for j in range(lanes):
+                        top[j] = top[j] if top[j] >= zc[j] else zc[j]
+                for c in range(n_cls):
+                    zc = z[i, c]
+                    for j in range(lanes):
+                        u = zc[j] - top[j]
+                        finite[j] += u - u  # NaN once a logit is not finite: so is the loss
+                        zc[j] = _exp(u)
+                        total[j] += zc[j]
+                for c in range(n_cls):
+                    zc, y = z[i, c], onehot[i, c]
+                    for j in range(lanes):
+                        zc[j] = (zc[j] / total[j] - y) / n
+            for j in range(lanes):
+                if finite[j] != 0.0 and bad[k, j] < 0:
+                    bad[k, j] = step
+            # backward: g holds the gradients without the L2 term
+            for h in range(h_dim):
+                da[:] = 0.0
+                for c in range(n_cls):
+                    w, gw = p[w2 + h * n_cls + c], g[w2 + h * n_cls + c]
+                    gw[:] = 0.0
+                    for i in range(n):
+                        zc, ah, di = z[i, c], a[i, h], da[i]
+                        for j in range(lanes):
+                            gw[j] += ah[j] * zc[j]
+                            di[j] += zc[j] * w[j]
+                g0, g1, gb = g[h], g[h_dim + h], g[2 * h_dim + h]
+                g0[:], g1[:], gb[:] = 0.0, 0.0, 0.0
+                for i in range(n):
+                    x0, x1, ah, di = x[i, 0], x[i, 1], a[i, h], da[i]
+                    for j in range(lanes):
+                        d = di[j] if ah[j] > 0.0 else 0.0  # through ReLU
+                        gb[j] += d
+                        g0[j] += x0 * d
+                        g1[j] += x1 * d
+            for c in range(n_cls):
+                gc = g[b2 + c]
+                gc[:] = 0.0
+                for i in range(n):
+                    gc += z[i, c]
+            # the update, torch.optim's rules; weights (not biases) decay by reg
+            if rule == 2:
+                for j in range(lanes):
+                    bc1[j] = 1.0 - hyp[k, 3, j] ** (t + step + 1)
+                    bc2[j] = math.sqrt(1.0 - hyp[k, 4, j] ** (t + step + 1))
+            for r in range(rows):
+                decay = 1.0 if r < 2 * h_dim or w2 <= r < b2 else 0.0
+                pr, gr, mr, vr = p[r], g[r], m[k, r], v[k, r]
+                for j in range(lanes):
+                    gj = gr[j] + decay * reg[j] * pr[j]
+                    if rule == 0:
+                        pr[j] -= lr[j] * gj
+                    elif rule == 1:
+                        mr[j] = mom[j] * mr[j] + gj
+                        pr[j] -= lr[j] * mr[j]
+                    else:
+                        mr[j] += (1.0 - hyp[k, 3, j]) * (gj - mr[j])
+                        vr[j] = hyp[k, 4, j] * vr[j] + (1.0 - hyp[k, 4, j]) * gj * gj
+                        pr[j] -= lr[j] / bc1[j] * mr[j] / (math.sqrt(vr[j]) / bc2[j] + hyp[k, 5, j])
+
+
+def to_rows(p: dict[str, np.ndarray], h_dim: int, n_cls: int) -> np.ndarray:
+    """One job's parameters (seed layout; narrower nets zero-padded to h_dim) as a column of rows."""
+    h = p["b1"].shape[0]
+    col = np.zeros(3 * h_dim + h_dim * n_cls + n_cls)
+    col[:h], col[h_dim : h_dim + h], col[2 * h_dim : 2 * h_dim + h] = p["W1"][0], p["W1"][1], p["b1"]
+    col[3 * h_dim : 3 * h_dim + h * n_cls] = p["W2"].reshape(-1)
+    col[3 * h_dim + h_dim * n_cls :] = p["b2"]
+    return col
+
+
+def from_rows(col: np.ndarray, h_dim: int, h: int, n_cls: int) -> dict[str, np.ndarray]:
+    """The inverse of :func:`to_rows`: a job's parameters in the seed layout, h hidden units, float64."""
+    col = col.astype(np.float64)
+    w1 = np.stack([col[:h], col[h_dim : h_dim + h]])
+    w2 = col[3 * h_dim : 3 * h_dim + h_dim * n_cls].reshape(h_dim, n_cls)[:h]
+    return dict(zip(PARAMS, (w1, col[2 * h_dim : 2 * h_dim + h], w2.copy(), col[-n_cls:].copy()), strict=True))
+
+
+class FastEngine:
+    """Jobs of one group (shared data, dtype, optimizer) in blocks of lanes; the loop's interface:
+    ``run``, ``metrics``, ``export`` and ``keep``."""
+
+    def __init__(self, cfgs: list[Any], data: Any, starts: list[dict[str, Any]], threads: int = 1) -> None:
+        self.cfgs, self.dtype, self.threads, self.name = cfgs, np.dtype(cfgs[0].dtype), threads, "numba"
+        self.h_dim, self.n_cls = max(c.hidden_dim for c in cfgs), data.num_classes
+        adam = cfgs[0].optimizer == "adam"
+        self.rule = RULES["adam" if adam else "momentum" if any(c.momentum for c in cfgs) else "sgd"]
+        self.x, self.x_test, self.data = data.x_train.astype(self.dtype), data.x_test.astype(self.dtype), data
+        self.onehot = np.eye(self.n_cls, dtype=self.dtype)[data.y_train.clip(0)]  # (as the torch engine)
+        self.t, self.rows = starts[0].get("step", 0), list(range(len(cfgs)))
+        cols = lambda ps: np.stack([to_rows(p, self.h_dim, self.n_cls) for p in ps], 1)  # noqa: E731
+        names = ("exp_avg", "exp_avg_sq") if adam else ("momentum", "")  # (an unused second buffer of zeros)
+        saved = [cols([_or_zeros(s["optimizer"].get(n), s["params"]) for s in starts]) for n in names]
+        hyp = np.array([[float(getattr(c, k)) for c in self.cfgs] for k in HYPER])
+        self._pack(cols([s["params"] for s in starts]), *saved, hyp)
+        nothing = np.empty((0, self.blocks.shape[2]), np.int64)
+        train(self.blocks[:0], self.m[:0], self.v[:0], self.hyp[:0], self.x, self.onehot, 1, 0, 0, 0, nothing)
+        logits(self.blocks[:0], self.x, 1, self.n_cls)  # (compiled, or loaded from the cache, before the clock starts)
+
+    def _pack(self, params: np.ndarray, m: np.ndarray, v: np.ndarray, hyp: np.ndarray) -> None:
+        """Job columns (rows, J) into blocks (B, rows, L); padding lanes are zero (lr 0: they never move)."""
+        jobs = params.shape[1]
+        n_blocks = -(-jobs // LANES)
+        lanes = -(-jobs // n_blocks)
+        lanes = lanes if lanes < 8 else -(-lanes // 8) * 8  # whole vectors
+
+        def block(cols: np.ndarray) -> np.ndarray:
+            out = np.zeros((cols.shape[0], n_blocks * lanes), self.dtype)
+            out[:, :jobs] = cols
+            return np.ascontiguousarray(out.reshape(-1, n_blocks, lanes).transpose(1, 0, 2))
+
+        self.blocks, self.m, self.v, self.hyp = block(params), block(m), block(v), block(hyp)
+
+    def _columns(self, arr: np.ndarray) -> np.ndarray:
+        return arr.transpose(1, 0, 2).reshape(arr.shape[1], -1)[:, : len(self.rows)]
+
+    def run(self, n: int, stop: Callable[[], bool]) -> tuple[int, list[int]]:
+        """Up to n steps of every job, in calls of about 0.1 s so that stop() is asked in between;
+        returns the steps done and, per job, the first whose loss was not finite (-1: none)."""
+        n_blocks, lanes = self.blocks.shape[0], self.blocks.shape[2]
+        bad, done = np.full((n_blocks, lanes), -1, np.int64), 0
+        per_call = max(1, int(2e6 // (n_blocks * lanes * self.h_dim * (len(self.x) + 1))))
+        ends = np.cumsum([len(p) for p in np.array_split(np.arange(n_blocks), min(self.threads, n_blocks))])
+        parts = [slice(a, b) for a, b in zip([0, *ends[:-1]], ends, strict=True)]  # (views, not copies)
+        with ThreadPoolExecutor(len(parts)) as pool:
+            while done < n and not (done and stop()):
+                k = min(n - done, per_call)
+                found = np.full_like(bad, -1)
+                args = (self.x, self.onehot, self.h_dim, self.rule, self.t + done, k)
+                list(pool.map(lambda b: train(self.blocks[b], self.m[b], self.v[b], self.hyp[b], *args, found[b]), parts))
+                bad = np.where((bad < 0) & (found >= 0), found + done, bad)
+                done += k
+        self.t += done
+        return done, bad.reshape(-1)[: len(self.rows)].tolist()
+
+    def metrics(self) -> list[dict[str, float]]:
+        """Per job: mean cross-entropy (no L2 term) and accuracy on train and test, in float64;
+        points on an axis (class -1) count in neither."""
+        cols = []
+        for x, y in ((self.data.x_train, self.data.y_train), (self.data.x_test, self.data.y_test)):
+            keep = y >= 0
+            z = logits(self.blocks, x[keep].astype(self.dtype), self.h_dim, self.n_cls).astype(np.float64)
+            z = z.transpose(1, 2, 0, 3).reshape(int(keep.sum()), self.n_cls, -1)[:, :, : len(self.rows)]  # (N, C, J)
+            top = z.max(1, keepdims=True)
+            logp = z - top - np.log(np.exp(z - top).sum(1, keepdims=True))
+            with np.errstate(invalid="ignore"):
+                cols += [-logp[np.arange(len(z)), y[keep]].mean(0), (z.argmax(1) == y[keep, None]).mean(0)]
+        keys = ("loss", "train_accuracy", "test_loss", "test_accuracy")
+        return [dict(zip(keys, map(float, v), strict=True)) for v in zip(*cols, strict=True)]
+
+    def export(self, rows: list[int]) -> list[dict[str, Any]]:
+        """Jobs at `rows`: their parameters and optimizer buffers, unpadded, float64."""
+        hd, nc, cols = self.h_dim, self.n_cls, [self._columns(a) for a in (self.blocks, self.m, self.v)]
+        names = {2: ("exp_avg", "exp_avg_sq"), 1: ("momentum",), 0: ()}[self.rule]
+        out = []
+        for r in rows:
+            h = self.cfgs[self.rows[r]].hidden_dim
+            params, bufs = (from_rows(c[:, r], hd, h, nc) for c in cols[:1]), cols[1:]
+            out.append({"params": next(params), "step": self.t,
+                        "optimizer": {n: from_rows(b[:, r], hd, h, nc) for n, b in zip(names, bufs)}})  # fmt: skip
+        return out
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every job but those at `rows` (the blocks are packed again)."""
+        cols = [self._columns(a)[:, rows] for a in (self.blocks, self.m, self.v, self.hyp)]
+        self.rows = [self.rows[r] for r in rows]
+        if self.rows:
+            self._pack(*cols)
+
+
+def _or_zeros(buf: dict[str, np.ndarray] | None, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return buf if buf is not None else {k: np.zeros_like(v) for k, v in like.items()}
