@@ -4,7 +4,6 @@ checkpoint is in quadnet.checkpoint, the plots in quadnet.plots)."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -88,17 +87,16 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(clean(obj), indent=2) + "\n")
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    """A JSON object a key a line (each value on its line, compact: the C encoder, ~10x faster than indent=2)."""
+    lines = (f"  {json.dumps(str(k))}: {json.dumps(v, allow_nan=False)}" for k, v in clean(obj).items())
+    write_text(path, "{\n" + ",\n".join(lines) + "\n}\n")
 
 
 def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
-    buf = io.StringIO()
     # a missing figure is NaN (0.1 checkpoints: no test_loss); other keys of a row are not written
-    writer = csv.DictWriter(buf, METRIC_FIELDS, restval=math.nan, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())
+    lines = [",".join(METRIC_FIELDS)] + [",".join(repr(r.get(k, math.nan)) for k in METRIC_FIELDS) for r in rows]
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:

@@ -2,11 +2,15 @@
 
 single   the default job (10,000 full-batch steps) on every engine and dtype available here,
          interleaved and repeated; the best train_seconds of each and its ratio to NumPy's.
-step     one batch of J default jobs: the fused step against autograd over the same stacked
-         (J, …) parameters (one backward of the summed losses, torch.optim.SGD), ms per job.
+step     one batch of J default jobs on one thread: the numba engine, the torch fused step and
+         autograd (one backward of the summed losses, torch.optim.SGD), in ms per job per
+         10,000 steps, and each against the arithmetic limit: the FLOPs of a step at this
+         machine's float64 GEMM rate (2048² matmul, one thread), measured in the same run.
 startup  ``python -m quadnet.train epochs=0`` against a bare ``import torch``, as subprocesses.
-sweep    the same sweep under Hydra's basic launcher and the batched launcher, end to end;
-         ``--busy N`` runs N CPU-bound processes beside both, as on a shared machine.
+sweep    the same sweep under Hydra's basic launcher and the batched launcher, end to end, with
+         the peak memory (PSS) of each process tree; ``--busy N`` runs N CPU-bound processes
+         beside both, as on a shared machine; ``--mlflow`` runs the batched sweep again with
+         logger=mlflow (a SQLite store) and prints what the logging costs.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ if __name__ == "__main__":  # python -m quadnet.bench: a signal while it imports
 
 import contextlib
 import json
+import os
 import platform
 import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,10 +39,11 @@ from quadnet.cli import STOPPED, ArgumentParser, command, fail
 
 VARIANTS = {  # bench single: name and overrides
     "numpy engine (float64)": ["engine=numpy"],
-    "torch fused, cpu float64 (the default)": ["device=cpu"],
-    "torch fused, cpu float32": ["device=cpu", "dtype=float32"],
-    "torch fused, cpu float64, 2 threads": ["device=cpu", "threads=2"],
-    "torch autograd, cpu float64": ["device=cpu", "step=autograd"],
+    "numba engine, cpu float64 (the default)": ["engine=numba"],
+    "numba engine, cpu float32": ["engine=numba", "dtype=float32"],
+    "torch fused, cpu float64": ["engine=torch", "device=cpu"],
+    "torch fused, cpu float32": ["engine=torch", "device=cpu", "dtype=float32"],
+    "torch autograd, cpu float64": ["engine=torch", "device=cpu", "step=autograd"],
     "torch fused, cuda float64, graph": ["device=cuda"],
     "torch fused, cuda float32, graph": ["device=cuda", "dtype=float32"],
     "torch fused, cuda float64, eager": ["device=cuda", "cuda_graph=false"],
@@ -52,17 +59,16 @@ def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, An
 
 def machine() -> dict[str, Any]:
     import numpy as np
-    import torch
 
     from quadnet.loop import usable_cpus
+    from quadnet.rundir import versions
 
     cpuinfo: list[str] = []
     with contextlib.suppress(OSError):
         cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), platform.machine())
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    versions = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__, cuda=cuda)
-    return {"cpu": cpu, "cpus": usable_cpus(), **versions}
+    v = versions()
+    return {"cpu": cpu, "cpus": usable_cpus(), "python": v["python"], "torch": v["torch"], "numpy": np.__version__}
 
 
 def bench_single(epochs: int, repeat: int) -> list[dict[str, Any]]:
@@ -84,26 +90,58 @@ def bench_single(epochs: int, repeat: int) -> list[dict[str, Any]]:
     return [{"variant": k, "best_s_per_10k": min(t), "ratio_to_numpy": min(t) / base} for k, t in times.items()]
 
 
-def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
+def step_flops(n: int, h: int, c: int) -> int:
+    """FLOPs of one full-batch step of one job: N points, H hidden units, C classes (8.0k by default)."""
+    forward = 2 * n * (2 * h + h * c)
+    backward = 4 * n * h * c + 4 * n * h + n * h  # dW2 and dA, dW1, through ReLU
+    update = 2 * (2 * h + h * c) + 2 * (3 * h + h * c + c)  # L2 on the weights; the SGD step
+    return forward + backward + update + 6 * n * c  # and the softmax's gradient
+
+
+def gemm_rate() -> float:
+    """This machine's float64 GEMM rate on one thread (FLOP/s): the best of three 2048² matmuls."""
     import torch
 
-    from quadnet import engine, loop
+    a = torch.rand(2048, 2048, dtype=torch.float64)
+    with _torch_threads(1):
+        best = min(_timed(torch.mm, a, a)[0] for _ in range(4))
+    return 2 * 2048**3 / best
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Any:
+    from quadnet.engine import torch_threads
+
+    with torch_threads(n):
+        yield
+
+
+def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
+    from quadnet import loop
     from quadnet.config import TrainConfig
     from quadnet.data import make_dataset
     from quadnet.train import start_state
 
-    def ms_per_job(jobs: int, step: str, steps: int) -> float:
-        cfgs = [TrainConfig(seed=s, step=step) for s in range(jobs)]
-        e, _ = engine.build(cfgs, make_dataset(cfgs[0].data), [start_state(c) for c in cfgs], torch.device("cpu"))
+    rate = gemm_rate()
+    data = make_dataset(TrainConfig().data)
+    limit = step_flops(len(data.x_train), TrainConfig().hidden_dim, data.num_classes) * 10000 / rate * 1000
+
+    def ms_per_job(jobs: int, engine: str, step: str, steps: int) -> float:
+        cfgs = [TrainConfig(seed=s, engine=engine, step=step, threads=1) for s in range(jobs)]
+        e = loop.build(cfgs, data, [start_state(c) for c in cfgs], "cpu")
+        e.run(2, lambda: False)  # (buffers, caches)
         return _timed(e.run, steps, lambda: False)[0] / steps * 10000 / jobs * 1000
 
     rows = []
-    with loop.threads(1):
-        for j in sizes:
-            steps = max(20, min(2000, 400_000 // j))
-            f, a = (min(ms_per_job(j, step, steps) for _ in range(repeat)) for step in ("fused", "autograd"))
-            row = dict(jobs=j, steps_timed=steps, fused_ms_per_job=f, autograd_ms_per_job=a)
-            rows.append({**row, "autograd_over_fused": a / f})
+    for j in sizes:
+        steps = max(20, min(2000, 400_000 // j))
+        times = {}
+        for name, engine, step in (("numba", "numba", "fused"), ("torch", "torch", "fused"), ("autograd", "torch", "autograd")):
+            times[name] = min(ms_per_job(j, engine, step, steps * (5 if engine == "numba" else 1)) for _ in range(repeat))
+        row: dict[str, Any] = {"jobs": j, "limit_ms": limit}
+        for name, ms in times.items():
+            row |= {f"{name}_ms": ms, f"{name}_x_limit": ms / limit}
+        rows.append(row)
     return rows
 
 
@@ -118,39 +156,70 @@ def bench_startup(repeat: int) -> list[dict[str, Any]]:
     return [{"import_torch_s": bare, "train_epochs0_s": run, "overhead_s": run - bare}]
 
 
-_PHASES = re.compile(r"composed (\d+) jobs in ([\d.]+) s, trained in ([\d.]+) s, wrote their dirs in ([\d.]+) s")
+_PHASES = re.compile(r"composed \d+ jobs in ([\d.]+) s, trained in ([\d.]+) s, wrote their dirs in ([\d.]+) s; ([\d.]+) s")
 
 
-def _sweep(n: int, launcher: str, sweep_dir: Path, device: str) -> tuple[float, str]:
-    overrides = [f"seed=range({n})", f"device={device}", f"hydra/launcher={launcher}"]
+def tree_pss(root: int) -> int:
+    """The proportional set size (bytes) of a process and all its descendants (Linux; 0 elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        with contextlib.suppress(OSError, StopIteration, ValueError):
+            lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+            total += int(next(ln for ln in lines if ln.startswith("Pss:")).split()[1]) * 1024
+    return total
+
+
+def _sweep(n: int, launcher: str, sweep_dir: Path, extra: list[str], env: dict | None = None) -> tuple[float, str, int]:
+    """A sweep of n jobs as a subprocess: its seconds, its output and its peak memory (PSS, bytes)."""
+    overrides = [f"seed=range({n})", f"hydra/launcher={launcher}", *extra]
     cmd = [sys.executable, "-m", "quadnet.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    seconds, r = _timed(subprocess.run, cmd, capture_output=True, text=True, cwd=sweep_dir.parent)
-    done = sum(json.loads(p.read_text())["status"] == "completed" for p in sweep_dir.glob("*/summary.json"))
-    if r.returncode != 0 or done != n:
-        last = r.stderr.strip().splitlines()[-1:]
-        raise SystemExit(f"error: the {launcher} sweep completed {done} of {n} jobs: {last}")
-    return seconds, r.stdout + r.stderr
+    t0, peak = time.perf_counter(), 0
+    env = {**os.environ, **(env or {})}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=sweep_dir.parent, env=env) as p:
+        out: list[str] = []
+        reader = threading.Thread(target=lambda: out.append(p.stdout.read()))  # type: ignore[union-attr]
+        reader.start()
+        while p.poll() is None:
+            peak = max(peak, tree_pss(p.pid))
+            time.sleep(0.2)
+        reader.join()
+    seconds = time.perf_counter() - t0
+    done = sum(json.loads(s.read_text())["status"] == "completed" for s in sweep_dir.glob("*/summary.json"))
+    if p.returncode != 0 or done != n:
+        raise SystemExit(f"error: the {launcher} sweep completed {done} of {n} jobs: {out[0].strip().splitlines()[-1:]}")
+    return seconds, out[0], peak
 
 
-def bench_sweep(jobs: int, sample: int, device: str, n_busy: int) -> list[dict[str, Any]]:
+def bench_sweep(jobs: int, sample: int, device: str, n_busy: int, epochs: int, mlflow: bool) -> list[dict[str, Any]]:
     """The basic launcher timed on 1 and `sample` jobs (its cost per job extrapolated); the batched on all.
     n_busy CPU-bound processes run beside them, as other users' work on a shared machine."""
-    sample = max(2, min(sample, jobs))
+    sample, extra = max(2, min(sample, jobs)), [f"device={device}", f"epochs={epochs}"]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as busy:
         for _ in range(n_busy):  # killed, then waited for (Popen's exit), when the block ends
             proc = busy.enter_context(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
             busy.callback(proc.kill)
-        t1, _ = _sweep(1, "basic", Path(tmp) / "basic1", device)
-        tk, _ = _sweep(sample, "basic", Path(tmp) / "basick", device)
-        tb, output = _sweep(jobs, "batched", Path(tmp) / "batched", device)
+        t1, _, _ = _sweep(1, "basic", Path(tmp) / "basic1", extra)
+        tk, _, basic_peak = _sweep(sample, "basic", Path(tmp) / "basick", extra)
+        tb, output, peak = _sweep(jobs, "batched", Path(tmp) / "batched", [*extra, "plots=false"])
+        if mlflow:
+            store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+            tm, _, _ = _sweep(jobs, "batched", Path(tmp) / "logged", [*extra, "plots=false", "logger=mlflow"], store)
     found = _PHASES.findall(output)
     if not found:
         raise SystemExit("error: the batched launcher's timing line was not in its output (quadnet.sweep.TIMING_LINE)")
-    compose, train, write = (sum(float(m[i]) for m in found) for i in (1, 2, 3))
+    compose, train, write, launch = (float(v) for v in found[-1])
     basic = (tk - t1) / (sample - 1)
-    head = dict(jobs=jobs, busy=n_busy, device=device, basic_per_job_s=basic, batched_s=tb, batched_per_job_s=tb / jobs)
-    phases = dict(startup_and_sweeper_s=tb - compose - train - write, compose_s=compose, train_s=train, write_s=write)
-    return [{**head, **phases, "batched_faster_per_job": basic / (tb / jobs)}]
+    row: dict[str, Any] = dict(jobs=jobs, epochs=epochs, busy=n_busy, basic_per_job_s=basic, batched_s=tb)
+    row |= dict(batched_per_job_ms=1000 * tb / jobs, startup_s=tb - launch, compose_s=compose, train_s=train)
+    row |= dict(write_s=write, peak_mb=peak / 2**20, basic_peak_mb=basic_peak / 2**20)
+    row |= {"batched_faster_per_job": basic / (tb / jobs)} | ({"mlflow_s": tm, "mlflow_cost": tm / tb} if mlflow else {})
+    return [row]
 
 
 @command()
@@ -165,14 +234,16 @@ def main(argv: list[str] | None = None) -> None:
     repeated.add_argument("--repeat", type=int, default=3, help="runs of each variant; the best counts")
     single = sub.add_parser("single", help="the default job on every engine", parents=[repeated])
     single.add_argument("--epochs", type=int, default=10000)
-    step = sub.add_parser("step", help="fused against autograd, by batch size", parents=[repeated])
-    step.add_argument("--jobs", default="1,64,256,4096", help="batch sizes, comma-separated")
+    step = sub.add_parser("step", help="the engines against the arithmetic limit, by batch size", parents=[repeated])
+    step.add_argument("--jobs", default="1,64,256,1024", help="batch sizes, comma-separated")
     sub.add_parser("startup", help="start-up cost", parents=[repeated])
     sweep = sub.add_parser("sweep", help="basic launcher against batched", parents=[common])
     sweep.add_argument("--jobs", type=int, default=256, help="jobs in the sweep (default 256)")
+    sweep.add_argument("--epochs", type=int, default=10000, help="epochs= of every job (default 10000)")
     sweep.add_argument("--sample", type=int, default=4, help="basic-launcher jobs run (the rest extrapolated)")
     sweep.add_argument("--device", default="auto", help="device= of every job (default auto)")
     sweep.add_argument("--busy", type=int, default=0, help="CPU-bound processes to run beside it")
+    sweep.add_argument("--mlflow", action="store_true", help="also the batched sweep with logger=mlflow")
     args = parser.parse_args(argv)
     given = vars(args)
     sizes = [int(j) if j.strip().isdigit() else 0 for j in str(given.get("jobs", 1)).split(",")]  # sweep: one
@@ -182,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         "single": lambda: bench_single(args.epochs, args.repeat),
         "step": lambda: bench_step(sizes, args.repeat),
         "startup": lambda: bench_startup(args.repeat),
-        "sweep": lambda: bench_sweep(args.jobs, args.sample, args.device, args.busy),
+        "sweep": lambda: bench_sweep(args.jobs, args.sample, args.device, args.busy, args.epochs, args.mlflow),
     }[args.what]()
     if args.json:
         print(json.dumps({"benchmark": args.what, "machine": machine(), "rows": rows}, indent=2))

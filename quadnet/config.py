@@ -254,7 +254,7 @@ def check_installed(c: TrainConfig) -> None:
 
 def to_dict(c: TrainConfig) -> dict[str, Any]:
     """The resolved config as plain Python types (what checkpoints and summaries store)."""
-    return dataclasses.asdict(c)
+    return {**vars(c), "data": dict(vars(c.data))}
 
 
 def allowed_keys() -> list[str]:

@@ -1,7 +1,8 @@
 """``python -m quadnet.crosscheck [overrides] [--tol 1e-9]``: autograd and hand-written backprop agree.
 
-From the same initial weights, in float64, it trains the NumPy reference and the torch
-engine (both its fused step and plain autograd) side by side, and reports the largest
+From the same initial weights, in float64, it trains the NumPy reference, the numba engine
+(when installed) and the torch engine (both its fused step and plain autograd) side by side,
+and reports the largest
 difference in the training loss along the way, in the final weights and in the test
 probabilities. It also compares the NumPy gradients with torch autograd on the same
 weights, and with centred finite differences. Exit 0 when all are within --tol, 1 if not.
@@ -15,6 +16,7 @@ if __name__ == "__main__":  # python -m quadnet.crosscheck: a signal while it im
     on_signals(STOPPED)
 
 import dataclasses
+import importlib.util
 from typing import Any
 
 import numpy as np
@@ -23,14 +25,14 @@ import torch.nn.functional as F
 
 from quadnet import loop, model, reference
 from quadnet.cli import ArgumentParser, command, friendly_errors
-from quadnet.config import TrainConfig, compose, validate
+from quadnet.config import TrainConfig, compose, log_every, validate
 from quadnet.data import make_dataset
-from quadnet.engine import build
+from quadnet.engine import QuadNet
 
 
 def autograd_grads(params: reference.Params, x: np.ndarray, y: np.ndarray, reg: float) -> reference.Params:
     """Gradients of data loss + reg/2·‖W‖² by torch autograd through :class:`QuadNet`, seed layout."""
-    net = model.QuadNet(model.stack([params], params["b1"].shape[0], torch.float64, torch.device("cpu")))
+    net = QuadNet(model.stack([params], params["b1"].shape[0], torch.float64, torch.device("cpu")))
     w1, _, w2, _ = net.params
     loss = F.cross_entropy(net(torch.from_numpy(x))[0], torch.from_numpy(y))
     (loss + 0.5 * reg * (w1.square().sum() + w2.square().sum())).backward()
@@ -48,19 +50,21 @@ def check(cfg: TrainConfig) -> dict[str, Any]:
     """Run every comparison for cfg (forced to float64 on the CPU); return the figures."""
     data = make_dataset(cfg.data)
     x, y, reg = data.x_train, data.y_train, cfg.reg
-    start = model.initial_params(cfg.hidden_dim, cfg.seed, cfg.init)
+    start = model.initial_params(cfg.hidden_dim, cfg.seed, cfg.init, data.num_classes)
     engines = {}
-    for name in ("numpy", "torch/fused", "torch/autograd"):
+    for name in ("numpy", "numba", "torch/fused", "torch/autograd"):
         engine, _, step = name.partition("/")
-        c = dataclasses.replace(cfg, dtype="float64", device="cpu", engine=engine, step=step or cfg.step)
-        engines[name] = build([c], data, [{"params": start, "optimizer": {}, "step": 0}], torch.device("cpu"))[0]
+        if engine == "numba" and importlib.util.find_spec("numba") is None:
+            continue
+        c = dataclasses.replace(cfg, dtype="float64", device="cpu", engine=engine, step=step or "fused", threads=1)
+        engines[name] = loop.build([c], data, [{"params": start, "optimizer": {}, "step": 0}], "cpu")
 
     along = {n: [e.metrics()[0]["loss"]] for n, e in engines.items()}  # the training loss at each log step
-    with loop.threads(1):  # deterministic reductions, and fastest for tensors this small
-        for epoch in range(0, cfg.epochs, cfg.log_every):
-            for n, e in engines.items():
-                e.run(min(cfg.log_every, cfg.epochs - epoch), lambda: False)
-                along[n].append(e.metrics()[0]["loss"])
+    every = log_every(cfg)
+    for epoch in range(0, cfg.epochs, every):
+        for n, e in engines.items():
+            e.run(min(every, cfg.epochs - epoch), lambda: False)
+            along[n].append(e.metrics()[0]["loss"])
     final = {n: e.export([0])[0]["params"] for n, e in engines.items()}
     probs = {n: reference.softmax(reference.forward(p, data.x_test)[0]) for n, p in final.items()}
     figures = {"loss_along_the_way": along, "final_weights": final, "test_probs": probs}

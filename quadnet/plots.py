@@ -16,13 +16,25 @@ from typing import Any
 
 import numpy as np
 
-from quadnet.data import QUADRANT_NAMES, Dataset
+from quadnet.data import QUADRANT_NAMES, QUADRANTS, Dataset
 from quadnet.reference import Params, forward
 
-# Okabe–Ito colours (safe for colour-blind readers), one per quadrant I–IV, and pale versions
-# of them for the regions, so that the points drawn in the full colour stand out.
-COLORS = np.array([[230, 159, 0], [86, 180, 233], [0, 158, 115], [204, 121, 167]]) / 255
-PALE = 0.4 * COLORS + 0.6
+# Okabe–Ito colours (safe for colour-blind readers), one per class (the first four: quadrants I–IV),
+# then tab20's for more classes; and pale versions of them for the regions, so that the points drawn
+# in the full colour stand out.
+OKABE_ITO = [[230, 159, 0], [86, 180, 233], [0, 158, 115], [204, 121, 167], [240, 228, 66], [0, 114, 178], [213, 94, 0]]
+_TAB20 = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75], [227, 119, 194],
+          [127, 127, 127], [188, 189, 34], [23, 190, 207]]  # fmt: skip
+
+
+def colors(n: int) -> np.ndarray:
+    """n class colours (n, 3), and repeats past 17 classes."""
+    every = np.array(OKABE_ITO + _TAB20) / 255
+    return every[np.arange(n) % len(every)]
+
+
+def class_names(data: Dataset) -> list[str]:
+    return [f"quadrant {q}" for q in QUADRANT_NAMES] if data.classes == QUADRANTS else [f"class {c}" for c in data.classes]
 WRONG = "#d00000"
 MANY = 100  # with more points than this, markers are small and see-through
 History = list[dict[str, float]]
@@ -53,7 +65,7 @@ def figure(path: Path, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
 
 
 def predict_class(params: Params, x: np.ndarray) -> np.ndarray:
-    """Class 0..3 the net gives each point (N, 2); -1 where its logits are not finite."""
+    """The class index the net gives each point (N, 2); -1 where its logits are not finite."""
     with np.errstate(all="ignore"):
         scores, _ = forward(params, x)
     return np.where(np.isfinite(scores).all(axis=1), scores.argmax(axis=1), -1)
@@ -67,7 +79,7 @@ def _region_image(params: Params, lim: float, n: int) -> np.ndarray:
     """(n, n, 3) pale colours of the predicted class over [-lim, lim]², white where undefined."""
     g = np.linspace(-lim, lim, n)
     pred = predict_class(params, np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)).reshape(n, n)
-    return np.where((pred >= 0)[..., None], PALE[pred.clip(0)], 1.0)
+    return np.where((pred >= 0)[..., None], (0.4 * colors(len(params["b2"])) + 0.6)[pred.clip(0)], 1.0)
 
 
 def _wrong(params: Params, data: Dataset) -> np.ndarray:
@@ -91,13 +103,13 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
     ax.axhline(0, color="k", lw=0.6)
     ax.axvline(0, color="k", lw=0.6)
     size, alpha, ring = (12, 0.6, 30) if len(data.x_train) + len(data.x_test) > MANY else (60, 1.0, 200)
+    full = colors(data.num_classes)
     for x, y, marker in ((data.x_train, data.y_train, "o"), (data.x_test, data.y_test, "^")):
-        cols = np.where((y >= 0)[:, None], COLORS[y.clip(0)], 0.5)
+        cols = np.where((y >= 0)[:, None], full[y.clip(0)], 0.5)
         ax.scatter(x[:, 0], x[:, 1], c=cols, marker=marker, s=size, alpha=alpha, edgecolors="k", linewidths=0.4)
     rings = ax.scatter(*_wrong(params, data).T, s=ring, facecolors="none", edgecolors=WRONG, linewidths=1.5)
     ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="x", ylabel="y", aspect="equal")
-    quadrants = zip(PALE, COLORS, QUADRANT_NAMES, strict=True)
-    handles = [Patch(facecolor=pale, edgecolor=c, label=f"quadrant {q}") for pale, c, q in quadrants]
+    handles = [Patch(facecolor=0.4 * c + 0.6, edgecolor=c, label=n) for c, n in zip(full, class_names(data), strict=True)]
     keys = [("o", "train point", "0.5", "k"), ("^", "test point", "0.5", "k"), ("o", "misclassified", "none", WRONG)]
     handles += [Line2D([], [], marker=m, color="w", mfc=face, mec=edge, label=t) for m, t, face, edge in keys]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", borderaxespad=0)
@@ -119,11 +131,12 @@ def _column(history: History, key: str) -> np.ndarray:
 
 
 def _lines(ax: Any, history: History, keys: tuple[str, str]) -> list[Any]:
-    """The train (solid) and test (dashed) columns `keys` against epochs; returns the two lines."""
-    marker = "o" if len(history) < 10 else None  # a few points must not look like a curve
+    """The train (solid) and test (dashed) columns `keys` against epochs, each logged point marked
+    (where a curve is only its points joined); returns the two lines."""
+    marker, size = ("o", 4) if len(history) < 30 else (".", 3) if len(history) <= 300 else (None, 0)
     epochs = _column(history, "epoch")
     return [
-        ax.plot(epochs, _column(history, key), marker=marker, ms=4, ls=ls, label=label)[0]
+        ax.plot(epochs, _column(history, key), marker=marker, ms=size, ls=ls, label=label)[0]
         for key, label, ls in zip(keys, ("train", "test"), ("-", "--"), strict=True)
     ]
 

@@ -1,21 +1,10 @@
-"""``python -m quadnet.predict [RUN_DIR_OR_CHECKPOINT] [POINT ...] [--file F] [--json]``.
+"""``python -m quadnet.predict [RUN_DIR_OR_CHECKPOINT] [POINT ...] [--file F] [--json]``: ask a trained model.
 
-Asks a trained model which quadrant each point lies in. Points are ``x,y`` (negative
-coordinates typed as they are: ``-2,2``), given as arguments, in a file (one per line,
-``x,y`` or ``x y``; ``#`` starts a comment), or on stdin (``--file -``, or when no
-point is given and stdin is not a terminal).
-
-Which model: without a run dir (the first argument is a point, or there is none), the newest
-completed run under ``outputs/`` (the newest ``model.pt`` of a single run or a sweep's job). In a
-run dir, ``model.pt`` (the completed model) is used when there is one, even if ``checkpoint.pt``
-is newer (a resume into the same dir that was interrupted: name that file to use it); else
-``checkpoint.pt`` (a run interrupted or still running; its status is printed). A file is used as
-it is. A diverged model, or one whose weights are not finite, is refused.
-
-In Python, :func:`load` gives a :class:`Model` with scikit-learn's ``predict`` (quadrants 1–4)
-and ``predict_proba`` (n, 4). Any finite point works, even ``1e308,1e308``: ReLU is positively
-homogeneous, so logits(x) = s·(W2ᵀ relu(W1ᵀ(x/s) + b1/s) + b2/s) exactly for any s > 0. For a
-point beyond 1e100, s = max |x_i|, and the softmax takes exp(s·(z − max z)): no logit overflows.
+In Python, :func:`load` gives a :class:`Model` with scikit-learn's ``predict`` (the class
+labels: quadrants 1-4, or a CSV's labels) and ``predict_proba`` (n, classes). Any finite
+point works, even 1e308,1e308: ReLU is positively homogeneous, so logits(x) =
+s·(W2ᵀ relu(W1ᵀ(x/s) + b1/s) + b2/s) exactly for any s > 0; a point beyond 1e100 is scaled by
+s = max |x_i|, and the softmax takes exp(s·(z − max z)), so no logit overflows.
 """
 
 from __future__ import annotations
@@ -30,7 +19,6 @@ import contextlib
 import json
 import re
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +26,23 @@ from typing import Any
 import numpy as np
 
 from quadnet.artifacts import prediction_rows
-from quadnet.checkpoint import MODEL, CheckpointError, find
+from quadnet.checkpoint import CHECKPOINT, NAMES, CheckpointError
 from quadnet.checkpoint import load as load_checkpoint
 from quadnet.cli import command, fail
-from quadnet.config import ConfigError, user_path
+from quadnet.config import ConfigError
+from quadnet.data import QUADRANT_NAMES, QUADRANTS
+
+
+HELP = """Which class each point falls in, by a trained model: quadrants 1-4 (the quadrant data), or the
+labels of the CSV it was trained on.
+
+points: x,y arguments (negative coordinates typed as they are: -2,2), a file of x,y lines
+(--file F, '#' starts a comment; --file - reads stdin), or stdin when no point is given
+and stdin is not a terminal.
+
+model: a run dir or a checkpoint file, given first. Without one, the newest completed run
+under outputs/ is used, single runs and sweep jobs alike (the newest checkpoint whose run
+completed), and the first line says which. A model whose loss diverged is refused."""
 
 
 class InputError(ValueError):
@@ -50,7 +51,7 @@ class InputError(ValueError):
 
 @dataclass
 class Model:
-    """A trained net: ``predict`` gives quadrants 1–4 (n,), ``predict_proba`` (n, 4) probabilities.
+    """A trained net: ``predict`` gives class labels (n,), ``predict_proba`` (n, classes) probabilities.
 
     Points are a list or array of shape (n, 2), or one point of shape (2,)."""
 
@@ -58,6 +59,7 @@ class Model:
     path: str
     epoch: int
     status: str
+    classes: tuple[Any, ...] = QUADRANTS  # the label of each output
 
     def predict_proba(self, points: Any) -> np.ndarray:
         x = np.atleast_2d(np.asarray(points, dtype=np.float64))
@@ -74,31 +76,27 @@ class Model:
         return e / e.sum(axis=1, keepdims=True)
 
     def predict(self, points: Any) -> np.ndarray:
-        return self.predict_proba(points).argmax(axis=1) + 1
+        return np.array(self.classes)[self.predict_proba(points).argmax(axis=1)]
 
 
 def load(path: str | Path) -> Model:
     """The model in a run dir or checkpoint file; :class:`CheckpointError` (one line) if unusable."""
-    p = next(user_path(str(path)).glob(MODEL), None) or find(path)  # a run dir's model.pt first
-    if not p.is_file() or not zipfile.is_zipfile(p):  # torch.save writes zip archives
-        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint: torch.save did not write it")
-    try:
-        ck = load_checkpoint(p)
-    except CheckpointError as e:  # keep torch's long message out of a one-line error
-        head, cut, _ = str(e).partition(" and is not loaded (")
-        raise CheckpointError(head + " and is not loaded" if cut else str(e)) from None
-    status, params = str(ck.get("status")), ck["params"]
+    ck = load_checkpoint(path)
+    status, params, p = str(ck.get("status")), ck["params"], ck["path"]
     if status == "diverged" or (bad := [k for k, v in params.items() if not np.isfinite(v).all()]):
         weights = f", with non-finite {' '.join(bad)}" if status != "diverged" else ""
-        raise CheckpointError(f"{str(p)!r} cannot predict: its status is {status} at epoch {ck['epoch']}{weights}")
-    return Model(params, str(p), int(ck["epoch"]), status)
+        raise CheckpointError(f"{p!r} cannot predict: its status is {status} at epoch {ck['epoch']}{weights}")
+    return Model(params, p, int(ck["epoch"]), status, tuple(ck["classes"]))
 
 
 def newest_run(root: Path = Path("outputs")) -> Path:
-    runs = [*root.glob(f"*/{MODEL}"), *root.glob(f"multirun/*/*/{MODEL}")]
-    if not runs:
-        raise InputError(f"no completed run under {str(root)!r} (no */model.pt); train one, or give a run dir first")
-    return max(runs, key=lambda m: m.stat().st_mtime).parent
+    """The newest completed run under root: single runs and sweep jobs, by when their checkpoint was written."""
+    runs = [p for n in NAMES for p in (*root.glob(f"*/{n}"), *root.glob(f"multirun/*/*/{n}"))]
+    for ck in sorted(runs, key=lambda m: m.stat().st_mtime, reverse=True):
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads((ck.parent / "summary.json").read_text()).get("status") == "completed":
+                return ck.parent
+    raise InputError(f"no completed run under {str(root)!r} (no */{CHECKPOINT}); train one, or give a run dir first")
 
 
 def parse_point(text: str, where: str) -> tuple[float, float]:
@@ -124,7 +122,7 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, float]], 
     """(run dir or checkpoint, whether it is the default, points, as_json). A first argument
     that is two numbers (x,y) and names no file is a point: the newest run is used."""
     raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser("python -m quadnet.predict", description=__doc__, formatter_class=raw)
+    parser = argparse.ArgumentParser("python -m quadnet.predict", description=HELP, formatter_class=raw)
     parser.add_argument("args", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT | x,y")
     parser.add_argument("--file", action="append", default=[], help="points, one x,y a line; - for stdin")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -132,6 +130,8 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, float]], 
     args = parser.parse_intermixed_args([" " + t if re.match(r"-[\d.]", t) else t for t in argv])  # ' -2,2': a point
     # (numbers that name no file are points, and a bad one is named as such: 1,1,1)
     default = not (rest := args.args) or (re.fullmatch(r"[-+\d.,eE\s]+", rest[0]) and not Path(rest[0]).exists())
+    if not default and not Path(rest[0]).exists() and not re.fullmatch(r"[-+\d.,eE\s]+", rest[0]):
+        raise InputError(f"{rest[0]!r} is neither a run dir or checkpoint (no such path) nor a point x,y")
     run, point_args = (newest_run(), rest) if default else (Path(rest[0]), rest[1:])
     points = [parse_point(p, f"argument {i}") for i, p in enumerate(point_args, 1)]
     files = args.file or ([] if point_args or sys.stdin.isatty() else ["-"])
@@ -149,22 +149,24 @@ def main(argv: list[str] | None = None) -> None:
         model = load(run)
     except (InputError, CheckpointError, ConfigError) as e:  # (ConfigError: a ~user with no home)
         fail(str(e))
-    rows = prediction_rows(x := np.array(points, dtype=np.float64), model.predict_proba(x))
+    rows = prediction_rows(x := np.array(points, dtype=np.float64), model.predict_proba(x), model.classes, None)
     if as_json:
         print(json.dumps({"checkpoint": model.path, "epoch": model.epoch, "predictions": rows}, indent=2))
         return
     how = "  [the newest completed run under outputs/]" if default else ""
     print(f"model: {model.path} (hidden_dim={len(model.params['b1'])}, {model.status} at epoch {model.epoch}){how}")
+    quadrants = model.classes == QUADRANTS  # (then a point has a true class: its quadrant)
     shown = ["({:g}, {:g})".format(*r["point"]) for r in rows]
-    w = max([16, *map(len, shown)])
-    print(f"{'point':>{w}}  predicted  p(predicted)  true       p(I)     p(II)    p(III)     p(IV)")
+    heads = [f"p({n})" for n in (QUADRANT_NAMES if quadrants else model.classes)]
+    w, cw = max([16, *map(len, shown)]), max([9, *map(len, heads)])
+    print(f"{'point':>{w}}  predicted  p(predicted)" + "  true" * quadrants + " " + "".join(f"{h:>{cw + 1}}" for h in heads))
     for r, point in zip(rows, shown, strict=True):
-        q, t = r["quadrant"], r["true_quadrant"]
-        pq = f"{r['probs'][q - 1]:12.9f}" if q else f"{'-':>12}"
-        note = ("  on an axis: no true quadrant" if r["on_axis"] else "") + ("" if q else "  probabilities not finite")
-        probs = " ".join(f"{p:9.6f}" for p in r["probs"])
-        print(f"{point:>{w}}  {q or '-':>9}  {pq}  {t or '-':>4}  {probs}{note}")
-
+        q, t = r["predicted"], r["true"]
+        pq = f"{r['probs'][model.classes.index(q)]:12.9f}" if q is not None else f"{'-':>12}"
+        true = f"  {t if t is not None else '-':>4}" * quadrants
+        note = ("  on an axis: no true quadrant" if r.get("on_axis") else "") + ("" if q is not None else "  probabilities not finite")
+        probs = "".join(f"{p:{cw + 1}.6f}" for p in r["probs"])
+        print(f"{point:>{w}}  {q if q is not None else '-':>9}  {pq}{true} {probs}{note}")
 
 if __name__ == "__main__":
     main()

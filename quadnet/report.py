@@ -1,8 +1,8 @@
 """``python -m quadnet.report [SWEEP_DIR] [--metric M]``: one table and a few plots for a sweep.
 
-SWEEP_DIR defaults to the newest sweep under ``outputs/multirun``. Every job dir is read
-(its ``.hydra/overrides.yaml`` and ``summary.json``) and every job is printed, sorted by the
-metric. Jobs that failed (with the reason their summary gives), diverged or never finished
+SWEEP_DIR defaults to the newest sweep under ``outputs/multirun``. Every job dir is read (its
+``summary.json``, which holds the job's overrides; ``.hydra/overrides.yaml`` for a job that has
+none) and the jobs are printed, sorted by the metric (all of them up to 100, else the best 20). Jobs that failed (with the reason their summary gives), diverged or never finished
 (no ``summary.json``) are listed; a job dir whose files are damaged is listed as damaged,
 never fatal. Writes ``report.csv`` (one column per swept parameter) and, for each parameter
 that takes two values or more among the completed jobs, ``report_<param>.png`` (the metric and
@@ -37,7 +37,8 @@ from quadnet.artifacts import summary_metric, write_text
 from quadnet.cli import ArgumentParser, command, fail
 
 METRICS = {"test_loss": True, "test_error": True, "final_loss": True, "test_accuracy": False, "train_accuracy": False}
-FIGURES = ["final_loss", "test_loss", "train_accuracy", "test_accuracy", "train_seconds"]
+FIGURES = ["final_loss", "test_loss", "train_accuracy", "test_accuracy", "epoch", "train_seconds"]
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # a numeric parameter with more distinct values than this (and than half the jobs) is drawn as a scatter
 CONTINUOUS = 12
 
@@ -81,12 +82,15 @@ def read_job(d: Path) -> dict[str, Any]:
     """A job dir's row: overrides, parsed params, status, error and figures (None where there are none)."""
     row: dict[str, Any] = {"job": d.name, "overrides": "", "params": {}, "error": None, **dict.fromkeys(FIGURES)}
     try:
-        overrides = [str(o) for o in _read(d, ".hydra/overrides.yaml", yaml.safe_load, list, "list of overrides")]
+        s = _read(d, "summary.json", json.loads, dict, "JSON object") if (d / "summary.json").exists() else {}
+        overrides = s.get("overrides")
+        if not isinstance(overrides, list):  # (a job without a summary, or of quadnet 0.2)
+            overrides = _read(d, ".hydra/overrides.yaml", lambda t: yaml.load(t, _LOADER), list, "list of overrides")
+        overrides = [str(o) for o in overrides]
         pairs = [o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra")]
         row |= {"overrides": " ".join(overrides), "params": {k.lstrip("+~"): parse_value(v) for k, v in pairs}}
-        if not (d / "summary.json").exists():
+        if not s:
             return {**row, "status": "unfinished (no summary.json)"}
-        s = _read(d, "summary.json", json.loads, dict, "JSON object")
         if not isinstance(s.get("status"), str):
             raise ValueError("summary.json has no status string")
         if bad := [k for k in FIGURES if isinstance(s.get(k), bool) or not isinstance(s.get(k), int | float | None)]:
@@ -105,7 +109,7 @@ def read_job(d: Path) -> dict[str, Any]:
 def read_jobs(sweep: Path) -> list[dict[str, Any]]:
     if (sweep / ".hydra").is_dir() and (sweep / "summary.json").exists():
         raise ReportError(f"{str(sweep)!r} is a single run, not a sweep; its results are in its summary.json")
-    dirs = [p for p in sweep.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / "summary.json").exists())]
+    dirs = [p for p in sweep.iterdir() if p.is_dir() and ((p / "summary.json").exists() or (p / ".hydra").is_dir())]
     if not dirs:
         raise ReportError(f"{str(sweep)!r} holds no job dirs (no */.hydra/overrides.yaml)")
     return [read_job(d) for d in sorted(dirs, key=lambda p: (len(p.name), p.name))]
@@ -156,8 +160,9 @@ def _log_scale(name: str, vals: list[float]) -> bool:
     return "accuracy" not in name and bool(vals) and min(vals) > 0 and max(vals) / min(vals) >= 100
 
 
-def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str) -> None:
-    """The metric (left) and the test accuracy (right; test loss if the metric is test accuracy) against param."""
+def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, others: list[str]) -> None:
+    """The metric (left) and the test accuracy (right; test loss if the metric is test accuracy) against param;
+    at each value, the jobs of every setting of the other swept parameters together (the title says which)."""
     from quadnet.plots import figure
 
     done = [r for r in rows if r["status"] == "completed" and param in r["params"]]
@@ -170,20 +175,24 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str) 
             pts = [(pos[r["params"][param]], v) for r in done if (v := summary_metric(r, name)) is not None]
             groups = [[v for p, v in pts if p == x] for x in at]  # the figures at each value
             every = [v for _, v in pts]
-            ax.scatter([p for p, _ in pts], every, s=12, alpha=0.35, color="tab:blue", label="each job")
-            if kind != "scatter":
+            ax.scatter([p for p, _ in pts], every, s=12, alpha=0.5, color="tab:blue", label="each job", zorder=3)
+            handles = []
+            if kind != "scatter":  # (the median beneath the jobs' dots, hollow, so that none hides under it)
                 centre, low, high = np.array([_spread(g) for g in groups]).T
                 if kind == "grid":
-                    ax.plot(at, centre, marker="o", color="tab:red", label="median")
+                    ax.plot(at, centre, marker="o", mfc="none", color="tab:red", label="median", zorder=2)
                     ax.fill_between(at, low, high, color="tab:red", alpha=0.15, label="16–84% of jobs")
                 else:
                     err = [centre - low, high - centre]
                     label = "median; bars: 16–84% of jobs"
-                    ax.errorbar(at, centre, yerr=err, fmt="o", color="tab:red", capsize=4, label=label)
-                if name == "test_accuracy":
+                    ax.errorbar(at, centre, yerr=err, fmt="o", mfc="none", color="tab:red", capsize=4, label=label)
+                if name == "test_accuracy":  # a count of jobs, not an accuracy: on an axis of its own
                     right = [np.mean(np.equal(g, 1.0)) if g else math.nan for g in groups]
-                    style = {"marker": "s", "ls": "-" if kind == "grid" else "none", "color": "tab:green"}
-                    ax.plot(at, right, label="fraction with every test point right", **style)
+                    twin = ax.twinx()
+                    style = {"marker": "s", "ls": "--" if kind == "grid" else "none", "color": "tab:green"}
+                    handles = twin.plot(at, right, label="fraction of jobs with every test point right", **style)
+                    twin.set(ylim=(-0.05, 1.05), ylabel="fraction of jobs with every test point right")
+                    twin.yaxis.label.set_color("tab:green")
             better = "lower" if METRICS.get(name, True) else "higher"
             ax.set(xlabel=param, ylabel=f"{name} ({better} is better)", xscale="log" if xlog else "linear")
             ax.set_yscale("log" if _log_scale(name, every) else "linear")
@@ -194,8 +203,10 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str) 
                 ax.minorticks_off()
             elif not xlog and all(isinstance(x, int) for x in xs):  # seeds: whole-number ticks
                 ax.xaxis.get_major_locator().set_params(integer=True)
-            ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
-        fig.suptitle(f"{names[0]} and {names[1]} against {param} ({len(done)} completed jobs)")
+            ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize="small", loc="upper center",
+                      bbox_to_anchor=(0.5, -0.16), ncols=2)  # fmt: skip
+        pooled = f"\neach value pools every setting of {', '.join(others)}" if others else ""
+        fig.suptitle(f"{names[0]} and {names[1]} against {param} ({len(done)} completed jobs){pooled}")
 
 
 def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric: str) -> None:
@@ -228,7 +239,8 @@ def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: boo
     grids = [p for p in varied if axis_kind(p, done)[1] != "scatter"]
     # (file, writer, its arguments after the path), in order; the first that cannot be written stops the rest
     writes: list[tuple[str, Any, tuple[Any, ...]]] = [("report.csv", write_csv, (rows, swept_params(rows)))]
-    writes += [(f"report_{p.replace('/', '_')}.png", plot_param, (rows, p, metric)) for p in varied]
+    writes += [(f"report_{p.replace('/', '_')}.png", plot_param, (rows, p, metric, [q for q in varied if q != p]))
+               for p in varied]  # fmt: skip
     writes += [("report_heatmap.png", plot_heatmap, (rows, *grids, metric))] if len(grids) == 2 else []
     for name, write, args in writes:
         try:
@@ -243,19 +255,20 @@ def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int |
     width = max(9, *(len(s) for s in shown.values()))
     sw = max(6, *(len(r["status"]) for r in rows))
     extra = ["test_error"] if metric == "test_error" else []
-    heads = ["final loss", "test loss", "train acc", "test acc", *extra, "seconds"]
+    heads = ["final loss", "test loss", "train acc", "test acc", *extra, "epoch", "train s"]
+    top = top or (len(rows) if len(rows) <= 100 else 20)
     print(f"sweep {sweep}: {len(rows)} jobs, sorted by {metric}")
     print(f"{'job':>5}  {'overrides':<{width}}  {'status':<{sw}}  " + " ".join(f"{h:>10}" for h in heads))
     for r in rows[:top]:
         values = [show(r[f]) for f in FIGURES[:2]]
         values += [f"{100 * r[f]:.1f}%" if r[f] is not None else "-" for f in FIGURES[2:4]]
-        values += [show(summary_metric(r, "test_error"))] * len(extra) + [show(r["train_seconds"])]
+        values += [show(summary_metric(r, "test_error"))] * len(extra) + [show(r["epoch"]), show(r["train_seconds"])]
         print(f"{r['job']:>5}  {shown[id(r)]:<{width}}  {r['status']:<{sw}}  " + " ".join(f"{v:>10}" for v in values))
-    if top is not None and len(rows) > top:
-        print(f"… {len(rows) - top} more jobs not shown; all are in report.csv")
+    if len(rows) > top:
+        print(f"… {len(rows) - top} more jobs not shown (--top N shows more); all are in report.csv")
     if bad := [r for r in rows if r["status"] != "completed"]:
         print(f"not completed ({len(bad)}):")
-        for r in bad:
+        for r in bad[:top]:
             why = f": {r['error']}" if r["error"] else ""
             print(f"  job {r['job']}: {r['status']}{why}" + (f"  [{shown[id(r)]}]" if shown[id(r)] else ""))
 
@@ -267,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", default="test_loss", help=f"sort by: {', '.join(METRICS)} (default test_loss)")
     parser.add_argument("--outputs", default="outputs", help="where to look for the newest sweep")
     parser.add_argument("--no-plots", action="store_true", help="only the table and report.csv")
-    parser.add_argument("--top", type=int, default=None, help="print only the best N jobs (default: all)")
+    parser.add_argument("--top", type=int, default=None, help="print the best N jobs (default: all up to 100, else 20)")
     args = parser.parse_args(argv)
     if args.top is not None and args.top < 1:
         fail(f"--top {args.top} is not allowed: must be >= 1")

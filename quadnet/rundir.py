@@ -92,7 +92,9 @@ def write(
         "predictions": artifacts.prediction_rows(data.x_test, probs, data.classes, data.y_test),
         "config": to_dict(cfg),
     }
-    checkpoint.save(run_dir / checkpoint.CHECKPOINT, checkpoint.of(job, job.status, data.classes))
+    state = checkpoint.arrays(job.state, epoch=job.epoch, config=summary["config"], status=job.status,
+                              history=job.history, classes=data.classes)  # fmt: skip
+    checkpoint.save(run_dir / checkpoint.CHECKPOINT, state)
     artifacts.write_metrics(run_dir / "metrics.csv", job.history)
     artifacts.write_json(run_dir / "summary.json", summary)
     if cfg.logger == "tensorboard":

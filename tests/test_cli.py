@@ -62,7 +62,7 @@ def test_default_run_from_the_cli_writes_every_artifact(tmp_path):
     assert s["status"] == "completed" and s["device"] == "cpu" and s["engine"] == "torch/fused"
     probs = np.array([p["probs"] for p in s["predictions"]])
     np.testing.assert_allclose(probs, SEED_PROBS, rtol=0, atol=1e-9)
-    assert s["predictions"][0]["point"] == [2.0, 2.0] and s["predictions"][0]["true_quadrant"] == 1
+    assert s["predictions"][0]["point"] == [2.0, 2.0] and s["predictions"][0]["true"] == 1
     # what the user sees: the device, the table, the figures and the run dir
     assert "on cpu (float64)" in r.stdout
     assert "p(predicted)" in r.stdout and "test accuracy 100.0%" in r.stdout
@@ -80,7 +80,7 @@ def test_hydra_run_dir_chooses_the_dir_and_epochs_100_fails_as_in_the_article(tm
     r = run_cli("epochs=100", "engine=numpy", f"hydra.run.dir={tmp_path}/mine", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "mine" / "summary.json").read_text())
-    assert [p["quadrant"] for p in s["predictions"]] == [3, 1, 4, 2]
+    assert [p["predicted"] for p in s["predictions"]] == [3, 1, 4, 2]
     assert s["engine"] == "numpy"
 
 
@@ -171,7 +171,7 @@ def test_your_own_points_from_a_csv_and_one_line_for_a_bad_one(tmp_path):
         ),
         run_dir=tmp_path / "t",
     )
-    assert [p["true_quadrant"] for p in t["predictions"]] == [3, 4, 1, 2]
+    assert [p["true"] for p in t["predictions"]] == [3, 4, 1, 2]
     (tmp_path / "bom.csv").write_text("\ufeffx,y,label\n1e-3,1,1\n-1,1,2\n-1,-1,3\n1,-1,4\n2,2,1\n", encoding="utf-8")
     from quadnet.data import read_csv
 

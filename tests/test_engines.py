@@ -1,4 +1,5 @@
-"""The fused step against autograd and torch.optim, batched against one by one, torch against the NumPy oracle."""
+"""The fused step against autograd and torch.optim, the numba engine against the torch engine, batched
+against one by one, torch against the NumPy oracle."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from conftest import make_cfg, requires_cuda, run_cli
 from quadnet import optim
 from quadnet.crosscheck import check
 from quadnet.data import make_dataset
-from quadnet.engine import build
+from quadnet.loop import build
 from quadnet.train import start_state
 
 CASES = [
@@ -26,7 +27,7 @@ CASES = [
 def _run(cfgs, steps=300, device="cpu", data="seed", stop=lambda: False):
     """Train configs as one batch; return the engine's (steps done, first bad) and each job's state."""
     cfgs = [dataclasses.replace(c, data=make_cfg(f"data={data}").data) for c in cfgs]
-    engine, _ = build(cfgs, make_dataset(cfgs[0].data), [start_state(c) for c in cfgs], torch.device(device))
+    engine = build(cfgs, make_dataset(cfgs[0].data), [start_state(c) for c in cfgs], device)
     out = engine.run(steps, stop)
     return out, engine.export(list(range(len(cfgs)))), engine
 
@@ -41,7 +42,8 @@ def _close(a, b, tol):
 def test_fused_step_equals_autograd_and_torch_optim(case, dtype, tol):
     """The hand-written gradients and update rule against nn.Module + loss.backward() + torch.optim."""
     fused, autograd = (
-        make_cfg(*(f"{k}={v}" for k, v in case.items()), f"dtype={dtype}", f"step={s}") for s in ("fused", "autograd")
+        make_cfg(*(f"{k}={v}" for k, v in case.items()), f"dtype={dtype}", f"step={s}", "engine=torch")
+        for s in ("fused", "autograd")
     )
     (done_f, _), (sf,), _ = _run([fused], data="sampled")
     (done_a, _), (sa,), _ = _run([autograd], data="sampled")
@@ -58,20 +60,39 @@ def test_fused_step_equals_autograd_and_torch_optim(case, dtype, tol):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.get('optimizer', 'sgd')}-h{c['hidden_dim']}")
 def test_torch_engine_equals_numpy_oracle(case):
-    cfg = make_cfg(*(f"{k}={v}" for k, v in case.items()))
+    cfg = make_cfg(*(f"{k}={v}" for k, v in case.items()), "engine=torch")
     _, (torch_state,), _ = _run([cfg], steps=500)
     _, (numpy_state,), _ = _run([dataclasses.replace(cfg, engine="numpy")], steps=500)
     _close(torch_state["params"], numpy_state["params"], 1e-12)
 
 
-def test_a_batch_equals_each_job_alone():
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.get('optimizer', 'sgd')}-h{c['hidden_dim']}")
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
+@pytest.mark.parametrize("data", ["seed", "sampled"])
+def test_numba_engine_equals_the_torch_engine(case, dtype, tol, data):
+    """The compiled step (jobs in SIMD lanes) against the torch step: weights, buffers, metrics, steps."""
+    cfgs = [make_cfg(*(f"{k}={v}" for k, v in case.items()), f"dtype={dtype}", f"engine={e}") for e in ("numba", "torch")]
+    (done_n, first_n), (sn,), numba_engine = _run(cfgs[:1], data=data)
+    (done_t, first_t), (st,), torch_engine = _run(cfgs[1:], data=data)
+    assert numba_engine.name == "numba" and (done_n, first_n) == (done_t, first_t) == (300, [-1])
+    _close(sn["params"], st["params"], tol)
+    assert set(sn["optimizer"]) == set(st["optimizer"]) and sn["step"] == st["step"]
+    for name in sn["optimizer"]:
+        _close(sn["optimizer"][name], st["optimizer"][name], tol)
+    for a, b in zip(numba_engine.metrics(), torch_engine.metrics(), strict=True):
+        assert a == pytest.approx(b, abs=tol)
+
+
+@pytest.mark.parametrize("engine", ["torch", "numba"])
+def test_a_batch_equals_each_job_alone(engine):
     """Different widths, seeds, inits and every hyperparameter in one batch, each equal to its own run."""
-    cfgs = [make_cfg(*(f"{k}={v}" for k, v in case.items() if k != "optimizer")) for case in CASES[:3]]
+    cfgs = [make_cfg(*(f"{k}={v}" for k, v in case.items() if k != "optimizer"), f"engine={engine}") for case in CASES[:3]]
+    cfgs += [dataclasses.replace(cfgs[0], seed=s, lr=0.002) for s in range(70)]  # (two blocks of lanes)
     _, batched, _ = _run(cfgs, data="sampled")
     for c, b in zip(cfgs, batched, strict=True):
         _, (alone,), _ = _run([c], data="sampled")
         _close(b["params"], alone["params"], 1e-12)
-    adams = [make_cfg(f"lr={lr}", "optimizer=adam", f"hidden_dim={h}") for lr, h in ((0.01, 5), (0.003, 8))]
+    adams = [make_cfg(f"lr={lr}", "optimizer=adam", f"hidden_dim={h}", f"engine={engine}") for lr, h in ((0.01, 5), (0.003, 8))]
     _, batched, _ = _run(adams)
     for c, b in zip(adams, batched, strict=True):
         _close(b["params"], _run([c])[1][0]["params"], 1e-12)
@@ -79,10 +100,13 @@ def test_a_batch_equals_each_job_alone():
 
 def test_divergence_is_found_at_the_same_step_by_every_engine():
     results = {}
-    for name, extra in {"fused": [], "autograd": ["step=autograd"], "numpy": ["engine=numpy"]}.items():
+    engines = {"fused": ["engine=torch"], "autograd": ["engine=torch", "step=autograd"], "numpy": ["engine=numpy"]}
+    for name, extra in {**engines, "numba": ["engine=numba"]}.items():
         (_, first), _, _ = _run([make_cfg("lr=1e6", *extra)], steps=1000)
         results[name] = first[0]
     assert len(set(results.values())) == 1 and 0 <= results["fused"] < 1000, results
+    (_, first), _, _ = _run([make_cfg(f"lr={lr}", "engine=numba") for lr in (0.001, 1e6, 3e5)], steps=1000)
+    assert first[0] == -1 and first[1] == results["numba"] and first[2] > 0  # each job its own step
 
 
 def test_stop_request_ends_after_the_current_step():
@@ -92,8 +116,11 @@ def test_stop_request_ends_after_the_current_step():
         calls.append(1)
         return len(calls) == 5
 
-    (done, first), _, _ = _run([make_cfg()], steps=100, stop=stop)
+    (done, first), _, _ = _run([make_cfg("engine=torch")], steps=100, stop=stop)
     assert (done, first) == (5, [-1])
+    calls.clear()  # the numba engine asks between its calls of many steps
+    (done, first), _, engine = _run([make_cfg("engine=numba")], steps=100_000, stop=stop)
+    assert 0 < done < 100_000 and first == [-1]
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,12 @@ from conftest import SEED_PROBS, make_cfg, probs_of, seed_program
 from quadnet.train import train
 
 
-@pytest.mark.parametrize("engine", ["torch", "numpy"])
+@pytest.mark.parametrize("engine", ["numba", "torch", "numpy"])
 def test_seed_job_reproduces_the_seed_matrix(engine, tmp_path):
     s = train(make_cfg(f"engine={engine}"), run_dir=tmp_path)
     assert s["status"] == "completed" and s["epoch"] == 10000
     np.testing.assert_allclose(probs_of(s), SEED_PROBS, rtol=0, atol=1e-9)
-    assert [p["quadrant"] for p in s["predictions"]] == [1, 2, 3, 4]
+    assert [p["predicted"] for p in s["predictions"]] == [1, 2, 3, 4]
     assert s["test_accuracy"] == 1.0 and s["train_accuracy"] == 1.0
 
 
@@ -38,10 +38,10 @@ def test_torch_autograd_step_reproduces_the_seed_matrix(tmp_path):
     np.testing.assert_allclose(probs_of(s), SEED_PROBS, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("engine", ["torch", "numpy"])
+@pytest.mark.parametrize("engine", ["numba", "torch", "numpy"])
 def test_100_epochs_reproduces_the_articles_failure(engine, tmp_path):
     s = train(make_cfg(f"engine={engine}", "epochs=100"), run_dir=tmp_path)
-    assert [p["quadrant"] for p in s["predictions"]] == [3, 1, 4, 2]
+    assert [p["predicted"] for p in s["predictions"]] == [3, 1, 4, 2]
     assert s["test_accuracy"] == 0.0
 
 

@@ -350,8 +350,8 @@ def test_predict_from_the_cli_with_negative_points_and_json(trained, tmp_path):
     r = run_cli(str(trained), "2,2", "-2,2", "-2,-2", "2,-2", "0,3", "--json", module="quadnet.predict", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     preds = json.loads(r.stdout)["predictions"]
-    assert [p["quadrant"] for p in preds] == [1, 2, 3, 4, preds[4]["quadrant"]]
-    assert preds[4]["on_axis"] and preds[4]["true_quadrant"] is None
+    assert [p["predicted"] for p in preds] == [1, 2, 3, 4, preds[4]["predicted"]]
+    assert preds[4]["on_axis"] and preds[4]["true"] is None
     assert abs(sum(preds[0]["probs"]) - 1) < 1e-12
     r = run_cli(str(trained / "model.pt"), "-2,2", "0,1", module="quadnet.predict", cwd=tmp_path)
     assert r.returncode == 0 and "on an axis: no true quadrant" in r.stdout
@@ -360,7 +360,7 @@ def test_predict_from_the_cli_with_negative_points_and_json(trained, tmp_path):
 def test_predict_reads_a_file_and_stdin(trained, tmp_path):
     (tmp_path / "pts.txt").write_text("# points\n1,1\n-1 -1\n\n")
     r = run_cli(str(trained), "--file", str(tmp_path / "pts.txt"), "--json", module="quadnet.predict", cwd=tmp_path)
-    assert [p["quadrant"] for p in json.loads(r.stdout)["predictions"]] == [1, 3]
+    assert [p["predicted"] for p in json.loads(r.stdout)["predictions"]] == [1, 3]
     r = subprocess.run(
         [sys.executable, "-m", "quadnet.predict", str(trained), "--json"],
         input="-3,4\n",
@@ -368,7 +368,7 @@ def test_predict_reads_a_file_and_stdin(trained, tmp_path):
         text=True,
         cwd=tmp_path,
     )
-    assert json.loads(r.stdout)["predictions"][0]["quadrant"] == 2
+    assert json.loads(r.stdout)["predictions"][0]["predicted"] == 2
 
 
 @pytest.mark.parametrize(

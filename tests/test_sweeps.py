@@ -65,7 +65,7 @@ def test_batched_equals_sequential_on_a_mixed_sweep(dtype, tol, data, tmp_path):
         assert bat["status"] == seq["status"] and bat["epoch"] == seq["epoch"], MIXED[i]
         if seq["status"] == "diverged":
             continue
-        assert [p["quadrant"] for p in bat["predictions"]] == [p["quadrant"] for p in seq["predictions"]]
+        assert [p["predicted"] for p in bat["predictions"]] == [p["predicted"] for p in seq["predictions"]]
         np.testing.assert_allclose(_probs(bat), _probs(seq), rtol=0, atol=tol)
         a = read_metrics(tmp_path / f"seq{i}" / "metrics.csv")
         b = read_metrics(tmp_path / f"bat{i}" / "metrics.csv")

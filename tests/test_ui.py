@@ -162,7 +162,7 @@ def test_predict_prints_what_load_gives(runs, capsys):
     assert code == 0
     printed = json.loads(out)["predictions"]
     model = load(done)
-    assert [p["quadrant"] for p in printed] == model.predict(points).tolist()
+    assert [p["predicted"] for p in printed] == model.predict(points).tolist()
     assert np.array_equal(np.array([p["probs"] for p in printed]), model.predict_proba(np.array(points)))
     _, table, _ = _predict(capsys, done, "0.3,-0.2")
     predicted, prob, true = table.splitlines()[2].split()[2:5]
