@@ -65,14 +65,13 @@ def summary_metric(summary: dict[str, Any], name: str) -> float | None:
 
 
 def prediction_rows(
-    points: np.ndarray, probs: np.ndarray, classes: tuple[Any, ...], truth: np.ndarray | None
+    points: np.ndarray, probs: np.ndarray, classes: tuple[Any, ...], truth: np.ndarray | None, quadrants: bool
 ) -> list[dict[str, Any]]:
     """Per point (N, 2): the predicted class's label (None if probs are not finite), the
     probabilities, the true label (the data's; for quadrant classes without data, the point's
     quadrant, None on an axis) and, for quadrant classes, whether it lies on an axis."""
-    from quadnet.data import QUADRANTS, quadrant_class
+    from quadnet.data import quadrant_class
 
-    quadrants = tuple(classes) == QUADRANTS
     if truth is None:
         truth = quadrant_class(points) if quadrants else np.full(len(points), -1)
     rows = []

@@ -86,21 +86,17 @@ def find(path: str | Path) -> Path:
 
 def read(p: Path) -> dict[str, Any]:
     """A file's arrays by name (npz), or a quadnet 0.1/0.2 torch file's payload; one-line errors."""
+    if not zipfile.is_zipfile(p):  # (both formats are zip archives)
+        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (truncated or corrupt, or not a NumPy or torch file)")
     try:
         with np.load(p, allow_pickle=False) as f:
-            if not hasattr(f, "files") or "meta" not in f.files:
-                raise CheckpointError  # a zip of another kind: perhaps torch.save's
-            return {k: f[k] for k in f.files}
-    except CheckpointError:
-        pass
-    except ValueError as e:  # an object array (pickled), or not a NumPy file at all
-        if "pickle" in str(e):
-            raise CheckpointError(f"refused {str(p)!r}: it holds objects other than arrays") from None
-        if not zipfile.is_zipfile(p):
-            raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (not a NumPy or torch file)") from None
+            if "meta" in f.files:
+                return {k: f[k] for k in f.files}
+    except ValueError:  # an object array: it would be unpickled
+        raise CheckpointError(f"refused {str(p)!r}: it holds objects other than arrays") from None
     except (OSError, EOFError, zipfile.BadZipFile):
         raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (truncated or corrupt)") from None
-    return _read_torch(p)
+    return _read_torch(p)  # a zip without meta: perhaps torch.save's
 
 
 def _read_torch(p: Path) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class Composer:
         if rest not in self._templates:
             app = OmegaConf.to_container(self.loader.load_sweep_config(self.master, list(rest)), resolve=False)
             app.pop("hydra", None)  # type: ignore[union-attr]
-            self._templates[rest] = None if "${" in str(app) else app  # type: ignore[assignment]
+            self._templates[rest] = app if isinstance(app.get("data"), dict) and "${" not in str(app) else None  # type: ignore
         base = self._templates[rest]
         if base is None:
             return None

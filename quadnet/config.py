@@ -192,9 +192,10 @@ def out_of_memory(ex: BaseException) -> bool:
 
 def _unknown(key: str, known: list[str], where: str = "allowed keys") -> str:
     """'unknown config key', with the likeliest meant key first (hiden_dim, Lr) and the known ones."""
-    close = difflib.get_close_matches(key.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
+    name = key if any("." in k for k in known) else key.rpartition(".")[2]
+    close = difflib.get_close_matches(name.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
     guess = f"; did you mean {next(k for k in known if k.lower() == close[0])}?" if close else ""
-    return f"unknown config key '{key}'{guess} {where}: {', '.join(known)}"
+    return f"unknown config key '{key}'{guess} ({where}: {', '.join(known)})"
 
 
 def one_line(ex: BaseException) -> str:
@@ -219,7 +220,7 @@ def one_line(ex: BaseException) -> str:
             fix = "use hydra-core 1.3, or pip install 'hydra-optuna-sweeper==1.4.0rc3'"
             return f"{problem} (its sampler is never instantiated): {fix}"
         schema = getattr(err, "object_type", None)  # the dataclass of the node the key is missing from
-        if key.startswith("hydra.") and dataclasses.is_dataclass(schema):  # a launcher's or sweeper's keys
+        if key.startswith(("hydra.launcher.", "hydra.sweeper.")) and dataclasses.is_dataclass(schema):  # its keys
             known = [f.name for f in fields(schema) if not f.name.startswith("_")]
             return _unknown(key, known, f"{key.rpartition('.')[0]} has the keys")
         if key.startswith("hydra."):  # Hydra's own keys: too many to list

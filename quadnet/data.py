@@ -32,6 +32,7 @@ class Dataset:
     x_test: np.ndarray  # (N_test, 2) float64
     y_test: np.ndarray  # (N_test,) int64
     classes: tuple[Label, ...] = QUADRANTS  # the label of each class index
+    quadrants: bool = True  # the classes are the quadrants: any point has a true one (on an axis, none)
 
     @property
     def num_classes(self) -> int:
@@ -127,7 +128,7 @@ def _make(cfg: DataConfig) -> Dataset:
         classes = _classes(labels, test_labels)
         index = {lab: i for i, lab in enumerate(classes)}
         y, y_test = (np.array([index[lab] for lab in ls], dtype=np.int64) for ls in (labels, test_labels))
-        return Dataset(x, y, x_test, y_test, classes)
+        return Dataset(x, y, x_test, y_test, classes, quadrants=False)
     rng = np.random.default_rng(cfg.seed)
     x_train, x_test = (_sample(rng, n, cfg.extent, cfg.margin) for n in (cfg.n_train, cfg.n_test))  # (in this order)
     return Dataset(x_train, quadrant_class(x_train), x_test, quadrant_class(x_test))

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from quadnet.data import QUADRANT_NAMES, QUADRANTS, Dataset
+from quadnet.data import QUADRANT_NAMES, Dataset
 from quadnet.reference import Params, forward
 
 # Okabe–Ito colours (safe for colour-blind readers), one per class (the first four: quadrants I–IV),
@@ -34,7 +34,7 @@ def colors(n: int) -> np.ndarray:
 
 
 def class_names(data: Dataset) -> list[str]:
-    return [f"quadrant {q}" for q in QUADRANT_NAMES] if data.classes == QUADRANTS else [f"class {c}" for c in data.classes]
+    return [f"quadrant {q}" for q in QUADRANT_NAMES] if data.quadrants else [f"class {c}" for c in data.classes]
 WRONG = "#d00000"
 MANY = 100  # with more points than this, markers are small and see-through
 History = list[dict[str, float]]

@@ -60,6 +60,7 @@ class Model:
     epoch: int
     status: str
     classes: tuple[Any, ...] = QUADRANTS  # the label of each output
+    quadrants: bool = True  # its classes are the quadrants: a point has a true one
 
     def predict_proba(self, points: Any) -> np.ndarray:
         x = np.atleast_2d(np.asarray(points, dtype=np.float64))
@@ -86,7 +87,7 @@ def load(path: str | Path) -> Model:
     if status == "diverged" or (bad := [k for k, v in params.items() if not np.isfinite(v).all()]):
         weights = f", with non-finite {' '.join(bad)}" if status != "diverged" else ""
         raise CheckpointError(f"{p!r} cannot predict: its status is {status} at epoch {ck['epoch']}{weights}")
-    return Model(params, p, int(ck["epoch"]), status, tuple(ck["classes"]))
+    return Model(params, p, int(ck["epoch"]), status, tuple(ck["classes"]), ck["cfg"].data.name != "csv")
 
 
 def newest_run(root: Path = Path("outputs")) -> Path:
@@ -149,13 +150,14 @@ def main(argv: list[str] | None = None) -> None:
         model = load(run)
     except (InputError, CheckpointError, ConfigError) as e:  # (ConfigError: a ~user with no home)
         fail(str(e))
-    rows = prediction_rows(x := np.array(points, dtype=np.float64), model.predict_proba(x), model.classes, None)
+    x = np.array(points, dtype=np.float64)
+    rows = prediction_rows(x, model.predict_proba(x), model.classes, None, model.quadrants)
     if as_json:
         print(json.dumps({"checkpoint": model.path, "epoch": model.epoch, "predictions": rows}, indent=2))
         return
     how = "  [the newest completed run under outputs/]" if default else ""
     print(f"model: {model.path} (hidden_dim={len(model.params['b1'])}, {model.status} at epoch {model.epoch}){how}")
-    quadrants = model.classes == QUADRANTS  # (then a point has a true class: its quadrant)
+    quadrants = model.quadrants  # (then a point has a true class: its quadrant)
     shown = ["({:g}, {:g})".format(*r["point"]) for r in rows]
     heads = [f"p({n})" for n in (QUADRANT_NAMES if quadrants else model.classes)]
     w, cw = max([16, *map(len, shown)]), max([9, *map(len, heads)])

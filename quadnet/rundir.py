@@ -89,7 +89,7 @@ def write(
         **(extra or {}),
         "versions": versions(),
         "classes": list(data.classes),
-        "predictions": artifacts.prediction_rows(data.x_test, probs, data.classes, data.y_test),
+        "predictions": artifacts.prediction_rows(data.x_test, probs, data.classes, data.y_test, data.quadrants),
         "config": to_dict(cfg),
     }
     state = checkpoint.arrays(job.state, epoch=job.epoch, config=summary["config"], status=job.status,

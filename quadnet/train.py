@@ -147,6 +147,21 @@ def refuse_earlier_run(out: Path, resume: str | None) -> None:
         )
 
 
+def refuse_before_hydra(overrides: list[str]) -> None:
+    """A single run that will be refused is refused before Hydra makes its dir and writes its
+    ``.hydra/`` record there (a dir left behind; an earlier run's record rewritten): a bad value,
+    key or file, a resume= that cannot be read, or a dir that holds an earlier run. (~50 ms.)"""
+    cfg = compose(overrides, with_hydra=True)
+    c = validate(cfg)
+    check_installed(c)
+    if c.resume:
+        checkpoint.load(c.resume)
+    else:
+        make_dataset(c.data)
+    if any(o.startswith("hydra.run.dir=") for o in overrides):
+        refuse_earlier_run(Path(str(cfg.hydra.run.dir)), c.resume)
+
+
 def _overrides() -> list[str]:
     """The job's command-line overrides (summary.json keeps them beside the config), [] outside Hydra."""
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -306,6 +321,9 @@ def main() -> None:
         fail(f"{message}; see --help for quadnet's keys and --hydra-help for Hydra's options")
 
     register_configs()
+    if sys.argv[1:] and not any(a.startswith("-") for a in sys.argv[1:]):  # a single run, overrides only
+        with friendly_errors():
+            refuse_before_hydra(sys.argv[1:])
     # from here a signal outside a run's loop (between a basic sweep's jobs, say) ends in one line
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda signum, frame: _stopped(signum))

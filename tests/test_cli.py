@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import signal
@@ -49,17 +50,18 @@ def test_default_run_from_the_cli_writes_every_artifact(tmp_path):
         ".hydra/config.yaml",
         "metrics.csv",
         "summary.json",
-        "model.pt",
         "loss.png",
         "decision_regions.png",
         "train.log",
-        "checkpoint.pt",
+        "checkpoint.npz",
     ):
         assert (run / name).is_file(), name
+    assert not (run / "model.pt").exists()  # (the checkpoint of a completed run is its model)
     s = json.loads((run / "summary.json").read_text())
     assert set(s["versions"]) == {"quadnet", "git_commit", "python", "torch", "numpy", "hydra-core", "omegaconf"}
     assert set(s) >= SUMMARY_KEYS
-    assert s["status"] == "completed" and s["device"] == "cpu" and s["engine"] == "torch/fused"
+    engine = "numba" if importlib.util.find_spec("numba") else "torch/fused"
+    assert s["status"] == "completed" and s["device"] == "cpu" and s["engine"] == engine and s["classes"] == [1, 2, 3, 4]
     probs = np.array([p["probs"] for p in s["predictions"]])
     np.testing.assert_allclose(probs, SEED_PROBS, rtol=0, atol=1e-9)
     assert s["predictions"][0]["point"] == [2.0, 2.0] and s["predictions"][0]["true"] == 1
@@ -72,7 +74,7 @@ def test_default_run_from_the_cli_writes_every_artifact(tmp_path):
     rows = read_metrics(run / "metrics.csv")
     assert [r["epoch"] for r in rows][:3] == [0, 100, 200] and rows[-1]["epoch"] == 10000
     assert rows[-1]["loss"] == pytest.approx(s["final_loss"]) and rows[-1]["test_loss"] == pytest.approx(s["test_loss"])
-    m = checkpoint.load(run / "model.pt")
+    m = checkpoint.load(run)
     assert m["config"]["hidden_dim"] == 50 and m["epoch"] == 10000
 
 
@@ -118,12 +120,12 @@ def test_plots_off_and_progress_bar_on(tmp_path, capsys):
 def test_auto_device_is_cuda_else_mps_else_cpu():
     dev = resolve_device("auto")
     if torch.cuda.is_available():
-        assert dev.type == "cuda"
+        assert dev == "cuda:0"
     elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        assert dev.type == "mps"
+        assert dev == "mps"
     else:
-        assert dev.type == "cpu"
-    assert resolve_device("cpu").type == "cpu"
+        assert dev == "cpu"
+    assert resolve_device("cpu") == "cpu"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
@@ -179,22 +181,51 @@ def test_your_own_points_from_a_csv_and_one_line_for_a_bad_one(tmp_path):
     (tmp_path / "nan.csv").write_text("nan,1,1\n")
     with pytest.raises(ConfigError, match="line 1: 'nan,1,1' is not x,y,label"):
         read_csv(str(tmp_path / "nan.csv"), "data.path")
-    (tmp_path / "bad.csv").write_text("1,2,1\n3,4,5\n")
+    (tmp_path / "bad.csv").write_text("1,2,1\n3,4\n")
     r = run_cli("data=csv", f"data.path={tmp_path / 'bad.csv'}", "hydra.run.dir=x", cwd=tmp_path)
-    assert (
-        r.returncode == 2
-        and r.stderr.count("\n") == 1
-        and "line 2: '3,4,5' is not x,y,label with label 1-4" in r.stderr
-    )
-    assert not (tmp_path / "x").exists()
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "line 2: '3,4' is not x,y,label" in r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("labels", [["red", "green", "blue"], [0, 1, 2, 3, 4], [1, 2, 3, 4]])
+def test_a_csv_has_the_classes_its_labels_name(labels, tmp_path):
+    """Any number of classes: the labels (words or numbers, sorted) set the net's width, the
+    predictions, the checkpoint, predict's columns and the plot's key."""
+    rng = np.random.default_rng(1)
+    centres = np.array([[np.cos(a), np.sin(a)] for a in np.linspace(0, 2 * np.pi, len(labels), endpoint=False)]) * 2
+    lines = [f"{x},{y},{lab}" for lab, c in zip(labels, centres, strict=True) for x, y in rng.normal(c, 0.3, (30, 2))]
+    (tmp_path / "p.csv").write_text("x,y,label\n" + "\n".join(lines) + "\n")
+    s = train(make_cfg("data=csv", f"data.path={tmp_path / 'p.csv'}", "epochs=400", "lr=0.05", "plots=true"),
+              run_dir=tmp_path / "r")  # fmt: skip
+    classes = sorted(labels, key=str) if isinstance(labels[0], str) else labels
+    assert s["classes"] == classes and s["test_accuracy"] >= 0.9
+    assert all(len(p["probs"]) == len(labels) and p["predicted"] in classes for p in s["predictions"])
+    assert all("on_axis" not in p and p["true"] in classes for p in s["predictions"])
+    assert checkpoint.load(tmp_path / "r")["params"]["W2"].shape == (50, len(labels))
+    r = run_cli(str(tmp_path / "r"), "2,0", "--json", module="quadnet.predict", cwd=tmp_path)
+    assert json.loads(r.stdout)["predictions"][0]["predicted"] == labels[0]  # the class at angle 0
+    r = run_cli(str(tmp_path / "r"), "2,0", module="quadnet.predict", cwd=tmp_path)
+    assert all(f"p({lab})" in r.stdout for lab in labels) and "true" not in r.stdout.splitlines()[1]
+    from quadnet.plots import class_names
+
+    assert class_names(make_dataset_of(tmp_path / "p.csv")) == [f"class {c}" for c in classes]
+
+
+def make_dataset_of(path):
+    from quadnet.data import make_dataset
+
+    return make_dataset(make_cfg("data=csv", f"data.path={path}").data)
 
 
 def test_animate_writes_a_gif_of_the_run_and_nothing_without_it(tmp_path):
     from PIL import Image
 
+    from quadnet.loop import frame_epochs
+
     train(make_cfg("animate=true", "epochs=500", "log_every=50"), run_dir=tmp_path / "a")
     with Image.open(tmp_path / "a" / "training.gif") as gif:
-        assert gif.n_frames == 11  # epochs 0, 50, …, 500
+        assert gif.n_frames == len(frame_epochs(500)) <= 50  # log-spaced: 0, 1, 2, 3, … 500
+    assert sorted(frame_epochs(500))[:4] == [0, 1, 2, 3] and max(frame_epochs(500)) == 500
     train(make_cfg("epochs=500", "log_every=50"), run_dir=tmp_path / "b")
     assert not (tmp_path / "b" / "training.gif").exists()
 

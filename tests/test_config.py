@@ -26,13 +26,13 @@ BAD = [
     ("seed=-3", ["seed=-3", ">= 0"]),
     ("seed=x", ["seed", "integer"]),
     ("momentum=1.0", ["momentum=1.0", "[0, 1)"]),
-    ("log_every=0", ["log_every=0", ">= 1"]),
+    ("log_every=-1", ["log_every=-1", ">= 0"]),
     ("device=tpu", ["device='tpu'", "auto, cpu, cuda, cuda:N or mps"]),
     ("dtype=float16", ["dtype='float16'", "float32, float64"]),
-    ("engine=jax", ["engine='jax'", "torch, numpy"]),
+    ("engine=jax", ["engine='jax'", "auto, numba, torch, numpy"]),
     ("init=xavier", ["init='xavier'", "normal, torch"]),
     ("step=magic", ["step='magic'", "fused, autograd"]),
-    ("logger=wandb", ["logger='wandb'", "none, tensorboard"]),
+    ("logger=wandb", ["logger='wandb'", "none, tensorboard, mlflow"]),
     ("objective=acc", ["objective='acc'", "test_loss"]),
     ("data=foo", ["data='foo'", "csv, sampled, seed"]),
     ("data=null", ["data"]),
@@ -58,6 +58,11 @@ BAD = [
     ("hidden_dim=", ["hidden_dim"]),
     ("data=csv data.path='~nouser_q/p.csv'", ["no home dir is known for that user"]),
     ("~epochs", ["'epochs' has no value (deleted with ~epochs?)"]),
+    ("hiden_dim=5", ["unknown config key 'hiden_dim'; did you mean hidden_dim?"]),
+    ("Lr=0.1", ["unknown config key 'Lr'; did you mean lr?"]),
+    ("lr=0.1,0.01", ["Ambiguous value", "add -m (--multirun)"]),
+    ("-m hydra.launcher=batched", ["hydra/launcher=… (a slash)"]),
+    ("hydra/launcher=batched hydra.launcher.max_bach=4", ["did you mean max_batch?", "plots, max_batch, writers"]),
     ("--bogus", ["unrecognized arguments: --bogus", "--hydra-help"]),
     ("--cfg nope", ["--cfg", "invalid choice: 'nope'"]),
 ]
@@ -140,7 +145,7 @@ def test_validate_rejects_wrong_types_given_in_process():
 def test_defaults_are_the_seed_programs():
     c = make_cfg()
     assert (c.hidden_dim, c.reg, c.lr, c.epochs, c.seed) == (50, 0.001, 0.001, 10000, 1)
-    assert (c.init, c.dtype, c.engine, c.data.name) == ("normal", "float64", "torch", "seed")
+    assert (c.init, c.dtype, c.engine, c.data.name) == ("normal", "float64", "auto", "seed")
     assert validate(TrainConfig()) == c.__class__(**{**c.__dict__, "progress": None, "plots": True})
 
 

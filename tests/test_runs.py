@@ -32,17 +32,19 @@ def _stable(summary):
 
 @pytest.mark.parametrize(
     "engine,extra",
-    [("torch", []), ("torch", ["momentum=0.9", "lr=0.01"]), ("numpy", ["momentum=0.5"]), ("torch", ["dtype=float32"])],
-)
+    [("torch", []), ("torch", ["momentum=0.9", "lr=0.01"]), ("numpy", ["momentum=0.5"]), ("torch", ["dtype=float32"]),
+     ("numba", ["optimizer=adam", "lr=0.01"]), ("numba", ["momentum=0.9", "lr=0.01"])],
+)  # fmt: skip
 def test_resume_equals_an_uninterrupted_run_exactly(engine, extra, tmp_path):
+    extra = [*extra, "log_every=50"]  # (by default a run of 400 epochs logs every 4, one of 1000 every 10)
     full = train(make_cfg(f"engine={engine}", "epochs=1000", *extra), run_dir=tmp_path / "full")
     train(make_cfg(f"engine={engine}", "epochs=400", *extra), run_dir=tmp_path / "first")
     resumed = train(
         make_cfg(f"engine={engine}", "epochs=1000", f"resume={tmp_path / 'first'}", *extra), run_dir=tmp_path / "second"
     )
     assert _stable(resumed) == _stable(full)
-    a = checkpoint.load(tmp_path / "full" / "model.pt")["params"]
-    b = checkpoint.load(tmp_path / "second" / "model.pt")["params"]
+    a = checkpoint.load(tmp_path / "full")["params"]
+    b = checkpoint.load(tmp_path / "second")["params"]
     for k in a:
         assert np.array_equal(a[k], b[k]), k
     assert read_metrics(tmp_path / "full" / "metrics.csv") == read_metrics(tmp_path / "second" / "metrics.csv")
@@ -69,7 +71,7 @@ def test_resume_shape_change_from_the_cli_is_one_line(tmp_path):
 
 def test_a_run_into_a_dir_that_holds_an_earlier_run_is_refused_and_resume_goes_on_there(tmp_path):
     assert run_cli("epochs=100", "plots=false", "hydra.run.dir=r", cwd=tmp_path).returncode == 0
-    files = ("checkpoint.pt", "model.pt", "summary.json", "metrics.csv")
+    files = ("checkpoint.npz", "summary.json", "metrics.csv", ".hydra/config.yaml", ".hydra/overrides.yaml")
     before = {f: (tmp_path / "r" / f).read_bytes() for f in files}
     r = run_cli("epochs=50", "hydra.run.dir=r", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "holds an earlier run" in r.stderr, r.stderr
@@ -78,8 +80,8 @@ def test_a_run_into_a_dir_that_holds_an_earlier_run_is_refused_and_resume_goes_o
     assert before == {f: (tmp_path / "r" / f).read_bytes() for f in files}  # nothing of it trained over
     r = run_cli("resume=r", "epochs=200", "hydra.run.dir=r", cwd=tmp_path)  # going on with it, in its dir
     assert r.returncode == 0 and json.loads((tmp_path / "r" / "summary.json").read_text())["epoch"] == 200
-    (tmp_path / "r" / "model.pt").write_bytes(before["model.pt"])  # an older model beside a newer checkpoint
-    r = run_cli("resume=r/model.pt", "epochs=300", "hydra.run.dir=r", cwd=tmp_path)
+    (tmp_path / "r" / "older.npz").write_bytes(before["checkpoint.npz"])  # an older one beside a newer checkpoint
+    r = run_cli("resume=r/older.npz", "epochs=300", "hydra.run.dir=r", cwd=tmp_path)
     assert r.returncode == 2 and "holds an earlier run" in r.stderr  # only its own checkpoint goes on there
 
 
@@ -128,37 +130,36 @@ def test_with_hydra_job_chdir_relative_paths_are_where_the_user_is(tmp_path):
 
 
 def test_checkpoints_are_written_periodically_and_atomically(tmp_path, monkeypatch):
-    cfg = make_cfg("epochs=300", "checkpoint_every=100", "momentum=0.5")
+    cfg = make_cfg("epochs=300", "checkpoint_every=100", "momentum=0.5", "log_every=100")
     saved = []
     real_save = checkpoint.save
-    monkeypatch.setattr(
-        checkpoint, "save", lambda path, obj: (saved.append((path.name, obj["epoch"])), real_save(path, obj))
-    )
+    epoch = lambda obj: json.loads(str(obj["meta"]))["epoch"]  # noqa: E731
+    monkeypatch.setattr(checkpoint, "save", lambda path, obj: (saved.append((path.name, epoch(obj))), real_save(path, obj)))
     train(cfg, run_dir=tmp_path)
-    assert saved == [("checkpoint.pt", 100), ("checkpoint.pt", 200), ("checkpoint.pt", 300), ("model.pt", 300)]
-    ck = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert saved == [("checkpoint.npz", 100), ("checkpoint.npz", 200), ("checkpoint.npz", 300)]
+    ck = checkpoint.load(tmp_path / "checkpoint.npz")
     assert ck["epoch"] == 300 and ck["status"] == "completed" and ck["config"]["checkpoint_every"] == 100
     assert len(ck["history"]) == 4 and set(ck["state"]["optimizer"]) == {"momentum"}
-    before = (tmp_path / "checkpoint.pt").read_bytes()
+    assert set(np.load(tmp_path / "checkpoint.npz")) >= {"meta", "history", "params/W1", "optimizer/momentum/W2"}
+    before = (tmp_path / "checkpoint.npz").read_bytes()
 
-    def full_disk(obj, f, *a, **k):  # what torch.save does when the disk fills up
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half a file")
-        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file")
+    def full_disk(f, **arrays):  # what np.savez meets when the disk fills up
+        f.write(b"PK\x03\x04 half a file")
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match=r"cannot write .*PytorchStreamWriter failed"):
-        real_save(tmp_path / "checkpoint.pt", {"format": "x"})
-    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*checkpoint.npz.*No space left on device"):
+        real_save(tmp_path / "checkpoint.npz", {"meta": np.array("x")})
+    assert (tmp_path / "checkpoint.npz").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_a_killed_writers_temporary_file_is_removed_later(tmp_path):
     dead = subprocess.run(["true"]).args and _dead_pid()
-    stale = tmp_path / f".checkpoint.pt.{dead}.tmp"
+    stale = tmp_path / f".checkpoint.npz.{dead}.tmp"
     stale.write_bytes(b"x" * 1000)
     train(make_cfg("epochs=20"), run_dir=tmp_path)
-    assert not stale.exists() and (tmp_path / "checkpoint.pt").is_file()
+    assert not stale.exists() and (tmp_path / "checkpoint.npz").is_file()
 
 
 def _dead_pid() -> int:
@@ -190,40 +191,53 @@ def test_old_checkpoints_still_load_and_resume(tmp_path):
         "history": ck["history"],
         "rng": {"torch": torch.get_rng_state()},
     }
+    history = [{k: v for k, v in r.items() if k != "test_loss"} for r in ck["history"]]  # (0.1 had none)
     (tmp_path / "old").mkdir()
-    torch.save(old, tmp_path / "old" / "checkpoint.pt")
+    torch.save({**old, "history": history}, tmp_path / "old" / "checkpoint.pt")
+    # quadnet-checkpoint/2 (quadnet 0.2): the seed layout, named buffers, in torch files
+    tensors = lambda p: {k: torch.tensor(v) for k, v in p.items()}  # noqa: E731
+    v2 = {"format": "quadnet-checkpoint/2", "params": tensors(ck["params"]), "step": 0, "epoch": 200,
+          "optimizer": {"momentum": tensors(ck["state"]["optimizer"]["momentum"])}, "status": "completed",
+          "config": ck["config"], "history": ck["history"]}  # fmt: skip
+    (tmp_path / "v2").mkdir()
+    torch.save(v2, tmp_path / "v2" / "model.pt")
     a = train({"resume": str(tmp_path / "new"), "epochs": 400}, run_dir=tmp_path / "a")
-    b = train({"resume": str(tmp_path / "old"), "epochs": 400}, run_dir=tmp_path / "b")
-    assert a["predictions"] == b["predictions"]
+    for name in ("old", "v2"):
+        b = train({"resume": str(tmp_path / name), "epochs": 400}, run_dir=tmp_path / f"b{name}")
+        assert a["predictions"] == b["predictions"]
+    assert quadnet.load(tmp_path / "v2").predict([[2, 2]]).tolist() == [1]
+
+
+def _damaged(c, meta=None, config=None, **arrays):
+    """A checkpoint's arrays with its meta (and the config in it) and some arrays changed."""
+    m = json.loads(str(c["meta"]))
+    m = {**m, **(meta or {}), "config": {**m["config"], **(config or {})}}
+    return {**c, **arrays, "meta": np.array(json.dumps(m))}
 
 
 @pytest.mark.parametrize(
     "damage,words",
     [
-        (lambda c: c["config"].pop("hidden_dim") and c["config"].update(hidden_dim="wide"), "bad config"),
-        (lambda c: c.update(epoch=2.5), "bad epoch"),
-        (lambda c: c.update(epoch=-5), "bad epoch"),
-        (lambda c: c.update(history=[{"epoch": 0}]), "damaged metrics"),
-        (
-            lambda c: c["params"].update(W1=torch.zeros(3, 3, dtype=torch.float64)),
-            "W1 is not a float tensor of shape (2, 8)",
-        ),
-        (lambda c: c["params"].update(b2=torch.empty(4, device="meta")), "b2 is not a float tensor"),
-        (lambda c: c["config"].update(hidden_dim=7), "shape (2, 7)"),
-        (lambda c: c["optimizer"].update(momentum={"W1": "x"}), "momentum buffer W1"),
-        (lambda c: c.update(optimizer=[1]), "bad optimizer state"),
-        (lambda c: c.update(step="abc"), "bad optimizer state: step 'abc'"),
-        (lambda c: c["params"].update(W1=c["params"]["W1"].to_sparse()), "W1 is not a float tensor"),
+        (lambda c: _damaged(c, config={"hidden_dim": "wide"}), "bad config"),
+        (lambda c: _damaged(c, meta={"epoch": 2.5}), "bad epoch"),
+        (lambda c: _damaged(c, meta={"epoch": -5}), "bad epoch"),
+        (lambda c: _damaged(c, history=np.zeros((3, 2))), "damaged metrics"),
+        (lambda c: _damaged(c, **{"params/W1": np.zeros((3, 3))}), "W1 is not a float array of shape (2, 8)"),
+        (lambda c: _damaged(c, **{"params/b2": np.zeros(4, dtype=int)}), "b2 is not a float array"),
+        (lambda c: _damaged(c, config={"hidden_dim": 7}), "shape (2, 7)"),
+        (lambda c: _damaged(c, **{"optimizer/momentum/W1": np.array(["x"])}), "momentum buffer W1"),
+        (lambda c: _damaged(c, meta={"step": "abc"}), "bad optimizer step 'abc'"),
+        (lambda c: _damaged(c, meta={"classes": [1]}), "bad classes"),
+        (lambda c: _damaged(c, meta={"format": "quadnet-checkpoint/9"}), "not a quadnet checkpoint"),
+        (lambda c: {**c, "params/W1": np.array([object()])}, "holds objects other than arrays"),
     ],
 )
 def test_a_checkpoint_with_bad_contents_is_refused_in_one_line(damage, words, tmp_path):
     train(make_cfg("epochs=20", "hidden_dim=8"), run_dir=tmp_path / "r")
-    obj = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
-    damage(obj)
-    torch.save(obj, tmp_path / "bad.pt")
+    np.savez(tmp_path / "bad.npz", **damage(checkpoint.read(tmp_path / "r" / "checkpoint.npz")))
     with pytest.raises(checkpoint.CheckpointError, match=re.escape(words)):
-        checkpoint.load(tmp_path / "bad.pt")
-    r = run_cli(f"resume={tmp_path / 'bad.pt'}", f"hydra.run.dir={tmp_path}/x", cwd=tmp_path)
+        checkpoint.load(tmp_path / "bad.npz")
+    r = run_cli(f"resume={tmp_path / 'bad.npz'}", f"hydra.run.dir={tmp_path}/x", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr and not (tmp_path / "x").exists()
 
 
@@ -275,7 +289,7 @@ def test_divergence_stops_at_once_and_the_single_run_exits_non_zero(tmp_path):
     assert "diverged" in r.stdout + r.stderr and "Traceback" not in r.stderr
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["status"] == "diverged" and s["epoch"] < 5000 and s["final_loss"] is None
-    assert (tmp_path / "r" / "checkpoint.pt").is_file() and not (tmp_path / "r" / "model.pt").exists()
+    assert checkpoint.load(tmp_path / "r")["status"] == "diverged"
 
 
 @pytest.mark.parametrize("lr,epochs", [(1e6, 27), (1e30, 6)])
@@ -284,7 +298,7 @@ def test_weights_that_blow_up_on_the_last_step_are_diverged_not_completed(lr, ep
     r = run_cli(f"lr={lr}", f"epochs={epochs}", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert r.returncode == 3 and s["status"] == "diverged" and s["epoch"] == epochs, r.stderr
-    for engine in ("numpy", "torch"):
+    for engine in ("numpy", "torch", "numba"):
         assert (
             train(make_cfg(f"lr={lr}", f"epochs={epochs}", f"engine={engine}"), run_dir=tmp_path / engine)["status"]
             == "diverged"
@@ -325,10 +339,16 @@ def test_a_malicious_checkpoint_is_refused_without_running_code(tmp_path):
 
 def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):
     train(make_cfg("epochs=10"), run_dir=tmp_path / "r")
-    data = (tmp_path / "r" / "model.pt").read_bytes()
-    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    data = (tmp_path / "r" / "checkpoint.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
     with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupt"):
-        checkpoint.load(tmp_path / "cut.pt")
+        checkpoint.load(tmp_path / "cut.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(checkpoint.CheckpointError, match="not a quadnet checkpoint"):
+        checkpoint.load(tmp_path / "text.npz")
+    np.savez(tmp_path / "arrays.npz", a=np.zeros(3))
+    with pytest.raises(checkpoint.CheckpointError, match="not a quadnet checkpoint"):
+        checkpoint.load(tmp_path / "arrays.npz")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(checkpoint.CheckpointError, match="not a quadnet checkpoint"):
         checkpoint.load(tmp_path / "other.pt")
@@ -353,7 +373,7 @@ def test_predict_from_the_cli_with_negative_points_and_json(trained, tmp_path):
     assert [p["predicted"] for p in preds] == [1, 2, 3, 4, preds[4]["predicted"]]
     assert preds[4]["on_axis"] and preds[4]["true"] is None
     assert abs(sum(preds[0]["probs"]) - 1) < 1e-12
-    r = run_cli(str(trained / "model.pt"), "-2,2", "0,1", module="quadnet.predict", cwd=tmp_path)
+    r = run_cli(str(trained / "checkpoint.npz"), "-2,2", "0,1", module="quadnet.predict", cwd=tmp_path)
     assert r.returncode == 0 and "on an axis: no true quadrant" in r.stdout
 
 
@@ -392,6 +412,11 @@ def test_predict_bad_input_is_one_line_exit_2(trained, tmp_path, args, words):
         cwd=tmp_path,
     )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+
+
+def test_predict_of_a_word_alone_says_it_is_neither_a_run_nor_a_point(tmp_path):
+    r = run_cli("abc", module="quadnet.predict", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == "error: 'abc' is neither a run dir or checkpoint (no such path) nor a point x,y\n"
 
 
 def test_predict_refuses_a_missing_or_foreign_checkpoint(tmp_path):
@@ -437,4 +462,4 @@ def test_a_second_run_into_a_dir_a_running_one_holds_is_refused(tmp_path):
     lock(tmp_path / "r", "run")  # this test's process holds it, as a running run would
     r = run_cli("epochs=5", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("error: another run is writing into") and r.stderr.count("\n") == 1
-    assert not (tmp_path / "r" / "summary.json").exists() and not (tmp_path / "r" / "checkpoint.pt").exists()
+    assert not (tmp_path / "r" / "summary.json").exists() and not (tmp_path / "r" / "checkpoint.npz").exists()

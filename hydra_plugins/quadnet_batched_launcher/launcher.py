@@ -40,8 +40,10 @@ class BatchedLauncher(Launcher):
         self.record = (record, record.read_bytes() if record.is_file() else None, folder.exists())
         lock(folder)
 
-        # The sweeper shares this context: its check of each job gets the Composer too.
-        if not isinstance(hydra_context.config_loader, SweepLoader):
+        # The sweeper shares this context: its check of each of quadnet's jobs gets the Composer too.
+        from quadnet.train import task
+
+        if task_function is task and not isinstance(hydra_context.config_loader, SweepLoader):
             hydra_context.config_loader = SweepLoader(hydra_context.config_loader)  # type: ignore[assignment]
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
