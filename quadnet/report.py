@@ -128,7 +128,7 @@ def swept_params(rows: list[dict[str, Any]]) -> list[str]:
 
 def write_csv(path: Path, rows: list[dict[str, Any]], params: list[str]) -> None:
     """One row a job: its swept parameters, overrides, status, error and every metric (no column twice)."""
-    figures = [*FIGURES[:-1], "test_error", FIGURES[-1]]
+    figures = [*FIGURES[:4], "test_error", *FIGURES[4:]]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["job", *params, "overrides", "status", "error", *figures])

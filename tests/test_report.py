@@ -84,7 +84,7 @@ def test_a_sweep_with_failed_diverged_and_unfinished_jobs(sweep, capsys, figures
     header, rows = _rows(sweep)
     assert header == [
         "job", "hidden_dim", "lr", "reg", "seed", "overrides", "status", "error",
-        "final_loss", "test_loss", "train_accuracy", "test_accuracy", "test_error", "train_seconds",
+        "final_loss", "test_loss", "train_accuracy", "test_accuracy", "test_error", "epoch", "train_seconds",
     ]  # fmt: skip
     done = [float(r["test_loss"]) for r in rows if r["status"] == "completed"]
     assert done == sorted(done) and len(done) == 7 and all(r["status"] != "completed" for r in rows[7:])
@@ -98,7 +98,9 @@ def test_a_sweep_with_failed_diverged_and_unfinished_jobs(sweep, capsys, figures
 def test_plots_follow_the_metric_and_draw_each_kind_of_parameter_as_it_is(sweep, capsys, figures):
     assert _report(capsys, sweep, "--metric", "final_loss")[0] == 0
     hidden = figures["report_hidden_dim.png"]
-    assert [ax.get_xscale() for ax in hidden.axes] == ["log", "log"]  # 3 and 30: a multiplicative grid
+    assert [ax.get_xscale() for ax in hidden.axes[:2]] == ["log", "log"]  # 3 and 30: a multiplicative grid
+    assert hidden.axes[2].get_ylabel() == "fraction of jobs with every test point right"  # its own axis
+    assert "each value pools every setting of reg, seed" in hidden._suptitle.get_text()
     assert hidden.axes[0].get_ylabel() == "final_loss (lower is better)"
     assert hidden.axes[1].get_ylabel() == "test_accuracy (higher is better)"
     assert hidden.axes[0].lines and "median" in texts(hidden) and "16–84% of jobs" in texts(hidden)
@@ -107,7 +109,7 @@ def test_plots_follow_the_metric_and_draw_each_kind_of_parameter_as_it_is(sweep,
     assert "median final_loss (lower is better)" in texts(figures["report_heatmap.png"])
     figures.clear()
     assert _report(capsys, sweep, "--metric", "test_accuracy")[0] == 0
-    labels = [ax.get_ylabel() for ax in figures["report_hidden_dim.png"].axes]
+    labels = [ax.get_ylabel() for ax in figures["report_hidden_dim.png"].axes[:2]]
     assert labels == ["test_accuracy (higher is better)", "test_loss (lower is better)"]  # no panel twice
     assert "median test_accuracy (higher is better)" in texts(figures["report_heatmap.png"])
     header, _ = _rows(sweep)
@@ -124,6 +126,7 @@ def test_every_job_is_printed_with_its_overrides_in_full(sweep, capsys):
         (job / ".hydra" / "overrides.yaml").write_text(f"- hidden_dim=3\n- reg={reg}\n- seed={i}\n")
         summary = json.loads((job / "summary.json").read_text())  # (the values it ran with, as in its summary)
         summary["config"].update(hidden_dim=3, reg=float(reg), seed=i)
+        summary["overrides"] = ["hidden_dim=3", f"reg={reg}", f"seed={i}"]
         (job / "summary.json").write_text(json.dumps(summary))
     code, out, _ = _report(capsys, sweep, "--no-plots")
     assert code == 0 and "56 jobs" in out
@@ -132,7 +135,7 @@ def test_every_job_is_printed_with_its_overrides_in_full(sweep, capsys):
     _, rows = _rows(sweep)
     assert {r["reg"] for r in rows if r["job"] == "j7"} == {"1.1889379831773006e-05"}  # the full value in the CSV
     code, out, _ = _report(capsys, sweep, "--no-plots", "--top", "5")
-    assert "51 more jobs not shown; all are in report.csv" in out
+    assert "51 more jobs not shown (--top N shows more); all are in report.csv" in out
     code, _, err = _report(capsys, sweep, "--no-plots", "--top", "-1")
     assert code == 2 and err.strip() == "error: --top -1 is not allowed: must be >= 1"
 
@@ -155,6 +158,8 @@ def test_damaged_job_dirs_are_listed_and_the_report_goes_on(sweep, capsys):
     edit("1", status=3)
     edit("4", test_loss="0.5")
     (sweep / "5" / "summary.json").write_bytes(b'{"status": "completed\xff"}')
+    edit("6", overrides=None)  # (a summary without the overrides: they are read from .hydra/, as 0.2 kept them)
+    edit("7", overrides=None)
     (sweep / "6" / ".hydra" / "overrides.yaml").write_bytes(b"- lr=\xff\n")
     (sweep / "7" / ".hydra" / "overrides.yaml").write_text("just a scalar\n")
     code, out, err = _report(capsys, sweep)

@@ -83,7 +83,7 @@ def test_many_points_are_small_and_see_through(tmp_path, monkeypatch):
     assert train.get_sizes()[0] <= 12 and train.get_alpha() < 1 and test.get_sizes()[0] <= 12
 
 
-def test_loss_curves_have_the_test_loss_markers_when_few_and_survive_nan(tmp_path, monkeypatch):
+def test_loss_curves_mark_their_points_and_survive_nan(tmp_path, monkeypatch):
     figures = saved_figures(monkeypatch)
     _, history, _ = training(epochs=400, every=100)  # 5 rows
     plots.plot_curves(tmp_path / "few.png", history, "few")
@@ -92,9 +92,9 @@ def test_loss_curves_have_the_test_loss_markers_when_few_and_survive_nan(tmp_pat
     assert all(line.get_marker() == "o" for line in loss_ax.lines)
     assert "without the L2 term" in loss_ax.get_ylabel() and loss_ax.get_yscale() == "log"
     assert "at epoch 400:" in figures["few.png"]._suptitle.get_text()
-    _, history, _ = training(epochs=1000, every=50)  # 21 rows: a curve
+    _, history, _ = training(epochs=1000, every=10)  # 101 rows: a curve, its points marked small
     plots.plot_curves(tmp_path / "many.png", history, "many")
-    assert all(line.get_marker() == "None" for line in figures["many.png"].axes[0].lines)
+    assert all(line.get_marker() == "." for line in figures["many.png"].axes[0].lines)
     diverged = [*history[:3], dict.fromkeys(history[0], math.nan) | {"epoch": 120.0}]
     plots.plot_curves(tmp_path / "nan.png", diverged, "diverged")
     assert "not finite from epoch 120" in texts(figures["nan.png"])
@@ -130,9 +130,10 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     assert run_cli("epochs=200", "plots=false", cwd=root).returncode == 0
     time.sleep(1.1)
-    assert run_cli("lr=1e6", "epochs=40", "plots=false", cwd=root).returncode == 3  # diverged: no model.pt
-    done = [d for d in (root / "outputs").iterdir() if (d / "model.pt").exists()]
-    diverged = [d for d in (root / "outputs").iterdir() if not (d / "model.pt").exists()]
+    assert run_cli("lr=1e6", "epochs=40", "plots=false", cwd=root).returncode == 3  # diverged: not a model
+    status = {d: json.loads((d / "summary.json").read_text())["status"] for d in (root / "outputs").iterdir()}
+    done = [d for d, s in status.items() if s == "completed"]
+    diverged = [d for d, s in status.items() if s == "diverged"]
     assert len(done) == len(diverged) == 1
     return root, done[0], diverged[0]
 
@@ -147,7 +148,7 @@ def test_predict_defaults_to_the_newest_completed_run_and_prints_trains_columns(
     code, out, err = _predict(capsys, "-2,2", "2,2", "0,1")  # the first argument is a point, not a run dir
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == f"model: outputs/{done.name}/model.pt (hidden_dim=50, completed at epoch 200)  " + (
+    assert lines[0] == f"model: outputs/{done.name}/checkpoint.npz (hidden_dim=50, completed at epoch 200)  " + (
         "[the newest completed run under outputs/]"
     )
     assert TRAIN_HEADER in lines[1] and lines[1].split()[4:] == ["p(I)", "p(II)", "p(III)", "p(IV)"]
@@ -176,7 +177,7 @@ def test_predict_prints_what_load_gives(runs, capsys):
 
 
 def test_load_takes_lists_arrays_and_one_point(runs):
-    model = load(runs[1] / "model.pt")
+    model = load(runs[1] / "checkpoint.npz")
     assert isinstance(model, Model) and model.status == "completed" and model.epoch == 200
     assert model.predict([2, 2]).shape == (1,) and model.predict_proba((2, 2)).shape == (1, 4)
     assert model.predict(np.zeros((0, 2))).shape == (0,)
@@ -200,41 +201,37 @@ def test_a_diverged_or_non_finite_model_is_refused_in_one_line(runs, tmp_path, c
     _, done, diverged = runs
     code, _, err = _predict(capsys, diverged, "1,1")
     assert code == 2 and err.count("\n") == 1 and "cannot predict: its status is diverged at epoch" in err
-    params = checkpoint.load(done / "model.pt")["params"]
-    params["W2"][0, 0] = math.nan
-    checkpoint.save(
-        tmp_path / "nan.pt", checkpoint.payload({"params": params}, epoch=5, config={}, status="completed", history=[])
-    )
-    code, _, err = _predict(capsys, tmp_path / "nan.pt", "1,1")
+    ck = checkpoint.load(done)
+    ck["params"]["W2"][0, 0] = math.nan
+    state = {"params": ck["params"]}
+    arrays = checkpoint.arrays(state, epoch=5, config=ck["config"], status="completed", history=[], classes=[1, 2, 3, 4])
+    checkpoint.save(tmp_path / "nan.npz", arrays)
+    code, _, err = _predict(capsys, tmp_path / "nan.npz", "1,1")
     assert code == 2 and "with non-finite W2" in err and err.count("\n") == 1
     with pytest.raises(checkpoint.CheckpointError, match="non-finite"):
-        load(tmp_path / "nan.pt")
+        load(tmp_path / "nan.npz")
 
 
-def test_a_run_dir_uses_its_completed_model_before_a_newer_checkpoint(runs, tmp_path, capsys):
+def test_a_run_dir_predicts_with_its_checkpoint_and_says_how_it_ended(runs, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    for name in ("model.pt", "checkpoint.pt"):
-        (run / name).write_bytes((runs[1] / name).read_bytes())
-    params = {k: v + 1 for k, v in checkpoint.load(run / "model.pt")["params"].items()}
-    checkpoint.save(
-        run / "checkpoint.pt",
-        checkpoint.payload({"params": params}, epoch=300, config={}, status="interrupted", history=[]),
-    )
-    assert load(run).path == str(run / "model.pt")
-    (run / "model.pt").unlink()
+    ck = checkpoint.load(runs[1])
+    state = {"params": {k: v + 1 for k, v in ck["params"].items()}}
+    arrays = checkpoint.arrays(state, epoch=300, config=ck["config"], status="interrupted", history=[], classes=[1, 2, 3, 4])
+    checkpoint.save(run / "checkpoint.npz", arrays)
+    assert load(run).path == str(run / "checkpoint.npz") and load(run).status == "interrupted"
     code, out, _ = _predict(capsys, run, "1,1")
-    assert code == 0 and out.startswith(f"model: {run / 'checkpoint.pt'} (hidden_dim=50, interrupted at epoch 300)")
+    assert code == 0 and out.startswith(f"model: {run / 'checkpoint.npz'} (hidden_dim=50, interrupted at epoch 300)")
 
 
 @pytest.mark.parametrize(
     "args,words",
     [
-        (["{run}/summary.json", "1,1"], "summary.json' is not a quadnet checkpoint: torch.save did not write it"),
+        (["{run}/summary.json", "1,1"], "summary.json' is not a quadnet checkpoint (truncated or corrupt, or not a"),
         (["/dev/null", "1,1"], "'/dev/null' is not a quadnet checkpoint"),
         (["{run}", "--file", "/dev/null"], "no points given (/dev/null held none)"),
         (["{run}", "--file", "{run}/summary.json"], "line 1: '{{' is not a point"),
-        (["{run}", "--file", "{run}/model.pt"], "is not a text file of x,y lines"),
+        (["{run}", "--file", "{run}/checkpoint.npz"], "is not a text file of x,y lines"),
         (["{run}", "--file", "{run}/nope.txt"], "points file '{run}/nope.txt' does not exist"),
         (["{run}", "1,nan"], "is not a point; write two finite numbers as x,y"),
         (["{run}", "--bogus", "1,1"], "unknown option --bogus"),
