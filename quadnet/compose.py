@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from quadnet.config import ConfigError, DataConfig, TrainConfig, allowed_keys, one_line
 
 BOUND = 10_000  # parsed overrides and typed values kept at most (a sweep of 100,000 seeds has as many)
+_FIELDS, _DATA = typing.get_type_hints(TrainConfig), typing.get_type_hints(DataConfig)
 _TYPES = {**typing.get_type_hints(TrainConfig), **{f"data.{k}": t for k, t in typing.get_type_hints(DataConfig).items()}}
 
 
@@ -51,7 +52,8 @@ class Composer:
         if rest not in self._templates:
             app = OmegaConf.to_container(self.loader.load_sweep_config(self.master, list(rest)), resolve=False)
             app.pop("hydra", None)  # type: ignore[union-attr]
-            self._templates[rest] = app if isinstance(app.get("data"), dict) and "${" not in str(app) else None  # type: ignore
+            fits = set(app) == set(_FIELDS) and isinstance(app["data"], dict) and set(app["data"]) == set(_DATA)  # type: ignore
+            self._templates[rest] = app if fits and "${" not in str(app) else None  # type: ignore[assignment]
         base = self._templates[rest]
         if base is None:
             return None

@@ -135,7 +135,7 @@ def _typed(cfg: Any) -> DictConfig:
         keys = [str(k) for k in cfg if k != "hydra"] + [f"data.{k}" for k in (cfg.data or {})]
         extra = sorted(set(keys) - set(allowed_keys()) - {"data"})
         if extra:  # added with +key=…
-            raise ConfigError(_unknown(extra[0], allowed_keys()))
+            raise ConfigError(unknown_key(extra[0], allowed_keys()))
         return cfg
     plain = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
     if not isinstance(plain, dict):
@@ -190,7 +190,7 @@ def out_of_memory(ex: BaseException) -> bool:
     return isinstance(ex, MemoryError) or type(ex).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(ex)
 
 
-def _unknown(key: str, known: list[str], where: str = "allowed keys") -> str:
+def unknown_key(key: str, known: list[str], where: str = "allowed keys") -> str:
     """'unknown config key', with the likeliest meant key first (hiden_dim, Lr) and the known ones."""
     name = key if any("." in k for k in known) else key.rpartition(".")[2]
     close = difflib.get_close_matches(name.lower(), [k.lower() for k in known], n=1, cutoff=0.6)
@@ -222,12 +222,12 @@ def one_line(ex: BaseException) -> str:
         schema = getattr(err, "object_type", None)  # the dataclass of the node the key is missing from
         if key.startswith(("hydra.launcher.", "hydra.sweeper.")) and dataclasses.is_dataclass(schema):  # its keys
             known = [f.name for f in fields(schema) if not f.name.startswith("_")]
-            return _unknown(key, known, f"{key.rpartition('.')[0]} has the keys")
+            return unknown_key(key, known, f"{key.rpartition('.')[0]} has the keys")
         if key.startswith("hydra."):  # Hydra's own keys: too many to list
             return f"unknown config key '{key}'; add it with '+{key}=…', or see Hydra's keys with --cfg hydra"
         if key in allowed_keys():  # a key of quadnet's that has no value: deleted with ~key
             return f"'{key}' has no value (deleted with ~{key}?): every key needs one, its default or yours"
-        return _unknown(key, allowed_keys())
+        return unknown_key(key, allowed_keys())
     if isinstance(err, ValidationError) and key and expected_type(key):
         return f"{key}={getattr(err, 'value', None)!r} is not allowed: must be {expected_type(key)}"
     if cause is not None:

@@ -496,12 +496,17 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         _refused(launcher, str(e))
     with loop.catch_signals() as stop, ThreadPoolExecutor(1) as trainer:
         training: Any = None
-        for jobs in sweep.chunks():  # (the next chunk trains in the helper thread while this one's dirs are written)
-            if stop():
-                break
-            ahead, training = training, trainer.submit(sweep.train, jobs, stop)
-            if ahead is not None:
-                sweep.write(ahead.result(), stop.signal)
+        try:
+            for jobs in sweep.chunks():  # (the next chunk trains in the helper thread while this one's dirs are written)
+                if stop():
+                    break
+                ahead, training = training, trainer.submit(sweep.train, jobs, stop)
+                if ahead is not None:
+                    sweep.write(ahead.result(), stop.signal)
+        except SweepRefused as e:  # (a job of a later chunk: resume= swept; the first chunk's come before any writing)
+            if training is not None:
+                sweep.write(training.result(), stop.signal)
+            _refused(launcher, str(e))
         if training is not None:
             sweep.write(training.result(), stop.signal)
     n, c = len(job_overrides), sweep.counts

@@ -45,10 +45,11 @@ def _sweep(tmp_path, name, *overrides):
 
 def _batch(cfgs, tmp_path=None, device="cpu"):
     """Train configs as one batch, as the launcher does; write each job's dir under tmp_path/bat<i>."""
-    label, jobs, seconds = loop.train_batch([loop.Job(c, start_state(c)) for c in cfgs], device)
+    label, engine, jobs, seconds = loop.train_batch([loop.Job(c, start_state(c)) for c in cfgs], device)
     if tmp_path is None:
         return jobs
-    return [rundir.write(tmp_path / f"bat{i}", j, label, seconds) for i, j in enumerate(jobs)]
+    ran = {"device": label, "engine": engine, "train_seconds": seconds}
+    return [rundir.write(tmp_path / f"bat{i}", j, ran) for i, j in enumerate(jobs)]
 
 
 def _summary(tmp_path, name, n):
@@ -83,16 +84,10 @@ def test_batched_launcher_from_the_cli_equals_the_basic_launcher(tmp_path):
         assert a["config"] == {**b["config"], "plots": True}
         np.testing.assert_allclose(_probs(a), _probs(b), rtol=0, atol=1e-9)
         assert b["batch"]["jobs"] == 8 and "batch" not in a
-        for name in (
-            ".hydra/config.yaml",
-            ".hydra/hydra.yaml",
-            ".hydra/overrides.yaml",
-            "metrics.csv",
-            "model.pt",
-            "checkpoint.pt",
-            "train.log",
-        ):
+        for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.csv", "checkpoint.npz", "train.log"):
             assert (tmp_path / "batched" / str(n) / name).is_file(), name
+        assert not (tmp_path / "batched" / str(n) / ".hydra/hydra.yaml").exists()  # (the sweep's multirun.yaml)
+        assert a["overrides"] == b["overrides"] and b["train_seconds"] < b["batch"]["seconds"]
         assert not (tmp_path / "batched" / str(n) / "loss.png").exists()  # plots are off in batched sweeps
         assert (tmp_path / "basic" / str(n) / "loss.png").exists()
         assert (tmp_path / "batched" / str(n) / ".hydra" / "overrides.yaml").read_text() == (
@@ -135,19 +130,18 @@ def test_a_failing_job_inside_a_batch_keeps_the_others(tmp_path):
 def test_a_job_that_fails_in_training_is_taken_out_and_the_rest_train_on(tmp_path, monkeypatch):
     """Any exception while a batch is built or trained (here: memory, for the widest net) fails
     that job alone, with a one-line reason; the others equal their own runs."""
-    import quadnet.engine
     import quadnet.sweep as sweep
 
-    real = quadnet.engine.build
+    real = loop.build
 
     def build(cfgs, *a, **k):
         if any(c.hidden_dim == 13 for c in cfgs):
             raise MemoryError
         return real(cfgs, *a, **k)
 
-    monkeypatch.setattr(quadnet.engine, "build", build)
+    monkeypatch.setattr(loop, "build", build)
     cfgs = [make_cfg(f"hidden_dim={h}", "epochs=150", f"seed={i}") for i, h in enumerate((4, 13, 6, 9, 5))]
-    jobs = [sweep.Job(i, None, tmp_path / str(i), cfg=c, start=loop.Job(c, start_state(c))) for i, c in enumerate(cfgs)]
+    jobs = [sweep.Job(i, [], tmp_path / str(i), str(i), cfg=c, start=loop.Job(c, start_state(c))) for i, c in enumerate(cfgs)]
     sweep.train_here([jobs], 0, lambda: False, tmp_path)
     assert [j.error is None for j in jobs] == [True, False, True, True, True]
     assert jobs[1].error.startswith("out of memory")
@@ -162,43 +156,22 @@ def _job_files(job_dir):
     return sorted(str(p.relative_to(job_dir)) for p in job_dir.rglob("*") if p.is_file())
 
 
-def test_forked_writers_write_what_one_process_writes_and_a_blocked_dir_fails_alone(tmp_path):
-    sweeps = {}
-    for writers in (0, 2):
-        sweep_dir = tmp_path / f"w{writers}"
-        sweep_dir.mkdir()
-        (sweep_dir / "2").write_text("in the way")  # job 2's dir cannot be made
-        r = run_cli(
-            "-m",
-            "hydra/launcher=batched",
-            f"hydra.launcher.writers={writers}",
-            "seed=range(6)",
-            "epochs=30",
-            "log_every=10",
-            f"hydra.sweep.dir={sweep_dir}",
-            cwd=tmp_path,
-        )
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        assert r.stderr.splitlines()[-1].startswith("error: [Errno 17] File exists"), r.stderr
-        assert (sweep_dir / "2").read_text() == "in the way"
-        sweeps[writers] = sweep_dir
-    one, forked = sweeps[0], sweeps[2]
-    for n in (0, 1, 3, 4, 5):
-        a, b = one / str(n), forked / str(n)
-        assert _job_files(a) == _job_files(b) and "summary.json" in _job_files(a)
-        for name in (".hydra/config.yaml", ".hydra/overrides.yaml"):
-            assert (a / name).read_text() == (b / name).read_text()
-        ha, hb = ((d / ".hydra/hydra.yaml").read_text() for d in (a, b))
-        assert ha.replace(str(one), "D").replace("writers: 0", "writers: N").replace("writers=0", "writers=N") == (
-            hb.replace(str(forked), "D").replace("writers: 2", "writers: N").replace("writers=2", "writers=N")
-        )
-        sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
-        for s in (sa, sb):
-            del s["run_dir"], s["train_seconds"], s["batch"]["seconds"]
-        assert sa["batch"] == {"jobs": 6}  # job 2 trained too; only its dir was in the way
-        assert sa == sb and sa["status"] == "completed"
-        assert "status completed at epoch 30/30" in (b / "train.log").read_text()
-        assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
+def test_a_job_whose_dir_cannot_be_made_fails_alone_and_the_sweep_goes_through_its_chunks(tmp_path):
+    sweep_dir = tmp_path / "s"
+    sweep_dir.mkdir()
+    (sweep_dir / "2").write_text("in the way")  # job 2's dir cannot be made
+    args = ("-m", "hydra/launcher=batched", "hydra.launcher.max_batch=2", "seed=range(7)", "epochs=30", "log_every=10")
+    r = run_cli(*args, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1].startswith("error: [Errno 17] File exists"), r.stderr
+    assert (sweep_dir / "2").read_text() == "in the way"
+    assert "jobs 0-1 of 7 written" in r.stdout and "jobs 6-6 of 7 written" in r.stdout  # chunks of max_batch
+    for n in (0, 1, 3, 4, 5, 6):
+        s = _summary(tmp_path, "s", n)
+        assert s["status"] == "completed" and s["batch"]["jobs"] == (1 if n == 6 else 2)
+        assert _job_files(sweep_dir / str(n)) == [".hydra/config.yaml", ".hydra/overrides.yaml", "checkpoint.npz",
+                                                  "metrics.csv", "summary.json", "train.log"]  # fmt: skip
+        assert "status completed at epoch 30/30" in (sweep_dir / str(n) / "train.log").read_text()
 
 
 def test_batched_chunks_through_submitit_equal_the_batches_trained_here(tmp_path):
@@ -228,10 +201,9 @@ def test_a_bad_device_found_in_a_submitit_chunk_is_one_line(tmp_path):
 @pytest.mark.parametrize(
     "option,message",
     [
-        ("writers=-1", "hydra.launcher.writers=-1 is not allowed: must be >= 0, or null"),
         ("max_batch=-1", "hydra.launcher.max_batch=-1 is not allowed: must be >= 0"),
         ("executor=lsf", "hydra.launcher.executor='lsf' is not allowed: choose one of local, slurm, debug"),
-        ("+hydra.launcher.nope=1", "unknown config key 'hydra.launcher.nope'; the batched launcher's: plots, "),
+        ("+hydra.launcher.nope=1", "unknown config key 'hydra.launcher.nope' (the batched launcher's keys: plots, "),
     ],
 )
 def test_a_bad_launcher_option_is_one_line_and_writes_nothing(option, message, tmp_path):
@@ -291,37 +263,16 @@ def test_batched_launcher_is_discovered_from_any_directory(tmp_path):
     assert out.stdout.strip() == "False"
 
 
-SIMPLE_LINES = ["seed=17", "lr=0.01", "lr=-1.5e-3", "data.seed=3", "a=1e3", "a=1E+5", "a=-0", "x_y.z=12.5e-07"]
-PARSER_ONLY_LINES = ["a=007", "a=1_000", "lr=.5", "a=+3", "a=1.", "+a=1", "a=1,2", "a=inf", "a=abc", "a=null"]
-
-
-@pytest.mark.parametrize("line", SIMPLE_LINES)
-def test_fast_override_parse_equals_hydras(line):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from quadnet.fastcompose import _simple
-
-    fast, hydra = _simple(line), OverridesParser.create().parse_overrides([line])[0]
-    assert fast == hydra and type(fast.value()) is type(hydra.value())
-
-
-@pytest.mark.parametrize("line", PARSER_ONLY_LINES)
-def test_fast_override_parse_leaves_the_rest_to_hydras_parser(line):
-    from quadnet.fastcompose import _simple
-
-    assert _simple(line) is None
-
-
-def test_fast_sweep_loader_composes_exactly_as_hydra(tmp_path):
+def test_the_composer_types_each_job_as_hydra_composes_it(tmp_path):
+    """The Composer's configs (a template composed once, the values on top) against Hydra's composition of each job."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.utils import create_config_search_path
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import OmegaConf
 
-    from quadnet.config import config_dir, register_configs
-    from quadnet.fastcompose import FastSweepLoader
+    from quadnet.compose import Composer, SweepLoader
+    from quadnet.config import ConfigError, config_dir, register_configs, validate
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -329,25 +280,20 @@ def test_fast_sweep_loader_composes_exactly_as_hydra(tmp_path):
     master = loader.load_configuration("train", ["hydra/launcher=batched", "lr=0.5"], RunMode.MULTIRUN)
     before = HydraConfig.instance().cfg
     HydraConfig.instance().set_config(master)
-    fast = FastSweepLoader(loader)
+    composer = Composer(loader, master)
     jobs = [
-        ["seed=1", "lr=0.1"],
-        ["seed=2", "lr=0.2"],
-        ["seed=3", "lr=1e-3"],
-        ["seed=4", "lr=0.3"],
-        ["seed=5", "data=sampled"],
-        ["seed=6", "data=sampled"],
-        ["hidden_dim=3", "momentum=0.5"],
-        ["hidden_dim=4", "momentum=0.25"],
-        ["lr=0.1", "seed=7"],
-    ]
+        ["seed=1", "lr=0.1"], ["seed=2", "lr=1"], ["seed='3'", "lr=1e-3"], ["seed=5", "data=sampled", "data.n_train=9"],
+        ["seed=6", "data=sampled"], ["hidden_dim=3", "momentum=0.5", "progress=null"], ["lr=0.1", "seed=7", "lr=0.2"],
+        ["optimizer=adam", "beta1=0", "data=csv", "data.path=x.csv"], ["+experiment=epochs_study", "seed=2"],
+    ]  # fmt: skip
     for ov in jobs:
-        got = fast.load_sweep_config(master, ov)
-        want = loader.load_sweep_config(master, ov)
-        assert OmegaConf.to_container(got) == OmegaConf.to_container(want), ov
-    bad = fast.load_sweep_config  # values the schema refuses still raise Hydra's own error
-    with pytest.raises(Exception, match="hidden_dim"):
-        bad(master, ["hidden_dim=abc", "momentum=0.5"])
+        got = composer.typed(ov)
+        assert got is not None and got == validate(loader.load_sweep_config(master, ov)), ov
+    assert composer.typed(["lr=${reg}"]) is None and composer.typed(["+foo=1"]) is None  # (Hydra composes those)
+    with pytest.raises(ConfigError, match="hidden_dim='abc' is not allowed: must be an integer"):
+        composer.typed(["hidden_dim=abc", "momentum=0.5"])
+    checked = SweepLoader(loader)  # the sweeper's check: Hydra's composition where the Composer leaves one to it
+    assert checked.load_sweep_config(master, ["seed=3"]) is master and "foo" in checked.load_sweep_config(master, ["+foo=1"])
     HydraConfig.instance().cfg = before
 
 
@@ -445,7 +391,7 @@ def test_a_signal_keeps_every_job_and_the_sweep_resumes_as_one_batch(sig, code, 
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     deadline = time.time() + 120
-    while not list((tmp_path / "s" / ".batches").glob("*.pt")) and time.time() < deadline:
+    while not list((tmp_path / "s" / ".batches").glob("*.npz")) and time.time() < deadline:
         time.sleep(0.1)  # the batch has written its first checkpoint: it is training
     p.send_signal(sig)
     out, _ = p.communicate(timeout=120)
@@ -460,7 +406,8 @@ def test_a_signal_keeps_every_job_and_the_sweep_resumes_as_one_batch(sig, code, 
     target = stopped + 300
     r = run_cli(*sweep, f"epochs={target}", f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "6 jobs in 1 batch group(s)" in r.stdout + r.stderr  # resumed together, as one batch
+    assert "6 resumed from their checkpoints" in r.stdout + r.stderr
+    assert _summary(tmp_path, "s", 0)["batch"]["jobs"] == 6  # resumed together, as one batch
     _sweep(tmp_path, "straight", *sweep[1:], f"epochs={target}")
     for n in range(6):
         a, b = _summary(tmp_path, "s", n), _summary(tmp_path, "straight", n)
@@ -476,7 +423,7 @@ def test_an_interrupted_basic_sweep_goes_on_under_the_batched_launcher_and_is_ne
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     deadline = time.time() + 120
-    while not (tmp_path / "s" / "0" / "checkpoint.pt").exists() and time.time() < deadline:
+    while not (tmp_path / "s" / "0" / "checkpoint.npz").exists() and time.time() < deadline:
         time.sleep(0.1)  # job 0 is training
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=120)
@@ -485,12 +432,12 @@ def test_an_interrupted_basic_sweep_goes_on_under_the_batched_launcher_and_is_ne
     assert command[:3] == ["python", "-m", "quadnet.train"] and "hydra/launcher=batched" in command, command
     target = checkpoint.load(tmp_path / "s" / "0")["epoch"] + 300
     # the basic launcher again into its dir: job 0's run is refused, not trained over
-    ck = (tmp_path / "s" / "0" / "checkpoint.pt").read_bytes()
+    ck = (tmp_path / "s" / "0" / "checkpoint.npz").read_bytes()
     r = run_cli(
         "-m", "seed=0", "hydra/launcher=basic", f"epochs={target}", f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path
     )
     assert r.returncode == 2 and "holds an earlier run" in r.stderr.splitlines()[-1], r.stderr
-    assert (tmp_path / "s" / "0" / "checkpoint.pt").read_bytes() == ck
+    assert (tmp_path / "s" / "0" / "checkpoint.npz").read_bytes() == ck
     # the printed command (with more epochs) goes on with job 0 and trains job 1, as if straight through
     r = run_cli(*[a if a != "epochs=1000000" else f"epochs={target}" for a in command[3:]], cwd=tmp_path)
     assert r.returncode == 0 and "1 resumed from their checkpoints" in r.stdout + r.stderr, r.stderr
@@ -531,17 +478,19 @@ def test_a_sweep_run_again_into_its_dir_continues_its_jobs_and_never_throws_trai
         assert [r["epoch"] for r in read_metrics(tmp_path / "s" / str(n) / "metrics.csv")] == list(range(0, 351, 50))
 
 
-def test_threads_follow_the_setting_and_never_exceed_the_usable_cpus(monkeypatch):
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
-    assert loop.usable_cpus() == 1
-    before = torch.get_num_threads()
-    for asked, want in ((0, 1), (4, 1)):
-        with loop.threads(asked) as n:
-            assert n == want and torch.get_num_threads() == want
+@pytest.mark.parametrize("engine,default", [("numba", 3), ("torch", 1)])
+def test_threads_follow_the_setting_and_never_exceed_the_usable_cpus(engine, default, monkeypatch):
+    """threads=0: every usable CPU for numba, one for torch; never more than the process may use."""
+    from quadnet.data import make_dataset
+
+    def engine_threads(threads):
+        c = make_cfg(f"engine={engine}", f"threads={threads}")
+        return loop.build([c], make_dataset(c.data), [start_state(c)], "cpu").threads
+
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
-    with loop.threads(2) as n:
-        assert n == 2 and torch.get_num_threads() == 2
-    assert torch.get_num_threads() == before
+    assert [engine_threads(t) for t in (0, 2, 9)] == [default, 2, 3]
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert loop.usable_cpus() == 1 and [engine_threads(t) for t in (0, 4)] == [1, 1]
 
 
 @pytest.mark.parametrize(

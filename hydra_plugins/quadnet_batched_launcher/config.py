@@ -9,11 +9,9 @@ class BatchedLauncherConf:
     _target_: str = "hydra_plugins.quadnet_batched_launcher.launcher.BatchedLauncher"
     # Write loss.png and decision_regions.png for every job (slow for big sweeps).
     plots: bool = False
-    # Most jobs trained in one batched program; 0 picks a size that fits the device's memory.
+    # Most jobs trained in one batched program, and composed at once; 0: 1,024 on the CPU, on CUDA
+    # what fits half the free memory. The sweep goes through its jobs in chunks of this size.
     max_batch: int = 0
-    # Processes that write the job dirs once training is done (Linux; jobs without callbacks).
-    # null: one per core for sweeps of 64 jobs or more; 0: write them in this process.
-    writers: int | None = None
     # Train the batches through submitit instead of in this process: null, local, slurm or
     # debug (the [sweep] extra). Each batch of at most max_batch jobs becomes one submitit job
     # (a SLURM job array), and this process writes the job dirs from what they return.

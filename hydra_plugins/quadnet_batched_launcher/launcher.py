@@ -59,16 +59,13 @@ EXECUTORS = ("local", "slurm", "debug")  # submitit's clusters ("debug": in this
 def check_options(opts: dict[str, Any]) -> None:
     import importlib.util
 
-    from quadnet.config import ConfigError
+    from quadnet.config import ConfigError, unknown_key
 
     known = [f.name for f in fields(BatchedLauncherConf) if f.name != "_target_"]
     if unknown := sorted(set(opts) - set(known)):
-        raise ConfigError(
-            f"unknown config key 'hydra.launcher.{unknown[0]}'; the batched launcher's: {', '.join(known)}"
-        )
+        raise ConfigError(unknown_key(f"hydra.launcher.{unknown[0]}", known, "the batched launcher's keys"))
     rules = {  # key: (whether its value is allowed, what is)
         "max_batch": (opts["max_batch"] >= 0, "must be >= 0 (0: what fits)"),
-        "writers": ((opts["writers"] or 0) >= 0, "must be >= 0, or null for one per core"),
         "executor": (opts["executor"] in (None, *EXECUTORS), f"choose one of {', '.join(EXECUTORS)}, or null"),
     }
     for key, (ok, allowed) in rules.items():
