@@ -10,7 +10,7 @@ From Python, with the command line's keys::
 
 from typing import Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["Model", "load", "run"]
 
 

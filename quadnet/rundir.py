@@ -65,10 +65,16 @@ def lock(folder: Path, what: str = "sweep") -> None:
 
 
 def write(
-    run_dir: Path, job: Job, ran: dict[str, Any], stop_signal: int | None = None, extra: dict | None = None
+    run_dir: Path,
+    job: Job,
+    ran: dict[str, Any],
+    stop_signal: int | None = None,
+    extra: dict | None = None,
+    sweep: Path | None = None,
 ) -> dict[str, Any]:
     """Write a finished job's dir; return its summary. ran: where and how it trained (``device``,
-    ``engine``, ``train_seconds``: the training loop's time); extra: more keys for the summary."""
+    ``engine``, ``train_seconds``: the training loop's time); extra: more keys for the summary;
+    sweep: the sweep dir of a sweep's job (its MLflow run is nested in the sweep's)."""
     cfg, run_dir, data = job.cfg, Path(run_dir), make_dataset(job.cfg.data)
     run_dir.mkdir(parents=True, exist_ok=True)
     final, params = job.history[-1], job.state["params"]
@@ -110,6 +116,11 @@ def write(
             plots.plot_regions(run_dir / "decision_regions.png", params, data, title)
     if cfg.animate and job.frames and job.status != "diverged":
         plots.animate(run_dir / "training.gif", job.frames, job.history, data, title)
+    if cfg.logger == "mlflow":  # (last: the store sees the dir's files; a store that fails is a note)
+        from quadnet.tracking import log_run
+
+        summary["tracking"] = log_run(summary, job.history, run_dir, sweep)
+        artifacts.write_json(run_dir / "summary.json", summary)
     return summary
 
 

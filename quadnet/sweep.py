@@ -307,7 +307,7 @@ def train_submitit(groups: list[list[Job]], max_batch: int, executor: str, param
 # ---------------------------------------------------------------------- the job dirs
 
 
-def _write(job: Job, stop_signal: int | None, quiet: bool) -> Any:
+def _write(job: Job, stop_signal: int | None, quiet: bool, sweep_dir: Path) -> Any:
     """A batched job's run dir from its result; its objective (or its error, raised)."""
     from quadnet.train import conclude
 
@@ -317,11 +317,11 @@ def _write(job: Job, stop_signal: int | None, quiet: bool) -> Any:
     if job.kept:  # completed in an earlier launch of this sweep: its dir is kept
         summary = _summary(job.dir)
     else:
-        summary = rundir.write(job.dir, job.result, job.ran, stop_signal, {"overrides": job.overrides})
+        summary = rundir.write(job.dir, job.result, job.ran, stop_signal, {"overrides": job.overrides}, sweep_dir)
     return conclude(summary, single_run=False, exit=False, quiet=quiet)
 
 
-def write_lean(job: Job, hc: Any, stop_signal: int | None, quiet: bool) -> tuple[JobStatus, Any]:
+def write_lean(job: Job, hc: Any, stop_signal: int | None, quiet: bool, sweep_dir: Path) -> tuple[JobStatus, Any]:
     """What Hydra's run_job leaves in a job's dir, for a job the Composer made: ``.hydra/config.yaml``
     and ``overrides.yaml`` (the sweep's own Hydra config is its multirun.yaml, not a copy in each
     job), the job's log file when it logs anything, then its files (:func:`_write`)."""
@@ -337,7 +337,7 @@ def write_lean(job: Job, hc: Any, stop_signal: int | None, quiet: bool) -> tuple
             handler = logging.FileHandler(job.dir / f"{hc.job.name}.log")
             handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
             logging.getLogger().addHandler(handler)
-        return JobStatus.COMPLETED, _write(job, stop_signal, quiet)
+        return JobStatus.COMPLETED, _write(job, stop_signal, quiet, sweep_dir)
     except Exception as e:  # its dir cannot be made or written: this job fails, not the sweep
         return JobStatus.FAILED, e
     finally:
@@ -346,9 +346,10 @@ def write_lean(job: Job, hc: Any, stop_signal: int | None, quiet: bool) -> tuple
             handler.close()
 
 
-def write_hydra(ctx: Any, job: Job, stop_signal: int | None, quiet: bool) -> tuple[JobStatus, Any]:
+def write_hydra(ctx: Any, job: Job, stop_signal: int | None, quiet: bool, sweep_dir: Path) -> tuple[JobStatus, Any]:
     """A job Hydra composed: its dir through Hydra's own run_job (its .hydra/, log, callbacks)."""
-    ret = run_job(hydra_context=ctx, task_function=lambda _: _write(job, stop_signal, quiet), config=job.config,
+    task = lambda _: _write(job, stop_signal, quiet, sweep_dir)  # noqa: E731
+    ret = run_job(hydra_context=ctx, task_function=task, config=job.config,
                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")  # fmt: skip
     return ret.status, ret._return_value
 
@@ -439,9 +440,9 @@ class Sweep:
         t0 = time.perf_counter()
         for j in jobs:
             if j.config is None:
-                status, value = write_lean(j, self.hc, stop_signal, self.quiet)
+                status, value = write_lean(j, self.hc, stop_signal, self.quiet, self.dir)
             else:
-                status, value = write_hydra(self.ctx, j, stop_signal, self.quiet)
+                status, value = write_hydra(self.ctx, j, stop_signal, self.quiet, self.dir)
             self.returns.set(j.idx - self.first, status, value)
             self.counts["ended " + (j.result.status if status == JobStatus.COMPLETED else "failed")] += 1  # type: ignore
             if status == JobStatus.COMPLETED:  # its dir holds its own checkpoint now
@@ -509,6 +510,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             _refused(launcher, str(e))
         if training is not None:
             sweep.write(training.result(), stop.signal)
+    if "quadnet.tracking" in sys.modules:  # (its jobs logged to MLflow: the sweep's run ends now)
+        sys.modules["quadnet.tracking"].end(sweep.dir, "KILLED" if stop.signal is not None else "FINISHED")
     n, c = len(job_overrides), sweep.counts
     resumed = f"{c['running']} resumed from their checkpoints, {c['completed']} completed before, {c['refused']} refused"
     log.info("%d jobs (%d new, %s)", n, c["new"], resumed)

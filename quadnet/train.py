@@ -130,7 +130,7 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
         out.mkdir(parents=True, exist_ok=True)
         label, engine, _, seconds = loop.train_batch([job], device, stop, save)
         ran = {"train_seconds": seconds, "device": label, "engine": engine, "overrides": _overrides()}
-        summary = rundir.write(out, job, ran, stop.signal)
+        summary = rundir.write(out, job, ran, stop.signal, sweep=_sweep_dir())
     if stop.signal is not None and job.status != "interrupted":  # it came as the dir was written
         raise Interrupted(stop.signal, summary)
     return summary
@@ -160,6 +160,15 @@ def refuse_before_hydra(overrides: list[str]) -> None:
         make_dataset(c.data)
     if any(o.startswith("hydra.run.dir=") for o in overrides):
         refuse_earlier_run(Path(str(cfg.hydra.run.dir)), c.resume)
+
+
+def _sweep_dir() -> Path | None:
+    """The sweep dir of a job Hydra runs in a sweep; None for a single run."""
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().runtime.cwd, HydraConfig.get().sweep.dir)
 
 
 def _overrides() -> list[str]:

@@ -1,0 +1,143 @@
+"""MLflow tracking (logger=mlflow): a run, a sweep as a parent run with nested runs, a real server, a store that is down."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import make_cfg, run_cli
+from quadnet.config import allowed_keys
+from quadnet.train import train
+
+mlflow = pytest.importorskip("mlflow", reason="needs the [mlflow] extra: pip install -e '.[mlflow]'")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _runs(uri: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("quadnet")
+    return client.search_runs([experiment.experiment_id], max_results=1000) if experiment else []
+
+
+def test_a_run_goes_to_the_sqlite_store_under_outputs_with_everything_a_user_looks_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("quadnet.tracking._state", {})
+    s = train(make_cfg("epochs=300", "log_every=100", "logger=mlflow", "plots=true"), run_dir=tmp_path / "r")
+    uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
+    (run,) = _runs(uri)
+    assert s["tracking"] == {"uri": uri, "experiment_id": run.info.experiment_id, "run_id": run.info.run_id,
+                             "parent_run_id": None}  # fmt: skip
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["tracking"]["run_id"] == run.info.run_id
+    assert run.info.status == "FINISHED" and run.data.tags["quadnet.status"] == "completed"
+    assert run.data.params["hidden_dim"] == "50" and run.data.params["data.name"] == "seed"
+    assert run.data.params["resume"] == "null" and sorted(run.data.params) == sorted(allowed_keys())  # every config key
+    assert run.data.tags["quadnet.version"] and "mlflow.parentRunId" not in run.data.tags
+    assert run.data.metrics["final.test_accuracy"] == s["test_accuracy"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 100, 200, 300]
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert files == {"summary.json", "metrics.csv", "loss.png", "decision_regions.png"}
+    assert Path(client.get_experiment(run.info.experiment_id).artifact_location.removeprefix("file://")) == (
+        tmp_path / "outputs" / "mlartifacts"
+    )
+
+
+def test_a_store_that_is_down_is_a_warning_and_a_note_and_the_run_is_kept(tmp_path):
+    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    t0 = time.time()
+    r = run_cli("epochs=50", "logger=mlflow", "hydra.run.dir=r", cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert (r.stdout + r.stderr).count("runs are not logged to it") == 1 and time.time() - t0 < 60
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["status"] == "completed" and "failed while" in s["tracking"]["error"]
+    assert (tmp_path / "r" / "checkpoint.npz").is_file()
+
+
+def test_logger_mlflow_without_mlflow_is_refused_before_training(monkeypatch, tmp_path):
+    import importlib.util
+
+    from quadnet.config import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"logger=mlflow needs mlflow: pip install -e '\.\[mlflow\]'"):
+        train(make_cfg("epochs=5", "logger=mlflow"), run_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real MLflow tracking server on localhost, with a SQLite backend."""
+    if shutil.which("mlflow") is None and not (Path(sys.executable).parent / "mlflow").exists():
+        pytest.skip("no mlflow command (the [mlflow] extra installs mlflow's server)")
+    root, port = tmp_path_factory.mktemp("mlflow"), _free_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}", "--default-artifact-root", str(root / "art"),
+           "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as ok:
+                if ok.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the mlflow server did not start within 120 s")
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("launcher", ["batched", "basic"])
+def test_a_sweep_is_a_parent_run_with_a_nested_run_a_job_on_a_real_server(server, launcher, tmp_path):
+    env = {"MLFLOW_TRACKING_URI": server, "MLFLOW_EXPERIMENT_NAME": f"sweeps-{launcher}"}
+    r = run_cli("-m", f"hydra/launcher={launcher}", "seed=0,1,2", "epochs=40", "logger=mlflow", "plots=false",
+                f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=server)
+    runs = client.search_runs([client.get_experiment_by_name(f"sweeps-{launcher}").experiment_id])
+    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.run_name == "s" and parent.info.status == "FINISHED"
+    assert sorted(run.data.params["seed"] for run in children) == ["0", "1", "2"]
+    assert all(run.info.status == "FINISHED" and run.data.metrics["final.train_seconds"] > 0 for run in children)
+    for n in range(3):
+        s = json.loads((tmp_path / "s" / str(n) / "summary.json").read_text())
+        assert s["tracking"]["parent_run_id"] == parent.info.run_id
+    # the same sweep again into its dir (it goes on): its jobs are kept, its parent run is the same
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    assert json.loads((tmp_path / "s" / ".mlflow").read_text())["run_id"] == parent.info.run_id
+
+
+def test_a_single_run_on_a_real_server(server, tmp_path):
+    r = run_cli("epochs=30", "logger=mlflow", "hydra.run.dir=r", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": server})
+    assert r.returncode == 0, r.stderr
+    run_id = json.loads((tmp_path / "r" / "summary.json").read_text())["tracking"]["run_id"]
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=server).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["epochs"] == "30"
