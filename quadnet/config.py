@@ -1,6 +1,6 @@
 """Every setting quadnet knows: its default and meaning (the dataclasses), and the ranges it must be in.
 
-The dataclasses are the single source of defaults: ``configs/`` only picks a data variant
+The dataclasses are the single source of defaults: ``quadnet/configs/`` only picks a data variant
 and says where runs go. Hydra composes the YAML onto this schema, so OmegaConf refuses an
 unknown key or a value of the wrong type before anything runs; :func:`validate` then
 checks the ranges and choices in :data:`RULES` and returns a typed :class:`TrainConfig`.
@@ -301,13 +301,12 @@ def user_path(path: str) -> Path:
 
 
 def config_dir() -> str:
-    """Where Hydra finds ``configs/``: the checkout's folder, else the installed package."""
-    here = Path(__file__).resolve().parent.parent / "configs"
-    return str(here) if (here / "train.yaml").is_file() else "pkg://quadnet.configs"
+    """Where Hydra finds quadnet's YAML: the package's ``configs/``."""
+    return str(Path(__file__).resolve().parent / "configs")
 
 
 def register_configs() -> None:
-    """Store the schema that ``configs/train.yaml`` builds on (once: Hydra 1.4 warns of a second)."""
+    """Store the schema that ``quadnet/configs/train.yaml`` builds on (once: Hydra 1.4 warns of a second)."""
     from hydra.core.config_store import ConfigStore
 
     if "quadnet_schema.yaml" not in ConfigStore.instance().list(""):
@@ -322,12 +321,10 @@ def version_base() -> dict[str, str]:
 
 
 def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
-    """Compose configs/train.yaml with overrides, as ``python -m quadnet.train`` would (Hydra's
+    """Compose quadnet/configs/train.yaml with overrides, as ``python -m quadnet.train`` would (Hydra's
     node too, with_hydra=True). Hydra's global state is set up and cleared again each call."""
     import hydra
 
     register_configs()
-    where = config_dir()  # a folder, or pkg://quadnet.configs: the module
-    initialize = hydra.initialize_config_module if where.startswith("pkg://") else hydra.initialize_config_dir
-    with initialize(where.removeprefix("pkg://"), **version_base()):
+    with hydra.initialize_config_dir(config_dir(), **version_base()):
         return hydra.compose(config_name="train", overrides=overrides, return_hydra_config=with_hydra)

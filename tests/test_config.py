@@ -158,7 +158,7 @@ def test_composition_of_groups_and_overrides():
 def test_config_dir_is_the_checkout_folder():
     from pathlib import Path
 
-    assert Path(config_dir()) == Path(__file__).resolve().parent.parent / "configs"
+    assert Path(config_dir()) == Path(__file__).resolve().parent.parent / "quadnet" / "configs"
 
 
 @pytest.mark.parametrize(

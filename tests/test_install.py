@@ -50,7 +50,7 @@ def test_wheel_install_runs_from_any_directory(tmp_path):
         text=True,
         check=True,
     ).stdout.split()
-    assert probe[0].startswith(str(site)) and probe[1] == "pkg://quadnet.configs"
+    assert probe[0].startswith(str(site)) and probe[1] == str(site / "quadnet" / "configs")
     r = subprocess.run(
         [sys.executable, "-m", "quadnet.train", "epochs=100", "data=sampled", "data.n_train=16"],
         cwd=elsewhere,
@@ -69,3 +69,12 @@ def test_wheel_install_runs_from_any_directory(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert len(list((elsewhere / "outputs" / "multirun").glob("*/1/summary.json"))) == 1
+
+
+def test_the_package_is_found_from_the_dir_that_holds_a_clone_named_quadnet(tmp_path):
+    """From the folder that holds the checkout (itself named quadnet), `import quadnet` is the package,
+    not a namespace package made of the checkout's folder."""
+    (tmp_path / "quadnet").symlink_to(ROOT)
+    code = "import quadnet; print(quadnet.__file__, callable(quadnet.run))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == [str(ROOT / "quadnet" / "__init__.py"), "True"], r.stderr
