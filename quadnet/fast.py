@@ -33,8 +33,9 @@ def _jit(fn: Callable[..., Any]) -> Any:
     """njit with the on-disk cache; without one where no cache dir can be written (numba refuses)."""
     try:
         return njit(cache=True, nogil=True, error_model="numpy")(fn)
-    except RuntimeError as e:  # "cannot cache function …: no locator available"
-        warnings.warn(f"numba cannot cache its kernels ({e}); they compile in each process", stacklevel=2)
+    except RuntimeError:  # "cannot cache function …: no locator available"
+        why = "no cache dir can be written: set NUMBA_CACHE_DIR to one"
+        warnings.warn(f"numba cannot cache its kernels ({why}); they compile in each process", stacklevel=2)
         return njit(nogil=True, error_model="numpy")(fn)
 
 

@@ -151,6 +151,8 @@ def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -
         return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%" if pct else f"{v:.6g}"
 
     status = f"status {s['status']} at epoch {s['epoch']}/{s['epochs']}"
+    if not table and s.get("overrides"):  # a sweep's job: which one
+        status = f"[{' '.join(s['overrides'])}] {status}"
     accuracy = f"train accuracy {num(s['train_accuracy'], True)}   test accuracy {num(s['test_accuracy'], True)}"
     lines.append(f"{status}   {accuracy}   final loss {num(s['final_loss'])}   train_seconds {s['train_seconds']:.3f}")
     lines.append(f"run dir: {s['run_dir']}")

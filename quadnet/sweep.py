@@ -366,7 +366,8 @@ class Sweep:
         hc = self.config.hydra
         self.hc, self.quiet = hc, len(job_overrides) > CHATTY
         self.numbered = OmegaConf.to_container(hc.sweep)["subdir"] == "${hydra.job.num}"  # type: ignore[index]
-        self.lean = self.numbered and not self.ctx.callbacks.callbacks  # (else Hydra makes each job's dir)
+        others = [c for c in self.ctx.callbacks.callbacks if not type(c).__module__.startswith("quadnet")]
+        self.lean = self.numbered and not others  # (else Hydra makes each job's dir, and calls the callbacks)
         loader = self.ctx.config_loader
         self.composer = loader.composer(self.config) if hasattr(loader, "composer") else None
         self.loader = getattr(loader, "_loader", loader)

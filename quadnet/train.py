@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import dataclasses
 import logging
 import math
@@ -18,6 +19,7 @@ import shlex
 import shutil
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -29,6 +31,7 @@ if __name__ == "__main__":  # python -m quadnet.train: a signal while torch and 
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from quadnet import artifacts, checkpoint, loop, rundir
@@ -301,6 +304,19 @@ def task(cfg: DictConfig) -> float:
 
 
 _sweep: Path | None = None  # the basic sweep this process runs, once a job of it has started
+
+
+class SweepEnd(Callback):
+    """Hydra calls it when a sweep ends (train.yaml's hydra.callbacks): a closing line, as the batched
+    launcher prints its own, for a sweep of any other launcher (basic, joblib, submitit)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if str(config.hydra.launcher._target_).startswith("hydra_plugins.quadnet_batched_launcher"):
+            return
+        where = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
+        ends = Counter(json.loads(p.read_text()).get("status", "?") for p in where.glob("*/summary.json"))
+        outcome = ", ".join(f"{n} {s}" for s, n in sorted(ends.items()))
+        log.info("%d jobs: %s; report: python -m quadnet.report %s", sum(ends.values()), outcome, shlex.quote(str(where)))
 
 
 def _stopped(signum: int) -> None:

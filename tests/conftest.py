@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -67,7 +68,10 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 def make_cfg(*overrides: str) -> TrainConfig:
-    """A validated config, composed exactly as the CLI composes it. Quiet by default."""
+    """A validated config, composed exactly as the CLI composes it. Quiet by default. A test that
+    asks for the numba engine skips where numba is not installed (the torch engine is the rest)."""
+    if "engine=numba" in overrides and importlib.util.find_spec("numba") is None:
+        pytest.skip("needs numba: pip install -e '.[fast]'")
     return validate(compose(["progress=false", "plots=false", *overrides]))
 
 

@@ -70,8 +70,10 @@ def _sweep(cwd: Path, name: str, *overrides: str, timeout: float = 300) -> Path:
     r = run_cli("-m", *overrides, f"hydra.sweep.dir={sweep_dir}", cwd=cwd, timeout=timeout)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     log = r.stdout + r.stderr
-    # submitit polls sacct for job states; on a cluster without accounting each poll warns
-    assert "Bypassing sacct error" not in log, log[-3000:]
+    # submitit polls sacct for job states; on a cluster without accounting each poll warns. A user's
+    # SLURM may run without it: only the project's own cluster (scripts/slurm-up.sh, CI) must have it.
+    if os.environ.get("QUADNET_REQUIRE_SLURM"):
+        assert "Bypassing sacct error" not in log, log[-3000:]
     return sweep_dir
 
 
