@@ -19,8 +19,7 @@ METRIC_FIELDS = ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss"
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)``, then rename over ``path``: readers see old or new, never half.
 
-    A failed write (a full disk) leaves the old file and raises OSError naming the file.
-    Temporary files of writers that were killed (their pid is gone) are removed."""
+    A failed write (a full disk) leaves the old file and raises OSError naming the file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -29,7 +28,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise OSError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+
+
+def remove_stale(folder: Path) -> None:
+    """Temporary files in folder of writers that were killed (their pid is gone)."""
+    for stale in folder.glob(".*.tmp"):
         try:
             os.kill(int(stale.name.split(".")[-2]), 0)
         except ProcessLookupError:

@@ -8,6 +8,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
@@ -63,6 +64,11 @@ def on_signals(message: str, signals: tuple[int, ...] = (signal.SIGINT, signal.S
     sets its own handlers while it trains (:func:`quadnet.loop.catch_signals`)."""
 
     def handler(signum: int, frame: Any) -> None:
+        # the SystemExit unwinds (files are written atomically, subprocesses are ended); should code it
+        # lands in swallow it (a broad except in an import), the process ends 2 s later all the same
+        backstop = threading.Timer(2.0, os._exit, (128 + signum,))
+        backstop.daemon = True
+        backstop.start()
         fail(message, 128 + signum)
 
     for s in signals:

@@ -77,6 +77,7 @@ def write(
     sweep: the sweep dir of a sweep's job (its MLflow run is nested in the sweep's)."""
     cfg, run_dir, data = job.cfg, Path(run_dir), make_dataset(job.cfg.data)
     run_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.remove_stale(run_dir)
     final, params = job.history[-1], job.state["params"]
     opt = "" if cfg.optimizer == "sgd" else f" {cfg.optimizer}"  # the plots' title:
     title = f"hidden_dim={cfg.hidden_dim}{opt} lr={cfg.lr:g} reg={cfg.reg:g} seed={cfg.seed} · {job.epoch} epochs"
