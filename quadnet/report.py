@@ -34,6 +34,7 @@ import numpy as np
 import yaml
 
 from quadnet.artifacts import summary_metric, write_text
+from quadnet.checkpoint import NAMES
 from quadnet.cli import ArgumentParser, command, fail
 
 METRICS = {"test_loss": True, "test_error": True, "final_loss": True, "test_accuracy": False, "train_accuracy": False}
@@ -83,7 +84,7 @@ def read_job(d: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"job": d.name, "overrides": "", "params": {}, "error": None, **dict.fromkeys(FIGURES)}
     try:
         s = _read(d, "summary.json", json.loads, dict, "JSON object") if (d / "summary.json").exists() else {}
-        overrides = s.get("overrides")
+        overrides = s.get("overrides", [] if not (d / ".hydra").is_dir() else None)
         if not isinstance(overrides, list):  # (a job without a summary, or of quadnet 0.2)
             overrides = _read(d, ".hydra/overrides.yaml", lambda t: yaml.load(t, _LOADER), list, "list of overrides")
         overrides = [str(o) for o in overrides]
@@ -107,11 +108,12 @@ def read_job(d: Path) -> dict[str, Any]:
 
 
 def read_jobs(sweep: Path) -> list[dict[str, Any]]:
-    if (sweep / ".hydra").is_dir() and (sweep / "summary.json").exists():
+    if (sweep / "summary.json").exists():
         raise ReportError(f"{str(sweep)!r} is a single run, not a sweep; its results are in its summary.json")
-    dirs = [p for p in sweep.iterdir() if p.is_dir() and ((p / "summary.json").exists() or (p / ".hydra").is_dir())]
+    marks = ("summary.json", ".hydra", *NAMES)  # (a job that never finished has its checkpoint or Hydra's record)
+    dirs = [p for p in sweep.iterdir() if p.is_dir() and any((p / m).exists() for m in marks)]
     if not dirs:
-        raise ReportError(f"{str(sweep)!r} holds no job dirs (no */.hydra/overrides.yaml)")
+        raise ReportError(f"{str(sweep)!r} holds no job dirs (no */summary.json)")
     return [read_job(d) for d in sorted(dirs, key=lambda p: (len(p.name), p.name))]
 
 

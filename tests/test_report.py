@@ -88,7 +88,7 @@ def test_a_sweep_with_failed_diverged_and_unfinished_jobs(sweep, capsys, figures
     ]  # fmt: skip
     done = [float(r["test_loss"]) for r in rows if r["status"] == "completed"]
     assert done == sorted(done) and len(done) == 7 and all(r["status"] != "completed" for r in rows[7:])
-    assert {r["lr"] for r in rows} == {"0.05", "1000000.0"}
+    assert {r["lr"] for r in rows if r["job"] != "5"} == {"0.05", "1000000.0"}  # (5: no record of its values)
     # lr: one value among the completed jobs, nothing to plot against
     assert set(figures) == {"report_hidden_dim.png", "report_reg.png", "report_seed.png", "report_heatmap.png"}
     for name in figures:
