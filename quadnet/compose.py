@@ -13,16 +13,20 @@ of each job as cheap. The tests compare its configs with Hydra's on mixed sweeps
 
 from __future__ import annotations
 
+import re
 import typing
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, OverrideType
+from hydra.core.override_parser.types import Override, OverrideType, ValueType
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from quadnet.config import ConfigError, DataConfig, TrainConfig, allowed_keys, one_line
 
+# "key=number" in the forms Python reads exactly as Hydra's grammar does ("007" is a string to Hydra,
+# "1_000" is 1000: those and everything else go to Hydra's parser)
+_NUMBER = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)=(-?(?:0|[1-9]\d*)(\.\d+)?(?:[eE][-+]?\d+)?)")
 BOUND = 10_000  # parsed overrides and typed values kept at most (a sweep of 100,000 seeds has as many)
 _FIELDS, _DATA = typing.get_type_hints(TrainConfig), typing.get_type_hints(DataConfig)
 _TYPES = {**typing.get_type_hints(TrainConfig), **{f"data.{k}": t for k, t in typing.get_type_hints(DataConfig).items()}}
@@ -67,10 +71,14 @@ class Composer:
         return TrainConfig(**{**top, "data": DataConfig(**data)})
 
     def _parse(self, lines: list[str]) -> list[Override]:
-        new = list(dict.fromkeys(s for s in lines if s not in self._parsed))
+        """Each line as Hydra's parser reads it; a plain key=number without the parser (~1.4 ms a line)."""
         if len(self._parsed) > BOUND:
             self._parsed.clear()
-        if new:
+        for line in lines:
+            if line not in self._parsed and (m := _NUMBER.fullmatch(line)):
+                value = float(m[2]) if m[3] is not None or "e" in m[2].lower() else int(m[2])
+                self._parsed[line] = Override(OverrideType.CHANGE, m[1], ValueType.ELEMENT, _value=value, input_line=line)
+        if new := list(dict.fromkeys(s for s in lines if s not in self._parsed)):
             self._parsed.update(zip(new, self._parser.parse_overrides(new), strict=True))
         return [self._parsed[s] for s in lines]
 

@@ -261,6 +261,18 @@ def test_batched_launcher_is_discovered_from_any_directory(tmp_path):
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("line", ["seed=17", "lr=0.01", "lr=-1.5e-3", "data.seed=3", "a=1e3", "a=1E+5", "a=-0",
+                                  "x_y.z=12.5e-07", "a=007", "a=1_000", "lr=.5", "a=+3", "a=1.", "a=inf", "a=abc"])
+def test_the_composers_own_parse_of_key_number_equals_hydras(line):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from quadnet.compose import Composer
+
+    composer = Composer(None, None)
+    (ours,), hydra = composer._parse([line]), OverridesParser.create().parse_overrides([line])[0]
+    assert ours == hydra and type(ours.value()) is type(hydra.value())
+
+
 def test_the_composer_types_each_job_as_hydra_composes_it(tmp_path):
     """The Composer's configs (a template composed once, the values on top) against Hydra's composition of each job."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
