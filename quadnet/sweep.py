@@ -2,14 +2,14 @@
 chunks, so that memory does not grow with the sweep.
 
 Reading order: :func:`launch` takes the jobs in chunks of at most ``max_batch`` (1,024 on the
-CPU). Each chunk is composed (:class:`quadnet.compose.Composer`), grouped (:func:`group_key`),
-trained (:func:`train_here`, or :func:`train_submitit` on a cluster) in a helper thread, and
-its dirs written while the next chunk trains; then it is dropped. What stays of a job for
-the whole sweep is its status and objective (:class:`Returns`, Hydra's ``JobReturn`` made
-when read). A job that fails (a bad value, memory, any exception) fails alone; Ctrl-C or
-SIGTERM ends every running job as ``interrupted``, writes its dir and exits 130/143; the same
-command resumes the sweep: completed jobs are kept, the others go on from their checkpoints.
-A task function that is not quadnet's runs through Hydra's ``run_job`` as it is.
+CPU). Each chunk is composed (:class:`quadnet.compose.Composer`), each job's start found (new,
+resumed from a checkpoint, or completed before), grouped (:func:`group_key`), trained
+(:func:`train_here`, or :func:`train_submitit` on a cluster) in a helper thread, and its dirs
+written while the next chunk trains; then it is dropped. What stays of a job for the whole
+sweep is its status and objective (:class:`Returns`, Hydra's ``JobReturn`` made when read). A
+job that fails (a bad value, memory, any exception) fails alone; Ctrl-C or SIGTERM ends every
+running job as ``interrupted``, writes its dir and exits 130/143; the same command resumes the
+sweep. A task function that is not quadnet's runs through Hydra's ``run_job`` as it is.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,8 @@ log = logging.getLogger(__name__)
 TIMING_LINE = "composed %d jobs in %.2f s, trained in %.2f s, wrote their dirs in %.2f s; %.2f s in all"
 CHATTY = 16  # sweeps up to this size log a line per job; bigger ones a summary
 CPU_BATCH = 1024  # most jobs in one CPU batch by default (bigger batches cost more per job: bench step)
-CUDA_CHUNK = 16384  # most jobs composed at once on CUDA (a batch may hold more than that, memory permitting)
-BATCHES = ".batches"  # in the sweep dir: one checkpoint per batch while it trains
+CUDA_CHUNK = 16384  # most jobs composed at once on CUDA (a batch may hold more, memory permitting)
+BATCHES = ".batches"  # in the sweep dir: one checkpoint a batch while it trains
 BATCH_SAVE_SECONDS = 10.0  # ~0.1 ms a job each time: 256 jobs saved every 1,000 epochs cost 20% of their training
 FREE = ("epochs", "progress", "plots", "threads", "checkpoint_every")  # what resuming a job may change
 
@@ -89,25 +90,23 @@ class Returns(Sequence[JobReturn]):
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        status = JobStatus(self.status[i])
-        value = self.value[i] if status == JobStatus.COMPLETED else self.errors.get(i)
         ret = JobReturn(overrides=list(self.overrides[i]), task_name=self.name, working_dir=os.getcwd())
-        ret.status, ret.return_value = status, value
+        ret.status = JobStatus(self.status[i])
+        ret.return_value = self.value[i] if ret.status == JobStatus.COMPLETED else self.errors.get(i)
         return ret
 
 
 def group_key(j: Job) -> tuple[Any, ...]:
     """Jobs that train as one batch share data, precision, device, engine, optimizer, checkpoint
     points and start epoch. The NumPy engine and step=autograd (shared hyperparameters) train alone."""
-    c, s = j.start.cfg, j.start  # type: ignore[union-attr]
-    alone = c.engine == "numpy" or c.step == "autograd"
-    return (repr(c.data), c.dtype, c.device, c.engine, c.optimizer, c.checkpoint_every, s.epoch, alone and j.idx)
+    c, alone = j.start.cfg, j.start.cfg.engine == "numpy" or j.start.cfg.step == "autograd"  # type: ignore[union-attr]
+    return (repr(c.data), c.dtype, c.device, c.engine, c.optimizer, c.checkpoint_every, j.start.epoch, alone and j.idx)  # type: ignore
 
 
 # ---------------------------------------------------------------------- resuming a sweep
 
 
-def _summary(folder: Path) -> dict[str, Any]:
+def completed(folder: Path) -> dict[str, Any]:
     """A completed run's summary.json; {} when it is missing, damaged, incomplete or of another status."""
     keys = ("status", "epoch", "epochs", "final_loss", "train_accuracy", "test_accuracy", "train_seconds", "run_dir")
     with contextlib.suppress(OSError, ValueError):
@@ -118,36 +117,27 @@ def _summary(folder: Path) -> dict[str, Any]:
 
 
 class Batches:
-    """The job states in the sweep's batch checkpoints (one file a training batch), read when asked;
-    a file is removed once every job in it has a dir of its own (:meth:`written`)."""
+    """The job states in the sweep's batch checkpoints (one file a training batch), each file read
+    when a job in it is first asked for (one file in memory at a time)."""
 
     def __init__(self, sweep_dir: Path) -> None:
         self.where: dict[str, Path] = {}
-        self.left: Counter[Path] = Counter()
         self._loaded: tuple[Path | None, dict[str, Any]] = (None, {})
         for path in sorted((sweep_dir / BATCHES).glob("*.npz")):
-            try:
+            with contextlib.suppress(checkpoint.CheckpointError):
                 self.where |= dict.fromkeys(checkpoint.batch_jobs(path), path)
-            except checkpoint.CheckpointError as e:
-                log.warning("a damaged batch checkpoint is not used: %s", e)
-        self.left.update(self.where.values())
 
     def get(self, name: str) -> dict[str, Any] | None:
-        path = self.where.get(name)
+        if (path := self.where.get(name)) is None:
+            return None
         try:
-            if path is not None and self._loaded[0] != path:
-                self._loaded = (path, checkpoint.load_batch(path))  # (one file in memory at a time)
-            return self._loaded[1][name] if path is not None else None
+            if self._loaded[0] != path:
+                self._loaded = (path, checkpoint.load_batch(path))
+            return self._loaded[1][name]
         except checkpoint.CheckpointError as e:
             log.warning("a damaged batch checkpoint is not used: %s", e)
             self.where = {k: v for k, v in self.where.items() if v != path}
             return None
-
-    def written(self, name: str) -> None:
-        if (path := self.where.pop(name, None)) is not None:
-            self.left[path] -= 1
-            if not self.left[path]:
-                path.unlink(missing_ok=True)
 
 
 def resumable(job: Job, c: TrainConfig, batches: Batches) -> loop.Job:
@@ -158,23 +148,20 @@ def resumable(job: Job, c: TrainConfig, batches: Batches) -> loop.Job:
     throw its training away."""
     from quadnet.train import start_state
 
-    done, now = _summary(job.dir), to_dict(c)
+    done, now = completed(job.dir), to_dict(c)
     if done.get("epoch") == c.epochs and all(done["config"].get(k) == v for k, v in now.items() if k not in FREE):
         return loop.Job(c, {}, c.epochs, status="completed")
     here = checkpoint.in_dir(job.dir)
-    found = ([checkpoint.load(here)] if here else []) + [b for b in [batches.get(job.key)] if b]
-    found = [ck for ck in found if ck["status"] != "diverged"]
-    if not found:
+    found = [ck for ck in ([checkpoint.load(here)] if here else []) + [batches.get(job.key)] if ck]
+    if not (found := [ck for ck in found if ck["status"] != "diverged"]):
         return loop.Job(c, start_state(c))
     ck = max(found, key=lambda ck: ck["epoch"])
     changed = ", ".join(f"{k}={ck['config'].get(k)!r} (now {v!r})" for k, v in now.items() if k not in FREE
                         and ck["config"].get(k) != v)  # fmt: skip
     if changed or ck["epoch"] > c.epochs:
         why = f"it was trained with {changed}" if changed else f"epochs={c.epochs} is below its epoch"
-        raise SweepRefused(
-            f"{job.dir} holds a run at epoch {ck['epoch']} and {why}; resume with the settings it had and epochs >= "
-            f"{ck['epoch']}, or choose another hydra.sweep.dir"
-        )
+        raise SweepRefused(f"{job.dir} holds a run at epoch {ck['epoch']} and {why}; resume with the settings it "
+                           f"had and epochs >= {ck['epoch']}, or choose another hydra.sweep.dir")  # fmt: skip
     return loop.Job(c, ck["state"], ck["epoch"], ck["history"])
 
 
@@ -182,13 +169,10 @@ def _refused(launcher: Any, why: str) -> None:
     """Refuse a sweep run again into its dir: Hydra's record of it (multirun.yaml), which the sweeper
     has just rewritten, is put back as it was (see BatchedLauncher.setup), and nothing else is touched."""
     record, before, existed = launcher.record
-    if before is None:
-        record.unlink(missing_ok=True)
-        if not existed:  # this sweep made the dir
-            with contextlib.suppress(OSError):
-                record.parent.rmdir()
-    else:
-        record.write_bytes(before)
+    record.write_bytes(before) if before is not None else record.unlink(missing_ok=True)
+    if not existed:  # this sweep made the dir
+        with contextlib.suppress(OSError):
+            record.parent.rmdir()
     raise SweepRefused(why)
 
 
@@ -207,8 +191,7 @@ def _saver(sweep_dir: Path) -> Callable[[list[loop.Job]], None]:
         nonlocal last, cost
         if time.monotonic() - last < max(BATCH_SAVE_SECONDS, 10 * cost):
             return
-        last = time.monotonic()
-        classes = make_dataset(jobs[0].cfg.data).classes
+        last, classes = time.monotonic(), make_dataset(jobs[0].cfg.data).classes
         try:  # (a convenience: training goes on without it, and each job's dir is written at the end)
             (sweep_dir / BATCHES).mkdir(exist_ok=True)
             states = {j.name: checkpoint.of(j, "running", classes) for j in jobs}
@@ -220,33 +203,29 @@ def _saver(sweep_dir: Path) -> Callable[[list[loop.Job]], None]:
     return save
 
 
-def _batches(groups: list[list[Job]], max_batch: int) -> list[list[Job]]:
-    """Each group in batches of at most max_batch jobs; 0: up to 1,024 on the CPU, and on CUDA
-    what half the free memory holds (activations and temporaries, counted generously)."""
-    out = []
-    for g in groups:
-        size = max_batch
-        if not size and _on_cuda(g[0].cfg):  # type: ignore[arg-type]
-            import torch
-
-            from quadnet.data import make_dataset
-
-            d, h = make_dataset(g[0].cfg.data), max(j.cfg.hidden_dim for j in g)  # type: ignore[union-attr]
-            n = max(len(d.x_train), len(d.x_test))
-            size = max(1, int(torch.cuda.mem_get_info()[0] * 0.5) // (8 * (16 * n * (h + 4) + 128 * h)))
-        out += [g[i : i + (size or CPU_BATCH)] for i in range(0, len(g), size or CPU_BATCH)]
-    return out
-
-
-def _on_cuda(c: TrainConfig) -> bool:
+def on_cuda(c: TrainConfig) -> bool:
     """Whether a job trains on CUDA (torch is imported only where a GPU may be there)."""
     from quadnet.device import gpu_possible
 
     if not c.device.startswith(("cuda", "auto")) or c.engine in ("numba", "numpy") or not gpu_possible():
         return False
-    import torch
+    return __import__("torch").cuda.is_available()
 
-    return torch.cuda.is_available()
+
+def _batches(groups: list[list[Job]], max_batch: int) -> list[list[Job]]:
+    """Each group in batches of at most max_batch jobs; 0: up to 1,024 on the CPU, and on CUDA
+    what half the free memory holds (activations and temporaries, counted generously)."""
+    out = []
+    for g in groups:
+        size = max_batch or CPU_BATCH
+        if not max_batch and on_cuda(g[0].cfg):  # type: ignore[arg-type]
+            from quadnet.data import make_dataset
+
+            d, h = make_dataset(g[0].cfg.data), max(j.cfg.hidden_dim for j in g)  # type: ignore[union-attr]
+            free = __import__("torch").cuda.mem_get_info()[0] * 0.5
+            size = max(1, int(free) // (8 * (16 * max(len(d.x_train), len(d.x_test)) * (h + 4) + 128 * h)))
+        out += [g[i : i + size] for i in range(0, len(g), size)]
+    return out
 
 
 def _done(batch: list[Job], out: Any, **extra: Any) -> None:
@@ -259,14 +238,11 @@ def _done(batch: list[Job], out: Any, **extra: Any) -> None:
     device, engine, done, seconds = out
     steps = [max(r.epoch - j.start.epoch, 0) for j, r in zip(batch, done, strict=True)]  # type: ignore[union-attr]
     for j, r, s in zip(batch, done, steps, strict=True):
-        share = seconds * s / max(sum(steps), 1)
-        j.result, j.ran = r, {"train_seconds": share, "device": device, "engine": engine}
+        j.result, j.ran = r, {"train_seconds": seconds * s / max(sum(steps), 1), "device": device, "engine": engine}
         j.ran["batch"] = {"jobs": len(batch), "seconds": seconds, **extra}
 
 
-def train_here(
-    groups: list[list[Job]], max_batch: int, stop: Callable[[], bool], sweep_dir: Path, quiet: bool = False
-) -> None:
+def train_here(groups: list[list[Job]], max_batch: int, stop: Callable[[], bool], sweep_dir: Path, quiet: bool) -> None:
     """Each batch in this process; a batch that fails is split until the failing job fails alone."""
     todo = _batches(groups, max_batch)
     while todo:
@@ -302,91 +278,40 @@ def train_submitit(groups: list[list[Job]], max_batch: int, executor: str, param
             _done(batch, RuntimeError(f"submitit job {future.job_id} failed: {one_line(e)} (log: {future.paths.stderr})"))
 
 
-# ---------------------------------------------------------------------- the job dirs
-
-
-def _write(job: Job, stop_signal: int | None, quiet: bool, sweep_dir: Path) -> Any:
-    """A batched job's run dir from its result; its objective (or its error, raised)."""
-    from quadnet.train import conclude
-
-    if job.result is None:
-        rundir.write_failed(job.dir, job.error or "not trained", job.cfg and to_dict(job.cfg))
-        raise ConfigError(job.error or "not trained")
-    if job.kept:  # completed in an earlier launch of this sweep: its dir is kept
-        summary = _summary(job.dir)
-    else:
-        summary = rundir.write(job.dir, job.result, job.ran, stop_signal, {"overrides": job.overrides}, sweep_dir)
-    return conclude(summary, single_run=False, exit=False, quiet=quiet)
-
-
-def write_lean(job: Job, hc: Any, stop_signal: int | None, quiet: bool, sweep_dir: Path) -> tuple[JobStatus, Any]:
-    """A job the Composer made: its dir, its log file when it logs anything, then its files
-    (:func:`_write`). No ``.hydra/`` copy of Hydra's record: summary.json holds the job's config
-    and overrides, and the sweep's multirun.yaml its Hydra config (three files a job, not five:
-    on this project's machine a file cost ~0.7 ms and 4 KB of disk)."""
-    handler = None
-    try:
-        job.dir.mkdir(parents=True, exist_ok=True)
-        if logging.getLogger("quadnet").isEnabledFor(logging.DEBUG if quiet else logging.INFO):
-            handler = logging.FileHandler(job.dir / f"{hc.job.name}.log")
-            handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-            logging.getLogger().addHandler(handler)
-        return JobStatus.COMPLETED, _write(job, stop_signal, quiet, sweep_dir)
-    except Exception as e:  # its dir cannot be made or written: this job fails, not the sweep
-        return JobStatus.FAILED, e
-    finally:
-        if handler is not None:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
-
-
-def write_hydra(ctx: Any, job: Job, stop_signal: int | None, quiet: bool, sweep_dir: Path) -> tuple[JobStatus, Any]:
-    """A job Hydra composed: its dir through Hydra's own run_job (its .hydra/, log, callbacks)."""
-    task = lambda _: _write(job, stop_signal, quiet, sweep_dir)  # noqa: E731
-    ret = run_job(hydra_context=ctx, task_function=task, config=job.config,
-                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")  # fmt: skip
-    return ret.status, ret._return_value
-
-
 # ---------------------------------------------------------------------- the launcher
 
 
 class Sweep:
     """One launch: its chunks composed, started, trained and written in turn."""
 
-    def __init__(self, launcher: Any, job_overrides: Sequence[Sequence[str]], first_idx: int) -> None:
+    def __init__(self, launcher: Any, job_overrides: Sequence[Sequence[str]], first: int) -> None:
         self.launcher, self.ctx, self.config, self.opts = launcher, launcher.hydra_context, launcher.config, launcher.options
-        self.dir, self.overrides, self.first = Path(str(self.config.hydra.sweep.dir)), job_overrides, first_idx
-        hc = self.config.hydra
-        self.hc, self.quiet = hc, len(job_overrides) > CHATTY
+        self.dir, self.overrides, self.first = Path(str(self.config.hydra.sweep.dir)), job_overrides, first
+        self.quiet, hc = len(job_overrides) > CHATTY, self.config.hydra
         self.numbered = OmegaConf.to_container(hc.sweep)["subdir"] == "${hydra.job.num}"  # type: ignore[index]
         others = [c for c in self.ctx.callbacks.callbacks if not type(c).__module__.startswith("quadnet")]
-        self.lean = self.numbered and not others  # (else Hydra makes each job's dir, and calls the callbacks)
-        loader = self.ctx.config_loader
-        self.composer = loader.composer(self.config) if hasattr(loader, "composer") else None
-        self.loader = getattr(loader, "_loader", loader)
-        self.returns = Returns(job_overrides, str(hc.job.name))
+        loader = self.ctx.config_loader  # (else Hydra makes each job's dir, and calls the callbacks)
+        self.composer = loader.composer(self.config) if self.numbered and not others and hasattr(loader, "composer") else None
+        self.loader, self.returns = getattr(loader, "_loader", loader), Returns(job_overrides, str(hc.job.name))
         self.batches, self.counts, self.seconds = Batches(self.dir), Counter(), Counter()
-        cuda = _on_cuda(TrainConfig(device="auto"))  # (a CUDA batch may hold more jobs than a chunk)
-        size = int(self.opts["max_batch"]) or (CUDA_CHUNK if cuda else CPU_BATCH)
+        size = int(self.opts["max_batch"]) or (CUDA_CHUNK if on_cuda(TrainConfig()) else CPU_BATCH)
         self.chunk = size * (16 if self.opts["executor"] else 1)  # (a cluster trains 16 batches at once)
-        self.quiet_training = len(job_overrides) > self.chunk  # a chunk's progress is one line, not a bar
+        self.quiet_training = len(job_overrides) > self.chunk  # a chunk's progress is a line, not a bar
 
-    def compose(self, i: int) -> Job:
-        """Job i's config and dir; a bad value fails the job (its error), not the sweep."""
-        overrides = list(self.overrides[i])
-        idx = self.first + i
+    def job(self, i: int) -> Job:
+        """Job i composed, and where it starts; a bad value fails the job (its error), not the sweep.
+        An earlier run in its dir that it cannot go on with refuses the sweep (SweepRefused)."""
+        idx, overrides = self.first + i, list(self.overrides[i])
         job = Job(idx, overrides, Path(os.path.abspath(self.dir / str(idx))), str(idx))
         try:
-            typed = self.composer.typed(overrides) if self.composer is not None and self.lean else None
+            typed = self.composer.typed(overrides) if self.composer is not None else None
             if typed is None:
                 job.config = self.loader.load_sweep_config(self.config, overrides)
                 with open_dict(job.config):  # what Hydra's launchers set: id, num, and the dir they make of them
                     job.config.hydra.job.id, job.config.hydra.job.num = str(idx), idx
-                    sub = str(idx) if self.numbered else str(job.config.hydra.sweep.subdir)
-                    job.dir = Path(os.path.abspath(self.dir / sub))
+                    job.key = str(idx) if self.numbered else str(job.config.hydra.sweep.subdir)
+                    job.dir = Path(os.path.abspath(self.dir / job.key))
                     job.config.hydra.runtime.output_dir = str(job.dir)  # (as Hydra's run_job makes it)
-                job.key = os.path.relpath(job.dir, os.path.abspath(self.dir))
             job.cfg = validate(job.config) if typed is None else check(typed)
             check_installed(job.cfg)
             if job.cfg.resume:
@@ -394,34 +319,20 @@ class Sweep:
                     f"resume={job.cfg.resume!r} is not for batched sweeps: to go on with a sweep, run it again with "
                     "hydra.sweep.dir=<its dir>; to go on with one of its jobs, run that job alone (without -m)"
                 )
-        except ConfigError as e:
-            if isinstance(e, SweepRefused):
-                raise
+            job.start = resumable(job, dataclasses.replace(job.cfg, plots=job.cfg.plots and self.opts["plots"]), self.batches)
+        except (ConfigError, checkpoint.CheckpointError) as e:
+            if isinstance(e, SweepRefused) or checkpoint.in_dir(job.dir) is not None:  # (an earlier run's dir)
+                raise SweepRefused(str(e) if isinstance(e, SweepRefused) else f"{e} ({job.dir} holds an earlier run)") from None
             job.error = str(e)
-        return job
-
-    def start(self, job: Job) -> None:
-        """Where a job starts (kept, resumed or new); refusals of a sweep dir's earlier runs raise."""
-        if job.error is None:
-            try:
-                c = job.cfg
-                job.start = resumable(job, dataclasses.replace(c, plots=c.plots and self.opts["plots"]), self.batches)  # type: ignore
-            except (ConfigError, checkpoint.CheckpointError) as e:
-                if isinstance(e, SweepRefused):
-                    raise
-                job.error = str(e)
-        if job.error is not None and checkpoint.in_dir(job.dir) is not None:  # (an earlier run's dir)
-            raise SweepRefused(f"{job.error} ({job.dir} holds an earlier run)")
         if job.start is not None and job.start.status == "completed":
             job.result, job.kept = job.start, True
         self.counts["refused" if job.error else job.start.status if job.start.epoch else "new"] += 1  # type: ignore
+        return job
 
     def train(self, jobs: list[Job], stop: Any) -> list[Job]:
-        t0 = time.perf_counter()
-        groups: dict[tuple[Any, ...], list[Job]] = defaultdict(list)
+        t0, groups = time.perf_counter(), defaultdict(list)
         for j in jobs:
             if j.start is not None and not j.kept:
-                j.ran["device"] = j.cfg.device  # type: ignore[union-attr]
                 groups[group_key(j)].append(j)
         if self.opts["executor"] is None:
             train_here(list(groups.values()), self.opts["max_batch"], stop, self.dir, self.quiet_training)
@@ -431,75 +342,94 @@ class Sweep:
         self.seconds["train"] += time.perf_counter() - t0
         return jobs
 
-    def write(self, jobs: list[Job], stop_signal: int | None) -> None:
+    def write(self, jobs: list[Job], signum: int | None) -> None:
+        """Each job's dir: for a job the Composer made, its files (:func:`quadnet.rundir.write`: summary.json
+        holds its config and overrides, multirun.yaml the sweep's Hydra config, so no ``.hydra/`` copy:
+        three files a job, not five; a file cost ~0.7 ms and 4 KB here) and its log when it logs; for
+        a job Hydra composed, Hydra's run_job around them (its .hydra/, log and callbacks)."""
         t0 = time.perf_counter()
         for j in jobs:
-            if j.config is None:
-                status, value = write_lean(j, self.hc, stop_signal, self.quiet, self.dir)
+            if j.config is not None:
+                task = lambda _, j=j: self._write(j, signum)  # noqa: E731
+                ret = run_job(hydra_context=self.ctx, task_function=task, config=j.config, job_dir_key="hydra.sweep.dir",
+                              job_subdir_key="hydra.sweep.subdir")  # fmt: skip
+                status, value = ret.status, ret._return_value
             else:
-                status, value = write_hydra(self.ctx, j, stop_signal, self.quiet, self.dir)
+                status, value = self._write_lean(j, signum)
             self.returns.set(j.idx - self.first, status, value)
             self.counts["ended " + (j.result.status if status == JobStatus.COMPLETED else "failed")] += 1  # type: ignore
-            if status == JobStatus.COMPLETED:  # its dir holds its own checkpoint now
-                self.batches.written(j.key)
-                (self.dir / BATCHES / f"{j.key.replace('/', '_')}.npz").unlink(missing_ok=True)  # (this launch's)
+            (self.dir / BATCHES / f"{j.key.replace('/', '_')}.npz").unlink(missing_ok=True)  # (its batch's: written)
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         self.seconds["write"] += time.perf_counter() - t0
         if self.quiet_training:
             log.info("jobs %d-%d of %d written", jobs[0].idx, jobs[-1].idx, len(self.overrides))
 
-    def chunks(self) -> Iterator[list[Job]]:
-        for first in range(0, len(self.overrides), self.chunk):
-            t0 = time.perf_counter()
-            jobs = [self.compose(i) for i in range(first, min(first + self.chunk, len(self.overrides)))]
-            for j in jobs:
-                self.start(j)
-            self.seconds["compose"] += time.perf_counter() - t0
-            yield jobs
+    def _write_lean(self, job: Job, signum: int | None) -> tuple[JobStatus, Any]:
+        handler = None
+        try:
+            job.dir.mkdir(parents=True, exist_ok=True)
+            if logging.getLogger("quadnet").isEnabledFor(logging.DEBUG if self.quiet else logging.INFO):
+                handler = logging.FileHandler(job.dir / f"{self.config.hydra.job.name}.log")
+                handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+                logging.getLogger().addHandler(handler)
+            return JobStatus.COMPLETED, self._write(job, signum)
+        except Exception as e:  # its dir cannot be made or written: this job fails, not the sweep
+            return JobStatus.FAILED, e
+        finally:
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+
+    def _write(self, job: Job, signum: int | None) -> Any:
+        """A job's run dir from its result; its objective (or its error, raised)."""
+        from quadnet.train import conclude
+
+        if job.result is None:
+            rundir.write_failed(job.dir, job.error or "not trained", job.cfg and to_dict(job.cfg))
+            raise ConfigError(job.error or "not trained")
+        extra = {"overrides": job.overrides}
+        summary = completed(job.dir) if job.kept else rundir.write(job.dir, job.result, job.ran, signum, extra, self.dir)
+        return conclude(summary, single_run=False, exit=False, quiet=self.quiet)
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
     from quadnet.train import resume_sweep
     from quadnet.train import task as quadnet_task
 
-    t_start = time.perf_counter()
-    ctx, config = launcher.hydra_context, launcher.config
+    t_start, ctx, config = time.perf_counter(), launcher.hydra_context, launcher.config
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     log.info("Launching %d jobs", len(job_overrides))
-    level = logging.INFO if len(job_overrides) <= CHATTY else logging.DEBUG
-    for idx, overrides in enumerate(job_overrides, initial_job_idx):
-        log.log(level, "\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+    for idx, overrides in enumerate(job_overrides if len(job_overrides) <= CHATTY else [], initial_job_idx):
+        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
     if launcher.task_function is not quadnet_task:  # not quadnet's: each job as Hydra runs it
-        loader = getattr(ctx.config_loader, "_loader", ctx.config_loader)
-        returns = []
+        loader, returns = getattr(ctx.config_loader, "_loader", ctx.config_loader), []
         for idx, overrides in enumerate(job_overrides, initial_job_idx):
             job_config = loader.load_sweep_config(config, list(overrides))
             with open_dict(job_config):
                 job_config.hydra.job.id, job_config.hydra.job.num = str(idx), idx
-            keys = {"job_dir_key": "hydra.sweep.dir", "job_subdir_key": "hydra.sweep.subdir"}
-            returns.append(run_job(hydra_context=ctx, task_function=launcher.task_function, config=job_config, **keys))
+            returns.append(run_job(hydra_context=ctx, task_function=launcher.task_function, config=job_config,
+                                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))  # fmt: skip
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
         return returns
 
-    sweep = Sweep(launcher, job_overrides, initial_job_idx)
-    try:
-        if launcher.record[2]:  # the sweep dir was there: every job is checked before anything is written
-            for i in range(len(job_overrides)):
-                sweep.start(sweep.compose(i))
-            sweep.counts.clear()
-    except SweepRefused as e:
-        _refused(launcher, str(e))
+    sweep, n = Sweep(launcher, job_overrides, initial_job_idx), len(job_overrides)
     with loop.catch_signals() as stop, ThreadPoolExecutor(1) as trainer:
         training: Any = None
         try:
-            for jobs in sweep.chunks():  # (the next chunk trains in the helper thread while this one's dirs are written)
+            if launcher.record[2]:  # the sweep dir was there: every job is checked before anything is written
+                [sweep.job(i) for i in range(n)]
+                sweep.counts.clear()
+            for first in range(0, n, sweep.chunk):  # (a chunk trains in the helper thread as the last one is written)
+                t0 = time.perf_counter()
+                jobs = [sweep.job(i) for i in range(first, min(first + sweep.chunk, n))]
+                sweep.seconds["compose"] += time.perf_counter() - t0
                 if stop():
                     break
                 ahead, training = training, trainer.submit(sweep.train, jobs, stop)
                 if ahead is not None:
                     sweep.write(ahead.result(), stop.signal)
-        except SweepRefused as e:  # (a job of a later chunk: resume= swept; the first chunk's come before any writing)
+        except SweepRefused as e:  # (before anything is written, but where resume= is swept over)
             if training is not None:
                 sweep.write(training.result(), stop.signal)
             _refused(launcher, str(e))
@@ -507,19 +437,18 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             sweep.write(training.result(), stop.signal)
     if "quadnet.tracking" in sys.modules:  # (its jobs logged to MLflow: the sweep's run ends now)
         sys.modules["quadnet.tracking"].end(sweep.dir, "KILLED" if stop.signal is not None else "FINISHED")
-    n, c = len(job_overrides), sweep.counts
-    resumed = f"{c['running']} resumed from their checkpoints, {c['completed']} completed before, {c['refused']} refused"
-    log.info("%d jobs (%d new, %s)", n, c["new"], resumed)
-    seconds = (sweep.seconds[k] for k in ("compose", "train", "write"))
-    log.info(TIMING_LINE, n, *seconds, time.perf_counter() - t_start)
+    c = sweep.counts
+    log.info("%d jobs (%d new, %d resumed from their checkpoints, %d completed before, %d refused)", n, c["new"],
+             c["running"], c["completed"], c["refused"])  # fmt: skip
+    log.info(TIMING_LINE, n, *(sweep.seconds[k] for k in ("compose", "train", "write")), time.perf_counter() - t_start)
     ends = {k[6:]: v for k, v in c.items() if k.startswith("ended ") and v}
     outcome = ", ".join(f"{v} {k}" for k, v in sorted(ends.items())) or "none written"
     log.info("%d jobs: %s; report: python -m quadnet.report %s", n, outcome, shlex.quote(str(sweep.dir)))
     if stop.signal is not None:
         again = f"every job's dir written has its checkpoint. Resume the sweep with:\n  {resume_sweep(sweep.dir)}"
-        log.warning("interrupted: %s", again if ends.get("interrupted") or sum(ends.values()) < n else
-                    "after every job had trained and is written")  # fmt: skip
+        late = "after every job had trained and is written"
+        log.warning("interrupted: %s", again if ends.get("interrupted") or sum(ends.values()) < n else late)
         sys.exit(128 + stop.signal)
-    with contextlib.suppress(OSError):
-        (sweep.dir / BATCHES).rmdir()  # (when no batch checkpoint is left in it)
+    if all(sweep.returns.status):  # every job's dir is written: no batch checkpoint is needed again
+        shutil.rmtree(sweep.dir / BATCHES, ignore_errors=True)
     return sweep.returns

@@ -141,7 +141,7 @@ def test_a_job_that_fails_in_training_is_taken_out_and_the_rest_train_on(tmp_pat
     monkeypatch.setattr(loop, "build", build)
     cfgs = [make_cfg(f"hidden_dim={h}", "epochs=150", f"seed={i}") for i, h in enumerate((4, 13, 6, 9, 5))]
     jobs = [sweep.Job(i, [], tmp_path / str(i), str(i), cfg=c, start=loop.Job(c, start_state(c))) for i, c in enumerate(cfgs)]
-    sweep.train_here([jobs], 0, lambda: False, tmp_path)
+    sweep.train_here([jobs], 0, lambda: False, tmp_path, quiet=True)
     assert [j.error is None for j in jobs] == [True, False, True, True, True]
     assert jobs[1].error.startswith("out of memory")
     for j, c in zip(jobs, cfgs, strict=True):
