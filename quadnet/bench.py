@@ -136,8 +136,14 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
     for j in sizes:
         steps = max(20, min(2000, 400_000 // j))
         times = {}
-        for name, engine, step in (("numba", "numba", "fused"), ("torch", "torch", "fused"), ("autograd", "torch", "autograd")):
-            times[name] = min(ms_per_job(j, engine, step, steps * (5 if engine == "numba" else 1)) for _ in range(repeat))
+        for name, engine, step in (
+            ("numba", "numba", "fused"),
+            ("torch", "torch", "fused"),
+            ("autograd", "torch", "autograd"),
+        ):
+            times[name] = min(
+                ms_per_job(j, engine, step, steps * (5 if engine == "numba" else 1)) for _ in range(repeat)
+            )
         row: dict[str, Any] = {"jobs": j, "limit_ms": limit}
         for name, ms in times.items():
             row |= {f"{name}_ms": ms, f"{name}_x_limit": ms / limit}
@@ -156,7 +162,9 @@ def bench_startup(repeat: int) -> list[dict[str, Any]]:
     return [{"import_torch_s": bare, "train_epochs0_s": run, "overhead_s": run - bare}]
 
 
-_PHASES = re.compile(r"composed \d+ jobs in ([\d.]+) s, trained in ([\d.]+) s, wrote their dirs in ([\d.]+) s; ([\d.]+) s")
+_PHASES = re.compile(
+    r"composed \d+ jobs in ([\d.]+) s, trained in ([\d.]+) s, wrote their dirs in ([\d.]+) s; ([\d.]+) s"
+)
 
 
 def tree_pss(root: int) -> int:
@@ -181,7 +189,9 @@ def _sweep(n: int, launcher: str, sweep_dir: Path, extra: list[str], env: dict |
     cmd = [sys.executable, "-m", "quadnet.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
     t0, peak = time.perf_counter(), 0
     env = {**os.environ, **(env or {})}
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=sweep_dir.parent, env=env) as p:
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=sweep_dir.parent, env=env
+    ) as p:
         out: list[str] = []
         reader = threading.Thread(target=lambda: out.append(p.stdout.read()))  # type: ignore[union-attr]
         reader.start()
@@ -192,7 +202,9 @@ def _sweep(n: int, launcher: str, sweep_dir: Path, extra: list[str], env: dict |
     seconds = time.perf_counter() - t0
     done = sum(json.loads(s.read_text())["status"] == "completed" for s in sweep_dir.glob("*/summary.json"))
     if p.returncode != 0 or done != n:
-        raise SystemExit(f"error: the {launcher} sweep completed {done} of {n} jobs: {out[0].strip().splitlines()[-1:]}")
+        raise SystemExit(
+            f"error: the {launcher} sweep completed {done} of {n} jobs: {out[0].strip().splitlines()[-1:]}"
+        )
     return seconds, out[0], peak
 
 
@@ -218,7 +230,9 @@ def bench_sweep(jobs: int, sample: int, device: str, n_busy: int, epochs: int, m
     row: dict[str, Any] = dict(jobs=jobs, epochs=epochs, busy=n_busy, basic_per_job_s=basic, batched_s=tb)
     row |= dict(batched_per_job_ms=1000 * tb / jobs, startup_s=tb - launch, compose_s=compose, train_s=train)
     row |= dict(write_s=write, peak_mb=peak / 2**20, basic_peak_mb=basic_peak / 2**20)
-    row |= {"batched_faster_per_job": basic / (tb / jobs)} | ({"mlflow_s": tm, "mlflow_cost": tm / tb} if mlflow else {})
+    row |= {"batched_faster_per_job": basic / (tb / jobs)} | (
+        {"mlflow_s": tm, "mlflow_cost": tm / tb} if mlflow else {}
+    )
     return [row]
 
 

@@ -48,7 +48,9 @@ def of(job: Any, status: str, classes: Any) -> dict[str, np.ndarray]:
     """The arrays of a job of the training loop (:class:`quadnet.loop.Job`) as it stands."""
     from quadnet.config import to_dict
 
-    return arrays(job.state, epoch=job.epoch, config=to_dict(job.cfg), status=status, history=job.history, classes=classes)
+    return arrays(
+        job.state, epoch=job.epoch, config=to_dict(job.cfg), status=status, history=job.history, classes=classes
+    )
 
 
 def save(path: Path, obj: dict[str, np.ndarray]) -> None:
@@ -87,7 +89,9 @@ def find(path: str | Path) -> Path:
 def read(p: Path) -> dict[str, Any]:
     """A file's arrays by name (npz), or a quadnet 0.1/0.2 torch file's payload; one-line errors."""
     if not zipfile.is_zipfile(p):  # (both formats are zip archives)
-        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (truncated or corrupt, or not a NumPy or torch file)")
+        raise CheckpointError(
+            f"{str(p)!r} is not a quadnet checkpoint (truncated or corrupt, or not a NumPy or torch file)"
+        )
     try:
         with np.load(p, allow_pickle=False) as f:
             if "meta" in f.files:

@@ -29,7 +29,10 @@ from quadnet.config import ConfigError, DataConfig, TrainConfig, allowed_keys, o
 _NUMBER = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)=(-?(?:0|[1-9]\d*)(\.\d+)?(?:[eE][-+]?\d+)?)")
 BOUND = 10_000  # parsed overrides and typed values kept at most (a sweep of 100,000 seeds has as many)
 _FIELDS, _DATA = typing.get_type_hints(TrainConfig), typing.get_type_hints(DataConfig)
-_TYPES = {**typing.get_type_hints(TrainConfig), **{f"data.{k}": t for k, t in typing.get_type_hints(DataConfig).items()}}
+_TYPES = {
+    **typing.get_type_hints(TrainConfig),
+    **{f"data.{k}": t for k, t in typing.get_type_hints(DataConfig).items()},
+}
 
 
 class Composer:
@@ -77,7 +80,9 @@ class Composer:
         for line in lines:
             if line not in self._parsed and (m := _NUMBER.fullmatch(line)):
                 value = float(m[2]) if m[3] is not None or "e" in m[2].lower() else int(m[2])
-                self._parsed[line] = Override(OverrideType.CHANGE, m[1], ValueType.ELEMENT, _value=value, input_line=line)
+                self._parsed[line] = Override(
+                    OverrideType.CHANGE, m[1], ValueType.ELEMENT, _value=value, input_line=line
+                )
         if new := list(dict.fromkeys(s for s in lines if s not in self._parsed)):
             self._parsed.update(zip(new, self._parser.parse_overrides(new), strict=True))
         return [self._parsed[s] for s in lines]
@@ -86,7 +91,11 @@ class Composer:
         """A value for a key of quadnet's: no config group, package, +/~ prefix, sweep or interpolation."""
         if o.type != OverrideType.CHANGE or o.package is not None or o.is_sweep_override():
             return False
-        return o.key_or_group in self._keys - {"data"} and not isinstance(o.value(), dict | list) and "${" not in str(o.value())
+        return (
+            o.key_or_group in self._keys - {"data"}
+            and not isinstance(o.value(), dict | list)
+            and "${" not in str(o.value())
+        )
 
     def _value(self, key: str, value: Any) -> Any:
         """A value as OmegaConf types it for its key (lr=1 is 1.0, seed='3' is 3): each distinct one once."""

@@ -103,7 +103,9 @@ _made: dict[tuple[Any, ...], Dataset] = {}
 
 def make_dataset(cfg: DataConfig) -> Dataset:
     """The data of a config; made once per process for the same settings (and the same CSV files)."""
-    files = [user_path(p).stat().st_mtime_ns if p and user_path(p).exists() else None for p in (cfg.path, cfg.test_path)]
+    files = [
+        user_path(p).stat().st_mtime_ns if p and user_path(p).exists() else None for p in (cfg.path, cfg.test_path)
+    ]
     key = (repr(cfg), *files)
     if key not in _made:
         if len(_made) > 16:
@@ -123,7 +125,9 @@ def _make(cfg: DataConfig) -> Dataset:
             test = np.random.default_rng(cfg.seed).permutation(len(x))[: len(x) // 5]
             train = np.setdiff1d(np.arange(len(x)), test)
             if not len(test) or not len(train):
-                raise ConfigError(f"data.path={cfg.path!r} has too few points to hold out a test set; add data.test_path")
+                raise ConfigError(
+                    f"data.path={cfg.path!r} has too few points to hold out a test set; add data.test_path"
+                )
             x, labels, x_test, test_labels = x[train], [labels[i] for i in train], x[test], [labels[i] for i in test]
         classes = _classes(labels, test_labels)
         index = {lab: i for i, lab in enumerate(classes)}

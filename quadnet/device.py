@@ -11,7 +11,9 @@ from quadnet.config import ConfigError
 def gpu_possible() -> bool:
     """Whether this machine might have a GPU torch can use: a GPU's device file (NVIDIA, AMD's ROCm,
     WSL), or a Mac. Without one, device=auto is the cpu without importing torch (1-2 s)."""
-    return sys.platform == "darwin" or bool(glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/kfd") + glob.glob("/dev/dxg"))
+    return sys.platform == "darwin" or bool(
+        glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/kfd") + glob.glob("/dev/dxg")
+    )
 
 
 def resolve_device(name: str) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from quadnet.model import INPUT_DIM, PARAMS
+from quadnet.model import PARAMS
 
 LANES = 64  # most jobs in a block: more amortise each loop's set-up, fewer stay in the L1/L2 caches
 HYPER = ("lr", "reg", "momentum", "beta1", "beta2", "eps")

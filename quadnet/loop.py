@@ -66,7 +66,9 @@ def fit(
     def record(final: bool = False) -> None:
         """Metrics at this epoch for jobs at their log points (and frames for animations)."""
         ms, rows = engine.metrics(), range(len(engine.rows))
-        pick = [r for r in rows if final or epoch % every[engine.rows[r]] == 0 or jobs[engine.rows[r]].cfg.epochs == epoch]
+        pick = [
+            r for r in rows if final or epoch % every[engine.rows[r]] == 0 or jobs[engine.rows[r]].cfg.epochs == epoch
+        ]
         for r in pick:
             j = jobs[engine.rows[r]]
             if not j.history or j.history[-1]["epoch"] != epoch:

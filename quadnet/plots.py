@@ -35,6 +35,8 @@ def colors(n: int) -> np.ndarray:
 
 def class_names(data: Dataset) -> list[str]:
     return [f"quadrant {q}" for q in QUADRANT_NAMES] if data.quadrants else [f"class {c}" for c in data.classes]
+
+
 WRONG = "#d00000"
 MANY = 100  # with more points than this, markers are small and see-through
 History = list[dict[str, float]]
@@ -109,7 +111,9 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
         ax.scatter(x[:, 0], x[:, 1], c=cols, marker=marker, s=size, alpha=alpha, edgecolors="k", linewidths=0.4)
     rings = ax.scatter(*_wrong(params, data).T, s=ring, facecolors="none", edgecolors=WRONG, linewidths=1.5)
     ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="x", ylabel="y", aspect="equal")
-    handles = [Patch(facecolor=0.4 * c + 0.6, edgecolor=c, label=n) for c, n in zip(full, class_names(data), strict=True)]
+    handles = [
+        Patch(facecolor=0.4 * c + 0.6, edgecolor=c, label=n) for c, n in zip(full, class_names(data), strict=True)
+    ]
     keys = [("o", "train point", "0.5", "k"), ("^", "test point", "0.5", "k"), ("o", "misclassified", "none", WRONG)]
     handles += [Line2D([], [], marker=m, color="w", mfc=face, mec=edge, label=t) for m, t, face, edge in keys]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", borderaxespad=0)

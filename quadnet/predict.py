@@ -32,7 +32,6 @@ from quadnet.cli import command, fail
 from quadnet.config import ConfigError
 from quadnet.data import QUADRANT_NAMES, QUADRANTS
 
-
 HELP = """Which class each point falls in, by a trained model: quadrants 1-4 (the quadrant data), or the
 labels of the CSV it was trained on.
 
@@ -161,14 +160,22 @@ def main(argv: list[str] | None = None) -> None:
     shown = ["({:g}, {:g})".format(*r["point"]) for r in rows]
     heads = [f"p({n})" for n in (QUADRANT_NAMES if quadrants else model.classes)]
     w, cw = max([16, *map(len, shown)]), max([9, *map(len, heads)])
-    print(f"{'point':>{w}}  predicted  p(predicted)" + "  true" * quadrants + " " + "".join(f"{h:>{cw + 1}}" for h in heads))
+    print(
+        f"{'point':>{w}}  predicted  p(predicted)"
+        + "  true" * quadrants
+        + " "
+        + "".join(f"{h:>{cw + 1}}" for h in heads)
+    )
     for r, point in zip(rows, shown, strict=True):
         q, t = r["predicted"], r["true"]
         pq = f"{r['probs'][model.classes.index(q)]:12.9f}" if q is not None else f"{'-':>12}"
         true = f"  {t if t is not None else '-':>4}" * quadrants
-        note = ("  on an axis: no true quadrant" if r.get("on_axis") else "") + ("" if q is not None else "  probabilities not finite")
+        note = ("  on an axis: no true quadrant" if r.get("on_axis") else "") + (
+            "" if q is not None else "  probabilities not finite"
+        )
         probs = "".join(f"{p:{cw + 1}.6f}" for p in r["probs"])
         print(f"{point:>{w}}  {q if q is not None else '-':>9}  {pq}{true} {probs}{note}")
+
 
 if __name__ == "__main__":
     main()

@@ -144,7 +144,9 @@ def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -
         q, t = p["predicted"], p["true"]
         prob = p["probs"][s["classes"].index(q)] if q is not None else math.nan
         wrong = "  ✗ wrong" if q is not None and t is not None and q != t else ""
-        lines.append(f"{point:>{w}}  {q if q is not None else '-':>9}  {prob:>12.9f}  {t if t is not None else '-':>4}{wrong}")
+        lines.append(
+            f"{point:>{w}}  {q if q is not None else '-':>9}  {prob:>12.9f}  {t if t is not None else '-':>4}{wrong}"
+        )
     if table and len(s["predictions"]) > 8:
         lines.append(f"{'…':>{w}}  ({len(s['predictions']) - 8} more test points in summary.json)")
 

@@ -257,7 +257,9 @@ def train_here(groups: list[list[Job]], max_batch: int, stop: Callable[[], bool]
                 _done(batch, RuntimeError(one_line(e)))
 
 
-def train_submitit(groups: list[list[Job]], max_batch: int, executor: str, params: dict[str, Any], folder: Path) -> None:
+def train_submitit(
+    groups: list[list[Job]], max_batch: int, executor: str, params: dict[str, Any], folder: Path
+) -> None:
     """Each batch as one submitit job (all of them a SLURM job array on a cluster); a batch that
     fails (a crash, a timeout, a device not there) fails each of its jobs, naming its log."""
     import submitit
@@ -275,7 +277,9 @@ def train_submitit(groups: list[list[Job]], max_batch: int, executor: str, param
         try:
             _done(batch, future.result(), submitit_job=future.job_id)
         except Exception as e:
-            _done(batch, RuntimeError(f"submitit job {future.job_id} failed: {one_line(e)} (log: {future.paths.stderr})"))
+            _done(
+                batch, RuntimeError(f"submitit job {future.job_id} failed: {one_line(e)} (log: {future.paths.stderr})")
+            )
 
 
 # ---------------------------------------------------------------------- the launcher
@@ -285,13 +289,20 @@ class Sweep:
     """One launch: its chunks composed, started, trained and written in turn."""
 
     def __init__(self, launcher: Any, job_overrides: Sequence[Sequence[str]], first: int) -> None:
-        self.launcher, self.ctx, self.config, self.opts = launcher, launcher.hydra_context, launcher.config, launcher.options
+        self.launcher, self.ctx, self.config, self.opts = (
+            launcher,
+            launcher.hydra_context,
+            launcher.config,
+            launcher.options,
+        )
         self.dir, self.overrides, self.first = Path(str(self.config.hydra.sweep.dir)), job_overrides, first
         self.quiet, hc = len(job_overrides) > CHATTY, self.config.hydra
         self.numbered = OmegaConf.to_container(hc.sweep)["subdir"] == "${hydra.job.num}"  # type: ignore[index]
         others = [c for c in self.ctx.callbacks.callbacks if not type(c).__module__.startswith("quadnet")]
         loader = self.ctx.config_loader  # (else Hydra makes each job's dir, and calls the callbacks)
-        self.composer = loader.composer(self.config) if self.numbered and not others and hasattr(loader, "composer") else None
+        self.composer = (
+            loader.composer(self.config) if self.numbered and not others and hasattr(loader, "composer") else None
+        )
         self.loader, self.returns = getattr(loader, "_loader", loader), Returns(job_overrides, str(hc.job.name))
         self.batches, self.counts, self.seconds = Batches(self.dir), Counter(), Counter()
         size = int(self.opts["max_batch"]) or (CUDA_CHUNK if on_cuda(TrainConfig()) else CPU_BATCH)
@@ -319,10 +330,14 @@ class Sweep:
                     f"resume={job.cfg.resume!r} is not for batched sweeps: to go on with a sweep, run it again with "
                     "hydra.sweep.dir=<its dir>; to go on with one of its jobs, run that job alone (without -m)"
                 )
-            job.start = resumable(job, dataclasses.replace(job.cfg, plots=job.cfg.plots and self.opts["plots"]), self.batches)
+            job.start = resumable(
+                job, dataclasses.replace(job.cfg, plots=job.cfg.plots and self.opts["plots"]), self.batches
+            )
         except (ConfigError, checkpoint.CheckpointError) as e:
             if isinstance(e, SweepRefused) or checkpoint.in_dir(job.dir) is not None:  # (an earlier run's dir)
-                raise SweepRefused(str(e) if isinstance(e, SweepRefused) else f"{e} ({job.dir} holds an earlier run)") from None
+                raise SweepRefused(
+                    str(e) if isinstance(e, SweepRefused) else f"{e} ({job.dir} holds an earlier run)"
+                ) from None
             job.error = str(e)
         if job.start is not None and job.start.status == "completed":
             job.result, job.kept = job.start, True
@@ -338,7 +353,9 @@ class Sweep:
             train_here(list(groups.values()), self.opts["max_batch"], stop, self.dir, self.quiet_training)
         elif groups:
             params = OmegaConf.to_container(OmegaConf.create(self.opts["executor_params"] or {}))
-            train_submitit(list(groups.values()), self.opts["max_batch"], self.opts["executor"], params, self.dir / ".submitit")  # type: ignore
+            train_submitit(
+                list(groups.values()), self.opts["max_batch"], self.opts["executor"], params, self.dir / ".submitit"
+            )  # type: ignore
         self.seconds["train"] += time.perf_counter() - t0
         return jobs
 
@@ -388,7 +405,9 @@ class Sweep:
             rundir.write_failed(job.dir, job.error or "not trained", job.cfg and to_dict(job.cfg))
             raise ConfigError(job.error or "not trained")
         extra = {"overrides": job.overrides}
-        summary = completed(job.dir) if job.kept else rundir.write(job.dir, job.result, job.ran, signum, extra, self.dir)
+        summary = (
+            completed(job.dir) if job.kept else rundir.write(job.dir, job.result, job.ran, signum, extra, self.dir)
+        )
         return conclude(summary, single_run=False, exit=False, quiet=self.quiet)
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -35,7 +35,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from quadnet import artifacts, checkpoint, loop, rundir
-from quadnet.data import make_dataset
 from quadnet.cli import KEPT, closed_pipe_ok, fail, friendly_errors, on_signals
 from quadnet.config import (
     ConfigError,
@@ -49,6 +48,7 @@ from quadnet.config import (
     validate,
     version_base,
 )
+from quadnet.data import make_dataset
 
 log = logging.getLogger("quadnet")
 
@@ -316,7 +316,9 @@ class SweepEnd(Callback):
         where = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
         ends = Counter(json.loads(p.read_text()).get("status", "?") for p in where.glob("*/summary.json"))
         outcome = ", ".join(f"{n} {s}" for s, n in sorted(ends.items()))
-        log.info("%d jobs: %s; report: python -m quadnet.report %s", sum(ends.values()), outcome, shlex.quote(str(where)))
+        log.info(
+            "%d jobs: %s; report: python -m quadnet.report %s", sum(ends.values()), outcome, shlex.quote(str(where))
+        )
 
 
 def _stopped(signum: int) -> None:

@@ -61,7 +61,9 @@ def test_default_run_from_the_cli_writes_every_artifact(tmp_path):
     assert set(s["versions"]) == {"quadnet", "git_commit", "python", "torch", "numpy", "hydra-core", "omegaconf"}
     assert set(s) >= SUMMARY_KEYS
     engine = "numba" if importlib.util.find_spec("numba") else "torch/fused"
-    assert s["status"] == "completed" and s["device"] == "cpu" and s["engine"] == engine and s["classes"] == [1, 2, 3, 4]
+    assert (
+        s["status"] == "completed" and s["device"] == "cpu" and s["engine"] == engine and s["classes"] == [1, 2, 3, 4]
+    )
     probs = np.array([p["probs"] for p in s["predictions"]])
     np.testing.assert_allclose(probs, SEED_PROBS, rtol=0, atol=1e-9)
     assert s["predictions"][0]["point"] == [2.0, 2.0] and s["predictions"][0]["true"] == 1

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import make_cfg, requires_cuda, run_cli
 from quadnet import optim
@@ -73,7 +72,9 @@ def test_torch_engine_equals_numpy_oracle(case):
 @pytest.mark.parametrize("data", ["seed", "sampled"])
 def test_numba_engine_equals_the_torch_engine(case, dtype, tol, data):
     """The compiled step (jobs in SIMD lanes) against the torch step: weights, buffers, metrics, steps."""
-    cfgs = [make_cfg(*(f"{k}={v}" for k, v in case.items()), f"dtype={dtype}", f"engine={e}") for e in ("numba", "torch")]
+    cfgs = [
+        make_cfg(*(f"{k}={v}" for k, v in case.items()), f"dtype={dtype}", f"engine={e}") for e in ("numba", "torch")
+    ]
     (done_n, first_n), (sn,), numba_engine = _run(cfgs[:1], data=data)
     (done_t, first_t), (st,), torch_engine = _run(cfgs[1:], data=data)
     assert numba_engine.name == "numba" and (done_n, first_n) == (done_t, first_t) == (300, [-1])
@@ -88,13 +89,18 @@ def test_numba_engine_equals_the_torch_engine(case, dtype, tol, data):
 @pytest.mark.parametrize("engine", ["torch", "numba"])
 def test_a_batch_equals_each_job_alone(engine):
     """Different widths, seeds, inits and every hyperparameter in one batch, each equal to its own run."""
-    cfgs = [make_cfg(*(f"{k}={v}" for k, v in case.items() if k != "optimizer"), f"engine={engine}") for case in CASES[:3]]
+    cfgs = [
+        make_cfg(*(f"{k}={v}" for k, v in case.items() if k != "optimizer"), f"engine={engine}") for case in CASES[:3]
+    ]
     cfgs += [dataclasses.replace(cfgs[0], seed=s, lr=0.002) for s in range(70)]  # (two blocks of lanes)
     _, batched, _ = _run(cfgs, data="sampled")
     for c, b in zip(cfgs, batched, strict=True):
         _, (alone,), _ = _run([c], data="sampled")
         _close(b["params"], alone["params"], 1e-12)
-    adams = [make_cfg(f"lr={lr}", "optimizer=adam", f"hidden_dim={h}", f"engine={engine}") for lr, h in ((0.01, 5), (0.003, 8))]
+    adams = [
+        make_cfg(f"lr={lr}", "optimizer=adam", f"hidden_dim={h}", f"engine={engine}")
+        for lr, h in ((0.01, 5), (0.003, 8))
+    ]
     _, batched, _ = _run(adams)
     for c, b in zip(adams, batched, strict=True):
         _close(b["params"], _run([c])[1][0]["params"], 1e-12)

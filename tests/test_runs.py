@@ -134,7 +134,9 @@ def test_checkpoints_are_written_periodically_and_atomically(tmp_path, monkeypat
     saved = []
     real_save = checkpoint.save
     epoch = lambda obj: json.loads(str(obj["meta"]))["epoch"]  # noqa: E731
-    monkeypatch.setattr(checkpoint, "save", lambda path, obj: (saved.append((path.name, epoch(obj))), real_save(path, obj)))
+    monkeypatch.setattr(
+        checkpoint, "save", lambda path, obj: (saved.append((path.name, epoch(obj))), real_save(path, obj))
+    )
     train(cfg, run_dir=tmp_path)
     assert saved == [("checkpoint.npz", 100), ("checkpoint.npz", 200), ("checkpoint.npz", 300)]
     ck = checkpoint.load(tmp_path / "checkpoint.npz")
@@ -416,7 +418,10 @@ def test_predict_bad_input_is_one_line_exit_2(trained, tmp_path, args, words):
 
 def test_predict_of_a_word_alone_says_it_is_neither_a_run_nor_a_point(tmp_path):
     r = run_cli("abc", module="quadnet.predict", cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr == "error: 'abc' is neither a run dir or checkpoint (no such path) nor a point x,y\n"
+    assert (
+        r.returncode == 2
+        and r.stderr == "error: 'abc' is neither a run dir or checkpoint (no such path) nor a point x,y\n"
+    )
 
 
 def test_predict_refuses_a_missing_or_foreign_checkpoint(tmp_path):

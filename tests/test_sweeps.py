@@ -13,9 +13,9 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _metadata_version
 
 import numpy as np
-import yaml
 import pytest
 import torch
+import yaml
 
 from conftest import ROOT, make_cfg, run_cli
 from quadnet import checkpoint, loop, rundir
@@ -85,7 +85,12 @@ def test_batched_launcher_from_the_cli_equals_the_basic_launcher(tmp_path):
         assert a["config"] == {**b["config"], "plots": True}
         np.testing.assert_allclose(_probs(a), _probs(b), rtol=0, atol=1e-9)
         assert b["batch"]["jobs"] == 8 and "batch" not in a
-        assert _job_files(tmp_path / "batched" / str(n)) == ["checkpoint.npz", "metrics.csv", "summary.json", "train.log"]
+        assert _job_files(tmp_path / "batched" / str(n)) == [
+            "checkpoint.npz",
+            "metrics.csv",
+            "summary.json",
+            "train.log",
+        ]
         assert a["overrides"] == b["overrides"] and b["train_seconds"] < b["batch"]["seconds"]
         overrides = yaml.safe_load((tmp_path / "basic" / str(n) / ".hydra" / "overrides.yaml").read_text())
         assert b["overrides"] == overrides and b["config"] == yaml.safe_load(
@@ -140,7 +145,10 @@ def test_a_job_that_fails_in_training_is_taken_out_and_the_rest_train_on(tmp_pat
 
     monkeypatch.setattr(loop, "build", build)
     cfgs = [make_cfg(f"hidden_dim={h}", "epochs=150", f"seed={i}") for i, h in enumerate((4, 13, 6, 9, 5))]
-    jobs = [sweep.Job(i, [], tmp_path / str(i), str(i), cfg=c, start=loop.Job(c, start_state(c))) for i, c in enumerate(cfgs)]
+    jobs = [
+        sweep.Job(i, [], tmp_path / str(i), str(i), cfg=c, start=loop.Job(c, start_state(c)))
+        for i, c in enumerate(cfgs)
+    ]
     sweep.train_here([jobs], 0, lambda: False, tmp_path, quiet=True)
     assert [j.error is None for j in jobs] == [True, False, True, True, True]
     assert jobs[1].error.startswith("out of memory")
@@ -261,8 +269,26 @@ def test_batched_launcher_is_discovered_from_any_directory(tmp_path):
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("line", ["seed=17", "lr=0.01", "lr=-1.5e-3", "data.seed=3", "a=1e3", "a=1E+5", "a=-0",
-                                  "x_y.z=12.5e-07", "a=007", "a=1_000", "lr=.5", "a=+3", "a=1.", "a=inf", "a=abc"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "seed=17",
+        "lr=0.01",
+        "lr=-1.5e-3",
+        "data.seed=3",
+        "a=1e3",
+        "a=1E+5",
+        "a=-0",
+        "x_y.z=12.5e-07",
+        "a=007",
+        "a=1_000",
+        "lr=.5",
+        "a=+3",
+        "a=1.",
+        "a=inf",
+        "a=abc",
+    ],
+)
 def test_the_composers_own_parse_of_key_number_equals_hydras(line):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -303,7 +329,9 @@ def test_the_composer_types_each_job_as_hydra_composes_it(tmp_path):
     with pytest.raises(ConfigError, match="hidden_dim='abc' is not allowed: must be an integer"):
         composer.typed(["hidden_dim=abc", "momentum=0.5"])
     checked = SweepLoader(loader)  # the sweeper's check: Hydra's composition where the Composer leaves one to it
-    assert checked.load_sweep_config(master, ["seed=3"]) is master and "foo" in checked.load_sweep_config(master, ["+foo=1"])
+    assert checked.load_sweep_config(master, ["seed=3"]) is master and "foo" in checked.load_sweep_config(
+        master, ["+foo=1"]
+    )
     HydraConfig.instance().cfg = before
 
 

@@ -204,7 +204,9 @@ def test_a_diverged_or_non_finite_model_is_refused_in_one_line(runs, tmp_path, c
     ck = checkpoint.load(done)
     ck["params"]["W2"][0, 0] = math.nan
     state = {"params": ck["params"]}
-    arrays = checkpoint.arrays(state, epoch=5, config=ck["config"], status="completed", history=[], classes=[1, 2, 3, 4])
+    arrays = checkpoint.arrays(
+        state, epoch=5, config=ck["config"], status="completed", history=[], classes=[1, 2, 3, 4]
+    )
     checkpoint.save(tmp_path / "nan.npz", arrays)
     code, _, err = _predict(capsys, tmp_path / "nan.npz", "1,1")
     assert code == 2 and "with non-finite W2" in err and err.count("\n") == 1
@@ -217,7 +219,9 @@ def test_a_run_dir_predicts_with_its_checkpoint_and_says_how_it_ended(runs, tmp_
     run.mkdir()
     ck = checkpoint.load(runs[1])
     state = {"params": {k: v + 1 for k, v in ck["params"].items()}}
-    arrays = checkpoint.arrays(state, epoch=300, config=ck["config"], status="interrupted", history=[], classes=[1, 2, 3, 4])
+    arrays = checkpoint.arrays(
+        state, epoch=300, config=ck["config"], status="interrupted", history=[], classes=[1, 2, 3, 4]
+    )
     checkpoint.save(run / "checkpoint.npz", arrays)
     assert load(run).path == str(run / "checkpoint.npz") and load(run).status == "interrupted"
     code, out, _ = _predict(capsys, run, "1,1")
