@@ -1,12 +1,10 @@
-"""``python -m quadnet.bench {single,step,startup,sweep} [--json]``: speed, measured side by side.
+"""``python -m quadnet.bench {step,sweep} [--json]``: speed, measured side by side.
 
-single   the default job (10,000 full-batch steps) on every engine and dtype available here,
-         interleaved and repeated; the best train_seconds of each and its ratio to NumPy's.
-step     one batch of J default jobs on one thread: the numba engine, the torch fused step and
-         autograd (one backward of the summed losses, torch.optim.SGD), in ms per job per
-         10,000 steps, and each against the arithmetic limit: the FLOPs of a step at this
-         machine's float64 GEMM rate (2048² matmul, one thread), measured in the same run.
-startup  ``python -m quadnet.train epochs=0`` against a bare ``import torch``, as subprocesses.
+step     one batch of J default jobs, one thread, in ms per job per 10,000 steps: the numba engine,
+         the torch fused step and autograd (one backward of the summed losses, torch.optim.SGD), the
+         NumPy engine (one job), the torch engine on CUDA where there is one; and each against the
+         arithmetic limit, the FLOPs of a step at this machine's float64 GEMM rate (2048² matmul,
+         one thread), measured in the same run.
 sweep    the same sweep under Hydra's basic launcher and the batched launcher, end to end, with
          the peak memory (PSS) of each process tree; ``--busy N`` runs N CPU-bound processes
          beside both, as on a shared machine; ``--mlflow`` runs the batched sweep again with
@@ -25,7 +23,6 @@ import json
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,19 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from quadnet.cli import STOPPED, ArgumentParser, command, fail
-
-VARIANTS = {  # bench single: name and overrides
-    "numpy engine (float64)": ["engine=numpy"],
-    "numba engine, cpu float64 (the default)": ["engine=numba"],
-    "numba engine, cpu float32": ["engine=numba", "dtype=float32"],
-    "torch fused, cpu float64": ["engine=torch", "device=cpu"],
-    "torch fused, cpu float32": ["engine=torch", "device=cpu", "dtype=float32"],
-    "torch autograd, cpu float64": ["engine=torch", "device=cpu", "step=autograd"],
-    "torch fused, cuda float64, graph": ["device=cuda"],
-    "torch fused, cuda float32, graph": ["device=cuda", "dtype=float32"],
-    "torch fused, cuda float64, eager": ["device=cuda", "cuda_graph=false"],
-}
+from quadnet.cli import ArgumentParser, command
 
 
 def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any]:
@@ -71,25 +56,6 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cpus": usable_cpus(), "python": v["python"], "torch": v["torch"], "numpy": np.__version__}
 
 
-def bench_single(epochs: int, repeat: int) -> list[dict[str, Any]]:
-    import torch
-
-    from quadnet.config import compose
-    from quadnet.train import train
-
-    times: dict[str, list[float]] = {k: [] for k in VARIANTS if "cuda" not in k or torch.cuda.is_available()}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(repeat):  # interleaved, so that drift in the machine's load hits every variant alike
-            for i, name in enumerate(times):
-                cfg = compose([*VARIANTS[name], f"epochs={epochs}", "plots=false", "progress=false"])
-                s = train(cfg, run_dir=Path(tmp) / f"{r}-{i}")
-                if s["signal"]:  # (the run's own handlers caught it: its time is not a figure)
-                    fail(STOPPED, 128 + signal.Signals[s["signal"]])
-                times[name].append(s["train_seconds"] * 10000 / max(epochs, 1))
-    base = min(times["numpy engine (float64)"])
-    return [{"variant": k, "best_s_per_10k": min(t), "ratio_to_numpy": min(t) / base} for k, t in times.items()]
-
-
 def step_flops(n: int, h: int, c: int) -> int:
     """FLOPs of one full-batch step of one job: N points, H hidden units, C classes (8.0k by default)."""
     forward = 2 * n * (2 * h + h * c)
@@ -99,67 +65,45 @@ def step_flops(n: int, h: int, c: int) -> int:
 
 
 def gemm_rate() -> float:
-    """This machine's float64 GEMM rate on one thread (FLOP/s): the best of three 2048² matmuls."""
+    """This machine's float64 GEMM rate on one thread (FLOP/s): the best of four 2048² matmuls."""
     import torch
 
-    a = torch.rand(2048, 2048, dtype=torch.float64)
-    with _torch_threads(1):
-        best = min(_timed(torch.mm, a, a)[0] for _ in range(4))
-    return 2 * 2048**3 / best
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Any:
     from quadnet.engine import torch_threads
 
-    with torch_threads(n):
-        yield
+    a = torch.rand(2048, 2048, dtype=torch.float64)
+    with torch_threads(1):
+        return 2 * 2048**3 / min(_timed(torch.mm, a, a)[0] for _ in range(4))
 
 
 def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
+    import torch
+
     from quadnet import loop
     from quadnet.config import TrainConfig
     from quadnet.data import make_dataset
     from quadnet.train import start_state
 
-    rate = gemm_rate()
     data = make_dataset(TrainConfig().data)
-    limit = step_flops(len(data.x_train), TrainConfig().hidden_dim, data.num_classes) * 10000 / rate * 1000
+    limit = step_flops(len(data.x_train), TrainConfig().hidden_dim, data.num_classes) * 10000 / gemm_rate() * 1000
+    variants = {"numba": ("numba", "fused", "cpu"), "torch": ("torch", "fused", "cpu"), "numpy": ("numpy", "fused", "cpu"),
+                "autograd": ("torch", "autograd", "cpu"), "cuda": ("torch", "fused", "cuda")}  # fmt: skip
 
-    def ms_per_job(jobs: int, engine: str, step: str, steps: int) -> float:
-        cfgs = [TrainConfig(seed=s, engine=engine, step=step, threads=1) for s in range(jobs)]
-        e = loop.build(cfgs, data, [start_state(c) for c in cfgs], "cpu")
-        e.run(2, lambda: False)  # (buffers, caches)
+    def ms_per_job(jobs: int, engine: str, step: str, device: str) -> float:
+        cfgs = [TrainConfig(seed=s, engine=engine, step=step, threads=1, device=device) for s in range(jobs)]
+        e = loop.build(cfgs, data, [start_state(c) for c in cfgs], "cuda:0" if device == "cuda" else "cpu")
+        steps = max(20, min(2000, 400_000 // jobs)) * (5 if engine == "numba" else 1)
+        e.run(2, lambda: False)  # (buffers, caches, a CUDA graph)
         return _timed(e.run, steps, lambda: False)[0] / steps * 10000 / jobs * 1000
 
     rows = []
     for j in sizes:
-        steps = max(20, min(2000, 400_000 // j))
-        times = {}
-        for name, engine, step in (
-            ("numba", "numba", "fused"),
-            ("torch", "torch", "fused"),
-            ("autograd", "torch", "autograd"),
-        ):
-            times[name] = min(
-                ms_per_job(j, engine, step, steps * (5 if engine == "numba" else 1)) for _ in range(repeat)
-            )
         row: dict[str, Any] = {"jobs": j, "limit_ms": limit}
-        for name, ms in times.items():
-            row |= {f"{name}_ms": ms, f"{name}_x_limit": ms / limit}
+        for name, (engine, step, device) in variants.items():
+            if (name != "numpy" or j == 1) and (device == "cpu" or torch.cuda.is_available()):
+                ms = min(ms_per_job(j, engine, step, device) for _ in range(repeat))
+                row |= {f"{name}_ms": ms, f"{name}_x_limit": ms / limit}
         rows.append(row)
     return rows
-
-
-def bench_startup(repeat: int) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory() as tmp:
-
-        def timed(*args: str) -> float:
-            return _timed(subprocess.run, [sys.executable, *args], cwd=tmp, check=True, capture_output=True)[0]
-
-        bare = min(timed("-c", "import torch") for _ in range(repeat))
-        run = min(timed("-m", "quadnet.train", "epochs=0") for _ in range(repeat))
-    return [{"import_torch_s": bare, "train_epochs0_s": run, "overhead_s": run - bare}]
 
 
 _PHASES = re.compile(
@@ -246,11 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
     repeated = ArgumentParser(add_help=False, parents=[common])
     repeated.add_argument("--repeat", type=int, default=3, help="runs of each variant; the best counts")
-    single = sub.add_parser("single", help="the default job on every engine", parents=[repeated])
-    single.add_argument("--epochs", type=int, default=10000)
     step = sub.add_parser("step", help="the engines against the arithmetic limit, by batch size", parents=[repeated])
     step.add_argument("--jobs", default="1,64,256,1024", help="batch sizes, comma-separated")
-    sub.add_parser("startup", help="start-up cost", parents=[repeated])
     sweep = sub.add_parser("sweep", help="basic launcher against batched", parents=[common])
     sweep.add_argument("--jobs", type=int, default=256, help="jobs in the sweep (default 256)")
     sweep.add_argument("--epochs", type=int, default=10000, help="epochs= of every job (default 10000)")
@@ -264,25 +205,19 @@ def main(argv: list[str] | None = None) -> None:
     if min(sizes + [given.get(k, 1) for k in ("repeat", "epochs", "sample")]) < 1 or given.get("busy", 0) < 0:
         parser.error("--repeat, --epochs, --jobs (each size) and --sample must be whole numbers >= 1, --busy >= 0")
     rows = {
-        "single": lambda: bench_single(args.epochs, args.repeat),
         "step": lambda: bench_step(sizes, args.repeat),
-        "startup": lambda: bench_startup(args.repeat),
         "sweep": lambda: bench_sweep(args.jobs, args.sample, args.device, args.busy, args.epochs, args.mlflow),
     }[args.what]()
     if args.json:
         print(json.dumps({"benchmark": args.what, "machine": machine(), "rows": rows}, indent=2))
         return
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
-    # the rows as an aligned table, one column per key
-    cells = [list(rows[0])] + [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
+    # the rows as an aligned table, a column a key ("-" where a row has none), numbers right-aligned
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [keys] + [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.get(k, "-") for k in keys)] for r in rows]
     widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
-    names = isinstance(next(iter(rows[0].values())), str)  # a first column of names reads left-aligned
     for line in cells:
-        justified = [
-            c.ljust(w) if names and not i else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
-        ]
-        print("  ".join(justified))
-
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
 
 if __name__ == "__main__":
     main()

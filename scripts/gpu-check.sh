@@ -27,6 +27,6 @@ step() {  # step NAME SECONDS COMMAND...: run it, keep its output in $out/NAME.t
 }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; python3 -c 'import torch; print(torch.__version__)'; } | tee "$out/gpu.txt"
 step cuda-tests 150 python3 -m pytest -q -m cuda -rs -p no:cacheprovider tests
-step bench-single 100 python3 -m quadnet.bench single --repeat 3
-step bench-step 90 python3 -m quadnet.bench step --jobs 1,64,256,4096 --repeat 2
-step bench-sweep-10k 270 python3 -m quadnet.bench sweep --jobs 10000 --sample 3 --device cuda
+step bench-step 120 python3 -m quadnet.bench step --jobs 1,256,4096,65536 --repeat 2
+step bench-sweep-10k 150 python3 -m quadnet.bench sweep --jobs 10000 --sample 3 --device cuda
+step bench-sweep-1m 300 python3 -m quadnet.bench sweep --jobs 1000000 --epochs 1000 --sample 2 --device cuda

@@ -272,7 +272,7 @@ def test_a_reader_that_stops_reading_stops_neither_the_run_nor_prints_a_tracebac
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status (Linux)")
 @pytest.mark.parametrize(
     "command",
-    [["quadnet.crosscheck", "epochs=100000000"], ["quadnet.bench", "single", "--epochs", "100000000", "--repeat", "1"]],
+    [["quadnet.crosscheck", "epochs=100000000"], ["quadnet.bench", "step", "--jobs", "1", "--repeat", "1000"]],
 )
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_ends_the_other_commands_in_one_line(command, sig, code, tmp_path):
