@@ -3,7 +3,6 @@ checkpoint is in quadnet.checkpoint, the plots in quadnet.plots)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -99,8 +98,3 @@ def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
     # a missing figure is NaN (0.1 checkpoints: no test_loss); other keys of a row are not written
     lines = [",".join(METRIC_FIELDS)] + [",".join(repr(r.get(k, math.nan)) for k in METRIC_FIELDS) for r in rows]
     write_text(path, "\n".join(lines) + "\n")
-
-
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -27,16 +27,14 @@ from quadnet import loop, model, reference
 from quadnet.cli import ArgumentParser, command, friendly_errors
 from quadnet.config import TrainConfig, compose, log_every, validate
 from quadnet.data import make_dataset
-from quadnet.engine import QuadNet
 
 
 def autograd_grads(params: reference.Params, x: np.ndarray, y: np.ndarray, reg: float) -> reference.Params:
-    """Gradients of data loss + reg/2·‖W‖² by torch autograd through :class:`QuadNet`, seed layout."""
-    net = QuadNet(model.stack([params], params["b1"].shape[0], torch.float64, torch.device("cpu")))
-    w1, _, w2, _ = net.params
-    loss = F.cross_entropy(net(torch.from_numpy(x))[0], torch.from_numpy(y))
-    (loss + 0.5 * reg * (w1.square().sum() + w2.square().sum())).backward()
-    return model.unstack([p.grad for p in net.params], [0], [params["b1"].shape[0]])[0]  # type: ignore[misc]
+    """Gradients of data loss + reg/2·‖W‖² by torch autograd through :func:`quadnet.model.forward`, seed layout."""
+    leaves = [t.requires_grad_() for t in model.stack([params], params["b1"].shape[0], torch.float64, "cpu")]
+    loss = F.cross_entropy(model.forward(leaves, torch.from_numpy(x))[1][0], torch.from_numpy(y))
+    grads = torch.autograd.grad(loss + 0.5 * reg * (leaves[0].square().sum() + leaves[2].square().sum()), leaves)
+    return model.unstack(list(grads), [0], [params["b1"].shape[0]])[0]
 
 
 def max_abs_diff(a: Any, b: Any) -> float:

@@ -4,8 +4,8 @@
 Jobs share their data, dtype and device; seed, init, hidden_dim and every optimizer
 hyperparameter may differ. A step is :func:`quadnet.model.forward`, the softmax
 cross-entropy's gradient, :func:`quadnet.model.backward` and the update rule of
-:mod:`quadnet.optim` (``step=fused``), or autograd through :class:`QuadNet`
-and torch.optim (``step=autograd``, the reference semantics; hyperparameters shared).
+:mod:`quadnet.optim`; ``step=autograd`` takes the gradients from torch's autograd instead of
+the hand-written backward (the reference that one is tested against).
 On CUDA, runs of steps are captured once as a CUDA graph and replayed.
 
 All engines (this, :class:`quadnet.fast.FastEngine` and :class:`quadnet.reference.NumpyEngine`)
@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from quadnet import model, optim
 from quadnet.config import TrainConfig
@@ -31,17 +30,6 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 GRAPH_STEPS = 25  # steps per CUDA graph replay: few enough that Ctrl-C stays prompt
 
 JobState = dict[str, Any]  # {"params": Params, "optimizer": {buffer: Params}, "step": int}
-
-
-class QuadNet(nn.Module):
-    """:func:`quadnet.model.forward` as an ``nn.Module`` with the parameters as ``nn.Parameter``s, for autograd."""
-
-    def __init__(self, params: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.params = nn.ParameterList([nn.Parameter(t) for t in params])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return model.forward(list(self.params), x)[1]
 
 
 class TorchEngine:
@@ -70,13 +58,7 @@ class TorchEngine:
         self.t += starts[0].get("step", 0)
         self.rows = list(range(len(cfgs)))  # the caller's index of each job still here
         self._graph: Any = None
-        self._opt: torch.optim.Optimizer | None = None
         self._views()
-        if self.autograd:
-            self._net = QuadNet(self.params)
-            self.params = list(self._net.params)
-            self._opt = optim.torch_optimizer(self.rule, self.params, self.h)
-            optim.load_torch_state(self._opt, self.params, self.state, int(self.t))
 
     # ------------------------------------------------------------------ training
 
@@ -92,19 +74,20 @@ class TorchEngine:
         when its loss is, so that divergence is found without a host sync per step."""
         if self.rule == "adam":
             self.t += 1
-        if self.autograd:
-            self._opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+        if self.autograd:  # the gradients by autograd: of the sum of the jobs' mean losses, each job's its own
             with torch.enable_grad():
-                logits = self._net(self.x)
-                j, n = logits.shape[:2]  # the sum of the jobs' mean losses: each job's gradient is its own
-                F.cross_entropy(logits.flatten(0, 1), self.y.repeat(j), reduction="sum").div(n).backward()
-            self._opt.step()  # type: ignore[union-attr]
-            return torch.log_softmax(logits.detach(), dim=2).sum((1, 2))
-        a, logits = model.forward(self._p, self.x)
-        logp = torch.log_softmax(logits, dim=-1)
-        loss = logp.sum((-2, -1))
-        dlogits = logp.exp_().sub_(self._onehot).div_(self.x.shape[0])  # of the mean cross-entropy
-        optim.RULES[self.rule](self._p, model.backward(self._p, self.x, a, dlogits), self._s, self.h, self.t)
+                leaves = [p.detach().requires_grad_() for p in self._p]  # (the same storage: updated in place)
+                logits = model.forward(leaves, self.x)[1]
+                y = self.y.repeat(logits.numel() // logits.shape[-1] // len(self.y))
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="sum")
+                grads = list(torch.autograd.grad(nll / self.x.shape[0], leaves))
+            loss = torch.log_softmax(logits.detach(), dim=-1).sum((-2, -1))
+        else:
+            a, logits = model.forward(self._p, self.x)
+            logp = torch.log_softmax(logits, dim=-1)
+            loss = logp.sum((-2, -1))
+            grads = model.backward(self._p, self.x, a, logp.exp_().sub_(self._onehot).div_(self.x.shape[0]))
+        optim.RULES[self.rule](self._p, grads, self._s, self.h, self.t)
         return loss
 
     def run(self, n: int, stop: Callable[[], bool]) -> tuple[int, list[int]]:
@@ -162,8 +145,7 @@ class TorchEngine:
     def export(self, rows: list[int]) -> list[JobState]:
         """Jobs at `rows`: their parameters and optimizer buffers, unpadded, float64 NumPy."""
         dims = [self.cfgs[self.rows[r]].hidden_dim for r in rows]
-        state = self.state if self._opt is None else optim.torch_state(self._opt, self.params, tuple(self.state))
-        bufs = {n: model.unstack(b, rows, dims) for n, b in state.items()}
+        bufs = {n: model.unstack(b, rows, dims) for n, b in self.state.items()}
         params = model.unstack(self.params, rows, dims)
         step = int(self.t)  # (one host sync)
         return [

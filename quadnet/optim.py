@@ -2,7 +2,7 @@
 
 Each rule is torch.optim's (``SGD`` with momentum, ``Adam``), with L2 weight decay ``reg``
 added to the weights' gradients as torch.optim's ``weight_decay`` does; the tests assert
-each equals torch.optim on the same gradients. Optimizer state is a dict of named buffers
+each equals torch.optim on the same gradients (and step=autograd uses them too). Optimizer state is a dict of named buffers
 (:data:`BUFFERS`), one tensor per parameter each. A hyperparameter is a float when every
 job shares it, else a (J, 1, 1) tensor. Adding a rule means a function here, its buffers,
 the NumPy oracle's version in :mod:`quadnet.reference`, and its config keys.
@@ -60,35 +60,3 @@ def adam(params: list[torch.Tensor], grads: list[torch.Tensor], state: State, h:
 
 
 RULES = {"sgd": sgd, "adam": adam}
-
-
-def torch_optimizer(rule: str, params: list[torch.nn.Parameter], h: Hyper) -> torch.optim.Optimizer:
-    """The torch.optim equivalent, for ``step=autograd`` (hyperparameters shared by the batch)."""
-    groups = [
-        {"params": [p for n, p in zip(PARAMS, params, strict=True) if n in WEIGHTS], "weight_decay": h["reg"]},
-        {"params": [p for n, p in zip(PARAMS, params, strict=True) if n not in WEIGHTS], "weight_decay": 0.0},
-    ]
-    if rule == "sgd":
-        return torch.optim.SGD(groups, lr=h["lr"], momentum=h["momentum"])
-    return torch.optim.Adam(groups, lr=h["lr"], betas=(h["beta1"], h["beta2"]), eps=h["eps"])
-
-
-_TORCH_NAMES = {"momentum": "momentum_buffer"}
-
-
-def torch_state(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], names: tuple[str, ...]) -> State:
-    """A torch.optim optimizer's buffers as named buffers (zeros before its first step)."""
-    return {
-        n: [opt.state.get(p, {}).get(_TORCH_NAMES.get(n, n), torch.zeros_like(p)).detach() for p in params]
-        for n in names
-    }
-
-
-def load_torch_state(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], state: State, t: int) -> None:
-    """Named buffers (and the step count t) into a torch.optim optimizer, for resume."""
-    for i, p in enumerate(params):
-        entry = {_TORCH_NAMES.get(n, n): bufs[i].clone() for n, bufs in state.items()}
-        if isinstance(opt, torch.optim.Adam):
-            entry["step"] = torch.tensor(float(t))
-        if entry:
-            opt.state[p] = entry

@@ -74,15 +74,8 @@ class Returns(Sequence[JobReturn]):
     """Every job's JobReturn, made when it is read: the sweep keeps a status and a value a job."""
 
     def __init__(self, overrides: Sequence[Sequence[str]], name: str) -> None:
-        self.overrides, self.name = overrides, name
-        self.status, self.value, self.errors = bytearray(len(overrides)), array("d", bytes(8 * len(overrides))), {}
-
-    def set(self, i: int, status: JobStatus, value: Any) -> None:
-        self.status[i] = status.value
-        if status == JobStatus.COMPLETED:
-            self.value[i] = value
-        else:
-            self.errors[i] = value
+        self.overrides, self.name, self.errors = overrides, name, {}
+        self.status, self.value = bytearray(len(overrides)), array("d", bytes(8 * len(overrides)))
 
     def __len__(self) -> int:
         return len(self.overrides)
@@ -90,17 +83,17 @@ class Returns(Sequence[JobReturn]):
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        ret = JobReturn(overrides=list(self.overrides[i]), task_name=self.name, working_dir=os.getcwd())
-        ret.status = JobStatus(self.status[i])
-        ret.return_value = self.value[i] if ret.status == JobStatus.COMPLETED else self.errors.get(i)
+        ret = JobReturn(list(self.overrides[i]), working_dir=os.getcwd(), task_name=self.name, status=JobStatus(self.status[i]))
+        ret.return_value = self.errors.get(i, self.value[i])
         return ret
 
 
 def group_key(j: Job) -> tuple[Any, ...]:
-    """Jobs that train as one batch share data, precision, device, engine, optimizer, checkpoint
-    points and start epoch. The NumPy engine and step=autograd (shared hyperparameters) train alone."""
-    c, alone = j.start.cfg, j.start.cfg.engine == "numpy" or j.start.cfg.step == "autograd"  # type: ignore[union-attr]
-    return (repr(c.data), c.dtype, c.device, c.engine, c.optimizer, c.checkpoint_every, j.start.epoch, alone and j.idx)  # type: ignore
+    """Jobs that train as one batch share data, precision, device, engine, step, optimizer, checkpoint
+    points and start epoch. The NumPy engine trains one job at a time."""
+    c = j.start.cfg  # type: ignore[union-attr]
+    return (repr(c.data), c.dtype, c.device, c.engine, c.step, c.optimizer, c.checkpoint_every, j.start.epoch,  # type: ignore
+            c.engine == "numpy" and j.idx)  # fmt: skip
 
 
 # ---------------------------------------------------------------------- resuming a sweep
@@ -373,7 +366,12 @@ class Sweep:
                 status, value = ret.status, ret._return_value
             else:
                 status, value = self._write_lean(j, signum)
-            self.returns.set(j.idx - self.first, status, value)
+            i = j.idx - self.first
+            self.returns.status[i] = status.value
+            if status == JobStatus.COMPLETED:
+                self.returns.value[i] = value
+            else:
+                self.returns.errors[i] = value
             self.counts["ended " + (j.result.status if status == JobStatus.COMPLETED else "failed")] += 1  # type: ignore
             (self.dir / BATCHES / f"{j.key.replace('/', '_')}.npz").unlink(missing_ok=True)  # (its batch's: written)
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)

@@ -99,3 +99,11 @@ def run_cli(
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
     )
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """A run's metrics.csv as rows of floats."""
+    import csv
+
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]

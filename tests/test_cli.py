@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SEED_PROBS, make_cfg, run_cli
+from conftest import SEED_PROBS, make_cfg, read_metrics, run_cli
 from quadnet import checkpoint
-from quadnet.artifacts import read_metrics
 from quadnet.config import ConfigError
 from quadnet.device import resolve_device
 from quadnet.train import train

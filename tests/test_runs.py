@@ -17,9 +17,8 @@ import pytest
 import torch
 
 import quadnet
-from conftest import make_cfg, run_cli
+from conftest import make_cfg, read_metrics, run_cli
 from quadnet import checkpoint
-from quadnet.artifacts import read_metrics
 from quadnet.config import ConfigError
 from quadnet.train import train
 

@@ -17,9 +17,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, make_cfg, run_cli
+from conftest import ROOT, make_cfg, read_metrics, run_cli
 from quadnet import checkpoint, loop, rundir
-from quadnet.artifacts import read_metrics
 from quadnet.config import version_base
 from quadnet.train import start_state, train
 
