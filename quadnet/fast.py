@@ -254,9 +254,9 @@ class FastEngine:
             keep = y >= 0
             z = logits(self.blocks, x[keep].astype(self.dtype), self.h_dim, self.n_cls).astype(np.float64)
             z = z.transpose(1, 2, 0, 3).reshape(int(keep.sum()), self.n_cls, -1)[:, :, : len(self.rows)]  # (N, C, J)
-            top = z.max(1, keepdims=True)
-            logp = z - top - np.log(np.exp(z - top).sum(1, keepdims=True))
-            with np.errstate(invalid="ignore"):
+            with np.errstate(all="ignore"):  # (a diverged job's logits are not finite)
+                top = z.max(1, keepdims=True)
+                logp = z - top - np.log(np.exp(z - top).sum(1, keepdims=True))
                 cols += [-logp[np.arange(len(z)), y[keep]].mean(0), (z.argmax(1) == y[keep, None]).mean(0)]
         keys = ("loss", "train_accuracy", "test_loss", "test_accuracy")
         return [dict(zip(keys, map(float, v), strict=True)) for v in zip(*cols, strict=True)]

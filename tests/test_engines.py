@@ -113,7 +113,7 @@ def test_a_batch_equals_each_job_alone(engine):
     ]
     cfgs += [dataclasses.replace(cfgs[0], seed=s, lr=0.002) for s in range(70)]  # (two blocks of lanes)
     _, batched, _ = _run(cfgs, data="sampled")
-    for c, b in zip(cfgs, batched, strict=True):
+    for c, b in [*zip(cfgs, batched, strict=True)][:4] + [(cfgs[-1], batched[-1])]:  # (the last: in a block of its own)
         _, (alone,), _ = _run([c], data="sampled")
         _close(b["params"], alone["params"], 1e-12)
     adams = [
