@@ -175,7 +175,10 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
     with figure(path, 1, 2, figsize=(11, 4.2), constrained_layout=True) as (fig, axes):
         for ax, name in zip(axes, names, strict=True):
             pts = [(pos[r["params"][param]], v) for r in done if (v := summary_metric(r, name)) is not None]
-            groups = [[v for p, v in pts if p == x] for x in at]  # the figures at each value
+            by_value: dict[Any, list[float]] = {}
+            for p, v in pts:
+                by_value.setdefault(p, []).append(v)
+            groups = [by_value.get(x, []) for x in at]  # the figures at each value
             every = [v for _, v in pts]
             ax.scatter([p for p, _ in pts], every, s=12, alpha=0.5, color="tab:blue", label="each job", zorder=3)
             handles = []
