@@ -71,10 +71,11 @@ def write(
     stop_signal: int | None = None,
     extra: dict | None = None,
     sweep: Path | None = None,
+    end_sweep: bool = True,
 ) -> dict[str, Any]:
     """Write a finished job's dir; return its summary. ran: where and how it trained (``device``,
     ``engine``, ``train_seconds``: the training loop's time); extra: more keys for the summary;
-    sweep: the sweep dir of a sweep's job (its MLflow run is nested in the sweep's)."""
+    sweep: the sweep dir of a sweep's job (its MLflow run is nested in the sweep's, which end_sweep ends)."""
     cfg, run_dir, data = job.cfg, Path(run_dir), make_dataset(job.cfg.data)
     run_dir.mkdir(parents=True, exist_ok=True)
     artifacts.remove_stale(run_dir)
@@ -120,7 +121,7 @@ def write(
     if cfg.logger == "mlflow":  # (last: the store sees the dir's files; a store that fails is a note)
         from quadnet.tracking import log_run
 
-        summary["tracking"] = log_run(summary, job.history, run_dir, sweep)
+        summary["tracking"] = log_run(summary, job.history, run_dir, sweep, end_sweep)
         artifacts.write_json(run_dir / "summary.json", summary)
     return summary
 

@@ -404,7 +404,7 @@ class Sweep:
             raise ConfigError(job.error or "not trained")
         extra = {"overrides": job.overrides}
         summary = (
-            completed(job.dir) if job.kept else rundir.write(job.dir, job.result, job.ran, signum, extra, self.dir)
+            completed(job.dir) if job.kept else rundir.write(job.dir, job.result, job.ran, signum, extra, self.dir, False)
         )
         return conclude(summary, single_run=False, exit=False, quiet=self.quiet)
 

@@ -5,8 +5,8 @@ beside the runs, ``sqlite:///outputs/mlflow.db`` under the dir the command start
 in ``outputs/mlartifacts``): ``mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db`` shows
 it without a server. The experiment is ``MLFLOW_EXPERIMENT_NAME`` (or ``MLFLOW_EXPERIMENT_ID``),
 else ``quadnet``. A run logs its config as params (dotted keys), its metrics at each log point and
-its final figures, quadnet's version and commit as tags, and summary.json, metrics.csv and its
-plots as artifacts. A sweep's parent run is named after its dir, and its id is kept in
+its final figures, quadnet's version and commit as tags, and summary.json and its plots as
+artifacts. A sweep's parent run is named after its dir, and its id is kept in
 ``<sweep dir>/.mlflow`` so that every job, of any launcher, finds it. A store that is down or
 refuses a write costs a warning and a ``tracking`` note in summary.json; the run and its dir
 stay as they are, and the process does not try that store again.
@@ -110,11 +110,14 @@ def _versions() -> dict[str, str]:
     return {"quadnet.version": str(v["quadnet"]), "quadnet.git_commit": str(v["git_commit"] or "")}
 
 
-def log_run(summary: dict[str, Any], history: list[dict[str, float]], run_dir: Path, sweep_dir: Path | None) -> dict:
-    """Log a written run dir as an MLflow run (nested in its sweep's run); the note for its summary."""
+def log_run(summary: dict[str, Any], history: list[dict[str, float]], run_dir: Path, sweep_dir: Path | None,
+            end_sweep: bool = True) -> dict:  # fmt: skip
+    """Log a written run dir as an MLflow run (nested in its sweep's run); the note for its summary.
+    end_sweep: mark the sweep's run ended as of this job (a sweep of any launcher but the batched one,
+    which ends it once, when it is done: its last job leaves it ended)."""
     parent_id = parent(sweep_dir) if sweep_dir is not None else None
     run_id = _guard("logging a run", _log, summary, history, run_dir, parent_id)
-    if sweep_dir is not None and parent_id is not None:  # (a basic sweep's last job leaves its parent ended)
+    if end_sweep and parent_id is not None:
         _guard(
             "ending the sweep's run",
             lambda: _client()[0].set_terminated(parent_id, STATUS.get(summary["status"], "FAILED")),
@@ -147,7 +150,7 @@ def _log(summary: dict[str, Any], history: list[dict[str, float]], run_dir: Path
     metrics += [Metric(f"final.{k}", summary[k], now, last) for k in finals if isinstance(summary.get(k), int | float)]
     for i in range(0, max(len(metrics), 1), 900):  # (MLflow takes 1,000 entities a call; the params, ~40, first)
         client.log_batch(run.info.run_id, metrics=metrics[i : i + 900], params=[] if i else params)
-    for file in ("summary.json", "metrics.csv", "loss.png", "decision_regions.png", "training.gif"):
+    for file in ("summary.json", "loss.png", "decision_regions.png", "training.gif"):  # (metrics.csv: the histories)
         if (Path(run_dir) / file).is_file():
             client.log_artifact(run.info.run_id, str(Path(run_dir) / file))
     client.set_terminated(run.info.run_id, STATUS.get(summary["status"], "FAILED"))

@@ -55,7 +55,7 @@ def test_a_run_goes_to_the_sqlite_store_under_outputs_with_everything_a_user_loo
     client = MlflowClient(tracking_uri=uri)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 100, 200, 300]
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert files == {"summary.json", "metrics.csv", "loss.png", "decision_regions.png"}
+    assert files == {"summary.json", "loss.png", "decision_regions.png"}
     assert Path(client.get_experiment(run.info.experiment_id).artifact_location.removeprefix("file://")) == (
         tmp_path / "outputs" / "mlartifacts"
     )
