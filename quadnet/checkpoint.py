@@ -5,8 +5,7 @@ layout, float64), ``optimizer/<buffer>/<param>``, ``history`` (a row per log poi
 :data:`~quadnet.artifacts.METRIC_FIELDS`) and ``meta``, a JSON string with the format, epoch,
 optimizer step, status, classes and resolved config. ``np.load(path)`` reads it without torch,
 and ``allow_pickle=False`` means a crafted file cannot run code. For a completed run it is the
-model (``predict`` and ``quadnet.load`` read it). A batch of jobs training together writes one
-file, each job's arrays under ``<its dir>/``. The ``checkpoint.pt``/``model.pt`` files of quadnet
+model (``predict`` and ``quadnet.load`` read it). The ``checkpoint.pt``/``model.pt`` files of quadnet
 0.1 and 0.2 (torch.save, read with ``torch.load(weights_only=True)``) still load.
 """
 
@@ -24,7 +23,7 @@ import numpy as np
 from quadnet.artifacts import METRIC_FIELDS, atomic_write
 from quadnet.model import shapes
 
-FORMAT, BATCH = "quadnet-checkpoint/3", "quadnet-batch/3"
+FORMAT = "quadnet-checkpoint/3"
 TORCH_FORMATS = ("quadnet-checkpoint/1", "quadnet-checkpoint/2")
 CHECKPOINT = "checkpoint.npz"
 NAMES = (CHECKPOINT, "checkpoint.pt", "model.pt")  # what a run dir may hold, newest format first
@@ -59,12 +58,6 @@ def save(path: Path, obj: dict[str, np.ndarray]) -> None:
             np.savez(f, **obj)
 
     atomic_write(path, write)
-
-
-def save_batch(path: Path, jobs: dict[str, dict[str, np.ndarray]]) -> None:
-    """Many jobs' arrays in one file, each under its name."""
-    every = {f"{name}/{k}": v for name, job in jobs.items() for k, v in job.items()}
-    save(path, every | {"meta": np.array(json.dumps({"format": BATCH, "jobs": list(jobs)}))})
 
 
 def in_dir(folder: Path) -> Path | None:
@@ -181,24 +174,3 @@ def load(path: str | Path) -> dict[str, Any]:
     """Load and check one job's checkpoint (a run dir or a file). Raises :class:`CheckpointError`."""
     p = find(path)
     return {**check(read(p), repr(str(p))), "path": str(p)}
-
-
-def batch_jobs(path: Path) -> list[str]:
-    """The names of the jobs in a batch checkpoint (its meta alone is read)."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"]))
-        assert meta["format"] == BATCH
-        return [str(n) for n in meta["jobs"]]
-    except (OSError, ValueError, KeyError, TypeError, AssertionError, EOFError, zipfile.BadZipFile):
-        raise CheckpointError(f"{path} is not a batch checkpoint (truncated or corrupt)") from None
-
-
-def load_batch(path: Path) -> dict[str, dict[str, Any]]:
-    """The checked jobs of a batch checkpoint, by name."""
-    f = read(path)
-    meta = json.loads(str(f.pop("meta")))
-    if meta.get("format") != BATCH:
-        raise CheckpointError(f"{path} is not a batch checkpoint")
-    return {n: check({k[len(n) + 1 :]: v for k, v in f.items() if k.startswith(n + "/")}, f"{path} [{n}]")
-            for n in meta["jobs"]}  # fmt: skip

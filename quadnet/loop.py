@@ -42,7 +42,7 @@ class Job:
     history: list[dict[str, float]] = field(default_factory=list)
     status: str = "running"  # then completed | diverged | interrupted
     frames: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (epoch, params) if cfg.animate
-    name: str = ""  # in a sweep, its dir's name (a key of the batch checkpoint)
+    name: str = ""  # in a sweep, its run dir (where its checkpoints go while its batch trains)
 
 
 def frame_epochs(epochs: int) -> set[int]:

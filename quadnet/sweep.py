@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import shlex
-import shutil
 import sys
 import time
 from array import array
@@ -44,7 +43,6 @@ TIMING_LINE = "composed %d jobs in %.2f s, trained in %.2f s, wrote their dirs i
 CHATTY = 16  # sweeps up to this size log a line per job; bigger ones a summary
 CPU_BATCH = 1024  # most jobs in one CPU batch by default (bigger batches cost more per job: bench step)
 CUDA_CHUNK = 16384  # most jobs composed at once on CUDA (a batch may hold more, memory permitting)
-BATCHES = ".batches"  # in the sweep dir: one checkpoint a batch while it trains
 BATCH_SAVE_SECONDS = 10.0  # ~0.1 ms a job each time: 256 jobs saved every 1,000 epochs cost 20% of their training
 FREE = ("epochs", "progress", "plots", "threads", "checkpoint_every")  # what resuming a job may change
 
@@ -56,7 +54,7 @@ class Job:
     idx: int
     overrides: list[str]
     dir: Path  # its output dir (hydra.runtime.output_dir)
-    key: str  # its dir within the sweep dir: its name in batch checkpoints
+    key: str  # its dir within the sweep dir
     cfg: TrainConfig | None = None
     config: Any = None  # Hydra's composition, for a job the Composer leaves to Hydra
     kept: bool = False  # completed in an earlier launch of this sweep: its dir is kept as it is
@@ -109,46 +107,19 @@ def completed(folder: Path) -> dict[str, Any]:
     return {}
 
 
-class Batches:
-    """The job states in the sweep's batch checkpoints (one file a training batch), each file read
-    when a job in it is first asked for (one file in memory at a time)."""
-
-    def __init__(self, sweep_dir: Path) -> None:
-        self.where: dict[str, Path] = {}
-        self._loaded: tuple[Path | None, dict[str, Any]] = (None, {})
-        for path in sorted((sweep_dir / BATCHES).glob("*.npz")):
-            with contextlib.suppress(checkpoint.CheckpointError):
-                self.where |= dict.fromkeys(checkpoint.batch_jobs(path), path)
-
-    def get(self, name: str) -> dict[str, Any] | None:
-        if (path := self.where.get(name)) is None:
-            return None
-        try:
-            if self._loaded[0] != path:
-                self._loaded = (path, checkpoint.load_batch(path))
-            return self._loaded[1][name]
-        except checkpoint.CheckpointError as e:
-            log.warning("a damaged batch checkpoint is not used: %s", e)
-            self.where = {k: v for k, v in self.where.items() if v != path}
-            return None
-
-
-def resumable(job: Job, c: TrainConfig, batches: Batches) -> loop.Job:
-    """Where a job (config c, as trained) starts: afresh, or from the furthest of its checkpoints
-    (its dir's, or its entry in a batch checkpoint; a diverged one aside). A job that completed
-    at c.epochs is kept as it is (its summary says so: no checkpoint is read). A checkpoint of
-    other settings, or beyond c.epochs, refuses the sweep (:class:`SweepRefused`): going on would
-    throw its training away."""
+def resumable(job: Job, c: TrainConfig) -> loop.Job:
+    """Where a job (config c, as trained) starts: afresh, or from the checkpoint in its dir (a
+    diverged one aside). A job that completed at c.epochs is kept as it is (its summary says so:
+    no checkpoint is read). A checkpoint of other settings, or beyond c.epochs, refuses the sweep
+    (:class:`SweepRefused`): going on would throw its training away."""
     from quadnet.train import start_state
 
     done, now = completed(job.dir), to_dict(c)
     if done.get("epoch") == c.epochs and all(done["config"].get(k) == v for k, v in now.items() if k not in FREE):
         return loop.Job(c, {}, c.epochs, status="completed")
     here = checkpoint.in_dir(job.dir)
-    found = [ck for ck in ([checkpoint.load(here)] if here else []) + [batches.get(job.key)] if ck]
-    if not (found := [ck for ck in found if ck["status"] != "diverged"]):
+    if here is None or (ck := checkpoint.load(here))["status"] == "diverged":
         return loop.Job(c, start_state(c))
-    ck = max(found, key=lambda ck: ck["epoch"])
     changed = ", ".join(f"{k}={ck['config'].get(k)!r} (now {v!r})" for k, v in now.items() if k not in FREE
                         and ck["config"].get(k) != v)  # fmt: skip
     if changed or ck["epoch"] > c.epochs:
@@ -172,10 +143,10 @@ def _refused(launcher: Any, why: str) -> None:
 # ---------------------------------------------------------------------- training
 
 
-def _saver(sweep_dir: Path) -> Callable[[list[loop.Job]], None]:
-    """While a batch trains, its checkpoints go to one file: {job key: its state}, at its checkpoint
-    points but at most once every BATCH_SAVE_SECONDS, and never more than a tenth of the time
-    (the file holds every job and its metrics so far)."""
+def _saver() -> Callable[[list[loop.Job]], None]:
+    """While a batch trains, each job's checkpoint goes to its dir (made now: a run dir of a job that
+    has not ended holds its checkpoint alone) at its checkpoint points, but at most once every
+    BATCH_SAVE_SECONDS and never more than a tenth of the time (1,024 files, a second on a slow disk)."""
     from quadnet.data import make_dataset
 
     last, cost = -math.inf, 0.0
@@ -186,11 +157,11 @@ def _saver(sweep_dir: Path) -> Callable[[list[loop.Job]], None]:
             return
         last, classes = time.monotonic(), make_dataset(jobs[0].cfg.data).classes
         try:  # (a convenience: training goes on without it, and each job's dir is written at the end)
-            (sweep_dir / BATCHES).mkdir(exist_ok=True)
-            states = {j.name: checkpoint.of(j, "running", classes) for j in jobs}
-            checkpoint.save_batch(sweep_dir / BATCHES / f"{jobs[0].name.replace('/', '_')}.npz", states)
+            for j in jobs:
+                Path(j.name).mkdir(parents=True, exist_ok=True)
+                checkpoint.save(Path(j.name) / checkpoint.CHECKPOINT, checkpoint.of(j, "running", classes))
         except OSError as e:
-            log.warning("no batch checkpoint written: %s", one_line(e))
+            log.warning("no checkpoint written for the batch: %s", one_line(e))
         cost = time.monotonic() - last
 
     return save
@@ -235,14 +206,14 @@ def _done(batch: list[Job], out: Any, **extra: Any) -> None:
         j.ran["batch"] = {"jobs": len(batch), "seconds": seconds, **extra}
 
 
-def train_here(groups: list[list[Job]], max_batch: int, stop: Callable[[], bool], sweep_dir: Path, quiet: bool) -> None:
+def train_here(groups: list[list[Job]], max_batch: int, stop: Callable[[], bool], quiet: bool) -> None:
     """Each batch in this process; a batch that fails is split until the failing job fails alone."""
     todo = _batches(groups, max_batch)
     while todo:
         batch = todo.pop(0)
-        starts = [dataclasses.replace(j.start, history=list(j.start.history), name=j.key) for j in batch]  # type: ignore
+        starts = [dataclasses.replace(j.start, history=list(j.start.history), name=str(j.dir)) for j in batch]  # type: ignore
         try:
-            _done(batch, loop.train_batch(starts, batch[0].cfg.device, stop, _saver(sweep_dir), quiet))  # type: ignore
+            _done(batch, loop.train_batch(starts, batch[0].cfg.device, stop, _saver(), quiet))  # type: ignore
         except Exception as e:
             if len(batch) > 1:
                 todo[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
@@ -297,7 +268,7 @@ class Sweep:
             loader.composer(self.config) if self.numbered and not others and hasattr(loader, "composer") else None
         )
         self.loader, self.returns = getattr(loader, "_loader", loader), Returns(job_overrides, str(hc.job.name))
-        self.batches, self.counts, self.seconds = Batches(self.dir), Counter(), Counter()
+        self.counts, self.seconds = Counter(), Counter()
         size = int(self.opts["max_batch"]) or (CUDA_CHUNK if on_cuda(TrainConfig()) else CPU_BATCH)
         self.chunk = size * (16 if self.opts["executor"] else 1)  # (a cluster trains 16 batches at once)
         self.quiet_training = len(job_overrides) > self.chunk  # a chunk's progress is a line, not a bar
@@ -323,9 +294,7 @@ class Sweep:
                     f"resume={job.cfg.resume!r} is not for batched sweeps: to go on with a sweep, run it again with "
                     "hydra.sweep.dir=<its dir>; to go on with one of its jobs, run that job alone (without -m)"
                 )
-            job.start = resumable(
-                job, dataclasses.replace(job.cfg, plots=job.cfg.plots and self.opts["plots"]), self.batches
-            )
+            job.start = resumable(job, dataclasses.replace(job.cfg, plots=job.cfg.plots and self.opts["plots"]))
         except (ConfigError, checkpoint.CheckpointError) as e:
             if isinstance(e, SweepRefused) or checkpoint.in_dir(job.dir) is not None:  # (an earlier run's dir)
                 raise SweepRefused(
@@ -343,7 +312,7 @@ class Sweep:
             if j.start is not None and not j.kept:
                 groups[group_key(j)].append(j)
         if self.opts["executor"] is None:
-            train_here(list(groups.values()), self.opts["max_batch"], stop, self.dir, self.quiet_training)
+            train_here(list(groups.values()), self.opts["max_batch"], stop, self.quiet_training)
         elif groups:
             params = OmegaConf.to_container(OmegaConf.create(self.opts["executor_params"] or {}))
             train_submitit(
@@ -373,7 +342,6 @@ class Sweep:
             else:
                 self.returns.errors[i] = value
             self.counts["ended " + (j.result.status if status == JobStatus.COMPLETED else "failed")] += 1  # type: ignore
-            (self.dir / BATCHES / f"{j.key.replace('/', '_')}.npz").unlink(missing_ok=True)  # (its batch's: written)
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         self.seconds["write"] += time.perf_counter() - t0
         if self.quiet_training:
@@ -466,6 +434,4 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         late = "after every job had trained and is written"
         log.warning("interrupted: %s", again if ends.get("interrupted") or sum(ends.values()) < n else late)
         sys.exit(128 + stop.signal)
-    if all(sweep.returns.status):  # every job's dir is written: no batch checkpoint is needed again
-        shutil.rmtree(sweep.dir / BATCHES, ignore_errors=True)
     return sweep.returns

@@ -148,7 +148,7 @@ def test_a_job_that_fails_in_training_is_taken_out_and_the_rest_train_on(tmp_pat
         sweep.Job(i, [], tmp_path / str(i), str(i), cfg=c, start=loop.Job(c, start_state(c)))
         for i, c in enumerate(cfgs)
     ]
-    sweep.train_here([jobs], 0, lambda: False, tmp_path, quiet=True)
+    sweep.train_here([jobs], 0, lambda: False, quiet=True)
     assert [j.error is None for j in jobs] == [True, False, True, True, True]
     assert jobs[1].error.startswith("out of memory")
     for j, c in zip(jobs, cfgs, strict=True):
@@ -428,7 +428,7 @@ def test_a_signal_keeps_every_job_and_the_sweep_resumes_as_one_batch(sig, code, 
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     deadline = time.time() + 120
-    while not list((tmp_path / "s" / ".batches").glob("*.npz")) and time.time() < deadline:
+    while not (tmp_path / "s" / "5" / "checkpoint.npz").exists() and time.time() < deadline:
         time.sleep(0.1)  # the batch has written its first checkpoint: it is training
     p.send_signal(sig)
     out, _ = p.communicate(timeout=120)
@@ -576,7 +576,8 @@ def test_a_second_sweep_into_the_same_dir_is_refused_while_the_first_runs(tmp_pa
     finally:
         first.kill()
         first.wait()
-    shutil.rmtree(tmp_path / "s" / ".batches", ignore_errors=True)  # (its training would be resumed, not redone)
+    for job in ("0", "1"):  # (the killed sweep's checkpoints: its training would be resumed, not redone)
+        shutil.rmtree(tmp_path / "s" / job, ignore_errors=True)
     _sweep(tmp_path, "s", *sweep[1:3], "epochs=10")  # the lock died with its process
 
 
