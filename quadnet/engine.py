@@ -58,16 +58,8 @@ class TorchEngine:
         self.t += starts[0].get("step", 0)
         self.rows = list(range(len(cfgs)))  # the caller's index of each job still here
         self._graph: Any = None
-        self._views()
 
     # ------------------------------------------------------------------ training
-
-    def _views(self) -> None:
-        """What a step works on: for one job, 2-D views of its tensors (cheaper ops; the updates
-        land in the same storage), else the stacked tensors themselves."""
-        one = (lambda ts: [t[0] for t in ts]) if len(self.rows) == 1 else list
-        self._p, self._s = one(self.params), {n: one(b) for n, b in self.state.items()}
-        self._onehot = self.onehot if len(self.rows) == 1 else self.onehot.expand(len(self.rows), -1, -1)
 
     def step(self) -> torch.Tensor:
         """One step of every job. Returns each job's summed log-probabilities (J,), finite exactly
@@ -76,18 +68,18 @@ class TorchEngine:
             self.t += 1
         if self.autograd:  # the gradients by autograd: of the sum of the jobs' mean losses, each job's its own
             with torch.enable_grad():
-                leaves = [p.detach().requires_grad_() for p in self._p]  # (the same storage: updated in place)
+                leaves = [p.detach().requires_grad_() for p in self.params]  # (the same storage: updated in place)
                 logits = model.forward(leaves, self.x)[1]
                 y = self.y.repeat(logits.numel() // logits.shape[-1] // len(self.y))
                 nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="sum")
                 grads = list(torch.autograd.grad(nll / self.x.shape[0], leaves))
             loss = torch.log_softmax(logits.detach(), dim=-1).sum((-2, -1))
         else:
-            a, logits = model.forward(self._p, self.x)
+            a, logits = model.forward(self.params, self.x)
             logp = torch.log_softmax(logits, dim=-1)
             loss = logp.sum((-2, -1))
-            grads = model.backward(self._p, self.x, a, logp.exp_().sub_(self._onehot).div_(self.x.shape[0]))
-        optim.RULES[self.rule](self._p, grads, self._s, self.h, self.t)
+            grads = model.backward(self.params, self.x, a, logp.exp_().sub_(self.onehot).div_(self.x.shape[0]))
+        optim.RULES[self.rule](self.params, grads, self.state, self.h, self.t)
         return loss
 
     def run(self, n: int, stop: Callable[[], bool]) -> tuple[int, list[int]]:
@@ -158,10 +150,7 @@ class TorchEngine:
         pick = lambda ts: model.lay_out([t.index_select(0, idx) for t in ts])  # noqa: E731
         self.params, self.state = pick(self.params), {n: pick(b) for n, b in self.state.items()}
         self.h = {n: v if isinstance(v, float) else v.index_select(0, idx) for n, v in self.h.items()}
-        if len(rows) == 1:  # one job left: its 2-D views take plain floats
-            self.h = {n: float(v) for n, v in self.h.items()}
         self.rows, self._graph = [self.rows[r] for r in rows], None
-        self._views()
 
 
 @contextlib.contextmanager

@@ -24,17 +24,11 @@ Tensor = Any  # torch.Tensor (torch is imported only where tensors are made)
 
 
 def forward(p: list[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
-    """Hidden activations (J, N, H) and logits (J, N, C) for points x (N, 2).
-
-    Parameters of one job may also come as 2-D views (W1 (2, H), b1 (1, H), …); then the
-    results are 2-D too. The first layer of J jobs is one GEMM over all of them, (N, 2) @ (2, J·H):
-    faster than J small ones (see bench step)."""
+    """Hidden activations (J, N, H) and logits (J, N, C) for points x (N, 2). The first layer of J
+    jobs is one GEMM over all of them, (N, 2) @ (2, J·H): faster than J small ones."""
     import torch
 
     w1, b1, w2, b2 = p
-    if w1.dim() == 2:
-        a = torch.addmm(b1, x, w1).clamp_min_(0)
-        return a, torch.addmm(b2, a, w2)
     j, _, h = w1.shape
     a = torch.addmm(b1.reshape(1, j * h), x, w1.transpose(0, 1).reshape(2, j * h)).view(-1, j, h).transpose(0, 1)
     return a.clamp_min_(0), torch.baddbmm(b2, a, w2)
@@ -46,11 +40,8 @@ def backward(p: list[Tensor], x: Tensor, a: Tensor, dlogits: Tensor) -> list[Ten
 
     da = dlogits @ p[2].transpose(-1, -2)
     dw2 = (dlogits.transpose(-1, -2) @ a).transpose(-1, -2)  # in W2's layout (see lay_out), no copy
-    if da.dim() == 2:
-        dz1 = torch.ops.aten.threshold_backward(da, a, 0)  # through ReLU: where a > 0
-        return [x.t() @ dz1, dz1.sum(0, keepdim=True), dw2, dlogits.sum(0, keepdim=True)]
-    # J jobs: dz1 written in the (N, J, H) layout, so that dW1 is one GEMM for all jobs without a
-    # copy (as in forward), in W1's layout
+    # through ReLU (where a > 0), written in the (N, J, H) layout, so that dW1 is one GEMM for all
+    # jobs without a copy (as in forward), in W1's layout
     j, n, h = da.shape
     dz1 = torch.empty((n, j, h), dtype=da.dtype, device=da.device).transpose(0, 1)
     torch.ops.aten.threshold_backward.grad_input(da, a, 0, grad_input=dz1)
