@@ -1,5 +1,16 @@
 """``python -m quadnet.predict [RUN_DIR_OR_CHECKPOINT] [POINT ...] [--file F] [--json]``: ask a trained model.
 
+Which class each point falls in, by a trained model: quadrants 1-4 (the quadrant data), or the
+labels of the CSV it was trained on.
+
+points: x,y arguments (negative coordinates typed as they are: -2,2), a file of x,y lines
+(--file F, '#' starts a comment; --file - reads stdin), or stdin when no point is given
+and stdin is not a terminal.
+
+model: a run dir or a checkpoint file, given first. Without one, the newest completed run
+under outputs/ is used, single runs and sweep jobs alike (the newest checkpoint whose run
+completed), and the first line says which. A model whose loss diverged is refused.
+
 In Python, :func:`load` gives a :class:`Model` with scikit-learn's ``predict`` (the class
 labels: quadrants 1-4, or a CSV's labels) and ``predict_proba`` (n, classes). Any finite
 point works, even 1e308,1e308: ReLU is positively homogeneous, so logits(x) =
@@ -32,16 +43,7 @@ from quadnet.cli import command, fail
 from quadnet.config import ConfigError
 from quadnet.data import QUADRANT_NAMES, QUADRANTS
 
-HELP = """Which class each point falls in, by a trained model: quadrants 1-4 (the quadrant data), or the
-labels of the CSV it was trained on.
 
-points: x,y arguments (negative coordinates typed as they are: -2,2), a file of x,y lines
-(--file F, '#' starts a comment; --file - reads stdin), or stdin when no point is given
-and stdin is not a terminal.
-
-model: a run dir or a checkpoint file, given first. Without one, the newest completed run
-under outputs/ is used, single runs and sweep jobs alike (the newest checkpoint whose run
-completed), and the first line says which. A model whose loss diverged is refused."""
 
 
 class InputError(ValueError):
@@ -122,7 +124,8 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, float]], 
     """(run dir or checkpoint, whether it is the default, points, as_json). A first argument
     that is two numbers (x,y) and names no file is a point: the newest run is used."""
     raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser("python -m quadnet.predict", description=HELP, formatter_class=raw)
+    help_text = (__doc__ or "").split("\n\n")[1:4]  # (the help: the paragraphs after the usage line)
+    parser = argparse.ArgumentParser("python -m quadnet.predict", description="\n\n".join(help_text), formatter_class=raw)
     parser.add_argument("args", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT | x,y")
     parser.add_argument("--file", action="append", default=[], help="points, one x,y a line; - for stdin")
     parser.add_argument("--json", action="store_true", help="print JSON")
