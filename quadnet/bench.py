@@ -6,7 +6,7 @@ step     one batch of J default jobs, one thread, in ms per job per 10,000 steps
          arithmetic limit, the FLOPs of a step at this machine's float64 GEMM rate (2048² matmul,
          one thread), measured in the same run.
 sweep    the same sweep under Hydra's basic launcher and the batched launcher, end to end, with
-         the peak memory (PSS) of each process tree; ``--busy N`` runs N CPU-bound processes
+         the peak memory (resident set) of each; ``--busy N`` runs N CPU-bound processes
          beside both, as on a shared machine; ``--mlflow`` runs the batched sweep again with
          logger=mlflow (a SQLite store) and prints what the logging costs.
 """
@@ -26,7 +26,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,8 +84,9 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
 
     data = make_dataset(TrainConfig().data)
     limit = step_flops(len(data.x_train), TrainConfig().hidden_dim, data.num_classes) * 10000 / gemm_rate() * 1000
-    variants = {"numba": ("numba", "fused", "cpu"), "torch": ("torch", "fused", "cpu"), "numpy": ("numpy", "fused", "cpu"),
-                "autograd": ("torch", "autograd", "cpu"), "cuda": ("torch", "fused", "cuda")}  # fmt: skip
+    variants = {"numba": ("numba", "fused", "cpu"), "torch": ("torch", "fused", "cpu"),
+                "numpy": ("numpy", "fused", "cpu"), "autograd": ("torch", "autograd", "cpu"),
+                "cuda": ("torch", "fused", "cuda")}  # fmt: skip
 
     def ms_per_job(jobs: int, engine: str, step: str, device: str) -> float:
         cfgs = [TrainConfig(seed=s, engine=engine, step=step, threads=1, device=device) for s in range(jobs)]
@@ -111,45 +111,26 @@ _PHASES = re.compile(
 )
 
 
-def tree_pss(root: int) -> int:
-    """The proportional set size (bytes) of a process and all its descendants (Linux; 0 elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        with contextlib.suppress(OSError, StopIteration, ValueError):
-            lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-            total += int(next(ln for ln in lines if ln.startswith("Pss:")).split()[1]) * 1024
-    return total
-
-
 def _sweep(n: int, launcher: str, sweep_dir: Path, extra: list[str], env: dict | None = None) -> tuple[float, str, int]:
-    """A sweep of n jobs as a subprocess: its seconds, its output and its peak memory (PSS, bytes)."""
+    """A sweep of n jobs as a subprocess: its seconds, its output and its peak memory (bytes: the
+    largest resident set of the process and every process it waited for, as the kernel counts it)."""
     overrides = [f"seed=range({n})", f"hydra/launcher={launcher}", *extra]
     cmd = [sys.executable, "-m", "quadnet.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    t0, peak = time.perf_counter(), 0
-    env = {**os.environ, **(env or {})}
-    with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=sweep_dir.parent, env=env
-    ) as p:
-        out: list[str] = []
-        reader = threading.Thread(target=lambda: out.append(p.stdout.read()))  # type: ignore[union-attr]
-        reader.start()
-        while p.poll() is None:
-            peak = max(peak, tree_pss(p.pid))
-            time.sleep(0.2)
-        reader.join()
-    seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as log:
+        p = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=sweep_dir.parent, env={**os.environ, **(env or {})}
+        )
+        _, status, usage = os.wait4(p.pid, 0)
+        seconds, p.returncode = time.perf_counter() - t0, os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        output = log.read()
     done = sum(json.loads(s.read_text())["status"] == "completed" for s in sweep_dir.glob("*/summary.json"))
     if p.returncode != 0 or done != n:
         raise SystemExit(
-            f"error: the {launcher} sweep completed {done} of {n} jobs: {out[0].strip().splitlines()[-1:]}"
+            f"error: the {launcher} sweep completed {done} of {n} jobs: {output.strip().splitlines()[-1:]}"
         )
-    return seconds, out[0], peak
+    return seconds, output, usage.ru_maxrss * 1024
 
 
 def bench_sweep(jobs: int, sample: int, device: str, n_busy: int, epochs: int, mlflow: bool) -> list[dict[str, Any]]:
@@ -160,6 +141,7 @@ def bench_sweep(jobs: int, sample: int, device: str, n_busy: int, epochs: int, m
         for _ in range(n_busy):  # killed, then waited for (Popen's exit), when the block ends
             proc = busy.enter_context(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
             busy.callback(proc.kill)
+        _sweep(1, "batched", Path(tmp) / "warm", extra)  # (caches warm: numba's kernels, the OS's files)
         t1, _, _ = _sweep(1, "basic", Path(tmp) / "basic1", extra)
         tk, _, basic_peak = _sweep(sample, "basic", Path(tmp) / "basick", extra)
         tb, output, peak = _sweep(jobs, "batched", Path(tmp) / "batched", [*extra, "plots=false"])
@@ -215,10 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
     # the rows as an aligned table, a column a key ("-" where a row has none), numbers right-aligned
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    cells = [keys] + [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.get(k, "-") for k in keys)] for r in rows]
+    cells = [keys] + [
+        [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.get(k, "-") for k in keys)] for r in rows
+    ]
     widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
     for line in cells:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
+
 
 if __name__ == "__main__":
     main()

@@ -247,8 +247,12 @@ def one_line(ex: BaseException) -> str:
 
 def check_installed(c: TrainConfig) -> None:
     """What a run about to train needs installed (a checkpoint's config, read to predict, needs none)."""
-    for key, value, module, extra in (("logger", "tensorboard", "tensorboard", "tensorboard"),
-                                      ("logger", "mlflow", "mlflow", "mlflow"), ("engine", "numba", "numba", "fast")):  # fmt: skip
+    needs = (
+        ("logger", "tensorboard", "tensorboard", "tensorboard"),
+        ("logger", "mlflow", "mlflow", "mlflow"),
+        ("engine", "numba", "numba", "fast"),
+    )  # (key, value, module, extra)
+    for key, value, module, extra in needs:
         if getattr(c, key) == value and importlib.util.find_spec(module) is None:
             raise ConfigError(f"{key}={value} needs {module}: pip install -e '.[{extra}]'")
 

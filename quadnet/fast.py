@@ -238,8 +238,11 @@ class FastEngine:
         while done < n and not (done and stop()):
             k, found = min(n - done, per_call), np.full_like(bad, -1)
             args = (self.x, self.onehot, self.h_dim, self.rule, self.t + done, k)
-            one = lambda b: train(self.blocks[b : b + 1], self.m[b : b + 1], self.v[b : b + 1],  # noqa: E731
-                                  self.hyp[b : b + 1], *args, found[b : b + 1])  # fmt: skip
+            parts = (self.blocks, self.m, self.v, self.hyp, found)
+
+            def one(b: int, args: tuple = args, parts: tuple = parts) -> None:  # (block b, bound now)
+                train(*(v[b : b + 1] for v in parts[:4]), *args, parts[4][b : b + 1])
+
             list(_pool(min(self.threads, n_blocks)).map(one, range(n_blocks)))  # (a block per task: balanced)
             bad = np.where((bad < 0) & (found >= 0), found + done, bad)
             done += k
@@ -268,9 +271,8 @@ class FastEngine:
         out = []
         for r in rows:
             h = self.cfgs[self.rows[r]].hidden_dim
-            params, bufs = (from_rows(c[:, r], hd, h, nc) for c in cols[:1]), cols[1:]
-            out.append({"params": next(params), "step": self.t,
-                        "optimizer": {n: from_rows(b[:, r], hd, h, nc) for n, b in zip(names, bufs)}})  # fmt: skip
+            params, *bufs = (from_rows(c[:, r], hd, h, nc) for c in cols)
+            out.append({"params": params, "optimizer": dict(zip(names, bufs, strict=False)), "step": self.t})
         return out
 
     def keep(self, rows: list[int]) -> None:

@@ -2,8 +2,8 @@
 
 Each rule is torch.optim's (``SGD`` with momentum, ``Adam``), with L2 weight decay ``reg``
 added to the weights' gradients as torch.optim's ``weight_decay`` does; the tests assert
-each equals torch.optim on the same gradients (and step=autograd uses them too). Optimizer state is a dict of named buffers
-(:data:`BUFFERS`), one tensor per parameter each. A hyperparameter is a float when every
+each equals torch.optim on the same gradients (step=autograd uses them too). Optimizer state is a
+dict of named buffers (:data:`BUFFERS`), one tensor per parameter each. A hyperparameter is a float when every
 job shares it, else a (J, 1, 1) tensor. Adding a rule means a function here, its buffers,
 the NumPy oracle's version in :mod:`quadnet.reference`, and its config keys.
 """

@@ -44,8 +44,6 @@ from quadnet.config import ConfigError
 from quadnet.data import QUADRANT_NAMES, QUADRANTS
 
 
-
-
 class InputError(ValueError):
     """Bad input to predict; the message is one line."""
 
@@ -125,7 +123,9 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, float]], 
     that is two numbers (x,y) and names no file is a point: the newest run is used."""
     raw = argparse.RawDescriptionHelpFormatter
     help_text = (__doc__ or "").split("\n\n")[1:4]  # (the help: the paragraphs after the usage line)
-    parser = argparse.ArgumentParser("python -m quadnet.predict", description="\n\n".join(help_text), formatter_class=raw)
+    parser = argparse.ArgumentParser(
+        "python -m quadnet.predict", description="\n\n".join(help_text), formatter_class=raw
+    )
     parser.add_argument("args", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT | x,y")
     parser.add_argument("--file", action="append", default=[], help="points, one x,y a line; - for stdin")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -159,25 +159,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     how = "  [the newest completed run under outputs/]" if default else ""
     print(f"model: {model.path} (hidden_dim={len(model.params['b1'])}, {model.status} at epoch {model.epoch}){how}")
-    quadrants = model.quadrants  # (then a point has a true class: its quadrant)
     shown = ["({:g}, {:g})".format(*r["point"]) for r in rows]
-    heads = [f"p({n})" for n in (QUADRANT_NAMES if quadrants else model.classes)]
-    w, cw = max([16, *map(len, shown)]), max([9, *map(len, heads)])
-    print(
-        f"{'point':>{w}}  predicted  p(predicted)"
-        + "  true" * quadrants
-        + " "
-        + "".join(f"{h:>{cw + 1}}" for h in heads)
-    )
-    for r, point in zip(rows, shown, strict=True):
+    heads = [f"p({n})" for n in (QUADRANT_NAMES if model.quadrants else model.classes)]
+    w, cw, true = max([16, *map(len, shown)]), max([9, *map(len, heads)]), "  true" * model.quadrants
+    print(f"{'point':>{w}}  predicted  p(predicted){true} " + "".join(f"{h:>{cw + 1}}" for h in heads))
+    for r, point in zip(rows, shown, strict=True):  # (quadrant data: a point's true class is its quadrant)
         q, t = r["predicted"], r["true"]
         pq = f"{r['probs'][model.classes.index(q)]:12.9f}" if q is not None else f"{'-':>12}"
-        true = f"  {t if t is not None else '-':>4}" * quadrants
-        note = ("  on an axis: no true quadrant" if r.get("on_axis") else "") + (
-            "" if q is not None else "  probabilities not finite"
+        cells = f"{point:>{w}}  {q if q is not None else '-':>9}  {pq}" + f"  {t if t is not None else '-':>4}" * bool(
+            true
         )
-        probs = "".join(f"{p:{cw + 1}.6f}" for p in r["probs"])
-        print(f"{point:>{w}}  {q if q is not None else '-':>9}  {pq}{true} {probs}{note}")
+        note = "  on an axis: no true quadrant" * bool(r.get("on_axis")) + "  probabilities not finite" * (q is None)
+        print(cells + " " + "".join(f"{p:{cw + 1}.6f}" for p in r["probs"]) + note)
 
 
 if __name__ == "__main__":

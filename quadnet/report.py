@@ -2,8 +2,9 @@
 
 SWEEP_DIR defaults to the newest sweep under ``outputs/multirun``. Every job dir is read (its
 ``summary.json``, which holds the job's overrides; ``.hydra/overrides.yaml`` for a job that has
-none) and the jobs are printed, sorted by the metric (all of them up to 100, else the best 20). Jobs that failed (with the reason their summary gives), diverged or never finished
-(no ``summary.json``) are listed; a job dir whose files are damaged is listed as damaged,
+none) and the jobs are printed, sorted by the metric (all of them up to 100, else the best 20).
+Jobs that failed (with the reason their summary gives), diverged or never finished (no
+``summary.json``) are listed; a job dir whose files are damaged is listed as damaged,
 never fatal. Writes ``report.csv`` (one column per swept parameter) and, for each parameter
 that takes two values or more among the completed jobs, ``report_<param>.png`` (the metric and
 the test accuracy against it), plus ``report_heatmap.png`` when two of them, seeds and

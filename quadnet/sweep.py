@@ -81,7 +81,9 @@ class Returns(Sequence[JobReturn]):
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        ret = JobReturn(list(self.overrides[i]), working_dir=os.getcwd(), task_name=self.name, status=JobStatus(self.status[i]))
+        ret = JobReturn(
+            list(self.overrides[i]), working_dir=os.getcwd(), task_name=self.name, status=JobStatus(self.status[i])
+        )
         ret.return_value = self.errors.get(i, self.value[i])
         return ret
 
@@ -253,25 +255,30 @@ class Sweep:
     """One launch: its chunks composed, started, trained and written in turn."""
 
     def __init__(self, launcher: Any, job_overrides: Sequence[Sequence[str]], first: int) -> None:
-        self.launcher, self.ctx, self.config, self.opts = (
-            launcher,
+        self.ctx, self.config, self.opts, hc = (
             launcher.hydra_context,
             launcher.config,
             launcher.options,
+            launcher.config.hydra,
         )
-        self.dir, self.overrides, self.first = Path(str(self.config.hydra.sweep.dir)), job_overrides, first
-        self.quiet, hc = len(job_overrides) > CHATTY, self.config.hydra
+        self.dir, self.overrides, self.first = Path(str(hc.sweep.dir)), job_overrides, first
+        self.quiet, self.counts, self.seconds = len(job_overrides) > CHATTY, Counter(), Counter()
         self.numbered = OmegaConf.to_container(hc.sweep)["subdir"] == "${hydra.job.num}"  # type: ignore[index]
         others = [c for c in self.ctx.callbacks.callbacks if not type(c).__module__.startswith("quadnet")]
         loader = self.ctx.config_loader  # (else Hydra makes each job's dir, and calls the callbacks)
-        self.composer = (
-            loader.composer(self.config) if self.numbered and not others and hasattr(loader, "composer") else None
-        )
+        lean = self.numbered and not others and hasattr(loader, "composer")
+        self.composer = loader.composer(self.config) if lean else None
         self.loader, self.returns = getattr(loader, "_loader", loader), Returns(job_overrides, str(hc.job.name))
-        self.counts, self.seconds = Counter(), Counter()
         size = int(self.opts["max_batch"]) or (CUDA_CHUNK if on_cuda(TrainConfig()) else CPU_BATCH)
         self.chunk = size * (16 if self.opts["executor"] else 1)  # (a cluster trains 16 batches at once)
         self.quiet_training = len(job_overrides) > self.chunk  # a chunk's progress is a line, not a bar
+
+    def hydra_config(self, idx: int, overrides: list[str]) -> Any:
+        """Job idx composed by Hydra, with what Hydra's launchers set: its id and number."""
+        config = self.loader.load_sweep_config(self.config, overrides)
+        with open_dict(config):
+            config.hydra.job.id, config.hydra.job.num = str(idx), idx
+        return config
 
     def job(self, i: int) -> Job:
         """Job i composed, and where it starts; a bad value fails the job (its error), not the sweep.
@@ -281,11 +288,10 @@ class Sweep:
         try:
             typed = self.composer.typed(overrides) if self.composer is not None else None
             if typed is None:
-                job.config = self.loader.load_sweep_config(self.config, overrides)
-                with open_dict(job.config):  # what Hydra's launchers set: id, num, and the dir they make of them
-                    job.config.hydra.job.id, job.config.hydra.job.num = str(idx), idx
-                    job.key = str(idx) if self.numbered else str(job.config.hydra.sweep.subdir)
-                    job.dir = Path(os.path.abspath(self.dir / job.key))
+                job.config = self.hydra_config(idx, overrides)
+                job.key = str(idx) if self.numbered else str(job.config.hydra.sweep.subdir)
+                job.dir = Path(os.path.abspath(self.dir / job.key))
+                with open_dict(job.config):
                     job.config.hydra.runtime.output_dir = str(job.dir)  # (as Hydra's run_job makes it)
             job.cfg = validate(job.config) if typed is None else check(typed)
             check_installed(job.cfg)
@@ -330,8 +336,8 @@ class Sweep:
         for j in jobs:
             if j.config is not None:
                 task = lambda _, j=j: self._write(j, signum)  # noqa: E731
-                ret = run_job(hydra_context=self.ctx, task_function=task, config=j.config, job_dir_key="hydra.sweep.dir",
-                              job_subdir_key="hydra.sweep.subdir")  # fmt: skip
+                ret = run_job(hydra_context=self.ctx, task_function=task, config=j.config,
+                              job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")  # fmt: skip
                 status, value = ret.status, ret._return_value
             else:
                 status, value = self._write_lean(j, signum)
@@ -372,7 +378,9 @@ class Sweep:
             raise ConfigError(job.error or "not trained")
         extra = {"overrides": job.overrides}
         summary = (
-            completed(job.dir) if job.kept else rundir.write(job.dir, job.result, job.ran, signum, extra, self.dir, False)
+            completed(job.dir)
+            if job.kept
+            else rundir.write(job.dir, job.result, job.ran, signum, extra, self.dir, False)
         )
         return conclude(summary, single_run=False, exit=False, quiet=self.quiet)
 
@@ -387,18 +395,14 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     log.info("Launching %d jobs", len(job_overrides))
     for idx, overrides in enumerate(job_overrides if len(job_overrides) <= CHATTY else [], initial_job_idx):
         log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+    sweep, n = Sweep(launcher, job_overrides, initial_job_idx), len(job_overrides)
     if launcher.task_function is not quadnet_task:  # not quadnet's: each job as Hydra runs it
-        loader, returns = getattr(ctx.config_loader, "_loader", ctx.config_loader), []
-        for idx, overrides in enumerate(job_overrides, initial_job_idx):
-            job_config = loader.load_sweep_config(config, list(overrides))
-            with open_dict(job_config):
-                job_config.hydra.job.id, job_config.hydra.job.num = str(idx), idx
-            returns.append(run_job(hydra_context=ctx, task_function=launcher.task_function, config=job_config,
-                                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))  # fmt: skip
+        returns = [run_job(hydra_context=ctx, task_function=launcher.task_function, job_dir_key="hydra.sweep.dir",
+                           config=sweep.hydra_config(idx, list(o)), job_subdir_key="hydra.sweep.subdir")
+                   for idx, o in enumerate(job_overrides, initial_job_idx)]  # fmt: skip
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
         return returns
 
-    sweep, n = Sweep(launcher, job_overrides, initial_job_idx), len(job_overrides)
     with loop.catch_signals() as stop, ThreadPoolExecutor(1) as trainer:
         training: Any = None
         try:

@@ -73,7 +73,8 @@ def test_fused_step_equals_autograd_and_torch_optim(case, dtype, tol):
     assert done_f == done_a == 300
     _close(sf["params"], sa["params"], tol)
     _close(sf["params"], _torch_optim(fused, 300), tol)
-    assert set(sf["optimizer"]) == set(sa["optimizer"]) == set(optim.buffers(fused.optimizer, {"momentum": fused.momentum}))
+    buffers = optim.buffers(fused.optimizer, {"momentum": fused.momentum})
+    assert set(sf["optimizer"]) == set(sa["optimizer"]) == set(buffers)
     for name in sf["optimizer"]:
         _close(sf["optimizer"][name], sa["optimizer"][name], tol)
 
@@ -113,7 +114,7 @@ def test_a_batch_equals_each_job_alone(engine):
     ]
     cfgs += [dataclasses.replace(cfgs[0], seed=s, lr=0.002) for s in range(70)]  # (two blocks of lanes)
     _, batched, _ = _run(cfgs, data="sampled")
-    for c, b in [*zip(cfgs, batched, strict=True)][:4] + [(cfgs[-1], batched[-1])]:  # (the last: in a block of its own)
+    for c, b in [*[*zip(cfgs, batched, strict=True)][:4], (cfgs[-1], batched[-1])]:  # (the last: in a block of its own)
         _, (alone,), _ = _run([c], data="sampled")
         _close(b["params"], alone["params"], 1e-12)
     adams = [
@@ -146,7 +147,7 @@ def test_stop_request_ends_after_the_current_step():
     (done, first), _, _ = _run([make_cfg("engine=torch")], steps=100, stop=stop)
     assert (done, first) == (5, [-1])
     calls.clear()  # the numba engine asks between its calls of many steps
-    (done, first), _, engine = _run([make_cfg("engine=numba")], steps=100_000, stop=stop)
+    (done, first), _, _ = _run([make_cfg("engine=numba")], steps=100_000, stop=stop)
     assert 0 < done < 100_000 and first == [-1]
 
 

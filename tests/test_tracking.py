@@ -1,4 +1,5 @@
-"""MLflow tracking (logger=mlflow): a run, a sweep as a parent run with nested runs, a real server, a store that is down."""
+"""MLflow tracking (logger=mlflow): a run, a sweep as a parent run with nested runs, a real server,
+a store that is down."""
 
 from __future__ import annotations
 
