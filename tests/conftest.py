@@ -64,6 +64,19 @@ def seed_program(epochs: int = 10000) -> np.ndarray:
     return probs / np.sum(probs, axis=1, keepdims=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def numba_kernels_cached() -> None:
+    """The numba engine's kernels compiled into numba's on-disk cache before any test (10-15 s once
+    after an install): a command that a test starts and signals a second later has then begun to
+    train, as it has after a user's first run."""
+    if importlib.util.find_spec("numba") is not None:
+        from quadnet import loop
+        from quadnet.data import make_dataset
+        from quadnet.train import start_state
+
+        loop.build([TrainConfig()], make_dataset(TrainConfig().data), [start_state(TrainConfig())], "cpu")
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
