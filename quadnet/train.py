@@ -311,7 +311,7 @@ class SweepEnd(Callback):
     launcher prints its own, for a sweep of any other launcher (basic, joblib, submitit)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if str(config.hydra.launcher._target_).startswith("hydra_plugins.quadnet_batched_launcher"):
+        if str(OmegaConf.select(config, "hydra.launcher._target_")).startswith("hydra_plugins.quadnet_batched"):
             return
         where = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
         ends = Counter(json.loads(p.read_text()).get("status", "?") for p in where.glob("*/summary.json"))
@@ -357,7 +357,9 @@ def main() -> None:
     logging.raiseExceptions = False  # a reader that stops reading (| head) does not stop the run
     # (hydra.main applied here: at import it would set Hydra's version base for every app)
     with friendly_errors(), closed_pipe_ok(), mock.patch.object(argparse.ArgumentParser, "error", bad_flag):
-        hydra.main(config_path=config_dir(), config_name="train", **version_base())(task)()
+        # Hydra 1.4 asks which targets a config may instantiate: quadnet's own (its sweep-end callback)
+        trusted = version_base() or {"execution_whitelist": ("quadnet.*",)}
+        hydra.main(config_path=config_dir(), config_name="train", **trusted)(task)()
 
 
 if __name__ == "__main__":
