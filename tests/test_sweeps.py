@@ -316,11 +316,11 @@ def test_the_composer_types_each_job_as_hydra_composes_it(tmp_path):
     before = HydraConfig.instance().cfg
     HydraConfig.instance().set_config(master)
     composer = Composer(loader, master)
-    jobs = [
+    jobs = [  # (Hydra 1.4 refuses a job that changes hydra.sweeper, as +experiment does here)
         ["seed=1", "lr=0.1"], ["seed=2", "lr=1"], ["seed='3'", "lr=1e-3"], ["seed=5", "data=sampled", "data.n_train=9"],
         ["seed=6", "data=sampled"], ["hidden_dim=3", "momentum=0.5", "progress=null"], ["lr=0.1", "seed=7", "lr=0.2"],
         ["optimizer=adam", "beta1=0", "data=csv", "data.path=x.csv"], ["+experiment=epochs_study", "seed=2"],
-    ][: None if version_base() else -1]  # fmt: skip (Hydra 1.4 refuses a job that changes hydra.sweeper)
+    ][: None if version_base() else -1]  # fmt: skip
     for ov in jobs:
         got = composer.typed(ov)
         assert got is not None and got == validate(loader.load_sweep_config(master, ov)), ov
