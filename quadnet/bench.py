@@ -172,13 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     common = ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
     repeated = ArgumentParser(add_help=False, parents=[common])
-    repeated.add_argument("--repeat", type=int, default=3, help="runs of each variant; the best counts")
+    repeated.add_argument("--repeat", type=int, default=3, help="runs of each variant; the best counts (default 3)")
     step = sub.add_parser("step", help="the engines against the arithmetic limit, by batch size", parents=[repeated])
-    step.add_argument("--jobs", default="1,64,256,1024", help="batch sizes, comma-separated")
+    step.add_argument("--jobs", default="1,64,256,1024", help="batch sizes, comma-separated (default 1,64,256,1024)")
     sweep = sub.add_parser("sweep", help="basic launcher against batched", parents=[common])
     sweep.add_argument("--jobs", type=int, default=256, help="jobs in the sweep (default 256)")
     sweep.add_argument("--epochs", type=int, default=10000, help="epochs= of every job (default 10000)")
-    sweep.add_argument("--sample", type=int, default=4, help="basic-launcher jobs run (the rest extrapolated)")
+    sweep.add_argument("--sample", type=int, default=4, help="basic-launcher jobs run, the rest estimated (default 4)")
     sweep.add_argument("--device", default="auto", help="device= of every job (default auto)")
     sweep.add_argument("--busy", type=int, default=0, help="CPU-bound processes to run beside it")
     sweep.add_argument("--mlflow", action="store_true", help="also the batched sweep with logger=mlflow")
@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"benchmark": args.what, "machine": machine(), "rows": rows}, indent=2))
         return
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
+    units = {"step": "ms per job per 10,000 steps; _x_limit: times the arithmetic limit", "sweep": "s, ms, MB"}
+    print(f"units: {units[args.what]}")
     # the rows as an aligned table, a column a key ("-" where a row has none), numbers right-aligned
     keys = list(dict.fromkeys(k for r in rows for k in r))
     cells = [keys] + [

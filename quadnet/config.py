@@ -67,7 +67,7 @@ class TrainConfig:
     progress: bool | None = None  # progress bar; null = only when stderr is a terminal
     plots: bool = True  # write loss.png and decision_regions.png
     animate: bool = False  # write training.gif: the decision regions and the loss over training
-    checkpoint_every: int = 1000  # write checkpoint.pt every N epochs (0 = only at the end)
+    checkpoint_every: int = 1000  # write checkpoint.npz every N epochs (0 = only at the end)
     resume: str | None = None  # a run dir or checkpoint to continue from
     logger: str = "none"  # none | tensorboard | mlflow (the [tensorboard] or [mlflow] extra)
     objective: str = "test_loss"  # what a sweep minimises: test_loss | test_error | final_loss

@@ -257,14 +257,15 @@ def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: boo
 
 
 def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int | None) -> None:
-    shown = {id(r): " ".join(f"{k}={show(v)}" for k, v in r["params"].items()) for r in rows}
+    keys = swept_params(rows) or list(dict.fromkeys(k for r in rows for k in r["params"]))  # what tells them apart
+    shown = {id(r): " ".join(f"{k}={show(r['params'][k])}" for k in keys if k in r["params"]) for r in rows}
     width = max(9, *(len(s) for s in shown.values()))
     sw = max(6, *(len(r["status"]) for r in rows))
     extra = ["test_error"] if metric == "test_error" else []
     heads = ["final loss", "test loss", "train acc", "test acc", *extra, "epoch", "train s"]
     top = top or (len(rows) if len(rows) <= 100 else 20)
     print(f"sweep {sweep}: {len(rows)} jobs, sorted by {metric}")
-    print(f"{'job':>5}  {'overrides':<{width}}  {'status':<{sw}}  " + " ".join(f"{h:>10}" for h in heads))
+    print(f"{'job':>5}  {'swept':<{width}}  {'status':<{sw}}  " + " ".join(f"{h:>10}" for h in heads))
     for r in rows[:top]:
         values = [show(r[f]) for f in FIGURES[:2]]
         values += [f"{100 * r[f]:.1f}%" if r[f] is not None else "-" for f in FIGURES[2:4]]

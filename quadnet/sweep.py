@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import sys
 import time
 from array import array
@@ -45,6 +44,7 @@ CPU_BATCH = 1024  # most jobs in one CPU batch by default (bigger batches cost m
 CUDA_CHUNK = 16384  # most jobs composed at once on CUDA (a batch may hold more, memory permitting)
 BATCH_SAVE_SECONDS = 10.0  # ~0.1 ms a job each time: 256 jobs saved every 1,000 epochs cost 20% of their training
 FREE = ("epochs", "progress", "plots", "threads", "checkpoint_every")  # what resuming a job may change
+ENDED: Counter[str] = Counter()  # how the jobs of this process's launches ended (train.SweepEnd's line)
 
 
 @dataclasses.dataclass
@@ -386,7 +386,7 @@ class Sweep:
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-    from quadnet.train import resume_sweep
+    from quadnet.train import closing_line, resume_sweep
     from quadnet.train import task as quadnet_task
 
     t_start, ctx, config = time.perf_counter(), launcher.hydra_context, launcher.config
@@ -430,10 +430,10 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     log.info("%d jobs (%d new, %d resumed from their checkpoints, %d completed before, %d refused)", n, c["new"],
              c["running"], c["completed"], c["refused"])  # fmt: skip
     log.info(TIMING_LINE, n, *(sweep.seconds[k] for k in ("compose", "train", "write")), time.perf_counter() - t_start)
-    ends = {k[6:]: v for k, v in c.items() if k.startswith("ended ") and v}
-    outcome = ", ".join(f"{v} {k}" for k, v in sorted(ends.items())) or "none written"
-    log.info("%d jobs: %s; report: python -m quadnet.report %s", n, outcome, shlex.quote(str(sweep.dir)))
-    if stop.signal is not None:
+    ends = Counter({k[6:]: v for k, v in c.items() if k.startswith("ended ") and v})
+    ENDED.update(ends)
+    if stop.signal is not None:  # (the sweep ends here: Hydra's callbacks, which print this line, are not called)
+        closing_line(ends, sweep.dir, n)
         again = f"every job's dir written has its checkpoint. Resume the sweep with:\n  {resume_sweep(sweep.dir)}"
         late = "after every job had trained and is written"
         log.warning("interrupted: %s", again if ends.get("interrupted") or sum(ends.values()) < n else late)

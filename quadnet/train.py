@@ -306,19 +306,27 @@ def task(cfg: DictConfig) -> float:
 _sweep: Path | None = None  # the basic sweep this process runs, once a job of it has started
 
 
+def closing_line(ends: Counter[str], sweep_dir: Path, jobs: int | None = None) -> None:
+    """A sweep's last line: how its jobs ended (of `jobs`, those written), and the command that reports on them."""
+    outcome = ", ".join(f"{n} {s}" for s, n in sorted(ends.items()) if n) or "none written"
+    where = shlex.quote(str(Path(sweep_dir).absolute()))
+    log.info("%d jobs: %s; report: python -m quadnet.report %s", jobs or sum(ends.values()), outcome, where)
+
+
 class SweepEnd(Callback):
-    """Hydra calls it when a sweep ends (train.yaml's hydra.callbacks): a closing line, as the batched
-    launcher prints its own, for a sweep of any other launcher (basic, joblib, submitit)."""
+    """Hydra calls it when a sweep ends (train.yaml's hydra.callbacks), once for all the launches of
+    a sweeper (Optuna launches a batch of trials at a time): the closing line, from the batched
+    launcher's count of its jobs, else from the summaries in the sweep dir."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if str(OmegaConf.select(config, "hydra.launcher._target_")).startswith("hydra_plugins.quadnet_batched"):
-            return
         where = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
-        ends = Counter(json.loads(p.read_text()).get("status", "?") for p in where.glob("*/summary.json"))
-        outcome = ", ".join(f"{n} {s}" for s, n in sorted(ends.items()))
-        log.info(
-            "%d jobs: %s; report: python -m quadnet.report %s", sum(ends.values()), outcome, shlex.quote(str(where))
+        batched = str(OmegaConf.select(config, "hydra.launcher._target_")).startswith("hydra_plugins.quadnet_batched")
+        ends = (
+            sys.modules["quadnet.sweep"].ENDED
+            if batched and "quadnet.sweep" in sys.modules
+            else Counter(json.loads(p.read_text()).get("status", "?") for p in where.glob("*/summary.json"))
         )
+        closing_line(ends, where)
 
 
 def _stopped(signum: int) -> None:

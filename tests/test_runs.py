@@ -263,13 +263,16 @@ def test_signal_stops_after_the_step_and_leaves_a_resumable_run(sig, code, tmp_p
         text=True,
         env=env,
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # the first log line comes just before the loop starts
-    assert "quadnet:" in line, line
-    line = proc.stdout.readline()  # the second a tenth of the way: the run has trained (~15 s in all)
-    assert line.startswith("epoch  100000/"), line
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the first log line comes just before the loop starts
+        assert "quadnet:" in line, line
+        line = proc.stdout.readline()  # the second a tenth of the way: the run has trained (~15 s in all)
+        assert line.startswith("epoch  100000/"), line
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # (no stray run when an assert fails first)
     assert proc.returncode == code, err
     s = json.loads((run / "summary.json").read_text())
     assert s["status"] == "interrupted" and 100000 <= s["epoch"] < 1000000 and s["signal"] == sig.name

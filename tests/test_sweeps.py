@@ -77,8 +77,11 @@ def test_batched_equals_sequential_on_a_mixed_sweep(dtype, tol, data, tmp_path):
 
 def test_batched_launcher_from_the_cli_equals_the_basic_launcher(tmp_path):
     sweep = ["hidden_dim=5,50", "lr=0.01,0.1", "epochs=200,400", "momentum=0.5"]
-    _sweep(tmp_path, "basic", *sweep)
-    _sweep(tmp_path, "batched", "hydra/launcher=batched", *sweep)
+    for name in ("basic", "batched"):  # (each ends in the same line)
+        r = _sweep(tmp_path, name, f"hydra/launcher={name}", *sweep)
+        assert r.stdout.splitlines()[-1].endswith(
+            f"8 jobs: 8 completed; report: python -m quadnet.report {tmp_path}/{name}"
+        )
     for n in range(8):
         a, b = _summary(tmp_path, "basic", n), _summary(tmp_path, "batched", n)
         assert a["config"] == {**b["config"], "plots": True}
@@ -361,7 +364,12 @@ OPTUNA_BROKEN = not version_base() and _version("hydra-optuna-sweeper") < "1.4"
 @pytest.mark.skipif(OPTUNA_BROKEN, reason="hydra-optuna-sweeper < 1.4 does not work with hydra-core 1.4")
 def test_optuna_search_minimises_the_objective(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    _sweep(tmp_path, "s", "+hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=3", "epochs=200")
+    trials = ["hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2"]  # two launches of the batched launcher
+    r = _sweep(tmp_path, "s", "+hparams_search=optuna", *trials, "hydra/launcher=batched", "epochs=200")
+    closing = [line for line in r.stdout.splitlines() if "report: python -m quadnet.report" in line]
+    assert len(closing) == 1 and closing[0].endswith(
+        f"4 jobs: 4 completed; report: python -m quadnet.report {tmp_path}/s"
+    )
     best = (tmp_path / "s" / "optimization_results.yaml").read_text()
     assert "best_value" in best and "best_params" in best
     losses = [
@@ -369,7 +377,7 @@ def test_optuna_search_minimises_the_objective(tmp_path):
         for d in (tmp_path / "s").iterdir()
         if (d / "summary.json").exists()
     ]
-    assert len(losses) == 3
+    assert len(losses) == 4
     import yaml
 
     assert yaml.safe_load(best)["best_value"] == pytest.approx(min(losses))
