@@ -99,13 +99,19 @@ def group_key(j: Job) -> tuple[Any, ...]:
 # ---------------------------------------------------------------------- resuming a sweep
 
 
+NUMBER = (int, float, type(None))
+KEPT_KEYS = {"status": str, "epoch": int, "epochs": int, "final_loss": NUMBER, "train_accuracy": NUMBER,
+             "test_accuracy": NUMBER, "train_seconds": (int, float), "run_dir": str, "config": dict}  # fmt: skip
+
+
 def completed(folder: Path) -> dict[str, Any]:
-    """A completed run's summary.json; {} when it is missing, damaged, incomplete or of another status."""
-    keys = ("status", "epoch", "epochs", "final_loss", "train_accuracy", "test_accuracy", "train_seconds", "run_dir")
-    with contextlib.suppress(OSError, ValueError):
+    """A completed run's summary.json; {} when it is missing, damaged (a key missing or of another
+    type: the job trains again), or of another status."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
         s = json.loads((folder / "summary.json").read_text())
-        complete = isinstance(s, dict) and all(k in s for k in keys) and isinstance(s.get("config"), dict)
-        return s if complete and s["status"] == "completed" and "objective" in s["config"] else {}
+        ok = all(k in s and isinstance(s[k], t) for k, t in KEPT_KEYS.items())
+        ok = ok and all(isinstance(o, str) for o in s.get("overrides", []))
+        return s if ok and s["status"] == "completed" and "objective" in s["config"] else {}
     return {}
 
 

@@ -511,6 +511,12 @@ def test_a_sweep_run_again_into_its_dir_continues_its_jobs_and_never_throws_trai
         assert why in r.stderr.splitlines()[-1], r.stderr
         assert before == {n: (tmp_path / "s" / str(n) / "summary.json").read_text() for n in (0, 1)}
         assert (tmp_path / "s" / "multirun.yaml").read_text() == record
+    # a damaged summary (overrides not a list) is not a completed job: it is written again from its checkpoint
+    damaged = {**json.loads(before[1]), "overrides": 5}
+    (tmp_path / "s" / "1" / "summary.json").write_text(json.dumps(damaged))
+    r = _sweep(tmp_path, "s", *sweep, "epochs=200")
+    assert "1 resumed from their checkpoints, 1 completed before" in r.stdout + r.stderr
+    assert json.loads((tmp_path / "s" / "1" / "summary.json").read_text())["overrides"][0] == "seed=1"
     # more epochs: each job goes on from its checkpoint, as if it had trained straight through
     r = _sweep(tmp_path, "s", *sweep, "epochs=350")
     out = r.stdout + r.stderr
