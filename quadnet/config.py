@@ -235,6 +235,9 @@ def one_line(ex: BaseException) -> str:
         first = str(cause.msg if hasattr(cause, "msg") else cause).splitlines()[0]
         return f"{key}: {first}" if key else first
     text = str(ex).strip()  # (an override that does not parse: its first line says where)
+    if text.startswith("Unable to configure handler") and isinstance(ex.__cause__, OSError):  # Hydra's log file
+        why = ex.__cause__
+        return f"cannot write {why.filename}: {why.strerror} (hydra.run.dir, hydra.sweep.dir: a dir you can write)"
     if text.startswith("Config group override must be"):  # Hydra's words for data=null
         return "a config group cannot be null (data=null): choose one of its options, e.g. data=seed, sampled or csv"
     if text.startswith("Ambiguous value for argument"):  # Hydra's advice, of which -m is the likeliest

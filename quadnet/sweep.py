@@ -44,7 +44,7 @@ CPU_BATCH = 1024  # most jobs in one CPU batch by default (bigger batches cost m
 CUDA_CHUNK = 16384  # most jobs composed at once on CUDA (a batch may hold more, memory permitting)
 BATCH_SAVE_SECONDS = 10.0  # ~0.1 ms a job each time: 256 jobs saved every 1,000 epochs cost 20% of their training
 FREE = ("epochs", "progress", "plots", "threads", "checkpoint_every")  # what resuming a job may change
-ENDED: Counter[str] = Counter()  # how the jobs of this process's launches ended (train.SweepEnd's line)
+ENDED: Counter[str] = Counter()  # how the jobs of this process's launches ended (train.Callbacks' line)
 
 
 @dataclasses.dataclass

@@ -46,6 +46,8 @@ def _client() -> tuple[Any, str]:
     if "client" not in _state:
         for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
             os.environ.setdefault(key, value)  # (a server that is down: seconds, not MLflow's minutes of retries)
+        for name in ("mlflow", "urllib3"):  # (a store's failure is one warning of ours, not their tracebacks)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         from mlflow.tracking import MlflowClient
 
         uri = store()

@@ -297,13 +297,27 @@ def task(cfg: DictConfig) -> float:
             if checkpoint.in_dir(out) is None:  # (an earlier run's dir stays as it was)
                 rundir.write_failed(out, e)
             raise
-        if {p.name for p in out.iterdir()} <= {hc.output_subdir, f"{hc.job.name}.log"}:
-            shutil.rmtree(out, ignore_errors=True)  # only what this run made: Hydra's record and an empty log
+        drop_unused(hc)
         fail(one_line(e))
     return conclude(summary, single_run=single, sweep=sweep)
 
 
 _sweep: Path | None = None  # the basic sweep this process runs, once a job of it has started
+_run: Any = None  # Hydra's config of the single run this process starts
+
+
+def drop_unused(hc: Any) -> None:
+    """A single run's dir that holds only what Hydra made (its record, an empty log) is removed,
+    and so are the empty dirs above it up to the command's dir (outputs/ of a first run)."""
+    cwd = Path(hc.runtime.cwd)
+    out = cwd / (OmegaConf.select(hc, "runtime.output_dir") or hc.run.dir)  # (before Hydra's run_job set it)
+    with contextlib.suppress(OSError):  # (a dir that is not empty stops it)
+        if {p.name for p in out.iterdir()} <= {hc.output_subdir, f"{hc.job.name}.log"}:
+            shutil.rmtree(out)
+            for parent in out.parents:
+                if parent == cwd or cwd not in parent.parents:
+                    break
+                parent.rmdir()
 
 
 def closing_line(ends: Counter[str], sweep_dir: Path, jobs: int | None = None) -> None:
@@ -313,10 +327,15 @@ def closing_line(ends: Counter[str], sweep_dir: Path, jobs: int | None = None) -
     log.info("%d jobs: %s; report: python -m quadnet.report %s", jobs or sum(ends.values()), outcome, where)
 
 
-class SweepEnd(Callback):
-    """Hydra calls it when a sweep ends (train.yaml's hydra.callbacks), once for all the launches of
-    a sweeper (Optuna launches a batch of trials at a time): the closing line, from the batched
-    launcher's count of its jobs, else from the summaries in the sweep dir."""
+class Callbacks(Callback):
+    """Hydra calls it (train.yaml's hydra.callbacks) as a single run starts: where it goes is kept,
+    for when Hydra cannot write its record there (a full disk); and when a sweep ends, once for all
+    the launches of a sweeper (Optuna launches a batch of trials at a time): the closing line,
+    from the batched launcher's count of its jobs, else from the summaries in the sweep dir."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _run
+        _run = config.hydra
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         where = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
@@ -367,7 +386,13 @@ def main() -> None:
     with friendly_errors(), closed_pipe_ok(), mock.patch.object(argparse.ArgumentParser, "error", bad_flag):
         # Hydra 1.4 asks which targets a config may instantiate: quadnet's own (its sweep-end callback)
         trusted = version_base() or {"execution_whitelist": ("quadnet.*",)}
-        hydra.main(config_path=config_dir(), config_name="train", **trusted)(task)()
+        try:
+            hydra.main(config_path=config_dir(), config_name="train", **trusted)(task)()
+        except OSError as e:  # Hydra could not write a single run's record (a full disk, a file in the way)
+            if _run is None:
+                raise
+            drop_unused(_run)
+            raise OSError(f"cannot write the run dir {_run.run.dir} (hydra.run.dir): {e.strerror}") from None
 
 
 if __name__ == "__main__":

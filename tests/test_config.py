@@ -120,11 +120,18 @@ def test_bad_values_from_the_real_cli_have_no_traceback(tmp_path):
 
 
 def test_out_of_memory_is_one_line_and_leaves_no_dir(tmp_path):
-    r = run_cli(
-        "hidden_dim=1000000", "data=sampled", "data.n_train=10000000", "epochs=1", "hydra.run.dir=run", cwd=tmp_path
-    )
+    r = run_cli("hidden_dim=1000000", "data=sampled", "data.n_train=10000000", "epochs=1", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().startswith("error: out of memory") and r.stderr.count("\n") == 1
-    assert not (tmp_path / "run").exists()
+    assert list(tmp_path.iterdir()) == []  # (nor outputs/, made for it)
+
+
+def test_a_run_dir_hydra_cannot_write_is_one_line_and_leaves_no_dir(tmp_path):
+    (tmp_path / "a file").write_text("mine")
+    for where, why in (("a file/run", "Not a directory"), ("a file", "File exists")):
+        r = run_cli(f"hydra.run.dir='{where}'", cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"error: cannot write the run dir {where} (hydra.run.dir): {why}"), r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["a file"] and (tmp_path / "a file").read_text() == "mine"
 
 
 def test_a_refused_run_into_an_existing_dir_removes_nothing_of_it(tmp_path):
