@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(j) if j.strip().isdigit() else 0 for j in str(given.get("jobs", 1)).split(",")]  # sweep: one
     if min(sizes + [given.get(k, 1) for k in ("repeat", "epochs", "sample")]) < 1 or given.get("busy", 0) < 0:
         parser.error("--repeat, --epochs, --jobs (each size) and --sample must be whole numbers >= 1, --busy >= 0")
+    if args.what == "step" and max(sizes) > 16384:  # (a batch that size takes minutes, and memory)
+        parser.error(f"--jobs {max(sizes)} is not allowed: bench step takes batches of up to 16384 jobs")
     rows = {
         "step": lambda: bench_step(sizes, args.repeat),
         "sweep": lambda: bench_sweep(args.jobs, args.sample, args.device, args.busy, args.epochs, args.mlflow),

@@ -164,7 +164,7 @@ def check(c: TrainConfig) -> TrainConfig:
     for key, (ok, allowed) in RULES.items():
         group, _, name = key.rpartition(".")
         value = getattr(c.data if group else c, name)
-        if not ok(value) and (not group or name == "name" or c.data.name == "sampled"):  # others ignore data.*
+        if not ok(value) and (not group or name in ("name", "seed") or c.data.name == "sampled"):  # (seed: shared)
             raise _fail(key, value, allowed)
     if c.data.name == "sampled" and c.data.margin >= c.data.extent:
         raise _fail("data.margin", c.data.margin, f"must be below data.extent={c.data.extent:g}")

@@ -71,7 +71,7 @@ def read_csv(path: str, key: str) -> tuple[np.ndarray, list[Label]]:
     except (OSError, UnicodeDecodeError) as e:
         reason = getattr(e, "strerror", None) or "not a text file"
         raise ConfigError(f"{key}={path!r} cannot be read: {reason}") from None
-    points, labels = [], []
+    points, labels, header = [], [], False
     for i, line in enumerate(lines, 1):
         parts = [p.strip() for p in line.split("#", 1)[0].split(",")]
         if parts == [""]:
@@ -80,8 +80,9 @@ def read_csv(path: str, key: str) -> tuple[np.ndarray, list[Label]]:
             x, y = float(parts[0]), float(parts[1])
             assert len(parts) == 3 and np.isfinite([x, y]).all() and parts[2]
         except (ValueError, IndexError, AssertionError):
-            if i == 1 and not _is_number(parts[0]):
-                continue  # a header line
+            if not points and not header and not _is_number(parts[0]):
+                header = True
+                continue  # a header line (before the first point)
             raise ConfigError(f"{key}={path!r} line {i}: {line.strip()!r} is not x,y,label") from None
         points.append((x, y))
         labels.append(int(parts[2]) if parts[2].lstrip("+-").isdigit() else parts[2])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +35,9 @@ def _jit(fn: Callable[..., Any]) -> Any:
     try:
         return njit(cache=True, nogil=True, error_model="numpy")(fn)
     except RuntimeError:  # "cannot cache function …: no locator available"
-        why = "no cache dir can be written: set NUMBA_CACHE_DIR to one"
-        warnings.warn(f"numba cannot cache its kernels ({why}); they compile in each process", stacklevel=2)
+        where = "NUMBA_CACHE_DIR" if "NUMBA_CACHE_DIR" in os.environ else "beside quadnet's code or in ~/.cache"
+        warnings.warn(f"numba cannot write its cache ({where}): its kernels compile in each process", stacklevel=3)
+        warnings.filterwarnings("ignore", "numba cannot write its cache")  # (once, not once a kernel)
         return njit(nogil=True, error_model="numpy")(fn)
 
 

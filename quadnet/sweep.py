@@ -140,11 +140,11 @@ def resumable(job: Job, c: TrainConfig) -> loop.Job:
 def _refused(launcher: Any, why: str) -> None:
     """Refuse a sweep run again into its dir: Hydra's record of it (multirun.yaml), which the sweeper
     has just rewritten, is put back as it was (see BatchedLauncher.setup), and nothing else is touched."""
-    record, before, existed = launcher.record
+    record, before, made = launcher.record
     record.write_bytes(before) if before is not None else record.unlink(missing_ok=True)
-    if not existed:  # this sweep made the dir
-        with contextlib.suppress(OSError):
-            record.parent.rmdir()
+    with contextlib.suppress(OSError):  # the dirs this sweep made (its own, outputs/multirun/, …), if empty
+        for folder in made:
+            folder.rmdir()
     raise SweepRefused(why)
 
 
@@ -398,11 +398,15 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     t_start, ctx, config = time.perf_counter(), launcher.hydra_context, launcher.config
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    log.info("Launching %d jobs", len(job_overrides))
-    for idx, overrides in enumerate(job_overrides if len(job_overrides) <= CHATTY else [], initial_job_idx):
-        log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+
+    def announce() -> None:  # (as Hydra's launchers do; quadnet's jobs once the first chunk is not refused)
+        log.info("Launching %d jobs", len(job_overrides))
+        for idx, overrides in enumerate(job_overrides if len(job_overrides) <= CHATTY else [], initial_job_idx):
+            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+
     sweep, n = Sweep(launcher, job_overrides, initial_job_idx), len(job_overrides)
     if launcher.task_function is not quadnet_task:  # not quadnet's: each job as Hydra runs it
+        announce()
         returns = [run_job(hydra_context=ctx, task_function=launcher.task_function, job_dir_key="hydra.sweep.dir",
                            config=sweep.hydra_config(idx, list(o)), job_subdir_key="hydra.sweep.subdir")
                    for idx, o in enumerate(job_overrides, initial_job_idx)]  # fmt: skip
@@ -412,7 +416,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     with loop.catch_signals() as stop, ThreadPoolExecutor(1) as trainer:
         training: Any = None
         try:
-            if launcher.record[2]:  # the sweep dir was there: every job is checked before anything is written
+            if not launcher.record[2]:  # the sweep dir was there: every job is checked before anything is written
                 [sweep.job(i) for i in range(n)]
                 sweep.counts.clear()
             for first in range(0, n, sweep.chunk):  # (a chunk trains in the helper thread as the last one is written)
@@ -421,6 +425,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 sweep.seconds["compose"] += time.perf_counter() - t0
                 if stop():
                     break
+                if not first:
+                    announce()
                 ahead, training = training, trainer.submit(sweep.train, jobs, stop)
                 if ahead is not None:
                     sweep.write(ahead.result(), stop.signal)

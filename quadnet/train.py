@@ -82,12 +82,12 @@ def start(cfg: Any, c: TrainConfig) -> loop.Job:
     for key, value in _explicit(cfg, c).items():
         OmegaConf.update(merged, key, value)
     new = validate(OmegaConf.to_container(merged))  # type: ignore[arg-type]
-    for key in ("hidden_dim", "data", "optimizer", "seed", "init"):
-        if getattr(new, key) != getattr(ck["cfg"], key):
+    now, was = ({**vars(c), **{f"data.{k}": v for k, v in vars(c.data).items()}} for c in (new, ck["cfg"]))
+    for key in ("hidden_dim", "optimizer", "seed", "init", *(k for k in now if k.startswith("data."))):
+        if now[key] != was[key]:
             raise ConfigError(
-                f"cannot resume {ck['path']!r} with {key}={getattr(new, key)!r}: it was trained with "
-                f"{key}={getattr(ck['cfg'], key)!r}, and a run cannot change its shape, data, optimizer or "
-                "initial weights"
+                f"cannot resume {ck['path']!r} with {key}={now[key]!r}: it was trained with {key}={was[key]!r}, "
+                "and a run cannot change its shape, data, optimizer or initial weights"
             )
     epoch = ck["epoch"]
     if epoch > new.epochs:

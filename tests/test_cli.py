@@ -179,6 +179,8 @@ def test_your_own_points_from_a_csv_and_one_line_for_a_bad_one(tmp_path):
     from quadnet.data import read_csv
 
     assert len(read_csv(str(tmp_path / "bom.csv"), "data.path")[0]) == 5  # the header skipped, 1e-3 kept
+    (tmp_path / "noted.csv").write_text("# my points\n\nx,y,label\n1,1,a\n-1,1,b\n")  # a header after a comment
+    assert read_csv(str(tmp_path / "noted.csv"), "data.path")[1] == ["a", "b"]
     (tmp_path / "nan.csv").write_text("nan,1,1\n")
     with pytest.raises(ConfigError, match="line 1: 'nan,1,1' is not x,y,label"):
         read_csv(str(tmp_path / "nan.csv"), "data.path")

@@ -54,6 +54,7 @@ BAD = [
     ("hydra.nope=1", ["unknown config key 'hydra.nope'", "+hydra.nope=…"]),
     ("data.n_train=0 data=sampled", ["data.n_train=0", ">= 1"]),
     ("data.margin=5 data=sampled", ["data.margin=5", "data.extent"]),
+    ("data=csv data.path=x.csv data.seed=-3", ["data.seed=-3", ">= 0"]),  # (data.seed splits a csv file)
     ("resume=/no/such/run", ["'/no/such/run' does not exist"]),
     ("hidden_dim=", ["hidden_dim"]),
     ("data=csv data.path='~nouser_q/p.csv'", ["no home dir is known for that user"]),

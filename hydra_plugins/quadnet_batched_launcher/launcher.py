@@ -25,7 +25,7 @@ class BatchedLauncher(Launcher):
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
-        self.record: tuple[Path, bytes | None, bool] | None = None  # multirun.yaml, as it was, and its dir's existence
+        self.record: tuple[Path, bytes | None, list[Path]] | None = None  # multirun.yaml, as it was; the dirs made
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from quadnet.compose import SweepLoader
@@ -37,7 +37,8 @@ class BatchedLauncher(Launcher):
         check_options(self.options)
         folder = Path(str(config.hydra.sweep.dir))
         record = folder / "multirun.yaml"
-        self.record = (record, record.read_bytes() if record.is_file() else None, folder.exists())
+        made = [p for p in (folder, *folder.absolute().parents) if not p.exists()]
+        self.record = (record, record.read_bytes() if record.is_file() else None, made)
         lock(folder)
 
         # The sweeper shares this context: its check of each of quadnet's jobs gets the Composer too.
