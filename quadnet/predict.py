@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
             true
         )
         note = "  on an axis: no true quadrant" * bool(r.get("on_axis")) + "  probabilities not finite" * (q is None)
+        note += "  ✗ wrong" * (q is not None and t is not None and q != t)  # (as train's table and the plots mark it)
         print(cells + " " + "".join(f"{p:{cw + 1}.6f}" for p in r["probs"]) + note)
 
 
