@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import signal
@@ -611,3 +612,29 @@ def test_a_basic_sweep_into_a_dir_another_process_holds_is_refused_before_writin
     r = run_cli("-m", "seed=0,1", "epochs=5", f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("error: another sweep is writing into"), r.stderr
     assert r.stderr.count("\n") == 1 and not list((tmp_path / "s").glob("*/summary.json"))
+
+
+def test_kill_9_of_a_whole_batched_sweep_then_the_same_command_finishes_every_job_as_a_straight_run(tmp_path):
+    """SIGKILL of the process group once every job has a checkpoint: nothing is written at exit, and the
+    same command again resumes each job from its checkpoint, equal to a sweep that was never stopped."""
+    sweep = ["hydra/launcher=batched", "seed=range(4)", "epochs=100000", "checkpoint_every=1000", "plots=false"]
+    cmd = [sys.executable, "-m", "quadnet.train", "-m", *sweep, f"hydra.sweep.dir={tmp_path}/s"]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 120
+        while len(list((tmp_path / "s").glob("*/checkpoint.npz"))) < 4 and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(list((tmp_path / "s").glob("*/checkpoint.npz"))) == 4
+    assert not list((tmp_path / "s").glob("*/summary.json"))  # killed mid-training
+    r = _sweep(tmp_path, "s", *sweep)
+    assert "4 resumed from their checkpoints" in r.stdout + r.stderr
+    _sweep(tmp_path, "straight", *sweep)
+    for n in range(4):
+        a, b = _summary(tmp_path, "s", n), _summary(tmp_path, "straight", n)
+        assert a["status"] == b["status"] == "completed" and a["epoch"] == 100000
+        np.testing.assert_allclose(_probs(a), _probs(b), rtol=0, atol=1e-12)
