@@ -161,8 +161,11 @@ def refuse_before_hydra(overrides: list[str]) -> None:
         checkpoint.load(c.resume)
     else:
         make_dataset(c.data)
+    out = Path.cwd() / str(cfg.hydra.run.dir)
     if any(o.startswith("hydra.run.dir=") for o in overrides):
-        refuse_earlier_run(Path(str(cfg.hydra.run.dir)), c.resume)
+        refuse_earlier_run(out, c.resume)
+    record = (out / str(cfg.hydra.output_subdir), out / f"{cfg.hydra.job.name}.log")
+    _existing.update(p for p in (*record, out, *out.parents) if p.exists())  # (what a refused run must not remove)
 
 
 def _sweep_dir() -> Path | None:
@@ -304,18 +307,26 @@ def task(cfg: DictConfig) -> float:
 
 _sweep: Path | None = None  # the basic sweep this process runs, once a job of it has started
 _run: Any = None  # Hydra's config of the single run this process starts
+_existing: set[Path] = set()  # the single run's dir and the dirs above it that were there before it
 
 
 def drop_unused(hc: Any) -> None:
-    """A single run's dir that holds only what Hydra made (its record, an empty log) is removed,
-    and so are the empty dirs above it up to the command's dir (outputs/ of a first run)."""
-    cwd = Path(hc.runtime.cwd)
-    out = cwd / (OmegaConf.select(hc, "runtime.output_dir") or hc.run.dir)  # (before Hydra's run_job set it)
+    """The dirs a refused single run made (its own, if it holds only Hydra's record and an empty
+    log; outputs/ of a first run, if empty); none that was there before the command."""
+    out = Path(hc.runtime.cwd) / (OmegaConf.select(hc, "runtime.output_dir") or hc.run.dir)  # (before run_job)
+    if not _existing:  # (not known: a run not started by main)
+        return
+    record, log_file = out / str(hc.output_subdir), out / f"{hc.job.name}.log"
     with contextlib.suppress(OSError):  # (a dir that is not empty stops it)
-        if {p.name for p in out.iterdir()} <= {hc.output_subdir, f"{hc.job.name}.log"}:
+        if out in _existing:  # the user's dir: only what Hydra wrote into it goes
+            if record not in _existing:
+                shutil.rmtree(record)
+            if log_file not in _existing:
+                log_file.unlink()
+        elif {p.name for p in out.iterdir()} <= {record.name, log_file.name}:
             shutil.rmtree(out)
             for parent in out.parents:
-                if parent == cwd or cwd not in parent.parents:
+                if parent in _existing:
                     break
                 parent.rmdir()
 
@@ -375,7 +386,7 @@ def main() -> None:
         fail(f"{message}; see --help for quadnet's keys and --hydra-help for Hydra's options")
 
     register_configs()
-    if sys.argv[1:] and not any(a.startswith("-") for a in sys.argv[1:]):  # a single run, overrides only
+    if not any(a.startswith("-") for a in sys.argv[1:]):  # a single run
         with friendly_errors():
             refuse_before_hydra(sys.argv[1:])
     # from here a signal outside a run's loop (between a basic sweep's jobs, say) ends in one line

@@ -126,6 +126,16 @@ def test_out_of_memory_is_one_line_and_leaves_no_dir(tmp_path):
     assert list(tmp_path.iterdir()) == []  # (nor outputs/, made for it)
 
 
+def test_a_refused_run_removes_only_the_dirs_it_made(tmp_path):
+    (tmp_path / "outputs").mkdir()  # the user's, empty
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    oom = ["hidden_dim=1000000", "data=sampled", "data.n_train=10000000", "epochs=1"]
+    for where in ([], ["hydra.run.dir=mine"], ["hydra.run.dir=new/a/b"]):
+        assert run_cli(*oom, *where, cwd=tmp_path).returncode == 2
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["mine", "mine/notes.txt", "outputs"]
+
+
 def test_a_run_dir_hydra_cannot_write_is_one_line_and_leaves_no_dir(tmp_path):
     (tmp_path / "a file").write_text("mine")
     for where, why in (("a file/run", "Not a directory"), ("a file", "File exists")):
