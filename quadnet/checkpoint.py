@@ -145,7 +145,7 @@ def check(f: dict[str, Any], where: str) -> dict[str, Any]:
     try:
         meta = json.loads(str(f["meta"]))
         assert meta["format"] == FORMAT
-    except (KeyError, ValueError, TypeError, AssertionError):
+    except (KeyError, ValueError, TypeError, AssertionError, RecursionError):
         raise CheckpointError(f"{where} is not a quadnet checkpoint (expected format {FORMAT})") from None
     try:
         cfg = validate(meta.get("config"))  # type: ignore[arg-type]

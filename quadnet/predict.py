@@ -93,7 +93,7 @@ def newest_run(root: Path = Path("outputs")) -> Path:
     """The newest completed run under root: single runs and sweep jobs, by when their checkpoint was written."""
     runs = [p for n in NAMES for p in (*root.glob(f"*/{n}"), *root.glob(f"multirun/*/*/{n}"))]
     for ck in sorted(runs, key=lambda m: m.stat().st_mtime, reverse=True):
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, RecursionError, AttributeError):
             if json.loads((ck.parent / "summary.json").read_text()).get("status") == "completed":
                 return ck.parent
     raise InputError(f"no completed run under {str(root)!r} (no */{CHECKPOINT}); train one, or give a run dir first")

@@ -73,7 +73,7 @@ def _read(job: Path, name: str, parse: Any, kind: type, what: str) -> Any:
     """The job dir's file name, parsed; a ValueError that says what is wrong with it."""
     try:
         value = parse((job / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:  # (JSONDecodeError is a ValueError)
         raise ValueError(f"{name} cannot be read ({type(e).__name__})") from None
     if not isinstance(value, kind):
         raise ValueError(f"{name} is not a {what}")

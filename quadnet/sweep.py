@@ -107,10 +107,10 @@ KEPT_KEYS = {"status": str, "epoch": int, "epochs": int, "final_loss": NUMBER, "
 def completed(folder: Path) -> dict[str, Any]:
     """A completed run's summary.json; {} when it is missing, damaged (a key missing or of another
     type: the job trains again), or of another status."""
-    with contextlib.suppress(OSError, ValueError, TypeError):
+    with contextlib.suppress(OSError, ValueError, TypeError, RecursionError):
         s = json.loads((folder / "summary.json").read_text())
         ok = all(k in s and isinstance(s[k], t) for k, t in KEPT_KEYS.items())
-        ok = ok and all(isinstance(o, str) for o in s.get("overrides", []))
+        ok = ok and isinstance(s.get("overrides", []), list) and all(isinstance(o, str) for o in s.get("overrides", []))
         return s if ok and s["status"] == "completed" and "objective" in s["config"] else {}
     return {}
 
@@ -445,7 +445,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     ends = Counter({k[6:]: v for k, v in c.items() if k.startswith("ended ") and v})
     ENDED.update(ends)
     if stop.signal is not None:  # (the sweep ends here: Hydra's callbacks, which print this line, are not called)
-        closing_line(ends, sweep.dir, n)
+        closing_line(ENDED, sweep.dir, sum(ENDED.values()) - sum(ends.values()) + n)  # (Optuna: earlier launches too)
         again = f"every job's dir written has its checkpoint. Resume the sweep with:\n  {resume_sweep(sweep.dir)}"
         late = "after every job had trained and is written"
         log.warning("interrupted: %s", again if ends.get("interrupted") or sum(ends.values()) < n else late)

@@ -88,7 +88,7 @@ def parent(sweep_dir: Path) -> str | None:
 
 def _parent(sweep_dir: Path) -> str:
     client, experiment = _client()
-    with contextlib.suppress(OSError, ValueError, KeyError):
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, RecursionError):
         kept = json.loads((sweep_dir / PARENT).read_text())
         if kept["uri"] == _state["uri"]:  # (the same store: this sweep's jobs go on under it)
             client.update_run(kept["run_id"], status="RUNNING")

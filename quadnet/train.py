@@ -307,6 +307,7 @@ def task(cfg: DictConfig) -> float:
 
 _sweep: Path | None = None  # the basic sweep this process runs, once a job of it has started
 _run: Any = None  # Hydra's config of the single run this process starts
+_multirun: Any = None  # the config of the sweep this process runs
 _existing: set[Path] = set()  # the single run's dir and the dirs above it that were there before it
 
 
@@ -340,23 +341,37 @@ def closing_line(ends: Counter[str], sweep_dir: Path, jobs: int | None = None) -
 
 class Callbacks(Callback):
     """Hydra calls it (train.yaml's hydra.callbacks) as a single run starts: where it goes is kept,
-    for when Hydra cannot write its record there (a full disk); and when a sweep ends, once for all
-    the launches of a sweeper (Optuna launches a batch of trials at a time): the closing line,
-    from the batched launcher's count of its jobs, else from the summaries in the sweep dir."""
+    for when Hydra cannot write its record there (a full disk); as a sweep starts, for its closing
+    line when a failed job ends it (Hydra raises that job's error once all have run); and when a
+    sweep ends, once for all the launches of a sweeper (Optuna's batches of trials)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _run
         _run = config.hydra
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _multirun
+        _multirun = config
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        where = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
-        batched = str(OmegaConf.select(config, "hydra.launcher._target_")).startswith("hydra_plugins.quadnet_batched")
-        ends = (
-            sys.modules["quadnet.sweep"].ENDED
-            if batched and "quadnet.sweep" in sys.modules
-            else Counter(json.loads(p.read_text()).get("status", "?") for p in where.glob("*/summary.json"))
-        )
-        closing_line(ends, where)
+        sweep_closing_line(config)
+
+
+def sweep_closing_line(config: DictConfig) -> None:
+    """A sweep's closing line: from the batched launcher's count of its jobs, else from the summaries."""
+    where = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
+    batched = str(OmegaConf.select(config, "hydra.launcher._target_")).startswith("hydra_plugins.quadnet_batched")
+    if batched and "quadnet.sweep" in sys.modules:
+        ends = sys.modules["quadnet.sweep"].ENDED
+    else:
+        ends = Counter(_status(p) for p in where.glob("*/summary.json"))
+    closing_line(ends, where)
+
+
+def _status(summary: Path) -> str:
+    with contextlib.suppress(OSError, ValueError, RecursionError, AttributeError):
+        return str(json.loads(summary.read_text()).get("status", "damaged"))
+    return "damaged"
 
 
 def _stopped(signum: int) -> None:
@@ -399,11 +414,14 @@ def main() -> None:
         trusted = version_base() or {"execution_whitelist": ("quadnet.*",)}
         try:
             hydra.main(config_path=config_dir(), config_name="train", **trusted)(task)()
-        except OSError as e:  # Hydra could not write a single run's record (a full disk, a file in the way)
-            if _run is None:
-                raise
-            drop_unused(_run)
-            raise OSError(f"cannot write the run dir {_run.run.dir} (hydra.run.dir): {e.strerror}") from None
+        except Exception as e:
+            if _multirun is not None:  # a failed job ends the sweep: its closing line first
+                with contextlib.suppress(Exception):
+                    sweep_closing_line(_multirun)
+            elif isinstance(e, OSError) and _run is not None:  # Hydra could not write a run's record (a full disk)
+                drop_unused(_run)
+                raise OSError(f"cannot write the run dir {_run.run.dir} (hydra.run.dir): {e.strerror}") from None
+            raise
 
 
 if __name__ == "__main__":
