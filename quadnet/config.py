@@ -169,9 +169,9 @@ def check(c: TrainConfig) -> TrainConfig:
     if c.data.name == "sampled" and c.data.margin >= c.data.extent:
         raise _fail("data.margin", c.data.margin, f"must be below data.extent={c.data.extent:g}")
     for key, owner in _OWNER.items():  # (a key of another data variant would be silently ignored)
-        if owner != c.data.name and getattr(c.data, key) != getattr(DataConfig, key):
+        if owner != c.data.name and getattr(c.data, key) != getattr(DataConfig, key) and not c.resume:
             raise ConfigError(f"data.{key} does not apply to data={c.data.name}; did you mean data={owner}?")
-    if c.data.name == "csv" and not c.data.path:
+    if c.data.name == "csv" and not c.data.path and not c.resume:  # (resume=: the checkpoint's data, checked then)
         raise ConfigError("data=csv needs data.path=FILE: a file of x,y,label lines")
     if c.engine in ("numpy", "numba") and c.device not in ("auto", "cpu"):
         raise ConfigError(f"device={c.device!r} is not allowed with engine={c.engine}: it runs on the cpu")

@@ -13,9 +13,9 @@ compiles once per process.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,14 +30,18 @@ HYPER = ("lr", "reg", "momentum", "beta1", "beta2", "eps")
 RULES = {"sgd": 0, "momentum": 1, "adam": 2}  # plain descent keeps no buffer
 
 
+_uncached: list[str] = []  # kernels that compile in each process (no cache dir can be written)
+
+
 def _jit(fn: Callable[..., Any]) -> Any:
     """njit with the on-disk cache; without one where no cache dir can be written (numba refuses)."""
     try:
         return njit(cache=True, nogil=True, error_model="numpy")(fn)
     except RuntimeError:  # "cannot cache function …: no locator available"
-        where = "NUMBA_CACHE_DIR" if "NUMBA_CACHE_DIR" in os.environ else "beside quadnet's code or in ~/.cache"
-        warnings.warn(f"numba cannot write its cache ({where}): its kernels compile in each process", stacklevel=3)
-        warnings.filterwarnings("ignore", "numba cannot write its cache")  # (once, not once a kernel)
+        if not _uncached:  # (one line, not one a kernel)
+            where = os.environ.get("NUMBA_CACHE_DIR") or "quadnet's dir or ~/.cache"
+            logging.getLogger("quadnet").warning("numba cannot write its cache in %s: kernels compile each run", where)
+        _uncached.append(fn.__name__)
         return njit(nogil=True, error_model="numpy")(fn)
 
 

@@ -10,6 +10,7 @@ matplotlib is imported inside the functions, so importing this module costs noth
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,10 @@ def figure(path: Path, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
     plt = pyplot()
     fig, axes = plt.subplots(*args, **kwargs)
     try:
-        yield fig, axes
-        fig.savefig(path, dpi=100)
+        with warnings.catch_warnings():  # (a diverged run's huge values overflow matplotlib's log scale)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield fig, axes
+            fig.savefig(path, dpi=100)
     except OSError as e:  # name the file (a full disk's error does not)
         raise OSError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
     finally:

@@ -380,7 +380,7 @@ class Sweep:
         from quadnet.train import conclude
 
         if job.result is None:
-            rundir.write_failed(job.dir, job.error or "not trained", job.cfg and to_dict(job.cfg))
+            rundir.write_failed(job.dir, job.error or "not trained", job.cfg and to_dict(job.cfg), job.overrides)
             raise ConfigError(job.error or "not trained")
         extra = {"overrides": job.overrides}
         summary = (

@@ -298,7 +298,7 @@ def task(cfg: DictConfig) -> float:
         out = Path(hc.runtime.output_dir)
         if not single:
             if checkpoint.in_dir(out) is None:  # (an earlier run's dir stays as it was)
-                rundir.write_failed(out, e)
+                rundir.write_failed(out, e, overrides=_overrides())
             raise
         drop_unused(hc)
         fail(one_line(e))

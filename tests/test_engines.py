@@ -215,12 +215,10 @@ def test_without_a_writable_cache_dir_the_kernels_compile_in_the_process_and_tra
     cache dir can be written, the kernels compile in each process, with one warning."""
     pytest.importorskip("numba")
     code = (
-        "import warnings, numba.core.caching as c\n"
+        "import numba.core.caching as c\n"
         "c.CacheImpl._locator_classes = []  # no dir is writable\n"
-        "with warnings.catch_warnings(record=True) as w:\n"
-        "    warnings.simplefilter('always')\n"
-        "    import quadnet.fast\n"
-        "print(sum('cannot write its cache' in str(x.message) for x in w))\n"
+        "import quadnet.fast\n"
+        "print(len(quadnet.fast._uncached))\n"
         "from quadnet.train import train\n"
         "from quadnet.config import TrainConfig\n"
         "s = train(TrainConfig(epochs=100, plots=False, progress=False, engine='numba'), run_dir='r')\n"
@@ -228,4 +226,4 @@ def test_without_a_writable_cache_dir_the_kernels_compile_in_the_process_and_tra
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.split()[1:] == ["numba", "completed"], r.stderr[-2000:]
-    assert int(r.stdout.split()[0]) == 1  # (one warning, not one a kernel)
+    assert int(r.stdout.split()[0]) == 4 and r.stderr.count("numba cannot write its cache") == 1  # (one line)
