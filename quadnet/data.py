@@ -83,7 +83,8 @@ def read_csv(path: str, key: str) -> tuple[np.ndarray, list[Label]]:
             if not points and not header and not _is_number(parts[0]):
                 header = True
                 continue  # a header line (before the first point)
-            raise ConfigError(f"{key}={path!r} line {i}: {line.strip()!r} is not x,y,label") from None
+            why = "two finite numbers and a label (one header line may come first)"
+            raise ConfigError(f"{key}={path!r} line {i}: {line.strip()!r} is not x,y,label: {why}") from None
         points.append((x, y))
         labels.append(int(parts[2]) if parts[2].lstrip("+-").isdigit() else parts[2])
     if not points:
