@@ -365,7 +365,8 @@ def sweep_closing_line(config: DictConfig) -> None:
         ends = sys.modules["quadnet.sweep"].ENDED
     else:
         ends = Counter(_status(p) for p in where.glob("*/summary.json"))
-    closing_line(ends, where)
+    if ends:  # (none: the sweep ended before any job was written)
+        closing_line(ends, where)
 
 
 def _status(summary: Path) -> str:
@@ -415,12 +416,17 @@ def main() -> None:
         try:
             hydra.main(config_path=config_dir(), config_name="train", **trusted)(task)()
         except Exception as e:
-            if _multirun is not None:  # a failed job ends the sweep: its closing line first
-                with contextlib.suppress(Exception):
-                    sweep_closing_line(_multirun)
-            elif isinstance(e, OSError) and _run is not None:  # Hydra could not write a run's record (a full disk)
+            raw = isinstance(e, OSError) and e.errno is not None  # (Hydra's, writing a dir or its record: a full disk)
+            if _multirun is not None:
+                if Path(_multirun.hydra.runtime.cwd, _multirun.hydra.sweep.dir).is_dir():
+                    with contextlib.suppress(Exception):  # a failed job ends the sweep: its closing line first
+                        sweep_closing_line(_multirun)
+                if raw:
+                    raise OSError(f"cannot write the sweep dir {_multirun.hydra.sweep.dir} (hydra.sweep.dir): "
+                                  f"{e.strerror}") from None  # type: ignore[attr-defined]  # fmt: skip
+            elif raw and _run is not None:
                 drop_unused(_run)
-                raise OSError(f"cannot write the run dir {_run.run.dir} (hydra.run.dir): {e.strerror}") from None
+                raise OSError(f"cannot write the run dir {_run.run.dir} (hydra.run.dir): {e.strerror}") from None  # type: ignore[attr-defined]
             raise
 
 
