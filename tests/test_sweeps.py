@@ -638,3 +638,17 @@ def test_kill_9_of_a_whole_batched_sweep_then_the_same_command_finishes_every_jo
         a, b = _summary(tmp_path, "s", n), _summary(tmp_path, "straight", n)
         assert a["status"] == b["status"] == "completed" and a["epoch"] == 100000
         np.testing.assert_allclose(_probs(a), _probs(b), rtol=0, atol=1e-12)
+
+
+def test_a_sweep_that_a_failed_job_ends_has_its_closing_line_and_a_sweep_dir_in_the_way_is_one_line(tmp_path):
+    for launcher in ("basic", "batched"):  # (Hydra raises the failed job's error once every job has run)
+        where = tmp_path / launcher
+        r = run_cli("-m", f"hydra/launcher={launcher}", "epochs=50", "hidden_dim=0,5", f"hydra.sweep.dir={where}",
+                    cwd=tmp_path)  # fmt: skip
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: hidden_dim=0 is not allowed")
+        assert f"2 jobs: 1 completed, 1 failed; report: python -m quadnet.report {where}" in r.stdout
+        blocked = where / "multirun.yaml" / "s"
+        r = run_cli("-m", f"hydra/launcher={launcher}", "seed=1,2", f"hydra.sweep.dir={blocked}", cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        last = r.stderr.strip().splitlines()[-1]
+        assert last == f"error: cannot write the sweep dir {blocked} (hydra.sweep.dir): Not a directory"
