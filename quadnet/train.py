@@ -421,9 +421,12 @@ def main() -> None:
                 if Path(_multirun.hydra.runtime.cwd, _multirun.hydra.sweep.dir).is_dir():
                     with contextlib.suppress(Exception):  # a failed job ends the sweep: its closing line first
                         sweep_closing_line(_multirun)
-                if raw:
-                    raise OSError(f"cannot write the sweep dir {_multirun.hydra.sweep.dir} (hydra.sweep.dir): "
-                                  f"{e.strerror}") from None  # type: ignore[attr-defined]  # fmt: skip
+                if raw:  # (Hydra's, making the sweep dir or a job's; or a job's error, raised again by Hydra)
+                    where = Path(os.path.abspath(Path(_multirun.hydra.runtime.cwd, _multirun.hydra.sweep.dir)))
+                    name = e.filename  # type: ignore[attr-defined]
+                    sweep = name is None or Path(os.path.abspath(name)) in (where, *where.parents)
+                    what = f"the sweep dir {where} (hydra.sweep.dir)" if sweep else repr(str(name))
+                    raise OSError(f"cannot write {what}: {e.strerror}") from None  # type: ignore[attr-defined]
             elif raw and _run is not None:
                 drop_unused(_run)
                 raise OSError(f"cannot write the run dir {_run.run.dir} (hydra.run.dir): {e.strerror}") from None  # type: ignore[attr-defined]
