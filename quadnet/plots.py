@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,15 @@ _TAB20 = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 10
           [127, 127, 127], [188, 189, 34], [23, 190, 207]]  # fmt: skip
 
 
-def colors(n: int) -> np.ndarray:
-    """n class colours (n, 3), and repeats past 17 classes."""
+def colors(classes: Sequence[Any]) -> np.ndarray:
+    """A colour (n, 3) a class: the colours the labels name (red, blue, …), else a palette that
+    repeats past 17 classes."""
+    from matplotlib.colors import is_color_like, to_rgb
+
+    if all(isinstance(c, str) and is_color_like(c) for c in classes):
+        return np.array([to_rgb(c) for c in classes])
     every = np.array(OKABE_ITO + _TAB20) / 255
-    return every[np.arange(n) % len(every)]
+    return every[np.arange(len(classes)) % len(every)]
 
 
 def class_names(data: Dataset) -> list[str]:
@@ -80,11 +85,11 @@ def _extent(data: Dataset) -> float:
     return max(2.5, float(np.abs(np.concatenate([data.x_train, data.x_test])).max()) * 1.15)
 
 
-def _region_image(params: Params, lim: float, n: int) -> np.ndarray:
-    """(n, n, 3) pale colours of the predicted class over [-lim, lim]², white where undefined."""
+def _region_image(params: Params, lim: float, n: int, full: np.ndarray) -> np.ndarray:
+    """(n, n, 3) pale colours (of `full`) of the predicted class over [-lim, lim]², white where undefined."""
     g = np.linspace(-lim, lim, n)
     pred = predict_class(params, np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)).reshape(n, n)
-    return np.where((pred >= 0)[..., None], (0.4 * colors(len(params["b2"])) + 0.6)[pred.clip(0)], 1.0)
+    return np.where((pred >= 0)[..., None], (0.4 * full + 0.6)[pred.clip(0)], 1.0)
 
 
 def _wrong(params: Params, data: Dataset) -> np.ndarray:
@@ -103,12 +108,11 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    lim = _extent(data)
-    image = ax.imshow(_region_image(params, lim, n), extent=(-lim, lim, -lim, lim), origin="lower")
+    lim, full = _extent(data), colors(data.classes)
+    image = ax.imshow(_region_image(params, lim, n, full), extent=(-lim, lim, -lim, lim), origin="lower")
     ax.axhline(0, color="k", lw=0.6)
     ax.axvline(0, color="k", lw=0.6)
     size, alpha, ring = (12, 0.6, 30) if len(data.x_train) + len(data.x_test) > MANY else (60, 1.0, 200)
-    full = colors(data.num_classes)
     for x, y, marker in ((data.x_train, data.y_train, "o"), (data.x_test, data.y_test, "^")):
         cols = np.where((y >= 0)[:, None], full[y.clip(0)], 0.5)
         ax.scatter(x[:, 0], x[:, 1], c=cols, marker=marker, s=size, alpha=alpha, edgecolors="k", linewidths=0.4)
@@ -202,7 +206,7 @@ def animate(path: Path, frames: list[tuple[int, Params]], history: History, data
     lim, curves = _extent(data), [line.get_data() for line in lines]  # the full curves, cut at each frame
     rgb = []
     for epoch, params in frames:
-        image.set_data(_region_image(params, lim, 120))
+        image.set_data(_region_image(params, lim, 120, colors(data.classes)))
         rings.set_offsets(_wrong(params, data).reshape(-1, 2))
         for line, (epochs, losses) in zip(lines, curves, strict=True):
             line.set_data(epochs[epochs <= epoch], losses[epochs <= epoch])

@@ -253,3 +253,9 @@ def test_load_raises_a_checkpoint_error_for_a_file_that_is_not_one(runs):
     for path in (runs[1] / "summary.json", "/dev/null", runs[1] / "nope"):
         with pytest.raises(checkpoint.CheckpointError):
             load(path)
+
+
+def test_labels_that_name_colours_are_drawn_in_those_colours():
+    assert plots.colors(["blue", "green", "red"]).tolist() == [[0, 0, 1], [0, 128 / 255, 0], [1, 0, 0]]
+    assert len({tuple(c) for c in plots.colors(["north", "red", "south"])}) == 3  # (not all colours: the palette)
+    assert plots.colors([1, 2, 3, 4]).tolist() == plots.colors(["a", "b", "c", "d"]).tolist()
