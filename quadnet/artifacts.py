@@ -3,9 +3,13 @@ checkpoint is in quadnet.checkpoint, the plots in quadnet.plots)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
+import platform
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -98,3 +102,18 @@ def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
     # a missing figure is NaN (0.1 checkpoints: no test_loss); other keys of a row are not written
     lines = [",".join(METRIC_FIELDS)] + [",".join(repr(r.get(k, math.nan)) for k in METRIC_FIELDS) for r in rows]
     write_text(path, "\n".join(lines) + "\n")
+
+
+@functools.cache
+def versions() -> dict[str, str | None]:
+    """What produced a run: the packages' versions, Python's, and quadnet's git commit in a checkout."""
+    from importlib.metadata import version
+
+    out: dict[str, str | None] = {p: version(p) for p in ("quadnet", "torch", "numpy", "hydra-core", "omegaconf")}
+    out |= {"python": platform.python_version(), "git_commit": None}
+    here = Path(__file__).resolve().parent.parent
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if (here / ".git").exists():
+            git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+            out["git_commit"] = git.stdout.strip() or None
+    return out

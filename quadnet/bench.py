@@ -44,8 +44,8 @@ def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, An
 def machine() -> dict[str, Any]:
     import numpy as np
 
+    from quadnet.artifacts import versions
     from quadnet.loop import usable_cpus
-    from quadnet.rundir import versions
 
     cpuinfo: list[str] = []
     with contextlib.suppress(OSError):

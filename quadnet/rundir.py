@@ -7,15 +7,11 @@ that a signal during the plots loses nothing), then the plots.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import functools
 import logging
 import math
 import os
-import platform
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +24,6 @@ from quadnet.loop import Job
 from quadnet.reference import forward, softmax
 
 log = logging.getLogger("quadnet")
-
-
-@functools.cache
-def versions() -> dict[str, str | None]:
-    """What produced a run: the packages' versions, Python's, and quadnet's git commit in a checkout."""
-    from importlib.metadata import version
-
-    out: dict[str, str | None] = {p: version(p) for p in ("quadnet", "torch", "numpy", "hydra-core", "omegaconf")}
-    out |= {"python": platform.python_version(), "git_commit": None}
-    here = Path(__file__).resolve().parent.parent
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        if (here / ".git").exists():
-            git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-            out["git_commit"] = git.stdout.strip() or None
-    return out
 
 
 LOCKS: dict[str, int] = {}  # run and sweep dirs this process holds
@@ -95,7 +76,7 @@ def write(
         "run_dir": str(run_dir.resolve()),
         "signal": signal.Signals(stop_signal).name if job.status == "interrupted" and stop_signal else None,
         **(extra or {}),
-        "versions": versions(),
+        "versions": artifacts.versions(),
         "classes": list(data.classes),
         "predictions": artifacts.prediction_rows(data.x_test, probs, data.classes, data.y_test, data.quadrants),
         "config": to_dict(cfg),
@@ -130,7 +111,8 @@ def write_failed(
     run_dir: Path, error: BaseException | str, config: dict[str, Any] | None = None, overrides: list[str] | None = None
 ) -> dict[str, Any]:
     """A job that could not train: its dir says why, in one line (and which job it was: its overrides)."""
-    summary = {"status": "failed", "error": " ".join(str(error).split()), "versions": versions(), "config": config}
+    why = " ".join(str(error).split())
+    summary = {"status": "failed", "error": why, "versions": artifacts.versions(), "config": config}
     summary |= {"overrides": overrides} if overrides is not None else {}
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     artifacts.write_json(Path(run_dir) / "summary.json", summary)

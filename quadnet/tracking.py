@@ -106,7 +106,7 @@ def end(sweep_dir: Path, status: str) -> None:
 
 
 def _versions() -> dict[str, str]:
-    from quadnet.rundir import versions
+    from quadnet.artifacts import versions
 
     v = versions()
     return {"quadnet.version": str(v["quadnet"]), "quadnet.git_commit": str(v["git_commit"] or "")}
