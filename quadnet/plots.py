@@ -204,9 +204,9 @@ def animate(path: Path, frames: list[tuple[int, Params]], history: History, data
     fig.canvas.draw()
     background = fig.canvas.copy_from_bbox(fig.bbox)
     lim, curves = _extent(data), [line.get_data() for line in lines]  # the full curves, cut at each frame
-    rgb = []
+    rgb, full = [], colors(data.classes)
     for epoch, params in frames:
-        image.set_data(_region_image(params, lim, 120, colors(data.classes)))
+        image.set_data(_region_image(params, lim, 120, full))
         rings.set_offsets(_wrong(params, data).reshape(-1, 2))
         for line, (epochs, losses) in zip(lines, curves, strict=True):
             line.set_data(epochs[epochs <= epoch], losses[epochs <= epoch])

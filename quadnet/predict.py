@@ -166,9 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     for r, point in zip(rows, shown, strict=True):  # (quadrant data: a point's true class is its quadrant)
         q, t = r["predicted"], r["true"]
         pq = f"{r['probs'][model.classes.index(q)]:12.9f}" if q is not None else f"{'-':>12}"
-        cells = f"{point:>{w}}  {q if q is not None else '-':>9}  {pq}" + f"  {t if t is not None else '-':>4}" * bool(
-            true
-        )
+        cells = f"{point:>{w}}  {q if q is not None else '-':>9}  {pq}"
+        cells += f"  {t if t is not None else '-':>4}" if true else ""
         note = "  on an axis: no true quadrant" * bool(r.get("on_axis")) + "  probabilities not finite" * (q is None)
         note += "  ✗ wrong" * (q is not None and t is not None and q != t)  # (as train's table and the plots mark it)
         print(cells + " " + "".join(f"{p:{cw + 1}.6f}" for p in r["probs"]) + note)

@@ -109,8 +109,8 @@ def completed(folder: Path) -> dict[str, Any]:
     type: the job trains again), or of another status."""
     with contextlib.suppress(OSError, ValueError, TypeError, RecursionError):
         s = json.loads((folder / "summary.json").read_text())
-        ok = all(k in s and isinstance(s[k], t) for k, t in KEPT_KEYS.items())
-        ok = ok and isinstance(s.get("overrides", []), list) and all(isinstance(o, str) for o in s.get("overrides", []))
+        ok, overrides = all(k in s and isinstance(s[k], t) for k, t in KEPT_KEYS.items()), s.get("overrides", [])
+        ok = ok and isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)
         return s if ok and s["status"] == "completed" and "objective" in s["config"] else {}
     return {}
 

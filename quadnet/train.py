@@ -361,8 +361,8 @@ def sweep_closing_line(config: DictConfig) -> None:
     """A sweep's closing line: from the batched launcher's count of its jobs, else from the summaries."""
     where = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
     batched = str(OmegaConf.select(config, "hydra.launcher._target_")).startswith("hydra_plugins.quadnet_batched")
-    if batched and "quadnet.sweep" in sys.modules:
-        ends = sys.modules["quadnet.sweep"].ENDED
+    if batched:
+        from quadnet.sweep import ENDED as ends  # (its launches counted their jobs)
     else:
         ends = Counter(_status(p) for p in where.glob("*/summary.json"))
     if ends:  # (none: the sweep ended before any job was written)
@@ -418,9 +418,8 @@ def main() -> None:
         except Exception as e:
             raw = isinstance(e, OSError) and e.errno is not None  # (Hydra's, writing a dir or its record: a full disk)
             if _multirun is not None:
-                if Path(_multirun.hydra.runtime.cwd, _multirun.hydra.sweep.dir).is_dir():
-                    with contextlib.suppress(Exception):  # a failed job ends the sweep: its closing line first
-                        sweep_closing_line(_multirun)
+                with contextlib.suppress(Exception):  # a failed job ends the sweep: its closing line first
+                    sweep_closing_line(_multirun)
                 if raw:  # (Hydra's, making the sweep dir or a job's; or a job's error, raised again by Hydra)
                     where = Path(os.path.abspath(Path(_multirun.hydra.runtime.cwd, _multirun.hydra.sweep.dir)))
                     name = e.filename  # type: ignore[attr-defined]
