@@ -80,7 +80,7 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
     from quadnet import loop
     from quadnet.config import TrainConfig
     from quadnet.data import make_dataset
-    from quadnet.train import start_state
+    from quadnet.loop import start_state
 
     data = make_dataset(TrainConfig().data)
     limit = step_flops(len(data.x_train), TrainConfig().hidden_dim, data.num_classes) * 10000 / gemm_rate() * 1000

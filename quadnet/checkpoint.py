@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from quadnet.artifacts import METRIC_FIELDS, atomic_write
+from quadnet.config import ConfigError, TrainConfig, to_dict
 from quadnet.model import shapes
 
 FORMAT = "quadnet-checkpoint/3"
@@ -33,23 +34,21 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used. Its message is one line, for the user."""
 
 
-def arrays(state: dict[str, Any], *, epoch: int, config: dict, status: str, history: list, classes: Any) -> dict:
-    """One job's checkpoint as the arrays it is saved as (state: params, optimizer buffers, step)."""
+def arrays(state: dict[str, Any], *, epoch: int, config: dict, status: str, history: list, data: Any) -> dict:
+    """One job's checkpoint as the arrays it is saved as (state: params, optimizer buffers, step);
+    data: its :class:`~quadnet.data.Dataset`, whose classes and identity are kept."""
     out = {f"params/{k}": v for k, v in state["params"].items()}
     out |= {f"optimizer/{n}/{k}": v for n, b in state.get("optimizer", {}).items() for k, v in b.items()}
     out["history"] = np.array([[r.get(f, math.nan) for f in METRIC_FIELDS] for r in history]).reshape(-1, 5)
     step = int(state.get("step", epoch))
-    meta = {"format": FORMAT, "epoch": int(epoch), "step": step, "status": status, "classes": list(classes)}
+    meta = {"format": FORMAT, "epoch": int(epoch), "step": step, "status": status, "classes": list(data.classes)}
+    meta["data_sha256"] = data.digest
     return out | {"meta": np.array(json.dumps({**meta, "config": config}))}
 
 
-def of(job: Any, status: str, classes: Any) -> dict[str, np.ndarray]:
+def of(job: Any, status: str, data: Any) -> dict[str, np.ndarray]:
     """The arrays of a job of the training loop (:class:`quadnet.loop.Job`) as it stands."""
-    from quadnet.config import to_dict
-
-    return arrays(
-        job.state, epoch=job.epoch, config=to_dict(job.cfg), status=status, history=job.history, classes=classes
-    )
+    return arrays(job.state, epoch=job.epoch, config=to_dict(job.cfg), status=status, history=job.history, data=data)
 
 
 def save(path: Path, obj: dict[str, np.ndarray]) -> None:
@@ -174,3 +173,40 @@ def load(path: str | Path) -> dict[str, Any]:
     """Load and check one job's checkpoint (a run dir or a file). Raises :class:`CheckpointError`."""
     p = find(path)
     return {**check(read(p), repr(str(p))), "path": str(p)}
+
+
+# What a resume may change: how far a run goes, how it shows and where it computes; never what
+# its weights were made of (shape, data, initial weights, optimizer and its settings, precision).
+# So a resumed run is exactly the run its config describes, and a sweep's job dir can only be
+# continued by the same job.
+FREE = ("epochs", "checkpoint_every", "log_every", "plots", "animate", "progress", "threads", "logger",
+        "objective", "device", "engine", "step", "cuda_graph", "resume")  # fmt: skip
+
+
+def resume_check(ck: dict[str, Any], now: TrainConfig, data: Any) -> None:
+    """Refuse (ConfigError, one line) to go on from checkpoint ck as config now, on data."""
+    was, new = _flat(ck["config"]), _flat(to_dict(now))
+    for key, value in new.items():
+        if key not in FREE and key not in ("data.path", "data.test_path") and was.get(key) != value:
+            raise ConfigError(
+                f"cannot resume {ck['path']!r} with {key}={value!r}: it was trained with {key}={was.get(key)!r}, and "
+                f"a resume keeps what made its weights (its shape, data, initial weights and optimizer); "
+                f"it may change {', '.join(FREE[:-1])}"
+            )
+    if ck.get("data_sha256") not in (None, data.digest):  # (the paths may differ: the contents decide)
+        raise ConfigError(
+            f"cannot resume {ck['path']!r}: the data it names ({_where(data.config)}) is not the data it was "
+            "trained on (its contents differ)"
+        )
+    if ck["epoch"] > now.epochs:
+        raise ConfigError(
+            f"epochs={now.epochs} is below the checkpoint's epoch {ck['epoch']}; resume goes on from there"
+        )
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: v for k, v in config.items() if k != "data"}, **{f"data.{k}": v for k, v in config["data"].items()}}
+
+
+def _where(d: Any) -> str:
+    return f"data.path={d.path!r}" if d.name == "csv" else f"data={d.name}"

@@ -24,6 +24,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from quadnet.exits import OOM, out_of_memory
+
 
 class ConfigError(ValueError):
     """A config value that is not allowed. Its message is one line, for the user."""
@@ -185,11 +187,6 @@ def log_every(c: TrainConfig) -> int:
     return c.log_every or max(1, c.epochs // 100)
 
 
-def out_of_memory(ex: BaseException) -> bool:
-    """A CPU or GPU allocation that failed (torch raises RuntimeError or OutOfMemoryError)."""
-    return isinstance(ex, MemoryError) or type(ex).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(ex)
-
-
 def unknown_key(key: str, known: list[str], where: str = "allowed keys") -> str:
     """'unknown config key', with the likeliest meant key first (hiden_dim, Lr) and the known ones."""
     name = key if any("." in k for k in known) else key.rpartition(".")[2]
@@ -204,7 +201,7 @@ def one_line(ex: BaseException) -> str:
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     if out_of_memory(ex):
-        return "out of memory: the nets or the data do not fit (hidden_dim, data.n_train; a sweep's max_batch)"
+        return OOM
     cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else None
     if isinstance(ex, MissingConfigException) and ex.options is not None and ex.missing_cfg_file:
         group, _, name = ex.missing_cfg_file.rpartition("/")

@@ -7,8 +7,10 @@ its labels name: every distinct label, sorted (numbers as numbers), so 0-3 and 1
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import dataclasses
+import functools
+import hashlib
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,10 +35,19 @@ class Dataset:
     y_test: np.ndarray  # (N_test,) int64
     classes: tuple[Label, ...] = QUADRANTS  # the label of each class index
     quadrants: bool = True  # the classes are the quadrants: any point has a true one (on an axis, none)
+    config: DataConfig = field(default_factory=DataConfig)  # what made it (a CSV's paths absolute)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """The data's identity: a hash of its points, labels and classes (a resume checks it)."""
+        h = hashlib.sha256(repr(self.classes).encode())
+        for a in (self.x_train, self.y_train, self.x_test, self.y_test):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
 
 
 def quadrant_class(points: np.ndarray) -> np.ndarray:
@@ -100,25 +111,10 @@ def _classes(*label_lists: list[Label]) -> tuple[Label, ...]:
     return tuple(sorted(found, key=lambda lab: (isinstance(lab, str), str(lab) if isinstance(lab, str) else lab)))
 
 
-_made: dict[tuple[Any, ...], Dataset] = {}
-
-
 def make_dataset(cfg: DataConfig) -> Dataset:
-    """The data of a config; made once per process for the same settings (and the same CSV files)."""
-    files = [
-        user_path(p).stat().st_mtime_ns if p and user_path(p).exists() else None for p in (cfg.path, cfg.test_path)
-    ]
-    key = (repr(cfg), *files)
-    if key not in _made:
-        if len(_made) > 16:
-            _made.clear()
-        _made[key] = _make(cfg)
-    return _made[key]
-
-
-def _make(cfg: DataConfig) -> Dataset:
+    """The data of a config. A run makes it once and hands it down."""
     if cfg.name == "seed":
-        return Dataset(SEED_TRAIN, quadrant_class(SEED_TRAIN), SEED_TEST, quadrant_class(SEED_TEST))
+        return Dataset(SEED_TRAIN, quadrant_class(SEED_TRAIN), SEED_TEST, quadrant_class(SEED_TEST), config=cfg)
     if cfg.name == "csv":
         x, labels = read_csv(str(cfg.path), "data.path")
         if cfg.test_path:
@@ -134,7 +130,8 @@ def _make(cfg: DataConfig) -> Dataset:
         classes = _classes(labels, test_labels)
         index = {lab: i for i, lab in enumerate(classes)}
         y, y_test = (np.array([index[lab] for lab in ls], dtype=np.int64) for ls in (labels, test_labels))
-        return Dataset(x, y, x_test, y_test, classes, quadrants=False)
+        paths = {k: str(user_path(v).absolute()) for k in ("path", "test_path") if (v := getattr(cfg, k))}
+        return Dataset(x, y, x_test, y_test, classes, quadrants=False, config=dataclasses.replace(cfg, **paths))
     rng = np.random.default_rng(cfg.seed)
     x_train, x_test = (_sample(rng, n, cfg.extent, cfg.margin) for n in (cfg.n_train, cfg.n_test))  # (in this order)
-    return Dataset(x_train, quadrant_class(x_train), x_test, quadrant_class(x_test))
+    return Dataset(x_train, quadrant_class(x_train), x_test, quadrant_class(x_test), config=cfg)

@@ -3,7 +3,7 @@
 :func:`fit` reads top to bottom: finish the jobs whose epochs are reached, run every other
 job to the next point where one of them logs, checkpoints, draws a frame or ends, take the
 jobs whose loss went non-finite out at the exact epoch, and record metrics at each job's
-log points. Ctrl-C or SIGTERM (:func:`catch_signals`) ends every job as ``interrupted`` at
+log points. A signal (:func:`quadnet.exits.listening`) ends every job as ``interrupted`` at
 the same step. The caller writes each job's dir from its :class:`Job`.
 """
 
@@ -13,11 +13,9 @@ import contextlib
 import logging
 import math
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,14 @@ class Job:
     status: str = "running"  # then completed | diverged | interrupted
     frames: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (epoch, params) if cfg.animate
     name: str = ""  # in a sweep, its run dir (where its checkpoints go while its batch trains)
+
+
+def start_state(c: TrainConfig, classes: int = 4) -> dict[str, Any]:
+    """A fresh job's state: its initial weights (classes: its outputs; 4, the quadrants), no optimizer
+    buffers yet, step 0."""
+    from quadnet.model import initial_params
+
+    return {"params": initial_params(c.hidden_dim, c.seed, c.init, classes), "optimizer": {}, "step": 0}
 
 
 def frame_epochs(epochs: int) -> set[int]:
@@ -152,20 +158,24 @@ def build(cfgs: list[TrainConfig], data: Any, starts: list[dict[str, Any]], devi
 
 
 def train_batch(
-    jobs: list[Job], device: str, stop: Callable[[], bool] = lambda: False, save: Any = None, quiet: bool = False
+    jobs: list[Job],
+    data: Any,
+    device: str,
+    stop: Callable[[], bool] = lambda: False,
+    save: Any = None,
+    quiet: bool = False,
 ) -> Any:
-    """Jobs of one group through :func:`fit` on a device (its name, as config's ``device`` says it):
+    """Jobs of one group, on their data, through :func:`fit` on a device (its name, as config's ``device`` says it):
     the device as summaries record it, the engine's name, the jobs and the seconds; or, for a device
     that is not there, the ConfigError itself (what a submitit job runs where it lands; the error
     comes back whole)."""
-    from quadnet.data import make_dataset
     from quadnet.device import describe, resolve_device
 
     try:
         device = "cpu" if jobs[0].cfg.engine in ("numba", "numpy") else resolve_device(device)
     except ConfigError as e:
         return e
-    engine = build([j.cfg for j in jobs], make_dataset(jobs[0].cfg.data), [j.state for j in jobs], device)
+    engine = build([j.cfg for j in jobs], data, [j.state for j in jobs], device)
     t0 = time.perf_counter()
     fit(engine, jobs, stop, save, quiet)
     if device.startswith("cuda"):
@@ -218,35 +228,6 @@ def _columns() -> int:
         return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
     except (OSError, ValueError):
         return 0
-
-
-class Stop:
-    """Set by SIGINT/SIGTERM: the loop ends after the current step. A second Ctrl-C aborts."""
-
-    signal: int | None = None
-
-    def __call__(self) -> bool:
-        return self.signal is not None
-
-
-@contextlib.contextmanager
-def catch_signals() -> Iterator[Stop]:
-    stop = Stop()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop.signal = signum
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def usable_cpus() -> int:

@@ -7,9 +7,9 @@ that a signal during the plots loses nothing), then the plots.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
-import math
 import os
 import signal
 from pathlib import Path
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from quadnet import artifacts, checkpoint, plots
+from quadnet import artifacts, checkpoint, exits, plots
 from quadnet.config import ConfigError, to_dict
-from quadnet.data import make_dataset
+from quadnet.data import Dataset
 from quadnet.loop import Job
 from quadnet.reference import forward, softmax
 
@@ -29,14 +29,22 @@ log = logging.getLogger("quadnet")
 LOCKS: dict[str, int] = {}  # run and sweep dirs this process holds
 
 
-def lock(folder: Path, what: str = "sweep") -> None:
-    """Hold ``folder`` for the life of this process (flock on the dir itself: it dies with the
-    process and leaves no file), so that a second run or sweep into it is refused."""
+def lock(folder: Path, what: str = "sweep", outer: bool = False, shown: str | None = None) -> None:
+    """Hold ``folder`` (a flock on the dir itself: it dies with the process and leaves no file), so
+    that a second run or sweep into it is refused; outer: refuse too a dir inside one that another
+    process holds (a single run into a running sweep's job dir). The dir is made only once every
+    check has passed. shown: the dir as the user named it, for the error."""
     key = str(folder.resolve())
     if key in LOCKS:
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
+    for above in Path(key).parents if outer else ():
+        if str(above) not in LOCKS and held(above):
+            raise ConfigError(f"another sweep is writing into {above}; wait for it or choose a dir outside it")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as e:
+        raise OSError(f"cannot write the {what} dir {shown or folder} (hydra.{what}.dir): {e.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -45,9 +53,30 @@ def lock(folder: Path, what: str = "sweep") -> None:
     LOCKS[key] = fd
 
 
+def unlock(folder: Path) -> None:
+    with contextlib.suppress(KeyError, OSError):
+        os.close(LOCKS.pop(str(folder.resolve())))
+
+
+def held(folder: Path) -> bool:
+    """Whether another process holds folder (lock's flock); False for a dir that is not there."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def write(
     run_dir: Path,
     job: Job,
+    data: Dataset,
     ran: dict[str, Any],
     stop_signal: int | None = None,
     extra: dict | None = None,
@@ -57,7 +86,7 @@ def write(
     """Write a finished job's dir; return its summary. ran: where and how it trained (``device``,
     ``engine``, ``train_seconds``: the training loop's time); extra: more keys for the summary;
     sweep: the sweep dir of a sweep's job (its MLflow run is nested in the sweep's, which end_sweep ends)."""
-    cfg, run_dir, data = job.cfg, Path(run_dir), make_dataset(job.cfg.data)
+    cfg, run_dir = job.cfg, Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     artifacts.remove_stale(run_dir)
     final, params = job.history[-1], job.state["params"]
@@ -78,11 +107,12 @@ def write(
         **(extra or {}),
         "versions": artifacts.versions(),
         "classes": list(data.classes),
+        "data_sha256": data.digest,
         "predictions": artifacts.prediction_rows(data.x_test, probs, data.classes, data.y_test, data.quadrants),
         "config": to_dict(cfg),
     }
     state = checkpoint.arrays(job.state, epoch=job.epoch, config=summary["config"], status=job.status,
-                              history=job.history, classes=data.classes)  # fmt: skip
+                              history=job.history, data=data)  # fmt: skip
     checkpoint.save(run_dir / checkpoint.CHECKPOINT, state)
     artifacts.write_metrics(run_dir / "metrics.csv", job.history)
     artifacts.write_json(run_dir / "summary.json", summary)
@@ -93,12 +123,15 @@ def write(
             for row in job.history:
                 for key in ("loss", "train_accuracy", "test_accuracy", "test_loss"):
                     tb.add_scalar(key, row[key], int(row["epoch"]))
-    if cfg.plots and job.epoch > 0:  # no matplotlib import for an untrained run (plots imports it when it draws)
-        plots.plot_curves(run_dir / "loss.png", job.history, title)
-        if job.status != "diverged":
-            plots.plot_regions(run_dir / "decision_regions.png", params, data, title)
-    if cfg.animate and job.frames and job.status != "diverged":
-        plots.animate(run_dir / "training.gif", job.frames, job.history, data, title)
+    try:  # a plot that cannot be drawn (memory, a font) costs the plot, not the run
+        if cfg.plots and job.epoch > 0:  # (no matplotlib import for an untrained run)
+            plots.plot_curves(run_dir / "loss.png", job.history, title)
+            if job.status != "diverged":
+                plots.plot_regions(run_dir / "decision_regions.png", params, data, title)
+        if cfg.animate and job.frames and job.status != "diverged":
+            plots.animate(run_dir / "training.gif", job.frames, job.history, data, title)
+    except Exception as e:
+        log.warning("%s: plots not drawn: %s", run_dir, exits.OOM if exits.out_of_memory(e) else exits.one_line(e))
     if cfg.logger == "mlflow":  # (last: the store sees the dir's files; a store that fails is a note)
         from quadnet.tracking import log_run
 
@@ -117,32 +150,3 @@ def write_failed(
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     artifacts.write_json(Path(run_dir) / "summary.json", summary)
     return summary
-
-
-def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -> None:
-    """How a run ended, after its table of test points unless table=False (sweep jobs); a point
-    predicted wrongly is marked, as the plots ring it."""
-    preds = s["predictions"][:8] if table else []
-    points = ["({:g}, {:g})".format(*p["point"]) for p in preds]
-    w = max([16, *map(len, points)])
-    lines = ["", f"{'point':>{w}}  {'predicted':>9}  {'p(predicted)':>12}  {'true':>4}"] if preds else []
-    for point, p in zip(points, preds, strict=True):
-        q, t = p["predicted"], p["true"]
-        prob = p["probs"][s["classes"].index(q)] if q is not None else math.nan
-        wrong = "  ✗ wrong" if q is not None and t is not None and q != t else ""
-        lines.append(
-            f"{point:>{w}}  {q if q is not None else '-':>9}  {prob:>12.9f}  {t if t is not None else '-':>4}{wrong}"
-        )
-    if table and len(s["predictions"]) > 8:
-        lines.append(f"{'…':>{w}}  ({len(s['predictions']) - 8} more test points in summary.json)")
-
-    def num(v: float | None, pct: bool = False) -> str:
-        return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%" if pct else f"{v:.6g}"
-
-    status = f"status {s['status']} at epoch {s['epoch']}/{s['epochs']}"
-    if not table and s.get("overrides"):  # a sweep's job: which one
-        status = f"[{' '.join(s['overrides'])}] {status}"
-    accuracy = f"train accuracy {num(s['train_accuracy'], True)}   test accuracy {num(s['test_accuracy'], True)}"
-    lines.append(f"{status}   {accuracy}   final loss {num(s['final_loss'])}   train_seconds {s['train_seconds']:.3f}")
-    lines.append(f"run dir: {s['run_dir']}")
-    log.log(level, "\n".join(lines))

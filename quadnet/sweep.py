@@ -32,8 +32,9 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import OmegaConf, open_dict
 
-from quadnet import checkpoint, loop, rundir
+from quadnet import checkpoint, console, exits, loop, rundir
 from quadnet.config import ConfigError, TrainConfig, check, check_installed, one_line, to_dict, validate
+from quadnet.data import Dataset, make_dataset
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,7 @@ TIMING_LINE = "composed %d jobs in %.2f s, trained in %.2f s, wrote their dirs i
 CHATTY = 16  # sweeps up to this size log a line per job; bigger ones a summary
 CPU_BATCH = 1024  # most jobs in one CPU batch by default (bigger batches cost more per job: bench step)
 CUDA_CHUNK = 16384  # most jobs composed at once on CUDA (a batch may hold more, memory permitting)
-BATCH_SAVE_SECONDS = 10.0  # ~0.1 ms a job each time: 256 jobs saved every 1,000 epochs cost 20% of their training
-FREE = ("epochs", "progress", "plots", "threads", "checkpoint_every")  # what resuming a job may change
+BATCH_SAVE_SECONDS = 10.0  # a batch's checkpoints at most this often: saving every job is not free
 ENDED: Counter[str] = Counter()  # how the jobs of this process's launches ended (train.Callbacks' line)
 
 
@@ -56,6 +56,7 @@ class Job:
     dir: Path  # its output dir (hydra.runtime.output_dir)
     key: str  # its dir within the sweep dir
     cfg: TrainConfig | None = None
+    data: Dataset | None = None
     config: Any = None  # Hydra's composition, for a job the Composer leaves to Hydra
     kept: bool = False  # completed in an earlier launch of this sweep: its dir is kept as it is
     start: loop.Job | None = None  # where it starts: afresh, or an unfinished job resumed
@@ -88,6 +89,11 @@ class Returns(Sequence[JobReturn]):
         return ret
 
 
+def batchable(task: Any) -> bool:
+    """Whether a task function is quadnet's (:func:`quadnet.train.task`): its jobs train in batches."""
+    return getattr(task, "__module__", None) == "quadnet.train" and getattr(task, "__name__", None) == "task"
+
+
 def group_key(j: Job) -> tuple[Any, ...]:
     """Jobs that train as one batch share data, precision, device, engine, step, optimizer, checkpoint
     points and start epoch. The NumPy engine trains one job at a time."""
@@ -115,25 +121,28 @@ def completed(folder: Path) -> dict[str, Any]:
     return {}
 
 
-def resumable(job: Job, c: TrainConfig) -> loop.Job:
+def resumable(job: Job, c: TrainConfig, data: Dataset) -> loop.Job:
     """Where a job (config c, as trained) starts: afresh, or from the checkpoint in its dir (a
-    diverged one aside). A job that completed at c.epochs is kept as it is (its summary says so:
-    no checkpoint is read). A checkpoint of other settings, or beyond c.epochs, refuses the sweep
-    (:class:`SweepRefused`): going on would throw its training away."""
-    from quadnet.train import start_state
-
-    done, now = completed(job.dir), to_dict(c)
-    if done.get("epoch") == c.epochs and all(done["config"].get(k) == v for k, v in now.items() if k not in FREE):
-        return loop.Job(c, {}, c.epochs, status="completed")
+    diverged one aside). A job that completed at c.epochs, as its summary and its checkpoint both
+    say, is kept as it is. A checkpoint it cannot go on from (:func:`quadnet.checkpoint.resume_check`)
+    refuses the sweep (:class:`SweepRefused`): going on would throw its training away."""
     here = checkpoint.in_dir(job.dir)
-    if here is None or (ck := checkpoint.load(here))["status"] == "diverged":
-        return loop.Job(c, start_state(c))
-    changed = ", ".join(f"{k}={ck['config'].get(k)!r} (now {v!r})" for k, v in now.items() if k not in FREE
-                        and ck["config"].get(k) != v)  # fmt: skip
-    if changed or ck["epoch"] > c.epochs:
-        why = f"it was trained with {changed}" if changed else f"epochs={c.epochs} is below its epoch"
-        raise SweepRefused(f"{job.dir} holds a run at epoch {ck['epoch']} and {why}; resume with the settings it "
-                           f"had and epochs >= {ck['epoch']}, or choose another hydra.sweep.dir")  # fmt: skip
+    if here is None:
+        return loop.Job(c, loop.start_state(c, data.num_classes))
+    try:
+        ck = checkpoint.load(here)
+    except checkpoint.CheckpointError:  # a damaged or half-written checkpoint: the job trains again
+        return loop.Job(c, loop.start_state(c, data.num_classes))
+    if ck["status"] == "diverged":
+        return loop.Job(c, loop.start_state(c, data.num_classes))
+    try:
+        checkpoint.resume_check(ck, c, data)
+    except ConfigError as e:
+        raise SweepRefused(f"{job.dir} holds another run ({e}); resume with the settings it had and epochs >= "
+                           f"{ck['epoch']}, or choose another hydra.sweep.dir") from None  # fmt: skip
+    done = completed(job.dir)
+    if ck["status"] == "completed" and ck["epoch"] == c.epochs and done.get("epoch") == c.epochs:
+        return loop.Job(c, ck["state"], c.epochs, ck["history"], status="completed")
     return loop.Job(c, ck["state"], ck["epoch"], ck["history"])
 
 
@@ -141,7 +150,11 @@ def _refused(launcher: Any, why: str) -> None:
     """Refuse a sweep run again into its dir: Hydra's record of it (multirun.yaml), which the sweeper
     has just rewritten, is put back as it was (see BatchedLauncher.setup), and nothing else is touched."""
     record, before, made = launcher.record
-    record.write_bytes(before) if before is not None else record.unlink(missing_ok=True)
+    if before is None:
+        record.unlink(missing_ok=True)
+    else:
+        record.write_bytes(before[0])
+        os.utime(record, ns=before[1])
     with contextlib.suppress(OSError):  # the dirs this sweep made (its own, outputs/multirun/, …), if empty
         for folder in made:
             folder.rmdir()
@@ -151,23 +164,21 @@ def _refused(launcher: Any, why: str) -> None:
 # ---------------------------------------------------------------------- training
 
 
-def _saver() -> Callable[[list[loop.Job]], None]:
+def _saver(data: Dataset) -> Callable[[list[loop.Job]], None]:
     """While a batch trains, each job's checkpoint goes to its dir (made now: a run dir of a job that
     has not ended holds its checkpoint alone) at its checkpoint points, but at most once every
     BATCH_SAVE_SECONDS and never more than a tenth of the time (1,024 files, a second on a slow disk)."""
-    from quadnet.data import make_dataset
-
     last, cost = -math.inf, 0.0
 
     def save(jobs: list[loop.Job]) -> None:
         nonlocal last, cost
         if time.monotonic() - last < max(BATCH_SAVE_SECONDS, 10 * cost):
             return
-        last, classes = time.monotonic(), make_dataset(jobs[0].cfg.data).classes
+        last = time.monotonic()
         try:  # (a convenience: training goes on without it, and each job's dir is written at the end)
             for j in jobs:
                 Path(j.name).mkdir(parents=True, exist_ok=True)
-                checkpoint.save(Path(j.name) / checkpoint.CHECKPOINT, checkpoint.of(j, "running", classes))
+                checkpoint.save(Path(j.name) / checkpoint.CHECKPOINT, checkpoint.of(j, "running", data))
         except OSError as e:
             log.warning("no checkpoint written for the batch: %s", one_line(e))
         cost = time.monotonic() - last
@@ -181,7 +192,9 @@ def on_cuda(c: TrainConfig) -> bool:
 
     if not c.device.startswith(("cuda", "auto")) or c.engine in ("numba", "numpy") or not gpu_possible():
         return False
-    return __import__("torch").cuda.is_available()
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _batches(groups: list[list[Job]], max_batch: int) -> list[list[Job]]:
@@ -191,10 +204,10 @@ def _batches(groups: list[list[Job]], max_batch: int) -> list[list[Job]]:
     for g in groups:
         size = max_batch or CPU_BATCH
         if not max_batch and on_cuda(g[0].cfg):  # type: ignore[arg-type]
-            from quadnet.data import make_dataset
+            import torch
 
-            d, h = make_dataset(g[0].cfg.data), max(j.cfg.hidden_dim for j in g)  # type: ignore[union-attr]
-            free = __import__("torch").cuda.mem_get_info()[0] * 0.5
+            d, h = g[0].data, max(j.cfg.hidden_dim for j in g)  # type: ignore[union-attr]
+            free = torch.cuda.mem_get_info()[0] * 0.5
             size = max(1, int(free) // (8 * (16 * max(len(d.x_train), len(d.x_test)) * (h + 4) + 128 * h)))
         out += [g[i : i + size] for i in range(0, len(g), size)]
     return out
@@ -221,7 +234,8 @@ def train_here(groups: list[list[Job]], max_batch: int, stop: Callable[[], bool]
         batch = todo.pop(0)
         starts = [dataclasses.replace(j.start, history=list(j.start.history), name=str(j.dir)) for j in batch]  # type: ignore
         try:
-            _done(batch, loop.train_batch(starts, batch[0].cfg.device, stop, _saver(), quiet))  # type: ignore
+            data = batch[0].data
+            _done(batch, loop.train_batch(starts, data, batch[0].cfg.device, stop, _saver(data), quiet))  # type: ignore
         except Exception as e:
             if len(batch) > 1:
                 todo[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
@@ -243,7 +257,7 @@ def train_submitit(
         raise ConfigError(f"hydra.launcher.executor_params={params!r} is not allowed: {one_line(e)}") from None
     batches = _batches(groups, max_batch)
     with ex.batch():
-        futures = [ex.submit(loop.train_batch, [j.start for j in b], b[0].cfg.device) for b in batches]  # type: ignore
+        futures = [ex.submit(loop.train_batch, [j.start for j in b], b[0].data, b[0].cfg.device) for b in batches]  # type: ignore
     log.info("Submitted %d batched program(s) to submitit (%s) in %s", len(batches), executor, folder)
     for batch, future in zip(batches, futures, strict=True):
         try:
@@ -278,6 +292,15 @@ class Sweep:
         size = int(self.opts["max_batch"]) or (CUDA_CHUNK if on_cuda(TrainConfig()) else CPU_BATCH)
         self.chunk = size * (16 if self.opts["executor"] else 1)  # (a cluster trains 16 batches at once)
         self.quiet_training = len(job_overrides) > self.chunk  # a chunk's progress is a line, not a bar
+        self.datasets: dict[str, Dataset] = {}  # each data config's, made once
+        self.tracked = False  # a job logged to MLflow: the sweep's run ends with the sweep
+
+    def data(self, c: TrainConfig) -> Dataset:
+        if repr(c.data) not in self.datasets:
+            if len(self.datasets) > 64:  # (jobs keep theirs: this only saves making one again)
+                self.datasets.clear()
+            self.datasets[repr(c.data)] = make_dataset(c.data)
+        return self.datasets[repr(c.data)]
 
     def hydra_config(self, idx: int, overrides: list[str]) -> Any:
         """Job idx composed by Hydra, with what Hydra's launchers set: its id and number."""
@@ -306,7 +329,11 @@ class Sweep:
                     f"resume={job.cfg.resume!r} is not for batched sweeps: to go on with a sweep, run it again with "
                     "hydra.sweep.dir=<its dir>; to go on with one of its jobs, run that job alone (without -m)"
                 )
-            job.start = resumable(job, dataclasses.replace(job.cfg, plots=job.cfg.plots and self.opts["plots"]))
+            job.data = self.data(job.cfg)
+            job.cfg = dataclasses.replace(job.cfg, data=job.data.config, plots=job.cfg.plots and self.opts["plots"])
+            if rundir.held(job.dir):
+                raise ConfigError(f"another run is writing into {job.dir}: this sweep leaves it alone")
+            job.start = resumable(job, job.cfg, job.data)
         except (ConfigError, checkpoint.CheckpointError) as e:
             if isinstance(e, SweepRefused) or checkpoint.in_dir(job.dir) is not None:  # (an earlier run's dir)
                 raise SweepRefused(
@@ -377,23 +404,20 @@ class Sweep:
 
     def _write(self, job: Job, signum: int | None) -> Any:
         """A job's run dir from its result; its objective (or its error, raised)."""
-        from quadnet.train import conclude
-
         if job.result is None:
             rundir.write_failed(job.dir, job.error or "not trained", job.cfg and to_dict(job.cfg), job.overrides)
             raise ConfigError(job.error or "not trained")
         extra = {"overrides": job.overrides}
+        self.tracked |= job.cfg.logger == "mlflow"  # type: ignore[union-attr]
         summary = (
             completed(job.dir)
             if job.kept
-            else rundir.write(job.dir, job.result, job.ran, signum, extra, self.dir, False)
+            else rundir.write(job.dir, job.result, job.data, job.ran, signum, extra, self.dir, False)  # type: ignore
         )
-        return conclude(summary, single_run=False, exit=False, quiet=self.quiet)
+        return console.conclude(summary, single_run=False, exit=False, quiet=self.quiet)
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-    from quadnet.train import closing_line, resume_sweep
-    from quadnet.train import task as quadnet_task
 
     t_start, ctx, config = time.perf_counter(), launcher.hydra_context, launcher.config
     setup_globals()
@@ -405,7 +429,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
 
     sweep, n = Sweep(launcher, job_overrides, initial_job_idx), len(job_overrides)
-    if launcher.task_function is not quadnet_task:  # not quadnet's: each job as Hydra runs it
+    if not batchable(launcher.task_function):  # not quadnet's: each job as Hydra runs it
         announce()
         returns = [run_job(hydra_context=ctx, task_function=launcher.task_function, job_dir_key="hydra.sweep.dir",
                            config=sweep.hydra_config(idx, list(o)), job_subdir_key="hydra.sweep.subdir")
@@ -413,7 +437,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
         return returns
 
-    with loop.catch_signals() as stop, ThreadPoolExecutor(1) as trainer:
+    with exits.listening() as stop, ThreadPoolExecutor(1) as trainer:
         training: Any = None
         try:
             if not launcher.record[2]:  # the sweep dir was there: every job is checked before anything is written
@@ -436,8 +460,10 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             _refused(launcher, str(e))
         if training is not None:
             sweep.write(training.result(), stop.signal)
-    if "quadnet.tracking" in sys.modules:  # (its jobs logged to MLflow: the sweep's run ends now)
-        sys.modules["quadnet.tracking"].end(sweep.dir, "KILLED" if stop.signal is not None else "FINISHED")
+    if sweep.tracked:
+        from quadnet import tracking
+
+        tracking.end(sweep.dir, "KILLED" if stop.signal is not None else "FINISHED")
     c = sweep.counts
     log.info("%d jobs (%d new, %d resumed from their checkpoints, %d completed before, %d refused)", n, c["new"],
              c["running"], c["completed"], c["refused"])  # fmt: skip
@@ -445,8 +471,12 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     ends = Counter({k[6:]: v for k, v in c.items() if k.startswith("ended ") and v})
     ENDED.update(ends)
     if stop.signal is not None:  # (the sweep ends here: Hydra's callbacks, which print this line, are not called)
-        closing_line(ENDED, sweep.dir, sum(ENDED.values()) - sum(ends.values()) + n)  # (Optuna: earlier launches too)
-        again = f"every job's dir written has its checkpoint. Resume the sweep with:\n  {resume_sweep(sweep.dir)}"
+        console.closing_line(
+            ENDED, sweep.dir, sum(ENDED.values()) - sum(ends.values()) + n
+        )  # (Optuna: earlier launches too)
+        again = (
+            f"every job's dir written has its checkpoint. Resume the sweep with:\n  {console.resume_sweep(sweep.dir)}"
+        )
         late = "after every job had trained and is written"
         log.warning("interrupted: %s", again if ends.get("interrupted") or sum(ends.values()) < n else late)
         sys.exit(128 + stop.signal)

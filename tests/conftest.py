@@ -72,7 +72,7 @@ def numba_kernels_cached() -> None:
     if importlib.util.find_spec("numba") is not None:
         from quadnet import loop
         from quadnet.data import make_dataset
-        from quadnet.train import start_state
+        from quadnet.loop import start_state
 
         loop.build([TrainConfig()], make_dataset(TrainConfig().data), [start_state(TrainConfig())], "cpu")
 

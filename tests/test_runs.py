@@ -104,7 +104,7 @@ def test_a_signal_while_the_run_dir_is_written_is_not_lost(tmp_path, monkeypatch
 def test_a_path_in_a_printed_command_is_what_hydra_reads(path):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from quadnet.train import hydra_value
+    from quadnet.console import hydra_value
 
     assert OverridesParser.create().parse_override(f"resume={hydra_value(path)}").value() == path
 

@@ -21,7 +21,8 @@ import yaml
 from conftest import ROOT, make_cfg, read_metrics, run_cli
 from quadnet import checkpoint, loop, rundir
 from quadnet.config import version_base
-from quadnet.train import start_state, train
+from quadnet.loop import start_state
+from quadnet.train import train
 
 MIXED = [  # seeds, lrs, regs, epochs, hidden_dims, momentum and init all differ
     ["seed=0", "lr=0.001", "reg=0.001", "epochs=700", "hidden_dim=50"],
@@ -46,7 +47,7 @@ def _sweep(tmp_path, name, *overrides):
 
 def _batch(cfgs, tmp_path=None, device="cpu"):
     """Train configs as one batch, as the launcher does; write each job's dir under tmp_path/bat<i>."""
-    label, engine, jobs, seconds = loop.train_batch([loop.Job(c, start_state(c)) for c in cfgs], device)
+    label, engine, jobs, seconds = loop.train_batch([loop.Job(c, start_state(c)) for c in cfgs], make_dataset(cfgs[0].data), device)
     if tmp_path is None:
         return jobs
     ran = {"device": label, "engine": engine, "train_seconds": seconds}

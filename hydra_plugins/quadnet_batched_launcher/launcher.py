@@ -25,11 +25,13 @@ class BatchedLauncher(Launcher):
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
-        self.record: tuple[Path, bytes | None, list[Path]] | None = None  # multirun.yaml, as it was; the dirs made
+        # multirun.yaml as it was (bytes, mtime), and the dirs made: what a refused sweep puts back
+        self.record: tuple[Path, tuple[bytes, int] | None, list[Path]] | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from quadnet.compose import SweepLoader
         from quadnet.rundir import lock
+        from quadnet.sweep import batchable
 
         # before the sweeper writes into the sweep dir: a bad option, or a dir another sweep holds,
         # is refused (in one line) without touching it; and what the sweeper will overwrite is kept,
@@ -38,13 +40,12 @@ class BatchedLauncher(Launcher):
         folder = Path(str(config.hydra.sweep.dir))
         record = folder / "multirun.yaml"
         made = [p for p in (folder, *folder.absolute().parents) if not p.exists()]
-        self.record = (record, record.read_bytes() if record.is_file() else None, made)
+        before = (record.read_bytes(), record.stat().st_mtime_ns) if record.is_file() else None
+        self.record = (record, before, made)
         lock(folder)
 
         # The sweeper shares this context: its check of each of quadnet's jobs gets the Composer too.
-        from quadnet.train import task
-
-        if task_function is task and not isinstance(hydra_context.config_loader, SweepLoader):
+        if batchable(task_function) and not isinstance(hydra_context.config_loader, SweepLoader):
             hydra_context.config_loader = SweepLoader(hydra_context.config_loader)  # type: ignore[assignment]
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 

@@ -1,0 +1,118 @@
+"""What a run and a sweep print: a run's headline and table of test points, how it ended (with
+the command that goes on after an interruption), and a sweep's closing line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import signal
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from quadnet import artifacts
+
+log = logging.getLogger("quadnet")
+TABLE_ROWS = 8  # test points a single run's table shows (the misclassified first)
+
+
+def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -> None:
+    """How a run ended, after its table of test points unless table=False (sweep jobs); a point
+    predicted wrongly is marked, as the plots ring it, and shown first."""
+    preds = s["predictions"]
+    wrong = [p for p in preds if p["predicted"] is not None and p["true"] is not None and p["predicted"] != p["true"]]
+    shown = ([*wrong, *(p for p in preds if p not in wrong)] if table else [])[:TABLE_ROWS]
+    points = ["({:g}, {:g})".format(*p["point"]) for p in shown]
+    labels = [str(c) for c in s["classes"]]
+    w, cw = max([16, *map(len, points)]), max([9, *map(len, labels)])
+    lines = ["", f"{'point':>{w}}  {'predicted':>{cw}}  {'p(predicted)':>12}  {'true':>{cw}}"] if shown else []
+    for point, p in zip(points, shown, strict=True):
+        q, t = p["predicted"], p["true"]
+        prob = p["probs"][s["classes"].index(q)] if q is not None else math.nan
+        mark = "  ✗ wrong" if p in wrong else ""
+        lines.append(f"{point:>{w}}  {_or_dash(q):>{cw}}  {prob:>12.9f}  {_or_dash(t):>{cw}}{mark}")
+    if table and len(preds) > TABLE_ROWS:
+        lines.append(f"{'…':>{w}}  ({len(preds) - TABLE_ROWS} more test points in summary.json)")
+    status = f"status {s['status']} at epoch {s['epoch']}/{s['epochs']}"
+    if not table and s.get("overrides"):  # a sweep's job: which one
+        status = f"[{' '.join(s['overrides'])}] {status}"
+    accuracy = f"train accuracy {_num(s['train_accuracy'], True)}   test accuracy {_num(s['test_accuracy'], True)}"
+    lines.append(f"{status}   {accuracy}   final loss {_num(s['final_loss'])}   train_seconds {s['train_seconds']:.3f}")
+    lines.append(f"run dir: {s['run_dir']}")
+    log.log(level, "\n".join(lines))
+
+
+def _or_dash(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+def _num(v: float | None, pct: bool = False) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%" if pct else f"{v:.6g}"
+
+
+def conclude(summary: dict[str, Any], single_run: bool = True, exit: bool = True, quiet: bool = False,
+             sweep: Path | None = None) -> float:  # fmt: skip
+    """Report how a run ended, exit where it must, and return the objective (+inf for a run that
+    did not finish with finite values). Interrupted: the command that goes on, and exit
+    128+signal (a sweep's job: the sweep's command). Diverged: exit 3 in a single run; in a sweep
+    the other jobs carry on. quiet: at debug level (big sweeps); exit=False: a batched sweep's
+    job, whose sweep prints one line for all."""
+    headline(summary, table=single_run, level=logging.DEBUG if quiet else logging.INFO)
+    status, loud = summary["status"], logging.WARNING if exit and not quiet else logging.DEBUG
+    if status == "interrupted":
+        again = f"python -m quadnet.train {shlex.quote('resume=' + hydra_value(summary['run_dir']))}"
+        if sweep is not None and not summary["config"]["resume"]:
+            again = resume_sweep(sweep)
+        log.log(loud, "interrupted at epoch %d; checkpoint written. Resume with:\n  %s", summary["epoch"], again)
+        if exit:
+            sys.exit(128 + signal.Signals[summary["signal"] or "SIGINT"].value)
+    if status == "diverged":
+        message = "diverged: the loss became non-finite at epoch %d (lr=%g); try a smaller lr"
+        log.log(logging.DEBUG if quiet else logging.ERROR, message, summary["epoch"], summary["config"]["lr"])
+        if single_run and exit:
+            sys.exit(3)
+    value = artifacts.summary_metric(summary, summary["config"]["objective"])
+    return math.inf if value is None else value
+
+
+def hydra_value(path: str | Path) -> str:
+    """An absolute path as a value in Hydra's override grammar: quoted unless it is plain."""
+    where = os.path.abspath(path)
+    if re.fullmatch(r"[\w/.:@+-]+", where):
+        return where
+    # in a quoted value a backslash escapes only before a quote (or the closing one): double those
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: 2 * m[1] + ("\\'" if m[2] else ""), where) + "'"
+
+
+def resume_sweep(sweep_dir: Path) -> str:
+    """The command that goes on with an interrupted sweep: this one, into its dir, under the batched
+    launcher (it resumes each job from its checkpoint and keeps those that completed)."""
+    again = [a for a in sys.argv[1:] if not a.startswith(("hydra.sweep.dir=", "hydra/launcher="))]
+    again += ["hydra/launcher=batched", f"hydra.sweep.dir={hydra_value(sweep_dir)}"]
+    return "python -m quadnet.train " + shlex.join(again)
+
+
+def closing_line(ends: Counter[str], sweep_dir: Path, jobs: int | None = None) -> None:
+    """A sweep's last line: how its jobs ended (of `jobs`, those written), and the command that reports on them."""
+    outcome = ", ".join(f"{n} {s}" for s, n in sorted(ends.items()) if n) or "none written"
+    where = shlex.quote(str(Path(sweep_dir).absolute()))
+    log.info("%d jobs: %s; report: python -m quadnet.report %s", jobs or sum(ends.values()), outcome, where)
+
+
+def status_of(summary: Path) -> str:
+    """The status a summary.json holds; 'damaged' for one that cannot be read."""
+    with contextlib.suppress(OSError, ValueError, RecursionError, AttributeError):
+        return str(json.loads(summary.read_text()).get("status", "damaged"))
+    return "damaged"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict's values by dotted key."""
+    parts = [flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v} for k, v in d.items()]
+    return {key: value for part in parts for key, value in part.items()}

@@ -1,0 +1,124 @@
+"""How a quadnet command ends: one ``error:`` line and an exit code for bad input, and the one
+signal mechanism of every command.
+
+Signals (SIGINT, SIGTERM and SIGHUP: a closed terminal is a stop too) go through :data:`STOP`.
+While training listens (:func:`listening`), a signal is recorded and the loop ends every job at
+its next step, so that what was trained is written; anywhere else it raises :class:`Stopped` at
+once, which :func:`command` turns into one line and exit 128+signal. Files are written
+atomically, so unwinding from any point loses nothing already written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+EXIT_BAD_INPUT = 2
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOPPED = "interrupted: stopped at once"
+KEPT = f"{STOPPED} (what was written so far is kept)"
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal outside training (or a second Ctrl-C inside it): the command stops where it is."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message or signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Stop:
+    """Whether a signal came while training listened; a loop asks ``stop()`` between steps."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.depth = 0  # nested listeners (a sweep around its jobs' loops)
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+
+STOP = Stop()
+
+
+def _handler(signum: int, frame: Any) -> None:
+    if STOP.depth and (STOP.signal is None or signum != signal.SIGINT):
+        STOP.signal = STOP.signal or signum
+        return
+    raise Stopped(signum)  # outside training, or Ctrl-C twice: at once
+
+
+def install() -> None:
+    """Route the three signals through :data:`STOP` (the main thread only: Python's rule)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, _handler)
+
+
+@contextlib.contextmanager
+def listening() -> Iterator[Stop]:
+    """While inside, a signal is recorded in the returned :class:`Stop` instead of raised."""
+    if not STOP.depth:
+        STOP.signal = None
+        install()
+    STOP.depth += 1
+    try:
+        yield STOP
+    finally:
+        STOP.depth -= 1
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    """Print ``error: message`` on one line to stderr and exit with ``code``."""
+    print("error:", " ".join(str(message).split()), file=sys.stderr)
+    sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def one_line(ex: BaseException) -> str:
+    """An error's first line, or its type's name."""
+    text = str(ex).strip()
+    return text.splitlines()[0] if text else type(ex).__name__
+
+
+def out_of_memory(ex: BaseException) -> bool:
+    """A CPU or GPU allocation that failed (torch raises RuntimeError or OutOfMemoryError)."""
+    return isinstance(ex, MemoryError) or type(ex).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(ex)
+
+
+OOM = "out of memory: the nets or the data do not fit (hidden_dim, data.n_train; a sweep's max_batch)"
+
+
+@contextlib.contextmanager
+def command(stopped: str = STOPPED, explain: Any = one_line, bad: tuple[type, ...] = ()) -> Iterator[None]:
+    """Around a whole command: signals as above; bad input (a ValueError of quadnet's, a path that
+    cannot be read or written, memory that is not there) as one line and exit 2; a signal as
+    ``error: stopped`` and exit 128+signal; a reader that stops reading (``| head``) quietly.
+    Anything else is a bug in quadnet, and keeps its traceback."""
+    install()
+    try:
+        yield
+        sys.stdout.flush()
+    except Stopped as e:
+        fail(str(e) if e.args and e.args[0] != signal.Signals(e.signum).name else stopped, 128 + e.signum)
+    except BrokenPipeError:  # stdout's reader is gone: point it at devnull, so that Python's last flush is quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except (ValueError, OSError, *bad) as e:
+        fail(explain(e))
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        fail(OOM)
