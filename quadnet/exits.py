@@ -30,7 +30,7 @@ class Stopped(KeyboardInterrupt):
 
     def __init__(self, signum: int, message: str = "") -> None:
         super().__init__(message or signal.Signals(signum).name)
-        self.signum = signum
+        self.signum, self.message = signum, message  # message: how the command ends ("": as it says)
 
 
 class Stop:
@@ -112,7 +112,7 @@ def command(stopped: str = STOPPED, explain: Any = one_line, bad: tuple[type, ..
         yield
         sys.stdout.flush()
     except Stopped as e:
-        fail(str(e) if e.args and e.args[0] != signal.Signals(e.signum).name else stopped, 128 + e.signum)
+        fail(e.message or stopped, 128 + e.signum)
     except BrokenPipeError:  # stdout's reader is gone: point it at devnull, so that Python's last flush is quiet
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

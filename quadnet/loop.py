@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from quadnet.config import ConfigError, TrainConfig, log_every
+from quadnet.exits import OOM
 
 log = logging.getLogger("quadnet")
 # a diverged job's last row
@@ -228,6 +229,18 @@ def _columns() -> int:
         return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
     except (OSError, ValueError):
         return 0
+
+
+def check_memory(c: TrainConfig, data: Any) -> None:
+    """Refuse, before anything is written, a job whose activations cannot fit in the memory that is
+    available (Linux's MemAvailable; elsewhere nothing is checked): an engine holds a few (N, H)
+    arrays of the larger split. Raises ConfigError."""
+    need, free = 4 * 8 * c.hidden_dim * max(len(data.x_train), len(data.x_test)), math.inf
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        free = 1024 * int(next(ln for ln in lines if ln.startswith("MemAvailable:")).split()[1])
+    if need > free:
+        raise ConfigError(f"{OOM}: a job needs ~{need / 2**30:.3g} GiB, {free / 2**30:.3g} GiB are available")
 
 
 def usable_cpus() -> int:

@@ -59,6 +59,7 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
         check_installed(c)
     data = make_dataset(c.data)
     c = dataclasses.replace(c, data=data.config)
+    loop.check_memory(c, data)
     refuse_earlier_run(out, c.resume)
     if ck is None:
         job = loop.Job(c, loop.start_state(c, data.num_classes))
@@ -184,7 +185,7 @@ class Callbacks(Callback):
         try:
             _prepared = prepare(config, out, list(config.hydra.overrides.task))
             rundir.lock(out, "run", outer=True, shown=str(config.hydra.run.dir))
-        except (ConfigError, checkpoint.CheckpointError, OSError) as e:
+        except (ValueError, OSError, *HYDRA_ERRORS) as e:
             exits.fail(one_line(e))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -192,7 +193,7 @@ class Callbacks(Callback):
         _sweep, _multirun = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir), config
         try:
             rundir.lock(_sweep, "sweep", outer=True, shown=str(config.hydra.sweep.dir))
-        except (ConfigError, OSError) as e:
+        except (ValueError, OSError, *HYDRA_ERRORS) as e:
             exits.fail(one_line(e))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -216,29 +217,26 @@ def sweep_ends(config: DictConfig) -> Counter[str]:
 def task(cfg: DictConfig) -> float:
     """One job, as Hydra runs it: the run prepared before Hydra wrote anything, or (a job of a
     sweep under another launcher) prepared now; a refused sweep job keeps its dir, with the
-    reason in its summary.json."""
+    reason in its summary.json. A single run's errors end it here, in one line (Hydra would add
+    its own line); a sweep job's go to Hydra, which fails that job."""
     hc = HydraConfig.get()
-    single, out = hc.mode == RunMode.RUN, Path(hc.runtime.output_dir)
+    if hc.mode == RunMode.RUN:
+        with exits.command(exits.KEPT, one_line, HYDRA_ERRORS):
+            p = _prepared if _prepared is not None else prepare(cfg, Path(hc.runtime.output_dir), [])
+            return console.conclude(train(p))
+    out, overrides = Path(hc.runtime.output_dir), list(hc.overrides.task)
     try:
-        p = _prepared if single and _prepared is not None else prepare(cfg, out, list(hc.overrides.task))
+        p = prepare(cfg, out, overrides)
     except (ConfigError, checkpoint.CheckpointError) as e:
-        if single:
-            raise
         if checkpoint.in_dir(out) is None:  # an earlier run's dir stays as it was
-            rundir.write_failed(out, e, overrides=list(hc.overrides.task))
+            rundir.write_failed(out, e, overrides=overrides)
         raise
-    if not single:
-        rundir.lock(out, "run")
+    rundir.lock(out, "run")
     try:
         summary = train(p)
-    except exits.Stopped as e:
-        if _sweep is not None:
-            raise exits.Stopped(e.signum, f"{e}; go on with the sweep: {console.resume_sweep(_sweep)}") from None
-        raise
     finally:
-        if not single:
-            rundir.unlock(out)
-    return console.conclude(summary, single_run=single, sweep=_sweep)
+        rundir.unlock(out)
+    return console.conclude(summary, single_run=False, sweep=_sweep)
 
 
 def main() -> None:
@@ -259,6 +257,11 @@ def main() -> None:
         trusted = version_base() or {"execution_whitelist": ("quadnet.*",)}
         try:
             hydra.main(config_path=config_dir(), config_name="train", **trusted)(task)()
+        except exits.Stopped as e:  # a sweep's jobs were stopped: the command that goes on with them
+            if _sweep is None:
+                raise
+            again = f"go on with the sweep: {console.resume_sweep(_sweep)}"
+            raise exits.Stopped(e.signum, f"{e.message or exits.KEPT}; {again}") from None
         except Exception:  # Hydra raises a failed job's error once every job has run: the closing line first
             if _sweep is not None and (ends := sweep_ends(_multirun)):
                 console.closing_line(ends, _sweep)

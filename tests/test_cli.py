@@ -19,6 +19,7 @@ from conftest import SEED_PROBS, make_cfg, read_metrics, run_cli
 from quadnet import checkpoint
 from quadnet.config import ConfigError
 from quadnet.device import resolve_device
+from quadnet.exits import Stopped
 from quadnet.train import train
 
 SUMMARY_KEYS = {
@@ -290,11 +291,26 @@ def test_a_signal_ends_the_other_commands_in_one_line(command, sig, code, tmp_pa
     assert p.returncode == code and err.strip() == "error: interrupted: stopped at once", err
 
 
-def test_a_signal_between_a_basic_sweeps_jobs_is_one_line_with_the_command_that_goes_on(tmp_path):
-    """(Between jobs Hydra composes the next one: quadnet's loop is not running, its handler is main's.)"""
-    code = "import quadnet.train as t, pathlib, sys; sys.argv[1:] = ['-m', 'seed=0,1']; "
-    code += f"t._sweep = pathlib.Path({str(tmp_path / 's')!r}); t._stopped(15)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 143 and r.stderr.count("\n") == 1, r.stderr
-    assert r.stderr.startswith("error: interrupted: stopped at once (what was written so far is kept); go on with")
-    assert r.stderr.strip().endswith(f"-m seed=0,1 hydra/launcher=batched hydra.sweep.dir={tmp_path / 's'}")
+def test_a_signal_between_a_basic_sweeps_jobs_is_one_line_with_the_command_that_goes_on(
+    tmp_path, monkeypatch, capsys
+):
+    """(Between jobs Hydra composes the next one: no loop listens, so the signal stops the command at once.)"""
+    import quadnet.train as t
+
+    prepare = t.prepare
+
+    def second_job_stopped(cfg, out, overrides=None):
+        if out.name == "1":
+            raise Stopped(signal.SIGTERM)  # as the handler raises it
+        return prepare(cfg, out, overrides)
+
+    monkeypatch.setattr(t, "prepare", second_job_stopped)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["quadnet.train", "-m", "seed=0,1", "epochs=5", "hydra.sweep.dir=s"])
+    with pytest.raises(SystemExit) as e:
+        t.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 143 and err.count("\n") == 1, err
+    assert err.startswith("error: interrupted: stopped at once (what was written so far is kept); go on with")
+    assert err.strip().endswith(f"-m seed=0,1 epochs=5 hydra/launcher=batched hydra.sweep.dir={tmp_path / 's'}")
+    assert (tmp_path / "s" / "0" / "summary.json").exists()
