@@ -27,6 +27,7 @@ log = logging.getLogger("quadnet")
 
 
 LOCKS: dict[str, int] = {}  # run and sweep dirs this process holds
+MADE: dict[str, list[Path]] = {}  # the dirs each lock made
 
 
 def lock(folder: Path, what: str = "sweep", outer: bool = False, shown: str | None = None) -> None:
@@ -40,6 +41,7 @@ def lock(folder: Path, what: str = "sweep", outer: bool = False, shown: str | No
     for above in Path(key).parents if outer else ():
         if str(above) not in LOCKS and held(above):
             raise ConfigError(f"another sweep is writing into {above}; wait for it or choose a dir outside it")
+    made = [p for p in (Path(key), *Path(key).parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder, os.O_RDONLY)
@@ -50,12 +52,21 @@ def lock(folder: Path, what: str = "sweep", outer: bool = False, shown: str | No
     except BlockingIOError:
         os.close(fd)
         raise ConfigError(f"another {what} is writing into {key}; wait for it or choose another dir") from None
-    LOCKS[key] = fd
+    LOCKS[key], MADE[key] = fd, made
 
 
 def unlock(folder: Path) -> None:
     with contextlib.suppress(KeyError, OSError):
         os.close(LOCKS.pop(str(folder.resolve())))
+
+
+def release(folder: Path) -> None:
+    """Unlock a refused run's or sweep's dir, and remove the dirs its lock made while they are empty."""
+    made = MADE.pop(str(folder.resolve()), [])
+    unlock(folder)
+    with contextlib.suppress(OSError):  # (a dir that is not empty stops it)
+        for p in made:
+            p.rmdir()
 
 
 def held(folder: Path) -> bool:

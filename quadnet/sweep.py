@@ -33,7 +33,7 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from omegaconf import OmegaConf, open_dict
 
 from quadnet import checkpoint, console, exits, loop, rundir
-from quadnet.config import ConfigError, TrainConfig, check, check_installed, one_line, to_dict, validate
+from quadnet.config import ConfigError, TrainConfig, check, check_installed, one_line, to_dict, unknown_key, validate
 from quadnet.data import Dataset, make_dataset
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,14 @@ class Returns(Sequence[JobReturn]):
         return ret
 
 
+def refuse_resume(resume: str | None) -> None:
+    if resume:
+        raise SweepRefused(
+            f"resume={resume!r} is not for batched sweeps: to go on with a sweep, run it again with "
+            "hydra.sweep.dir=<its dir>; to go on with one of its jobs, run that job alone (without -m)"
+        )
+
+
 def batchable(task: Any) -> bool:
     """Whether a task function is quadnet's (:func:`quadnet.train.task`): its jobs train in batches."""
     return getattr(task, "__module__", None) == "quadnet.train" and getattr(task, "__name__", None) == "task"
@@ -138,8 +146,8 @@ def resumable(job: Job, c: TrainConfig, data: Dataset) -> loop.Job:
     try:
         checkpoint.resume_check(ck, c, data)
     except ConfigError as e:
-        raise SweepRefused(f"{job.dir} holds another run ({e}); resume with the settings it had and epochs >= "
-                           f"{ck['epoch']}, or choose another hydra.sweep.dir") from None  # fmt: skip
+        raise SweepRefused(f"{job.dir} holds a run at epoch {ck['epoch']} and {e}; run the sweep with the settings "
+                           f"it had and epochs >= {ck['epoch']}, or choose another hydra.sweep.dir") from None  # fmt: skip
     done = completed(job.dir)
     if ck["status"] == "completed" and ck["epoch"] == c.epochs and done.get("epoch") == c.epochs:
         return loop.Job(c, ck["state"], c.epochs, ck["history"], status="completed")
@@ -149,16 +157,37 @@ def resumable(job: Job, c: TrainConfig, data: Dataset) -> loop.Job:
 def _refused(launcher: Any, why: str) -> None:
     """Refuse a sweep run again into its dir: Hydra's record of it (multirun.yaml), which the sweeper
     has just rewritten, is put back as it was (see BatchedLauncher.setup), and nothing else is touched."""
-    record, before, made = launcher.record
+    record, before = launcher.record
     if before is None:
         record.unlink(missing_ok=True)
     else:
         record.write_bytes(before[0])
         os.utime(record, ns=before[1])
-    with contextlib.suppress(OSError):  # the dirs this sweep made (its own, outputs/multirun/, …), if empty
-        for folder in made:
-            folder.rmdir()
+    rundir.release(record.parent)  # (the dirs its lock made, if empty)
     raise SweepRefused(why)
+
+
+EXECUTORS = ("local", "slurm", "debug")  # submitit's clusters ("debug": in this process)
+
+
+def check_options(opts: dict[str, Any]) -> None:
+    """The batched launcher's options (hydra.launcher.*), checked; ConfigError in one line."""
+    import importlib.util
+
+    from hydra_plugins.quadnet_batched_launcher.config import BatchedLauncherConf
+
+    known = [f.name for f in dataclasses.fields(BatchedLauncherConf) if f.name != "_target_"]
+    if unknown := sorted(set(opts) - set(known) - {"_target_"}):
+        raise ConfigError(unknown_key(f"hydra.launcher.{unknown[0]}", known, "the batched launcher's keys"))
+    rules = {  # key: (whether its value is allowed, what is)
+        "max_batch": (opts["max_batch"] >= 0, "must be >= 0 (0: what fits)"),
+        "executor": (opts["executor"] in (None, *EXECUTORS), f"choose one of {', '.join(EXECUTORS)}, or null"),
+    }
+    for key, (ok, allowed) in rules.items():
+        if not ok:
+            raise ConfigError(f"hydra.launcher.{key}={opts[key]!r} is not allowed: {allowed}")
+    if opts["executor"] is not None and importlib.util.find_spec("submitit") is None:
+        raise ConfigError(f"hydra.launcher.executor={opts['executor']} needs submitit: pip install -e '.[sweep]'")
 
 
 # ---------------------------------------------------------------------- training
@@ -324,11 +353,7 @@ class Sweep:
                     job.config.hydra.runtime.output_dir = str(job.dir)  # (as Hydra's run_job makes it)
             job.cfg = validate(job.config) if typed is None else check(typed)
             check_installed(job.cfg)
-            if job.cfg.resume:
-                raise SweepRefused(
-                    f"resume={job.cfg.resume!r} is not for batched sweeps: to go on with a sweep, run it again with "
-                    "hydra.sweep.dir=<its dir>; to go on with one of its jobs, run that job alone (without -m)"
-                )
+            refuse_resume(job.cfg.resume)
             job.data = self.data(job.cfg)
             job.cfg = dataclasses.replace(job.cfg, data=job.data.config, plots=job.cfg.plots and self.opts["plots"])
             if rundir.held(job.dir):
@@ -396,6 +421,8 @@ class Sweep:
                 logging.getLogger().addHandler(handler)
             return JobStatus.COMPLETED, self._write(job, signum)
         except Exception as e:  # its dir cannot be made or written: this job fails, not the sweep
+            if isinstance(e, OSError) and e.errno is not None:  # (in one line, naming the path)
+                e = OSError(f"cannot write {str(e.filename or job.dir)!r}: {e.strerror}")
             return JobStatus.FAILED, e
         finally:
             if handler is not None:
@@ -440,7 +467,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     with exits.listening() as stop, ThreadPoolExecutor(1) as trainer:
         training: Any = None
         try:
-            if not launcher.record[2]:  # the sweep dir was there: every job is checked before anything is written
+            if not rundir.MADE.get(str(sweep.dir.resolve())):  # the dir was there: all checked before any write
                 [sweep.job(i) for i in range(n)]
                 sweep.counts.clear()
             for first in range(0, n, sweep.chunk):  # (a chunk trains in the helper thread as the last one is written)

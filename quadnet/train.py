@@ -192,6 +192,11 @@ class Callbacks(Callback):
         global _sweep, _multirun
         _sweep, _multirun = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir), config
         try:
+            if batched(config):
+                from quadnet.sweep import check_options, refuse_resume
+
+                check_options(OmegaConf.to_container(config.hydra.launcher))  # type: ignore[arg-type]
+                refuse_resume(config.resume)
             rundir.lock(_sweep, "sweep", outer=True, shown=str(config.hydra.sweep.dir))
         except (ValueError, OSError, *HYDRA_ERRORS) as e:
             exits.fail(one_line(e))
@@ -204,9 +209,13 @@ class Callbacks(Callback):
             exits.fail("no job of the sweep completed: every job that trained diverged; try a smaller lr", 3)
 
 
+def batched(config: DictConfig) -> bool:
+    return str(OmegaConf.select(config, "hydra.launcher._target_")).startswith("hydra_plugins.quadnet_batched")
+
+
 def sweep_ends(config: DictConfig) -> Counter[str]:
     """How a sweep's jobs ended: the batched launcher's count, else its jobs' summaries."""
-    if str(OmegaConf.select(config, "hydra.launcher._target_")).startswith("hydra_plugins.quadnet_batched"):
+    if batched(config):
         from quadnet.sweep import ENDED
 
         return ENDED

@@ -15,8 +15,7 @@ from conftest import make_cfg, requires_cuda, run_cli
 from quadnet import optim
 from quadnet.crosscheck import check
 from quadnet.data import make_dataset
-from quadnet.loop import build
-from quadnet.loop import start_state
+from quadnet.loop import build, start_state
 
 CASES = [
     dict(hidden_dim=50, lr=1e-3, reg=1e-3, momentum=0.0, seed=1, init="normal"),

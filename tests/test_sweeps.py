@@ -21,6 +21,7 @@ import yaml
 from conftest import ROOT, make_cfg, read_metrics, run_cli
 from quadnet import checkpoint, loop, rundir
 from quadnet.config import version_base
+from quadnet.data import make_dataset
 from quadnet.loop import start_state
 from quadnet.train import train
 
@@ -47,11 +48,12 @@ def _sweep(tmp_path, name, *overrides):
 
 def _batch(cfgs, tmp_path=None, device="cpu"):
     """Train configs as one batch, as the launcher does; write each job's dir under tmp_path/bat<i>."""
-    label, engine, jobs, seconds = loop.train_batch([loop.Job(c, start_state(c)) for c in cfgs], make_dataset(cfgs[0].data), device)
+    data = make_dataset(cfgs[0].data)
+    label, engine, jobs, seconds = loop.train_batch([loop.Job(c, start_state(c)) for c in cfgs], data, device)
     if tmp_path is None:
         return jobs
     ran = {"device": label, "engine": engine, "train_seconds": seconds}
-    return [rundir.write(tmp_path / f"bat{i}", j, ran) for i, j in enumerate(jobs)]
+    return [rundir.write(tmp_path / f"bat{i}", j, data, ran) for i, j in enumerate(jobs)]
 
 
 def _summary(tmp_path, name, n):
@@ -150,7 +152,7 @@ def test_a_job_that_fails_in_training_is_taken_out_and_the_rest_train_on(tmp_pat
     monkeypatch.setattr(loop, "build", build)
     cfgs = [make_cfg(f"hidden_dim={h}", "epochs=150", f"seed={i}") for i, h in enumerate((4, 13, 6, 9, 5))]
     jobs = [
-        sweep.Job(i, [], tmp_path / str(i), str(i), cfg=c, start=loop.Job(c, start_state(c)))
+        sweep.Job(i, [], tmp_path / str(i), str(i), cfg=c, data=make_dataset(c.data), start=loop.Job(c, start_state(c)))
         for i, c in enumerate(cfgs)
     ]
     sweep.train_here([jobs], 0, lambda: False, quiet=True)
