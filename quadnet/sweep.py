@@ -413,6 +413,8 @@ class Sweep:
 
     def _write_lean(self, job: Job, signum: int | None) -> tuple[JobStatus, Any]:
         handler = None
+        if job.error and rundir.held(job.dir):  # another run's dir: not a byte of this sweep's goes there
+            return JobStatus.FAILED, ConfigError(job.error)
         try:
             job.dir.mkdir(parents=True, exist_ok=True)
             if logging.getLogger("quadnet").isEnabledFor(logging.DEBUG if self.quiet else logging.INFO):
