@@ -49,6 +49,7 @@ from quadnet.config import (
     version_base,
 )
 from quadnet.data import make_dataset
+from quadnet.engines import engine_name
 
 log = logging.getLogger("quadnet")
 
@@ -118,8 +119,8 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
     refuse_earlier_run(out, c.resume)
     device = resolve_device(c.device if c.engine in ("auto", "torch") else "cpu")
     classes = make_dataset(c.data).classes
-    what = f"{c.data.name} data, hidden_dim={c.hidden_dim}, {c.epochs} epochs, {loop.engine_name(c, device)} engine"
-    what += f", {c.optimizer}"
+    what = f"{c.data.name} data, hidden_dim={c.hidden_dim}, {c.epochs} epochs, "
+    what += f"{engine_name(c, device, len(classes))} engine, {c.optimizer}"
     resumed = f"; resuming at epoch {job.epoch}" if job.epoch else ""
     log.info("quadnet: %s on %s (%s)%s", what, describe(device), c.dtype, resumed)
 

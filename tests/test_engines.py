@@ -15,7 +15,7 @@ from conftest import make_cfg, requires_cuda, run_cli
 from quadnet import optim
 from quadnet.crosscheck import check
 from quadnet.data import make_dataset
-from quadnet.loop import build
+from quadnet.engines import build
 from quadnet.train import start_state
 
 CASES = [
@@ -217,8 +217,8 @@ def test_without_a_writable_cache_dir_the_kernels_compile_in_the_process_and_tra
     code = (
         "import numba.core.caching as c\n"
         "c.CacheImpl._locator_classes = []  # no dir is writable\n"
-        "import quadnet.fast\n"
-        "print(len(quadnet.fast._uncached))\n"
+        "import quadnet.engines.numba\n"
+        "print(len(quadnet.engines.numba._uncached))\n"
         "from quadnet.train import train\n"
         "from quadnet.config import TrainConfig\n"
         "s = train(TrainConfig(epochs=100, plots=False, progress=False, engine='numba'), run_dir='r')\n"

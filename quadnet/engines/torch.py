@@ -1,5 +1,4 @@
-"""The torch engine: J jobs of one group trained as one program (a single run is J = 1), and
-:func:`build`, which picks the engine for a batch.
+"""The torch engine: J jobs of one group trained as one program (a single run is J = 1).
 
 Jobs share their data, dtype and device; seed, init, hidden_dim and every optimizer
 hyperparameter may differ. A step is :func:`quadnet.model.forward`, the softmax
@@ -7,9 +6,6 @@ cross-entropy's gradient, :func:`quadnet.model.backward` and the update rule of
 :mod:`quadnet.optim`; ``step=autograd`` takes the gradients from torch's autograd instead of
 the hand-written backward (the reference that one is tested against).
 On CUDA, runs of steps are captured once as a CUDA graph and replayed.
-
-All engines (this, :class:`quadnet.fast.FastEngine` and :class:`quadnet.reference.NumpyEngine`)
-offer what :func:`quadnet.loop.fit` needs: ``run``, ``metrics``, ``export``, ``keep`` and ``rows``.
 """
 
 from __future__ import annotations
@@ -25,6 +21,7 @@ import torch.nn.functional as F
 from quadnet import model, optim
 from quadnet.config import TrainConfig
 from quadnet.data import Dataset
+from quadnet.engines import metric_rows
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 GRAPH_STEPS = 25  # steps per CUDA graph replay: few enough that Ctrl-C stays prompt
@@ -46,10 +43,7 @@ class TorchEngine:
         self.y, self.y_test = (torch.as_tensor(y, device=device) for y in (data.y_train, data.y_test))
         self.onehot = F.one_hot(self.y.clamp_min(0), data.num_classes).to(self.dtype)
         self.params = model.stack([s["params"] for s in starts], self.hidden, self.dtype, device)
-        self.h: optim.Hyper = {}
-        for name in optim.HYPER[self.rule]:
-            values = [float(getattr(c, name)) for c in cfgs]
-            self.h[name] = values[0] if len(set(values)) == 1 else as_t(values).view(-1, 1, 1)
+        self.h = {n: v if isinstance(v, float) else as_t(v).view(-1, 1, 1) for n, v in optim.hyper(cfgs).items()}
         saved = lambda b: [s["optimizer"].get(b) or _zeros(s["params"]) for s in starts]  # noqa: E731
         self.state = {
             b: model.stack(saved(b), self.hidden, self.dtype, device) for b in optim.buffers(self.rule, self.h)
@@ -121,18 +115,9 @@ class TorchEngine:
 
     @torch.no_grad()
     def metrics(self) -> list[dict[str, float]]:
-        """Per job: mean cross-entropy (no L2 term) and accuracy on train and test, in float64;
-        points on an axis (class -1) count in neither."""
-        cols = []
-        for x, y in ((self.x, self.y), (self.x_test, self.y_test)):
-            keep = y >= 0
-            z = model.forward(self.params, x[keep])[1].double()
-            t = y[keep]
-            nll = -torch.log_softmax(z, dim=2).gather(2, t.view(1, -1, 1).expand(z.shape[0], -1, 1)).mean((1, 2))
-            cols += [nll, (z.argmax(2) == t).double().mean(1)]
-        loss, train_acc, test_loss, test_acc = torch.stack(cols).cpu().tolist()  # one transfer for every job
-        keys = ("loss", "train_accuracy", "test_loss", "test_accuracy")
-        return [dict(zip(keys, v, strict=True)) for v in zip(loss, train_acc, test_loss, test_acc, strict=True)]
+        """Per job, :func:`quadnet.engines.metric_rows`."""
+        logits = lambda x: model.forward(self.params, x)[1].double()  # noqa: E731
+        return metric_rows(torch, (logits(self.x), self.y), (logits(self.x_test), self.y_test))
 
     def export(self, rows: list[int]) -> list[JobState]:
         """Jobs at `rows`: their parameters and optimizer buffers, unpadded, float64 NumPy."""
