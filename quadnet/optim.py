@@ -26,11 +26,8 @@ BUFFERS = {"sgd": ("momentum",), "adam": ("exp_avg", "exp_avg_sq")}
 
 def hyper(cfgs: Sequence[Any]) -> dict[str, float | list[float]]:
     """The jobs' hyperparameters of their rule: a float where every job has the same, else one per job."""
-    out: dict[str, float | list[float]] = {}
-    for name in HYPER[cfgs[0].optimizer]:
-        values = [float(getattr(c, name)) for c in cfgs]
-        out[name] = values[0] if len(set(values)) == 1 else values
-    return out
+    values = {name: [float(getattr(c, name)) for c in cfgs] for name in HYPER[cfgs[0].optimizer]}
+    return {name: v[0] if len(set(v)) == 1 else v for name, v in values.items()}
 
 
 def buffers(rule: str, h: Hyper) -> tuple[str, ...]:

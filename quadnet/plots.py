@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 
 from quadnet.data import QUADRANT_NAMES, Dataset
-from quadnet.engines.numpy import forward
-from quadnet.model import Params
+from quadnet.engines.numpy import Params, forward
 
 # Okabe–Ito colours (safe for colour-blind readers), one per class (the first four: quadrants I–IV),
 # then tab20's for more classes; and pale versions of them for the regions, so that the points drawn

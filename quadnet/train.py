@@ -34,7 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from quadnet import artifacts, checkpoint, loop, rundir
+from quadnet import artifacts, checkpoint, engines, loop, rundir
 from quadnet.cli import KEPT, closed_pipe_ok, fail, friendly_errors, on_signals
 from quadnet.config import (
     ConfigError,
@@ -49,7 +49,6 @@ from quadnet.config import (
     version_base,
 )
 from quadnet.data import make_dataset
-from quadnet.engines import engine_name
 
 log = logging.getLogger("quadnet")
 
@@ -120,7 +119,7 @@ def train(cfg: DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | 
     device = resolve_device(c.device if c.engine in ("auto", "torch") else "cpu")
     classes = make_dataset(c.data).classes
     what = f"{c.data.name} data, hidden_dim={c.hidden_dim}, {c.epochs} epochs, "
-    what += f"{engine_name(c, device, len(classes))} engine, {c.optimizer}"
+    what += f"{engines.engine_name(c, device, len(classes))} engine, {c.optimizer}"
     resumed = f"; resuming at epoch {job.epoch}" if job.epoch else ""
     log.info("quadnet: %s on %s (%s)%s", what, describe(device), c.dtype, resumed)
 

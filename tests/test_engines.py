@@ -227,3 +227,13 @@ def test_without_a_writable_cache_dir_the_kernels_compile_in_the_process_and_tra
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.split()[1:] == ["numba", "completed"], r.stderr[-2000:]
     assert int(r.stdout.split()[0]) == 4 and r.stderr.count("numba cannot write its cache") == 1  # (one line)
+
+
+def test_auto_trains_many_classes_with_torch():
+    """engine=auto: numba up to NUMBA_MAX_CLASSES classes; beyond, its loops over every class lose to torch."""
+    pytest.importorskip("numba")
+    from quadnet.config import TrainConfig
+    from quadnet.engines import NUMBA_MAX_CLASSES, engine_name
+
+    picks = [engine_name(TrainConfig(), "cpu", n) for n in (4, NUMBA_MAX_CLASSES, NUMBA_MAX_CLASSES + 1)]
+    assert picks == ["numba", "numba", "torch/fused"]

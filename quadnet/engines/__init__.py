@@ -15,12 +15,14 @@ import contextlib
 import importlib.util
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from quadnet.config import TrainConfig
+from quadnet.model import Params
 
 # the figures of a metrics row, in the order metrics.csv and checkpoints keep them
 METRICS = ("loss", "train_accuracy", "test_accuracy", "test_loss")
@@ -29,21 +31,27 @@ METRICS = ("loss", "train_accuracy", "test_accuracy", "test_loss")
 NUMBA_MAX_CLASSES = 32
 
 
-def metric_rows(xp: Any, train: tuple[Any, Any], test: tuple[Any, Any]) -> list[dict[str, float]]:
+def metric_rows(xp: Any, logits: Callable[[Any], Any], train: tuple, test: tuple) -> list[dict[str, float]]:
     """Per job: mean cross-entropy (no L2 term) and accuracy on train and test; points on an axis
-    (label -1) count in neither. train, test: float64 logits (J, N, C) and labels (N,), as NumPy
-    arrays (xp: numpy) or torch tensors on any device (xp: torch; one transfer, of the figures)."""
+    (label -1) count in neither. train, test: points (N, 2) and labels (N,); logits(points): the
+    jobs' logits (J, N, C) in float64. NumPy arrays (xp: numpy) or torch tensors on any device (xp:
+    torch; one transfer, of the figures)."""
     figures = []
-    for z, y in (train, test):
-        keep = y >= 0
-        z, y = z[:, keep], y[keep]
+    for x, y in (train, test):
         with np.errstate(all="ignore"):  # (a diverged job's logits are not finite)
+            z, y = logits(x)[:, y >= 0], y[y >= 0]
             top = xp.amax(z, axis=-1, keepdims=True)
             logp = z - top - xp.log(xp.exp(z - top).sum(-1, keepdims=True))
-            figures.append((-logp[:, range(len(y)), y].mean(-1), xp.mean(z.argmax(-1) == y, axis=-1, dtype=xp.float64)))
-    (loss, train_acc), (test_loss, test_acc) = figures
+            figures += [-logp[:, range(len(y)), y].mean(-1), xp.mean(z.argmax(-1) == y, axis=-1, dtype=xp.float64)]
+    loss, train_acc, test_loss, test_acc = figures
     table = xp.stack([loss, train_acc, test_acc, test_loss]).tolist()  # in METRICS' order
     return [dict(zip(METRICS, row, strict=True)) for row in zip(*table, strict=True)]
+
+
+def saved_buffers(starts: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, list[Params]]:
+    """Each named optimizer buffer of every job: as its start saved it, else zeros."""
+    zeros = lambda p: {k: np.zeros_like(v) for k, v in p.items()}  # noqa: E731
+    return {n: [s.get("optimizer", {}).get(n) or zeros(s["params"]) for s in starts] for n in names}
 
 
 def engine_name(c: TrainConfig, device: str, classes: int) -> str:

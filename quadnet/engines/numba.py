@@ -13,7 +13,6 @@ compiles once per process.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import math
 import os
@@ -25,12 +24,12 @@ import numpy as np
 from numba import njit
 
 from quadnet import optim
-from quadnet.engines import metric_rows
+from quadnet.engines import metric_rows, saved_buffers
 from quadnet.model import PARAMS
 
 LANES = 64  # most jobs in a block: more amortise each loop's set-up, fewer stay in the L1/L2 caches
 # the rows of a block's hyperparameters (lr, reg, momentum, beta1, beta2, eps: the kernel reads them by position)
-HYPER_ROWS = tuple(dict.fromkeys(itertools.chain(*optim.HYPER.values())))
+HYPER_ROWS = tuple(dict.fromkeys(n for names in optim.HYPER.values() for n in names))
 
 
 _uncached: list[str] = []  # kernels that compile in each process (no cache dir can be written)
@@ -213,8 +212,8 @@ class NumbaEngine:
         self.onehot = np.eye(self.n_cls, dtype=self.dtype)[data.y_train.clip(0)]  # (as the torch engine)
         self.t, self.rows = starts[0].get("step", 0), list(range(len(cfgs)))
         cols = lambda ps: np.stack([to_rows(p, self.h_dim, self.n_cls) for p in ps], 1)  # noqa: E731
-        names = (*self.buffers, "", "")[:2]  # (m and v: zeros where the rule keeps fewer buffers)
-        saved = [cols([_or_zeros(s["optimizer"].get(n), s["params"]) for s in starts]) for n in names]
+        names = (*self.buffers, "m", "v")[:2]  # (m and v: zeros where the rule keeps fewer buffers)
+        saved = [cols(b) for b in saved_buffers(starts, names).values()]
         hyp = np.array([[float(getattr(c, k)) for c in self.cfgs] for k in HYPER_ROWS])
         self._pack(cols([s["params"] for s in starts]), *saved, hyp)
         nothing = np.empty((0, self.blocks.shape[2]), np.int64)
@@ -265,8 +264,7 @@ class NumbaEngine:
             z = logits(self.blocks, x.astype(self.dtype), self.h_dim, self.n_cls).astype(np.float64)
             return z.transpose(0, 3, 1, 2).reshape(-1, len(x), self.n_cls)[: len(self.rows)]
 
-        d = self.data
-        return metric_rows(np, (jobs(d.x_train), d.y_train), (jobs(d.x_test), d.y_test))
+        return metric_rows(np, jobs, (self.data.x_train, self.data.y_train), (self.data.x_test, self.data.y_test))
 
     def export(self, rows: list[int]) -> list[dict[str, Any]]:
         """Jobs at `rows`: their parameters and optimizer buffers, unpadded, float64."""
@@ -290,7 +288,3 @@ class NumbaEngine:
 def _pool(threads: int) -> ThreadPoolExecutor:
     """The threads that train blocks (the compiled loop releases the GIL), one pool per size."""
     return ThreadPoolExecutor(threads, thread_name_prefix="quadnet-numba")
-
-
-def _or_zeros(buf: dict[str, np.ndarray] | None, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return buf if buf is not None else {k: np.zeros_like(v) for k, v in like.items()}

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from quadnet.engines import metric_rows
+from quadnet.engines import metric_rows, saved_buffers
 from quadnet.model import WEIGHTS, Params
 from quadnet.optim import BUFFERS, buffers, hyper
 
@@ -156,11 +156,8 @@ class NumpyEngine:
         self.params = {k: v.astype(self.dt) for k, v in start["params"].items()}
         self.x, self.y, self.data = data.x_train.astype(self.dt), data.y_train, data
         self.update, self.h = UPDATES[c.optimizer][0], hyper(cfgs)
-        saved = start.get("optimizer", {})
-        zeros = {k: np.zeros_like(v) for k, v in self.params.items()}  # astype copies: each buffer is its own
-        self.state = {
-            n: {k: saved.get(n, zeros)[k].astype(self.dt) for k in self.params} for n in buffers(c.optimizer, self.h)
-        }
+        saved = saved_buffers(starts, buffers(c.optimizer, self.h))
+        self.state = {n: {k: v.astype(self.dt) for k, v in b.items()} for n, (b,) in saved.items()}
         self.t, self.rows, self.name = start.get("step", 0), [0], "numpy"
 
     def run(self, n: int, stop: Callable[[], bool]) -> tuple[int, list[int]]:
@@ -178,13 +175,8 @@ class NumpyEngine:
 
     def metrics(self) -> list[dict[str, float]]:
         """:func:`quadnet.engines.metric_rows`."""
-
-        def logits(x: np.ndarray) -> np.ndarray:  # (1, N, C), float64
-            with np.errstate(all="ignore"):  # (a diverged job's logits are not finite)
-                return forward(self.params, x.astype(self.dt))[0].astype(np.float64)[None]
-
-        d = self.data
-        return metric_rows(np, (logits(d.x_train), d.y_train), (logits(d.x_test), d.y_test))
+        d, logits = self.data, lambda x: forward(self.params, x.astype(self.dt))[0].astype(np.float64)[None]
+        return metric_rows(np, logits, (d.x_train, d.y_train), (d.x_test, d.y_test))
 
     def export(self, rows: list[int]) -> list[dict[str, Any]]:
         f64 = lambda p: {k: v.astype(np.float64) for k, v in p.items()}  # noqa: E731

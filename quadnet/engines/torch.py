@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from quadnet import model, optim
 from quadnet.config import TrainConfig
 from quadnet.data import Dataset
-from quadnet.engines import metric_rows
+from quadnet.engines import metric_rows, saved_buffers
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 GRAPH_STEPS = 25  # steps per CUDA graph replay: few enough that Ctrl-C stays prompt
 
 JobState = dict[str, Any]  # {"params": Params, "optimizer": {buffer: Params}, "step": int}
@@ -34,7 +33,7 @@ class TorchEngine:
         self, cfgs: list[TrainConfig], data: Dataset, device: str, starts: list[JobState], threads: int = 1
     ) -> None:
         c0, device = cfgs[0], torch.device(device)
-        self.cfgs, self.device, self.dtype, self.threads = cfgs, device, DTYPES[c0.dtype], threads
+        self.cfgs, self.device, self.dtype, self.threads = cfgs, device, getattr(torch, c0.dtype), threads
         self.name = f"torch/{c0.step}"
         self.rule, self.autograd = c0.optimizer, c0.step == "autograd"
         self.hidden = max(c.hidden_dim for c in cfgs)
@@ -44,12 +43,10 @@ class TorchEngine:
         self.onehot = F.one_hot(self.y.clamp_min(0), data.num_classes).to(self.dtype)
         self.params = model.stack([s["params"] for s in starts], self.hidden, self.dtype, device)
         self.h = {n: v if isinstance(v, float) else as_t(v).view(-1, 1, 1) for n, v in optim.hyper(cfgs).items()}
-        saved = lambda b: [s["optimizer"].get(b) or _zeros(s["params"]) for s in starts]  # noqa: E731
-        self.state = {
-            b: model.stack(saved(b), self.hidden, self.dtype, device) for b in optim.buffers(self.rule, self.h)
-        }
-        self.t = torch.zeros((), dtype=self.dtype, device=device)  # steps taken (Adam's bias correction)
-        self.t += starts[0].get("step", 0)
+        saved = saved_buffers(starts, optim.buffers(self.rule, self.h))
+        self.state = {n: model.stack(b, self.hidden, self.dtype, device) for n, b in saved.items()}
+        # steps taken (Adam's bias correction)
+        self.t = torch.full((), starts[0].get("step", 0), dtype=self.dtype, device=device)
         self.rows = list(range(len(cfgs)))  # the caller's index of each job still here
         self._graph: Any = None
 
@@ -117,7 +114,7 @@ class TorchEngine:
     def metrics(self) -> list[dict[str, float]]:
         """Per job, :func:`quadnet.engines.metric_rows`."""
         logits = lambda x: model.forward(self.params, x)[1].double()  # noqa: E731
-        return metric_rows(torch, (logits(self.x), self.y), (logits(self.x_test), self.y_test))
+        return metric_rows(torch, logits, (self.x, self.y), (self.x_test, self.y_test))
 
     def export(self, rows: list[int]) -> list[JobState]:
         """Jobs at `rows`: their parameters and optimizer buffers, unpadded, float64 NumPy."""
@@ -147,7 +144,3 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _zeros(p: model.Params) -> model.Params:
-    return {k: np.zeros_like(v) for k, v in p.items()}
