@@ -101,7 +101,7 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
-    # a missing figure is NaN (an older checkpoint's history may lack one); other keys are not written
+    # a missing figure is NaN (an older checkpoint may lack one); other keys are not written
     lines = [",".join(METRIC_FIELDS)] + [",".join(repr(r.get(k, math.nan)) for k in METRIC_FIELDS) for r in rows]
     write_text(path, "\n".join(lines) + "\n")
 

@@ -71,7 +71,7 @@ class Model:
         p = self.params
         # s = 1 for any ordinary point: then these are the NumPy reference's numbers, bit for bit
         s = np.where((m := np.abs(x).max(axis=1, keepdims=True, initial=0.0)) > 1e100, m, 1.0)
-        z = forward({**p, "b1": p["b1"] / s, "b2": p["b2"] / s}, x / s)[0]  # (biases per point: (n, H), (n, C))
+        z = forward({**p, "b1": p["b1"] / s, "b2": p["b2"] / s}, x / s)[0]  # (b/s: per point)
         with np.errstate(over="ignore"):
             e = np.exp(s * (z - z.max(axis=1, keepdims=True)))
         return e / e.sum(axis=1, keepdims=True)

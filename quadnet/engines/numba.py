@@ -28,7 +28,7 @@ from quadnet.engines import metric_rows, saved_buffers
 from quadnet.model import PARAMS
 
 LANES = 64  # most jobs in a block: more amortise each loop's set-up, fewer stay in the L1/L2 caches
-# the rows of a block's hyperparameters (lr, reg, momentum, beta1, beta2, eps: the kernel reads them by position)
+# a block's hyperparameter rows: lr, reg, momentum, beta1, beta2, eps (the kernel reads them by position)
 HYPER_ROWS = tuple(dict.fromkeys(n for names in optim.HYPER.values() for n in names))
 
 
@@ -218,7 +218,7 @@ class NumbaEngine:
         self._pack(cols([s["params"] for s in starts]), *saved, hyp)
         nothing = np.empty((0, self.blocks.shape[2]), np.int64)
         train(self.blocks[:0], self.m[:0], self.v[:0], self.hyp[:0], self.x, self.onehot, 1, 0, 0, 0, nothing)
-        logits(self.blocks[:0], self.x, 1, self.n_cls)  # (compiled, or loaded from the cache, before the clock starts)
+        logits(self.blocks[:0], self.x, 1, self.n_cls)  # (compiled or loaded now, before the clock starts)
 
     def _pack(self, params: np.ndarray, m: np.ndarray, v: np.ndarray, hyp: np.ndarray) -> None:
         """Job columns (rows, J) into blocks (B, rows, L); padding lanes are zero (lr 0: they never move)."""
@@ -251,7 +251,7 @@ class NumbaEngine:
             def one(b: int, args: tuple = args, parts: tuple = parts) -> None:  # (block b, bound now)
                 train(*(v[b : b + 1] for v in parts[:4]), *args, parts[4][b : b + 1])
 
-            list(_pool(min(self.threads, n_blocks)).map(one, range(n_blocks)))  # (a block per task: balanced)
+            list(_pool(min(self.threads, n_blocks)).map(one, range(n_blocks)))  # (a task a block)
             bad = np.where((bad < 0) & (found >= 0), found + done, bad)
             done += k
         self.t += done if self.adam else 0  # (Adam's step count, as the torch engine keeps it)

@@ -107,7 +107,7 @@ def sgd_update(params: Params, grads: Params, state: dict[str, Params], h: dict[
         g = grads[k]
         if "momentum" in state:
             g = state["momentum"][k]
-            g[...] = h["momentum"] * g + grads[k]  # the velocity v = m·v + g, in place; the step takes v
+            g[...] = h["momentum"] * g + grads[k]  # v = m·v + g, in place; the step takes v
         p -= h["lr"] * g
 
 
@@ -157,7 +157,7 @@ class NumpyEngine:
         self.x, self.y, self.data = data.x_train.astype(self.dt), data.y_train, data
         self.update, self.h = UPDATES[c.optimizer][0], hyper(cfgs)
         saved = saved_buffers(starts, buffers(c.optimizer, self.h))
-        self.state = {n: {k: v.astype(self.dt) for k, v in b.items()} for n, (b,) in saved.items()}
+        self.state = {n: {k: v.astype(self.dt) for k, v in b.items()} for n, (b,) in saved.items()}  # (copies: its own)
         self.t, self.rows, self.name = start.get("step", 0), [0], "numpy"
 
     def run(self, n: int, stop: Callable[[], bool]) -> tuple[int, list[int]]:

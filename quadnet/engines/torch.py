@@ -57,9 +57,9 @@ class TorchEngine:
         when its loss is, so that divergence is found without a host sync per step."""
         if self.rule == "adam":
             self.t += 1
-        if self.autograd:  # the gradients by autograd: of the sum of the jobs' mean losses, each job's its own
+        if self.autograd:  # autograd's: of the sum of the jobs' mean losses
             with torch.enable_grad():
-                leaves = [p.detach().requires_grad_() for p in self.params]  # (the same storage: updated in place)
+                leaves = [p.detach().requires_grad_() for p in self.params]  # (their storage: updated in place)
                 logits = model.forward(leaves, self.x)[1]
                 y = self.y.repeat(logits.numel() // logits.shape[-1] // len(self.y))
                 nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="sum")
