@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-METRIC_FIELDS = ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss")
+from quadnet.engines import METRICS
+
+METRIC_FIELDS = ("epoch", *METRICS)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -99,7 +101,7 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
-    # a missing figure is NaN (0.1 checkpoints: no test_loss); other keys of a row are not written
+    # a missing figure is NaN (an older checkpoint may lack one); other keys are not written
     lines = [",".join(METRIC_FIELDS)] + [",".join(repr(r.get(k, math.nan)) for k in METRIC_FIELDS) for r in rows]
     write_text(path, "\n".join(lines) + "\n")
 

@@ -45,7 +45,7 @@ def machine() -> dict[str, Any]:
     import numpy as np
 
     from quadnet.artifacts import versions
-    from quadnet.loop import usable_cpus
+    from quadnet.engines import usable_cpus
 
     cpuinfo: list[str] = []
     with contextlib.suppress(OSError):
@@ -56,7 +56,7 @@ def machine() -> dict[str, Any]:
 
 
 def step_flops(n: int, h: int, c: int) -> int:
-    """FLOPs of one full-batch step of one job: N points, H hidden units, C classes (8.0k by default)."""
+    """FLOPs of one full-batch step of one job: N points, H hidden units, C classes."""
     forward = 2 * n * (2 * h + h * c)
     backward = 4 * n * h * c + 4 * n * h + n * h  # dW2 and dA, dW1, through ReLU
     update = 2 * (2 * h + h * c) + 2 * (3 * h + h * c + c)  # L2 on the weights; the SGD step
@@ -67,7 +67,7 @@ def gemm_rate() -> float:
     """This machine's float64 GEMM rate on one thread (FLOP/s): the best of four 2048² matmuls."""
     import torch
 
-    from quadnet.engine import torch_threads
+    from quadnet.engines.torch import torch_threads
 
     a = torch.rand(2048, 2048, dtype=torch.float64)
     with torch_threads(1):
@@ -77,9 +77,9 @@ def gemm_rate() -> float:
 def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
     import torch
 
-    from quadnet import loop
     from quadnet.config import TrainConfig
     from quadnet.data import make_dataset
+    from quadnet.engines import build
     from quadnet.loop import start_state
 
     data = make_dataset(TrainConfig().data)
@@ -90,7 +90,7 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
 
     def ms_per_job(jobs: int, engine: str, step: str, device: str) -> float:
         cfgs = [TrainConfig(seed=s, engine=engine, step=step, threads=1, device=device) for s in range(jobs)]
-        e = loop.build(cfgs, data, [start_state(c) for c in cfgs], "cuda:0" if device == "cuda" else "cpu")
+        e = build(cfgs, data, [start_state(c) for c in cfgs], "cuda:0" if device == "cuda" else "cpu")
         steps = max(20, min(2000, 400_000 // jobs)) * (5 if engine == "numba" else 1)
         e.run(2, lambda: False)  # (buffers, caches, a CUDA graph)
         return _timed(e.run, steps, lambda: False)[0] / steps * 10000 / jobs * 1000

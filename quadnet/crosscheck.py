@@ -23,10 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quadnet import loop, model, reference
+from quadnet import model
 from quadnet.cli import ArgumentParser, command, friendly_errors
 from quadnet.config import TrainConfig, compose, log_every, validate
 from quadnet.data import make_dataset
+from quadnet.engines import build
+from quadnet.engines import numpy as reference
 
 
 def autograd_grads(params: reference.Params, x: np.ndarray, y: np.ndarray, reg: float) -> reference.Params:
@@ -55,7 +57,7 @@ def check(cfg: TrainConfig) -> dict[str, Any]:
         if engine == "numba" and importlib.util.find_spec("numba") is None:
             continue
         c = dataclasses.replace(cfg, dtype="float64", device="cpu", engine=engine, step=step or "fused", threads=1)
-        engines[name] = loop.build([c], data, [{"params": start, "optimizer": {}, "step": 0}], "cpu")
+        engines[name] = build([c], data, [{"params": start, "optimizer": {}, "step": 0}], "cpu")
 
     along = {n: [e.metrics()[0]["loss"]] for n, e in engines.items()}  # the training loss at each log step
     every = log_every(cfg)

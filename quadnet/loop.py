@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 
 from quadnet.config import ConfigError, TrainConfig, log_every
+from quadnet.engines import METRICS, build
 from quadnet.exits import OOM
 
 log = logging.getLogger("quadnet")
 # a diverged job's last row
-NOT_FINITE = dict.fromkeys(("loss", "train_accuracy", "test_loss", "test_accuracy"), math.nan)
+NOT_FINITE = dict.fromkeys(METRICS, math.nan)
 FRAMES = 50  # training.gif's frames at most
 
 
@@ -130,34 +131,6 @@ def fit(
     bar(0, 0, epoch, close=True)
 
 
-def engine_name(c: TrainConfig, device: str) -> str:
-    """What trains a job: engine=auto is numba on the cpu when it is installed and the step is fused, else torch."""
-    import importlib.util
-
-    if c.engine == "auto":
-        fast = c.step == "fused" and device == "cpu" and importlib.util.find_spec("numba") is not None
-        return "numba" if fast else f"torch/{c.step}"
-    return f"torch/{c.step}" if c.engine == "torch" else c.engine
-
-
-def build(cfgs: list[TrainConfig], data: Any, starts: list[dict[str, Any]], device: str) -> Any:
-    """The engine for a batch of jobs on a device (one job for engine=numpy). threads=0 is every
-    usable CPU for numba (its threads did not slow down beside busy processes) and one for torch
-    (two torch threads beside a busy process were 5-13x slower than one)."""
-    name, c0 = engine_name(cfgs[0], device), cfgs[0]
-    if name == "numpy":
-        from quadnet.reference import NumpyEngine
-
-        return NumpyEngine(cfgs, data, device, starts)
-    if name == "numba":
-        from quadnet.fast import FastEngine
-
-        return FastEngine(cfgs, data, starts, min(c0.threads or usable_cpus(), usable_cpus()))
-    from quadnet.engine import TorchEngine
-
-    return TorchEngine(cfgs, data, device, starts, min(c0.threads or 1, usable_cpus()))
-
-
 def train_batch(
     jobs: list[Job],
     data: Any,
@@ -241,17 +214,3 @@ def check_memory(c: TrainConfig, data: Any) -> None:
         free = 1024 * int(next(ln for ln in lines if ln.startswith("MemAvailable:")).split()[1])
     if need > free:
         raise ConfigError(f"{OOM}: a job needs ~{need / 2**30:.3g} GiB, {free / 2**30:.3g} GiB are available")
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask (SLURM sets it) and a cgroup quota
-    (``docker --cpus`` sets it); not ``os.cpu_count()``, the machine's."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    v1 = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
-    for read in (lambda: Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2],  # cgroup v2, then v1
-                 lambda: [v1.read_text(), v1.with_name("cpu.cfs_period_us").read_text()]):  # fmt: skip
-        with contextlib.suppress(OSError, ValueError):
-            quota, period = (v.strip() for v in read())
-            if quota not in ("max", "-1"):
-                n = min(n, max(1, math.ceil(int(quota) / int(period))))
-    return n

@@ -4,7 +4,7 @@ Parameters carry a leading job dimension and otherwise the seed program's layout
 W1 (J, 2, H), b1 (J, 1, H), W2 (J, H, C), b2 (J, 1, C), C classes (the four quadrants, or a
 CSV's labels). :func:`forward` and :func:`backward` are the torch definition of the net;
 ``step=autograd`` differentiates the same :func:`forward` with autograd; the numba engine
-(:mod:`quadnet.fast`) and the NumPy oracle (:mod:`quadnet.reference`) are written
+(:mod:`quadnet.engines.numba`) and the NumPy oracle (:mod:`quadnet.engines.numpy`) are written
 separately, by hand, and tested equal to it. Importing this module does not import torch.
 """
 
@@ -99,7 +99,7 @@ def lay_out(tensors: list[Tensor]) -> list[Tensor]:
     """How the parameters lie in memory (their shapes stay the seed's): W1 (J, 2, H) input-major,
     (2, J, H) in memory, so that the first layer and its gradient are single GEMMs over all jobs
     without a copy; W2 (J, H, C) as (J, C, H), nn.Linear's layout, so that its gradient comes out
-    of one batched GEMM in place (bench step: ~10% faster a step than W2 as it is)."""
+    of one batched GEMM in place."""
     w1, b1, w2, b2 = tensors
     return [w1.transpose(0, 1).contiguous().transpose(0, 1), b1, w2.transpose(1, 2).contiguous().transpose(1, 2), b2]
 

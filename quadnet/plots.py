@@ -1,7 +1,7 @@
 """Every per-run plot: ``loss.png``, ``decision_regions.png`` and the training GIF.
 
 Params are float64 NumPy arrays in the seed layout (W1 (2, H), b1 (H,), W2 (H, 4), b2 (4,));
-predictions come from the NumPy reference (:func:`quadnet.reference.forward`), so no plot
+predictions come from the NumPy reference (:func:`quadnet.engines.numpy.forward`), so no plot
 needs torch. History rows are dicts with ``epoch, loss, train_accuracy, test_accuracy,
 test_loss``; the losses are mean cross-entropy without the L2 term, and may be NaN.
 matplotlib is imported inside the functions, so importing this module costs nothing.
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from quadnet.data import QUADRANT_NAMES, Dataset
-from quadnet.reference import Params, forward
+from quadnet.engines.numpy import Params, forward
 
 # Okabe–Ito colours (safe for colour-blind readers), one per class (the first four: quadrants I–IV),
 # then tab20's for more classes; and pale versions of them for the regions, so that the points drawn

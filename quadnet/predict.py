@@ -42,6 +42,7 @@ from quadnet.checkpoint import load as load_checkpoint
 from quadnet.cli import command, fail
 from quadnet.config import ConfigError
 from quadnet.data import QUADRANT_NAMES, QUADRANTS
+from quadnet.engines.numpy import forward
 
 
 class InputError(ValueError):
@@ -70,7 +71,7 @@ class Model:
         p = self.params
         # s = 1 for any ordinary point: then these are the NumPy reference's numbers, bit for bit
         s = np.where((m := np.abs(x).max(axis=1, keepdims=True, initial=0.0)) > 1e100, m, 1.0)
-        z = np.maximum(0, (x / s) @ p["W1"] + p["b1"] / s) @ p["W2"] + p["b2"] / s
+        z = forward({**p, "b1": p["b1"] / s, "b2": p["b2"] / s}, x / s)[0]  # (b/s: per point)
         with np.errstate(over="ignore"):
             e = np.exp(s * (z - z.max(axis=1, keepdims=True)))
         return e / e.sum(axis=1, keepdims=True)

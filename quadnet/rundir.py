@@ -20,8 +20,8 @@ import numpy as np
 from quadnet import artifacts, checkpoint, exits, plots
 from quadnet.config import ConfigError, to_dict
 from quadnet.data import Dataset
+from quadnet.engines.numpy import forward, softmax
 from quadnet.loop import Job
-from quadnet.reference import forward, softmax
 
 log = logging.getLogger("quadnet")
 

@@ -146,8 +146,8 @@ def resumable(job: Job, c: TrainConfig, data: Dataset) -> loop.Job:
     try:
         checkpoint.resume_check(ck, c, data)
     except ConfigError as e:
-        raise SweepRefused(f"{job.dir} holds a run at epoch {ck['epoch']} and {e}; run the sweep with the settings "
-                           f"it had and epochs >= {ck['epoch']}, or choose another hydra.sweep.dir") from None  # fmt: skip
+        why = f"run the sweep with the settings it had and epochs >= {ck['epoch']}, or choose another hydra.sweep.dir"
+        raise SweepRefused(f"{job.dir} holds a run at epoch {ck['epoch']} and {e}; {why}") from None
     done = completed(job.dir)
     if ck["status"] == "completed" and ck["epoch"] == c.epochs and done.get("epoch") == c.epochs:
         return loop.Job(c, ck["state"], c.epochs, ck["history"], status="completed")

@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from quadnet import checkpoint, console, exits, loop, rundir
+from quadnet import checkpoint, console, engines, exits, loop, rundir
 from quadnet.config import ConfigError, TrainConfig, check_installed, compose, config_dir, one_line, validate
 from quadnet.data import Dataset, make_dataset
 
@@ -110,7 +110,7 @@ def train(
 
     device = resolve_device(c.device if c.engine in ("auto", "torch") else "cpu")
     what = f"{c.data.name} data, hidden_dim={c.hidden_dim}, {c.epochs} epochs"
-    what += f", {loop.engine_name(c, device)} engine, {c.optimizer}"
+    what += f", {engines.engine_name(c, device, p.data.num_classes)} engine, {c.optimizer}"
     resumed = f"; resuming at epoch {job.epoch}" if job.epoch else ""
     log.info("quadnet: %s on %s (%s)%s", what, describe(device), c.dtype, resumed)
 

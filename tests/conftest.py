@@ -70,11 +70,11 @@ def numba_kernels_cached() -> None:
     after an install): a command that a test starts and signals a second later has then begun to
     train, as it has after a user's first run."""
     if importlib.util.find_spec("numba") is not None:
-        from quadnet import loop
         from quadnet.data import make_dataset
+        from quadnet.engines import build
         from quadnet.loop import start_state
 
-        loop.build([TrainConfig()], make_dataset(TrainConfig().data), [start_state(TrainConfig())], "cpu")
+        build([TrainConfig()], make_dataset(TrainConfig().data), [start_state(TrainConfig())], "cpu")
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

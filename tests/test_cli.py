@@ -291,9 +291,7 @@ def test_a_signal_ends_the_other_commands_in_one_line(command, sig, code, tmp_pa
     assert p.returncode == code and err.strip() == "error: interrupted: stopped at once", err
 
 
-def test_a_signal_between_a_basic_sweeps_jobs_is_one_line_with_the_command_that_goes_on(
-    tmp_path, monkeypatch, capsys
-):
+def test_a_signal_between_a_basic_sweeps_jobs_is_one_line_with_the_command_that_goes_on(tmp_path, monkeypatch, capsys):
     """(Between jobs Hydra composes the next one: no loop listens, so the signal stops the command at once.)"""
     import quadnet.train as t
 

@@ -15,7 +15,8 @@ from conftest import make_cfg, requires_cuda, run_cli
 from quadnet import optim
 from quadnet.crosscheck import check
 from quadnet.data import make_dataset
-from quadnet.loop import build, start_state
+from quadnet.engines import build
+from quadnet.loop import start_state
 
 CASES = [
     dict(hidden_dim=50, lr=1e-3, reg=1e-3, momentum=0.0, seed=1, init="normal"),
@@ -216,8 +217,8 @@ def test_without_a_writable_cache_dir_the_kernels_compile_in_the_process_and_tra
     code = (
         "import numba.core.caching as c\n"
         "c.CacheImpl._locator_classes = []  # no dir is writable\n"
-        "import quadnet.fast\n"
-        "print(len(quadnet.fast._uncached))\n"
+        "import quadnet.engines.numba\n"
+        "print(len(quadnet.engines.numba._uncached))\n"
         "from quadnet.train import train\n"
         "from quadnet.config import TrainConfig\n"
         "s = train(TrainConfig(epochs=100, plots=False, progress=False, engine='numba'), run_dir='r')\n"
@@ -226,3 +227,13 @@ def test_without_a_writable_cache_dir_the_kernels_compile_in_the_process_and_tra
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.split()[1:] == ["numba", "completed"], r.stderr[-2000:]
     assert int(r.stdout.split()[0]) == 4 and r.stderr.count("numba cannot write its cache") == 1  # (one line)
+
+
+def test_auto_trains_many_classes_with_torch():
+    """engine=auto: numba up to NUMBA_MAX_CLASSES classes; beyond, its loops over every class lose to torch."""
+    pytest.importorskip("numba")
+    from quadnet.config import TrainConfig
+    from quadnet.engines import NUMBA_MAX_CLASSES, engine_name
+
+    picks = [engine_name(TrainConfig(), "cpu", n) for n in (4, NUMBA_MAX_CLASSES, NUMBA_MAX_CLASSES + 1)]
+    assert picks == ["numba", "numba", "torch/fused"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quadnet import reference as ref
 from quadnet.crosscheck import autograd_grads
 from quadnet.data import SEED_TRAIN, quadrant_class
+from quadnet.engines import numpy as ref
 from quadnet.model import initial_params
 
 rng = np.random.default_rng(0)

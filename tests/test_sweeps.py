@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from conftest import ROOT, make_cfg, read_metrics, run_cli
-from quadnet import checkpoint, loop, rundir
+from quadnet import checkpoint, engines, loop, rundir
 from quadnet.config import version_base
 from quadnet.data import make_dataset
 from quadnet.loop import start_state
@@ -540,12 +540,12 @@ def test_threads_follow_the_setting_and_never_exceed_the_usable_cpus(engine, def
 
     def engine_threads(threads):
         c = make_cfg(f"engine={engine}", f"threads={threads}")
-        return loop.build([c], make_dataset(c.data), [start_state(c)], "cpu").threads
+        return engines.build([c], make_dataset(c.data), [start_state(c)], "cpu").threads
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
     assert [engine_threads(t) for t in (0, 2, 9)] == [default, 2, 3]
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
-    assert loop.usable_cpus() == 1 and [engine_threads(t) for t in (0, 4)] == [1, 1]
+    assert engines.usable_cpus() == 1 and [engine_threads(t) for t in (0, 4)] == [1, 1]
 
 
 @pytest.mark.parametrize(
@@ -566,7 +566,7 @@ def test_usable_cpus_honour_a_cgroup_quota(files, cpus, monkeypatch):
 
     monkeypatch.setattr(Path, "read_text", read_text)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
-    assert loop.usable_cpus() == cpus
+    assert engines.usable_cpus() == cpus
 
 
 def test_a_big_sweep_prints_a_summary_and_a_progress_bar_instead_of_lines_per_job(tmp_path):

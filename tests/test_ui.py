@@ -15,9 +15,9 @@ from conftest import call_main, run_cli
 from quadnet import checkpoint, plots
 from quadnet.config import DataConfig
 from quadnet.data import make_dataset
+from quadnet.engines.numpy import forward, loss_and_grads, sgd_update, softmax, softmax_loss
 from quadnet.model import initial_params
 from quadnet.predict import Model, load, main
-from quadnet.reference import forward, loss_and_grads, sgd_update, softmax, softmax_loss
 
 TRAIN_HEADER = "point  predicted  p(predicted)  true"  # train's table of test points
 

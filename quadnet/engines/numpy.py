@@ -7,7 +7,7 @@ batch, D for the input size (2), H for the hidden width and C for the classes (4
 
 This is the reference the torch engine is checked against
 (``python -m quadnet.crosscheck``), and :func:`eval_numerical_gradient` checks
-it in turn against centred finite differences.
+it in turn against centred finite differences. Importing it imports neither torch nor numba.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-Params = dict[str, np.ndarray]  # W1 (D, H), b1 (H,), W2 (H, C), b2 (C,)
-WEIGHTS = ("W1", "W2")  # the parameters that `reg` decays; biases are not
+from quadnet.engines import metric_rows, saved_buffers
+from quadnet.model import WEIGHTS, Params
+from quadnet.optim import BUFFERS, buffers, hyper
 
 
 def affine_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, Any]:
@@ -47,12 +48,6 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     """Row-wise softmax, shifted by the row max for stability. scores: (N, C) → (N, C)."""
     exp = np.exp(scores - scores.max(axis=1, keepdims=True))
     return exp / exp.sum(axis=1, keepdims=True)
-
-
-def log_softmax(scores: np.ndarray) -> np.ndarray:
-    """Row-wise log of the softmax, computed stably. scores: (N, C) → (N, C)."""
-    shifted = scores - scores.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 def softmax_loss(scores: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -112,7 +107,7 @@ def sgd_update(params: Params, grads: Params, state: dict[str, Params], h: dict[
         g = grads[k]
         if "momentum" in state:
             g = state["momentum"][k]
-            g[...] = h["momentum"] * g + grads[k]  # the velocity v = m·v + g, in place; the step takes v
+            g[...] = h["momentum"] * g + grads[k]  # v = m·v + g, in place; the step takes v
         p -= h["lr"] * g
 
 
@@ -127,7 +122,7 @@ def adam_update(params: Params, grads: Params, state: dict[str, Params], h: dict
         p -= h["lr"] / (1 - b1**t) * m / denom
 
 
-UPDATES = {"sgd": (sgd_update, ("momentum",)), "adam": (adam_update, ("exp_avg", "exp_avg_sq"))}
+UPDATES = {"sgd": (sgd_update, BUFFERS["sgd"]), "adam": (adam_update, BUFFERS["adam"])}
 
 
 def eval_numerical_gradient(f: Callable[[np.ndarray], float], x: np.ndarray, h: float = 1e-5) -> np.ndarray:
@@ -153,20 +148,16 @@ def rel_error(a: np.ndarray, b: np.ndarray) -> float:
 
 
 class NumpyEngine:
-    """One job trained with :func:`loss_and_grads` and :data:`UPDATES`, with the torch engine's
-    interface (``run``, ``metrics``, ``export``, ``keep``) so that the same loop drives it."""
+    """One job trained with :func:`loss_and_grads` and :data:`UPDATES`."""
 
     def __init__(self, cfgs: list[Any], data: Any, device: Any, starts: list[dict[str, Any]]) -> None:
         (c,), (start,) = cfgs, starts  # a batch of one
         self.dt = np.dtype(c.dtype)
         self.params = {k: v.astype(self.dt) for k, v in start["params"].items()}
         self.x, self.y, self.data = data.x_train.astype(self.dt), data.y_train, data
-        self.update, names = UPDATES[c.optimizer]
-        self.h = {k: getattr(c, k) for k in ("lr", "reg", "momentum", "beta1", "beta2", "eps")}
-        names = names if c.optimizer != "sgd" or c.momentum else ()  # plain SGD keeps no buffer
-        saved = start.get("optimizer", {})
-        zeros = {k: np.zeros_like(v) for k, v in self.params.items()}  # astype copies: each buffer is its own
-        self.state = {n: {k: saved.get(n, zeros)[k].astype(self.dt) for k in self.params} for n in names}
+        self.update, self.h = UPDATES[c.optimizer][0], hyper(cfgs)
+        saved = saved_buffers(starts, buffers(c.optimizer, self.h))
+        self.state = {n: {k: v.astype(self.dt) for k, v in b.items()} for n, (b,) in saved.items()}  # (copies: its own)
         self.t, self.rows, self.name = start.get("step", 0), [0], "numpy"
 
     def run(self, n: int, stop: Callable[[], bool]) -> tuple[int, list[int]]:
@@ -183,15 +174,9 @@ class NumpyEngine:
         return n, [-1]
 
     def metrics(self) -> list[dict[str, float]]:
-        row = {}
-        for name in ("train", "test"):
-            x, y = getattr(self.data, f"x_{name}"), getattr(self.data, f"y_{name}")
-            x, y = x[y >= 0], y[y >= 0]  # a point on an axis has no class
-            with np.errstate(all="ignore"):
-                z = forward(self.params, x.astype(self.dt))[0].astype(np.float64)
-                row["loss" if name == "train" else "test_loss"] = float(-np.mean(log_softmax(z)[np.arange(len(y)), y]))
-            row[f"{name}_accuracy"] = float(np.mean(z.argmax(1) == y))
-        return [row]  # the torch engine's keys, in its order
+        """:func:`quadnet.engines.metric_rows`."""
+        d, logits = self.data, lambda x: forward(self.params, x.astype(self.dt))[0].astype(np.float64)[None]
+        return metric_rows(np, logits, (d.x_train, d.y_train), (d.x_test, d.y_test))
 
     def export(self, rows: list[int]) -> list[dict[str, Any]]:
         f64 = lambda p: {k: v.astype(np.float64) for k, v in p.items()}  # noqa: E731

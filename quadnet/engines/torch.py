@@ -1,5 +1,4 @@
-"""The torch engine: J jobs of one group trained as one program (a single run is J = 1), and
-:func:`build`, which picks the engine for a batch.
+"""The torch engine: J jobs of one group trained as one program (a single run is J = 1).
 
 Jobs share their data, dtype and device; seed, init, hidden_dim and every optimizer
 hyperparameter may differ. A step is :func:`quadnet.model.forward`, the softmax
@@ -7,9 +6,6 @@ cross-entropy's gradient, :func:`quadnet.model.backward` and the update rule of
 :mod:`quadnet.optim`; ``step=autograd`` takes the gradients from torch's autograd instead of
 the hand-written backward (the reference that one is tested against).
 On CUDA, runs of steps are captured once as a CUDA graph and replayed.
-
-All engines (this, :class:`quadnet.fast.FastEngine` and :class:`quadnet.reference.NumpyEngine`)
-offer what :func:`quadnet.loop.fit` needs: ``run``, ``metrics``, ``export``, ``keep`` and ``rows``.
 """
 
 from __future__ import annotations
@@ -25,8 +21,8 @@ import torch.nn.functional as F
 from quadnet import model, optim
 from quadnet.config import TrainConfig
 from quadnet.data import Dataset
+from quadnet.engines import metric_rows, saved_buffers
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 GRAPH_STEPS = 25  # steps per CUDA graph replay: few enough that Ctrl-C stays prompt
 
 JobState = dict[str, Any]  # {"params": Params, "optimizer": {buffer: Params}, "step": int}
@@ -37,7 +33,7 @@ class TorchEngine:
         self, cfgs: list[TrainConfig], data: Dataset, device: str, starts: list[JobState], threads: int = 1
     ) -> None:
         c0, device = cfgs[0], torch.device(device)
-        self.cfgs, self.device, self.dtype, self.threads = cfgs, device, DTYPES[c0.dtype], threads
+        self.cfgs, self.device, self.dtype, self.threads = cfgs, device, getattr(torch, c0.dtype), threads
         self.name = f"torch/{c0.step}"
         self.rule, self.autograd = c0.optimizer, c0.step == "autograd"
         self.hidden = max(c.hidden_dim for c in cfgs)
@@ -46,16 +42,11 @@ class TorchEngine:
         self.y, self.y_test = (torch.as_tensor(y, device=device) for y in (data.y_train, data.y_test))
         self.onehot = F.one_hot(self.y.clamp_min(0), data.num_classes).to(self.dtype)
         self.params = model.stack([s["params"] for s in starts], self.hidden, self.dtype, device)
-        self.h: optim.Hyper = {}
-        for name in optim.HYPER[self.rule]:
-            values = [float(getattr(c, name)) for c in cfgs]
-            self.h[name] = values[0] if len(set(values)) == 1 else as_t(values).view(-1, 1, 1)
-        saved = lambda b: [s["optimizer"].get(b) or _zeros(s["params"]) for s in starts]  # noqa: E731
-        self.state = {
-            b: model.stack(saved(b), self.hidden, self.dtype, device) for b in optim.buffers(self.rule, self.h)
-        }
-        self.t = torch.zeros((), dtype=self.dtype, device=device)  # steps taken (Adam's bias correction)
-        self.t += starts[0].get("step", 0)
+        self.h = {n: v if isinstance(v, float) else as_t(v).view(-1, 1, 1) for n, v in optim.hyper(cfgs).items()}
+        saved = saved_buffers(starts, optim.buffers(self.rule, self.h))
+        self.state = {n: model.stack(b, self.hidden, self.dtype, device) for n, b in saved.items()}
+        # steps taken (Adam's bias correction)
+        self.t = torch.full((), starts[0].get("step", 0), dtype=self.dtype, device=device)
         self.rows = list(range(len(cfgs)))  # the caller's index of each job still here
         self._graph: Any = None
 
@@ -66,9 +57,9 @@ class TorchEngine:
         when its loss is, so that divergence is found without a host sync per step."""
         if self.rule == "adam":
             self.t += 1
-        if self.autograd:  # the gradients by autograd: of the sum of the jobs' mean losses, each job's its own
+        if self.autograd:  # autograd's: of the sum of the jobs' mean losses
             with torch.enable_grad():
-                leaves = [p.detach().requires_grad_() for p in self.params]  # (the same storage: updated in place)
+                leaves = [p.detach().requires_grad_() for p in self.params]  # (their storage: updated in place)
                 logits = model.forward(leaves, self.x)[1]
                 y = self.y.repeat(logits.numel() // logits.shape[-1] // len(self.y))
                 nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="sum")
@@ -121,18 +112,9 @@ class TorchEngine:
 
     @torch.no_grad()
     def metrics(self) -> list[dict[str, float]]:
-        """Per job: mean cross-entropy (no L2 term) and accuracy on train and test, in float64;
-        points on an axis (class -1) count in neither."""
-        cols = []
-        for x, y in ((self.x, self.y), (self.x_test, self.y_test)):
-            keep = y >= 0
-            z = model.forward(self.params, x[keep])[1].double()
-            t = y[keep]
-            nll = -torch.log_softmax(z, dim=2).gather(2, t.view(1, -1, 1).expand(z.shape[0], -1, 1)).mean((1, 2))
-            cols += [nll, (z.argmax(2) == t).double().mean(1)]
-        loss, train_acc, test_loss, test_acc = torch.stack(cols).cpu().tolist()  # one transfer for every job
-        keys = ("loss", "train_accuracy", "test_loss", "test_accuracy")
-        return [dict(zip(keys, v, strict=True)) for v in zip(loss, train_acc, test_loss, test_acc, strict=True)]
+        """Per job, :func:`quadnet.engines.metric_rows`."""
+        logits = lambda x: model.forward(self.params, x)[1].double()  # noqa: E731
+        return metric_rows(torch, logits, (self.x, self.y), (self.x_test, self.y_test))
 
     def export(self, rows: list[int]) -> list[JobState]:
         """Jobs at `rows`: their parameters and optimizer buffers, unpadded, float64 NumPy."""
@@ -162,7 +144,3 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _zeros(p: model.Params) -> model.Params:
-    return {k: np.zeros_like(v) for k, v in p.items()}

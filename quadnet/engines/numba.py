@@ -23,11 +23,13 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from quadnet import optim
+from quadnet.engines import metric_rows, saved_buffers
 from quadnet.model import PARAMS
 
 LANES = 64  # most jobs in a block: more amortise each loop's set-up, fewer stay in the L1/L2 caches
-HYPER = ("lr", "reg", "momentum", "beta1", "beta2", "eps")
-RULES = {"sgd": 0, "momentum": 1, "adam": 2}  # plain descent keeps no buffer
+# a block's hyperparameter rows: lr, reg, momentum, beta1, beta2, eps (the kernel reads them by position)
+HYPER_ROWS = tuple(dict.fromkeys(n for names in optim.HYPER.values() for n in names))
 
 
 _uncached: list[str] = []  # kernels that compile in each process (no cache dir can be written)
@@ -96,9 +98,10 @@ def _exp(u: float) -> float:
 def train(blocks: Any, m: Any, v: Any, hyp: Any, x: Any, onehot: Any, h_dim: int, rule: int, t: int,
           steps: int, bad: Any) -> None:  # fmt: skip
     """`steps` full-batch steps of every block: blocks, m, v (B, rows, L) are the parameters and
-    the optimizer's buffers, hyp (B, 6, L) the HYPER values of each lane, onehot (N, C) the labels,
-    t the steps taken before. bad (B, L): the first of these steps whose loss was not finite
-    (left as it is where it is set already, or where none is)."""
+    the optimizer's buffers, hyp (B, 6, L) the HYPER_ROWS values of each lane, onehot (N, C) the
+    labels, rule the number of buffers the rule keeps (0 plain SGD, 1 SGD with momentum, 2 Adam),
+    t the steps taken before. bad (B, L): the first of these steps whose loss was not finite (left
+    as it is where it is set already, or where none is)."""
     n_blocks, rows, lanes = blocks.shape
     n, n_cls = onehot.shape
     w2, b2 = 3 * h_dim, 3 * h_dim + h_dim * n_cls
@@ -197,26 +200,25 @@ def from_rows(col: np.ndarray, h_dim: int, h: int, n_cls: int) -> dict[str, np.n
     return dict(zip(PARAMS, (w1, col[2 * h_dim : 2 * h_dim + h], w2.copy(), col[-n_cls:].copy()), strict=True))
 
 
-class FastEngine:
-    """Jobs of one group (shared data, dtype, optimizer) in blocks of lanes; the loop's interface:
-    ``run``, ``metrics``, ``export`` and ``keep``."""
+class NumbaEngine:
+    """Jobs of one group (shared data, dtype, optimizer) in blocks of lanes."""
 
     def __init__(self, cfgs: list[Any], data: Any, starts: list[dict[str, Any]], threads: int = 1) -> None:
         self.cfgs, self.dtype, self.threads, self.name = cfgs, np.dtype(cfgs[0].dtype), threads, "numba"
         self.h_dim, self.n_cls = max(c.hidden_dim for c in cfgs), data.num_classes
-        adam = cfgs[0].optimizer == "adam"
-        self.rule = RULES["adam" if adam else "momentum" if any(c.momentum for c in cfgs) else "sgd"]
+        self.adam, self.buffers = cfgs[0].optimizer == "adam", optim.buffers(cfgs[0].optimizer, optim.hyper(cfgs))
+        self.rule = len(self.buffers)  # (the kernel's rule)
         self.x, self.x_test, self.data = data.x_train.astype(self.dtype), data.x_test.astype(self.dtype), data
         self.onehot = np.eye(self.n_cls, dtype=self.dtype)[data.y_train.clip(0)]  # (as the torch engine)
         self.t, self.rows = starts[0].get("step", 0), list(range(len(cfgs)))
         cols = lambda ps: np.stack([to_rows(p, self.h_dim, self.n_cls) for p in ps], 1)  # noqa: E731
-        names = ("exp_avg", "exp_avg_sq") if adam else ("momentum", "")  # (an unused second buffer of zeros)
-        saved = [cols([_or_zeros(s["optimizer"].get(n), s["params"]) for s in starts]) for n in names]
-        hyp = np.array([[float(getattr(c, k)) for c in self.cfgs] for k in HYPER])
+        names = (*self.buffers, "m", "v")[:2]  # (m and v: zeros where the rule keeps fewer buffers)
+        saved = [cols(b) for b in saved_buffers(starts, names).values()]
+        hyp = np.array([[float(getattr(c, k)) for c in self.cfgs] for k in HYPER_ROWS])
         self._pack(cols([s["params"] for s in starts]), *saved, hyp)
         nothing = np.empty((0, self.blocks.shape[2]), np.int64)
         train(self.blocks[:0], self.m[:0], self.v[:0], self.hyp[:0], self.x, self.onehot, 1, 0, 0, 0, nothing)
-        logits(self.blocks[:0], self.x, 1, self.n_cls)  # (compiled, or loaded from the cache, before the clock starts)
+        logits(self.blocks[:0], self.x, 1, self.n_cls)  # (compiled or loaded now, before the clock starts)
 
     def _pack(self, params: np.ndarray, m: np.ndarray, v: np.ndarray, hyp: np.ndarray) -> None:
         """Job columns (rows, J) into blocks (B, rows, L); padding lanes are zero (lr 0: they never move)."""
@@ -236,7 +238,7 @@ class FastEngine:
         return arr.transpose(1, 0, 2).reshape(arr.shape[1], -1)[:, : len(self.rows)]
 
     def run(self, n: int, stop: Callable[[], bool]) -> tuple[int, list[int]]:
-        """Up to n steps of every job, in calls of about 0.05 s so that stop() is asked in between;
+        """Up to n steps of every job, in calls short enough that stop() is asked often between them;
         returns the steps done and, per job, the first whose loss was not finite (-1: none)."""
         n_blocks, lanes = self.blocks.shape[0], self.blocks.shape[2]
         bad, done = np.full((n_blocks, lanes), -1, np.int64), 0
@@ -249,36 +251,29 @@ class FastEngine:
             def one(b: int, args: tuple = args, parts: tuple = parts) -> None:  # (block b, bound now)
                 train(*(v[b : b + 1] for v in parts[:4]), *args, parts[4][b : b + 1])
 
-            list(_pool(min(self.threads, n_blocks)).map(one, range(n_blocks)))  # (a block per task: balanced)
+            list(_pool(min(self.threads, n_blocks)).map(one, range(n_blocks)))  # (a task a block)
             bad = np.where((bad < 0) & (found >= 0), found + done, bad)
             done += k
-        self.t += done if self.rule == RULES["adam"] else 0  # (Adam's step count, as the torch engine keeps it)
+        self.t += done if self.adam else 0  # (Adam's step count, as the torch engine keeps it)
         return done, bad.reshape(-1)[: len(self.rows)].tolist()
 
     def metrics(self) -> list[dict[str, float]]:
-        """Per job: mean cross-entropy (no L2 term) and accuracy on train and test, in float64;
-        points on an axis (class -1) count in neither."""
-        cols = []
-        for x, y in ((self.data.x_train, self.data.y_train), (self.data.x_test, self.data.y_test)):
-            keep = y >= 0
-            z = logits(self.blocks, x[keep].astype(self.dtype), self.h_dim, self.n_cls).astype(np.float64)
-            z = z.transpose(1, 2, 0, 3).reshape(int(keep.sum()), self.n_cls, -1)[:, :, : len(self.rows)]  # (N, C, J)
-            with np.errstate(all="ignore"):  # (a diverged job's logits are not finite)
-                top = z.max(1, keepdims=True)
-                logp = z - top - np.log(np.exp(z - top).sum(1, keepdims=True))
-                cols += [-logp[np.arange(len(z)), y[keep]].mean(0), (z.argmax(1) == y[keep, None]).mean(0)]
-        keys = ("loss", "train_accuracy", "test_loss", "test_accuracy")
-        return [dict(zip(keys, map(float, v), strict=True)) for v in zip(*cols, strict=True)]
+        """Per job, :func:`quadnet.engines.metric_rows`."""
+
+        def jobs(x: np.ndarray) -> np.ndarray:  # logits (J, N, C), float64
+            z = logits(self.blocks, x.astype(self.dtype), self.h_dim, self.n_cls).astype(np.float64)
+            return z.transpose(0, 3, 1, 2).reshape(-1, len(x), self.n_cls)[: len(self.rows)]
+
+        return metric_rows(np, jobs, (self.data.x_train, self.data.y_train), (self.data.x_test, self.data.y_test))
 
     def export(self, rows: list[int]) -> list[dict[str, Any]]:
         """Jobs at `rows`: their parameters and optimizer buffers, unpadded, float64."""
         hd, nc, cols = self.h_dim, self.n_cls, [self._columns(a) for a in (self.blocks, self.m, self.v)]
-        names = {2: ("exp_avg", "exp_avg_sq"), 1: ("momentum",), 0: ()}[self.rule]
         out = []
         for r in rows:
             h = self.cfgs[self.rows[r]].hidden_dim
             params, *bufs = (from_rows(c[:, r], hd, h, nc) for c in cols)
-            out.append({"params": params, "optimizer": dict(zip(names, bufs, strict=False)), "step": self.t})
+            out.append({"params": params, "optimizer": dict(zip(self.buffers, bufs, strict=False)), "step": self.t})
         return out
 
     def keep(self, rows: list[int]) -> None:
@@ -293,7 +288,3 @@ class FastEngine:
 def _pool(threads: int) -> ThreadPoolExecutor:
     """The threads that train blocks (the compiled loop releases the GIL), one pool per size."""
     return ThreadPoolExecutor(threads, thread_name_prefix="quadnet-numba")
-
-
-def _or_zeros(buf: dict[str, np.ndarray] | None, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return buf if buf is not None else {k: np.zeros_like(v) for k, v in like.items()}

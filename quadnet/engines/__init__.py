@@ -1,0 +1,95 @@
+"""The engines that train a batch of jobs, and what they share.
+
+:class:`~quadnet.engines.torch.TorchEngine` (CPU or CUDA), :class:`~quadnet.engines.numba.NumbaEngine`
+(compiled, CPU) and :class:`~quadnet.engines.numpy.NumpyEngine` (the hand-written oracle, one job) offer
+what :func:`quadnet.loop.fit` needs: ``run``, ``metrics``, ``export``, ``keep``, ``rows`` and ``name``.
+Each computes its logits its own way; :func:`metric_rows` turns them into the figures a run records.
+
+(Nothing here is bound to the names torch, numpy or numba: importing an engine submodule binds its
+name in this package's namespace.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quadnet.config import TrainConfig
+from quadnet.model import Params
+
+# the figures of a metrics row, in the order metrics.csv and checkpoints keep them
+METRICS = ("loss", "train_accuracy", "test_accuracy", "test_loss")
+# engine=auto: above this many classes the numba step, whose loops run over every class of every
+# point, is slower than torch's matrix products
+NUMBA_MAX_CLASSES = 32
+
+
+def metric_rows(xp: Any, logits: Callable[[Any], Any], train: tuple, test: tuple) -> list[dict[str, float]]:
+    """Per job: mean cross-entropy (no L2 term) and accuracy on train and test; points on an axis
+    (label -1) count in neither. train, test: points (N, 2) and labels (N,); logits(points): the
+    jobs' logits (J, N, C) in float64. NumPy arrays (xp: numpy) or torch tensors on any device (xp:
+    torch; one transfer, of the figures)."""
+    figures = []
+    for x, y in (train, test):
+        with np.errstate(all="ignore"):  # (a diverged job's logits are not finite)
+            z, y = logits(x)[:, y >= 0], y[y >= 0]
+            top = xp.amax(z, axis=-1, keepdims=True)
+            logp = z - top - xp.log(xp.exp(z - top).sum(-1, keepdims=True))
+            figures += [-logp[:, range(len(y)), y].mean(-1), xp.mean(z.argmax(-1) == y, axis=-1, dtype=xp.float64)]
+    loss, train_acc, test_loss, test_acc = figures
+    table = xp.stack([loss, train_acc, test_acc, test_loss]).tolist()  # in METRICS' order
+    return [dict(zip(METRICS, row, strict=True)) for row in zip(*table, strict=True)]
+
+
+def saved_buffers(starts: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, list[Params]]:
+    """Each named optimizer buffer of every job: as its start saved it, else zeros."""
+    zeros = lambda p: {k: np.zeros_like(v) for k, v in p.items()}  # noqa: E731
+    return {n: [s.get("optimizer", {}).get(n) or zeros(s["params"]) for s in starts] for n in names}
+
+
+def engine_name(c: TrainConfig, device: str, classes: int) -> str:
+    """What trains a job: engine=auto is numba on the cpu when it is installed, the step is fused and
+    the classes are few enough (:data:`NUMBA_MAX_CLASSES`), else torch."""
+    if c.engine == "auto":
+        fast = c.step == "fused" and device == "cpu" and classes <= NUMBA_MAX_CLASSES
+        return "numba" if fast and importlib.util.find_spec("numba") is not None else f"torch/{c.step}"
+    return f"torch/{c.step}" if c.engine == "torch" else c.engine
+
+
+def build(cfgs: list[TrainConfig], data: Any, starts: list[dict[str, Any]], device: str) -> Any:
+    """The engine for a batch of jobs on a device (one job for engine=numpy). threads=0 is every
+    usable CPU for numba (its threads do not slow down beside busy processes) and one for torch
+    (torch's threads contend with a busy process for tensors this small)."""
+    name, c0 = engine_name(cfgs[0], device, data.num_classes), cfgs[0]
+    if name == "numpy":
+        from quadnet.engines.numpy import NumpyEngine
+
+        return NumpyEngine(cfgs, data, device, starts)
+    if name == "numba":
+        from quadnet.engines.numba import NumbaEngine
+
+        return NumbaEngine(cfgs, data, starts, min(c0.threads or usable_cpus(), usable_cpus()))
+    from quadnet.engines.torch import TorchEngine
+
+    return TorchEngine(cfgs, data, device, starts, min(c0.threads or 1, usable_cpus()))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (SLURM sets it) and a cgroup quota
+    (``docker --cpus`` sets it); not ``os.cpu_count()``, the machine's."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    v1 = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+    for read in (lambda: Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2],  # cgroup v2, then v1
+                 lambda: [v1.read_text(), v1.with_name("cpu.cfs_period_us").read_text()]):  # fmt: skip
+        with contextlib.suppress(OSError, ValueError):
+            quota, period = (v.strip() for v in read())
+            if quota not in ("max", "-1"):
+                n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    return n
