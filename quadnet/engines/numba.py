@@ -18,14 +18,18 @@ import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numba import njit
+from numba import config, njit
 
 from quadnet import optim
 from quadnet.engines import metric_rows, saved_buffers
+from quadnet.exits import one_line
 from quadnet.model import PARAMS
+
+log = logging.getLogger("quadnet")
 
 LANES = 64  # most jobs in a block: more amortise each loop's set-up, fewer stay in the L1/L2 caches
 # a block's hyperparameter rows: lr, reg, momentum, beta1, beta2, eps (the kernel reads them by position)
@@ -42,7 +46,7 @@ def _jit(fn: Callable[..., Any]) -> Any:
     except RuntimeError:  # "cannot cache function …: no locator available"
         if not _uncached:  # (one line, not one a kernel)
             where = os.environ.get("NUMBA_CACHE_DIR") or "quadnet's dir or ~/.cache"
-            logging.getLogger("quadnet").warning("numba cannot write its cache in %s: kernels compile each run", where)
+            log.warning("numba cannot write its cache in %s: kernels compile each run", where)
         _uncached.append(fn.__name__)
         return njit(nogil=True, error_model="numpy")(fn)
 
@@ -216,9 +220,19 @@ class NumbaEngine:
         saved = [cols(b) for b in saved_buffers(starts, names).values()]
         hyp = np.array([[float(getattr(c, k)) for c in self.cfgs] for k in HYPER_ROWS])
         self._pack(cols([s["params"] for s in starts]), *saved, hyp)
+        try:  # compiled or loaded now, before the clock starts
+            self._warm_up()
+        except Exception as e:  # a damaged cache (a killed writer, a disk error): dropped, and compiled afresh
+            log.warning("numba's cache of quadnet's kernels was unreadable (%s); compiling them again", one_line(e))
+            roots = [Path(__file__).parent / "__pycache__", *([Path(config.CACHE_DIR)] if config.CACHE_DIR else [])]
+            for f in (f for root in roots for f in root.rglob(f"{Path(__file__).stem}.*.nb[ic]")):
+                f.unlink(missing_ok=True)
+            self._warm_up()
+
+    def _warm_up(self) -> None:
         nothing = np.empty((0, self.blocks.shape[2]), np.int64)
         train(self.blocks[:0], self.m[:0], self.v[:0], self.hyp[:0], self.x, self.onehot, 1, 0, 0, 0, nothing)
-        logits(self.blocks[:0], self.x, 1, self.n_cls)  # (compiled or loaded now, before the clock starts)
+        logits(self.blocks[:0], self.x, 1, self.n_cls)
 
     def _pack(self, params: np.ndarray, m: np.ndarray, v: np.ndarray, hyp: np.ndarray) -> None:
         """Job columns (rows, J) into blocks (B, rows, L); padding lanes are zero (lr 0: they never move)."""
