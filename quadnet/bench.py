@@ -20,6 +20,7 @@ if __name__ == "__main__":  # python -m quadnet.bench: a signal while it imports
 
     on_signals(STOPPED)
 
+import argparse
 import contextlib
 import json
 import math
@@ -145,7 +146,7 @@ def _sweep(
     return seconds, output, usage.ru_maxrss * 1024, done
 
 
-def bench_sweep(a: Any) -> list[dict[str, Any]]:
+def bench_sweep(a: argparse.Namespace) -> list[dict[str, Any]]:
     """The basic launcher timed on 1 and `sample` jobs (its cost per job extrapolated); the batched on all,
     or on as many as it completes in `seconds` if not 0 (its time for all projected from their rate).
     `busy` CPU-bound processes run beside them, as other users' work on a shared machine."""
@@ -166,8 +167,9 @@ def bench_sweep(a: Any) -> list[dict[str, Any]]:
     basic, found = (tk - t1) / (sample - 1), _PHASES.findall(output)
     if not found and done == a.jobs:
         raise SystemExit("error: the batched launcher's timing line was not in its output (quadnet.sweep.TIMING_LINE)")
-    compose, train, write, launch = map(float, found[-1]) if found else (math.nan,) * 3 + (0.0,)  # (stopped first)
-    startup, until = tb - launch, min(tb, a.seconds or tb)  # (the sweep's start; its end, or when it was stopped)
+    # (no timing line from a sweep stopped before it launched)
+    compose, train, write, launch = map(float, found[-1]) if found else (math.nan, math.nan, math.nan, 0.0)
+    startup, until = tb - launch, min(tb, a.seconds or tb)  # (its start-up; its end, or when it was stopped)
     rate = done / (until - startup) if done else 0.0  # (jobs a second once launched)
     row = dict(jobs=a.jobs, done=done, epochs=a.epochs, busy=a.busy, basic_per_job_s=basic, batched_s=tb)
     row |= dict(startup_s=startup, compose_s=compose, train_s=train, write_s=write, jobs_per_s=rate)
