@@ -8,7 +8,9 @@ step     one batch of J default jobs, one thread, in ms per job per 10,000 steps
 sweep    the same sweep under Hydra's basic launcher and the batched launcher, end to end, with
          the peak memory (resident set) of each; ``--busy N`` runs N CPU-bound processes
          beside both, as on a shared machine; ``--mlflow`` runs the batched sweep again with
-         logger=mlflow (a SQLite store) and prints what the logging costs.
+         logger=mlflow (a SQLite store) and prints what the logging costs; ``--seconds N`` stops the
+         batched sweep after N s and prints the jobs it completed, their rate once launched and the
+         time all would take: the sweep's start-up, then every job at that rate (projected_s).
 """
 
 from __future__ import annotations
@@ -18,16 +20,20 @@ if __name__ == "__main__":  # python -m quadnet.bench: a signal while it imports
 
     on_signals(STOPPED)
 
+import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +105,7 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
     for j in sizes:
         row: dict[str, Any] = {"jobs": j, "limit_ms": limit}
         for name, (engine, step, device) in variants.items():
-            if (name != "numpy" or j == 1) and (device == "cpu" or torch.cuda.is_available()):
+            if {"numpy": j == 1, "numba": find_spec("numba"), "cuda": torch.cuda.is_available()}.get(name, True):
                 ms = min(ms_per_job(j, engine, step, device) for _ in range(repeat))
                 row |= {f"{name}_ms": ms, f"{name}_x_limit": ms / limit}
         rows.append(row)
@@ -111,9 +117,12 @@ _PHASES = re.compile(
 )
 
 
-def _sweep(n: int, launcher: str, sweep_dir: Path, extra: list[str], env: dict | None = None) -> tuple[float, str, int]:
-    """A sweep of n jobs as a subprocess: its seconds, its output and its peak memory (bytes: the
-    largest resident set of the process and every process it waited for, as the kernel counts it)."""
+def _sweep(
+    n: int, launcher: str, sweep_dir: Path, extra: list[str], env: dict | None = None, limit: float = 0
+) -> tuple[float, str, int, int]:
+    """A sweep of n jobs as a subprocess, stopped by SIGTERM after `limit` seconds if not 0: its seconds, its
+    output, its peak memory (bytes: the largest resident set of the process and every process it waited
+    for, as the kernel counts it) and its completed jobs (all n unless stopped)."""
     overrides = [f"seed=range({n})", f"hydra/launcher={launcher}", *extra]
     cmd = [sys.executable, "-m", "quadnet.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
     t0 = time.perf_counter()
@@ -121,46 +130,52 @@ def _sweep(n: int, launcher: str, sweep_dir: Path, extra: list[str], env: dict |
         p = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, cwd=sweep_dir.parent, env={**os.environ, **(env or {})}
         )
+        stopper = threading.Timer(limit, p.terminate)
+        if limit:
+            stopper.start()
         _, status, usage = os.wait4(p.pid, 0)
+        stopper.cancel()
         seconds, p.returncode = time.perf_counter() - t0, os.waitstatus_to_exitcode(status)
         log.seek(0)
         output = log.read()
     done = sum(json.loads(s.read_text())["status"] == "completed" for s in sweep_dir.glob("*/summary.json"))
-    if p.returncode != 0 or done != n:
+    if not (limit and seconds >= limit) and (p.returncode != 0 or done != n):
         raise SystemExit(
             f"error: the {launcher} sweep completed {done} of {n} jobs: {output.strip().splitlines()[-1:]}"
         )
-    return seconds, output, usage.ru_maxrss * 1024
+    return seconds, output, usage.ru_maxrss * 1024, done
 
 
-def bench_sweep(jobs: int, sample: int, device: str, n_busy: int, epochs: int, mlflow: bool) -> list[dict[str, Any]]:
-    """The basic launcher timed on 1 and `sample` jobs (its cost per job extrapolated); the batched on all.
-    n_busy CPU-bound processes run beside them, as other users' work on a shared machine."""
-    sample, extra = max(2, min(sample, jobs)), [f"device={device}", f"epochs={epochs}"]
+def bench_sweep(a: argparse.Namespace) -> list[dict[str, Any]]:
+    """The basic launcher timed on 1 and `sample` jobs (its cost per job extrapolated); the batched on all,
+    or on as many as it completes in `seconds` if not 0 (its time for all projected from their rate).
+    `busy` CPU-bound processes run beside them, as other users' work on a shared machine."""
+    sample, extra = max(2, min(a.sample, a.jobs)), [f"device={a.device}", f"epochs={a.epochs}"]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as busy:
-        for _ in range(n_busy):  # killed, then waited for (Popen's exit), when the block ends
+        for _ in range(a.busy):  # killed, then waited for (Popen's exit), when the block ends
             proc = busy.enter_context(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
             busy.callback(proc.kill)
-        _sweep(1, "batched", Path(tmp) / "warm", extra)  # (caches warm: numba's kernels, the OS's files)
-        t1, _, _ = _sweep(1, "basic", Path(tmp) / "basic1", extra)
-        tk, _, basic_peak = _sweep(sample, "basic", Path(tmp) / "basick", extra)
-        tb, output, peak = _sweep(jobs, "batched", Path(tmp) / "batched", [*extra, "plots=false"])
-        if mlflow:
-            store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}  # (made first: its tables take seconds)
-            _sweep(1, "batched", Path(tmp) / "store", ["epochs=1", "logger=mlflow"], store)
-            tm, _, _ = _sweep(jobs, "batched", Path(tmp) / "logged", [*extra, "plots=false", "logger=mlflow"], store)
-    found = _PHASES.findall(output)
-    if not found:
+        d = Path(tmp)
+        _sweep(1, "batched", d / "warm", extra)  # (caches warm: numba's kernels, the OS's files)
+        t1 = _sweep(1, "basic", d / "basic1", extra)[0]
+        tk, _, basic_peak, _ = _sweep(sample, "basic", d / "basick", extra)
+        tb, output, peak, done = _sweep(a.jobs, "batched", d / "batched", [*extra, "plots=false"], None, a.seconds)
+        if a.mlflow:
+            store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}  # (its tables made first, not timed)
+            _sweep(1, "batched", d / "store", ["epochs=1", "logger=mlflow"], store)
+            tm = _sweep(a.jobs, "batched", d / "logged", [*extra, "plots=false", "logger=mlflow"], store)[0]
+    basic, found = (tk - t1) / (sample - 1), _PHASES.findall(output)
+    if not found and done == a.jobs:
         raise SystemExit("error: the batched launcher's timing line was not in its output (quadnet.sweep.TIMING_LINE)")
-    compose, train, write, launch = (float(v) for v in found[-1])
-    basic = (tk - t1) / (sample - 1)
-    row: dict[str, Any] = dict(jobs=jobs, epochs=epochs, busy=n_busy, basic_per_job_s=basic, batched_s=tb)
-    row |= dict(batched_per_job_ms=1000 * tb / jobs, startup_s=tb - launch, compose_s=compose, train_s=train)
-    row |= dict(write_s=write, peak_mb=peak / 2**20, basic_peak_mb=basic_peak / 2**20)
-    row |= {"batched_faster_per_job": basic / (tb / jobs)} | (
-        {"mlflow_s": tm, "mlflow_cost": tm / tb} if mlflow else {}
-    )
-    return [row]
+    # (no timing line from a sweep stopped before it launched)
+    compose, train, write, launch = map(float, found[-1]) if found else (math.nan, math.nan, math.nan, 0.0)
+    startup, until = tb - launch, min(tb, a.seconds or tb)  # (its start-up; its end, or when it was stopped)
+    rate = done / (until - startup) if done else 0.0  # (jobs a second once launched)
+    row = dict(jobs=a.jobs, done=done, epochs=a.epochs, busy=a.busy, basic_per_job_s=basic, batched_s=tb)
+    row |= dict(startup_s=startup, compose_s=compose, train_s=train, write_s=write, jobs_per_s=rate)
+    row |= dict(projected_s=startup + a.jobs / rate if rate else math.inf, peak_mb=peak / 2**20)
+    row |= dict(basic_peak_mb=basic_peak / 2**20, batched_faster_per_job=basic * done / until)
+    return [row | ({"mlflow_s": tm, "mlflow_cost": tm / tb} if a.mlflow else {})]
 
 
 @command()
@@ -182,22 +197,21 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("--device", default="auto", help="device= of every job (default auto)")
     sweep.add_argument("--busy", type=int, default=0, help="CPU-bound processes to run beside it")
     sweep.add_argument("--mlflow", action="store_true", help="also the batched sweep with logger=mlflow")
+    sweep.add_argument("--seconds", type=int, default=0, help="stop the batched sweep after this: its rate, projected")
     args = parser.parse_args(argv)
     given = vars(args)
     sizes = [int(j) if j.strip().isdigit() else 0 for j in str(given.get("jobs", 1)).split(",")]  # sweep: one
-    if min(sizes + [given.get(k, 1) for k in ("repeat", "epochs", "sample")]) < 1 or given.get("busy", 0) < 0:
-        parser.error("--repeat, --epochs, --jobs (each size) and --sample must be whole numbers >= 1, --busy >= 0")
-    if args.what == "step" and max(sizes) > 16384:  # (a batch that size takes minutes, and memory)
+    low = min(sizes + [given.get(k, 1) for k in ("repeat", "epochs", "sample")])
+    if low < 1 or min(given.get(k, 0) for k in ("busy", "seconds")) < 0:
+        parser.error("--repeat, --epochs, --jobs and --sample must be whole numbers >= 1; --busy, --seconds >= 0")
+    if args.what == "step" and max(sizes) > 16384:  # (sweep.CUDA_CHUNK: the most jobs a sweep composes at once)
         parser.error(f"--jobs {max(sizes)} is not allowed: bench step takes batches of up to 16384 jobs")
-    rows = {
-        "step": lambda: bench_step(sizes, args.repeat),
-        "sweep": lambda: bench_sweep(args.jobs, args.sample, args.device, args.busy, args.epochs, args.mlflow),
-    }[args.what]()
+    rows = bench_step(sizes, args.repeat) if args.what == "step" else bench_sweep(args)
     if args.json:
         print(json.dumps({"benchmark": args.what, "machine": machine(), "rows": rows}, indent=2))
         return
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
-    units = {"step": "ms per job per 10,000 steps; _x_limit: times the arithmetic limit", "sweep": "s, ms, MB"}
+    units = {"step": "ms per job per 10,000 steps; _x_limit: times the arithmetic limit", "sweep": "s, jobs/s, MB"}
     print(f"units: {units[args.what]}")
     # the rows as an aligned table, a column a key ("-" where a row has none), numbers right-aligned
     keys = list(dict.fromkeys(k for r in rows for k in r))

@@ -77,7 +77,19 @@ def numba_kernels_cached() -> None:
         build([TrainConfig()], make_dataset(TrainConfig().data), [start_state(TrainConfig())], "cpu")
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.fixture(
+    params=[
+        pytest.param("cpu", marks=pytest.mark.cuda),
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+        ),
+    ]
+)
+def device(request: pytest.FixtureRequest) -> str:
+    """The device a GPU test runs on: the CPU in every run, so that its body cannot rot unseen on machines
+    without a GPU, and CUDA where there is one. Both are marked `cuda`: `pytest -m cuda` runs them."""
+    return request.param
 
 
 def make_cfg(*overrides: str) -> TrainConfig:

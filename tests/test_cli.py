@@ -150,11 +150,9 @@ def test_numpy_engine_refuses_a_gpu(tmp_path):
         make_cfg("engine=numpy", "device=cuda")
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_run_matches_the_seed(tmp_path):
-    s = train(make_cfg("device=cuda"), run_dir=tmp_path)
-    assert s["device"].startswith("cuda:0")
+def test_a_torch_run_on_a_device_matches_the_seed(tmp_path, device):
+    s = train(make_cfg(f"device={device}", "engine=torch"), run_dir=tmp_path)
+    assert s["device"].startswith(resolve_device(device)) and s["engine"].startswith("torch")
     np.testing.assert_allclose(np.array([p["probs"] for p in s["predictions"]]), SEED_PROBS, atol=1e-9)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_cfg, requires_cuda, run_cli
+from conftest import make_cfg, run_cli
 from quadnet import optim
 from quadnet.crosscheck import check
 from quadnet.data import make_dataset
@@ -169,30 +169,34 @@ def test_crosscheck_agrees_within_1e9(overrides):
     assert r["gradient_check_rel_error"] < 1e-7
 
 
-# ---------------------------------------------------------------------------- CUDA
+# ---------------------------------------------------------------------------- on a device (CPU, and CUDA)
 
 
-@requires_cuda
-@pytest.mark.cuda
+def _numpy(cfg, steps):
+    """One job through the NumPy engine: (steps done, first bad) and its state, the reference on any device."""
+    (done, first), (state,), _ = _run([dataclasses.replace(cfg, engine="numpy")], steps=steps)
+    return done, first, state
+
+
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-9), ("float32", 1e-5)])
 @pytest.mark.parametrize("graph", [True, False])
-def test_cuda_batch_equals_cpu(dtype, tol, graph):
-    cfgs = [
-        make_cfg(*(f"{k}={v}" for k, v in case.items()), f"dtype={dtype}", f"cuda_graph={graph}") for case in CASES[1:3]
-    ]
-    (done_c, _), cpu, _ = _run(cfgs, steps=260)
-    (done_g, _), gpu, _ = _run(cfgs, steps=260, device="cuda")
-    assert done_c == done_g == 260
-    for a, b in zip(gpu, cpu, strict=True):
-        _close(a["params"], b["params"], tol)
+def test_torch_batch_on_a_device_equals_numpy(dtype, tol, graph, device):
+    """The torch engine's batch on the device (replaying CUDA graphs there if asked) against each job in NumPy."""
+    cfgs = [make_cfg(*(f"{k}={v}" for k, v in c.items()), f"dtype={dtype}", f"cuda_graph={graph}") for c in CASES[1:3]]
+    (done, _), states, _ = _run([dataclasses.replace(c, engine="torch") for c in cfgs], steps=260, device=device)
+    assert done == 260
+    for cfg, state in zip(cfgs, states, strict=True):
+        steps, _, ref = _numpy(cfg, 260)
+        assert steps == 260
+        _close(state["params"], ref["params"], tol)
 
 
-@requires_cuda
-@pytest.mark.cuda
-def test_cuda_graph_reports_divergence_step_exactly():
-    (_, first_c), _, _ = _run([make_cfg("lr=1e6")], steps=1000)
-    (_, first_g), _, _ = _run([make_cfg("lr=1e6")], steps=1000, device="cuda")
-    assert first_c == first_g and first_c[0] >= 0
+def test_divergence_step_is_reported_exactly_on_a_device(device):
+    """On CUDA through graph replays, on the CPU through the ordinary path: the step NumPy finds."""
+    cfg = make_cfg("lr=1e6", "engine=torch")
+    (_, first), _, _ = _run([cfg], steps=1000, device=device)
+    _, first_numpy, _ = _numpy(cfg, 1000)
+    assert first == first_numpy and first[0] >= 0
 
 
 def test_crosscheck_from_the_cli_passes_within_its_tolerance_and_fails_past_it(tmp_path):

@@ -22,6 +22,7 @@ from conftest import ROOT, make_cfg, read_metrics, run_cli
 from quadnet import checkpoint, engines, loop, rundir
 from quadnet.config import version_base
 from quadnet.data import make_dataset
+from quadnet.device import resolve_device
 from quadnet.loop import start_state
 from quadnet.train import train
 
@@ -395,28 +396,26 @@ def test_a_checkpoint_written_by_a_batch_resumes_exactly(tmp_path):
     assert checkpoint.load(tmp_path / "r")["epoch"] == 600
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_batched_on_cuda_equals_cpu():
-    cfgs = [make_cfg(*ov, "log_every=50") for ov in MIXED]
-    for a, b in zip(_batch(cfgs), _batch(cfgs, device="cuda"), strict=True):
-        assert a.status == b.status and a.epoch == b.epoch
+def test_a_torch_batch_on_a_device_equals_each_job_in_numpy(device):
+    on_device = _batch([make_cfg(*ov, "log_every=50", "engine=torch") for ov in MIXED], device=device)
+    for ov, a in zip(MIXED, on_device, strict=True):
+        (b,) = _batch([make_cfg(*ov, "log_every=50", "engine=numpy")])
+        assert a.status == b.status and a.epoch == b.epoch, ov
         if a.status == "completed":
             for k in a.state["params"]:
                 np.testing.assert_allclose(a.state["params"][k], b.state["params"][k], atol=1e-9)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_batched_cuda_sweep_with_forked_writers_equals_a_cpu_sweep(tmp_path):
-    """The writers fork after CUDA is initialised; they must not touch it."""
-    sweep = ["hydra/launcher=batched", "hydra.launcher.writers=2", "seed=range(4)", "epochs=300", "lr=0.01"]
-    for device in ("cuda", "cpu"):
-        _sweep(tmp_path, device, *sweep, f"device={device}")
+def test_a_batched_sweep_on_a_device_equals_each_job_trained_alone(tmp_path, device):
+    """From the command line: a chunk trains in the launcher's helper thread while the last one is written."""
+    sweep = ["epochs=300", "lr=0.01", "engine=torch"]
+    batched = ["hydra/launcher=batched", "hydra.launcher.max_batch=2", "seed=range(4)", f"device={device}"]
+    _sweep(tmp_path, "s", *batched, *sweep)
     for n in range(4):
-        g, c = _summary(tmp_path, "cuda", n), _summary(tmp_path, "cpu", n)
-        assert g["status"] == c["status"] == "completed" and g["device"].startswith("cuda:0")
-        np.testing.assert_allclose(_probs(g), _probs(c), rtol=0, atol=1e-9)
+        alone = train(make_cfg(f"seed={n}", *sweep, "device=cpu"), run_dir=tmp_path / f"alone{n}")
+        s = _summary(tmp_path, "s", n)
+        assert s["status"] == alone["status"] == "completed" and s["device"].startswith(resolve_device(device))
+        np.testing.assert_allclose(_probs(s), _probs(alone), rtol=0, atol=1e-9)
 
 
 def test_hydra_plugins_stays_a_namespace_package():
