@@ -134,14 +134,10 @@ def resumable(job: Job, c: TrainConfig, data: Dataset) -> loop.Job:
     diverged one aside). A job that completed at c.epochs, as its summary and its checkpoint both
     say, is kept as it is. A checkpoint it cannot go on from (:func:`quadnet.checkpoint.resume_check`)
     refuses the sweep (:class:`SweepRefused`): going on would throw its training away."""
-    here = checkpoint.in_dir(job.dir)
-    if here is None:
-        return loop.Job(c, loop.start_state(c, data.num_classes))
-    try:
-        ck = checkpoint.load(here)
-    except checkpoint.CheckpointError:  # a damaged or half-written checkpoint: the job trains again
-        return loop.Job(c, loop.start_state(c, data.num_classes))
-    if ck["status"] == "diverged":
+    ck = None
+    with contextlib.suppress(checkpoint.CheckpointError):  # a damaged or half-written one: the job trains again
+        ck = checkpoint.load(here) if (here := checkpoint.in_dir(job.dir)) else None
+    if ck is None or ck["status"] == "diverged":
         return loop.Job(c, loop.start_state(c, data.num_classes))
     try:
         checkpoint.resume_check(ck, c, data)
