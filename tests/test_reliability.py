@@ -173,3 +173,18 @@ def test_sighup_is_a_stop_like_sigterm(tmp_path):
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["status"] == "interrupted" and s["signal"] == "SIGHUP" and s["epoch"] > 0
     assert os.path.exists(tmp_path / "r" / "checkpoint.npz")
+
+
+def test_a_plot_that_cannot_be_drawn_costs_the_plot_not_the_run(tmp_path, monkeypatch, caplog):
+    from conftest import make_cfg
+    from quadnet import plots
+    from quadnet.train import train
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(plots, "plot_regions", no_memory)
+    s = train(make_cfg("epochs=20", "plots=true"), run_dir=tmp_path / "r")
+    assert s["status"] == "completed" and (tmp_path / "r" / "loss.png").exists()
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "completed"
+    assert "plots not drawn: out of memory" in caplog.text
