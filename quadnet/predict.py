@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from quadnet.artifacts import prediction_rows
-from quadnet.checkpoint import CHECKPOINT, NAMES, CheckpointError
+from quadnet.checkpoint import CHECKPOINT, CheckpointError
 from quadnet.checkpoint import load as load_checkpoint
 from quadnet.cli import command, fail
 from quadnet.config import ConfigError
@@ -91,7 +91,7 @@ def load(path: str | Path) -> Model:
 
 def newest_run(root: Path = Path("outputs")) -> Path:
     """The newest completed run under root: single runs and sweep jobs, by when their checkpoint was written."""
-    runs = [p for n in NAMES for p in (*root.glob(f"*/{n}"), *root.glob(f"multirun/*/*/{n}"))]
+    runs = [*root.glob(f"*/{CHECKPOINT}"), *root.glob(f"multirun/*/*/{CHECKPOINT}")]
     for ck in sorted(runs, key=lambda m: m.stat().st_mtime, reverse=True):
         with contextlib.suppress(OSError, ValueError, RecursionError, AttributeError):
             if json.loads((ck.parent / "summary.json").read_text()).get("status") == "completed":

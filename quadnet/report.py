@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 
 from quadnet.artifacts import summary_metric, write_text
-from quadnet.checkpoint import NAMES
+from quadnet.checkpoint import CHECKPOINT
 from quadnet.cli import ArgumentParser, command, fail
 
 METRICS = {"test_loss": True, "test_error": True, "final_loss": True, "test_accuracy": False, "train_accuracy": False}
@@ -111,7 +111,7 @@ def read_job(d: Path) -> dict[str, Any]:
 def read_jobs(sweep: Path) -> list[dict[str, Any]]:
     if (sweep / "summary.json").exists():
         raise ReportError(f"{str(sweep)!r} is a single run, not a sweep; its results are in its summary.json")
-    marks = ("summary.json", ".hydra", *NAMES)  # (a job that never finished has its checkpoint or Hydra's record)
+    marks = ("summary.json", ".hydra", CHECKPOINT)  # (a job that never finished has its checkpoint or Hydra's record)
     dirs = [p for p in sweep.iterdir() if p.is_dir() and any((p / m).exists() for m in marks)]
     if not dirs:
         raise ReportError(f"{str(sweep)!r} holds no job dirs (no */summary.json)")
