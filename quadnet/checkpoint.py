@@ -78,7 +78,7 @@ def find(path: str | Path) -> Path:
             raise CheckpointError(f"{str(p)!r} holds no {CHECKPOINT}")
         return found
     if not p.is_file():  # (a FIFO would block the read)
-        why = "is not a regular file" if p.exists() else "does not exist"
+        why = "is not a quadnet checkpoint (not a regular file)" if p.exists() else "does not exist"
         raise CheckpointError(f"{str(p)!r} {why}; give a run dir or a checkpoint file")
     return p
 
@@ -148,7 +148,9 @@ def read(p: Path) -> dict[str, np.ndarray]:
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
         if isinstance(e, CheckpointError):
             raise
-        raise CheckpointError(f"{where} is not a quadnet checkpoint (truncated or corrupt)") from None
+        raise CheckpointError(
+            f"{where} is not a quadnet checkpoint (truncated or corrupt, or not a NumPy .npz file)"
+        ) from None
 
 
 def load(path: str | Path) -> dict[str, Any]:
