@@ -288,7 +288,7 @@ def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int |
 
 @command()
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m quadnet.report", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m quadnet.report", description=__doc__.split("\n\n")[0].replace("``", ""))
     parser.add_argument("sweep_dir", nargs="?", help="a sweep dir (default: the newest under outputs/multirun)")
     parser.add_argument("--metric", default="test_loss", help=f"sort by: {', '.join(METRICS)} (default test_loss)")
     parser.add_argument("--outputs", default="outputs", help="where to look for the newest sweep")
