@@ -211,7 +211,8 @@ def test_crosscheck_judges_divergence_by_its_epoch_and_resumes_from_a_checkpoint
     r = run_cli("lr=1e30", "epochs=50", module="quadnet.crosscheck", cwd=tmp_path)
     assert r.returncode == 0 and "every engine diverged at epoch 6: they agree" in r.stdout, r.stdout
     apart = {"epochs": 9, "diverged": {"numpy": 6, "torch/fused": None}, "gradient_check_rel_error": 0.0}
-    apart |= {"engines": {"torch/fused": {"loss_along_the_way": 0.0}}, "gradients_vs_autograd": {"initial": 0.0}}
+    figures = dict.fromkeys(("loss_along_the_way", "final_weights", "test_probs"), 0.0)
+    apart |= {"engines": {"torch/fused": figures}, "gradients_vs_autograd": {"initial": 0.0, "final": 0.0}}
     monkeypatch.setattr(crosscheck, "check", lambda *_: apart)
     code, out, _ = call_main(crosscheck.main, capsys, "epochs=9")
     assert code == 1 and "diverged at different epochs: numpy at epoch 6, torch/fused never" in out
