@@ -94,7 +94,8 @@ def newest_run(root: Path = Path("outputs")) -> Path:
     runs = [*root.glob(f"*/{CHECKPOINT}"), *root.glob(f"multirun/*/*/{CHECKPOINT}")]
     for ck in sorted(runs, key=lambda m: m.stat().st_mtime, reverse=True):
         with contextlib.suppress(OSError, ValueError, RecursionError, AttributeError):
-            if json.loads((ck.parent / "summary.json").read_text()).get("status") == "completed":
+            s = ck.parent / "summary.json"  # (a FIFO would block the read)
+            if s.is_file() and json.loads(s.read_text()).get("status") == "completed":
                 return ck.parent
     raise InputError(f"no completed run under {str(root)!r} (no */{CHECKPOINT}); train one, or give a run dir first")
 
