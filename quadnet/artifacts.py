@@ -101,8 +101,9 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
-    # a missing figure is NaN (an older checkpoint may lack one); other keys are not written
-    lines = [",".join(METRIC_FIELDS)] + [",".join(repr(r.get(k, math.nan)) for k in METRIC_FIELDS) for r in rows]
+    # a missing figure is NaN; an epoch is a whole number, though a checkpoint's history holds it as a float
+    cell = lambda k, v: f"{v:.0f}" if k == "epoch" else repr(float(v))  # noqa: E731
+    lines = [",".join(METRIC_FIELDS)] + [",".join(cell(k, r.get(k, math.nan)) for k in METRIC_FIELDS) for r in rows]
     write_text(path, "\n".join(lines) + "\n")
 
 

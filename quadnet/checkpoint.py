@@ -5,29 +5,33 @@ layout, float64), ``optimizer/<buffer>/<param>``, ``history`` (a row per log poi
 :data:`~quadnet.artifacts.METRIC_FIELDS`) and ``meta``, a JSON string with the format, epoch,
 optimizer step, status, classes and resolved config. ``np.load(path)`` reads it without torch,
 and ``allow_pickle=False`` means a crafted file cannot run code. For a completed run it is the
-model (``predict`` and ``quadnet.load`` read it). The ``checkpoint.pt``/``model.pt`` files of quadnet
-0.1 and 0.2 (torch.save, read with ``torch.load(weights_only=True)``) still load.
+model (``predict`` and ``quadnet.load`` read it). Only those members are read, each after its
+``.npy`` header is checked against the shape its meta implies, so a header that declares a huge
+array or an extra member (a zip bomb) costs nothing.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
+import re
 import zipfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npformat
 
 from quadnet.artifacts import METRIC_FIELDS, atomic_write
-from quadnet.config import ConfigError, TrainConfig, to_dict
+from quadnet.config import ConfigError, TrainConfig, to_dict, user_path, validate
 from quadnet.model import shapes
 
 FORMAT = "quadnet-checkpoint/3"
-TORCH_FORMATS = ("quadnet-checkpoint/1", "quadnet-checkpoint/2")
 CHECKPOINT = "checkpoint.npz"
-NAMES = (CHECKPOINT, "checkpoint.pt", "model.pt")  # what a run dir may hold, newest format first
+META_CHARS = 1 << 20  # a checkpoint's meta (its config and labels) is far shorter; a longer one is not read
+BUFFERS = 2  # the most buffers an update rule keeps (Adam's two); without importing torch to ask quadnet.optim
 
 
 class CheckpointError(ValueError):
@@ -60,119 +64,108 @@ def save(path: Path, obj: dict[str, np.ndarray]) -> None:
 
 
 def in_dir(folder: Path) -> Path | None:
-    """The checkpoint a run dir holds (the newest format first), or None."""
-    return next((folder / n for n in NAMES if (folder / n).is_file()), None)
+    """The checkpoint a run dir holds, or None."""
+    return folder / CHECKPOINT if (folder / CHECKPOINT).is_file() else None
 
 
 def find(path: str | Path) -> Path:
     """A run dir → its checkpoint; a file → itself (a path as the user gave it: config.user_path)."""
-    from quadnet.config import user_path
-
     p = user_path(str(path))
     if p.is_dir():
         if (found := in_dir(p)) is None:
-            raise CheckpointError(f"{str(p)!r} holds no {' or '.join(NAMES)}")
+            raise CheckpointError(f"{str(p)!r} holds no {CHECKPOINT}")
         return found
-    if not p.exists():
-        raise CheckpointError(f"{str(p)!r} does not exist; give a run dir or a checkpoint file")
+    if not p.is_file():  # (a FIFO would block the read)
+        why = "is not a quadnet checkpoint (not a regular file)" if p.exists() else "does not exist"
+        raise CheckpointError(f"{str(p)!r} {why}; give a run dir or a checkpoint file")
     return p
 
 
-def read(p: Path) -> dict[str, Any]:
-    """A file's arrays by name (npz), or a quadnet 0.1/0.2 torch file's payload; one-line errors."""
-    if not zipfile.is_zipfile(p):  # (both formats are zip archives)
-        raise CheckpointError(
-            f"{str(p)!r} is not a quadnet checkpoint (truncated or corrupt, or not a NumPy or torch file)"
-        )
+def _member(z: zipfile.ZipFile, name: str, where: str, fits: Callable[..., bool], bad: str) -> np.ndarray:
+    """The array `name`, its .npy header checked by ``fits(shape, dtype)`` before any of its data is read
+    (a header may declare any size); CheckpointError(where + bad) when it is missing or does not fit."""
     try:
-        with np.load(p, allow_pickle=False) as f:
-            if "meta" in f.files:
-                return {k: f[k] for k in f.files}
-    except ValueError:  # an object array: it would be unpickled
-        raise CheckpointError(f"refused {str(p)!r}: it holds objects other than arrays") from None
-    except (OSError, EOFError, zipfile.BadZipFile):
-        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (truncated or corrupt)") from None
-    return _read_torch(p)  # a zip without meta: perhaps torch.save's
+        info = z.getinfo(f"{name}.npy")
+    except KeyError:
+        raise CheckpointError(where + bad) from None
+    with z.open(info) as f:
+        header = {(1, 0): npformat.read_array_header_1_0, (2, 0): npformat.read_array_header_2_0}
+        shape, _, dtype = header[npformat.read_magic(f)](f)  # (KeyError: a version no checkpoint has)
+        if dtype.hasobject:  # an object array would be unpickled
+            raise CheckpointError(f"refused {where}: its {name} holds objects other than arrays")
+        if not fits(shape, dtype) or any(d < 0 for d in shape):
+            raise CheckpointError(where + bad)
+    with z.open(info) as f:  # (what it declares, checked: read_array reads that much and no more)
+        return npformat.read_array(f, allow_pickle=False)
 
 
-def _read_torch(p: Path) -> dict[str, Any]:
-    import pickle
-
-    import torch
-
+def _meta(meta: np.ndarray, where: str) -> tuple[dict[str, Any], TrainConfig]:
+    """The checkpoint's meta and its config, checked."""
     try:
-        with warnings.catch_warnings():  # torch warns of some files before refusing them: one line is ours
-            warnings.simplefilter("ignore")
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"refused {str(p)!r}: it holds objects other than tensors and plain values") from None
-    except Exception:  # torch raises many kinds for a file that is not one of its own
-        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (truncated or corrupt)") from None
-    if not isinstance(obj, dict) or obj.get("format") not in TORCH_FORMATS:
-        raise CheckpointError(f"{str(p)!r} is not a quadnet checkpoint (expected format {FORMAT})")
-    if obj["format"] == TORCH_FORMATS[0]:  # 0.1: nn.Linear's (out, in) layout, one momentum slot
-        obj = {**obj, "params": _linear(obj.get("model")), "optimizer": {"momentum": _linear(obj["momentum"])}
-               if obj.get("momentum") is not None else {}}  # fmt: skip
-    dense = lambda t: t.to(torch.float64).numpy() if isinstance(t, torch.Tensor) and t.layout == torch.strided else t  # noqa: E731
-    out = {f"params/{k}": dense(v) for k, v in (obj.get("params") or {}).items()}
-    out |= {f"optimizer/{n}/{k}": dense(v) for n, b in (obj.get("optimizer") or {}).items() for k, v in b.items()}
-    history = obj.get("history", [])
-    rows = [[r.get(f, math.nan) for f in METRIC_FIELDS] if isinstance(r, dict) else [] for r in history]
-    out["history"] = np.array(rows, dtype=object if len({len(r) for r in rows}) > 1 else float).reshape(len(rows), -1)
-    meta = {k: obj.get(k) for k in ("epoch", "status", "config")} | {"step": obj.get("step", obj.get("epoch"))}
-    return out | {"meta": np.array(json.dumps({**meta, "format": FORMAT, "classes": [1, 2, 3, 4]}, default=str))}
-
-
-def _linear(sd: Any) -> Any:
-    if not isinstance(sd, dict):
-        return {}
-    get = {k: v.T if hasattr(v, "dim") and v.dim() == 2 else v for k, v in sd.items()}.get
-    return {"W1": get("fc1.weight"), "b1": get("fc1.bias"), "W2": get("fc2.weight"), "b2": get("fc2.bias")}
-
-
-def _float(a: Any, want: tuple[int, ...], what: str) -> np.ndarray:
-    if not isinstance(a, np.ndarray) or a.dtype.kind != "f" or a.shape != want:
-        raise CheckpointError(f"{what} is not a float array of shape {want}")
-    return a.astype(np.float64)
-
-
-def check(f: dict[str, Any], where: str) -> dict[str, Any]:
-    """One job's arrays checked and unpacked: its state (params, optimizer buffers, step), epoch,
-    status, classes, history (rows of dicts), config (validated, ``cfg``) and ``config`` (its dict)."""
-    from quadnet.config import ConfigError, validate
-
+        m = json.loads(str(meta))
+    except (ValueError, RecursionError):
+        m = None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise CheckpointError(f"{where} is not a quadnet checkpoint (expected format {FORMAT})")
     try:
-        meta = json.loads(str(f["meta"]))
-        assert meta["format"] == FORMAT
-    except (KeyError, ValueError, TypeError, AssertionError, RecursionError):
-        raise CheckpointError(f"{where} is not a quadnet checkpoint (expected format {FORMAT})") from None
-    try:
-        cfg = validate(meta.get("config"))  # type: ignore[arg-type]
+        cfg = validate(m.get("config"))  # type: ignore[arg-type]
     except ConfigError as e:
         raise CheckpointError(f"{where} has a bad config: {e}") from None
-    epoch, step, classes = meta.get("epoch"), meta.get("step"), meta.get("classes")
-    for name, v in (("epoch", epoch), ("optimizer step", step)):
+    for name, v in (("epoch", m.get("epoch")), ("optimizer step", m.get("step"))):
         if type(v) is not int or v < 0:
             raise CheckpointError(f"{where} has a bad {name} {v!r}: must be an integer >= 0")
+    classes = m.get("classes")
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, int | str) for c in classes):
         raise CheckpointError(f"{where} has bad classes {classes!r}: a list of two labels or more")
-    h = f.get("history")
-    if not isinstance(h, np.ndarray) or h.dtype.kind != "f" or h.ndim != 2 or h.shape[1] != len(METRIC_FIELDS):
-        raise CheckpointError(f"{where} has damaged metrics: each row must have {', '.join(METRIC_FIELDS)}")
-    want = shapes(cfg.hidden_dim, len(classes))
-    params = {k: _float(f.get(f"params/{k}"), s, f"{where}: its weight {k}") for k, s in want.items()}
-    names = sorted({k.split("/")[1] for k in f if k.startswith("optimizer/")})
-    bufs = {n: {k: _float(f.get(f"optimizer/{n}/{k}"), s, f"{where}: its {n} buffer {k}") for k, s in want.items()}
-            for n in names}  # fmt: skip
-    history = [dict(zip(METRIC_FIELDS, map(float, r), strict=True)) for r in h]
-    state = {"params": params, "optimizer": bufs, "step": step}
-    return {**meta, "state": state, "params": params, "cfg": cfg, "history": history}
+    return m, cfg
+
+
+def read(p: Path) -> dict[str, np.ndarray]:
+    """A checkpoint file's arrays by name: meta, history, params/*, optimizer/*, each checked against
+    what its meta implies before it is read; other members are never read."""
+    where = repr(str(p))
+    try:
+        with zipfile.ZipFile(p) as z:
+            text = lambda s, d: s == () and d.kind == "U" and d.itemsize <= 4 * META_CHARS  # noqa: E731
+            out = {"meta": _member(z, "meta", where, text, f" is not a quadnet checkpoint (expected format {FORMAT})")}
+            m, cfg = _meta(out["meta"], where)
+            n = len(METRIC_FIELDS)
+            rows = lambda s, d: d.kind == "f" and len(s) == 2 and s[0] <= m["epoch"] + 1 and s[1] == n  # noqa: E731
+            metrics = f": damaged metrics: at most a row an epoch, each {', '.join(METRIC_FIELDS)}"
+            out["history"] = _member(z, "history", where, rows, metrics)
+            want = shapes(cfg.hidden_dim, len(m["classes"]))
+            kept = sorted({g[1] for i in z.namelist() if (g := re.fullmatch(r"optimizer/(\w+)/\w+\.npy", i))})
+            if len(kept) > BUFFERS:
+                raise CheckpointError(f"{where} holds more optimizer buffers than an update rule keeps")
+            for prefix, what in (("params/", "weight "), *((f"optimizer/{b}/", f"{b} buffer ") for b in kept)):
+                for k, shape in want.items():
+                    fits = lambda s, d, shape=shape: d.kind == "f" and s == shape  # noqa: E731
+                    bad = f": its {what}{k} is not a float array of shape {shape}"
+                    out[prefix + k] = _member(z, prefix + k, where, fits, bad)
+            return out
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"{where} is not a quadnet checkpoint (truncated or corrupt, or not a NumPy .npz file)"
+        ) from None
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """Load and check one job's checkpoint (a run dir or a file). Raises :class:`CheckpointError`."""
+    """Load and check one job's checkpoint (a run dir or a file): its state (params, optimizer buffers,
+    step), epoch, status, classes, history (rows of dicts), ``cfg`` (validated) and ``config`` (its
+    dict). Raises :class:`CheckpointError`."""
     p = find(path)
-    return {**check(read(p), repr(str(p))), "path": str(p)}
+    f = read(p)
+    meta, cfg = _meta(f["meta"], repr(str(p)))
+    params = {k[7:]: v.astype(np.float64) for k, v in f.items() if k.startswith("params/")}
+    bufs: dict[str, dict[str, np.ndarray]] = {}
+    for k, v in f.items():
+        if k.startswith("optimizer/"):
+            bufs.setdefault(k.split("/")[1], {})[k.split("/")[2]] = v.astype(np.float64)
+    history = [dict(zip(METRIC_FIELDS, map(float, r), strict=True)) for r in f["history"]]
+    state = {"params": params, "optimizer": bufs, "step": meta["step"]}
+    return {**meta, "state": state, "params": params, "cfg": cfg, "history": history, "path": str(p)}
 
 
 # What a resume may change: how far a run goes, how it shows and where it computes; never what

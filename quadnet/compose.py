@@ -100,9 +100,9 @@ class Composer:
     def _value(self, key: str, value: Any) -> Any:
         """A value as OmegaConf types it for its key (lr=1 is 1.0, seed='3' is 3): each distinct one once."""
         kinds = typing.get_args(_TYPES[key]) or (_TYPES[key],)  # (int | None: int and NoneType)
-        if type(value) in kinds:
+        if type(value) in kinds and value != "???":  # ("???" is OmegaConf's missing value)
             return value
-        if float in kinds and type(value) is int:
+        if float in kinds and type(value) is int and abs(value) < 2**53:
             return float(value)
         if (key, value) not in self._values:
             if len(self._values) > BOUND:
@@ -110,9 +110,11 @@ class Composer:
             node = OmegaConf.structured(TrainConfig)
             try:
                 OmegaConf.update(node, key, value)
-                self._values[key, value] = OmegaConf.select(node, key)
+                self._values[key, value] = OmegaConf.select(node, key, throw_on_missing=True)
             except OmegaConfBaseException as e:
                 self._values[key, value] = ConfigError(one_line(e))
+            except OverflowError:  # (OmegaConf's, for an int too large for a float)
+                self._values[key, value] = ConfigError(f"{key}: a number too large for a float is not allowed")
         if isinstance(found := self._values[key, value], ConfigError):
             raise found
         return found

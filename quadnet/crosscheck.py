@@ -6,6 +6,9 @@ and reports the largest
 difference in the training loss along the way, in the final weights and in the test
 probabilities. It also compares the NumPy gradients with torch autograd on the same
 weights, and with centred finite differences. Exit 0 when all are within --tol, 1 if not.
+Engines whose loss became non-finite at the same epoch agree up to it; at different epochs,
+they do not. ``resume=RUN [epochs=N]`` cross-checks N epochs from a checkpoint's weights,
+optimizer state and config.
 """
 
 from __future__ import annotations
@@ -17,15 +20,16 @@ if __name__ == "__main__":  # python -m quadnet.crosscheck: a signal while it im
 
 import dataclasses
 import importlib.util
+import math
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quadnet import model
+from quadnet import checkpoint, model
 from quadnet.cli import ArgumentParser, command, friendly_errors
-from quadnet.config import TrainConfig, compose, log_every, validate
+from quadnet.config import ConfigError, TrainConfig, compose, log_every, validate
 from quadnet.data import make_dataset
 from quadnet.engines import build
 from quadnet.engines import numpy as reference
@@ -46,31 +50,35 @@ def max_abs_diff(a: Any, b: Any) -> float:
     return float(np.max(np.abs(np.subtract(a, b))))
 
 
-def check(cfg: TrainConfig) -> dict[str, Any]:
-    """Run every comparison for cfg (forced to float64 on the CPU); return the figures."""
+def check(cfg: TrainConfig, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every comparison for cfg (forced to float64 on the CPU) from a state (params, optimizer
+    buffers, step; by default cfg's initial weights); return the figures."""
     data = make_dataset(cfg.data)
     x, y, reg = data.x_train, data.y_train, cfg.reg
-    start = model.initial_params(cfg.hidden_dim, cfg.seed, cfg.init, data.num_classes)
+    state = state or {"params": model.initial_params(cfg.hidden_dim, cfg.seed, cfg.init, data.num_classes), "step": 0}
     engines = {}
     for name in ("numpy", "numba", "torch/fused", "torch/autograd"):
         engine, _, step = name.partition("/")
         if engine == "numba" and importlib.util.find_spec("numba") is None:
             continue
         c = dataclasses.replace(cfg, dtype="float64", device="cpu", engine=engine, step=step or "fused", threads=1)
-        engines[name] = build([c], data, [{"params": start, "optimizer": {}, "step": 0}], "cpu")
+        engines[name] = build([c], data, [{"optimizer": {}, **state}], "cpu")
 
     along = {n: [e.metrics()[0]["loss"]] for n, e in engines.items()}  # the training loss at each log step
-    every = log_every(cfg)
+    every, at = log_every(cfg), [0]
     for epoch in range(0, cfg.epochs, every):
+        at.append(min(epoch + every, cfg.epochs))
         for n, e in engines.items():
-            e.run(min(every, cfg.epochs - epoch), lambda: False)
+            e.run(at[-1] - epoch, lambda: False)
             along[n].append(e.metrics()[0]["loss"])
     final = {n: e.export([0])[0]["params"] for n, e in engines.items()}
     probs = {n: reference.softmax(reference.forward(p, data.x_test)[0]) for n, p in final.items()}
     figures = {"loss_along_the_way": along, "final_weights": final, "test_probs": probs}
     compared = {n: {k: max_abs_diff(f[n], f["numpy"]) for k, f in figures.items()} for n in engines if n != "numpy"}
+    # the log step at which each engine's loss became non-finite (None: never)
+    bad = {n: next((e for e, v in zip(at, a, strict=True) if not math.isfinite(v)), None) for n, a in along.items()}
     # gradients on the same weights: at the start and at the end of training
-    p = {k: v.copy() for k, v in start.items()}
+    p = {k: v.copy() for k, v in state["params"].items()}
     pairs = (("initial", p), ("final", final["numpy"]))
     grads = {k: max_abs_diff(autograd_grads(q, x, y, reg), reference.loss_and_grads(q, x, y, reg)[1]) for k, q in pairs}
 
@@ -80,12 +88,24 @@ def check(cfg: TrainConfig) -> dict[str, Any]:
 
     g = reference.loss_and_grads(p, x, y, reg)[1]
     rel = max(reference.rel_error(g[k], reference.eval_numerical_gradient(objective, p[k])) for k in p)
-    return {"epochs": cfg.epochs, "engines": compared, "gradients_vs_autograd": grads, "gradient_check_rel_error": rel}
+    figs = {"engines": compared, "gradients_vs_autograd": grads, "gradient_check_rel_error": rel}
+    return {"epochs": cfg.epochs, "diverged": bad, **figs}
+
+
+def resumed(cfg: TrainConfig, overrides: list[str]) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """cfg and no state; with resume=, the checkpoint's config (its epochs: cfg's) and its state."""
+    if not cfg.resume:
+        return cfg, None
+    if other := [o for o in overrides if o.split("=", 1)[0] not in ("resume", "epochs")]:
+        raise ConfigError(f"{other[0]} is not allowed with resume=: its checkpoint's config is used (epochs= aside)")
+    ck = checkpoint.load(cfg.resume)
+    print(f"from {ck['path']} at epoch {ck['epoch']}")
+    return dataclasses.replace(ck["cfg"], epochs=cfg.epochs, resume=None), ck["state"]
 
 
 @command()
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m quadnet.crosscheck", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m quadnet.crosscheck", description=__doc__.split("\n\n")[0].replace("``", ""))
     parser.add_argument("overrides", nargs="*", help="config overrides, as for quadnet.train (key=value)")
     parser.add_argument("--tol", type=float, default=1e-9, help="largest allowed difference (default 1e-9)")
     rel_help = "largest allowed relative error against finite differences (default 1e-7)"
@@ -94,21 +114,31 @@ def main(argv: list[str] | None = None) -> None:
     if not all(0 <= t < float("inf") for t in (args.tol, args.grad_check_tol)):
         parser.error("--tol and --grad-check-tol must be finite and >= 0")
     with friendly_errors():
-        cfg = validate(compose(args.overrides))
+        cfg, state = resumed(validate(compose(args.overrides)), args.overrides)
         make_dataset(cfg.data)  # (a bad CSV says so here, in one line)
     net = f"hidden_dim={cfg.hidden_dim}, lr={cfg.lr:g}, reg={cfg.reg:g}, momentum={cfg.momentum:g}, {cfg.optimizer}"
     setup = f"{cfg.epochs} epochs, {net}, init={cfg.init}, data={cfg.data.name}, float64"
     print(f"cross-check: {setup}; tolerance {args.tol:g}")
     with np.errstate(all="ignore"):  # a diverging config is reported as FAIL, not warned about
-        r = check(cfg)
+        r = check(cfg, state)
     print(f"{'against numpy':>16}  {'loss (max over run)':>20}  {'final weights':>14}  {'test probs':>11}")
     for name, d in r["engines"].items():
         print(f"{name:>16}  {d['loss_along_the_way']:>20.3e}  {d['final_weights']:>14.3e}  {d['test_probs']:>11.3e}")
     g, gc = r["gradients_vs_autograd"], r["gradient_check_rel_error"]
-    worst = float(np.max([*g.values(), *(v for d in r["engines"].values() for v in d.values())]))  # NaN: fail
+    when = set(r["diverged"].values())
+    same = len(when) == 1 and None not in when  # every engine diverged at the same epoch: they agree
+    judged = [g["initial"]] if same else [*g.values(), *(v for d in r["engines"].values() for v in d.values())]
+    worst = float(np.max(judged))  # (NaN: fail)
     print(f"numpy gradients vs autograd: {g['initial']:.3e} at the initial weights, {g['final']:.3e} at the final")
     print(f"numpy gradients vs centred differences: relative error {gc:.3e} (tolerance {args.grad_check_tol:g})")
-    ok = worst <= args.tol and gc <= args.grad_check_tol
+    each = ", ".join(f"{n} {'never' if e is None else f'at epoch {e}'}" for n, e in r["diverged"].items())
+    if when != {None}:  # (the figures after a divergence are not finite: a divergence at the same epoch is agreement)
+        print(
+            f"every engine diverged at epoch {min(when)}: they agree"
+            if same
+            else f"diverged at different epochs: {each}"
+        )
+    ok = worst <= args.tol and gc <= args.grad_check_tol and len(when) == 1
     print(f"{'PASS' if ok else 'FAIL'}: largest difference {worst:.3e}")
     raise SystemExit(0 if ok else 1)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,12 +66,15 @@ def _sample(rng: np.random.Generator, n: int, extent: float, margin: float) -> n
     return pts
 
 
-def _is_number(text: str) -> bool:
+def _number(text: str) -> float | None:
     try:
-        float(text)
-        return True
+        return float(text)
     except ValueError:
-        return False
+        return None
+
+
+# a whole-number label, in ASCII digits ("²" is a digit to str.isdigit, not to int) that int() reads
+_INTEGER = re.compile(r"[+-]?[0-9]{1,4000}")
 
 
 def read_csv(path: str, key: str) -> tuple[np.ndarray, list[Label]]:
@@ -87,17 +91,15 @@ def read_csv(path: str, key: str) -> tuple[np.ndarray, list[Label]]:
         parts = [p.strip() for p in line.split("#", 1)[0].split(",")]
         if parts == [""]:
             continue  # a blank line or a comment
-        try:
-            x, y = float(parts[0]), float(parts[1])
-            assert len(parts) == 3 and np.isfinite([x, y]).all() and parts[2]
-        except (ValueError, IndexError, AssertionError):
-            if not points and not header and not _is_number(parts[0]):
+        xy = [_number(p) for p in parts[:2]]
+        if len(parts) != 3 or not parts[2] or None in xy or not np.isfinite(xy).all():
+            if not points and not header and xy[0] is None:
                 header = True
                 continue  # a header line (before the first point)
             why = "two finite numbers and a label (one header line may come first)"
-            raise ConfigError(f"{key}={path!r} line {i}: {line.strip()!r} is not x,y,label: {why}") from None
-        points.append((x, y))
-        labels.append(int(parts[2]) if parts[2].lstrip("+-").isdigit() else parts[2])
+            raise ConfigError(f"{key}={path!r} line {i}: {line.strip()!r} is not x,y,label: {why}")
+        points.append(xy)
+        labels.append(int(parts[2]) if _INTEGER.fullmatch(parts[2]) else parts[2])
     if not points:
         raise ConfigError(f"{key}={path!r} holds no x,y,label lines")
     return np.array(points), labels

@@ -40,10 +40,13 @@ def colors(classes: Sequence[Any]) -> np.ndarray:
 
 
 def class_names(data: Dataset) -> list[str]:
-    return [f"quadrant {q}" for q in QUADRANT_NAMES] if data.quadrants else [f"class {c}" for c in data.classes]
+    """The key's name of each class; a label's ``$`` drawn as itself, not as the start of mathtext."""
+    named = [f"quadrant {q}" for q in QUADRANT_NAMES] if data.quadrants else [f"class {c}" for c in data.classes]
+    return [n.replace("$", r"\$") for n in named]
 
 
 WRONG = "#d00000"
+HUGE = 1e100  # a loss beyond this is drawn as not finite: matplotlib's log axes overflow near the float range
 MANY = 100  # with more points than this, markers are small and see-through
 History = list[dict[str, float]]
 
@@ -76,8 +79,9 @@ def figure(path: Path, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
 
 def predict_class(params: Params, x: np.ndarray) -> np.ndarray:
     """The class index the net gives each point (N, 2); -1 where its logits are not finite."""
+    step = max(1, (1 << 22) // params["b1"].size)  # points at a time: a wide net's hidden layer in bounded memory
     with np.errstate(all="ignore"):
-        scores, _ = forward(params, x)
+        scores = np.concatenate([forward(params, x[i : i + step])[0] for i in range(0, max(len(x), 1), step)])
     return np.where(np.isfinite(scores).all(axis=1), scores.argmax(axis=1), -1)
 
 
@@ -121,7 +125,8 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
     handles = [
         Patch(facecolor=0.4 * c + 0.6, edgecolor=c, label=n) for c, n in zip(full, class_names(data), strict=True)
     ]
-    keys = [("o", "train point", "0.5", "k"), ("^", "test point", "0.5", "k"), ("o", "misclassified", "none", WRONG)]
+    keys = [("o", "train point", "0.5", "k"), ("^", "test point", "0.5", "k")]
+    keys += [("o", "misclassified", "none", WRONG)] if len(rings.get_offsets()) else []
     handles += [Line2D([], [], marker=m, color="w", mfc=face, mec=edge, label=t) for m, t, face, edge in keys]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", borderaxespad=0)
     return image, rings
@@ -138,7 +143,9 @@ def plot_regions(path: Path, params: Params, data: Dataset, title: str) -> None:
 
 
 def _column(history: History, key: str) -> np.ndarray:
-    return np.array([float(r.get(key, np.nan)) for r in history])
+    """A column of the history, NaN where it is missing or beyond HUGE."""
+    v = np.array([float(r.get(key, np.nan)) for r in history])
+    return np.where(np.abs(v) <= HUGE, v, np.nan)
 
 
 def _lines(ax: Any, history: History, keys: tuple[str, str]) -> list[Any]:
@@ -154,12 +161,15 @@ def _lines(ax: Any, history: History, keys: tuple[str, str]) -> list[Any]:
 
 def _loss_axes(ax: Any, history: History) -> list[Any]:
     """Train and test loss against epochs (log y when positive); returns the two lines."""
+    from matplotlib.ticker import LogFormatter
+
     lines = _lines(ax, history, ("loss", "test_loss"))
     losses = np.concatenate([_column(history, "loss"), _column(history, "test_loss")])
     if len(bad := _column(history, "epoch")[~np.isfinite(_column(history, "loss"))]):  # a diverged run: mark where
-        ax.axvline(bad[0], color=WRONG, ls=":", label=f"not finite from epoch {bad[0]:g}")
+        ax.axvline(bad[0], color=WRONG, ls=":", label=f"over {HUGE:g} or not finite from epoch {bad[0]:g}")
     if (np.isfinite(losses) & (losses > 0)).any():
-        ax.set_yscale("log")
+        ax.set_yscale("log")  # (a span of a decade or two holds one or two powers of ten: label the ticks between)
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 1)))
     ax.set(xlabel="epoch", ylabel="cross-entropy (without the L2 term)", title="loss")
     ax.legend(fontsize="small")
     return lines

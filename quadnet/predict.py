@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from quadnet.artifacts import prediction_rows
-from quadnet.checkpoint import CHECKPOINT, NAMES, CheckpointError
+from quadnet.checkpoint import CHECKPOINT, CheckpointError
 from quadnet.checkpoint import load as load_checkpoint
 from quadnet.cli import command, fail
 from quadnet.config import ConfigError
@@ -92,10 +92,11 @@ def load(path: str | Path) -> Model:
 
 def newest_run(root: Path = Path("outputs")) -> Path:
     """The newest completed run under root: single runs and sweep jobs, by when their checkpoint was written."""
-    runs = [p for n in NAMES for p in (*root.glob(f"*/{n}"), *root.glob(f"multirun/*/*/{n}"))]
+    runs = [*root.glob(f"*/{CHECKPOINT}"), *root.glob(f"multirun/*/*/{CHECKPOINT}")]
     for ck in sorted(runs, key=lambda m: m.stat().st_mtime, reverse=True):
         with contextlib.suppress(OSError, ValueError, RecursionError, AttributeError):
-            if json.loads((ck.parent / "summary.json").read_text()).get("status") == "completed":
+            s = ck.parent / "summary.json"  # (a FIFO would block the read)
+            if s.is_file() and json.loads(s.read_text()).get("status") == "completed":
                 return ck.parent
     raise InputError(f"no completed run under {str(root)!r} (no */{CHECKPOINT}); train one, or give a run dir first")
 

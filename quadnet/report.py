@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 
 from quadnet.artifacts import summary_metric, write_text
-from quadnet.checkpoint import NAMES
+from quadnet.checkpoint import CHECKPOINT
 from quadnet.cli import ArgumentParser, command, fail
 
 METRICS = {"test_loss": True, "test_error": True, "final_loss": True, "test_accuracy": False, "train_accuracy": False}
@@ -66,11 +66,15 @@ def parse_value(text: str) -> Any:
 
 
 def show(v: Any) -> str:
-    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    """A value for the terminal: a control character (a newline, an escape code) written as repr writes it."""
+    text = "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _read(job: Path, name: str, parse: Any, kind: type, what: str) -> Any:
     """The job dir's file name, parsed; a ValueError that says what is wrong with it."""
+    if not (job / name).is_file():  # (a FIFO would block the read)
+        raise ValueError(f"{name} is not a regular file")
     try:
         value = parse((job / name).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:  # (JSONDecodeError is a ValueError)
@@ -103,6 +107,7 @@ def read_job(d: Path) -> dict[str, Any]:
         data = ran.get("data") if isinstance(ran.get("data"), dict) else {}
         ran = {**ran, **{f"data.{k}": v for k, v in data.items()}, "data": data.get("name")}
         params = {k: ran[k] if ran.get(k) is not None else v for k, v in row["params"].items()}
+        params = {k: v if isinstance(v, int | float | str) else json.dumps(v) for k, v in params.items()}  # (hashable)
         return {**row, **{k: s.get(k) for k in FIGURES}, "status": s["status"], "error": error, "params": params}
     except ValueError as e:
         return {**row, "status": "damaged", "error": str(e)}
@@ -111,7 +116,7 @@ def read_job(d: Path) -> dict[str, Any]:
 def read_jobs(sweep: Path) -> list[dict[str, Any]]:
     if (sweep / "summary.json").exists():
         raise ReportError(f"{str(sweep)!r} is a single run, not a sweep; its results are in its summary.json")
-    marks = ("summary.json", ".hydra", *NAMES)  # (a job that never finished has its checkpoint or Hydra's record)
+    marks = ("summary.json", ".hydra", CHECKPOINT)  # (a job that never finished has its checkpoint or Hydra's record)
     dirs = [p for p in sweep.iterdir() if p.is_dir() and any((p / m).exists() for m in marks)]
     if not dirs:
         raise ReportError(f"{str(sweep)!r} holds no job dirs (no */summary.json)")
@@ -238,8 +243,8 @@ def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric:
         fig.colorbar(im, ax=ax, label=f"median {metric} ({better} is better)")
 
 
-def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: bool) -> str | None:
-    """report.csv and the plots; None, or what could not be written and why."""
+def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: bool) -> tuple[list[str], str | None]:
+    """report.csv and the plots: the files written, and None or what could not be written and why."""
     done = [r for r in rows if r["status"] == "completed"]
     varied = swept_params(done) if plots else []  # a plot needs two values among the completed jobs
     grids = [p for p in varied if axis_kind(p, done)[1] != "scatter"]
@@ -248,19 +253,19 @@ def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: boo
     writes += [(f"report_{p.replace('/', '_')}.png", plot_param, (rows, p, metric, [q for q in varied if q != p]))
                for p in varied]  # fmt: skip
     writes += [("report_heatmap.png", plot_heatmap, (rows, *grids, metric))] if len(grids) == 2 else []
-    for name, write, args in writes:
+    for i, (name, write, args) in enumerate(writes):
         try:
             write(sweep / name, *args)
         except OSError as e:
-            return f"could not write {name} in {str(sweep)!r}: {e.strerror or e}"
-    return None
+            return [w[0] for w in writes[:i]], f"could not write {name} in {str(sweep)!r}: {e.strerror or e}"
+    return [w[0] for w in writes], None
 
 
 def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int | None) -> None:
     keys = swept_params(rows) or list(dict.fromkeys(k for r in rows for k in r["params"]))  # what tells them apart
-    shown = {id(r): " ".join(f"{k}={show(r['params'][k])}" for k in keys if k in r["params"]) for r in rows}
+    shown = {id(r): show(" ".join(f"{k}={show(r['params'][k])}" for k in keys if k in r["params"])) for r in rows}
     width = max(9, *(len(s) for s in shown.values()))
-    sw = max(6, *(len(r["status"]) for r in rows))
+    sw = max(6, *(len(show(r["status"])) for r in rows))
     extra = ["test_error"] if metric == "test_error" else []
     heads = ["final loss", "test loss", "train acc", "test acc", *extra, "epoch", "train s"]
     top = top or (len(rows) if len(rows) <= 100 else 20)
@@ -270,19 +275,20 @@ def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int |
         values = [show(r[f]) for f in FIGURES[:2]]
         values += [f"{100 * r[f]:.1f}%" if r[f] is not None else "-" for f in FIGURES[2:4]]
         values += [show(summary_metric(r, "test_error"))] * len(extra) + [show(r["epoch"]), show(r["train_seconds"])]
-        print(f"{r['job']:>5}  {shown[id(r)]:<{width}}  {r['status']:<{sw}}  " + " ".join(f"{v:>10}" for v in values))
+        cells = f"{show(r['job']):>5}  {shown[id(r)]:<{width}}  {show(r['status']):<{sw}}  "
+        print(cells + " ".join(f"{v:>10}" for v in values))
     if len(rows) > top:
         print(f"… {len(rows) - top} more jobs not shown (--top N shows more); all are in report.csv")
     if bad := [r for r in rows if r["status"] != "completed"]:
         print(f"not completed ({len(bad)}):")
         for r in bad[:top]:
-            why = f": {r['error']}" if r["error"] else ""
-            print(f"  job {r['job']}: {r['status']}{why}" + (f"  [{shown[id(r)]}]" if shown[id(r)] else ""))
+            why = f": {show(r['error'])}" if r["error"] else ""
+            print(f"  job {show(r['job'])}: {show(r['status'])}{why}" + (f"  [{shown[id(r)]}]" if shown[id(r)] else ""))
 
 
 @command()
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m quadnet.report", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m quadnet.report", description=__doc__.split("\n\n")[0].replace("``", ""))
     parser.add_argument("sweep_dir", nargs="?", help="a sweep dir (default: the newest under outputs/multirun)")
     parser.add_argument("--metric", default="test_loss", help=f"sort by: {', '.join(METRICS)} (default test_loss)")
     parser.add_argument("--outputs", default="outputs", help="where to look for the newest sweep")
@@ -300,11 +306,13 @@ def main(argv: list[str] | None = None) -> None:
         rows = sort_rows(read_jobs(sweep), args.metric)
     except (ReportError, OSError) as e:
         fail(str(e))
-    problem = write_files(sweep, rows, args.metric, plots=not args.no_plots)
+    written, problem = write_files(sweep, rows, args.metric, plots=not args.no_plots)
     print_table(sweep, rows, args.metric, args.top)
     if problem:
         fail(problem, code=1)
-    print(f"wrote {sweep / 'report.csv'}" + ("" if args.no_plots else " and the report_*.png plots"))
+    plots = f" and {', '.join(written[1:])}" if written[1:] else ""
+    none = " (no plots: no swept parameter takes two values among the completed jobs)" * (not args.no_plots)
+    print(f"wrote {sweep / 'report.csv'}{plots or none}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_cfg, run_cli
+from conftest import call_main, make_cfg, run_cli
 from quadnet import optim
 from quadnet.crosscheck import check
 from quadnet.data import make_dataset
@@ -204,6 +204,33 @@ def test_crosscheck_from_the_cli_passes_within_its_tolerance_and_fails_past_it(t
     assert ok.returncode == 0 and ok.stdout.strip().splitlines()[-1].startswith("PASS"), ok.stderr
     bad = run_cli("epochs=50", "log_every=10", "--tol", "1e-30", module="quadnet.crosscheck", cwd=tmp_path)
     assert bad.returncode == 1 and bad.stdout.strip().splitlines()[-1].startswith("FAIL")
+
+
+def test_crosscheck_judges_divergence_by_its_epoch_and_resumes_from_a_checkpoint(tmp_path, capsys, monkeypatch):
+    from quadnet import crosscheck
+    from quadnet.checkpoint import load
+    from quadnet.config import ConfigError, compose, validate
+    from quadnet.train import train
+
+    r = run_cli("lr=1e30", "epochs=50", module="quadnet.crosscheck", cwd=tmp_path)
+    assert r.returncode == 0 and "every engine diverged at epoch 6: they agree" in r.stdout, r.stdout
+    apart = {"epochs": 9, "diverged": {"numpy": 6, "torch/fused": None}, "gradient_check_rel_error": 0.0}
+    figures = dict.fromkeys(("loss_along_the_way", "final_weights", "test_probs"), 0.0)
+    apart |= {"engines": {"torch/fused": figures}, "gradients_vs_autograd": {"initial": 0.0, "final": 0.0}}
+    monkeypatch.setattr(crosscheck, "check", lambda *_: apart)
+    code, out, _ = call_main(crosscheck.main, capsys, "epochs=9")
+    assert code == 1 and "diverged at different epochs: numpy at epoch 6, torch/fused never" in out
+    train(make_cfg("epochs=30", "hidden_dim=7", "momentum=0.9", "lr=0.01"), run_dir=tmp_path / "r")
+    cfg, state = crosscheck.resumed(validate(compose([f"resume={tmp_path / 'r'}", "epochs=5"])), ["epochs=5"])
+    ck = load(tmp_path / "r")
+    ck["momentum"] = ck["state"]["optimizer"]["momentum"]
+    assert (cfg.hidden_dim, cfg.momentum, cfg.epochs) == (7, 0.9, 5) and state["step"] == ck["state"]["step"]
+    for got, want in ((state["params"], ck["params"]), (state["optimizer"]["momentum"], ck["momentum"])):
+        assert all(np.array_equal(got[k], v) for k, v in want.items()) and want
+    with pytest.raises(ConfigError, match="lr=3 is not allowed with resume="):
+        crosscheck.resumed(validate(compose([f"resume={tmp_path / 'r'}", "lr=3"])), ["lr=3"])
+    code, out, _ = call_main(crosscheck.main, capsys, "--help")
+    assert code == 0 and "python -m quadnet.crosscheck [overrides]" in out and "``" not in out
 
 
 @pytest.mark.parametrize("args", [["step", "--jobs", "abc"], ["step", "--jobs", "0,8"], ["sweep", "--busy", "-1"]])

@@ -168,6 +168,29 @@ def test_damaged_job_dirs_are_listed_and_the_report_goes_on(sweep, capsys):
     assert len(_rows(sweep)[1]) == 16
 
 
+def test_odd_summaries_are_shown_escaped_and_a_fifo_is_not_read(sweep, capsys, figures):
+    summary = json.loads((sweep / "2" / "summary.json").read_text())
+    summary["config"]["hidden_dim"] = [3, 4]  # a swept key that holds a list
+    (sweep / "2" / "summary.json").write_text(json.dumps(summary))
+    summary.update(status="failed\x1b[2J", error="line one\nline\x1b[31m two")
+    (sweep / "3" / "summary.json").write_text(json.dumps(summary))
+    (sweep / "1" / "summary.json").unlink()
+    os.mkfifo(sweep / "1" / "summary.json")  # (reading it would wait for a writer for ever)
+    code, out, err = _report(capsys, sweep)
+    assert code == 0 and err == "" and "\x1b" not in out and "hidden_dim=[3, 4]" in out
+    assert "job 3: failed\\x1b[2J: line one line\\x1b[31m two" in out  # (as repr writes them)
+    assert "job 1: damaged: summary.json is not a regular file" in out
+    assert "and report_hidden_dim.png, report_reg.png" in out and "report_hidden_dim.png" in figures
+
+
+def test_report_says_which_plots_it_wrote(sweep, capsys):
+    for job in range(1, 16):
+        (sweep / str(job) / "summary.json").unlink()  # one completed job: nothing to plot
+    code, out, _ = _report(capsys, sweep)
+    assert code == 0 and ".png" not in out and f"wrote {sweep / 'report.csv'} (no plots: no swept" in out
+    assert not list(sweep.glob("report_*.png"))
+
+
 def test_a_sweep_dir_that_cannot_be_written_still_gets_its_table(sweep, capsys):
     if os.geteuid() != 0:  # root writes through permission bits: there, a dir in report.csv's way
         os.chmod(sweep, 0o555)

@@ -14,7 +14,7 @@ from test_report import saved_figures, texts
 from conftest import call_main, run_cli
 from quadnet import checkpoint, plots
 from quadnet.config import DataConfig
-from quadnet.data import make_dataset
+from quadnet.data import Dataset, make_dataset
 from quadnet.engines.numpy import forward, loss_and_grads, sgd_update, softmax, softmax_loss
 from quadnet.model import initial_params
 from quadnet.predict import Model, load, main
@@ -97,8 +97,36 @@ def test_loss_curves_mark_their_points_and_survive_nan(tmp_path, monkeypatch):
     assert all(line.get_marker() == "." for line in figures["many.png"].axes[0].lines)
     diverged = [*history[:3], dict.fromkeys(history[0], math.nan) | {"epoch": 120.0}]
     plots.plot_curves(tmp_path / "nan.png", diverged, "diverged")
-    assert "not finite from epoch 120" in texts(figures["nan.png"])
+    assert "over 1e+100 or not finite from epoch 120" in texts(figures["nan.png"])
     assert "train loss not finite" in figures["nan.png"]._suptitle.get_text()
+
+
+def test_a_loss_that_grows_huge_before_it_overflows_is_drawn(tmp_path, monkeypatch):
+    figures = saved_figures(monkeypatch)
+    rows = [{"epoch": 10.0 * i, "loss": v, "test_loss": 2 * v} for i, v in enumerate(np.geomspace(1, 2e288, 57))]
+    plots.plot_curves(tmp_path / "huge.png", [*rows, {"epoch": 570.0, "loss": math.nan}], "lr=300")
+    assert "over 1e+100 or not finite from epoch 200" in texts(figures["huge.png"])
+
+
+def test_a_short_runs_log_axis_has_tick_labels_between_its_powers_of_ten(tmp_path, monkeypatch):
+    figures = saved_figures(monkeypatch)
+    _, history, _ = training(epochs=100, every=1)
+    plots.plot_curves(tmp_path / "loss.png", history, "100 epochs")
+    ax = figures["loss.png"].axes[0]
+    low, high = ax.get_ylim()
+    ticks = ax.get_yticklabels() + ax.get_yticklabels(minor=True)
+    assert len([t for t in ticks if t.get_text() and low <= t.get_position()[1] <= high]) > 2
+
+
+def test_labels_are_drawn_as_written_and_the_key_names_only_what_is_there(tmp_path, monkeypatch):
+    figures = saved_figures(monkeypatch)
+    x = np.array([[1.0, 1], [-1, -1], [2, 2], [-2, -2]])
+    data = Dataset(x[:2], np.arange(2), x[2:], np.arange(2), ("$a^$", "b"), quadrants=False)
+    right = {"W1": np.array([[1.0, -1], [1, -1]]), "b1": np.zeros(2), "W2": np.eye(2), "b2": np.zeros(2)}
+    plots.plot_regions(tmp_path / "r.png", right, data, "every point right")
+    words = texts(figures["r.png"])
+    assert "class \\$a^\\$" in words and "misclassified" not in words  # (an escaped $ is drawn as itself)
+    assert "0 of 4 points" in figures["r.png"].axes[0].get_title()
 
 
 @pytest.mark.parametrize("data_name", ["seed", "sampled"])
