@@ -15,11 +15,6 @@ sweep    the same sweep under Hydra's basic launcher and the batched launcher, e
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # python -m quadnet.bench: a signal while it imports is one line too
-    from quadnet.cli import STOPPED, on_signals
-
-    on_signals(STOPPED)
-
 import argparse
 import contextlib
 import json
@@ -37,7 +32,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from quadnet.cli import ArgumentParser, command
+from quadnet.exits import ArgumentParser, command
 
 
 def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any]:

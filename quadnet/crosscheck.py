@@ -13,11 +13,6 @@ optimizer state and config.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # python -m quadnet.crosscheck: a signal while it imports is one line too
-    from quadnet.cli import STOPPED, on_signals
-
-    on_signals(STOPPED)
-
 import dataclasses
 import importlib.util
 import math
@@ -26,13 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
 from quadnet import checkpoint, model
-from quadnet.cli import ArgumentParser, command, friendly_errors
-from quadnet.config import ConfigError, TrainConfig, compose, log_every, validate
+from quadnet.config import ConfigError, TrainConfig, compose, log_every, one_line, validate
 from quadnet.data import make_dataset
 from quadnet.engines import build
 from quadnet.engines import numpy as reference
+from quadnet.exits import ArgumentParser, command
 
 
 def autograd_grads(params: reference.Params, x: np.ndarray, y: np.ndarray, reg: float) -> reference.Params:
@@ -103,7 +100,7 @@ def resumed(cfg: TrainConfig, overrides: list[str]) -> tuple[TrainConfig, dict[s
     return dataclasses.replace(ck["cfg"], epochs=cfg.epochs, resume=None), ck["state"]
 
 
-@command()
+@command(explain=one_line, bad=(HydraException, OmegaConfBaseException))
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m quadnet.crosscheck", description=__doc__.split("\n\n")[0].replace("``", ""))
     parser.add_argument("overrides", nargs="*", help="config overrides, as for quadnet.train (key=value)")
@@ -113,9 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not all(0 <= t < float("inf") for t in (args.tol, args.grad_check_tol)):
         parser.error("--tol and --grad-check-tol must be finite and >= 0")
-    with friendly_errors():
-        cfg, state = resumed(validate(compose(args.overrides)), args.overrides)
-        make_dataset(cfg.data)  # (a bad CSV says so here, in one line)
+    cfg, state = resumed(validate(compose(args.overrides)), args.overrides)
+    make_dataset(cfg.data)  # (a bad CSV says so here, in one line)
     net = f"hidden_dim={cfg.hidden_dim}, lr={cfg.lr:g}, reg={cfg.reg:g}, momentum={cfg.momentum:g}, {cfg.optimizer}"
     setup = f"{cfg.epochs} epochs, {net}, init={cfg.init}, data={cfg.data.name}, float64"
     print(f"cross-check: {setup}; tolerance {args.tol:g}")

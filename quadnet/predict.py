@@ -20,11 +20,6 @@ s = max |x_i|, and the softmax takes exp(s·(z − max z)), so no logit overflow
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # python -m quadnet.predict: a signal while it imports is one line too
-    from quadnet.cli import STOPPED, on_signals
-
-    on_signals(STOPPED)
-
 import argparse
 import contextlib
 import json
@@ -39,10 +34,10 @@ import numpy as np
 from quadnet.artifacts import prediction_rows
 from quadnet.checkpoint import CHECKPOINT, CheckpointError
 from quadnet.checkpoint import load as load_checkpoint
-from quadnet.cli import command, fail
 from quadnet.config import ConfigError
 from quadnet.data import QUADRANT_NAMES, QUADRANTS
 from quadnet.engines.numpy import forward
+from quadnet.exits import command, fail
 
 
 class InputError(ValueError):

@@ -18,11 +18,6 @@ did not get them.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # python -m quadnet.report: a signal while it imports is one line too
-    from quadnet.cli import STOPPED, on_signals
-
-    on_signals(STOPPED)
-
 import contextlib
 import csv
 import io
@@ -36,7 +31,7 @@ import yaml
 
 from quadnet.artifacts import summary_metric, write_text
 from quadnet.checkpoint import CHECKPOINT
-from quadnet.cli import ArgumentParser, command, fail
+from quadnet.exits import ArgumentParser, command, fail
 
 METRICS = {"test_loss": True, "test_error": True, "final_loss": True, "test_accuracy": False, "train_accuracy": False}
 FIGURES = ["final_loss", "test_loss", "train_accuracy", "test_accuracy", "epoch", "train_seconds"]

@@ -14,11 +14,6 @@ from conftest import ROOT
 
 
 @pytest.mark.skipif(find_spec("importlinter") is None, reason="needs import-linter: pip install -e '.[dev]'")
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="until quadnet/engines/ and quadnet/exits.py land (issue 21); then remove this mark",
-)
 def test_the_imports_keep_the_contracts():
     lint = Path(sys.executable).parent / "lint-imports"  # (the console script beside this interpreter)
     r = subprocess.run(

@@ -235,8 +235,8 @@ def test_animate_writes_a_gif_of_the_run_and_nothing_without_it(tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status (Linux)")
 @pytest.mark.parametrize(
     "command",
-    [["-m", "quadnet.train"], ["-c", "from quadnet.cli import train_main; train_main()"], ["-m", "quadnet.report"],
-     ["-c", "from quadnet.cli import predict_main; predict_main()"], ["-m", "quadnet.crosscheck"]],
+    [["-m", "quadnet.train"], ["-c", "from quadnet.train import main; main()"], ["-m", "quadnet.report"],
+     ["-c", "from quadnet.predict import main; main()"], ["-m", "quadnet.crosscheck"]],
 )  # fmt: skip
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_while_the_command_starts_is_one_line(command, sig, code, tmp_path):

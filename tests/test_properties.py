@@ -27,7 +27,7 @@ from quadnet import checkpoint, optim
 from quadnet.artifacts import METRIC_FIELDS, write_metrics
 from quadnet.compose import _TYPES, Composer
 from quadnet.config import ConfigError, TrainConfig, to_dict
-from quadnet.data import read_csv
+from quadnet.data import make_dataset, read_csv
 from quadnet.model import initial_params
 from quadnet.predict import InputError, parse_args, parse_point, read_points
 
@@ -154,7 +154,7 @@ def good(folder) -> bytes:
     state = {"params": params, "optimizer": {"momentum": {k: v * 0 for k, v in params.items()}}, "step": 2}
     history = [dict.fromkeys(METRIC_FIELDS, 0.5) | {"epoch": e} for e in (0, 1, 2)]
     arrays = checkpoint.arrays(
-        state, epoch=2, config=to_dict(cfg), status="running", history=history, classes=range(1, 5)
+        state, epoch=2, config=to_dict(cfg), status="running", history=history, data=make_dataset(cfg.data)
     )
     checkpoint.save(folder / "good.npz", arrays)
     return (folder / "good.npz").read_bytes()

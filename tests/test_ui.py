@@ -233,7 +233,7 @@ def test_a_diverged_or_non_finite_model_is_refused_in_one_line(runs, tmp_path, c
     ck["params"]["W2"][0, 0] = math.nan
     state = {"params": ck["params"]}
     arrays = checkpoint.arrays(
-        state, epoch=5, config=ck["config"], status="completed", history=[], classes=[1, 2, 3, 4]
+        state, epoch=5, config=ck["config"], status="completed", history=[], data=make_dataset(DataConfig())
     )
     checkpoint.save(tmp_path / "nan.npz", arrays)
     code, _, err = _predict(capsys, tmp_path / "nan.npz", "1,1")
@@ -248,7 +248,7 @@ def test_a_run_dir_predicts_with_its_checkpoint_and_says_how_it_ended(runs, tmp_
     ck = checkpoint.load(runs[1])
     state = {"params": {k: v + 1 for k, v in ck["params"].items()}}
     arrays = checkpoint.arrays(
-        state, epoch=300, config=ck["config"], status="interrupted", history=[], classes=[1, 2, 3, 4]
+        state, epoch=300, config=ck["config"], status="interrupted", history=[], data=make_dataset(DataConfig())
     )
     checkpoint.save(run / "checkpoint.npz", arrays)
     assert load(run).path == str(run / "checkpoint.npz") and load(run).status == "interrupted"
