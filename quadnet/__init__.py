@@ -8,7 +8,15 @@ From Python, with the command line's keys::
     model.predict_proba([[2, 2]])                          # shape (1, 4)
 """
 
+import sys
 from typing import Any
+
+# `python -m quadnet.<command>` being located, or a console script (quadnet-train) importing its command:
+# a signal from now on ends it in one line, while torch and Hydra import too
+if sys.argv[:1] == ["-m"] or sys.argv[0].rpartition("/")[2].startswith("quadnet-"):
+    from quadnet import exits
+
+    exits.install()
 
 __version__ = "0.3.0"
 __all__ = ["Model", "load", "run"]

@@ -39,6 +39,7 @@ class Stop:
     def __init__(self) -> None:
         self.signal: int | None = None
         self.depth = 0  # nested listeners (a sweep around its jobs' loops)
+        self.commands = 0  # commands running (inside :func:`command`)
 
     def __call__(self) -> bool:
         return self.signal is not None
@@ -51,27 +52,42 @@ def _handler(signum: int, frame: Any) -> None:
     if STOP.depth and (STOP.signal is None or signum != signal.SIGINT):
         STOP.signal = STOP.signal or signum
         return
+    if not STOP.commands:  # a command still importing (python -m): nothing to unwind
+        fail(STOPPED, 128 + signum)
     raise Stopped(signum)  # outside training, or Ctrl-C twice: at once
 
 
+@contextlib.contextmanager
+def _handled() -> Iterator[None]:
+    """The three signals through :func:`_handler` while inside, and as they were after (the main thread
+    only: Python's rule; a notebook's Ctrl-C is its own again once a run is done)."""
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, _handler) for s in SIGNALS} if main else {}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def install() -> None:
-    """Route the three signals through :data:`STOP` (the main thread only: Python's rule)."""
-    if threading.current_thread() is threading.main_thread():
-        for s in SIGNALS:
-            signal.signal(s, _handler)
+    """From now on, for the life of the process (``python -m quadnet.<command>`` as it starts)."""
+    for s in SIGNALS:
+        signal.signal(s, _handler)
 
 
 @contextlib.contextmanager
 def listening() -> Iterator[Stop]:
     """While inside, a signal is recorded in the returned :class:`Stop` instead of raised."""
-    if not STOP.depth:
-        STOP.signal = None
-        install()
-    STOP.depth += 1
-    try:
-        yield STOP
-    finally:
-        STOP.depth -= 1
+    with contextlib.ExitStack() as stack:
+        if not STOP.depth:
+            STOP.signal = None
+            stack.enter_context(_handled())
+        STOP.depth += 1
+        try:
+            yield STOP
+        finally:
+            STOP.depth -= 1
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -107,9 +123,10 @@ def command(stopped: str = STOPPED, explain: Any = one_line, bad: tuple[type, ..
     cannot be read or written, memory that is not there) as one line and exit 2; a signal as
     ``error: stopped`` and exit 128+signal; a reader that stops reading (``| head``) quietly.
     Anything else is a bug in quadnet, and keeps its traceback."""
-    install()
+    STOP.commands += 1
     try:
-        yield
+        with _handled():
+            yield
         sys.stdout.flush()
     except Stopped as e:
         fail(e.message or stopped, 128 + e.signum)
@@ -122,3 +139,5 @@ def command(stopped: str = STOPPED, explain: Any = one_line, bad: tuple[type, ..
         if not out_of_memory(e):
             raise
         fail(OOM)
+    finally:
+        STOP.commands -= 1

@@ -31,7 +31,7 @@ from quadnet.config import ConfigError, TrainConfig, check_installed, compose, c
 from quadnet.data import Dataset, make_dataset
 
 log = logging.getLogger("quadnet")
-HYDRA_ERRORS = (HydraException, OmegaConfBaseException)
+HYDRA_ERRORS = (HydraException, OmegaConfBaseException, OverflowError)  # (Overflow: a huge int for a float key)
 
 
 @dataclasses.dataclass

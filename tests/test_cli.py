@@ -235,15 +235,14 @@ def test_animate_writes_a_gif_of_the_run_and_nothing_without_it(tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status (Linux)")
 @pytest.mark.parametrize(
     "command",
-    [["-m", "quadnet.train"], ["-c", "from quadnet.train import main; main()"], ["-m", "quadnet.report"],
-     ["-c", "from quadnet.predict import main; main()"], ["-m", "quadnet.crosscheck"]],
+    [["-m", "quadnet.train"], ["quadnet-train"], ["-m", "quadnet.report"], ["quadnet-predict"],
+     ["-m", "quadnet.crosscheck"]],
 )  # fmt: skip
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_while_the_command_starts_is_one_line(command, sig, code, tmp_path):
-    """Ctrl-C or SIGTERM while torch and Hydra import (python -m quadnet.train, or quadnet-train)."""
-    p = subprocess.Popen(
-        [sys.executable, *command, f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path, stderr=subprocess.PIPE, text=True
-    )
+    """Ctrl-C or SIGTERM while torch and Hydra import (python -m quadnet.train, or the console script quadnet-train)."""
+    argv = [sys.executable, *command] if command[0].startswith("-") else [Path(sys.executable).parent / command[0]]
+    p = subprocess.Popen([*argv, f"hydra.run.dir={tmp_path}/r"], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline:  # until quadnet's handler is up (SIGTERM caught), then at once
         caught = re.search(r"SigCgt:\s*([0-9a-f]+)", Path(f"/proc/{p.pid}/status").read_text())
