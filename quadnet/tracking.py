@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quadnet.config import user_path
+
 log = logging.getLogger("quadnet")
 STATUS = {"completed": "FINISHED", "interrupted": "KILLED", "diverged": "FAILED", "failed": "FAILED"}
 PARENT = ".mlflow"  # in a sweep dir: its parent run
@@ -30,13 +32,7 @@ _state: dict[str, Any] = {}  # this process's client, experiment, and the error 
 
 def store() -> str:
     """The tracking URI: MLflow's own setting, else the SQLite store under ./outputs."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{_start_dir() / 'outputs' / 'mlflow.db'}"
-
-
-def _start_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{user_path('outputs').absolute() / 'mlflow.db'}"
 
 
 def _client() -> tuple[Any, str]:
@@ -59,7 +55,7 @@ def _client() -> tuple[Any, str]:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "quadnet")
             found = client.get_experiment_by_name(name)
             local = "MLFLOW_TRACKING_URI" not in os.environ  # (else the store keeps its artifacts where it says)
-            where = (_start_dir() / "outputs" / "mlartifacts").as_uri() if local else None
+            where = (user_path("outputs").absolute() / "mlartifacts").as_uri() if local else None
             experiment = found.experiment_id if found else client.create_experiment(name, artifact_location=where)
         _state.update(client=client, experiment=experiment, uri=uri)
     return _state["client"], _state["experiment"]
