@@ -13,6 +13,7 @@ of each job as cheap. The tests compare its configs with Hydra's on mixed sweeps
 
 from __future__ import annotations
 
+import functools
 import re
 import typing
 from typing import Any
@@ -39,7 +40,6 @@ class Composer:
         self._keys = set(allowed_keys()) - {"data"}
         self._parsed: dict[str, Override] = {}
         self._templates: dict[tuple[str, ...], dict[str, Any] | None] = {}
-        self._values: dict[tuple[str, Any], Any] = {}
 
     def typed(self, overrides: list[str]) -> TrainConfig | None:
         """The job's config, typed but not yet range-checked (:func:`quadnet.config.check`); None
@@ -85,24 +85,24 @@ class Composer:
         return o.key_or_group in self._keys and not isinstance(o.value(), dict | list) and "${" not in str(o.value())
 
     def _value(self, key: str, value: Any) -> Any:
-        """A value as OmegaConf types it for its key (lr=1 is 1.0, seed='3' is 3): each distinct one once."""
+        """A value as OmegaConf types it for its key (lr=1 is 1.0, seed='3' is 3)."""
         kinds = typing.get_args(_TYPES[key]) or (_TYPES[key],)  # (int | None: int and NoneType)
         if type(value) in kinds:
             return value
         if float in kinds and type(value) is int:
             return float(value)
-        if (key, value) not in self._values:
-            if len(self._values) > BOUND:
-                self._values.clear()
-            node = OmegaConf.structured(TrainConfig)
-            try:
-                OmegaConf.update(node, key, value)
-                self._values[key, value] = OmegaConf.select(node, key)
-            except OmegaConfBaseException as e:
-                self._values[key, value] = ConfigError(one_line(e))
-        if isinstance(found := self._values[key, value], ConfigError):
-            raise found
-        return found
+        return _omegaconf_value(key, value)
+
+
+@functools.lru_cache(maxsize=BOUND, typed=True)
+def _omegaconf_value(key: str, value: Any) -> Any:
+    """A value of another type put into a TrainConfig by OmegaConf (seed='3' is 3), or its refusal."""
+    node = OmegaConf.structured(TrainConfig)
+    try:
+        OmegaConf.update(node, key, value)
+    except OmegaConfBaseException as e:
+        raise ConfigError(one_line(e)) from None
+    return OmegaConf.select(node, key)
 
 
 class SweepLoader:
