@@ -134,9 +134,8 @@ def eval_numerical_gradient(f: Callable[[np.ndarray], float], x: np.ndarray, h: 
         x[ix] = old + h
         f_plus = f(x)
         x[ix] = old - h
-        f_minus = f(x)
+        grad[ix] = (f_plus - f(x)) / (2 * h)
         x[ix] = old
-        grad[ix] = (f_plus - f_minus) / (2 * h)
     return grad
 
 
