@@ -32,19 +32,17 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from quadnet.exits import ArgumentParser, command
+from quadnet.exits import ArgumentParser, command, fail
 
 
-def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any]:
-    """(the seconds that fn(*args, **kwargs) took, what it returned)."""
+def _timed(fn: Callable[..., Any], *args: Any) -> float:
+    """The seconds that fn(*args) took."""
     t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return time.perf_counter() - t0, out
+    fn(*args)
+    return time.perf_counter() - t0
 
 
 def machine() -> dict[str, Any]:
-    import numpy as np
-
     from quadnet.artifacts import versions
     from quadnet.engines import usable_cpus
 
@@ -52,8 +50,7 @@ def machine() -> dict[str, Any]:
     with contextlib.suppress(OSError):
         cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), platform.machine())
-    v = versions()
-    return {"cpu": cpu, "cpus": usable_cpus(), "python": v["python"], "torch": v["torch"], "numpy": np.__version__}
+    return {"cpu": cpu, "cpus": usable_cpus(), **{k: versions()[k] for k in ("python", "torch", "numpy")}}
 
 
 def step_flops(n: int, h: int, c: int) -> int:
@@ -72,7 +69,7 @@ def gemm_rate() -> float:
 
     a = torch.rand(2048, 2048, dtype=torch.float64)
     with torch_threads(1):
-        return 2 * 2048**3 / min(_timed(torch.mm, a, a)[0] for _ in range(4))
+        return 2 * 2048**3 / min(_timed(torch.mm, a, a) for _ in range(4))
 
 
 def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
@@ -94,7 +91,7 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
         e = build(cfgs, data, [start_state(c) for c in cfgs], "cuda:0" if device == "cuda" else "cpu")
         steps = max(20, min(2000, 400_000 // jobs)) * (5 if engine == "numba" else 1)
         e.run(2, lambda: False)  # (buffers, caches, a CUDA graph)
-        return _timed(e.run, steps, lambda: False)[0] / steps * 10000 / jobs * 1000
+        return _timed(e.run, steps, lambda: False) / steps * 10000 / jobs * 1000
 
     rows = []
     for j in sizes:
@@ -120,11 +117,9 @@ def _sweep(
     for, as the kernel counts it) and its completed jobs (all n unless stopped)."""
     overrides = [f"seed=range({n})", f"hydra/launcher={launcher}", *extra]
     cmd = [sys.executable, "-m", "quadnet.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    t0 = time.perf_counter()
+    env, t0 = os.environ | (env or {}), time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
-        p = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=sweep_dir.parent, env={**os.environ, **(env or {})}
-        )
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=sweep_dir.parent, env=env)
         stopper = threading.Timer(limit, p.terminate)
         if limit:
             stopper.start()
@@ -135,9 +130,7 @@ def _sweep(
         output = log.read()
     done = sum(json.loads(s.read_text())["status"] == "completed" for s in sweep_dir.glob("*/summary.json"))
     if not (limit and seconds >= limit) and (p.returncode != 0 or done != n):
-        raise SystemExit(
-            f"error: the {launcher} sweep completed {done} of {n} jobs: {output.strip().splitlines()[-1:]}"
-        )
+        fail(f"the {launcher} sweep completed {done} of {n} jobs: {output.strip().splitlines()[-1:]}", 1)
     return seconds, output, usage.ru_maxrss * 1024, done
 
 
@@ -161,7 +154,7 @@ def bench_sweep(a: argparse.Namespace) -> list[dict[str, Any]]:
             tm = _sweep(a.jobs, "batched", d / "logged", [*extra, "plots=false", "logger=mlflow"], store)[0]
     basic, found = (tk - t1) / (sample - 1), _PHASES.findall(output)
     if not found and done == a.jobs:
-        raise SystemExit("error: the batched launcher's timing line was not in its output (quadnet.sweep.TIMING_LINE)")
+        fail("the batched launcher's timing line was not in its output (quadnet.sweep.TIMING_LINE)", 1)
     # (no timing line from a sweep stopped before it launched)
     compose, train, write, launch = map(float, found[-1]) if found else (math.nan, math.nan, math.nan, 0.0)
     startup, until = tb - launch, min(tb, a.seconds or tb)  # (its start-up; its end, or when it was stopped)
@@ -181,9 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     common = ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    repeated = ArgumentParser(add_help=False, parents=[common])
-    repeated.add_argument("--repeat", type=int, default=3, help="runs of each variant; the best counts (default 3)")
-    step = sub.add_parser("step", help="the engines against the arithmetic limit, by batch size", parents=[repeated])
+    step = sub.add_parser("step", help="the engines against the arithmetic limit, by batch size", parents=[common])
+    step.add_argument("--repeat", type=int, default=3, help="runs of each variant; the best counts (default 3)")
     step.add_argument("--jobs", default="1,64,256,1024", help="batch sizes, comma-separated (default 1,64,256,1024)")
     sweep = sub.add_parser("sweep", help="basic launcher against batched", parents=[common])
     sweep.add_argument("--jobs", type=int, default=256, help="jobs in the sweep (default 256)")
@@ -210,9 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"units: {units[args.what]}")
     # the rows as an aligned table, a column a key ("-" where a row has none), numbers right-aligned
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    cells = [keys] + [
-        [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.get(k, "-") for k in keys)] for r in rows
-    ]
+    text = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.get(k, "-") for k in keys)] for r in rows]
+    cells = [keys, *text]
     widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
     for line in cells:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))

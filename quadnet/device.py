@@ -11,9 +11,7 @@ from quadnet.config import ConfigError
 def gpu_possible() -> bool:
     """Whether this machine might have a GPU torch can use: a GPU's device file (NVIDIA, AMD's ROCm,
     WSL), or a Mac. Without one, device=auto is the cpu without importing torch (1-2 s)."""
-    return sys.platform == "darwin" or bool(
-        glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/kfd") + glob.glob("/dev/dxg")
-    )
+    return sys.platform == "darwin" or any(glob.glob(p) for p in ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/dxg"))
 
 
 def resolve_device(name: str) -> str:

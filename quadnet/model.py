@@ -108,8 +108,7 @@ def unstack(tensors: list[Tensor], rows: list[int], hidden_dims: list[int]) -> l
     """Jobs at `rows`, unpadded, in the seed layout (float64 NumPy): one copy off the device."""
     import torch
 
-    host = [t.detach().to("cpu", torch.float64).numpy() for t in tensors]
-    w1, b1, w2, b2 = host
+    w1, b1, w2, b2 = (t.detach().to("cpu", torch.float64).numpy() for t in tensors)
     return [
         {"W1": w1[r, :, :h].copy(), "b1": b1[r, 0, :h].copy(), "W2": w2[r, :h].copy(), "b2": b2[r, 0].copy()}
         for r, h in zip(rows, hidden_dims, strict=True)

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quadnet.config import user_path
+
 log = logging.getLogger("quadnet")
 STATUS = {"completed": "FINISHED", "interrupted": "KILLED", "diverged": "FAILED", "failed": "FAILED"}
 PARENT = ".mlflow"  # in a sweep dir: its parent run
@@ -30,13 +32,7 @@ _state: dict[str, Any] = {}  # this process's client, experiment, and the error 
 
 def store() -> str:
     """The tracking URI: MLflow's own setting, else the SQLite store under ./outputs."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{_start_dir() / 'outputs' / 'mlflow.db'}"
-
-
-def _start_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.cwd) if HydraConfig.initialized() else Path.cwd()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{user_path('outputs').absolute() / 'mlflow.db'}"
 
 
 def _client() -> tuple[Any, str]:
@@ -54,14 +50,12 @@ def _client() -> tuple[Any, str]:
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=uri)
-        if "MLFLOW_EXPERIMENT_ID" in os.environ:
-            experiment = os.environ["MLFLOW_EXPERIMENT_ID"]
-        else:
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_ID")
+        if experiment is None:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "quadnet")
             found = client.get_experiment_by_name(name)
-            where = (
-                (_start_dir() / "outputs" / "mlartifacts").as_uri() if "MLFLOW_TRACKING_URI" not in os.environ else None
-            )
+            local = "MLFLOW_TRACKING_URI" not in os.environ  # (else the store keeps its artifacts where it says)
+            where = (user_path("outputs").absolute() / "mlartifacts").as_uri() if local else None
             experiment = found.experiment_id if found else client.create_experiment(name, artifact_location=where)
         _state.update(client=client, experiment=experiment, uri=uri)
     return _state["client"], _state["experiment"]
@@ -119,11 +113,8 @@ def log_run(summary: dict[str, Any], history: list[dict[str, float]], run_dir: P
     which ends it once, when it is done: its last job leaves it ended)."""
     parent_id = parent(sweep_dir) if sweep_dir is not None else None
     run_id = _guard("logging a run", _log, summary, history, run_dir, parent_id)
-    if end_sweep and parent_id is not None:
-        _guard(
-            "ending the sweep's run",
-            lambda: _client()[0].set_terminated(parent_id, STATUS.get(summary["status"], "FAILED")),
-        )
+    if end_sweep and sweep_dir is not None:
+        end(sweep_dir, STATUS.get(summary["status"], "FAILED"))
     if run_id is None:
         return {"error": _state.get("error", "not logged")}
     return {"uri": _state["uri"], "experiment_id": _state["experiment"], "run_id": run_id, "parent_run_id": parent_id}
@@ -136,14 +127,11 @@ def _log(summary: dict[str, Any], history: list[dict[str, float]], run_dir: Path
     name = f"{Path(run_dir).parent.name}/{Path(run_dir).name}" if parent_id else Path(run_dir).name
     tags = {**_versions(), "quadnet.run_dir": str(run_dir), "quadnet.status": summary["status"]}
     tags |= {f"quadnet.{k}": str(summary[k]) for k in ("engine", "device", "error") if summary.get(k) is not None}
-    run = client.create_run(
-        experiment, run_name=name, tags=tags | ({"mlflow.parentRunId": parent_id} if parent_id else {})
-    )
-    config = summary.get("config") or {}
-    flat = {
-        **{k: v for k, v in config.items() if k != "data"},
-        **{f"data.{k}": v for k, v in (config.get("data") or {}).items()},
-    }
+    tags |= {"mlflow.parentRunId": parent_id} if parent_id else {}
+    run = client.create_run(experiment, run_name=name, tags=tags)
+    config = dict(summary.get("config") or {})
+    data = config.pop("data", None) or {}
+    flat = config | {f"data.{k}": v for k, v in data.items()}
     params = [Param(k, "null" if v is None else str(v)) for k, v in flat.items()]
     now, keys = int(time.time() * 1000), ("loss", "train_accuracy", "test_accuracy", "test_loss")
     metrics = [Metric(k, r[k], now, int(r["epoch"])) for r in history for k in keys if r.get(k) == r.get(k)]  # (no NaN)

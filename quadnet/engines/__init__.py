@@ -71,7 +71,7 @@ def build(cfgs: list[TrainConfig], data: Any, starts: list[dict[str, Any]], devi
     if name == "numpy":
         from quadnet.engines.numpy import NumpyEngine
 
-        return NumpyEngine(cfgs, data, device, starts)
+        return NumpyEngine(cfgs, data, starts)
     if name == "numba":
         from quadnet.engines.numba import NumbaEngine
 

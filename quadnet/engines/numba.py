@@ -188,12 +188,9 @@ def train(blocks: Any, m: Any, v: Any, hyp: Any, x: Any, onehot: Any, h_dim: int
 
 def to_rows(p: dict[str, np.ndarray], h_dim: int, n_cls: int) -> np.ndarray:
     """One job's parameters (seed layout; narrower nets zero-padded to h_dim) as a column of rows."""
-    h = p["b1"].shape[0]
-    col = np.zeros(3 * h_dim + h_dim * n_cls + n_cls)
-    col[:h], col[h_dim : h_dim + h], col[2 * h_dim : 2 * h_dim + h] = p["W1"][0], p["W1"][1], p["b1"]
-    col[3 * h_dim : 3 * h_dim + h * n_cls] = p["W2"].reshape(-1)
-    col[3 * h_dim + h_dim * n_cls :] = p["b2"]
-    return col
+    pad = h_dim - len(p["b1"])  # (hidden units: W1's columns, b1's entries, W2's rows)
+    pads = {"W1": [(0, 0), (0, pad)], "b1": [(0, pad)], "W2": [(0, pad), (0, 0)], "b2": [(0, 0)]}
+    return np.concatenate([np.pad(p[k].astype(np.float64), pads[k]).ravel() for k in PARAMS])
 
 
 def from_rows(col: np.ndarray, h_dim: int, h: int, n_cls: int) -> dict[str, np.ndarray]:
@@ -210,9 +207,9 @@ class NumbaEngine:
     def __init__(self, cfgs: list[Any], data: Any, starts: list[dict[str, Any]], threads: int = 1) -> None:
         self.cfgs, self.dtype, self.threads, self.name = cfgs, np.dtype(cfgs[0].dtype), threads, "numba"
         self.h_dim, self.n_cls = max(c.hidden_dim for c in cfgs), data.num_classes
-        self.adam, self.buffers = cfgs[0].optimizer == "adam", optim.buffers(cfgs[0].optimizer, optim.hyper(cfgs))
-        self.rule = len(self.buffers)  # (the kernel's rule)
-        self.x, self.x_test, self.data = data.x_train.astype(self.dtype), data.x_test.astype(self.dtype), data
+        self.buffers = optim.buffers(cfgs[0].optimizer, optim.hyper(cfgs))
+        self.rule = len(self.buffers)  # (the kernel's rule: 2 is Adam)
+        self.x, self.data = data.x_train.astype(self.dtype), data
         self.onehot = np.eye(self.n_cls, dtype=self.dtype)[data.y_train.clip(0)]  # (as the torch engine)
         self.t, self.rows = starts[0].get("step", 0), list(range(len(cfgs)))
         cols = lambda ps: np.stack([to_rows(p, self.h_dim, self.n_cls) for p in ps], 1)  # noqa: E731
@@ -268,7 +265,7 @@ class NumbaEngine:
             list(_pool(min(self.threads, n_blocks)).map(one, range(n_blocks)))  # (a task a block)
             bad = np.where((bad < 0) & (found >= 0), found + done, bad)
             done += k
-        self.t += done if self.adam else 0  # (Adam's step count, as the torch engine keeps it)
+        self.t += done if self.rule == 2 else 0  # (Adam's step count, as the torch engine keeps it)
         return done, bad.reshape(-1)[: len(self.rows)].tolist()
 
     def metrics(self) -> list[dict[str, float]]:

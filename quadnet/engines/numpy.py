@@ -40,8 +40,7 @@ def relu_forward(x: np.ndarray) -> tuple[np.ndarray, Any]:
 
 def relu_backward(dout: np.ndarray, cache: Any) -> np.ndarray:
     """Passes the gradient where the input was positive. dout, x: same shape → dx."""
-    x = cache
-    return np.where(x <= 0, 0, dout)
+    return np.where(cache <= 0, 0, dout)
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
@@ -58,8 +57,7 @@ def softmax_loss(scores: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     comes from the log-softmax, so a confidently wrong point gives a large finite loss
     rather than log(0) = -inf.
     """
-    n = scores.shape[0]
-    rows = np.arange(n)
+    n, rows = len(scores), np.arange(len(scores))
     shifted = scores - scores.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     total = exp.sum(axis=1, keepdims=True)
@@ -136,9 +134,8 @@ def eval_numerical_gradient(f: Callable[[np.ndarray], float], x: np.ndarray, h: 
         x[ix] = old + h
         f_plus = f(x)
         x[ix] = old - h
-        f_minus = f(x)
+        grad[ix] = (f_plus - f(x)) / (2 * h)
         x[ix] = old
-        grad[ix] = (f_plus - f_minus) / (2 * h)
     return grad
 
 
@@ -150,7 +147,7 @@ def rel_error(a: np.ndarray, b: np.ndarray) -> float:
 class NumpyEngine:
     """One job trained with :func:`loss_and_grads` and :data:`UPDATES`."""
 
-    def __init__(self, cfgs: list[Any], data: Any, device: Any, starts: list[dict[str, Any]]) -> None:
+    def __init__(self, cfgs: list[Any], data: Any, starts: list[dict[str, Any]]) -> None:
         (c,), (start,) = cfgs, starts  # a batch of one
         self.dt = np.dtype(c.dtype)
         self.params = {k: v.astype(self.dt) for k, v in start["params"].items()}

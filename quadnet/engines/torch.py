@@ -34,8 +34,7 @@ class TorchEngine:
     ) -> None:
         c0, device = cfgs[0], torch.device(device)
         self.cfgs, self.device, self.dtype, self.threads = cfgs, device, getattr(torch, c0.dtype), threads
-        self.name = f"torch/{c0.step}"
-        self.rule, self.autograd = c0.optimizer, c0.step == "autograd"
+        self.name, self.rule, self.autograd = f"torch/{c0.step}", c0.optimizer, c0.step == "autograd"
         self.hidden = max(c.hidden_dim for c in cfgs)
         as_t = lambda a: torch.as_tensor(np.asarray(a), dtype=self.dtype, device=device)  # noqa: E731
         self.x, self.x_test = as_t(data.x_train), as_t(data.x_test)
