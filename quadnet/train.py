@@ -50,6 +50,8 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
     under :func:`quadnet.checkpoint.resume_check`), and the dir. Raises ConfigError or CheckpointError."""
     c = validate(cfg)
     check_installed(c)
+    if c.engine == "numba" and (why := engines.numba_error()):
+        raise ConfigError(f"engine=numba: numba is installed but does not import ({why}); use engine=torch")
     ck = checkpoint.load(c.resume) if c.resume else None
     if ck is not None:
         merged = OmegaConf.create(ck["config"])

@@ -188,3 +188,17 @@ def test_a_plot_that_cannot_be_drawn_costs_the_plot_not_the_run(tmp_path, monkey
     assert s["status"] == "completed" and (tmp_path / "r" / "loss.png").exists()
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["status"] == "completed"
     assert "plots not drawn: out of memory" in caplog.text
+
+
+def test_a_numba_that_does_not_import_falls_back_to_torch_in_one_line(tmp_path):
+    broken = tmp_path / "site" / "numba"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('numba built for another numpy')\n")
+    env = {"PYTHONPATH": str(tmp_path / "site")}
+    r = run_cli("epochs=10", "plots=false", "hydra.run.dir=a", cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "numba is installed but does not import (numba built for another numpy): torch trains" in r.stdout
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["engine"] == "torch/fused"
+    r = run_cli("epochs=10", "engine=numba", "hydra.run.dir=b", cwd=tmp_path, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "engine=numba: numba is installed but" in r.stderr
+    assert not (tmp_path / "b").exists()

@@ -12,7 +12,10 @@ name in this package's namespace.)
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import importlib.util
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -22,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from quadnet.config import TrainConfig
+from quadnet.exits import one_line
 from quadnet.model import Params
 
 # the figures of a metrics row, in the order metrics.csv and checkpoints keep them
@@ -54,12 +58,31 @@ def saved_buffers(starts: list[dict[str, Any]], names: tuple[str, ...]) -> dict[
     return {n: [s.get("optimizer", {}).get(n) or zeros(s["params"]) for s in starts] for n in names}
 
 
+@functools.cache
+def numba_error() -> str | None:
+    """Why an installed numba does not import (a build for another NumPy, say); None where it does, or is not there."""
+    try:
+        if importlib.util.find_spec("numba") is not None:
+            importlib.import_module("quadnet.engines.numba")
+    except Exception as e:
+        return one_line(e)
+    return None
+
+
+@functools.cache
+def numba_usable() -> bool:
+    """Whether engine=auto may pick numba; a broken install is one warning, and torch trains instead."""
+    if why := numba_error():
+        logging.getLogger("quadnet").warning("numba is installed but does not import (%s): torch trains", why)
+    return importlib.util.find_spec("numba") is not None and why is None
+
+
 def engine_name(c: TrainConfig, device: str, classes: int) -> str:
     """What trains a job: engine=auto is numba on the cpu when it is installed, the step is fused and
     the classes are few enough (:data:`NUMBA_MAX_CLASSES`), else torch."""
     if c.engine == "auto":
         fast = c.step == "fused" and device == "cpu" and classes <= NUMBA_MAX_CLASSES
-        return "numba" if fast and importlib.util.find_spec("numba") is not None else f"torch/{c.step}"
+        return "numba" if fast and numba_usable() else f"torch/{c.step}"
     return f"torch/{c.step}" if c.engine == "torch" else c.engine
 
 
