@@ -23,8 +23,10 @@ from typing import Any
 import numpy as np
 
 from quadnet.config import ConfigError, TrainConfig, log_every
+from quadnet.device import describe, resolve_device
 from quadnet.engines import METRICS, build
 from quadnet.exits import OOM
+from quadnet.model import initial_params
 
 log = logging.getLogger("quadnet")
 # a diverged job's last row
@@ -48,8 +50,6 @@ class Job:
 def start_state(c: TrainConfig, classes: int = 4) -> dict[str, Any]:
     """A fresh job's state: its initial weights (classes: its outputs; 4, the quadrants), no optimizer
     buffers yet, step 0."""
-    from quadnet.model import initial_params
-
     return {"params": initial_params(c.hidden_dim, c.seed, c.init, classes), "optimizer": {}, "step": 0}
 
 
@@ -143,8 +143,6 @@ def train_batch(
     the device as summaries record it, the engine's name, the jobs and the seconds; or, for a device
     that is not there, the ConfigError itself (what a submitit job runs where it lands; the error
     comes back whole)."""
-    from quadnet.device import describe, resolve_device
-
     try:
         device = "cpu" if jobs[0].cfg.engine in ("numba", "numpy") else resolve_device(device)
     except ConfigError as e:

@@ -35,6 +35,7 @@ from omegaconf import OmegaConf, open_dict
 from quadnet import checkpoint, console, exits, loop, rundir
 from quadnet.config import ConfigError, TrainConfig, check, check_installed, one_line, to_dict, unknown_key, validate
 from quadnet.data import Dataset, make_dataset
+from quadnet.device import gpu_possible
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +214,6 @@ def _saver(data: Dataset) -> Callable[[list[loop.Job]], None]:
 
 def on_cuda(c: TrainConfig) -> bool:
     """Whether a job trains on CUDA (torch is imported only where a GPU may be there)."""
-    from quadnet.device import gpu_possible
-
     if not c.device.startswith(("cuda", "auto")) or c.engine in ("numba", "numpy") or not gpu_possible():
         return False
     import torch

@@ -22,13 +22,26 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
+from hydra.main import get_args_parser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from quadnet import checkpoint, console, engines, exits, loop, rundir
-from quadnet.config import ConfigError, TrainConfig, check_installed, compose, config_dir, one_line, validate
+from quadnet import checkpoint, console, engines, exits, loop, rundir, sweep
+from quadnet.config import (
+    ConfigError,
+    TrainConfig,
+    check_installed,
+    compose,
+    config_dir,
+    help_text,
+    one_line,
+    register_configs,
+    validate,
+    version_base,
+)
 from quadnet.data import Dataset, make_dataset
+from quadnet.device import describe, resolve_device
 
 log = logging.getLogger("quadnet")
 HYDRA_ERRORS = (HydraException, OmegaConfBaseException, OverflowError)  # (Overflow: a huge int for a float key)
@@ -108,8 +121,6 @@ def train(
     p = cfg if isinstance(cfg, Prepared) else prepare(cfg, Path(run_dir) if run_dir else _default_run_dir())
     rundir.lock(p.out, "run")
     job, c = p.job, p.job.cfg
-    from quadnet.device import describe, resolve_device
-
     device = resolve_device(c.device if c.engine in ("auto", "torch") else "cpu")
     what = f"{c.data.name} data, hidden_dim={c.hidden_dim}, {c.epochs} epochs"
     what += f", {engines.engine_name(c, device, p.data.num_classes)} engine, {c.optimizer}"
@@ -195,10 +206,8 @@ class Callbacks(Callback):
         _sweep, _multirun = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir), config
         try:
             if batched(config):
-                from quadnet.sweep import check_options, refuse_resume
-
-                check_options(OmegaConf.to_container(config.hydra.launcher))  # type: ignore[arg-type]
-                refuse_resume(config.resume)
+                sweep.check_options(OmegaConf.to_container(config.hydra.launcher))  # type: ignore[arg-type]
+                sweep.refuse_resume(config.resume)
             rundir.lock(_sweep, "sweep", outer=True, shown=str(config.hydra.sweep.dir))
         except (ValueError, OSError, *HYDRA_ERRORS) as e:
             exits.fail(one_line(e))
@@ -218,9 +227,7 @@ def batched(config: DictConfig) -> bool:
 def sweep_ends(config: DictConfig) -> Counter[str]:
     """How a sweep's jobs ended: the batched launcher's count, else its jobs' summaries."""
     if batched(config):
-        from quadnet.sweep import ENDED
-
-        return ENDED
+        return sweep.ENDED
     where = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
     return Counter(console.status_of(p) for p in where.glob("*/summary.json"))
 
@@ -252,8 +259,6 @@ def task(cfg: DictConfig) -> float:
 
 def main() -> None:
     """``python -m quadnet.train``: Hydra's command line around :func:`task`."""
-    from quadnet.config import help_text, register_configs, version_base
-
     with exits.command(exits.KEPT, one_line, HYDRA_ERRORS):
         if any(a in ("-h", "--help") for a in sys.argv[1:]):
             print(help_text())
@@ -281,7 +286,6 @@ def main() -> None:
 
 def _check_flags(argv: list[str], hydra_13: bool) -> None:
     """Hydra's own flags parsed as Hydra parses them, with one-line errors instead of its usage block."""
-    from hydra.main import get_args_parser
 
     def bad(message: str) -> None:
         if hydra_13 and "=" in message:  # overrides after a flag
