@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -302,11 +303,7 @@ def user_path(path: str) -> Path:
         p = Path(path).expanduser()
     except RuntimeError:  # ~nouser
         raise ConfigError(f"{path!r}: no home dir is known for that user") from None
-    if p.is_absolute() or "hydra" not in sys.modules:
-        return p
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.cwd) / p if HydraConfig.initialized() else p
+    return Path(HydraConfig.get().runtime.cwd) / p if not p.is_absolute() and HydraConfig.initialized() else p
 
 
 def config_dir() -> str:
