@@ -61,15 +61,11 @@ def clean(obj: Any) -> Any:
 
 def summary_metric(summary: dict[str, Any], name: str) -> float | None:
     """A figure of a completed run's summary (test_error is 1 − test_accuracy); None otherwise."""
-    if summary.get("status") != "completed":
-        return None
     value = summary.get("test_accuracy" if name == "test_error" else name)
-    try:
-        if value is None or not math.isfinite(value):
-            return None
-        return 1 - float(value) if name == "test_error" else float(value)
-    except (TypeError, ValueError, OverflowError):  # a damaged summary
-        return None
+    with contextlib.suppress(TypeError, ValueError, OverflowError):  # (None, or a damaged summary)
+        if summary.get("status") == "completed" and math.isfinite(value):
+            return 1 - float(value) if name == "test_error" else float(value)
+    return None
 
 
 def prediction_rows(

@@ -44,10 +44,9 @@ def arrays(state: dict[str, Any], *, epoch: int, config: dict, status: str, hist
     out = {f"params/{k}": v for k, v in state["params"].items()}
     out |= {f"optimizer/{n}/{k}": v for n, b in state.get("optimizer", {}).items() for k, v in b.items()}
     out["history"] = np.array([[r.get(f, math.nan) for f in METRIC_FIELDS] for r in history]).reshape(-1, 5)
-    step = int(state.get("step", epoch))
-    meta = {"format": FORMAT, "epoch": int(epoch), "step": step, "status": status, "classes": list(data.classes)}
-    meta["data_sha256"] = data.digest
-    return out | {"meta": np.array(json.dumps({**meta, "config": config}))}
+    meta = {"format": FORMAT, "epoch": int(epoch), "step": int(state.get("step", epoch)), "status": status}
+    meta |= {"classes": list(data.classes), "data_sha256": data.digest, "config": config}
+    return out | {"meta": np.array(json.dumps(meta))}
 
 
 def of(job: Any, status: str, data: Any) -> dict[str, np.ndarray]:
@@ -95,7 +94,7 @@ def _member(z: zipfile.ZipFile, name: str, where: str, fits: Callable[..., bool]
             raise CheckpointError(f"refused {where}: its {name} holds objects other than arrays")
         if not fits(shape, dtype) or any(d < 0 for d in shape):
             raise CheckpointError(where + bad)
-    with z.open(info) as f:  # (what it declares, checked: read_array reads that much and no more)
+        f.seek(0)  # (what it declares, checked: read_array reads that much and no more)
         return npformat.read_array(f, allow_pickle=False)
 
 
@@ -143,12 +142,11 @@ def read(p: Path) -> dict[str, np.ndarray]:
                     bad = f": its {what}{k} is not a float array of shape {shape}"
                     out[prefix + k] = _member(z, prefix + k, where, fits, bad)
             return out
-    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(
-            f"{where} is not a quadnet checkpoint (truncated or corrupt, or not a NumPy .npz file)"
-        ) from None
+    except CheckpointError:
+        raise
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError):
+        corrupt = "is not a quadnet checkpoint (truncated or corrupt, or not a NumPy .npz file)"
+        raise CheckpointError(f"{where} {corrupt}") from None
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -159,10 +157,8 @@ def load(path: str | Path) -> dict[str, Any]:
     f = read(p)
     meta, cfg = _meta(f["meta"], repr(str(p)))
     params = {k[7:]: v.astype(np.float64) for k, v in f.items() if k.startswith("params/")}
-    bufs: dict[str, dict[str, np.ndarray]] = {}
-    for k, v in f.items():
-        if k.startswith("optimizer/"):
-            bufs.setdefault(k.split("/")[1], {})[k.split("/")[2]] = v.astype(np.float64)
+    kept = dict.fromkeys(k.split("/")[1] for k in f if k.startswith("optimizer/"))  # (read gives each every param)
+    bufs = {b: {k: f[f"optimizer/{b}/{k}"].astype(np.float64) for k in params} for b in kept}
     history = [dict(zip(METRIC_FIELDS, map(float, r), strict=True)) for r in f["history"]]
     state = {"params": params, "optimizer": bufs, "step": meta["step"]}
     return {**meta, "state": state, "params": params, "cfg": cfg, "history": history, "path": str(p)}

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -35,7 +34,7 @@ from quadnet.exits import ArgumentParser, command
 def autograd_grads(params: reference.Params, x: np.ndarray, y: np.ndarray, reg: float) -> reference.Params:
     """Gradients of data loss + reg/2·‖W‖² by torch autograd through :func:`quadnet.model.forward`, seed layout."""
     leaves = [t.requires_grad_() for t in model.stack([params], params["b1"].shape[0], torch.float64, "cpu")]
-    loss = F.cross_entropy(model.forward(leaves, torch.from_numpy(x))[1][0], torch.from_numpy(y))
+    loss = torch.nn.functional.cross_entropy(model.forward(leaves, torch.from_numpy(x))[1][0], torch.from_numpy(y))
     grads = torch.autograd.grad(loss + 0.5 * reg * (leaves[0].square().sum() + leaves[2].square().sum()), leaves)
     return model.unstack(list(grads), [0], [params["b1"].shape[0]])[0]
 
@@ -127,13 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     worst = float(np.max(judged))  # (NaN: fail)
     print(f"numpy gradients vs autograd: {g['initial']:.3e} at the initial weights, {g['final']:.3e} at the final")
     print(f"numpy gradients vs centred differences: relative error {gc:.3e} (tolerance {args.grad_check_tol:g})")
-    each = ", ".join(f"{n} {'never' if e is None else f'at epoch {e}'}" for n, e in r["diverged"].items())
-    if when != {None}:  # (the figures after a divergence are not finite: a divergence at the same epoch is agreement)
-        print(
-            f"every engine diverged at epoch {min(when)}: they agree"
-            if same
-            else f"diverged at different epochs: {each}"
-        )
+    # (the figures after a divergence are not finite: a divergence at the same epoch is agreement)
+    if same:
+        print(f"every engine diverged at epoch {min(when)}: they agree")
+    elif when != {None}:
+        each = ", ".join(f"{n} {'never' if e is None else f'at epoch {e}'}" for n, e in r["diverged"].items())
+        print(f"diverged at different epochs: {each}")
     ok = worst <= args.tol and gc <= args.grad_check_tol and len(when) == 1
     print(f"{'PASS' if ok else 'FAIL'}: largest difference {worst:.3e}")
     raise SystemExit(0 if ok else 1)

@@ -21,21 +21,19 @@ from quadnet.data import QUADRANT_NAMES, Dataset
 from quadnet.engines.numpy import Params, forward
 
 # Okabe–Ito colours (safe for colour-blind readers), one per class (the first four: quadrants I–IV),
-# then tab20's for more classes; and pale versions of them for the regions, so that the points drawn
-# in the full colour stand out.
-OKABE_ITO = [[230, 159, 0], [86, 180, 233], [0, 158, 115], [204, 121, 167], [240, 228, 66], [0, 114, 178], [213, 94, 0]]
-_TAB20 = [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75], [227, 119, 194],
-          [127, 127, 127], [188, 189, 34], [23, 190, 207]]  # fmt: skip
+# then matplotlib's tab10 for more classes; and pale versions of them for the regions, so that the
+# points drawn in the full colour stand out.
+OKABE_ITO = ["#e69f00", "#56b4e9", "#009e73", "#cc79a7", "#f0e442", "#0072b2", "#d55e00"]
 
 
 def colors(classes: Sequence[Any]) -> np.ndarray:
     """A colour (n, 3) a class: the colours the labels name (red, blue, …), else a palette that
     repeats past 17 classes."""
-    from matplotlib.colors import is_color_like, to_rgb
+    from matplotlib.colors import TABLEAU_COLORS, is_color_like, to_rgb
 
     if all(isinstance(c, str) and is_color_like(c) for c in classes):
         return np.array([to_rgb(c) for c in classes])
-    every = np.array(OKABE_ITO + _TAB20) / 255
+    every = np.array([to_rgb(c) for c in [*OKABE_ITO, *TABLEAU_COLORS.values()]])
     return every[np.arange(len(classes)) % len(every)]
 
 
@@ -122,9 +120,8 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
         ax.scatter(x[:, 0], x[:, 1], c=cols, marker=marker, s=size, alpha=alpha, edgecolors="k", linewidths=0.4)
     rings = ax.scatter(*_wrong(params, data).T, s=ring, facecolors="none", edgecolors=WRONG, linewidths=1.5)
     ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="x", ylabel="y", aspect="equal")
-    handles = [
-        Patch(facecolor=0.4 * c + 0.6, edgecolor=c, label=n) for c, n in zip(full, class_names(data), strict=True)
-    ]
+    names = zip(full, class_names(data), strict=True)
+    handles = [Patch(facecolor=0.4 * c + 0.6, edgecolor=c, label=n) for c, n in names]
     keys = [("o", "train point", "0.5", "k"), ("^", "test point", "0.5", "k")]
     keys += [("o", "misclassified", "none", WRONG)] if len(rings.get_offsets()) else []
     handles += [Line2D([], [], marker=m, color="w", mfc=face, mec=edge, label=t) for m, t, face, edge in keys]

@@ -31,10 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from quadnet import checkpoint
 from quadnet.artifacts import prediction_rows
 from quadnet.checkpoint import CHECKPOINT, CheckpointError
-from quadnet.checkpoint import load as load_checkpoint
-from quadnet.config import ConfigError
 from quadnet.data import QUADRANT_NAMES, QUADRANTS
 from quadnet.engines.numpy import forward
 from quadnet.exits import command, fail
@@ -77,7 +76,7 @@ class Model:
 
 def load(path: str | Path) -> Model:
     """The model in a run dir or checkpoint file; :class:`CheckpointError` (one line) if unusable."""
-    ck = load_checkpoint(path)
+    ck = checkpoint.load(path)
     status, params, p = str(ck.get("status")), ck["params"], ck["path"]
     if status == "diverged" or (bad := [k for k, v in params.items() if not np.isfinite(v).all()]):
         weights = f", with non-finite {' '.join(bad)}" if status != "diverged" else ""
@@ -118,19 +117,18 @@ def read_points(f: str) -> list[tuple[float, float]]:
 def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, float]], bool]:
     """(run dir or checkpoint, whether it is the default, points, as_json). A first argument
     that is two numbers (x,y) and names no file is a point: the newest run is used."""
-    raw = argparse.RawDescriptionHelpFormatter
-    help_text = (__doc__ or "").split("\n\n")[1:4]  # (the help: the paragraphs after the usage line)
-    parser = argparse.ArgumentParser(
-        "python -m quadnet.predict", description="\n\n".join(help_text), formatter_class=raw
-    )
+    help_text = "\n\n".join((__doc__ or "").split("\n\n")[1:4])  # (the paragraphs after the usage line)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser("python -m quadnet.predict", description=help_text, formatter_class=formatter)
     parser.add_argument("args", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT | x,y")
     parser.add_argument("--file", action="append", default=[], help="points, one x,y a line; - for stdin")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.error = lambda m: fail(re.sub(r"unrecognized arguments: (\S+).*", r"unknown option \1", m))
     args = parser.parse_intermixed_args([" " + t if re.match(r"-[\d.]", t) else t for t in argv])  # ' -2,2': a point
     # (numbers that name no file are points, and a bad one is named as such: 1,1,1)
-    default = not (rest := args.args) or (re.fullmatch(r"[-+\d.,eE\s]+", rest[0]) and not Path(rest[0]).exists())
-    if not default and not Path(rest[0]).exists() and not re.fullmatch(r"[-+\d.,eE\s]+", rest[0]):
+    rest = args.args
+    default = not rest or not Path(rest[0]).exists()
+    if default and rest and not re.fullmatch(r"[-+\d.,eE\s]+", rest[0]):
         raise InputError(f"{rest[0]!r} is neither a run dir or checkpoint (no such path) nor a point x,y")
     run, point_args = (newest_run(), rest) if default else (Path(rest[0]), rest[1:])
     points = [parse_point(p, f"argument {i}") for i, p in enumerate(point_args, 1)]
@@ -144,11 +142,9 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, float]], 
 
 @command()
 def main(argv: list[str] | None = None) -> None:
-    try:
-        run, default, points, as_json = parse_args(sys.argv[1:] if argv is None else argv)
-        model = load(run)
-    except (InputError, CheckpointError, ConfigError) as e:  # (ConfigError: a ~user with no home)
-        fail(str(e))
+    # (an InputError, CheckpointError or ConfigError, for a ~user with no home: one line, by @command)
+    run, default, points, as_json = parse_args(sys.argv[1:] if argv is None else argv)
+    model = load(run)
     x = np.array(points, dtype=np.float64)
     rows = prediction_rows(x, model.predict_proba(x), model.classes, None, model.quadrants)
     if as_json:

@@ -35,7 +35,6 @@ from quadnet.exits import ArgumentParser, command, fail
 
 METRICS = {"test_loss": True, "test_error": True, "final_loss": True, "test_accuracy": False, "train_accuracy": False}
 FIGURES = ["final_loss", "test_loss", "train_accuracy", "test_accuracy", "epoch", "train_seconds"]
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # a numeric parameter with more distinct values than this (and than half the jobs) is drawn as a scatter
 CONTINUOUS = 12
 
@@ -86,7 +85,7 @@ def read_job(d: Path) -> dict[str, Any]:
         s = _read(d, "summary.json", json.loads, dict, "JSON object") if (d / "summary.json").exists() else {}
         overrides = s.get("overrides", [] if not (d / ".hydra").is_dir() else None)
         if not isinstance(overrides, list):  # (a job without a summary, or of quadnet 0.2)
-            overrides = _read(d, ".hydra/overrides.yaml", lambda t: yaml.load(t, _LOADER), list, "list of overrides")
+            overrides = _read(d, ".hydra/overrides.yaml", yaml.safe_load, list, "list of overrides")
         overrides = [str(o) for o in overrides]
         pairs = [o.split("=", 1) for o in overrides if "=" in o and not o.startswith("hydra")]
         row |= {"overrides": " ".join(overrides), "params": {k.lstrip("+~"): parse_value(v) for k, v in pairs}}
@@ -294,13 +293,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--top {args.top} is not allowed: must be >= 1")
     if args.metric not in METRICS:
         fail(f"--metric {args.metric!r} is not allowed: choose one of {', '.join(METRICS)}")
-    try:
-        sweep = Path(args.sweep_dir) if args.sweep_dir else newest_sweep(Path(args.outputs))
-        if not sweep.is_dir():
-            raise ReportError(f"{str(sweep)!r} is not a directory")
-        rows = sort_rows(read_jobs(sweep), args.metric)
-    except (ReportError, OSError) as e:
-        fail(str(e))
+    sweep = Path(args.sweep_dir) if args.sweep_dir else newest_sweep(Path(args.outputs))
+    if not sweep.is_dir():
+        fail(f"{str(sweep)!r} is not a directory")
+    rows = sort_rows(read_jobs(sweep), args.metric)  # (a ReportError or OSError: one line, by @command)
     written, problem = write_files(sweep, rows, args.metric, plots=not args.no_plots)
     print_table(sweep, rows, args.metric, args.top)
     if problem:
