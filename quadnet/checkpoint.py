@@ -25,7 +25,7 @@ import numpy as np
 from numpy.lib import format as npformat
 
 from quadnet.artifacts import METRIC_FIELDS, atomic_write
-from quadnet.config import ConfigError, TrainConfig, to_dict, user_path, validate
+from quadnet.config import ConfigError, TrainConfig, flatten, to_dict, user_path, validate
 from quadnet.model import shapes
 
 FORMAT = "quadnet-checkpoint/3"
@@ -122,6 +122,11 @@ def _meta(meta: np.ndarray, where: str) -> tuple[dict[str, Any], TrainConfig]:
 def read(p: Path) -> dict[str, np.ndarray]:
     """A checkpoint file's arrays by name: meta, history, params/*, optimizer/*, each checked against
     what its meta implies before it is read; other members are never read."""
+    return _read(p)[0]
+
+
+def _read(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], TrainConfig]:
+    """:func:`read`, with the meta and config it checked them against."""
     where = repr(str(p))
     try:
         with zipfile.ZipFile(p) as z:
@@ -141,7 +146,7 @@ def read(p: Path) -> dict[str, np.ndarray]:
                     fits = lambda s, d, shape=shape: d.kind == "f" and s == shape  # noqa: E731
                     bad = f": its {what}{k} is not a float array of shape {shape}"
                     out[prefix + k] = _member(z, prefix + k, where, fits, bad)
-            return out
+            return out, m, cfg
     except CheckpointError:
         raise
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError):
@@ -154,8 +159,7 @@ def load(path: str | Path) -> dict[str, Any]:
     step), epoch, status, classes, history (rows of dicts), ``cfg`` (validated) and ``config`` (its
     dict). Raises :class:`CheckpointError`."""
     p = find(path)
-    f = read(p)
-    meta, cfg = _meta(f["meta"], repr(str(p)))
+    f, meta, cfg = _read(p)
     params = {k[7:]: v.astype(np.float64) for k, v in f.items() if k.startswith("params/")}
     kept = dict.fromkeys(k.split("/")[1] for k in f if k.startswith("optimizer/"))  # (read gives each every param)
     bufs = {b: {k: f[f"optimizer/{b}/{k}"].astype(np.float64) for k in params} for b in kept}
@@ -174,7 +178,7 @@ FREE = ("epochs", "checkpoint_every", "log_every", "plots", "animate", "progress
 
 def resume_check(ck: dict[str, Any], now: TrainConfig, data: Any) -> None:
     """Refuse (ConfigError, one line) to go on from checkpoint ck as config now, on data."""
-    was, new = _flat(ck["config"]), _flat(to_dict(now))
+    was, new = flatten(ck["config"]), flatten(to_dict(now))
     for key, value in new.items():
         if key not in FREE and key not in ("data.path", "data.test_path") and was.get(key) != value:
             raise ConfigError(
@@ -191,10 +195,6 @@ def resume_check(ck: dict[str, Any], now: TrainConfig, data: Any) -> None:
         raise ConfigError(
             f"epochs={now.epochs} is below the checkpoint's epoch {ck['epoch']}; resume goes on from there"
         )
-
-
-def _flat(config: dict[str, Any]) -> dict[str, Any]:
-    return {**{k: v for k, v in config.items() if k != "data"}, **{f"data.{k}": v for k, v in config["data"].items()}}
 
 
 def _where(d: Any) -> str:

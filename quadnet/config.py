@@ -263,6 +263,12 @@ def check_installed(c: TrainConfig) -> None:
             raise ConfigError(f"{key}={value} needs {module}: pip install -e '.[{extra}]'")
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict's values by dotted key (a config's ``data.path``)."""
+    parts = [flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v} for k, v in d.items()]
+    return {key: value for part in parts for key, value in part.items()}
+
+
 def to_dict(c: TrainConfig) -> dict[str, Any]:
     """The resolved config as plain Python types (what checkpoints and summaries store)."""
     return {**vars(c), "data": dict(vars(c.data))}

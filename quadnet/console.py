@@ -106,13 +106,9 @@ def closing_line(ends: Counter[str], sweep_dir: Path, jobs: int | None = None) -
 
 
 def status_of(summary: Path) -> str:
-    """The status a summary.json holds; 'damaged' for one that cannot be read."""
+    """The status a summary.json holds; 'damaged' for one that cannot be read (or is no regular file:
+    a FIFO would block the read)."""
     with contextlib.suppress(OSError, ValueError, RecursionError, AttributeError):
-        return str(json.loads(summary.read_text()).get("status", "damaged"))
+        if summary.is_file():
+            return str(json.loads(summary.read_text()).get("status", "damaged"))
     return "damaged"
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested dict's values by dotted key."""
-    parts = [flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v} for k, v in d.items()]
-    return {key: value for part in parts for key, value in part.items()}

@@ -70,6 +70,17 @@ def _handled() -> Iterator[None]:
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """The three signals held back while inside, and delivered after: for code that a raise would
+    leave half-done (argparse's intermixed parse fails in its own clean-up)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def install() -> None:
     """From now on, for the life of the process (``python -m quadnet.<command>`` as it starts)."""
     for s in SIGNALS:

@@ -34,9 +34,10 @@ import numpy as np
 from quadnet import checkpoint
 from quadnet.artifacts import prediction_rows
 from quadnet.checkpoint import CHECKPOINT, CheckpointError
+from quadnet.console import status_of
 from quadnet.data import QUADRANT_NAMES, QUADRANTS
 from quadnet.engines.numpy import forward
-from quadnet.exits import command, fail
+from quadnet.exits import command, deferred, fail
 
 
 class InputError(ValueError):
@@ -88,10 +89,8 @@ def newest_run(root: Path = Path("outputs")) -> Path:
     """The newest completed run under root: single runs and sweep jobs, by when their checkpoint was written."""
     runs = [*root.glob(f"*/{CHECKPOINT}"), *root.glob(f"multirun/*/*/{CHECKPOINT}")]
     for ck in sorted(runs, key=lambda m: m.stat().st_mtime, reverse=True):
-        with contextlib.suppress(OSError, ValueError, RecursionError, AttributeError):
-            s = ck.parent / "summary.json"  # (a FIFO would block the read)
-            if s.is_file() and json.loads(s.read_text()).get("status") == "completed":
-                return ck.parent
+        if status_of(ck.parent / "summary.json") == "completed":
+            return ck.parent
     raise InputError(f"no completed run under {str(root)!r} (no */{CHECKPOINT}); train one, or give a run dir first")
 
 
@@ -124,7 +123,8 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, float]], 
     parser.add_argument("--file", action="append", default=[], help="points, one x,y a line; - for stdin")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.error = lambda m: fail(re.sub(r"unrecognized arguments: (\S+).*", r"unknown option \1", m))
-    args = parser.parse_intermixed_args([" " + t if re.match(r"-[\d.]", t) else t for t in argv])  # ' -2,2': a point
+    with deferred():  # ' -2,2': a point
+        args = parser.parse_intermixed_args([" " + t if re.match(r"-[\d.]", t) else t for t in argv])
     # (numbers that name no file are points, and a bad one is named as such: 1,1,1)
     rest = args.args
     default = not rest or not Path(rest[0]).exists()

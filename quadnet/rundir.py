@@ -122,9 +122,7 @@ def write(
         "predictions": artifacts.prediction_rows(data.x_test, probs, data.classes, data.y_test, data.quadrants),
         "config": to_dict(cfg),
     }
-    state = checkpoint.arrays(job.state, epoch=job.epoch, config=summary["config"], status=job.status,
-                              history=job.history, data=data)  # fmt: skip
-    checkpoint.save(run_dir / checkpoint.CHECKPOINT, state)
+    checkpoint.save(run_dir / checkpoint.CHECKPOINT, checkpoint.of(job, job.status, data))
     artifacts.write_metrics(run_dir / "metrics.csv", job.history)
     artifacts.write_json(run_dir / "summary.json", summary)
     if cfg.logger == "tensorboard":

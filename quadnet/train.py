@@ -34,6 +34,7 @@ from quadnet.config import (
     check_installed,
     compose,
     config_dir,
+    flatten,
     help_text,
     one_line,
     register_configs,
@@ -87,14 +88,14 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
 def _explicit(cfg: Any, c: TrainConfig, overrides: list[str] | None) -> dict[str, Any]:
     """The keys the user set, with their values: the command line's, a dict's own, else those not
     at their default."""
-    flat = console.flatten(dataclasses.asdict(c))
+    flat = flatten(dataclasses.asdict(c))
     if overrides is not None and isinstance(cfg, DictConfig):
         keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
         keys = {"data.name" if k == "data" else k for k in keys}
     elif isinstance(cfg, dict):
-        keys = set(console.flatten(cfg))
+        keys = set(flatten(cfg))
     else:
-        default = console.flatten(dataclasses.asdict(TrainConfig()))
+        default = flatten(dataclasses.asdict(TrainConfig()))
         keys = {k for k, v in default.items() if flat[k] != v}
     return {k: flat[k] for k in sorted(keys & set(flat))}
 
@@ -294,7 +295,8 @@ def _check_flags(argv: list[str], hydra_13: bool) -> None:
 
     parser = get_args_parser()
     parser.error = bad  # type: ignore[method-assign]
-    (parser.parse_args if hydra_13 else parser.parse_intermixed_args)(argv)
+    with exits.deferred():
+        (parser.parse_args if hydra_13 else parser.parse_intermixed_args)(argv)
 
 
 if __name__ == "__main__":
