@@ -81,8 +81,10 @@ def read_csv(path: str, key: str) -> tuple[np.ndarray, list[Label]]:
     """Points (N, 2) and their labels from a file of ``x,y,label`` lines (a header line and ``#``
     comments are skipped; a label is a whole number or a word). Raises :class:`ConfigError`
     with the line at fault."""
+    if (file := user_path(path)).exists() and not file.is_file():  # (/dev/zero would never end)
+        raise ConfigError(f"{key}={path!r} is not a regular file: give a file of x,y,label lines")
     try:
-        lines = user_path(path).read_text(encoding="utf-8-sig").splitlines()  # (a BOM is not data)
+        lines = file.read_text(encoding="utf-8-sig").splitlines()  # (a BOM is not data)
     except (OSError, UnicodeDecodeError) as e:
         reason = getattr(e, "strerror", None) or "not a text file"
         raise ConfigError(f"{key}={path!r} cannot be read: {reason}") from None

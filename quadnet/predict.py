@@ -102,10 +102,21 @@ def parse_point(text: str, where: str) -> tuple[float, float]:
     raise InputError(f"{where}: {text.strip()!r} is not a point; write two finite numbers as x,y")
 
 
+POINTS_BYTES = 1 << 28
+
+
 def read_points(f: str) -> list[tuple[float, float]]:
-    """The points in file f ('-': stdin); an empty file (/dev/null too) has none."""
+    """The points in file f ('-': stdin); an empty file (/dev/null too) has none. A file that is no
+    regular file (a device, a pipe) is read up to POINTS_BYTES: /dev/zero would never end."""
     try:
-        lines = sys.stdin.read().splitlines() if f == "-" else Path(f).read_text().splitlines()
+        if f == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(f, "rb") as fh:
+                raw = fh.read() if Path(f).is_file() else fh.read(POINTS_BYTES + 1)
+            if len(raw) > POINTS_BYTES and not Path(f).is_file():
+                raise InputError(f"points file {f!r} goes on past {POINTS_BYTES >> 20} MiB: give a file of x,y lines")
+            lines = raw.decode().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         why = "does not exist" if isinstance(e, FileNotFoundError) else "is not a text file of x,y lines"
         raise InputError(f"points file {f!r} {why}") from None

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,15 @@ def lock(folder: Path, what: str = "sweep", outer: bool = False, shown: str | No
 def unlock(folder: Path) -> None:
     with contextlib.suppress(KeyError, OSError):
         os.close(LOCKS.pop(str(folder.resolve())))
+
+
+def discard(folder: Path) -> None:
+    """A run's dir that its lock made and that holds no training (Hydra's record alone: the run
+    stopped or failed before it trained) goes, with the dirs above it that the lock made."""
+    made = MADE.get(str(folder.resolve()), [])
+    if Path(folder.resolve()) in made and checkpoint.in_dir(folder) is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        release(folder)
 
 
 def release(folder: Path) -> None:

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import OmegaConf, open_dict
 
@@ -145,8 +146,14 @@ def resumable(job: Job, c: TrainConfig, data: Dataset) -> loop.Job:
     except ConfigError as e:
         why = f"run the sweep with the settings it had and epochs >= {ck['epoch']}, or choose another hydra.sweep.dir"
         raise SweepRefused(f"{job.dir} holds a run at epoch {ck['epoch']} and {e}; {why}") from None
-    done = completed(job.dir)
-    if ck["status"] == "completed" and ck["epoch"] == c.epochs and done.get("epoch") == c.epochs:
+    done, finite = completed(job.dir), all(np.isfinite(v).all() for v in ck["params"].values())
+    # kept only when its summary is this checkpoint's (a summary copied in from another job is not)
+    if (
+        ck["status"] == "completed"
+        and ck["epoch"] == c.epochs == done.get("epoch")
+        and finite
+        and (done["config"] == ck["config"])
+    ):
         return loop.Job(c, ck["state"], c.epochs, ck["history"], status="completed")
     return loop.Job(c, ck["state"], ck["epoch"], ck["history"])
 

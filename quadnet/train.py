@@ -50,10 +50,11 @@ HYDRA_ERRORS = (HydraException, OmegaConfBaseException, OverflowError)  # (Overf
 
 @dataclasses.dataclass
 class Prepared:
-    """A run that passed every check and may be written: its start, data and dir."""
+    """A run that passed every check and may be written: its start, data, device and dir."""
 
     job: loop.Job
     data: Dataset
+    device: str  # as torch names it: cpu, cuda:0, mps
     out: Path
     overrides: list[str]
 
@@ -76,13 +77,14 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
     data = make_dataset(c.data)
     c = dataclasses.replace(c, data=data.config)
     loop.check_memory(c, data)
+    device = resolve_device(c.device if c.engine in ("auto", "torch") else "cpu")
     refuse_earlier_run(out, c.resume)
     if ck is None:
         job = loop.Job(c, loop.start_state(c, data.num_classes))
     else:
         checkpoint.resume_check(ck, c, data)
         job = loop.Job(c, ck["state"], ck["epoch"], ck["history"])
-    return Prepared(job, data, Path(out), list(overrides or []))
+    return Prepared(job, data, device, Path(out), list(overrides or []))
 
 
 def _explicit(cfg: Any, c: TrainConfig, overrides: list[str] | None) -> dict[str, Any]:
@@ -122,7 +124,7 @@ def train(
     p = cfg if isinstance(cfg, Prepared) else prepare(cfg, Path(run_dir) if run_dir else _default_run_dir())
     rundir.lock(p.out, "run")
     job, c = p.job, p.job.cfg
-    device = resolve_device(c.device if c.engine in ("auto", "torch") else "cpu")
+    device = p.device
     what = f"{c.data.name} data, hidden_dim={c.hidden_dim}, {c.epochs} epochs"
     what += f", {engines.engine_name(c, device, p.data.num_classes)} engine, {c.optimizer}"
     resumed = f"; resuming at epoch {job.epoch}" if job.epoch else ""
@@ -197,6 +199,8 @@ class Callbacks(Callback):
         global _prepared
         out = Path(config.hydra.runtime.cwd, config.hydra.run.dir)
         try:
+            if not str(config.hydra.run.dir).strip():  # (the dir the command runs in, among the user's files)
+                raise ConfigError("hydra.run.dir= is empty: name a dir for the run, e.g. hydra.run.dir=runs/a")
             _prepared = prepare(config, out, list(config.hydra.overrides.task))
             rundir.lock(out, "run", outer=True, shown=str(config.hydra.run.dir))
         except (ValueError, OSError, *HYDRA_ERRORS) as e:
@@ -275,13 +279,20 @@ def main() -> None:
         try:
             hydra.main(config_path=config_dir(), config_name="train", **trusted)(task)()
         except exits.Stopped as e:  # a sweep's jobs were stopped: the command that goes on with them
+            if _prepared is not None:  # a single run stopped before it trained: the dir it made goes
+                rundir.discard(_prepared.out)
             if _sweep is None:
                 raise
             again = f"go on with the sweep: {console.resume_sweep(_sweep)}"
             raise exits.Stopped(e.signum, f"{e.message or exits.KEPT}; {again}") from None
-        except Exception:  # Hydra raises a failed job's error once every job has run: the closing line first
+        except Exception as e:  # Hydra raises a failed job's error once every job has run: the closing line first
             if _sweep is not None and (ends := sweep_ends(_multirun)):
                 console.closing_line(ends, _sweep)
+            if _prepared is not None:  # Hydra could not write the run's record (a full disk)
+                rundir.discard(_prepared.out)
+            if isinstance(e, OSError) and e.errno is not None:  # Hydra's own writes: name the path
+                where = e.filename or (f"the run dir {_prepared.out} (hydra.run.dir)" if _prepared else "the sweep dir")
+                raise OSError(f"cannot write {where}: {e.strerror}") from None
             raise
 
 

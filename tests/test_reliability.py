@@ -53,6 +53,9 @@ REFUSALS = {  # the README's refusals: (arguments, words of the one error line)
         "out of memory",
     ),
     "a bad CSV": (["data=csv", "data.path=R/notes.txt", "hydra.run.dir=R/x"], "x,y,label"),
+    "a CSV that never ends": (["data=csv", "data.path=/dev/zero", "hydra.run.dir=R/x"], "is not a regular file"),
+    "a device that is not there": (["device=cuda:99", "hydra.run.dir=R/x"], "is not available"),
+    "an empty run dir": (["epochs=5", "hydra.run.dir="], "hydra.run.dir= is empty"),
     "a run into a sweep's job dir": (["epochs=50", "hydra.run.dir=S/1"], "holds an earlier run"),
     "a sweep that changes a job's settings": (
         ["-m", "hydra/launcher=batched", "seed=0,1", "epochs=30", "lr=0.5", "hydra.sweep.dir=S"],
@@ -148,6 +151,23 @@ def test_a_resumed_sweep_trains_again_a_kept_job_whose_checkpoint_is_damaged(dam
     assert r.returncode == 0 and "1 new, 0 resumed from their checkpoints, 1 completed before" in r.stdout, r.stdout
     r = run_cli(str(tmp_path / "S" / "1"), "1,1", cwd=tmp_path, module="quadnet.predict")
     assert r.returncode == 0, r.stderr
+
+
+def test_a_resumed_sweep_keeps_no_job_whose_weights_or_summary_are_not_its_own(tmp_path):
+    import numpy as np
+
+    from quadnet import checkpoint
+
+    sweep = ["-m", "hydra/launcher=batched", "seed=0,1,2", "epochs=30", "plots=false", "hydra.sweep.dir=S"]
+    assert run_cli(*sweep, cwd=tmp_path).returncode == 0
+    ck = tmp_path / "S" / "0" / "checkpoint.npz"
+    arrays = checkpoint.read(ck)
+    checkpoint.save(ck, {**arrays, "params/W1": arrays["params/W1"] * np.nan})  # still a checkpoint that loads
+    (tmp_path / "S" / "1" / "summary.json").write_bytes((tmp_path / "S" / "2" / "summary.json").read_bytes())
+    r = run_cli(*sweep, cwd=tmp_path)
+    assert "1 completed before" in r.stdout, r.stdout
+    assert json.loads((tmp_path / "S" / "0" / "summary.json").read_text())["status"] == "diverged"
+    assert json.loads((tmp_path / "S" / "1" / "summary.json").read_text())["overrides"][0] == "seed=1"
 
 
 def test_a_sweep_whose_every_job_diverged_exits_non_zero(tmp_path):
