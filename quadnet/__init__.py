@@ -18,7 +18,7 @@ if sys.argv[:1] == ["-m"] or sys.argv[0].rpartition("/")[2].startswith("quadnet-
 
     exits.install()
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 __all__ = ["Model", "load", "run"]
 
 

@@ -153,6 +153,7 @@ def bench_sweep(a: argparse.Namespace) -> list[dict[str, Any]]:
             _sweep(1, "batched", d / "store", ["epochs=1", "logger=mlflow"], store)
             tm = _sweep(a.jobs, "batched", d / "logged", [*extra, "plots=false", "logger=mlflow"], store)[0]
     basic, found = (tk - t1) / (sample - 1), _PHASES.findall(output)
+    basic = basic if basic > 0 else math.nan  # (noise larger than a job: no figure rather than a negative one)
     if not found and done == a.jobs:
         fail("the batched launcher's timing line was not in its output (quadnet.sweep.TIMING_LINE)", 1)
     # (no timing line from a sweep stopped before it launched)

@@ -72,7 +72,10 @@ def find(path: str | Path) -> Path:
     p = user_path(str(path))
     if p.is_dir():
         if (found := in_dir(p)) is None:
-            raise CheckpointError(f"{str(p)!r} holds no {CHECKPOINT}")
+            old = " (a quadnet 0.1/0.2 .pt checkpoint: convert it as the README's changelog says)" * any(
+                (p / n).is_file() for n in ("checkpoint.pt", "model.pt")
+            )
+            raise CheckpointError(f"{str(p)!r} holds no {CHECKPOINT}{old}")
         return found
     if not p.is_file():  # (a FIFO would block the read)
         why = "is not a quadnet checkpoint (not a regular file)" if p.exists() else "does not exist"

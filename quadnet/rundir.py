@@ -62,10 +62,12 @@ def unlock(folder: Path) -> None:
 
 
 def discard(folder: Path) -> None:
-    """A run's dir that its lock made and that holds no training (Hydra's record alone: the run
-    stopped or failed before it trained) goes, with the dirs above it that the lock made."""
+    """A run's or sweep's dir that its lock made and that holds no training (Hydra's record alone: a
+    run stopped before it trained, a sweep whose jobs Hydra refused) goes, with the dirs above it
+    that the lock made."""
     made = MADE.get(str(folder.resolve()), [])
-    if Path(folder.resolve()) in made and checkpoint.in_dir(folder) is None:
+    trained = any(folder.rglob(checkpoint.CHECKPOINT)) or any(folder.rglob("summary.json"))
+    if Path(folder.resolve()) in made and not trained:
         shutil.rmtree(folder, ignore_errors=True)
         release(folder)
 
@@ -75,7 +77,7 @@ def release(folder: Path) -> None:
     made = MADE.pop(str(folder.resolve()), [])
     unlock(folder)
     with contextlib.suppress(OSError):  # (a dir that is not empty stops it)
-        for p in made:
+        for p in (p for p in made if p.exists()):
             p.rmdir()
 
 

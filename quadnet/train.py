@@ -199,6 +199,8 @@ class Callbacks(Callback):
         global _prepared
         out = Path(config.hydra.runtime.cwd, config.hydra.run.dir)
         try:
+            if rundir.held(out):  # (before it is asked whether the dir holds an earlier run)
+                raise ConfigError(f"another run is writing into {out}; wait for it or choose another dir")
             if not str(config.hydra.run.dir).strip():  # (the dir the command runs in, among the user's files)
                 raise ConfigError("hydra.run.dir= is empty: name a dir for the run, e.g. hydra.run.dir=runs/a")
             _prepared = prepare(config, out, list(config.hydra.overrides.task))
@@ -279,8 +281,9 @@ def main() -> None:
         try:
             hydra.main(config_path=config_dir(), config_name="train", **trusted)(task)()
         except exits.Stopped as e:  # a sweep's jobs were stopped: the command that goes on with them
-            if _prepared is not None:  # a single run stopped before it trained: the dir it made goes
-                rundir.discard(_prepared.out)
+            for made in (_prepared and _prepared.out, _sweep):  # stopped before it trained: the dir it made goes
+                if made:
+                    rundir.discard(made)
             if _sweep is None:
                 raise
             again = f"go on with the sweep: {console.resume_sweep(_sweep)}"
@@ -288,8 +291,9 @@ def main() -> None:
         except Exception as e:  # Hydra raises a failed job's error once every job has run: the closing line first
             if _sweep is not None and (ends := sweep_ends(_multirun)):
                 console.closing_line(ends, _sweep)
-            if _prepared is not None:  # Hydra could not write the run's record (a full disk)
-                rundir.discard(_prepared.out)
+            for made in (_prepared and _prepared.out, _sweep):  # Hydra refused its jobs or could not write
+                if made:
+                    rundir.discard(made)
             if isinstance(e, OSError) and e.errno is not None:  # Hydra's own writes: name the path
                 where = e.filename or (f"the run dir {_prepared.out} (hydra.run.dir)" if _prepared else "the sweep dir")
                 raise OSError(f"cannot write {where}: {e.strerror}") from None

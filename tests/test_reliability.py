@@ -56,6 +56,9 @@ REFUSALS = {  # the README's refusals: (arguments, words of the one error line)
     "a CSV that never ends": (["data=csv", "data.path=/dev/zero", "hydra.run.dir=R/x"], "is not a regular file"),
     "a device that is not there": (["device=cuda:99", "hydra.run.dir=R/x"], "is not available"),
     "an empty run dir": (["epochs=5", "hydra.run.dir="], "hydra.run.dir= is empty"),
+    "a sweep with an unknown key": (["-m", "hiden_dim=5,6"], "did you mean hidden_dim?"),
+    "a batched sweep with a bad value": (["-m", "hydra/launcher=batched", "hidden_dim=5,abc"], "hidden_dim"),
+    "a launcher given as a value": (["-m", "hydra.launcher=batched", "seed=1,2"], "(a slash)"),
     "a run into a sweep's job dir": (["epochs=50", "hydra.run.dir=S/1"], "holds an earlier run"),
     "a sweep that changes a job's settings": (
         ["-m", "hydra/launcher=batched", "seed=0,1", "epochs=30", "lr=0.5", "hydra.sweep.dir=S"],
