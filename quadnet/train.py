@@ -294,7 +294,7 @@ def main() -> None:
             for made in (_prepared and _prepared.out, _sweep):  # Hydra refused its jobs or could not write
                 if made:
                     rundir.discard(made)
-            if isinstance(e, OSError) and e.errno is not None:  # Hydra's own writes: name the path
+            if isinstance(e, OSError) and e.errno is not None and not isinstance(e, BrokenPipeError):  # Hydra's writes
                 where = e.filename or (f"the run dir {_prepared.out} (hydra.run.dir)" if _prepared else "the sweep dir")
                 raise OSError(f"cannot write {where}: {e.strerror}") from None
             raise
