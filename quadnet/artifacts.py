@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from quadnet.engines import METRICS
+from quadnet.exits import unwritable
 
 METRIC_FIELDS = ("epoch", *METRICS)
 
@@ -30,7 +31,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:  # name the file (a full disk's error does not)
-        raise OSError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+        raise unwritable(e, repr(str(path))) from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -114,6 +114,11 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
+def unwritable(e: OSError, where: object) -> OSError:
+    """A write's error in one line that names what could not be written (a full disk's names nothing)."""
+    return OSError(f"cannot write {where}: {e.strerror or e}")
+
+
 def one_line(ex: BaseException) -> str:
     """An error's first line, or its type's name."""
     text = str(ex).strip()

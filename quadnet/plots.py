@@ -19,6 +19,7 @@ import numpy as np
 
 from quadnet.data import QUADRANT_NAMES, Dataset
 from quadnet.engines.numpy import Params, forward
+from quadnet.exits import unwritable
 
 # Okabe–Ito colours (safe for colour-blind readers), one per class (the first four: quadrants I–IV),
 # then matplotlib's tab10 for more classes; and pale versions of them for the regions, so that the
@@ -70,7 +71,7 @@ def figure(path: Path, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
             yield fig, axes
             fig.savefig(path, dpi=100)
     except OSError as e:  # name the file (a full disk's error does not)
-        raise OSError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+        raise unwritable(e, repr(str(path))) from None
     finally:
         plt.close(fig)
 

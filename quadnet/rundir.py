@@ -47,7 +47,7 @@ def lock(folder: Path, what: str = "sweep", outer: bool = False, shown: str | No
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder, os.O_RDONLY)
     except OSError as e:
-        raise OSError(f"cannot write the {what} dir {shown or folder} (hydra.{what}.dir): {e.strerror}") from None
+        raise exits.unwritable(e, f"the {what} dir {shown or folder} (hydra.{what}.dir)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

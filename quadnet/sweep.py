@@ -426,7 +426,7 @@ class Sweep:
             return JobStatus.COMPLETED, self._write(job, signum)
         except Exception as e:  # its dir cannot be made or written: this job fails, not the sweep
             if isinstance(e, OSError) and e.errno is not None:  # (in one line, naming the path)
-                e = OSError(f"cannot write {str(e.filename or job.dir)!r}: {e.strerror}")
+                e = exits.unwritable(e, repr(str(e.filename or job.dir)))
             return JobStatus.FAILED, e
         finally:
             if handler is not None:

@@ -296,7 +296,7 @@ def main() -> None:
                     rundir.discard(made)
             if isinstance(e, OSError) and e.errno is not None and not isinstance(e, BrokenPipeError):  # Hydra's writes
                 where = e.filename or (f"the run dir {_prepared.out} (hydra.run.dir)" if _prepared else "the sweep dir")
-                raise OSError(f"cannot write {where}: {e.strerror}") from None
+                raise exits.unwritable(e, where) from None
             raise
 
 
