@@ -107,9 +107,13 @@ def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
 @functools.cache
 def versions() -> dict[str, str | None]:
     """What produced a run: the packages' versions, Python's, and quadnet's git commit in a checkout."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    out: dict[str, str | None] = {p: version(p) for p in ("quadnet", "torch", "numpy", "hydra-core", "omegaconf")}
+    out: dict[str, str | None] = {}
+    for p in ("quadnet", "torch", "numpy", "hydra-core", "omegaconf"):
+        out[p] = None  # (a checkout on PYTHONPATH, not installed)
+        with contextlib.suppress(PackageNotFoundError):
+            out[p] = version(p)
     out |= {"python": platform.python_version(), "git_commit": None}
     here = Path(__file__).resolve().parent.parent
     with contextlib.suppress(OSError, subprocess.SubprocessError):

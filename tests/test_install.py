@@ -78,3 +78,25 @@ def test_the_package_is_found_from_the_dir_that_holds_a_clone_named_quadnet(tmp_
     code = "import quadnet; print(quadnet.__file__, callable(quadnet.run))"
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.split() == [str(ROOT / "quadnet" / "__init__.py"), "True"], r.stderr
+
+
+def test_a_checkout_on_pythonpath_that_is_not_installed_still_writes_its_run(monkeypatch, tmp_path):
+    """As on a GPU machine with the repo on PYTHONPATH: no quadnet metadata, so its version is unknown."""
+    from importlib import metadata
+
+    from quadnet import artifacts
+
+    real = metadata.version
+
+    def version(name: str) -> str:
+        if name == "quadnet":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    artifacts.versions.cache_clear()
+    try:
+        found = artifacts.versions()
+    finally:
+        artifacts.versions.cache_clear()
+    assert found["quadnet"] is None and found["torch"] == real("torch")
