@@ -40,8 +40,13 @@ class DataConfig:
     extent: float = 3.0  # sampled: points lie in [-extent, extent]²
     margin: float = 0.1  # sampled: keep points at least this far from the axes, where the label flips
     seed: int = 0  # sampled: seed of the draw (independent of the init seed); csv: of the test split
-    path: str | None = None  # csv: a file of x,y,label lines; its labels (numbers or words, sorted) are the classes
+    path: str | None = None  # csv: a table of numbers and a label column; its labels (sorted) are the classes
+    label: str | None = None  # csv: the label's column; null: the one named label, else the last
+    features: list[str] | None = None  # csv: the feature columns; null: every column but the label
     test_path: str | None = None  # csv: a test file; none: a random fifth of `path` (by data.seed) is held out
+    val_path: str | None = None  # csv: a validation file; none: val_fraction of the training rows are held out
+    val_fraction: float = 0.2  # csv, sampled: the validation split (sampled: this share of n_train more points)
+    standardize: bool | None = None  # scale each feature to mean 0, spread 1 on the training split; null: csv only
 
 
 @dataclass

@@ -28,26 +28,42 @@ SEED_TEST = np.array([[2, 2], [-2, 2], [-2, -2], [2, -2]], dtype=np.float64)
 Label = int | str
 
 
+def _none(width: int = 2) -> np.ndarray:
+    return np.empty((0, width))
+
+
 @dataclass(frozen=True)
 class Dataset:
-    x_train: np.ndarray  # (N_train, 2) float64
+    """A run's points, already scaled (see :meth:`scaled`), and their class indices."""
+
+    x_train: np.ndarray  # (N_train, D) float64
     y_train: np.ndarray  # (N_train,) int64: the index of each point's class (-1: on an axis, no quadrant)
-    x_test: np.ndarray  # (N_test, 2) float64
+    x_test: np.ndarray  # (N_test, D) float64
     y_test: np.ndarray  # (N_test,) int64
     classes: tuple[Label, ...] = QUADRANTS  # the label of each class index
     quadrants: bool = True  # the classes are the quadrants: any point has a true one (on an axis, none)
     config: DataConfig = field(default_factory=DataConfig)  # what made it (a CSV's paths absolute)
+    x_val: np.ndarray = field(default_factory=_none)  # (N_val, D): what sweeps select on; N_val may be 0
+    y_val: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    features: tuple[str, ...] = ("x", "y")  # the columns' names
+    shift: np.ndarray | None = None  # standardization from the training split: x = (raw - shift) / scale
+    scale: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def scaled(self, raw: np.ndarray) -> np.ndarray:
+        """Raw feature rows (N, D) as the net sees them (what :func:`make_dataset` did to the data)."""
+        return raw if self.shift is None or self.scale is None else (raw - self.shift) / self.scale
+
     @functools.cached_property
     def digest(self) -> str:
-        """The data's identity: a hash of its points, labels and classes (a resume checks it)."""
+        """The data's identity: a hash of its points, labels, classes and scaling (a resume checks it)."""
         h = hashlib.sha256(repr(self.classes).encode())
-        for a in (self.x_train, self.y_train, self.x_test, self.y_test):
-            h.update(np.ascontiguousarray(a).tobytes())
+        extra = (self.x_val, self.y_val) if len(self.y_val) else ()
+        for a in (self.x_train, self.y_train, self.x_test, self.y_test, *extra, self.shift, self.scale):
+            h.update(b"" if a is None else np.ascontiguousarray(a).tobytes())
         return h.hexdigest()
 
 
@@ -77,34 +93,55 @@ def _number(text: str) -> float | None:
 _INTEGER = re.compile(r"[+-]?[0-9]{1,4000}")
 
 
-def read_csv(path: str, key: str) -> tuple[np.ndarray, list[Label]]:
-    """Points (N, 2) and their labels from a file of ``x,y,label`` lines (a header line and ``#``
-    comments are skipped; a label is a whole number or a word). Raises :class:`ConfigError`
-    with the line at fault."""
+def read_csv(
+    path: str, key: str, label: str | None = None, features: list[str] | None = None
+) -> tuple[np.ndarray, list[Label], list[str]]:
+    """Feature rows (N, D) and their labels from a table of numbers with a label column. A header
+    line naming the columns may come first (without one they are x, y, label, or x1..xD, label);
+    the label is column ``label`` (else the header's ``label``, else the last), the features are
+    ``features`` (else every other column), ``#`` starts a comment. A label is a whole number or a
+    word. Raises :class:`ConfigError` naming the line or column at fault."""
     if (file := user_path(path)).exists() and not file.is_file():  # (/dev/zero would never end)
-        raise ConfigError(f"{key}={path!r} is not a regular file: give a file of x,y,label lines")
+        raise ConfigError(f"{key}={path!r} is not a regular file: give a CSV file of numbers and a label")
     try:
         lines = file.read_text(encoding="utf-8-sig").splitlines()  # (a BOM is not data)
     except (OSError, UnicodeDecodeError) as e:
         reason = getattr(e, "strerror", None) or "not a text file"
         raise ConfigError(f"{key}={path!r} cannot be read: {reason}") from None
-    points, labels, header = [], [], False
-    for i, line in enumerate(lines, 1):
-        parts = [p.strip() for p in line.split("#", 1)[0].split(",")]
-        if parts == [""]:
-            continue  # a blank line or a comment
-        xy = [_number(p) for p in parts[:2]]
-        if len(parts) != 3 or not parts[2] or None in xy or not np.isfinite(xy).all():
-            if not points and not header and xy[0] is None:
-                header = True
-                continue  # a header line (before the first point)
-            why = "two finite numbers and a label (one header line may come first)"
-            raise ConfigError(f"{key}={path!r} line {i}: {line.strip()!r} is not x,y,label: {why}")
-        points.append(xy)
-        labels.append(int(parts[2]) if _INTEGER.fullmatch(parts[2]) else parts[2])
+    rows = [(i, [p.strip() for p in text.split("#", 1)[0].split(",")]) for i, text in enumerate(lines, 1)]
+    rows = [(i, parts) for i, parts in rows if parts != [""]]  # (blank lines and comments)
+    if not rows:
+        raise ConfigError(f"{key}={path!r} holds no rows")
+    names, width = rows[0][1], len(rows[0][1])
+    if all(_number(p) is not None for p in names[:-1]):  # no header: the columns' names by position
+        names = ["x", "y", "label"] if width == 3 else [*(f"x{d}" for d in range(1, width)), "label"]
+    else:
+        rows = rows[1:]
+    where = f"the columns of {key}={path!r} are {', '.join(names)}"
+    if width < 2:
+        first = lines[rows[0][0] - 1].strip()
+        raise ConfigError(f"{key}={path!r} line {rows[0][0]}: {first!r} is not comma-separated numbers and a label")
+    if len(set(names)) < width:
+        raise ConfigError(f"{where}: give each column its own name")
+    label = label or ("label" if "label" in names else names[-1])
+    picked = list(features) if features else [n for n in names if n != label]
+    for name in (label, *picked):
+        if name not in names:
+            raise ConfigError(f"{name!r} is not a column: {where}")
+    if label in picked:
+        raise ConfigError(f"{label!r} is the label: it cannot be a feature too ({where})")
+    cols, at = [names.index(n) for n in picked], names.index(label)
+    points, labels = [], []
+    for i, parts in rows:
+        values = [_number(parts[c]) for c in cols] if len(parts) == width else [None]
+        if None in values or not np.isfinite(values).all() or not parts[at]:
+            why = f"finite numbers for {', '.join(picked)} and a label"
+            raise ConfigError(f"{key}={path!r} line {i}: {lines[i - 1].strip()!r} is not {','.join(names)}: {why}")
+        points.append(values)
+        labels.append(int(parts[at]) if _INTEGER.fullmatch(parts[at]) else parts[at])
     if not points:
-        raise ConfigError(f"{key}={path!r} holds no x,y,label lines")
-    return np.array(points), labels
+        raise ConfigError(f"{key}={path!r} holds a header and no rows")
+    return np.array(points, dtype=np.float64), labels, picked
 
 
 def _classes(*label_lists: list[Label]) -> tuple[Label, ...]:
@@ -115,27 +152,54 @@ def _classes(*label_lists: list[Label]) -> tuple[Label, ...]:
     return tuple(sorted(found, key=lambda lab: (isinstance(lab, str), str(lab) if isinstance(lab, str) else lab)))
 
 
+def _labelled(parts: list[tuple[np.ndarray, list[Label]]]) -> tuple[tuple[Label, ...], list[np.ndarray]]:
+    """The classes of a CSV's splits and each split's class indices."""
+    classes = _classes(*(labels for _, labels in parts))
+    index = {lab: i for i, lab in enumerate(classes)}
+    return classes, [np.array([index[lab] for lab in labels], dtype=np.int64) for _, labels in parts]
+
+
+def _held_out(x: np.ndarray, labels: list[Label], n: int, rng: np.random.Generator) -> tuple[tuple, tuple]:
+    """n random rows of a table, and the rest in their order: (rows, labels) each."""
+    out = rng.permutation(len(x))[:n]
+    keep = np.setdiff1d(np.arange(len(x)), out)
+    return (x[keep], [labels[i] for i in keep]), (x[out], [labels[i] for i in out])
+
+
 def make_dataset(cfg: DataConfig) -> Dataset:
     """The data of a config. A run makes it once and hands it down."""
     if cfg.name == "seed":
         return Dataset(SEED_TRAIN, quadrant_class(SEED_TRAIN), SEED_TEST, quadrant_class(SEED_TEST), config=cfg)
-    if cfg.name == "csv":
-        x, labels = read_csv(str(cfg.path), "data.path")
-        if cfg.test_path:
-            x_test, test_labels = read_csv(cfg.test_path, "data.test_path")
-        else:
-            test = np.random.default_rng(cfg.seed).permutation(len(x))[: len(x) // 5]
-            train = np.setdiff1d(np.arange(len(x)), test)
-            if not len(test) or not len(train):
-                raise ConfigError(
-                    f"data.path={cfg.path!r} has too few points to hold out a test set; add data.test_path"
-                )
-            x, labels, x_test, test_labels = x[train], [labels[i] for i in train], x[test], [labels[i] for i in test]
-        classes = _classes(labels, test_labels)
-        index = {lab: i for i, lab in enumerate(classes)}
-        y, y_test = (np.array([index[lab] for lab in ls], dtype=np.int64) for ls in (labels, test_labels))
-        paths = {k: str(user_path(v).absolute()) for k in ("path", "test_path") if (v := getattr(cfg, k))}
-        return Dataset(x, y, x_test, y_test, classes, quadrants=False, config=dataclasses.replace(cfg, **paths))
     rng = np.random.default_rng(cfg.seed)
-    x_train, x_test = (_sample(rng, n, cfg.extent, cfg.margin) for n in (cfg.n_train, cfg.n_test))  # (in this order)
-    return Dataset(x_train, quadrant_class(x_train), x_test, quadrant_class(x_test), config=cfg)
+    if cfg.name == "sampled":  # (the validation points are drawn last, so train and test are as before)
+        sizes = (cfg.n_train, cfg.n_test, round(cfg.val_fraction * cfg.n_train))
+        x_train, x_test, x_val = (_sample(rng, n, cfg.extent, cfg.margin) for n in sizes)
+        ys = [quadrant_class(x) for x in (x_train, x_test, x_val)]
+        data = Dataset(x_train, ys[0], x_test, ys[1], config=cfg, x_val=x_val, y_val=ys[2])
+        return _standardized(data) if cfg.standardize else data
+    read = lambda key: read_csv(str(getattr(cfg, key)), f"data.{key}", cfg.label, cfg.features)[:2]  # noqa: E731
+    *train, names = read_csv(str(cfg.path), "data.path", cfg.label, cfg.features)
+    test = read("test_path") if cfg.test_path else None
+    if test is None:
+        train, test = _held_out(*train, len(train[0]) // 5, rng)
+    val = read("val_path") if cfg.val_path else None
+    if val is None:
+        train, val = _held_out(*train, round(cfg.val_fraction * len(train[0])), rng)
+    for key, split in (("test_path", test), ("val_path", val)):
+        if len(split[0]) and split[0].shape[1] != train[0].shape[1]:
+            raise ConfigError(f"data.{key} has {split[0].shape[1]} features, data.path {train[0].shape[1]}")
+    if not len(train[0]) or not len(test[0]):
+        raise ConfigError(f"data.path={cfg.path!r} has too few rows for a test and a training set: add data.test_path")
+    classes, (y, y_test, y_val) = _labelled([train, test, val])
+    paths = {k: str(user_path(v).absolute()) for k in ("path", "test_path", "val_path") if (v := getattr(cfg, k))}
+    data = Dataset(train[0], y, test[0], y_test, classes, False, dataclasses.replace(cfg, **paths), val[0], y_val,
+                   tuple(names))  # fmt: skip
+    return data if cfg.standardize is False else _standardized(data)
+
+
+def _standardized(data: Dataset) -> Dataset:
+    """Each feature shifted and scaled to mean 0 and spread 1 on the training split (a constant one: 1)."""
+    shift, spread = data.x_train.mean(0), data.x_train.std(0)
+    scale = np.where(spread > 0, spread, 1.0)
+    x = {k: (getattr(data, k) - shift) / scale for k in ("x_train", "x_test", "x_val")}
+    return dataclasses.replace(data, **x, shift=shift, scale=scale)

@@ -52,7 +52,7 @@ REFUSALS = {  # the README's refusals: (arguments, words of the one error line)
         ["hidden_dim=1000000", "data=sampled", "data.n_train=10000000", "hydra.run.dir=R/x"],
         "out of memory",
     ),
-    "a bad CSV": (["data=csv", "data.path=R/notes.txt", "hydra.run.dir=R/x"], "x,y,label"),
+    "a bad CSV": (["data=csv", "data.path=R/notes.txt", "hydra.run.dir=R/x"], "numbers and a label"),
     "a CSV that never ends": (["data=csv", "data.path=/dev/zero", "hydra.run.dir=R/x"], "is not a regular file"),
     "a device that is not there": (["device=cuda:99", "hydra.run.dir=R/x"], "is not available"),
     "an empty run dir": (["epochs=5", "hydra.run.dir="], "hydra.run.dir= is empty"),
