@@ -36,10 +36,9 @@ class Stopped(KeyboardInterrupt):
 class Stop:
     """Whether a signal came while training listened; a loop asks ``stop()`` between steps."""
 
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self.depth = 0  # nested listeners (a sweep around its jobs' loops)
-        self.commands = 0  # commands running (inside :func:`command`)
+    signal: int | None = None
+    depth = 0  # nested listeners (a sweep around its jobs' loops)
+    commands = 0  # commands running (inside :func:`command`)
 
     def __call__(self) -> bool:
         return self.signal is not None
@@ -61,8 +60,7 @@ def _handler(signum: int, frame: Any) -> None:
 def _handled() -> Iterator[None]:
     """The three signals through :func:`_handler` while inside, and as they were after (the main thread
     only: Python's rule; a notebook's Ctrl-C is its own again once a run is done)."""
-    main = threading.current_thread() is threading.main_thread()
-    old = {s: signal.signal(s, _handler) for s in SIGNALS} if main else {}
+    old = {s: signal.signal(s, _handler) for s in SIGNALS if threading.current_thread() is threading.main_thread()}
     try:
         yield
     finally:
@@ -90,10 +88,9 @@ def install() -> None:
 @contextlib.contextmanager
 def listening() -> Iterator[Stop]:
     """While inside, a signal is recorded in the returned :class:`Stop` instead of raised."""
-    with contextlib.ExitStack() as stack:
-        if not STOP.depth:
-            STOP.signal = None
-            stack.enter_context(_handled())
+    if not STOP.depth:
+        STOP.signal = None
+    with _handled():  # (nested: the handler it sets is the one there already)
         STOP.depth += 1
         try:
             yield STOP
