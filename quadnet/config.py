@@ -122,11 +122,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 _OWNER = {**dict.fromkeys(("n_train", "n_test", "extent", "margin"), "sampled"), "path": "csv", "test_path": "csv"}
 
 
-def _fail(key: str, value: Any, allowed: str) -> ConfigError:
-    text = repr(value)
-    return ConfigError(f"{key}={text if len(text) <= 40 else text[:37] + '...'} is not allowed: {allowed}")
-
-
 def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
     """Check a composed config (a Hydra node in it is ignored); return it typed. Raises :class:`ConfigError`."""
     try:  # OmegaConf refuses an unknown key or a wrong type, and ~lr, ${oops}: a key without a value
@@ -154,9 +149,10 @@ def check(c: TrainConfig) -> TrainConfig:
         group, _, name = key.rpartition(".")
         value = getattr(c.data if group else c, name)
         if not ok(value) and (not group or name in ("name", "seed") or c.data.name == "sampled"):  # (seed: shared)
-            raise _fail(key, value, allowed)
-    if c.data.name == "sampled" and c.data.margin >= c.data.extent:
-        raise _fail("data.margin", c.data.margin, f"must be below data.extent={c.data.extent:g}")
+            text = repr(value)  # (a number of thousands of digits: its start)
+            raise ConfigError(f"{key}={text if len(text) <= 40 else text[:37] + '...'} is not allowed: {allowed}")
+    if c.data.name == "sampled" and c.data.margin >= c.data.extent:  # (a float: its repr is short)
+        raise ConfigError(f"data.margin={c.data.margin!r} is not allowed: must be below data.extent={c.data.extent:g}")
     for key, owner in _OWNER.items():  # (a key of another data variant would be silently ignored)
         if owner != c.data.name and getattr(c.data, key) != getattr(DataConfig, key) and not c.resume:
             raise ConfigError(f"data.{key} does not apply to data={c.data.name}; did you mean data={owner}?")
@@ -201,8 +197,8 @@ def one_line(ex: BaseException) -> str:
             problem = f"hydra-optuna-sweeper {sweeper} does not work with hydra-core {core}"
             fix = "use hydra-core 1.3, or pip install 'hydra-optuna-sweeper==1.4.0rc3'"
             return f"{problem} (its sampler is never instantiated): {fix}"
-        schema = getattr(err, "object_type", None)  # the dataclass of the node the key is missing from
-        if key.startswith(("hydra.launcher.", "hydra.sweeper.")) and is_dataclass(schema):  # its keys
+        # the dataclass of the node the key is missing from: its keys
+        if key.startswith(("hydra.launcher.", "hydra.sweeper.")) and is_dataclass(schema := err.object_type):
             known = [f.name for f in fields(schema) if not f.name.startswith("_")]
             return unknown_key(key, known, f"{key.rpartition('.')[0]} has the keys")
         if key.startswith("hydra."):  # Hydra's own keys: too many to list
@@ -216,9 +212,8 @@ def one_line(ex: BaseException) -> str:
     if isinstance(err, ValidationError) and (kind := words.get(str(types.get(key, "")).split(" |")[0])):
         return f"{key}={getattr(err, 'value', None)!r} is not allowed: must be {kind}"
     if cause is not None:
-        key = getattr(cause, "full_key", None)
         first = str(cause.msg if hasattr(cause, "msg") else cause).splitlines()[0]
-        return f"{key}: {first}" if key else first
+        return f"{cause.full_key}: {first}" if cause.full_key else first
     text = str(ex).strip()  # (an override that does not parse: its first line says where)
     if text.startswith("Unable to configure handler") and isinstance(why := ex.__cause__, OSError):  # Hydra's log
         return f"cannot write {why.filename}: {why.strerror} (hydra.run.dir, hydra.sweep.dir: a dir you can write)"
@@ -253,8 +248,7 @@ def to_dict(c: TrainConfig) -> dict[str, Any]:
 
 def allowed_keys() -> list[str]:
     """Every settable key, dotted, for error messages."""
-    top = [f.name for f in fields(TrainConfig) if f.name != "data"]
-    return sorted(top) + [f"data.{f.name}" for f in fields(DataConfig)]
+    return sorted(vars(TrainConfig()).keys() - {"data"}) + [f"data.{f.name}" for f in fields(DataConfig)]
 
 
 def help_text() -> str:
