@@ -11,12 +11,9 @@ holds them). As the sweeper's config loader (:class:`SweepLoader`) it makes the 
 of each job as cheap. The tests compare its configs with Hydra's on mixed sweeps.
 """
 
-from __future__ import annotations
-
 import functools
 import re
-import typing
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType, ValueType
@@ -29,7 +26,7 @@ from quadnet.config import ConfigError, DataConfig, TrainConfig, allowed_keys, f
 # "1_000" is 1000: those and everything else go to Hydra's parser)
 _NUMBER = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)=(-?(?:0|[1-9]\d*)(\.\d+)?(?:[eE][-+]?\d+)?)")
 BOUND = 10_000  # parsed overrides and typed values kept at most (a sweep of 100,000 seeds has as many)
-_TYPES = typing.get_type_hints(TrainConfig) | {f"data.{k}": t for k, t in typing.get_type_hints(DataConfig).items()}
+_TYPES = get_type_hints(TrainConfig) | {f"data.{k}": t for k, t in get_type_hints(DataConfig).items()}
 _DATA_KEYS = [k for k in _TYPES if k.startswith("data.")]
 
 
@@ -83,7 +80,7 @@ class Composer:
 
     def _value(self, key: str, value: Any) -> Any:
         """A value as OmegaConf types it for its key (lr=1 is 1.0, seed='3' is 3)."""
-        kinds = typing.get_args(_TYPES[key]) or (_TYPES[key],)  # (int | None: int and NoneType)
+        kinds = get_args(_TYPES[key]) or (_TYPES[key],)  # (int | None: int and NoneType)
         if type(value) in kinds and value != "???":  # ("???" is OmegaConf's missing value)
             return value
         if float in kinds and type(value) is int and abs(value) < 2**53:

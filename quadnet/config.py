@@ -137,10 +137,9 @@ def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
             node = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in plain.items() if k != "hydra"})
         # plain values through OmegaConf's public API (interpolations resolve)
         data = DataConfig(**{f.name: node.data[f.name] for f in fields(DataConfig)})
-        top = {f.name: node[f.name] for f in fields(TrainConfig) if f.name != "data"}
-    except (OmegaConfBaseException, OverflowError) as e:
+        return check(TrainConfig(**{f.name: node[f.name] for f in fields(TrainConfig) if f.name != "data"}, data=data))
+    except (OmegaConfBaseException, OverflowError) as e:  # (check raises neither)
         raise ConfigError(one_line(e)) from None
-    return check(TrainConfig(**top, data=data))
 
 
 def check(c: TrainConfig) -> TrainConfig:
@@ -148,7 +147,7 @@ def check(c: TrainConfig) -> TrainConfig:
     for key, (ok, allowed) in RULES.items():
         group, _, name = key.rpartition(".")
         value = getattr(c.data if group else c, name)
-        if not ok(value) and (not group or name in ("name", "seed") or c.data.name == "sampled"):  # (seed: shared)
+        if not ok(value) and _OWNER.get(name, c.data.name) == c.data.name:  # (not a key another variant ignores)
             text = repr(value)  # (a number of thousands of digits: its start)
             raise ConfigError(f"{key}={text if len(text) <= 40 else text[:37] + '...'} is not allowed: {allowed}")
     if c.data.name == "sampled" and c.data.margin >= c.data.extent:  # (a float: its repr is short)

@@ -1,7 +1,5 @@
 """Turn the ``device`` setting into a device name ('cpu', 'cuda:0', 'mps'), refusing one that is not there."""
 
-from __future__ import annotations
-
 import glob
 import sys
 

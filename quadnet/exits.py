@@ -8,8 +8,6 @@ once, which :func:`command` turns into one line and exit 128+signal. Files are w
 atomically, so unwinding from any point loses nothing already written.
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import os
@@ -19,7 +17,6 @@ import threading
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
-EXIT_BAD_INPUT = 2
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STOPPED = "interrupted: stopped at once"
 KEPT = f"{STOPPED} (what was written so far is kept)"
@@ -60,12 +57,10 @@ def _handler(signum: int, frame: Any) -> None:
 def _handled() -> Iterator[None]:
     """The three signals through :func:`_handler` while inside, and as they were after (the main thread
     only: Python's rule; a notebook's Ctrl-C is its own again once a run is done)."""
-    old = {s: signal.signal(s, _handler) for s in SIGNALS if threading.current_thread() is threading.main_thread()}
-    try:
+    with contextlib.ExitStack() as restore:
+        for s in SIGNALS if threading.current_thread() is threading.main_thread() else ():
+            restore.callback(signal.signal, s, signal.signal(s, _handler))
         yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 @contextlib.contextmanager
@@ -98,8 +93,8 @@ def listening() -> Iterator[Stop]:
             STOP.depth -= 1
 
 
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    """Print ``error: message`` on one line to stderr and exit with ``code``."""
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` on one line to stderr and exit with ``code`` (2: bad input)."""
     print("error:", " ".join(str(message).split()), file=sys.stderr)
     sys.exit(code)
 
