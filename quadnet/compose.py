@@ -34,7 +34,7 @@ class Composer:
     def __init__(self, loader: Any, master: DictConfig) -> None:
         self.loader, self.master = loader, master
         self._parser = OverridesParser.create()
-        self._keys = set(allowed_keys()) - {"data"}
+        self._keys = set(allowed_keys())
         self._parsed: dict[str, Override] = {}
         self._templates: dict[tuple[str, ...], dict[str, Any] | None] = {}  # by dotted key
 

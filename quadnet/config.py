@@ -187,8 +187,7 @@ def one_line(ex: BaseException) -> str:
     if isinstance(ex, MissingConfigException) and ex.options is not None and ex.missing_cfg_file:
         group, _, name = ex.missing_cfg_file.rpartition("/")
         return f"{group}={name!r} is not a config option; choose one of {', '.join(sorted(ex.options))}"
-    cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else None
-    err = cause or ex
+    err = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else ex  # (Hydra's wraps OmegaConf's)
     key = str(getattr(err, "full_key", None) or getattr(err, "key", None) or "")
     if isinstance(err, ConfigKeyError | ConfigAttributeError) and key:
         if key.startswith("hydra.sweeper.sampler.") and not version_base():  # Hydra 1.4
@@ -210,9 +209,9 @@ def one_line(ex: BaseException) -> str:
     words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
     if isinstance(err, ValidationError) and (kind := words.get(str(types.get(key, "")).split(" |")[0])):
         return f"{key}={getattr(err, 'value', None)!r} is not allowed: must be {kind}"
-    if cause is not None:
-        first = str(cause.msg if hasattr(cause, "msg") else cause).splitlines()[0]
-        return f"{cause.full_key}: {first}" if cause.full_key else first
+    if err is not ex:  # OmegaConf's, in Hydra's: its first line and key
+        first = str(err.msg if hasattr(err, "msg") else err).splitlines()[0]
+        return f"{err.full_key}: {first}" if err.full_key else first
     text = str(ex).strip()  # (an override that does not parse: its first line says where)
     if text.startswith("Unable to configure handler") and isinstance(why := ex.__cause__, OSError):  # Hydra's log
         return f"cannot write {why.filename}: {why.strerror} (hydra.run.dir, hydra.sweep.dir: a dir you can write)"

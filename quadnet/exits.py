@@ -67,11 +67,9 @@ def _handled() -> Iterator[None]:
 def deferred() -> Iterator[None]:
     """The three signals held back while inside, and delivered after: for code that a raise would
     leave half-done (argparse's intermixed parse fails in its own clean-up)."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    try:
+    with contextlib.ExitStack() as unblock:
+        unblock.callback(signal.pthread_sigmask, signal.SIG_SETMASK, signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS))
         yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def install() -> None:
