@@ -11,35 +11,32 @@ holds them). As the sweeper's config loader (:class:`SweepLoader`) it makes the 
 of each job as cheap. The tests compare its configs with Hydra's on mixed sweeps.
 """
 
-from __future__ import annotations
-
 import functools
 import re
-import typing
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType, ValueType
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from quadnet.config import ConfigError, DataConfig, TrainConfig, allowed_keys, one_line
+from quadnet.config import ConfigError, DataConfig, TrainConfig, allowed_keys, flatten, one_line
 
 # "key=number" in the forms Python reads exactly as Hydra's grammar does ("007" is a string to Hydra,
 # "1_000" is 1000: those and everything else go to Hydra's parser)
 _NUMBER = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)=(-?(?:0|[1-9]\d*)(\.\d+)?(?:[eE][-+]?\d+)?)")
 BOUND = 10_000  # parsed overrides and typed values kept at most (a sweep of 100,000 seeds has as many)
-_FIELDS, _DATA = typing.get_type_hints(TrainConfig), typing.get_type_hints(DataConfig)
-_TYPES = _FIELDS | {f"data.{k}": t for k, t in _DATA.items()}
+_TYPES = get_type_hints(TrainConfig) | {f"data.{k}": t for k, t in get_type_hints(DataConfig).items()}
+_DATA_KEYS = [k for k in _TYPES if k.startswith("data.")]
 
 
 class Composer:
     def __init__(self, loader: Any, master: DictConfig) -> None:
         self.loader, self.master = loader, master
         self._parser = OverridesParser.create()
-        self._keys = set(allowed_keys()) - {"data"}
+        self._keys = set(allowed_keys())
         self._parsed: dict[str, Override] = {}
-        self._templates: dict[tuple[str, ...], dict[str, Any] | None] = {}
+        self._templates: dict[tuple[str, ...], dict[str, Any] | None] = {}  # by dotted key
 
     def typed(self, overrides: list[str]) -> TrainConfig | None:
         """The job's config, typed but not yet range-checked (:func:`quadnet.config.check`); None
@@ -55,16 +52,13 @@ class Composer:
             return None
         if rest not in self._templates:
             app = OmegaConf.to_container(self.loader.load_sweep_config(self.master, list(rest)), resolve=False)
-            app.pop("hydra", None)  # type: ignore[union-attr]
-            fits = set(app) == set(_FIELDS) and isinstance(app["data"], dict) and set(app["data"]) == set(_DATA)  # type: ignore
-            self._templates[rest] = app if fits and "${" not in str(app) else None  # type: ignore[assignment]
-        base = self._templates[rest]
-        if base is None:
+            flat = {k: v for k, v in flatten(app).items() if not k.startswith("hydra.")}  # type: ignore[arg-type]
+            self._templates[rest] = flat if set(flat) == self._keys and "${" not in str(flat) else None
+        if (base := self._templates[rest]) is None:
             return None
-        top, data = dict(base), dict(base["data"])
-        for key, o in plain.items():
-            (data if key.startswith("data.") else top)[key.removeprefix("data.")] = self._value(key, o.value())
-        return TrainConfig(**top | {"data": DataConfig(**data)})
+        values = base | {key: self._value(key, o.value()) for key, o in plain.items()}
+        data = DataConfig(**{k.removeprefix("data."): values.pop(k) for k in _DATA_KEYS})
+        return TrainConfig(**values, data=data)
 
     def _parse(self, lines: list[str]) -> list[Override]:
         """Each line as Hydra's parser reads it; a plain key=number without the parser (~1.4 ms a line)."""
@@ -86,7 +80,7 @@ class Composer:
 
     def _value(self, key: str, value: Any) -> Any:
         """A value as OmegaConf types it for its key (lr=1 is 1.0, seed='3' is 3)."""
-        kinds = typing.get_args(_TYPES[key]) or (_TYPES[key],)  # (int | None: int and NoneType)
+        kinds = get_args(_TYPES[key]) or (_TYPES[key],)  # (int | None: int and NoneType)
         if type(value) in kinds and value != "???":  # ("???" is OmegaConf's missing value)
             return value
         if float in kinds and type(value) is int and abs(value) < 2**53:

@@ -9,7 +9,6 @@ The comment after each field is also its ``--help`` text.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib.util
 import inspect
@@ -17,13 +16,17 @@ import math
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from quadnet.exits import OOM, out_of_memory
 
@@ -86,15 +89,12 @@ def _choice(*allowed: str) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in allowed), "choose one of " + ", ".join(allowed)
 
 
-def _range(low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False) -> Any:
-    def ok(v: Any) -> bool:
-        finite = isinstance(v, int) or math.isfinite(v)  # (an int of thousands of digits is no float)
-        return finite and (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+def _range(low: float, high: float = math.inf, *, open_low: bool = False) -> tuple[Callable[[Any], bool], str]:
+    def ok(v: Any) -> bool:  # (an int of thousands of digits is no float: isfinite would overflow)
+        return (isinstance(v, int) or math.isfinite(v)) and (v > low if open_low else v >= low) and v <= high
 
-    if (low, high) == (0, 1):
-        return ok, f"must be in [0, 1{')' if open_high else ']'}"
     text = f"must be finite and {'>' if open_low else '>='} {low:g}"
-    return ok, text + ("" if high == math.inf else f" and {'<' if open_high else '<='} {high:.16g}")
+    return ok, text + ("" if high == math.inf else f" and <= {high:.16g}")
 
 
 # key: (check, what is allowed). Types are OmegaConf's job; these are the ranges.
@@ -103,11 +103,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer": _choice("sgd", "adam"),
     "lr": _range(0, 1e30, open_low=True),  # (beyond, float32 cannot hold the step)
     "reg": _range(0, 1e30),
-    "momentum": _range(0, 1, open_high=True),
-    "beta1": _range(0, 1, open_high=True),
-    "beta2": _range(0, 1, open_high=True),
+    **dict.fromkeys(("momentum", "beta1", "beta2"), ((lambda v: 0 <= v < 1), "must be in [0, 1)")),  # (nan: False)
     "eps": _range(0, open_low=True),
-    "epochs": _range(0, 1e9),
+    **dict.fromkeys(("epochs", "log_every", "checkpoint_every"), _range(0, 1e9)),
     "seed": _range(0, 2**32 - 1),  # NumPy's RandomState takes 32 bits
     "init": _choice("normal", "torch"),
     "device": (lambda v: bool(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v)), "choose auto, cpu, cuda, cuda:N or mps"),
@@ -115,13 +113,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "engine": _choice("auto", "numba", "torch", "numpy"),
     "step": _choice("fused", "autograd"),
     "threads": _range(0, 4096),
-    "log_every": _range(0, 1e9),
-    "checkpoint_every": _range(0, 1e9),
     "logger": _choice("none", "tensorboard", "mlflow"),
     "objective": _choice("test_loss", "test_error", "final_loss"),
     "data.name": _choice("seed", "sampled", "csv"),
-    "data.n_train": _range(1, 10_000_000),
-    "data.n_test": _range(1, 10_000_000),
+    **dict.fromkeys(("data.n_train", "data.n_test"), _range(1, 10_000_000)),
     "data.extent": _range(0, 1e12, open_low=True),
     "data.margin": _range(0),
     "data.seed": _range(0, 2**63 - 1),
@@ -132,41 +127,24 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 _OWNER = {**dict.fromkeys(("n_train", "n_test", "extent", "margin"), "sampled"), "path": "csv", "test_path": "csv"}
 
 
-def _fail(key: str, value: Any, allowed: str) -> ConfigError:
-    text = repr(value)
-    return ConfigError(f"{key}={text if len(text) <= 40 else text[:37] + '...'} is not allowed: {allowed}")
-
-
-def _typed(cfg: Any) -> DictConfig:
-    """Any mapping as a DictConfig on the schema: OmegaConf refuses unknown keys and wrong types."""
-    if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is TrainConfig:
-        keys = [str(k) for k in cfg if k != "hydra"] + [f"data.{k}" for k in (cfg.data or {})]
-        extra = sorted(set(keys) - set(allowed_keys()) - {"data"})
-        if extra:  # added with +key=…
-            raise ConfigError(unknown_key(extra[0], allowed_keys()))
-        return cfg
-    plain = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
-    if not isinstance(plain, dict):
-        raise ConfigError(f"a config must be a mapping of keys to values, not {type(plain).__name__}")
-    return OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in plain.items() if k != "hydra"})
-
-
 def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
     """Check a composed config (a Hydra node in it is ignored); return it typed. Raises :class:`ConfigError`."""
-    if isinstance(cfg, TrainConfig):
-        cfg = dataclasses.asdict(cfg)
     try:  # OmegaConf refuses an unknown key or a wrong type, and ~lr, ${oops}: a key without a value
-        node = _typed(cfg)
-        if node.data is None:
-            raise ConfigError("data=null is not allowed: choose data=seed, data=sampled or data=csv")
+        node = asdict(cfg) if isinstance(cfg, TrainConfig) else cfg
+        if isinstance(node, DictConfig) and OmegaConf.get_type(node) is TrainConfig:  # on the schema already
+            keys = {str(k) for k in node} | {f"data.{k}" for k in node.data}
+            if extra := sorted(keys - set(allowed_keys()) - {"data", "hydra"}):  # added with +key=…
+                raise ConfigError(unknown_key(extra[0], allowed_keys()))
+        else:  # any other mapping, put on the schema
+            plain = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
+            if not isinstance(plain, dict):
+                raise ConfigError(f"a config must be a mapping of keys to values, not {type(plain).__name__}")
+            node = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in plain.items() if k != "hydra"})
         # plain values through OmegaConf's public API (interpolations resolve)
         data = DataConfig(**{f.name: node.data[f.name] for f in fields(DataConfig)})
-        top = {f.name: node[f.name] for f in fields(TrainConfig) if f.name != "data"}
-    except OmegaConfBaseException as e:
+        return check(TrainConfig(**{f.name: node[f.name] for f in fields(TrainConfig) if f.name != "data"}, data=data))
+    except (OmegaConfBaseException, OverflowError) as e:  # (check raises neither)
         raise ConfigError(one_line(e)) from None
-    except OverflowError as e:
-        raise ConfigError(one_line(e)) from None
-    return check(TrainConfig(**top, data=data))
 
 
 def check(c: TrainConfig) -> TrainConfig:
@@ -174,10 +152,11 @@ def check(c: TrainConfig) -> TrainConfig:
     for key, (ok, allowed) in RULES.items():
         group, _, name = key.rpartition(".")
         value = getattr(c.data if group else c, name)
-        if not ok(value) and (not group or name in ("name", "seed") or c.data.name == "sampled"):  # (seed: shared)
-            raise _fail(key, value, allowed)
-    if c.data.name == "sampled" and c.data.margin >= c.data.extent:
-        raise _fail("data.margin", c.data.margin, f"must be below data.extent={c.data.extent:g}")
+        if not ok(value) and _OWNER.get(name, c.data.name) == c.data.name:  # (not a key another variant ignores)
+            text = repr(value)  # (a number of thousands of digits: its start)
+            raise ConfigError(f"{key}={text if len(text) <= 40 else text[:37] + '...'} is not allowed: {allowed}")
+    if c.data.name == "sampled" and c.data.margin >= c.data.extent:  # (a float: its repr is short)
+        raise ConfigError(f"data.margin={c.data.margin!r} is not allowed: must be below data.extent={c.data.extent:g}")
     for key, owner in _OWNER.items():  # (a key of another data variant would be silently ignored)
         if owner != c.data.name and getattr(c.data, key) != getattr(DataConfig, key) and not c.resume:
             raise ConfigError(f"data.{key} does not apply to data={c.data.name}; did you mean data={owner}?")
@@ -205,30 +184,24 @@ def unknown_key(key: str, known: list[str], where: str = "allowed keys") -> str:
 
 def one_line(ex: BaseException) -> str:
     """A one-line account of an error: Hydra's and OmegaConf's in the user's words, else its first line."""
-    from hydra.errors import MissingConfigException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
-
     if out_of_memory(ex):
         return OOM
     if isinstance(ex, OverflowError):  # an integer too large for a float key, as OmegaConf types it
         key = m[1] if (m := re.search(r"full_key: (\S+)", str(ex))) else "a key"
         return f"{key}: the number is too large; a float holds at most ~1.8e308"
-    cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else None
     if isinstance(ex, MissingConfigException) and ex.options is not None and ex.missing_cfg_file:
         group, _, name = ex.missing_cfg_file.rpartition("/")
         return f"{group}={name!r} is not a config option; choose one of {', '.join(sorted(ex.options))}"
-    err = cause or ex
+    err = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else ex  # (Hydra's wraps OmegaConf's)
     key = str(getattr(err, "full_key", None) or getattr(err, "key", None) or "")
     if isinstance(err, ConfigKeyError | ConfigAttributeError) and key:
         if key.startswith("hydra.sweeper.sampler.") and not version_base():  # Hydra 1.4
-            from importlib.metadata import version
-
             sweeper, core = version("hydra-optuna-sweeper"), version("hydra-core")
             problem = f"hydra-optuna-sweeper {sweeper} does not work with hydra-core {core}"
             fix = "use hydra-core 1.3, or pip install 'hydra-optuna-sweeper==1.4.0rc3'"
             return f"{problem} (its sampler is never instantiated): {fix}"
-        schema = getattr(err, "object_type", None)  # the dataclass of the node the key is missing from
-        if key.startswith(("hydra.launcher.", "hydra.sweeper.")) and dataclasses.is_dataclass(schema):  # its keys
+        # the dataclass of the node the key is missing from: its keys
+        if key.startswith(("hydra.launcher.", "hydra.sweeper.")) and is_dataclass(schema := err.object_type):
             known = [f.name for f in fields(schema) if not f.name.startswith("_")]
             return unknown_key(key, known, f"{key.rpartition('.')[0]} has the keys")
         if key.startswith("hydra."):  # Hydra's own keys: too many to list
@@ -236,15 +209,16 @@ def one_line(ex: BaseException) -> str:
         if key in allowed_keys():  # a key of quadnet's that has no value: deleted with ~key
             return f"'{key}' has no value (deleted with ~{key}?): every key needs one, its default or yours"
         return unknown_key(key, allowed_keys())
-    if isinstance(err, ValidationError) and key and expected_type(key):
-        return f"{key}={getattr(err, 'value', None)!r} is not allowed: must be {expected_type(key)}"
-    if cause is not None:
-        key = getattr(cause, "full_key", None)
-        first = str(cause.msg if hasattr(cause, "msg") else cause).splitlines()[0]
-        return f"{key}: {first}" if key else first
+    # a value of the wrong type for one of quadnet's keys (the annotations are strings: "int", "str | None")
+    types = {f.name: f.type for f in fields(TrainConfig)} | {f"data.{f.name}": f.type for f in fields(DataConfig)}
+    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+    if isinstance(err, ValidationError) and (kind := words.get(str(types.get(key, "")).split(" |")[0])):
+        return f"{key}={getattr(err, 'value', None)!r} is not allowed: must be {kind}"
+    if err is not ex:  # OmegaConf's, in Hydra's: its first line and key
+        first = str(err.msg if hasattr(err, "msg") else err).splitlines()[0]
+        return f"{err.full_key}: {first}" if err.full_key else first
     text = str(ex).strip()  # (an override that does not parse: its first line says where)
-    if text.startswith("Unable to configure handler") and isinstance(ex.__cause__, OSError):  # Hydra's log file
-        why = ex.__cause__
+    if text.startswith("Unable to configure handler") and isinstance(why := ex.__cause__, OSError):  # Hydra's log
         return f"cannot write {why.filename}: {why.strerror} (hydra.run.dir, hydra.sweep.dir: a dir you can write)"
     if text.startswith("Config group override must be"):  # Hydra's words for data=null
         return "a config group cannot be null (data=null): choose one of its options, e.g. data=seed, sampled or csv"
@@ -258,14 +232,10 @@ def one_line(ex: BaseException) -> str:
 
 def check_installed(c: TrainConfig) -> None:
     """What a run about to train needs installed (a checkpoint's config, read to predict, needs none)."""
-    needs = (
-        ("logger", "tensorboard", "tensorboard", "tensorboard"),
-        ("logger", "mlflow", "mlflow", "mlflow"),
-        ("engine", "numba", "numba", "fast"),
-    )  # (key, value, module, extra)
-    for key, value, module, extra in needs:
-        if getattr(c, key) == value and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"{key}={value} needs {module}: pip install -e '.[{extra}]'")
+    needs = {("logger", "tensorboard"): "tensorboard", ("logger", "mlflow"): "mlflow", ("engine", "numba"): "fast"}
+    for (key, module), extra in needs.items():  # (key, value: the module it needs): the extra that installs it
+        if getattr(c, key) == module and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{key}={module} needs {module}: pip install -e '.[{extra}]'")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -281,15 +251,7 @@ def to_dict(c: TrainConfig) -> dict[str, Any]:
 
 def allowed_keys() -> list[str]:
     """Every settable key, dotted, for error messages."""
-    top = [f.name for f in fields(TrainConfig) if f.name != "data"]
-    return sorted(top) + [f"data.{f.name}" for f in fields(DataConfig)]
-
-
-def expected_type(key: str) -> str | None:
-    """'an integer', 'a number', … for a dotted key's type, or None if there is no such key."""
-    types = {f.name: f.type for f in fields(TrainConfig)} | {f"data.{f.name}": f.type for f in fields(DataConfig)}
-    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
-    return words.get(str(types.get(key, "")).split(" |")[0])
+    return sorted(vars(TrainConfig()).keys() - {"data"}) + [f"data.{f.name}" for f in fields(DataConfig)]
 
 
 def help_text() -> str:
@@ -324,24 +286,18 @@ def config_dir() -> str:
 
 def register_configs() -> None:
     """Store the schema that ``quadnet/configs/train.yaml`` builds on (once: Hydra 1.4 warns of a second)."""
-    from hydra.core.config_store import ConfigStore
-
     if "quadnet_schema.yaml" not in ConfigStore.instance().list(""):
         ConfigStore.instance().store(name="quadnet_schema", node=TrainConfig)
 
 
 def version_base() -> dict[str, str]:
     """Hydra 1.3 needs version_base="1.3" for today's defaults; 1.4 has them and deprecates the argument."""
-    import hydra
-
     return {} if tuple(int(p) for p in hydra.__version__.split(".")[:2]) >= (1, 4) else {"version_base": "1.3"}
 
 
 def compose(overrides: list[str], with_hydra: bool = False) -> DictConfig:
     """Compose quadnet/configs/train.yaml with overrides, as ``python -m quadnet.train`` would (Hydra's
     node too, with_hydra=True). Hydra's global state is set up and cleared again each call."""
-    import hydra
-
     register_configs()
     with hydra.initialize_config_dir(config_dir(), **version_base()):
         return hydra.compose(config_name="train", overrides=overrides, return_hydra_config=with_hydra)

@@ -1,7 +1,5 @@
 """Turn the ``device`` setting into a device name ('cpu', 'cuda:0', 'mps'), refusing one that is not there."""
 
-from __future__ import annotations
-
 import glob
 import sys
 
@@ -26,12 +24,9 @@ def resolve_device(name: str) -> str:
         if not torch.backends.mps.is_available():
             raise ConfigError("device='mps' is not available on this machine; use device=auto or cpu")
         return name
-    # cuda or cuda:N
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            f"device={name!r} is not available: this torch build or machine has no CUDA "
-            f"(torch {torch.__version__}); use device=auto or cpu"
-        )
+    if not torch.cuda.is_available():  # (cuda or cuda:N)
+        why = f"this torch build or machine has no CUDA (torch {torch.__version__})"
+        raise ConfigError(f"device={name!r} is not available: {why}; use device=auto or cpu")
     index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
     if index >= count:
         raise ConfigError(f"device={name!r} is not available: only cuda:0..cuda:{count - 1} exist")

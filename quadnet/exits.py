@@ -8,8 +8,6 @@ once, which :func:`command` turns into one line and exit 128+signal. Files are w
 atomically, so unwinding from any point loses nothing already written.
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import os
@@ -19,7 +17,6 @@ import threading
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
-EXIT_BAD_INPUT = 2
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 STOPPED = "interrupted: stopped at once"
 KEPT = f"{STOPPED} (what was written so far is kept)"
@@ -36,10 +33,9 @@ class Stopped(KeyboardInterrupt):
 class Stop:
     """Whether a signal came while training listened; a loop asks ``stop()`` between steps."""
 
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self.depth = 0  # nested listeners (a sweep around its jobs' loops)
-        self.commands = 0  # commands running (inside :func:`command`)
+    signal: int | None = None
+    depth = 0  # nested listeners (a sweep around its jobs' loops)
+    commands = 0  # commands running (inside :func:`command`)
 
     def __call__(self) -> bool:
         return self.signal is not None
@@ -61,24 +57,19 @@ def _handler(signum: int, frame: Any) -> None:
 def _handled() -> Iterator[None]:
     """The three signals through :func:`_handler` while inside, and as they were after (the main thread
     only: Python's rule; a notebook's Ctrl-C is its own again once a run is done)."""
-    main = threading.current_thread() is threading.main_thread()
-    old = {s: signal.signal(s, _handler) for s in SIGNALS} if main else {}
-    try:
+    with contextlib.ExitStack() as restore:
+        for s in SIGNALS if threading.current_thread() is threading.main_thread() else ():
+            restore.callback(signal.signal, s, signal.signal(s, _handler))
         yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """The three signals held back while inside, and delivered after: for code that a raise would
     leave half-done (argparse's intermixed parse fails in its own clean-up)."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    try:
+    with contextlib.ExitStack() as unblock:
+        unblock.callback(signal.pthread_sigmask, signal.SIG_SETMASK, signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS))
         yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def install() -> None:
@@ -90,10 +81,9 @@ def install() -> None:
 @contextlib.contextmanager
 def listening() -> Iterator[Stop]:
     """While inside, a signal is recorded in the returned :class:`Stop` instead of raised."""
-    with contextlib.ExitStack() as stack:
-        if not STOP.depth:
-            STOP.signal = None
-            stack.enter_context(_handled())
+    if not STOP.depth:
+        STOP.signal = None
+    with _handled():  # (nested: the handler it sets is the one there already)
         STOP.depth += 1
         try:
             yield STOP
@@ -101,8 +91,8 @@ def listening() -> Iterator[Stop]:
             STOP.depth -= 1
 
 
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    """Print ``error: message`` on one line to stderr and exit with ``code``."""
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` on one line to stderr and exit with ``code`` (2: bad input)."""
     print("error:", " ".join(str(message).split()), file=sys.stderr)
     sys.exit(code)
 
