@@ -103,7 +103,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer": _choice("sgd", "adam"),
     "lr": _range(0, 1e30, open_low=True),  # (beyond, float32 cannot hold the step)
     "reg": _range(0, 1e30),
-    **dict.fromkeys(("momentum", "beta1", "beta2"), ((lambda v: 0 <= v < 1), "must be in [0, 1)")),  # (nan: False)
+    **dict.fromkeys(("momentum", "beta1", "beta2", "data.val_fraction"), ((lambda v: 0 <= v < 1), "must be in [0, 1)")),
     "eps": _range(0, open_low=True),
     **dict.fromkeys(("epochs", "log_every", "checkpoint_every"), _range(0, 1e9)),
     "seed": _range(0, 2**32 - 1),  # NumPy's RandomState takes 32 bits
@@ -124,7 +124,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 # The data variant each key belongs to; the others ignore it (data.seed is shared).
-_OWNER = {**dict.fromkeys(("n_train", "n_test", "extent", "margin"), "sampled"), "path": "csv", "test_path": "csv"}
+_OWNER = {
+    **dict.fromkeys(("n_train", "n_test", "extent", "margin"), "sampled"),
+    **dict.fromkeys(("path", "test_path", "val_path", "label", "features"), "csv"),
+}
 
 
 def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
@@ -141,7 +144,7 @@ def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
                 raise ConfigError(f"a config must be a mapping of keys to values, not {type(plain).__name__}")
             node = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in plain.items() if k != "hydra"})
         # plain values through OmegaConf's public API (interpolations resolve)
-        data = DataConfig(**{f.name: node.data[f.name] for f in fields(DataConfig)})
+        data = DataConfig(**OmegaConf.to_container(node.data, resolve=True))  # type: ignore[arg-type]
         return check(TrainConfig(**{f.name: node[f.name] for f in fields(TrainConfig) if f.name != "data"}, data=data))
     except (OmegaConfBaseException, OverflowError) as e:  # (check raises neither)
         raise ConfigError(one_line(e)) from None
@@ -161,7 +164,7 @@ def check(c: TrainConfig) -> TrainConfig:
         if owner != c.data.name and getattr(c.data, key) != getattr(DataConfig, key) and not c.resume:
             raise ConfigError(f"data.{key} does not apply to data={c.data.name}; did you mean data={owner}?")
     if c.data.name == "csv" and not c.data.path and not c.resume:  # (resume=: the checkpoint's data, checked then)
-        raise ConfigError("data=csv needs data.path=FILE: a file of x,y,label lines")
+        raise ConfigError("data=csv needs data.path=FILE: a CSV table of numbers and a label column")
     if c.engine in ("numpy", "numba") and c.device not in ("auto", "cpu"):
         raise ConfigError(f"device={c.device!r} is not allowed with engine={c.engine}: it runs on the cpu")
     if c.engine == "numba" and c.step == "autograd":
