@@ -57,7 +57,6 @@ class Job:
     idx: int
     overrides: list[str]
     dir: Path  # its output dir (hydra.runtime.output_dir)
-    key: str  # its dir within the sweep dir
     cfg: TrainConfig | None = None
     data: Dataset | None = None
     config: Any = None  # Hydra's composition, for a job the Composer leaves to Hydra
@@ -115,9 +114,8 @@ def group_key(j: Job) -> tuple[Any, ...]:
 # ---------------------------------------------------------------------- resuming a sweep
 
 
-NUMBER = (int, float, type(None))
-KEPT_KEYS = {"status": str, "epoch": int, "epochs": int, "final_loss": NUMBER, "train_accuracy": NUMBER,
-             "test_accuracy": NUMBER, "train_seconds": (int, float), "run_dir": str, "config": dict}  # fmt: skip
+KEPT_KEYS = {"status": str, "epoch": int, "epochs": int, "train_seconds": (int, float), "run_dir": str, "config": dict}
+KEPT_KEYS |= dict.fromkeys(("final_loss", "train_accuracy", "test_accuracy"), (int, float, type(None)))
 
 
 def completed(folder: Path) -> dict[str, Any]:
@@ -196,16 +194,15 @@ def _saver(data: Dataset) -> Callable[[list[loop.Job]], None]:
 
     def save(jobs: list[loop.Job]) -> None:
         nonlocal last, cost
-        if time.monotonic() - last < max(BATCH_SAVE_SECONDS, 10 * cost):
+        if (now := time.monotonic()) - last < max(BATCH_SAVE_SECONDS, 10 * cost):
             return
-        last = time.monotonic()
         try:  # (a convenience: training goes on without it, and each job's dir is written at the end)
             for j in jobs:
                 Path(j.name).mkdir(parents=True, exist_ok=True)
                 checkpoint.save(Path(j.name) / checkpoint.CHECKPOINT, checkpoint.of(j, "running", data))
         except OSError as e:
             log.warning("no checkpoint written for the batch: %s", one_line(e))
-        cost = time.monotonic() - last
+        last, cost = now, time.monotonic() - now
 
     return save
 
@@ -301,9 +298,9 @@ class Sweep:
         self.dir, self.overrides, self.first = Path(str(hc.sweep.dir)), job_overrides, first
         # counts: how jobs started; ended: how the jobs written ended
         self.quiet, self.counts, self.seconds, self.ended = len(job_overrides) > CHATTY, Counter(), Counter(), Counter()
-        self.numbered = OmegaConf.to_container(hc.sweep)["subdir"] == "${hydra.job.num}"  # type: ignore[index]
+        numbered = OmegaConf.to_container(hc.sweep)["subdir"] == "${hydra.job.num}"  # type: ignore[index]
         loader = self.ctx.config_loader  # (else Hydra makes each job's dir, and calls the callbacks)
-        lean = self.numbered and all(type(c).__module__.startswith("quadnet") for c in self.ctx.callbacks.callbacks)
+        lean = numbered and all(type(c).__module__.startswith("quadnet") for c in self.ctx.callbacks.callbacks)
         self.composer = loader.composer(self.config) if lean and hasattr(loader, "composer") else None
         self.loader, self.returns = getattr(loader, "_loader", loader), Returns(job_overrides, str(hc.job.name))
         size = int(self.opts["max_batch"]) or (CUDA_CHUNK if on_cuda(TrainConfig()) else CPU_BATCH)
@@ -334,13 +331,12 @@ class Sweep:
         """Job i composed, and where it starts; a bad value fails the job (its error), not the sweep.
         An earlier run in its dir that it cannot go on with refuses the sweep (SweepRefused)."""
         idx, overrides = self.first + i, list(self.overrides[i])
-        job = Job(idx, overrides, Path(os.path.abspath(self.dir / str(idx))), str(idx))
+        job = Job(idx, overrides, Path(os.path.abspath(self.dir / str(idx))))
         try:
             typed = self.composer.typed(overrides) if self.composer is not None else None
             if typed is None:
                 job.config = self.hydra_config(idx, overrides)
-                job.key = str(idx) if self.numbered else str(job.config.hydra.sweep.subdir)
-                job.dir = Path(os.path.abspath(self.dir / job.key))
+                job.dir = Path(os.path.abspath(self.dir / str(job.config.hydra.sweep.subdir)))
                 with open_dict(job.config):
                     job.config.hydra.runtime.output_dir = str(job.dir)  # (as Hydra's run_job makes it)
             job.cfg = validate(job.config) if typed is None else check(typed)
@@ -385,13 +381,10 @@ class Sweep:
         for j in jobs:
             task = lambda _, j=j: self._write(j, signum)  # noqa: E731
             ret = self.run_job(task, j.config) if j.config is not None else self._write_lean(j, task)
-            i = j.idx - self.first
+            i, ok = j.idx - self.first, ret.status == JobStatus.COMPLETED
             self.returns.status[i] = ret.status.value
-            if ret.status == JobStatus.COMPLETED:
-                self.returns.value[i] = ret._return_value
-            else:
-                self.returns.errors[i] = ret._return_value
-            self.ended[j.result.status if ret.status == JobStatus.COMPLETED else "failed"] += 1  # type: ignore
+            (self.returns.value if ok else self.returns.errors)[i] = ret._return_value  # (an objective, or an error)
+            self.ended[j.result.status if ok else "failed"] += 1  # type: ignore[union-attr]
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         self.seconds["write"] += time.perf_counter() - t0
         if self.quiet_training:
