@@ -72,11 +72,11 @@ class SweepRefused(ConfigError):
 
 
 class Returns(Sequence[JobReturn]):
-    """Every job's JobReturn, made when it is read: the sweep keeps a status and a value a job."""
+    """Every job's JobReturn, made when it is read: the sweep keeps a value a job, its objective or (a
+    failed job's) its error. It is read once every job is written (a signal ends the sweep before)."""
 
     def __init__(self, overrides: Sequence[Sequence[str]], name: str) -> None:
-        self.overrides, self.name, self.errors = overrides, name, {}
-        self.status, self.value = bytearray(len(overrides)), array("d", bytes(8 * len(overrides)))
+        self.overrides, self.name, self.errors, self.value = overrides, name, {}, array("d", bytes(8 * len(overrides)))
 
     def __len__(self) -> int:
         return len(self.overrides)
@@ -84,7 +84,7 @@ class Returns(Sequence[JobReturn]):
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        status, value = JobStatus(self.status[i]), self.errors.get(i, self.value[i])
+        status, value = JobStatus.FAILED if i in self.errors else JobStatus.COMPLETED, self.errors.get(i, self.value[i])
         return JobReturn(
             list(self.overrides[i]), working_dir=os.getcwd(), task_name=self.name, status=status, _return_value=value
         )
@@ -149,19 +149,6 @@ def resumable(job: Job, c: TrainConfig, data: Dataset) -> loop.Job:
     # kept only when its summary is this checkpoint's (a summary copied in from another job is not)
     status = "completed" if kept and done["config"] == ck["config"] else "running"
     return loop.Job(c, ck["state"], ck["epoch"], ck["history"], status=status)
-
-
-def _refused(launcher: Any, why: str) -> None:
-    """Refuse a sweep run again into its dir: Hydra's record of it (multirun.yaml), which the sweeper
-    has just rewritten, is put back as it was (see BatchedLauncher.setup), and nothing else is touched."""
-    record, before = launcher.record
-    if before is None:
-        record.unlink(missing_ok=True)
-    else:
-        record.write_bytes(before[0])
-        os.utime(record, ns=before[1])
-    rundir.release(record.parent)  # (the dirs its lock made, if empty)
-    raise SweepRefused(why)
 
 
 EXECUTORS = ("local", "slurm", "debug")  # submitit's clusters ("debug": in this process)
@@ -306,15 +293,8 @@ class Sweep:
         size = int(self.opts["max_batch"]) or (CUDA_CHUNK if on_cuda(TrainConfig()) else CPU_BATCH)
         self.chunk = size * (16 if self.opts["executor"] else 1)  # (a cluster trains 16 batches at once)
         self.quiet_training = len(job_overrides) > self.chunk  # a chunk's progress is a line, not a bar
-        self.datasets: dict[str, Dataset] = {}  # each data config's, made once
+        self.datasets: dict[str, Dataset] = {}  # each data config's (its repr), made once
         self.tracked = False  # a job logged to MLflow: the sweep's run ends with the sweep
-
-    def data(self, c: TrainConfig) -> Dataset:
-        if repr(c.data) not in self.datasets:
-            if len(self.datasets) > 64:  # (jobs keep theirs: this only saves making one again)
-                self.datasets.clear()
-            self.datasets[repr(c.data)] = make_dataset(c.data)
-        return self.datasets[repr(c.data)]
 
     def hydra_config(self, idx: int, overrides: list[str]) -> Any:
         """Job idx composed by Hydra, with what Hydra's launchers set: its id and number."""
@@ -342,7 +322,11 @@ class Sweep:
             job.cfg = validate(job.config) if typed is None else check(typed)
             check_installed(job.cfg)
             refuse_resume(job.cfg.resume)
-            job.data = self.data(job.cfg)
+            if (data := repr(job.cfg.data)) not in self.datasets:  # (each data config's made once)
+                if len(self.datasets) > 64:  # (jobs keep theirs: this only saves making one again)
+                    self.datasets.clear()
+                self.datasets[data] = make_dataset(job.cfg.data)
+            job.data = self.datasets[data]
             job.cfg = dataclasses.replace(job.cfg, data=job.data.config, plots=job.cfg.plots and self.opts["plots"])
             if rundir.held(job.dir):
                 raise ConfigError(f"another run is writing into {job.dir}: this sweep leaves it alone")
@@ -354,7 +338,6 @@ class Sweep:
             if isinstance(e, SweepRefused) or checkpoint.in_dir(job.dir) is not None:  # (an earlier run's dir)
                 raise SweepRefused(why) from None
             job.error = str(e)
-        self.counts["refused" if job.start is None else job.start.status if job.start.epoch else "new"] += 1
         return job
 
     def train(self, jobs: list[Job], stop: Any) -> list[Job]:
@@ -381,9 +364,8 @@ class Sweep:
         for j in jobs:
             task = lambda _, j=j: self._write(j, signum)  # noqa: E731
             ret = self.run_job(task, j.config) if j.config is not None else self._write_lean(j, task)
-            i, ok = j.idx - self.first, ret.status == JobStatus.COMPLETED
-            self.returns.status[i] = ret.status.value
-            (self.returns.value if ok else self.returns.errors)[i] = ret._return_value  # (an objective, or an error)
+            ok = ret.status == JobStatus.COMPLETED
+            (self.returns.value if ok else self.returns.errors)[j.idx - self.first] = ret._return_value
             self.ended[j.result.status if ok else "failed"] += 1  # type: ignore[union-attr]
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         self.seconds["write"] += time.perf_counter() - t0
@@ -448,10 +430,12 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         try:
             if not rundir.MADE.get(str(sweep.dir.resolve())):  # the dir was there: all checked before any write
                 [sweep.job(i) for i in range(n)]
-                sweep.counts.clear()
             for first in range(0, n, sweep.chunk):  # (a chunk trains in the helper thread as the last one is written)
                 t0 = time.perf_counter()
                 jobs = [sweep.job(i) for i in range(first, min(first + sweep.chunk, n))]
+                sweep.counts.update(
+                    "refused" if j.start is None else j.start.status if j.start.epoch else "new" for j in jobs
+                )
                 sweep.seconds["compose"] += time.perf_counter() - t0
                 if stop():
                     break
@@ -459,9 +443,18 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                     announce()
                 ahead, training = training, trainer.submit(sweep.train, jobs, stop)
                 sweep.write(ahead, stop.signal)
-        except SweepRefused as e:  # (before anything is written, but where resume= is swept over)
+        except SweepRefused:  # (before anything is written, but where resume= is swept over)
             sweep.write(training, stop.signal)
-            _refused(launcher, str(e))
+            # Hydra's record of the sweep (multirun.yaml), which the sweeper has just rewritten, is put
+            # back as it was (see BatchedLauncher.setup), and nothing else is touched
+            record, before = launcher.record
+            if before is None:
+                record.unlink(missing_ok=True)
+            else:
+                record.write_bytes(before[0])
+                os.utime(record, ns=before[1])
+            rundir.release(record.parent)  # (the dirs its lock made, if empty)
+            raise
         sweep.write(training, stop.signal)
     if sweep.tracked:
         from quadnet import tracking

@@ -26,7 +26,7 @@ class BatchedLauncher(Launcher):
         # before the sweeper writes into the sweep dir (quadnet's callback has checked these and
         # taken the dir already; another task's sweep has not): a bad option, or a dir another
         # sweep holds, is refused in one line; what the sweeper will overwrite is kept, for a
-        # sweep that the launcher refuses (quadnet.sweep._refused)
+        # sweep that the launcher refuses (quadnet.sweep.launch)
         sweep.check_options(self.options)
         folder = Path(str(config.hydra.sweep.dir))
         rundir.lock(folder)
