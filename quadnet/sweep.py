@@ -34,7 +34,7 @@ import numpy as np
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import OmegaConf, open_dict
 
-from quadnet import checkpoint, console, exits, loop, rundir
+from quadnet import checkpoint, console, exits, loop, rundir, tracking
 from quadnet.config import ConfigError, TrainConfig, check, check_installed, one_line, to_dict, unknown_key, validate
 from quadnet.data import Dataset, make_dataset
 from quadnet.device import gpu_possible
@@ -236,15 +236,14 @@ def _done(batch: list[Job], out: Any, **extra: Any) -> None:
 def train_here(groups: list[list[Job]], max_batch: int, stop: Callable[[], bool], quiet: bool) -> None:
     """Each batch in this process; a batch that fails is split until the failing job fails alone."""
     todo = _batches(groups, max_batch)
-    while todo:
-        batch = todo.pop(0)
+    for batch in todo:  # (a batch split in two is appended: its halves train in this loop too)
         starts = [dataclasses.replace(j.start, history=list(j.start.history), name=str(j.dir)) for j in batch]  # type: ignore
         try:
             data = batch[0].data
             _done(batch, loop.train_batch(starts, data, batch[0].cfg.device, stop, _saver(data), quiet))  # type: ignore
         except Exception as e:
             if len(batch) > 1:
-                todo[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+                todo += [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
             else:
                 _done(batch, RuntimeError(one_line(e)))
 
@@ -297,10 +296,12 @@ class Sweep:
         self.tracked = False  # a job logged to MLflow: the sweep's run ends with the sweep
 
     def hydra_config(self, idx: int, overrides: list[str]) -> Any:
-        """Job idx composed by Hydra, with what Hydra's launchers set: its id and number."""
+        """Job idx composed by Hydra, with what Hydra's launchers set (its id and number) and what its
+        run_job will (its output dir)."""
         config = self.loader.load_sweep_config(self.config, overrides)
         with open_dict(config):
             config.hydra.job.id, config.hydra.job.num = str(idx), idx
+            config.hydra.runtime.output_dir = os.path.abspath(self.dir / str(config.hydra.sweep.subdir))
         return config
 
     def run_job(self, task: Callable[[Any], Any], config: Any) -> JobReturn:
@@ -316,9 +317,7 @@ class Sweep:
             typed = self.composer.typed(overrides) if self.composer is not None else None
             if typed is None:
                 job.config = self.hydra_config(idx, overrides)
-                job.dir = Path(os.path.abspath(self.dir / str(job.config.hydra.sweep.subdir)))
-                with open_dict(job.config):
-                    job.config.hydra.runtime.output_dir = str(job.dir)  # (as Hydra's run_job makes it)
+                job.dir = Path(job.config.hydra.runtime.output_dir)
             job.cfg = validate(job.config) if typed is None else check(typed)
             check_installed(job.cfg)
             refuse_resume(job.cfg.resume)
@@ -457,8 +456,6 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             raise
         sweep.write(training, stop.signal)
     if sweep.tracked:
-        from quadnet import tracking
-
         tracking.end(sweep.dir, "KILLED" if stop.signal is not None else "FINISHED")
     c, ends = sweep.counts, sweep.ended
     log.info("%d jobs (%d new, %d resumed from their checkpoints, %d completed before, %d refused)", n, c["new"],

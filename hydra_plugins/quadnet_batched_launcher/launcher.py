@@ -28,9 +28,8 @@ class BatchedLauncher(Launcher):
         # sweep holds, is refused in one line; what the sweeper will overwrite is kept, for a
         # sweep that the launcher refuses (quadnet.sweep.launch)
         sweep.check_options(self.options)
-        folder = Path(str(config.hydra.sweep.dir))
-        rundir.lock(folder)
-        record = folder / "multirun.yaml"
+        record = Path(str(config.hydra.sweep.dir), "multirun.yaml")
+        rundir.lock(record.parent)
         info = record.stat() if record.is_file() else None
         # multirun.yaml as it was (its bytes and times; None: not there): what a refused sweep puts back
         self.record = (record, info and (record.read_bytes(), (info.st_atime_ns, info.st_mtime_ns)))
