@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import time
 from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import numpy as np
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import OmegaConf, open_dict
 
-from quadnet import checkpoint, console, exits, loop, rundir
+from quadnet import checkpoint, console, exits, loop, rundir, tracking
 from quadnet.config import ConfigError, TrainConfig, check, check_installed, one_line, to_dict, unknown_key, validate
 from quadnet.data import Dataset, make_dataset
 from quadnet.device import gpu_possible
@@ -56,7 +57,6 @@ class Job:
     idx: int
     overrides: list[str]
     dir: Path  # its output dir (hydra.runtime.output_dir)
-    key: str  # its dir within the sweep dir
     cfg: TrainConfig | None = None
     data: Dataset | None = None
     config: Any = None  # Hydra's composition, for a job the Composer leaves to Hydra
@@ -72,11 +72,11 @@ class SweepRefused(ConfigError):
 
 
 class Returns(Sequence[JobReturn]):
-    """Every job's JobReturn, made when it is read: the sweep keeps a status and a value a job."""
+    """Every job's JobReturn, made when it is read: the sweep keeps a value a job, its objective or (a
+    failed job's) its error. It is read once every job is written (a signal ends the sweep before)."""
 
     def __init__(self, overrides: Sequence[Sequence[str]], name: str) -> None:
-        self.overrides, self.name, self.errors = overrides, name, {}
-        self.status, self.value = bytearray(len(overrides)), array("d", bytes(8 * len(overrides)))
+        self.overrides, self.name, self.errors, self.value = overrides, name, {}, array("d", bytes(8 * len(overrides)))
 
     def __len__(self) -> int:
         return len(self.overrides)
@@ -84,11 +84,10 @@ class Returns(Sequence[JobReturn]):
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        ret = JobReturn(
-            list(self.overrides[i]), working_dir=os.getcwd(), task_name=self.name, status=JobStatus(self.status[i])
+        status, value = JobStatus.FAILED if i in self.errors else JobStatus.COMPLETED, self.errors.get(i, self.value[i])
+        return JobReturn(
+            list(self.overrides[i]), working_dir=os.getcwd(), task_name=self.name, status=status, _return_value=value
         )
-        ret.return_value = self.errors.get(i, self.value[i])
-        return ret
 
 
 def refuse_resume(resume: str | None) -> None:
@@ -115,15 +114,14 @@ def group_key(j: Job) -> tuple[Any, ...]:
 # ---------------------------------------------------------------------- resuming a sweep
 
 
-NUMBER = (int, float, type(None))
-KEPT_KEYS = {"status": str, "epoch": int, "epochs": int, "final_loss": NUMBER, "train_accuracy": NUMBER,
-             "test_accuracy": NUMBER, "train_seconds": (int, float), "run_dir": str, "config": dict}  # fmt: skip
+KEPT_KEYS = {"status": str, "epoch": int, "epochs": int, "train_seconds": (int, float), "run_dir": str, "config": dict}
+KEPT_KEYS |= dict.fromkeys(("final_loss", "train_accuracy", "test_accuracy"), (int, float, type(None)))
 
 
 def completed(folder: Path) -> dict[str, Any]:
     """A completed run's summary.json; {} when it is missing, damaged (a key missing or of another
     type: the job trains again), or of another status."""
-    with contextlib.suppress(OSError, ValueError, TypeError, RecursionError):
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, RecursionError):
         s = json.loads((folder / "summary.json").read_text())
         ok, overrides = all(k in s and isinstance(s[k], t) for k, t in KEPT_KEYS.items()), s.get("overrides", [])
         ok = ok and isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)
@@ -147,28 +145,10 @@ def resumable(job: Job, c: TrainConfig, data: Dataset) -> loop.Job:
         why = f"run the sweep with the settings it had and epochs >= {ck['epoch']}, or choose another hydra.sweep.dir"
         raise SweepRefused(f"{job.dir} holds a run at epoch {ck['epoch']} and {e}; {why}") from None
     done, finite = completed(job.dir), all(np.isfinite(v).all() for v in ck["params"].values())
+    kept = ck["status"] == "completed" and ck["epoch"] == c.epochs == done.get("epoch") and finite
     # kept only when its summary is this checkpoint's (a summary copied in from another job is not)
-    if (
-        ck["status"] == "completed"
-        and ck["epoch"] == c.epochs == done.get("epoch")
-        and finite
-        and (done["config"] == ck["config"])
-    ):
-        return loop.Job(c, ck["state"], c.epochs, ck["history"], status="completed")
-    return loop.Job(c, ck["state"], ck["epoch"], ck["history"])
-
-
-def _refused(launcher: Any, why: str) -> None:
-    """Refuse a sweep run again into its dir: Hydra's record of it (multirun.yaml), which the sweeper
-    has just rewritten, is put back as it was (see BatchedLauncher.setup), and nothing else is touched."""
-    record, before = launcher.record
-    if before is None:
-        record.unlink(missing_ok=True)
-    else:
-        record.write_bytes(before[0])
-        os.utime(record, ns=before[1])
-    rundir.release(record.parent)  # (the dirs its lock made, if empty)
-    raise SweepRefused(why)
+    status = "completed" if kept and done["config"] == ck["config"] else "running"
+    return loop.Job(c, ck["state"], ck["epoch"], ck["history"], status=status)
 
 
 EXECUTORS = ("local", "slurm", "debug")  # submitit's clusters ("debug": in this process)
@@ -176,20 +156,16 @@ EXECUTORS = ("local", "slurm", "debug")  # submitit's clusters ("debug": in this
 
 def check_options(opts: dict[str, Any]) -> None:
     """The batched launcher's options (hydra.launcher.*), checked; ConfigError in one line."""
-    import importlib.util
-
     from hydra_plugins.quadnet_batched_launcher.config import BatchedLauncherConf
 
     known = [f.name for f in dataclasses.fields(BatchedLauncherConf) if f.name != "_target_"]
     if unknown := sorted(set(opts) - set(known) - {"_target_"}):
         raise ConfigError(unknown_key(f"hydra.launcher.{unknown[0]}", known, "the batched launcher's keys"))
-    rules = {  # key: (whether its value is allowed, what is)
-        "max_batch": (opts["max_batch"] >= 0, "must be >= 0 (0: what fits)"),
-        "executor": (opts["executor"] in (None, *EXECUTORS), f"choose one of {', '.join(EXECUTORS)}, or null"),
-    }
-    for key, (ok, allowed) in rules.items():
-        if not ok:
-            raise ConfigError(f"hydra.launcher.{key}={opts[key]!r} is not allowed: {allowed}")
+    if opts["max_batch"] < 0:
+        raise ConfigError(f"hydra.launcher.max_batch={opts['max_batch']!r} is not allowed: must be >= 0 (0: what fits)")
+    if opts["executor"] not in (None, *EXECUTORS):
+        allowed = f"choose one of {', '.join(EXECUTORS)}, or null"
+        raise ConfigError(f"hydra.launcher.executor={opts['executor']!r} is not allowed: {allowed}")
     if opts["executor"] is not None and importlib.util.find_spec("submitit") is None:
         raise ConfigError(f"hydra.launcher.executor={opts['executor']} needs submitit: pip install -e '.[sweep]'")
 
@@ -205,16 +181,15 @@ def _saver(data: Dataset) -> Callable[[list[loop.Job]], None]:
 
     def save(jobs: list[loop.Job]) -> None:
         nonlocal last, cost
-        if time.monotonic() - last < max(BATCH_SAVE_SECONDS, 10 * cost):
+        if (now := time.monotonic()) - last < max(BATCH_SAVE_SECONDS, 10 * cost):
             return
-        last = time.monotonic()
         try:  # (a convenience: training goes on without it, and each job's dir is written at the end)
             for j in jobs:
                 Path(j.name).mkdir(parents=True, exist_ok=True)
                 checkpoint.save(Path(j.name) / checkpoint.CHECKPOINT, checkpoint.of(j, "running", data))
         except OSError as e:
             log.warning("no checkpoint written for the batch: %s", one_line(e))
-        cost = time.monotonic() - last
+        last, cost = now, time.monotonic() - now
 
     return save
 
@@ -261,42 +236,40 @@ def _done(batch: list[Job], out: Any, **extra: Any) -> None:
 def train_here(groups: list[list[Job]], max_batch: int, stop: Callable[[], bool], quiet: bool) -> None:
     """Each batch in this process; a batch that fails is split until the failing job fails alone."""
     todo = _batches(groups, max_batch)
-    while todo:
-        batch = todo.pop(0)
+    for batch in todo:  # (a batch split in two is appended: its halves train in this loop too)
         starts = [dataclasses.replace(j.start, history=list(j.start.history), name=str(j.dir)) for j in batch]  # type: ignore
         try:
             data = batch[0].data
             _done(batch, loop.train_batch(starts, data, batch[0].cfg.device, stop, _saver(data), quiet))  # type: ignore
         except Exception as e:
             if len(batch) > 1:
-                todo[:0] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+                todo += [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
             else:
                 _done(batch, RuntimeError(one_line(e)))
 
 
-def train_submitit(
-    groups: list[list[Job]], max_batch: int, executor: str, params: dict[str, Any], folder: Path
-) -> None:
-    """Each batch as one submitit job (all of them a SLURM job array on a cluster); a batch that
-    fails (a crash, a timeout, a device not there) fails each of its jobs, naming its log."""
+def train_submitit(groups: list[list[Job]], opts: dict[str, Any], folder: Path) -> None:
+    """Each batch as one submitit job (all of them a SLURM job array on a cluster), as the launcher's
+    options (opts) say; a batch that fails (a crash, a timeout, a device not there) fails each of
+    its jobs, naming its log."""
     import submitit
 
-    ex = submitit.AutoExecutor(folder=folder, cluster=executor)
+    params = OmegaConf.to_container(OmegaConf.create(opts["executor_params"] or {}))
+    ex = submitit.AutoExecutor(folder=folder, cluster=opts["executor"])
     try:
-        ex.update_parameters(**params)
+        ex.update_parameters(**params)  # type: ignore[arg-type]
     except Exception as e:  # submitit's words for an unknown or bad parameter
         raise ConfigError(f"hydra.launcher.executor_params={params!r} is not allowed: {one_line(e)}") from None
-    batches = _batches(groups, max_batch)
+    batches = _batches(groups, opts["max_batch"])
     with ex.batch():
         futures = [ex.submit(loop.train_batch, [j.start for j in b], b[0].data, b[0].cfg.device) for b in batches]  # type: ignore
-    log.info("Submitted %d batched program(s) to submitit (%s) in %s", len(batches), executor, folder)
+    log.info("Submitted %d batched program(s) to submitit (%s) in %s", len(batches), opts["executor"], folder)
     for batch, future in zip(batches, futures, strict=True):
         try:
             _done(batch, future.result(), submitit_job=future.job_id)
         except Exception as e:
-            _done(
-                batch, RuntimeError(f"submitit job {future.job_id} failed: {one_line(e)} (log: {future.paths.stderr})")
-            )
+            why = f"submitit job {future.job_id} failed: {one_line(e)} (log: {future.paths.stderr})"
+            _done(batch, RuntimeError(why))
 
 
 # ---------------------------------------------------------------------- the launcher
@@ -306,70 +279,64 @@ class Sweep:
     """One launch: its chunks composed, started, trained and written in turn."""
 
     def __init__(self, launcher: Any, job_overrides: Sequence[Sequence[str]], first: int) -> None:
-        self.ctx, self.config, self.opts, hc = (
-            launcher.hydra_context,
-            launcher.config,
-            launcher.options,
-            launcher.config.hydra,
-        )
+        self.ctx, self.config, self.opts = launcher.hydra_context, launcher.config, launcher.options
+        hc = self.config.hydra
         self.dir, self.overrides, self.first = Path(str(hc.sweep.dir)), job_overrides, first
-        self.quiet, self.counts, self.seconds = len(job_overrides) > CHATTY, Counter(), Counter()
-        self.numbered = OmegaConf.to_container(hc.sweep)["subdir"] == "${hydra.job.num}"  # type: ignore[index]
-        others = [c for c in self.ctx.callbacks.callbacks if not type(c).__module__.startswith("quadnet")]
+        # counts: how jobs started; ended: how the jobs written ended
+        self.quiet, self.counts, self.seconds, self.ended = len(job_overrides) > CHATTY, Counter(), Counter(), Counter()
+        numbered = OmegaConf.to_container(hc.sweep)["subdir"] == "${hydra.job.num}"  # type: ignore[index]
         loader = self.ctx.config_loader  # (else Hydra makes each job's dir, and calls the callbacks)
-        lean = self.numbered and not others and hasattr(loader, "composer")
-        self.composer = loader.composer(self.config) if lean else None
+        lean = numbered and all(type(c).__module__.startswith("quadnet") for c in self.ctx.callbacks.callbacks)
+        self.composer = loader.composer(self.config) if lean and hasattr(loader, "composer") else None
         self.loader, self.returns = getattr(loader, "_loader", loader), Returns(job_overrides, str(hc.job.name))
         size = int(self.opts["max_batch"]) or (CUDA_CHUNK if on_cuda(TrainConfig()) else CPU_BATCH)
         self.chunk = size * (16 if self.opts["executor"] else 1)  # (a cluster trains 16 batches at once)
         self.quiet_training = len(job_overrides) > self.chunk  # a chunk's progress is a line, not a bar
-        self.datasets: dict[str, Dataset] = {}  # each data config's, made once
+        self.datasets: dict[str, Dataset] = {}  # each data config's (its repr), made once
         self.tracked = False  # a job logged to MLflow: the sweep's run ends with the sweep
 
-    def data(self, c: TrainConfig) -> Dataset:
-        if repr(c.data) not in self.datasets:
-            if len(self.datasets) > 64:  # (jobs keep theirs: this only saves making one again)
-                self.datasets.clear()
-            self.datasets[repr(c.data)] = make_dataset(c.data)
-        return self.datasets[repr(c.data)]
-
     def hydra_config(self, idx: int, overrides: list[str]) -> Any:
-        """Job idx composed by Hydra, with what Hydra's launchers set: its id and number."""
+        """Job idx composed by Hydra, with what Hydra's launchers set (its id and number) and what its
+        run_job will (its output dir)."""
         config = self.loader.load_sweep_config(self.config, overrides)
         with open_dict(config):
             config.hydra.job.id, config.hydra.job.num = str(idx), idx
+            config.hydra.runtime.output_dir = os.path.abspath(self.dir / str(config.hydra.sweep.subdir))
         return config
+
+    def run_job(self, task: Callable[[Any], Any], config: Any) -> JobReturn:
+        """A job as Hydra's launchers run it: task inside its .hydra/, log and callbacks."""
+        return run_job(task, config, "hydra.sweep.dir", "hydra.sweep.subdir", hydra_context=self.ctx)
 
     def job(self, i: int) -> Job:
         """Job i composed, and where it starts; a bad value fails the job (its error), not the sweep.
         An earlier run in its dir that it cannot go on with refuses the sweep (SweepRefused)."""
         idx, overrides = self.first + i, list(self.overrides[i])
-        job = Job(idx, overrides, Path(os.path.abspath(self.dir / str(idx))), str(idx))
+        job = Job(idx, overrides, Path(os.path.abspath(self.dir / str(idx))))
         try:
             typed = self.composer.typed(overrides) if self.composer is not None else None
             if typed is None:
                 job.config = self.hydra_config(idx, overrides)
-                job.key = str(idx) if self.numbered else str(job.config.hydra.sweep.subdir)
-                job.dir = Path(os.path.abspath(self.dir / job.key))
-                with open_dict(job.config):
-                    job.config.hydra.runtime.output_dir = str(job.dir)  # (as Hydra's run_job makes it)
+                job.dir = Path(job.config.hydra.runtime.output_dir)
             job.cfg = validate(job.config) if typed is None else check(typed)
             check_installed(job.cfg)
             refuse_resume(job.cfg.resume)
-            job.data = self.data(job.cfg)
+            if (data := repr(job.cfg.data)) not in self.datasets:  # (each data config's made once)
+                if len(self.datasets) > 64:  # (jobs keep theirs: this only saves making one again)
+                    self.datasets.clear()
+                self.datasets[data] = make_dataset(job.cfg.data)
+            job.data = self.datasets[data]
             job.cfg = dataclasses.replace(job.cfg, data=job.data.config, plots=job.cfg.plots and self.opts["plots"])
             if rundir.held(job.dir):
                 raise ConfigError(f"another run is writing into {job.dir}: this sweep leaves it alone")
             job.start = resumable(job, job.cfg, job.data)
+            if job.start.status == "completed":
+                job.result, job.kept = job.start, True
         except (ConfigError, checkpoint.CheckpointError) as e:
+            why = str(e) if isinstance(e, SweepRefused) else f"{e} ({job.dir} holds an earlier run)"
             if isinstance(e, SweepRefused) or checkpoint.in_dir(job.dir) is not None:  # (an earlier run's dir)
-                raise SweepRefused(
-                    str(e) if isinstance(e, SweepRefused) else f"{e} ({job.dir} holds an earlier run)"
-                ) from None
+                raise SweepRefused(why) from None
             job.error = str(e)
-        if job.start is not None and job.start.status == "completed":
-            job.result, job.kept = job.start, True
-        self.counts["refused" if job.error else job.start.status if job.start.epoch else "new"] += 1  # type: ignore
         return job
 
     def train(self, jobs: list[Job], stop: Any) -> list[Job]:
@@ -380,54 +347,46 @@ class Sweep:
         if self.opts["executor"] is None:
             train_here(list(groups.values()), self.opts["max_batch"], stop, self.quiet_training)
         elif groups:
-            params = OmegaConf.to_container(OmegaConf.create(self.opts["executor_params"] or {}))
-            train_submitit(
-                list(groups.values()), self.opts["max_batch"], self.opts["executor"], params, self.dir / ".submitit"
-            )  # type: ignore
+            train_submitit(list(groups.values()), self.opts, self.dir / ".submitit")
         self.seconds["train"] += time.perf_counter() - t0
         return jobs
 
-    def write(self, jobs: list[Job], signum: int | None) -> None:
-        """Each job's dir: for a job the Composer made, its files (:func:`quadnet.rundir.write`: summary.json
-        holds its config and overrides, multirun.yaml the sweep's Hydra config, so no ``.hydra/`` copy:
-        three files a job, not five; a file cost ~0.7 ms and 4 KB here) and its log when it logs; for
-        a job Hydra composed, Hydra's run_job around them (its .hydra/, log and callbacks)."""
-        t0 = time.perf_counter()
+    def write(self, training: Future[list[Job]] | None, signum: int | None) -> None:
+        """Each job's dir, once its chunk has trained (none: no chunk is training): for a job the
+        Composer made, its files (:func:`quadnet.rundir.write`: summary.json holds its config and
+        overrides, multirun.yaml the sweep's Hydra config, so no ``.hydra/`` copy: three files a job,
+        not five; a file cost ~0.7 ms and 4 KB here) and its log when it logs; for a job Hydra
+        composed, Hydra's run_job around them (its .hydra/, log and callbacks)."""
+        if training is None:
+            return
+        jobs, t0 = training.result(), time.perf_counter()  # (in this order: the time to write alone)
         for j in jobs:
-            if j.config is not None:
-                task = lambda _, j=j: self._write(j, signum)  # noqa: E731
-                ret = run_job(hydra_context=self.ctx, task_function=task, config=j.config,
-                              job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")  # fmt: skip
-                status, value = ret.status, ret._return_value
-            else:
-                status, value = self._write_lean(j, signum)
-            i = j.idx - self.first
-            self.returns.status[i] = status.value
-            if status == JobStatus.COMPLETED:
-                self.returns.value[i] = value
-            else:
-                self.returns.errors[i] = value
-            self.counts["ended " + (j.result.status if status == JobStatus.COMPLETED else "failed")] += 1  # type: ignore
+            task = lambda _, j=j: self._write(j, signum)  # noqa: E731
+            ret = self.run_job(task, j.config) if j.config is not None else self._write_lean(j, task)
+            ok = ret.status == JobStatus.COMPLETED
+            (self.returns.value if ok else self.returns.errors)[j.idx - self.first] = ret._return_value
+            self.ended[j.result.status if ok else "failed"] += 1  # type: ignore[union-attr]
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         self.seconds["write"] += time.perf_counter() - t0
         if self.quiet_training:
             log.info("jobs %d-%d of %d written", jobs[0].idx, jobs[-1].idx, len(self.overrides))
 
-    def _write_lean(self, job: Job, signum: int | None) -> tuple[JobStatus, Any]:
-        handler = None
+    def _write_lean(self, job: Job, task: Callable[[Any], Any]) -> JobReturn:
+        """A job the Composer made: task in its dir, logging to its log when it logs."""
         if job.error and rundir.held(job.dir):  # another run's dir: not a byte of this sweep's goes there
-            return JobStatus.FAILED, ConfigError(job.error)
+            return JobReturn(status=JobStatus.FAILED, _return_value=ConfigError(job.error))
+        handler = None
         try:
             job.dir.mkdir(parents=True, exist_ok=True)
             if logging.getLogger("quadnet").isEnabledFor(logging.DEBUG if self.quiet else logging.INFO):
                 handler = logging.FileHandler(job.dir / f"{self.config.hydra.job.name}.log")
                 handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
                 logging.getLogger().addHandler(handler)
-            return JobStatus.COMPLETED, self._write(job, signum)
+            return JobReturn(status=JobStatus.COMPLETED, _return_value=task(None))
         except Exception as e:  # its dir cannot be made or written: this job fails, not the sweep
             if isinstance(e, OSError) and e.errno is not None:  # (in one line, naming the path)
                 e = exits.unwritable(e, repr(str(e.filename or job.dir)))
-            return JobStatus.FAILED, e
+            return JobReturn(status=JobStatus.FAILED, _return_value=e)
         finally:
             if handler is not None:
                 logging.getLogger().removeHandler(handler)
@@ -438,19 +397,17 @@ class Sweep:
         if job.result is None:
             rundir.write_failed(job.dir, job.error or "not trained", job.cfg and to_dict(job.cfg), job.overrides)
             raise ConfigError(job.error or "not trained")
+        self.tracked |= job.result.cfg.logger == "mlflow"
         extra = {"overrides": job.overrides}
-        self.tracked |= job.cfg.logger == "mlflow"  # type: ignore[union-attr]
-        summary = (
-            completed(job.dir)
-            if job.kept
-            else rundir.write(job.dir, job.result, job.data, job.ran, signum, extra, self.dir, False)  # type: ignore
-        )
+        if job.kept:
+            summary = completed(job.dir)
+        else:
+            summary = rundir.write(job.dir, job.result, job.data, job.ran, signum, extra, self.dir, False)  # type: ignore
         return console.conclude(summary, single_run=False, exit=False, quiet=self.quiet)
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-
-    t_start, ctx, config = time.perf_counter(), launcher.hydra_context, launcher.config
+    t_start, config = time.perf_counter(), launcher.config
     setup_globals()
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
 
@@ -462,53 +419,54 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     sweep, n = Sweep(launcher, job_overrides, initial_job_idx), len(job_overrides)
     if not batchable(launcher.task_function):  # not quadnet's: each job as Hydra runs it
         announce()
-        returns = [run_job(hydra_context=ctx, task_function=launcher.task_function, job_dir_key="hydra.sweep.dir",
-                           config=sweep.hydra_config(idx, list(o)), job_subdir_key="hydra.sweep.subdir")
-                   for idx, o in enumerate(job_overrides, initial_job_idx)]  # fmt: skip
+        configs = (sweep.hydra_config(idx, list(o)) for idx, o in enumerate(job_overrides, initial_job_idx))
+        returns = [sweep.run_job(launcher.task_function, c) for c in configs]
         configure_log(config.hydra.hydra_logging, config.hydra.verbose)
         return returns
 
     with exits.listening() as stop, ThreadPoolExecutor(1) as trainer:
-        training: Any = None
+        training: Future[list[Job]] | None = None
         try:
             if not rundir.MADE.get(str(sweep.dir.resolve())):  # the dir was there: all checked before any write
                 [sweep.job(i) for i in range(n)]
-                sweep.counts.clear()
             for first in range(0, n, sweep.chunk):  # (a chunk trains in the helper thread as the last one is written)
                 t0 = time.perf_counter()
                 jobs = [sweep.job(i) for i in range(first, min(first + sweep.chunk, n))]
+                sweep.counts.update(
+                    "refused" if j.start is None else j.start.status if j.start.epoch else "new" for j in jobs
+                )
                 sweep.seconds["compose"] += time.perf_counter() - t0
                 if stop():
                     break
                 if not first:
                     announce()
                 ahead, training = training, trainer.submit(sweep.train, jobs, stop)
-                if ahead is not None:
-                    sweep.write(ahead.result(), stop.signal)
-        except SweepRefused as e:  # (before anything is written, but where resume= is swept over)
-            if training is not None:
-                sweep.write(training.result(), stop.signal)
-            _refused(launcher, str(e))
-        if training is not None:
-            sweep.write(training.result(), stop.signal)
+                sweep.write(ahead, stop.signal)
+        except SweepRefused:  # (before anything is written, but where resume= is swept over)
+            sweep.write(training, stop.signal)
+            # Hydra's record of the sweep (multirun.yaml), which the sweeper has just rewritten, is put
+            # back as it was (see BatchedLauncher.setup), and nothing else is touched
+            record, before = launcher.record
+            if before is None:
+                record.unlink(missing_ok=True)
+            else:
+                record.write_bytes(before[0])
+                os.utime(record, ns=before[1])
+            rundir.release(record.parent)  # (the dirs its lock made, if empty)
+            raise
+        sweep.write(training, stop.signal)
     if sweep.tracked:
-        from quadnet import tracking
-
         tracking.end(sweep.dir, "KILLED" if stop.signal is not None else "FINISHED")
-    c = sweep.counts
+    c, ends = sweep.counts, sweep.ended
     log.info("%d jobs (%d new, %d resumed from their checkpoints, %d completed before, %d refused)", n, c["new"],
              c["running"], c["completed"], c["refused"])  # fmt: skip
     log.info(TIMING_LINE, n, *(sweep.seconds[k] for k in ("compose", "train", "write")), time.perf_counter() - t_start)
-    ends = Counter({k[6:]: v for k, v in c.items() if k.startswith("ended ") and v})
     ENDED.update(ends)
     if stop.signal is not None:  # (the sweep ends here: Hydra's callbacks, which print this line, are not called)
-        console.closing_line(
-            ENDED, sweep.dir, sum(ENDED.values()) - sum(ends.values()) + n
-        )  # (Optuna: earlier launches too)
-        again = (
-            f"every job's dir written has its checkpoint. Resume the sweep with:\n  {console.resume_sweep(sweep.dir)}"
-        )
+        console.closing_line(ENDED, sweep.dir, ENDED.total() - ends.total() + n)  # (Optuna: earlier launches too)
+        where = console.resume_sweep(sweep.dir)
+        again = f"every job's dir written has its checkpoint. Resume the sweep with:\n  {where}"
         late = "after every job had trained and is written"
-        log.warning("interrupted: %s", again if ends.get("interrupted") or sum(ends.values()) < n else late)
+        log.warning("interrupted: %s", again if ends["interrupted"] or ends.total() < n else late)
         sys.exit(128 + stop.signal)
     return sweep.returns

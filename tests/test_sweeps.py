@@ -153,7 +153,7 @@ def test_a_job_that_fails_in_training_is_taken_out_and_the_rest_train_on(tmp_pat
     monkeypatch.setattr(loop, "build", build)
     cfgs = [make_cfg(f"hidden_dim={h}", "epochs=150", f"seed={i}") for i, h in enumerate((4, 13, 6, 9, 5))]
     jobs = [
-        sweep.Job(i, [], tmp_path / str(i), str(i), cfg=c, data=make_dataset(c.data), start=loop.Job(c, start_state(c)))
+        sweep.Job(i, [], tmp_path / str(i), cfg=c, data=make_dataset(c.data), start=loop.Job(c, start_state(c)))
         for i, c in enumerate(cfgs)
     ]
     sweep.train_here([jobs], 0, lambda: False, quiet=True)

@@ -18,32 +18,25 @@ from omegaconf import DictConfig
 
 class BatchedLauncher(Launcher):
     def __init__(self, **options: Any) -> None:
-        self.options = options  # BatchedLauncherConf's fields
-        self.config: DictConfig | None = None
-        self.task_function: TaskFunction | None = None
-        self.hydra_context: HydraContext | None = None
-        # multirun.yaml as it was (bytes, times): what a refused sweep puts back
-        self.record: tuple[Path, tuple[bytes, tuple[int, int]] | None] | None = None
+        self.options = options  # BatchedLauncherConf's fields (the rest is set by setup, which Hydra calls first)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        from quadnet.compose import SweepLoader
-        from quadnet.rundir import lock
-        from quadnet.sweep import batchable, check_options
+        from quadnet import compose, rundir, sweep
 
         # before the sweeper writes into the sweep dir (quadnet's callback has checked these and
         # taken the dir already; another task's sweep has not): a bad option, or a dir another
         # sweep holds, is refused in one line; what the sweeper will overwrite is kept, for a
-        # sweep that the launcher refuses (quadnet.sweep._refused)
-        check_options(self.options)
-        folder = Path(str(config.hydra.sweep.dir))
-        lock(folder)
-        record = folder / "multirun.yaml"
+        # sweep that the launcher refuses (quadnet.sweep.launch)
+        sweep.check_options(self.options)
+        record = Path(str(config.hydra.sweep.dir), "multirun.yaml")
+        rundir.lock(record.parent)
         info = record.stat() if record.is_file() else None
+        # multirun.yaml as it was (its bytes and times; None: not there): what a refused sweep puts back
         self.record = (record, info and (record.read_bytes(), (info.st_atime_ns, info.st_mtime_ns)))
 
         # The sweeper shares this context: its check of each of quadnet's jobs gets the Composer too.
-        if batchable(task_function) and not isinstance(hydra_context.config_loader, SweepLoader):
-            hydra_context.config_loader = SweepLoader(hydra_context.config_loader)  # type: ignore[assignment]
+        if sweep.batchable(task_function) and not isinstance(hydra_context.config_loader, compose.SweepLoader):
+            hydra_context.config_loader = compose.SweepLoader(hydra_context.config_loader)  # type: ignore[assignment]
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
