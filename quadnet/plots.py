@@ -50,30 +50,23 @@ MANY = 100  # with more points than this, markers are small and see-through
 History = list[dict[str, float]]
 
 
-def pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 @contextlib.contextmanager
-def figure(path: Path, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
-    """A new figure and its axes (plt.subplots' arguments), saved to path at 100 dpi and closed after the block."""
-    plt = pyplot()
-    fig, axes = plt.subplots(*args, **kwargs)
+def figure(path: Path | None, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
+    """A new figure (figsize, dpi: 100 unless given; constrained layout) and its axes (the other arguments,
+    Figure.subplots'), saved to path at 100 dpi after the block unless path is None."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=kwargs.pop("figsize"), dpi=kwargs.pop("dpi", 100), layout="constrained")
+    FigureCanvasAgg(fig)  # (no pyplot: no backend to choose, no display needed, no figure to close)
     try:
         with warnings.catch_warnings():  # (a diverged run's huge values overflow matplotlib's log scale)
             warnings.simplefilter("ignore", RuntimeWarning)
-            yield fig, axes
-            fig.savefig(path, dpi=100)
+            yield fig, fig.subplots(*args, **kwargs)
+            if path is not None:
+                fig.savefig(path, dpi=100)
     except OSError as e:  # name the file (a full disk's error does not)
         raise unwritable(e, repr(str(path))) from None
-    finally:
-        plt.close(fig)
 
 
 def predict_class(params: Params, x: np.ndarray) -> np.ndarray:
@@ -88,11 +81,11 @@ def _extent(data: Dataset) -> float:
     return max(2.5, float(np.abs(np.concatenate([data.x_train, data.x_test])).max()) * 1.15)
 
 
-def _region_image(params: Params, lim: float, n: int, full: np.ndarray) -> np.ndarray:
-    """(n, n, 3) pale colours (of `full`) of the predicted class over [-lim, lim]², white where undefined."""
-    g = np.linspace(-lim, lim, n)
+def _region_image(params: Params, data: Dataset, n: int) -> np.ndarray:
+    """(n, n, 3) pale colours of the predicted class over the data's extent, white where undefined."""
+    g = np.linspace(-_extent(data), _extent(data), n)
     pred = predict_class(params, np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)).reshape(n, n)
-    return np.where((pred >= 0)[..., None], (0.4 * full + 0.6)[pred.clip(0)], 1.0)
+    return np.where((pred >= 0)[..., None], (0.4 * colors(data.classes) + 0.6)[pred.clip(0)], 1.0)
 
 
 def _wrong(params: Params, data: Dataset) -> np.ndarray:
@@ -112,7 +105,7 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
     from matplotlib.patches import Patch
 
     lim, full = _extent(data), colors(data.classes)
-    image = ax.imshow(_region_image(params, lim, n, full), extent=(-lim, lim, -lim, lim), origin="lower")
+    image = ax.imshow(_region_image(params, data, n), extent=(-lim, lim, -lim, lim), origin="lower")
     ax.axhline(0, color="k", lw=0.6)
     ax.axvline(0, color="k", lw=0.6)
     size, alpha, ring = (12, 0.6, 30) if len(data.x_train) + len(data.x_test) > MANY else (60, 1.0, 200)
@@ -121,10 +114,9 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
         ax.scatter(x[:, 0], x[:, 1], c=cols, marker=marker, s=size, alpha=alpha, edgecolors="k", linewidths=0.4)
     rings = ax.scatter(*_wrong(params, data).T, s=ring, facecolors="none", edgecolors=WRONG, linewidths=1.5)
     ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="x", ylabel="y", aspect="equal")
-    names = zip(full, class_names(data), strict=True)
-    handles = [Patch(facecolor=0.4 * c + 0.6, edgecolor=c, label=n) for c, n in names]
-    keys = [("o", "train point", "0.5", "k"), ("^", "test point", "0.5", "k")]
-    keys += [("o", "misclassified", "none", WRONG)] if len(rings.get_offsets()) else []
+    handles = [Patch(fc=0.4 * c + 0.6, ec=c, label=n) for c, n in zip(full, class_names(data), strict=True)]
+    keys = [("o", "train point", "0.5", "k"), ("^", "test point", "0.5", "k"), ("o", "misclassified", "none", WRONG)]
+    keys = keys if len(rings.get_offsets()) else keys[:2]  # (a ring in the key only where there is one)
     handles += [Line2D([], [], marker=m, color="w", mfc=face, mec=edge, label=t) for m, t, face, edge in keys]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", borderaxespad=0)
     return image, rings
@@ -133,7 +125,7 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
 def plot_regions(path: Path, params: Params, data: Dataset, title: str) -> None:
     """decision_regions.png: the predicted quadrant over the plane, the points in their true
     quadrant's colour (● train, ▲ test), misclassified ones ringed, and the test accuracy."""
-    with figure(path, figsize=(7.2, 5.6), constrained_layout=True) as (_, ax):
+    with figure(path, figsize=(7.2, 5.6)) as (_, ax):
         _, rings = _regions_axes(ax, params, data, 301)
         wrong = len(rings.get_offsets())
         accuracy, n = _test_accuracy(params, data), len(data.x_train) + len(data.x_test)
@@ -181,7 +173,7 @@ def plot_curves(path: Path, history: History, title: str) -> None:
         v = float(last.get(key, np.nan))
         return format(v, spec) if np.isfinite(v) else "not finite"
 
-    with figure(path, 1, 2, figsize=(10, 4.2), sharex=True, constrained_layout=True) as (fig, (ax_loss, ax_acc)):
+    with figure(path, 1, 2, figsize=(10, 4.2), sharex=True) as (fig, (ax_loss, ax_acc)):
         _loss_axes(ax_loss, history)
         _lines(ax_acc, history, ("train_accuracy", "test_accuracy"))
         ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(-0.05, 1.05), title="accuracy")
@@ -198,33 +190,32 @@ def animate(path: Path, frames: list[tuple[int, Params]], history: History, data
 
     if not frames:
         raise ValueError("animate needs at least one frame")
-    plt = pyplot()
-    fig, (ax_reg, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.6), width_ratios=(1.35, 1), dpi=80, layout="constrained")
-    image, rings = _regions_axes(ax_reg, frames[0][1], data, 120)
-    lines = _loss_axes(ax_loss, history)  # full curves first, so the axes' limits fit all of training
-    now = ax_loss.axvline(0, color="0.5", lw=0.8)
-    fig.suptitle(title, fontsize="medium")
-    ax_reg.set_title("epoch 0: test accuracy 100.0%", fontsize="medium")
-    # Blitting: draw the still parts (ticks, labels, legends) once, then per frame only what moves.
-    moving = [*ax_reg.images, *ax_reg.collections, *ax_reg.lines, *ax_reg.spines.values(), ax_reg.title, *lines, now]
-    moving.sort(key=lambda a: a.get_zorder())
-    plt.setp(moving, animated=True)
-    fig.canvas.draw()
-    background = fig.canvas.copy_from_bbox(fig.bbox)
-    lim, curves = _extent(data), [line.get_data() for line in lines]  # the full curves, cut at each frame
-    rgb, full = [], colors(data.classes)
-    for epoch, params in frames:
-        image.set_data(_region_image(params, lim, 120, full))
-        rings.set_offsets(_wrong(params, data).reshape(-1, 2))
-        for line, (epochs, losses) in zip(lines, curves, strict=True):
-            line.set_data(epochs[epochs <= epoch], losses[epochs <= epoch])
-        now.set_xdata([epoch, epoch])
-        ax_reg.set_title(f"epoch {epoch}: test accuracy {_test_accuracy(params, data):.1%}", fontsize="medium")
-        fig.canvas.restore_region(background)
+    # ax: the decision regions; ax_loss: the loss
+    with figure(None, 1, 2, figsize=(9, 3.6), width_ratios=(1.35, 1), dpi=80) as (fig, (ax, ax_loss)):
+        image, rings = _regions_axes(ax, frames[0][1], data, 120)
+        lines = _loss_axes(ax_loss, history)  # full curves first, so the axes' limits fit all of training
+        now = ax_loss.axvline(0, color="0.5", lw=0.8)
+        fig.suptitle(title, fontsize="medium")
+        ax.set_title("epoch 0: test accuracy 100.0%", fontsize="medium")
+        # Blitting: draw the still parts (ticks, labels, legends) once, then per frame only what moves.
+        moving = [*ax.images, *ax.collections, *ax.lines, *ax.spines.values(), ax.title, *lines, now]
+        moving.sort(key=lambda a: a.get_zorder())
         for a in moving:
-            fig.draw_artist(a)
-        rgb.append(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
-    plt.close(fig)
+            a.set_animated(True)
+        fig.canvas.draw()
+        background = fig.canvas.copy_from_bbox(fig.bbox)
+        rgb, curves = [], [line.get_data() for line in lines]  # the full curves, cut at each frame
+        for epoch, params in frames:
+            image.set_data(_region_image(params, data, 120))
+            rings.set_offsets(_wrong(params, data).reshape(-1, 2))
+            for line, (epochs, losses) in zip(lines, curves, strict=True):
+                line.set_data(epochs[epochs <= epoch], losses[epochs <= epoch])
+            now.set_xdata([epoch, epoch])
+            ax.set_title(f"epoch {epoch}: test accuracy {_test_accuracy(params, data):.1%}", fontsize="medium")
+            fig.canvas.restore_region(background)
+            for a in moving:
+                fig.draw_artist(a)
+            rgb.append(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
     # one palette for every frame, from the first and the last (no flicker, colours stay true)
     palette = Image.fromarray(np.concatenate([rgb[0], rgb[-1]])).quantize(255)
     gif = [Image.fromarray(a).quantize(palette=palette, dither=Image.Dither.NONE) for a in rgb]

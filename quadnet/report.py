@@ -172,7 +172,7 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
     at = xs if kind != "categorical" else list(range(len(xs)))  # where each value is drawn
     pos = dict(zip(xs, at, strict=True))
     names = (metric, "test_loss" if metric == "test_accuracy" else "test_accuracy")
-    with figure(path, 1, 2, figsize=(11, 4.2), constrained_layout=True) as (fig, axes):
+    with figure(path, 1, 2, figsize=(11, 4.2)) as (fig, axes):
         for ax, name in zip(axes, names, strict=True):
             pts = [(pos[r["params"][param]], v) for r in done if (v := summary_metric(r, name)) is not None]
             by_value: dict[Any, list[float]] = {}
@@ -224,7 +224,7 @@ def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric:
     pts = [(r["params"][a], r["params"][b], v) for r in done if (v := summary_metric(r, metric)) is not None]
     grid = np.array([[_spread([v for pa, pb, v in pts if (pa, pb) == (va, vb)])[0] for va in xa] for vb in xb])
     norm = LogNorm() if _log_scale(metric, [v for *_, v in pts]) else None
-    with figure(path, figsize=(1.2 * len(xa) + 3.5, 0.8 * len(xb) + 2.5), constrained_layout=True) as (fig, ax):
+    with figure(path, figsize=(1.2 * len(xa) + 3.5, 0.8 * len(xb) + 2.5)) as (fig, ax):
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", norm=norm)
         ax.set_xticks(range(len(xa)), [show(v) for v in xa])
         ax.set_yticks(range(len(xb)), [show(v) for v in xb])
