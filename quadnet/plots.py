@@ -30,11 +30,10 @@ OKABE_ITO = ["#e69f00", "#56b4e9", "#009e73", "#cc79a7", "#f0e442", "#0072b2", "
 def colors(classes: Sequence[Any]) -> np.ndarray:
     """A colour (n, 3) a class: the colours the labels name (red, blue, …), else a palette that
     repeats past 17 classes."""
-    from matplotlib.colors import TABLEAU_COLORS, is_color_like, to_rgb
+    from matplotlib.colors import TABLEAU_COLORS, is_color_like, to_rgba_array
 
-    if all(isinstance(c, str) and is_color_like(c) for c in classes):
-        return np.array([to_rgb(c) for c in classes])
-    every = np.array([to_rgb(c) for c in [*OKABE_ITO, *TABLEAU_COLORS.values()]])
+    named = all(isinstance(c, str) and is_color_like(c) for c in classes)
+    every = to_rgba_array(classes if named else [*OKABE_ITO, *TABLEAU_COLORS.values()])[:, :3]
     return every[np.arange(len(classes)) % len(every)]
 
 
@@ -142,11 +141,9 @@ def _lines(ax: Any, history: History, keys: tuple[str, str]) -> list[Any]:
     """The train (solid) and test (dashed) columns `keys` against epochs, each logged point marked
     (where a curve is only its points joined); returns the two lines."""
     marker, size = ("o", 4) if len(history) < 30 else (".", 3) if len(history) <= 300 else (None, 0)
-    epochs = _column(history, "epoch")
-    return [
-        ax.plot(epochs, _column(history, key), marker=marker, ms=size, ls=ls, label=label)[0]
-        for key, label, ls in zip(keys, ("train", "test"), ("-", "--"), strict=True)
-    ]
+    for key, label, ls in zip(keys, ("train", "test"), ("-", "--"), strict=True):
+        ax.plot(_column(history, "epoch"), _column(history, key), marker=marker, ms=size, ls=ls, label=label)
+    return ax.lines[-2:]
 
 
 def _loss_axes(ax: Any, history: History) -> list[Any]:
@@ -154,10 +151,9 @@ def _loss_axes(ax: Any, history: History) -> list[Any]:
     from matplotlib.ticker import LogFormatter
 
     lines = _lines(ax, history, ("loss", "test_loss"))
-    losses = np.concatenate([_column(history, "loss"), _column(history, "test_loss")])
     if len(bad := _column(history, "epoch")[~np.isfinite(_column(history, "loss"))]):  # a diverged run: mark where
         ax.axvline(bad[0], color=WRONG, ls=":", label=f"over {HUGE:g} or not finite from epoch {bad[0]:g}")
-    if (np.isfinite(losses) & (losses > 0)).any():
+    if (np.concatenate([line.get_ydata() for line in lines]) > 0).any():  # (NaN where not finite, or beyond HUGE)
         ax.set_yscale("log")  # (a span of a decade or two holds one or two powers of ten: label the ticks between)
         ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 1)))
     ax.set(xlabel="epoch", ylabel="cross-entropy (without the L2 term)", title="loss")
@@ -169,17 +165,16 @@ def plot_curves(path: Path, history: History, title: str) -> None:
     """loss.png: train and test loss (log scale) and train/test accuracy against epochs."""
     last = history[-1] if history else {}
 
-    def num(key: str, spec: str) -> str:
+    def num(key: str) -> str:
         v = float(last.get(key, np.nan))
-        return format(v, spec) if np.isfinite(v) else "not finite"
+        return format(v, ".1%" if "accuracy" in key else ".4g") if np.isfinite(v) else "not finite"
 
+    figures = f"train loss {num('loss')}, test loss {num('test_loss')}, test accuracy {num('test_accuracy')}"
     with figure(path, 1, 2, figsize=(10, 4.2), sharex=True) as (fig, (ax_loss, ax_acc)):
         _loss_axes(ax_loss, history)
         _lines(ax_acc, history, ("train_accuracy", "test_accuracy"))
         ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(-0.05, 1.05), title="accuracy")
         ax_acc.legend(fontsize="small")
-        figures = f"train loss {num('loss', '.4g')}, test loss {num('test_loss', '.4g')}"
-        figures += f", test accuracy {num('test_accuracy', '.1%')}"
         fig.suptitle(f"{title}\nat epoch {last.get('epoch', 0):g}: {figures}")
 
 
