@@ -125,8 +125,7 @@ def plot_regions(path: Path, params: Params, data: Dataset, title: str) -> None:
     """decision_regions.png: the predicted quadrant over the plane, the points in their true
     quadrant's colour (● train, ▲ test), misclassified ones ringed, and the test accuracy."""
     with figure(path, figsize=(7.2, 5.6)) as (_, ax):
-        _, rings = _regions_axes(ax, params, data, 301)
-        wrong = len(rings.get_offsets())
+        wrong = len(_regions_axes(ax, params, data, 301)[1].get_offsets())
         accuracy, n = _test_accuracy(params, data), len(data.x_train) + len(data.x_test)
         ax.set_title(f"{title}\ntest accuracy {accuracy:.1%}; {wrong} of {n} points (train and test) misclassified")
 

@@ -164,7 +164,6 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
             groups = [[v for p, v in pts if p == x] for x in at]  # the figures at each value
             every = [v for _, v in pts]
             ax.scatter([p for p, _ in pts], every, s=12, alpha=0.5, color="tab:blue", label="each job", zorder=3)
-            handles = []
             if kind != "scatter":  # (the median beneath the jobs' dots, hollow, so that none hides under it)
                 centre, low, high = np.array([_spread(g) for g in groups]).T
                 if kind == "grid":
@@ -174,12 +173,13 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
                     err = [centre - low, high - centre]
                     label = "median; bars: 16–84% of jobs"
                     ax.errorbar(at, centre, yerr=err, fmt="o", mfc="none", color="tab:red", capsize=4, label=label)
-                if name == "test_accuracy":  # a count of jobs, not an accuracy: on an axis of its own
-                    right = [np.mean(np.equal(g, 1.0)) if g else math.nan for g in groups]
-                    twin, what = ax.twinx(), "fraction of jobs with every test point right"
-                    handles = twin.plot(at, right, "s--" if kind == "grid" else "s", color="tab:green", label=what)
-                    twin.set_ylim(-0.05, 1.05)
-                    twin.set_ylabel(what, color="tab:green")
+            handles = ax.get_legend_handles_labels()[0]
+            if kind != "scatter" and name == "test_accuracy":  # a count of jobs, not an accuracy: on an axis of its own
+                right = [np.mean(np.equal(g, 1.0)) if g else math.nan for g in groups]
+                twin, what = ax.twinx(), "fraction of jobs with every test point right"
+                handles += twin.plot(at, right, "s--" if kind == "grid" else "s", color="tab:green", label=what)
+                twin.set_ylim(-0.05, 1.05)
+                twin.set_ylabel(what, color="tab:green")
             better = "lower" if METRICS.get(name, True) else "higher"
             ax.set(xlabel=param, ylabel=f"{name} ({better} is better)", xscale="log" if xlog else "linear")
             ax.set_yscale("log" if _log_scale(name, every) else "linear")
@@ -190,8 +190,7 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
                 ax.minorticks_off()
             elif not xlog and all(isinstance(x, int) for x in xs):  # seeds: whole-number ticks
                 ax.xaxis.get_major_locator().set_params(integer=True)
-            ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize="small", loc="upper center",
-                      bbox_to_anchor=(0.5, -0.16), ncols=2)  # fmt: skip
+            ax.legend(handles=handles, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
         others = [q for q in varied if q != param]
         pooled = f"\neach value pools every setting of {', '.join(others)}" if others else ""
         fig.suptitle(f"{names[0]} and {names[1]} against {param} ({len(done)} completed jobs){pooled}")
