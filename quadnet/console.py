@@ -58,9 +58,8 @@ def conclude(summary: dict[str, Any], single_run: bool = True, exit: bool = True
     headline(summary, table=single_run, level=logging.DEBUG if quiet else logging.INFO)
     status, loud = summary["status"], logging.WARNING if exit and not quiet else logging.DEBUG
     if status == "interrupted":
-        again = f"python -m quadnet.train {shlex.quote('resume=' + hydra_value(summary['run_dir']))}"
-        if sweep is not None and not summary["config"]["resume"]:
-            again = resume_sweep(sweep)
+        run = f"python -m quadnet.train {shlex.quote('resume=' + hydra_value(summary['run_dir']))}"
+        again = resume_sweep(sweep) if sweep is not None and not summary["config"]["resume"] else run
         log.log(loud, "interrupted at epoch %d; checkpoint written. Resume with:\n  %s", summary["epoch"], again)
         if exit:
             sys.exit(128 + signal.Signals[summary["signal"] or "SIGINT"].value)

@@ -180,9 +180,8 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
                 handles += twin.plot(at, right, "s--" if kind == "grid" else "s", color="tab:green", label=what)
                 twin.set_ylim(-0.05, 1.05)
                 twin.set_ylabel(what, color="tab:green")
-            better = "lower" if METRICS.get(name, True) else "higher"
-            ax.set(xlabel=param, ylabel=f"{name} ({better} is better)", xscale="log" if xlog else "linear")
-            ax.set_yscale("log" if _log_scale(name, every) else "linear")
+            ax.set(xlabel=param, ylabel=f"{name} ({'lower' if METRICS[name] else 'higher'} is better)")
+            ax.set(xscale="log" if xlog else "linear", yscale="log" if _log_scale(name, every) else "linear")
             if "accuracy" in name:
                 ax.set_ylim(-0.05, 1.05)
             if len(xs) <= CONTINUOUS and kind != "scatter":  # a tick at each value of a grid
@@ -234,8 +233,7 @@ def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: boo
 def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int | None) -> None:
     keys = swept_params(rows) or list(dict.fromkeys(k for r in rows for k in r["params"]))  # what tells them apart
     shown = {id(r): show(" ".join(f"{k}={show(r['params'][k])}" for k in keys if k in r["params"])) for r in rows}
-    width = max(9, *(len(s) for s in shown.values()))
-    sw = max(6, *(len(show(r["status"])) for r in rows))
+    width, sw = max(9, *map(len, shown.values())), max(6, *(len(show(r["status"])) for r in rows))
     extra = ["test_error"] if metric == "test_error" else []
     heads = ["final loss", "test loss", "train acc", "test acc", *extra, "epoch", "train s"]
     top = top or (len(rows) if len(rows) <= 100 else 20)
