@@ -1,8 +1,6 @@
 """What a run and a sweep print: a run's headline and table of test points, how it ended (with
 the command that goes on after an interruption), and a sweep's closing line."""
 
-from __future__ import annotations
-
 import contextlib
 import json
 import logging

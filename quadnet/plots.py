@@ -7,8 +7,6 @@ test_loss``; the losses are mean cross-entropy without the L2 term, and may be N
 matplotlib is imported inside the functions, so importing this module costs nothing.
 """
 
-from __future__ import annotations
-
 import contextlib
 import warnings
 from collections.abc import Iterator, Sequence

@@ -16,8 +16,6 @@ one ``error:`` line saying what was not written, since a script that asked for t
 did not get them.
 """
 
-from __future__ import annotations
-
 import contextlib
 import csv
 import io
