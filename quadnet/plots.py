@@ -191,7 +191,6 @@ def animate(path: Path, frames: list[tuple[int, Params]], history: History, data
         ax.set_title("epoch 0: test accuracy 100.0%", fontsize="medium")
         # Blitting: draw the still parts (ticks, labels, legends) once, then per frame only what moves.
         moving = [*ax.images, *ax.collections, *ax.lines, *ax.spines.values(), ax.title, *lines, now]
-        moving.sort(key=lambda a: a.get_zorder())
         for a in moving:
             a.set_animated(True)
         fig.canvas.draw()
@@ -205,7 +204,7 @@ def animate(path: Path, frames: list[tuple[int, Params]], history: History, data
             now.set_xdata([epoch, epoch])
             ax.set_title(f"epoch {epoch}: test accuracy {_test_accuracy(params, data):.1%}", fontsize="medium")
             fig.canvas.restore_region(background)
-            for a in moving:
+            for a in sorted(moving, key=lambda a: a.get_zorder()):
                 fig.draw_artist(a)
             rgb.append(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
     # one palette for every frame, from the first and the last (no flicker, colours stay true)

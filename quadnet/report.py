@@ -159,11 +159,13 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
     with figure(path, 1, 2, figsize=(11, 4.2)) as (fig, axes):
         for ax, name in zip(axes, names, strict=True):
             pts = [(pos[r["params"][param]], v) for r in done if (v := summary_metric(r, name)) is not None]
-            groups = [[v for p, v in pts if p == x] for x in at]  # the figures at each value
+            groups: dict[Any, list[float]] = {x: [] for x in at}  # the figures at each value
+            for p, v in pts:
+                groups[p].append(v)
             every = [v for _, v in pts]
             ax.scatter([p for p, _ in pts], every, s=12, alpha=0.5, color="tab:blue", label="each job", zorder=3)
             if kind != "scatter":  # (the median beneath the jobs' dots, hollow, so that none hides under it)
-                centre, low, high = np.array([_spread(g) for g in groups]).T
+                centre, low, high = np.array([_spread(g) for g in groups.values()]).T
                 if kind == "grid":
                     ax.plot(at, centre, marker="o", mfc="none", color="tab:red", label="median", zorder=2)
                     ax.fill_between(at, low, high, color="tab:red", alpha=0.15, label="16–84% of jobs")
@@ -173,7 +175,7 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
                     ax.errorbar(at, centre, yerr=err, fmt="o", mfc="none", color="tab:red", capsize=4, label=label)
             handles = ax.get_legend_handles_labels()[0]
             if kind != "scatter" and name == "test_accuracy":  # a count of jobs, not an accuracy: on an axis of its own
-                right = [np.mean(np.equal(g, 1.0)) if g else math.nan for g in groups]
+                right = [np.mean(np.equal(g, 1.0)) if g else math.nan for g in groups.values()]
                 twin, what = ax.twinx(), "fraction of jobs with every test point right"
                 handles += twin.plot(at, right, "s--" if kind == "grid" else "s", color="tab:green", label=what)
                 twin.set_ylim(-0.05, 1.05)
