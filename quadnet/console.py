@@ -1,8 +1,6 @@
 """What a run and a sweep print: a run's headline and table of test points, how it ended (with
 the command that goes on after an interruption), and a sweep's closing line."""
 
-from __future__ import annotations
-
 import contextlib
 import json
 import logging
@@ -29,27 +27,19 @@ def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -
     wrong = [p for p in preds if p["predicted"] is not None and p["true"] is not None and p["predicted"] != p["true"]]
     shown = ([*wrong, *(p for p in preds if p not in wrong)] if table else [])[:TABLE_ROWS]
     points = ["({:g}, {:g})".format(*p["point"]) for p in shown]
-    labels = [str(c) for c in s["classes"]]
-    w, cw = max([16, *map(len, points)]), max([9, *map(len, labels)])
+    w, cw = max([16, *map(len, points)]), max([9, *(len(str(c)) for c in s["classes"])])
     lines = ["", f"{'point':>{w}}  {'predicted':>{cw}}  {'p(predicted)':>12}  {'true':>{cw}}"] if shown else []
     for point, p in zip(points, shown, strict=True):
-        q, t = p["predicted"], p["true"]
-        prob = p["probs"][s["classes"].index(q)] if q is not None else math.nan
-        mark = "  ✗ wrong" if p in wrong else ""
-        lines.append(f"{point:>{w}}  {_or_dash(q):>{cw}}  {prob:>12.9f}  {_or_dash(t):>{cw}}{mark}")
+        q, t = ("-" if p[k] is None else str(p[k]) for k in ("predicted", "true"))
+        prob = p["probs"][s["classes"].index(p["predicted"])] if p["predicted"] is not None else math.nan
+        lines.append(f"{point:>{w}}  {q:>{cw}}  {prob:>12.9f}  {t:>{cw}}{'  ✗ wrong' if p in wrong else ''}")
     if table and len(preds) > TABLE_ROWS:
         lines.append(f"{'…':>{w}}  ({len(preds) - TABLE_ROWS} more test points in summary.json)")
-    status = f"status {s['status']} at epoch {s['epoch']}/{s['epochs']}"
-    if not table and s.get("overrides"):  # a sweep's job: which one
-        status = f"[{' '.join(s['overrides'])}] {status}"
+    job = f"[{' '.join(s['overrides'])}] " if not table and s.get("overrides") else ""  # a sweep's job: which one
+    status = f"{job}status {s['status']} at epoch {s['epoch']}/{s['epochs']}"
     accuracy = f"train accuracy {_num(s['train_accuracy'], True)}   test accuracy {_num(s['test_accuracy'], True)}"
     lines.append(f"{status}   {accuracy}   final loss {_num(s['final_loss'])}   train_seconds {s['train_seconds']:.3f}")
-    lines.append(f"run dir: {s['run_dir']}")
-    log.log(level, "\n".join(lines))
-
-
-def _or_dash(v: Any) -> str:
-    return "-" if v is None else str(v)
+    log.log(level, "\n".join([*lines, f"run dir: {s['run_dir']}"]))
 
 
 def _num(v: float | None, pct: bool = False) -> str:
@@ -66,9 +56,8 @@ def conclude(summary: dict[str, Any], single_run: bool = True, exit: bool = True
     headline(summary, table=single_run, level=logging.DEBUG if quiet else logging.INFO)
     status, loud = summary["status"], logging.WARNING if exit and not quiet else logging.DEBUG
     if status == "interrupted":
-        again = f"python -m quadnet.train {shlex.quote('resume=' + hydra_value(summary['run_dir']))}"
-        if sweep is not None and not summary["config"]["resume"]:
-            again = resume_sweep(sweep)
+        run = f"python -m quadnet.train {shlex.quote('resume=' + hydra_value(summary['run_dir']))}"
+        again = resume_sweep(sweep) if sweep is not None and not summary["config"]["resume"] else run
         log.log(loud, "interrupted at epoch %d; checkpoint written. Resume with:\n  %s", summary["epoch"], again)
         if exit:
             sys.exit(128 + signal.Signals[summary["signal"] or "SIGINT"].value)

@@ -7,8 +7,6 @@ test_loss``; the losses are mean cross-entropy without the L2 term, and may be N
 matplotlib is imported inside the functions, so importing this module costs nothing.
 """
 
-from __future__ import annotations
-
 import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
@@ -30,11 +28,10 @@ OKABE_ITO = ["#e69f00", "#56b4e9", "#009e73", "#cc79a7", "#f0e442", "#0072b2", "
 def colors(classes: Sequence[Any]) -> np.ndarray:
     """A colour (n, 3) a class: the colours the labels name (red, blue, …), else a palette that
     repeats past 17 classes."""
-    from matplotlib.colors import TABLEAU_COLORS, is_color_like, to_rgb
+    from matplotlib.colors import TABLEAU_COLORS, is_color_like, to_rgba_array
 
-    if all(isinstance(c, str) and is_color_like(c) for c in classes):
-        return np.array([to_rgb(c) for c in classes])
-    every = np.array([to_rgb(c) for c in [*OKABE_ITO, *TABLEAU_COLORS.values()]])
+    named = all(isinstance(c, str) and is_color_like(c) for c in classes)
+    every = to_rgba_array(classes if named else [*OKABE_ITO, *TABLEAU_COLORS.values()])[:, :3]
     return every[np.arange(len(classes)) % len(every)]
 
 
@@ -50,30 +47,23 @@ MANY = 100  # with more points than this, markers are small and see-through
 History = list[dict[str, float]]
 
 
-def pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 @contextlib.contextmanager
-def figure(path: Path, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
-    """A new figure and its axes (plt.subplots' arguments), saved to path at 100 dpi and closed after the block."""
-    plt = pyplot()
-    fig, axes = plt.subplots(*args, **kwargs)
+def figure(path: Path | None, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
+    """A new figure (figsize, dpi: 100 unless given; constrained layout) and its axes (the other arguments,
+    Figure.subplots'), saved to path at 100 dpi after the block unless path is None."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=kwargs.pop("figsize"), dpi=kwargs.pop("dpi", 100), layout="constrained")
+    FigureCanvasAgg(fig)  # (no pyplot: no backend to choose, no display needed, no figure to close)
     try:
         with warnings.catch_warnings():  # (a diverged run's huge values overflow matplotlib's log scale)
             warnings.simplefilter("ignore", RuntimeWarning)
-            yield fig, axes
-            fig.savefig(path, dpi=100)
+            yield fig, fig.subplots(*args, **kwargs)
+            if path is not None:
+                fig.savefig(path, dpi=100)
     except OSError as e:  # name the file (a full disk's error does not)
         raise unwritable(e, repr(str(path))) from None
-    finally:
-        plt.close(fig)
 
 
 def predict_class(params: Params, x: np.ndarray) -> np.ndarray:
@@ -88,11 +78,11 @@ def _extent(data: Dataset) -> float:
     return max(2.5, float(np.abs(np.concatenate([data.x_train, data.x_test])).max()) * 1.15)
 
 
-def _region_image(params: Params, lim: float, n: int, full: np.ndarray) -> np.ndarray:
-    """(n, n, 3) pale colours (of `full`) of the predicted class over [-lim, lim]², white where undefined."""
-    g = np.linspace(-lim, lim, n)
+def _region_image(params: Params, data: Dataset, n: int) -> np.ndarray:
+    """(n, n, 3) pale colours of the predicted class over the data's extent, white where undefined."""
+    g = np.linspace(-_extent(data), _extent(data), n)
     pred = predict_class(params, np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)).reshape(n, n)
-    return np.where((pred >= 0)[..., None], (0.4 * full + 0.6)[pred.clip(0)], 1.0)
+    return np.where((pred >= 0)[..., None], (0.4 * colors(data.classes) + 0.6)[pred.clip(0)], 1.0)
 
 
 def _wrong(params: Params, data: Dataset) -> np.ndarray:
@@ -112,7 +102,7 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
     from matplotlib.patches import Patch
 
     lim, full = _extent(data), colors(data.classes)
-    image = ax.imshow(_region_image(params, lim, n, full), extent=(-lim, lim, -lim, lim), origin="lower")
+    image = ax.imshow(_region_image(params, data, n), extent=(-lim, lim, -lim, lim), origin="lower")
     ax.axhline(0, color="k", lw=0.6)
     ax.axvline(0, color="k", lw=0.6)
     size, alpha, ring = (12, 0.6, 30) if len(data.x_train) + len(data.x_test) > MANY else (60, 1.0, 200)
@@ -121,10 +111,9 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
         ax.scatter(x[:, 0], x[:, 1], c=cols, marker=marker, s=size, alpha=alpha, edgecolors="k", linewidths=0.4)
     rings = ax.scatter(*_wrong(params, data).T, s=ring, facecolors="none", edgecolors=WRONG, linewidths=1.5)
     ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="x", ylabel="y", aspect="equal")
-    names = zip(full, class_names(data), strict=True)
-    handles = [Patch(facecolor=0.4 * c + 0.6, edgecolor=c, label=n) for c, n in names]
-    keys = [("o", "train point", "0.5", "k"), ("^", "test point", "0.5", "k")]
-    keys += [("o", "misclassified", "none", WRONG)] if len(rings.get_offsets()) else []
+    handles = [Patch(fc=0.4 * c + 0.6, ec=c, label=n) for c, n in zip(full, class_names(data), strict=True)]
+    keys = [("o", "train point", "0.5", "k"), ("^", "test point", "0.5", "k"), ("o", "misclassified", "none", WRONG)]
+    keys = keys if len(rings.get_offsets()) else keys[:2]  # (a ring in the key only where there is one)
     handles += [Line2D([], [], marker=m, color="w", mfc=face, mec=edge, label=t) for m, t, face, edge in keys]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", borderaxespad=0)
     return image, rings
@@ -133,9 +122,8 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, 
 def plot_regions(path: Path, params: Params, data: Dataset, title: str) -> None:
     """decision_regions.png: the predicted quadrant over the plane, the points in their true
     quadrant's colour (● train, ▲ test), misclassified ones ringed, and the test accuracy."""
-    with figure(path, figsize=(7.2, 5.6), constrained_layout=True) as (_, ax):
-        _, rings = _regions_axes(ax, params, data, 301)
-        wrong = len(rings.get_offsets())
+    with figure(path, figsize=(7.2, 5.6)) as (_, ax):
+        wrong = len(_regions_axes(ax, params, data, 301)[1].get_offsets())
         accuracy, n = _test_accuracy(params, data), len(data.x_train) + len(data.x_test)
         ax.set_title(f"{title}\ntest accuracy {accuracy:.1%}; {wrong} of {n} points (train and test) misclassified")
 
@@ -150,11 +138,9 @@ def _lines(ax: Any, history: History, keys: tuple[str, str]) -> list[Any]:
     """The train (solid) and test (dashed) columns `keys` against epochs, each logged point marked
     (where a curve is only its points joined); returns the two lines."""
     marker, size = ("o", 4) if len(history) < 30 else (".", 3) if len(history) <= 300 else (None, 0)
-    epochs = _column(history, "epoch")
-    return [
-        ax.plot(epochs, _column(history, key), marker=marker, ms=size, ls=ls, label=label)[0]
-        for key, label, ls in zip(keys, ("train", "test"), ("-", "--"), strict=True)
-    ]
+    for key, label, ls in zip(keys, ("train", "test"), ("-", "--"), strict=True):
+        ax.plot(_column(history, "epoch"), _column(history, key), marker=marker, ms=size, ls=ls, label=label)
+    return ax.lines[-2:]
 
 
 def _loss_axes(ax: Any, history: History) -> list[Any]:
@@ -162,10 +148,9 @@ def _loss_axes(ax: Any, history: History) -> list[Any]:
     from matplotlib.ticker import LogFormatter
 
     lines = _lines(ax, history, ("loss", "test_loss"))
-    losses = np.concatenate([_column(history, "loss"), _column(history, "test_loss")])
     if len(bad := _column(history, "epoch")[~np.isfinite(_column(history, "loss"))]):  # a diverged run: mark where
         ax.axvline(bad[0], color=WRONG, ls=":", label=f"over {HUGE:g} or not finite from epoch {bad[0]:g}")
-    if (np.isfinite(losses) & (losses > 0)).any():
+    if (np.concatenate([line.get_ydata() for line in lines]) > 0).any():  # (NaN where not finite, or beyond HUGE)
         ax.set_yscale("log")  # (a span of a decade or two holds one or two powers of ten: label the ticks between)
         ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 1)))
     ax.set(xlabel="epoch", ylabel="cross-entropy (without the L2 term)", title="loss")
@@ -177,17 +162,16 @@ def plot_curves(path: Path, history: History, title: str) -> None:
     """loss.png: train and test loss (log scale) and train/test accuracy against epochs."""
     last = history[-1] if history else {}
 
-    def num(key: str, spec: str) -> str:
+    def num(key: str) -> str:
         v = float(last.get(key, np.nan))
-        return format(v, spec) if np.isfinite(v) else "not finite"
+        return format(v, ".1%" if "accuracy" in key else ".4g") if np.isfinite(v) else "not finite"
 
-    with figure(path, 1, 2, figsize=(10, 4.2), sharex=True, constrained_layout=True) as (fig, (ax_loss, ax_acc)):
+    figures = f"train loss {num('loss')}, test loss {num('test_loss')}, test accuracy {num('test_accuracy')}"
+    with figure(path, 1, 2, figsize=(10, 4.2), sharex=True) as (fig, (ax_loss, ax_acc)):
         _loss_axes(ax_loss, history)
         _lines(ax_acc, history, ("train_accuracy", "test_accuracy"))
         ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(-0.05, 1.05), title="accuracy")
         ax_acc.legend(fontsize="small")
-        figures = f"train loss {num('loss', '.4g')}, test loss {num('test_loss', '.4g')}"
-        figures += f", test accuracy {num('test_accuracy', '.1%')}"
         fig.suptitle(f"{title}\nat epoch {last.get('epoch', 0):g}: {figures}")
 
 
@@ -198,33 +182,31 @@ def animate(path: Path, frames: list[tuple[int, Params]], history: History, data
 
     if not frames:
         raise ValueError("animate needs at least one frame")
-    plt = pyplot()
-    fig, (ax_reg, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.6), width_ratios=(1.35, 1), dpi=80, layout="constrained")
-    image, rings = _regions_axes(ax_reg, frames[0][1], data, 120)
-    lines = _loss_axes(ax_loss, history)  # full curves first, so the axes' limits fit all of training
-    now = ax_loss.axvline(0, color="0.5", lw=0.8)
-    fig.suptitle(title, fontsize="medium")
-    ax_reg.set_title("epoch 0: test accuracy 100.0%", fontsize="medium")
-    # Blitting: draw the still parts (ticks, labels, legends) once, then per frame only what moves.
-    moving = [*ax_reg.images, *ax_reg.collections, *ax_reg.lines, *ax_reg.spines.values(), ax_reg.title, *lines, now]
-    moving.sort(key=lambda a: a.get_zorder())
-    plt.setp(moving, animated=True)
-    fig.canvas.draw()
-    background = fig.canvas.copy_from_bbox(fig.bbox)
-    lim, curves = _extent(data), [line.get_data() for line in lines]  # the full curves, cut at each frame
-    rgb, full = [], colors(data.classes)
-    for epoch, params in frames:
-        image.set_data(_region_image(params, lim, 120, full))
-        rings.set_offsets(_wrong(params, data).reshape(-1, 2))
-        for line, (epochs, losses) in zip(lines, curves, strict=True):
-            line.set_data(epochs[epochs <= epoch], losses[epochs <= epoch])
-        now.set_xdata([epoch, epoch])
-        ax_reg.set_title(f"epoch {epoch}: test accuracy {_test_accuracy(params, data):.1%}", fontsize="medium")
-        fig.canvas.restore_region(background)
+    # ax: the decision regions; ax_loss: the loss
+    with figure(None, 1, 2, figsize=(9, 3.6), width_ratios=(1.35, 1), dpi=80) as (fig, (ax, ax_loss)):
+        image, rings = _regions_axes(ax, frames[0][1], data, 120)
+        lines = _loss_axes(ax_loss, history)  # full curves first, so the axes' limits fit all of training
+        now = ax_loss.axvline(0, color="0.5", lw=0.8)
+        fig.suptitle(title, fontsize="medium")
+        ax.set_title("epoch 0: test accuracy 100.0%", fontsize="medium")
+        # Blitting: draw the still parts (ticks, labels, legends) once, then per frame only what moves.
+        moving = [*ax.images, *ax.collections, *ax.lines, *ax.spines.values(), ax.title, *lines, now]
         for a in moving:
-            fig.draw_artist(a)
-        rgb.append(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
-    plt.close(fig)
+            a.set_animated(True)
+        fig.canvas.draw()
+        background = fig.canvas.copy_from_bbox(fig.bbox)
+        rgb, curves = [], [line.get_data() for line in lines]  # the full curves, cut at each frame
+        for epoch, params in frames:
+            image.set_data(_region_image(params, data, 120))
+            rings.set_offsets(_wrong(params, data).reshape(-1, 2))
+            for line, (epochs, losses) in zip(lines, curves, strict=True):
+                line.set_data(epochs[epochs <= epoch], losses[epochs <= epoch])
+            now.set_xdata([epoch, epoch])
+            ax.set_title(f"epoch {epoch}: test accuracy {_test_accuracy(params, data):.1%}", fontsize="medium")
+            fig.canvas.restore_region(background)
+            for a in sorted(moving, key=lambda a: a.get_zorder()):
+                fig.draw_artist(a)
+            rgb.append(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
     # one palette for every frame, from the first and the last (no flicker, colours stay true)
     palette = Image.fromarray(np.concatenate([rgb[0], rgb[-1]])).quantize(255)
     gif = [Image.fromarray(a).quantize(palette=palette, dither=Image.Dither.NONE) for a in rgb]

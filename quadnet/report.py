@@ -16,8 +16,6 @@ one ``error:`` line saying what was not written, since a script that asked for t
 did not get them.
 """
 
-from __future__ import annotations
-
 import contextlib
 import csv
 import io
@@ -32,6 +30,7 @@ import yaml
 from quadnet.artifacts import summary_metric, write_text
 from quadnet.checkpoint import CHECKPOINT
 from quadnet.exits import ArgumentParser, command, fail
+from quadnet.plots import figure
 
 METRICS = {"test_loss": True, "test_error": True, "final_loss": True, "test_accuracy": False, "train_accuracy": False}
 FIGURES = ["final_loss", "test_loss", "train_accuracy", "test_accuracy", "epoch", "train_seconds"]
@@ -39,15 +38,9 @@ FIGURES = ["final_loss", "test_loss", "train_accuracy", "test_accuracy", "epoch"
 CONTINUOUS = 12
 
 
-class ReportError(ValueError):
-    """Bad input: one error line, exit status 2."""
-
-
 def newest_sweep(root: Path) -> Path:
-    base = root / "multirun"
-    sweeps = [p for p in base.iterdir() if p.is_dir()] if base.is_dir() else []
-    if not sweeps:
-        raise ReportError(f"no sweep under {str(base)!r}; run one (python -m quadnet.train -m …) or name one")
+    if not (sweeps := [p for p in (root / "multirun").glob("*") if p.is_dir()]):
+        fail(f"no sweep under {str(root / 'multirun')!r}; run one (python -m quadnet.train -m …) or name one")
     return max(sweeps, key=lambda p: p.stat().st_mtime)
 
 
@@ -107,18 +100,14 @@ def read_job(d: Path) -> dict[str, Any]:
         return {**row, "status": "damaged", "error": str(e)}
 
 
-def read_jobs(sweep: Path) -> list[dict[str, Any]]:
+def read_jobs(sweep: Path, metric: str) -> list[dict[str, Any]]:
+    """The sweep's jobs, best first by metric (those without it, not completed, last; else in the dirs' order)."""
     if (sweep / "summary.json").exists():
-        raise ReportError(f"{str(sweep)!r} is a single run, not a sweep; its results are in its summary.json")
+        fail(f"{str(sweep)!r} is a single run, not a sweep; its results are in its summary.json")
     marks = ("summary.json", ".hydra", CHECKPOINT)  # (a job that never finished has its checkpoint or Hydra's record)
-    dirs = [p for p in sweep.iterdir() if p.is_dir() and any((p / m).exists() for m in marks)]
-    if not dirs:
-        raise ReportError(f"{str(sweep)!r} holds no job dirs (no */summary.json)")
-    return [read_job(d) for d in sorted(dirs, key=lambda p: (len(p.name), p.name))]
-
-
-def sort_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Best first; jobs without the metric (not completed) last."""
+    if not (dirs := [p for p in sweep.iterdir() if p.is_dir() and any((p / m).exists() for m in marks)]):
+        fail(f"{str(sweep)!r} holds no job dirs (no */summary.json)")
+    rows = [read_job(d) for d in sorted(dirs, key=lambda p: (len(p.name), p.name))]
     sign = 1 if METRICS[metric] else -1
     return sorted(rows, key=lambda r: math.inf if (v := summary_metric(r, metric)) is None else sign * v)
 
@@ -130,13 +119,10 @@ def swept_params(rows: list[dict[str, Any]]) -> list[str]:
 
 def write_csv(path: Path, rows: list[dict[str, Any]], params: list[str]) -> None:
     """One row a job: its swept parameters, overrides, status, error and every metric (no column twice)."""
-    figures = [*FIGURES[:4], "test_error", *FIGURES[4:]]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["job", *params, "overrides", "status", "error", *figures])
-    for r in rows:
-        values = [r[f] if f in FIGURES else summary_metric(r, f) for f in figures]
-        w.writerow([r["job"], *(r["params"].get(p) for p in params), r["overrides"], r["status"], r["error"], *values])
+    fields = ["job", *params, "overrides", "status", "error", *FIGURES[:4], "test_error", *FIGURES[4:]]
+    w = csv.DictWriter(buf := io.StringIO(), fields, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows({**r["params"], **r, "test_error": summary_metric(r, "test_error")} for r in rows)
     write_text(path, buf.getvalue())
 
 
@@ -162,28 +148,24 @@ def _log_scale(name: str, vals: list[float]) -> bool:
     return "accuracy" not in name and bool(vals) and min(vals) > 0 and max(vals) / min(vals) >= 100
 
 
-def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, others: list[str]) -> None:
+def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, varied: list[str]) -> None:
     """The metric (left) and the test accuracy (right; test loss if the metric is test accuracy) against param;
-    at each value, the jobs of every setting of the other swept parameters together (the title says which)."""
-    from quadnet.plots import figure
-
+    at each value, the jobs of every setting of the other varied parameters together (the title says which)."""
     done = [r for r in rows if r["status"] == "completed" and param in r["params"]]
     xs, kind, xlog = axis_kind(param, done)
     at = xs if kind != "categorical" else list(range(len(xs)))  # where each value is drawn
     pos = dict(zip(xs, at, strict=True))
     names = (metric, "test_loss" if metric == "test_accuracy" else "test_accuracy")
-    with figure(path, 1, 2, figsize=(11, 4.2), constrained_layout=True) as (fig, axes):
+    with figure(path, 1, 2, figsize=(11, 4.2)) as (fig, axes):
         for ax, name in zip(axes, names, strict=True):
             pts = [(pos[r["params"][param]], v) for r in done if (v := summary_metric(r, name)) is not None]
-            by_value: dict[Any, list[float]] = {}
+            groups: dict[Any, list[float]] = {x: [] for x in at}  # the figures at each value
             for p, v in pts:
-                by_value.setdefault(p, []).append(v)
-            groups = [by_value.get(x, []) for x in at]  # the figures at each value
+                groups[p].append(v)
             every = [v for _, v in pts]
             ax.scatter([p for p, _ in pts], every, s=12, alpha=0.5, color="tab:blue", label="each job", zorder=3)
-            handles = []
             if kind != "scatter":  # (the median beneath the jobs' dots, hollow, so that none hides under it)
-                centre, low, high = np.array([_spread(g) for g in groups]).T
+                centre, low, high = np.array([_spread(g) for g in groups.values()]).T
                 if kind == "grid":
                     ax.plot(at, centre, marker="o", mfc="none", color="tab:red", label="median", zorder=2)
                     ax.fill_between(at, low, high, color="tab:red", alpha=0.15, label="16–84% of jobs")
@@ -191,16 +173,15 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
                     err = [centre - low, high - centre]
                     label = "median; bars: 16–84% of jobs"
                     ax.errorbar(at, centre, yerr=err, fmt="o", mfc="none", color="tab:red", capsize=4, label=label)
-                if name == "test_accuracy":  # a count of jobs, not an accuracy: on an axis of its own
-                    right = [np.mean(np.equal(g, 1.0)) if g else math.nan for g in groups]
-                    twin = ax.twinx()
-                    style = {"marker": "s", "ls": "--" if kind == "grid" else "none", "color": "tab:green"}
-                    handles = twin.plot(at, right, label="fraction of jobs with every test point right", **style)
-                    twin.set(ylim=(-0.05, 1.05), ylabel="fraction of jobs with every test point right")
-                    twin.yaxis.label.set_color("tab:green")
-            better = "lower" if METRICS.get(name, True) else "higher"
-            ax.set(xlabel=param, ylabel=f"{name} ({better} is better)", xscale="log" if xlog else "linear")
-            ax.set_yscale("log" if _log_scale(name, every) else "linear")
+            handles = ax.get_legend_handles_labels()[0]
+            if kind != "scatter" and name == "test_accuracy":  # a count of jobs, not an accuracy: on an axis of its own
+                right = [np.mean(np.equal(g, 1.0)) if g else math.nan for g in groups.values()]
+                twin, what = ax.twinx(), "fraction of jobs with every test point right"
+                handles += twin.plot(at, right, "s--" if kind == "grid" else "s", color="tab:green", label=what)
+                twin.set_ylim(-0.05, 1.05)
+                twin.set_ylabel(what, color="tab:green")
+            ax.set(xlabel=param, ylabel=f"{name} ({'lower' if METRICS[name] else 'higher'} is better)")
+            ax.set(xscale="log" if xlog else "linear", yscale="log" if _log_scale(name, every) else "linear")
             if "accuracy" in name:
                 ax.set_ylim(-0.05, 1.05)
             if len(xs) <= CONTINUOUS and kind != "scatter":  # a tick at each value of a grid
@@ -208,23 +189,19 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
                 ax.minorticks_off()
             elif not xlog and all(isinstance(x, int) for x in xs):  # seeds: whole-number ticks
                 ax.xaxis.get_major_locator().set_params(integer=True)
-            ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize="small", loc="upper center",
-                      bbox_to_anchor=(0.5, -0.16), ncols=2)  # fmt: skip
+            ax.legend(handles=handles, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
+        others = [q for q in varied if q != param]
         pooled = f"\neach value pools every setting of {', '.join(others)}" if others else ""
         fig.suptitle(f"{names[0]} and {names[1]} against {param} ({len(done)} completed jobs){pooled}")
 
 
 def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric: str) -> None:
-    from matplotlib.colors import LogNorm
-
-    from quadnet.plots import figure
-
     done = [r for r in rows if r["status"] == "completed" and a in r["params"] and b in r["params"]]
     xa, xb = (axis_kind(p, done)[0] for p in (a, b))
     pts = [(r["params"][a], r["params"][b], v) for r in done if (v := summary_metric(r, metric)) is not None]
     grid = np.array([[_spread([v for pa, pb, v in pts if (pa, pb) == (va, vb)])[0] for va in xa] for vb in xb])
-    norm = LogNorm() if _log_scale(metric, [v for *_, v in pts]) else None
-    with figure(path, figsize=(1.2 * len(xa) + 3.5, 0.8 * len(xb) + 2.5), constrained_layout=True) as (fig, ax):
+    norm = "log" if _log_scale(metric, [v for *_, v in pts]) else None
+    with figure(path, figsize=(1.2 * len(xa) + 3.5, 0.8 * len(xb) + 2.5)) as (fig, ax):
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", norm=norm)
         ax.set_xticks(range(len(xa)), [show(v) for v in xa])
         ax.set_yticks(range(len(xb)), [show(v) for v in xb])
@@ -233,8 +210,7 @@ def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric:
             if np.isfinite(v):
                 dark = sum(im.cmap(im.norm(v))[:3]) < 1.8  # a dark cell: white text
                 ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="w" if dark else "k", fontsize="small")
-        better = "lower" if METRICS[metric] else "higher"
-        fig.colorbar(im, ax=ax, label=f"median {metric} ({better} is better)")
+        fig.colorbar(im, ax=ax, label=f"median {metric} ({'lower' if METRICS[metric] else 'higher'} is better)")
 
 
 def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: bool) -> tuple[list[str], str | None]:
@@ -244,8 +220,7 @@ def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: boo
     grids = [p for p in varied if axis_kind(p, done)[1] != "scatter"]
     # (file, writer, its arguments after the path), in order; the first that cannot be written stops the rest
     writes: list[tuple[str, Any, tuple[Any, ...]]] = [("report.csv", write_csv, (rows, swept_params(rows)))]
-    writes += [(f"report_{p.replace('/', '_')}.png", plot_param, (rows, p, metric, [q for q in varied if q != p]))
-               for p in varied]  # fmt: skip
+    writes += [(f"report_{p.replace('/', '_')}.png", plot_param, (rows, p, metric, varied)) for p in varied]
     writes += [("report_heatmap.png", plot_heatmap, (rows, *grids, metric))] if len(grids) == 2 else []
     for i, (name, write, args) in enumerate(writes):
         try:
@@ -258,8 +233,7 @@ def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: boo
 def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int | None) -> None:
     keys = swept_params(rows) or list(dict.fromkeys(k for r in rows for k in r["params"]))  # what tells them apart
     shown = {id(r): show(" ".join(f"{k}={show(r['params'][k])}" for k in keys if k in r["params"])) for r in rows}
-    width = max(9, *(len(s) for s in shown.values()))
-    sw = max(6, *(len(show(r["status"])) for r in rows))
+    width, sw = max(9, *map(len, shown.values())), max(6, *(len(show(r["status"])) for r in rows))
     extra = ["test_error"] if metric == "test_error" else []
     heads = ["final loss", "test loss", "train acc", "test acc", *extra, "epoch", "train s"]
     top = top or (len(rows) if len(rows) <= 100 else 20)
@@ -296,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     sweep = Path(args.sweep_dir) if args.sweep_dir else newest_sweep(Path(args.outputs))
     if not sweep.is_dir():
         fail(f"{str(sweep)!r} is not a directory")
-    rows = sort_rows(read_jobs(sweep), args.metric)  # (a ReportError or OSError: one line, by @command)
+    rows = read_jobs(sweep, args.metric)  # (an OSError: one line, by @command)
     written, problem = write_files(sweep, rows, args.metric, plots=not args.no_plots)
     print_table(sweep, rows, args.metric, args.top)
     if problem:
