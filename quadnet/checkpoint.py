@@ -72,9 +72,8 @@ def find(path: str | Path) -> Path:
     p = user_path(str(path))
     if p.is_dir():
         if (found := in_dir(p)) is None:
-            old = " (a quadnet 0.1/0.2 .pt checkpoint: convert it as the README's changelog says)" * any(
-                (p / n).is_file() for n in ("checkpoint.pt", "model.pt")
-            )
+            pt = any((p / n).is_file() for n in ("checkpoint.pt", "model.pt"))
+            old = " (a quadnet 0.1/0.2 .pt checkpoint: convert it as the README's changelog says)" * pt
             raise CheckpointError(f"{str(p)!r} holds no {CHECKPOINT}{old}")
         return found
     if not p.is_file():  # (a FIFO would block the read)
@@ -190,15 +189,11 @@ def resume_check(ck: dict[str, Any], now: TrainConfig, data: Any) -> None:
                 f"it may change {', '.join(FREE[:-1])}"
             )
     if ck.get("data_sha256") not in (None, data.digest):  # (the paths may differ: the contents decide)
+        d = data.config
+        named = f"data.path={d.path!r}" if d.name == "csv" else f"data={d.name}"
         raise ConfigError(
-            f"cannot resume {ck['path']!r}: the data it names ({_where(data.config)}) is not the data it was "
+            f"cannot resume {ck['path']!r}: the data it names ({named}) is not the data it was "
             "trained on (its contents differ)"
         )
-    if ck["epoch"] > now.epochs:
-        raise ConfigError(
-            f"epochs={now.epochs} is below the checkpoint's epoch {ck['epoch']}; resume goes on from there"
-        )
-
-
-def _where(d: Any) -> str:
-    return f"data.path={d.path!r}" if d.name == "csv" else f"data={d.name}"
+    if (at := ck["epoch"]) > now.epochs:
+        raise ConfigError(f"epochs={now.epochs} is below the checkpoint's epoch {at}; resume goes on from there")
