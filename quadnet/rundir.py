@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from quadnet import artifacts, checkpoint, exits, plots
+from quadnet import artifacts, checkpoint, exits, plots, tracking
 from quadnet.config import ConfigError, to_dict
 from quadnet.data import Dataset
 from quadnet.engines import METRICS
@@ -66,9 +66,8 @@ def discard(folder: Path) -> None:
     """A run's or sweep's dir that its lock made and that holds no training (Hydra's record alone: a
     run stopped before it trained, a sweep whose jobs Hydra refused) goes, with the dirs above it
     that the lock made."""
-    made = MADE.get(str(folder.resolve()), [])
     trained = any(folder.rglob(checkpoint.CHECKPOINT)) or any(folder.rglob("summary.json"))
-    if Path(folder.resolve()) in made and not trained:
+    if folder.resolve() in MADE.get(str(folder.resolve()), []) and not trained:
         shutil.rmtree(folder, ignore_errors=True)
         release(folder)
 
@@ -145,9 +144,7 @@ def write(
     except Exception as e:
         log.warning("%s: plots not drawn: %s", run_dir, exits.OOM if exits.out_of_memory(e) else exits.one_line(e))
     if cfg.logger == "mlflow":  # (last: the store sees the dir's files; a store that fails is a note)
-        from quadnet.tracking import log_run
-
-        summary["tracking"] = log_run(summary, job.history, run_dir, sweep, end_sweep)
+        summary["tracking"] = tracking.log_run(summary, job.history, run_dir, sweep, end_sweep)
         artifacts.write_json(run_dir / "summary.json", summary)
     return summary
 

@@ -232,8 +232,7 @@ def task(cfg: DictConfig) -> float:
         if checkpoint.in_dir(out) is None:  # an earlier run's dir stays as it was
             rundir.write_failed(out, e, overrides=overrides)
         raise
-    rundir.lock(out, "run")
-    try:
+    try:  # (train holds the dir)
         summary = train(p)
     finally:
         rundir.unlock(out)
