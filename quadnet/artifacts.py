@@ -39,12 +39,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def remove_stale(folder: Path) -> None:
     """Temporary files in folder of writers that were killed (their pid is gone)."""
     for stale in folder.glob(".*.tmp"):
-        try:
-            os.kill(int(stale.name.split(".")[-2]), 0)
-        except ProcessLookupError:
-            stale.unlink(missing_ok=True)
-        except (ValueError, PermissionError):
-            pass
+        with contextlib.suppress(ValueError, PermissionError):  # (not a pid; another user's process)
+            try:
+                os.kill(int(stale.name.split(".")[-2]), 0)
+            except ProcessLookupError:
+                stale.unlink(missing_ok=True)
 
 
 def clean(obj: Any) -> Any:

@@ -189,11 +189,8 @@ def resume_check(ck: dict[str, Any], now: TrainConfig, data: Any) -> None:
                 f"it may change {', '.join(FREE[:-1])}"
             )
     if ck.get("data_sha256") not in (None, data.digest):  # (the paths may differ: the contents decide)
-        d = data.config
-        named = f"data.path={d.path!r}" if d.name == "csv" else f"data={d.name}"
-        raise ConfigError(
-            f"cannot resume {ck['path']!r}: the data it names ({named}) is not the data it was "
-            "trained on (its contents differ)"
-        )
+        named = f"data.path={data.config.path!r}" if data.config.name == "csv" else f"data={data.config.name}"
+        why = f"the data it names ({named}) is not the data it was trained on (its contents differ)"
+        raise ConfigError(f"cannot resume {ck['path']!r}: {why}")
     if (at := ck["epoch"]) > now.epochs:
         raise ConfigError(f"epochs={now.epochs} is below the checkpoint's epoch {at}; resume goes on from there")

@@ -27,20 +27,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from quadnet import checkpoint, console, engines, exits, loop, rundir, sweep
-from quadnet.config import (
-    ConfigError,
-    TrainConfig,
-    check_installed,
-    compose,
-    config_dir,
-    flatten,
-    help_text,
-    one_line,
-    register_configs,
-    validate,
-    version_base,
-)
+from quadnet import checkpoint, config, console, engines, exits, loop, rundir, sweep
+from quadnet.config import ConfigError, TrainConfig, one_line
 from quadnet.data import Dataset, make_dataset
 from quadnet.device import describe, resolve_device
 
@@ -63,24 +51,24 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
     """Everything that can refuse a run, before anything is written: the config, the installs it
     needs, its data, the checkpoint it resumes (the keys the user set go on top of its config,
     under :func:`quadnet.checkpoint.resume_check`), and the dir. Raises ConfigError or CheckpointError."""
-    c = validate(cfg)
-    check_installed(c)
+    c = config.validate(cfg)
+    config.check_installed(c)
     if c.engine == "numba" and (why := engines.numba_error()):
         raise ConfigError(f"engine=numba: numba is installed but does not import ({why}); use engine=torch")
     ck = checkpoint.load(c.resume) if c.resume else None
     if ck is not None:  # the keys the user set: the command line's, a dict's own, else those not at their default
-        flat, merged = flatten(dataclasses.asdict(c)), OmegaConf.create(ck["config"])
+        flat, merged = config.flatten(dataclasses.asdict(c)), OmegaConf.create(ck["config"])
         if overrides is not None and isinstance(cfg, DictConfig):
             keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
             keys = {"data.name" if k == "data" else k for k in keys}
         elif isinstance(cfg, dict):
-            keys = set(flatten(cfg))
+            keys = set(config.flatten(cfg))
         else:
-            keys = {k for k, v in flatten(dataclasses.asdict(TrainConfig())).items() if flat[k] != v}
+            keys = {k for k, v in config.flatten(dataclasses.asdict(TrainConfig())).items() if flat[k] != v}
         for key in sorted(keys & set(flat)):
             OmegaConf.update(merged, key, flat[key])
-        c = validate(OmegaConf.to_container(merged))
-        check_installed(c)
+        c = config.validate(OmegaConf.to_container(merged))
+        config.check_installed(c)
     data = make_dataset(c.data)
     c = dataclasses.replace(c, data=data.config)
     loop.check_memory(c, data)
@@ -109,7 +97,7 @@ def train(
     :class:`quadnet.exits.Stopped` after the dir is written when a signal came as it was."""
     hc = HydraConfig.get() if HydraConfig.initialized() else None  # (a job Hydra runs: its dirs)
     if not isinstance(cfg, Prepared):  # outside Hydra, the run dir is the one train.yaml names (outputs/<time>)
-        run_dir = run_dir or (hc.runtime.output_dir if hc else compose([], with_hydra=True).hydra.run.dir)
+        run_dir = run_dir or (hc.runtime.output_dir if hc else config.compose([], with_hydra=True).hydra.run.dir)
         cfg = prepare(cfg, Path(run_dir))
     p = cfg
     rundir.lock(p.out, "run")
@@ -145,7 +133,7 @@ def run(*overrides: str, run_dir: str | Path | None = None, **keys: Any) -> dict
     ``.hydra/`` record and log, which only the command line writes."""
     lines = [*overrides, *(f"{k}={_value(v)}" for k, v in keys.items())]
     try:
-        cfg = compose(lines, with_hydra=True)
+        cfg = config.compose(lines, with_hydra=True)
     except (*HYDRA_ERRORS, ValueError) as e:  # in the command line's words
         raise ConfigError(one_line(e)) from None
     out = Path(run_dir if run_dir is not None else cfg.hydra.run.dir)
@@ -243,18 +231,18 @@ def main() -> None:
     """``python -m quadnet.train``: Hydra's command line around :func:`task`."""
     with exits.command(exits.KEPT, one_line, HYDRA_ERRORS):
         if any(a in ("-h", "--help") for a in sys.argv[1:]):
-            print(help_text())
+            print(config.help_text())
             return
         if not sys.stderr.isatty():  # no colour codes in logs and pipes (Optuna's colorlog honours this)
             os.environ.setdefault("NO_COLOR", "1")
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's errors raised, to be put in one line
-        _check_flags(sys.argv[1:], bool(version_base()))
-        register_configs()
+        _check_flags(sys.argv[1:], bool(config.version_base()))
+        config.register_configs()
         logging.raiseExceptions = False  # a reader that stops reading (| head) does not stop the run
         # Hydra 1.4 asks which targets a config may instantiate: quadnet's own (its callbacks)
-        trusted = version_base() or {"execution_whitelist": ("quadnet.*",)}
+        trusted = config.version_base() or {"execution_whitelist": ("quadnet.*",)}
         try:
-            hydra.main(config_path=config_dir(), config_name="train", **trusted)(task)()
+            hydra.main(config_path=config.config_dir(), config_name="train", **trusted)(task)()
         except (exits.Stopped, Exception) as e:
             stopped = isinstance(e, exits.Stopped)
             # Hydra raises a failed job's error once every job has run: the closing line first
