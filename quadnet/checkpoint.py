@@ -124,11 +124,6 @@ def _meta(meta: np.ndarray, where: str) -> tuple[dict[str, Any], TrainConfig]:
 def read(p: Path) -> dict[str, np.ndarray]:
     """A checkpoint file's arrays by name: meta, history, params/*, optimizer/*, each checked against
     what its meta implies before it is read; other members are never read."""
-    return _read(p)[0]
-
-
-def _read(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], TrainConfig]:
-    """:func:`read`, with the meta and config it checked them against."""
     where = repr(str(p))
     try:
         with zipfile.ZipFile(p) as z:
@@ -148,7 +143,7 @@ def _read(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], TrainConfig]:
                     fits = lambda s, d, shape=shape: d.kind == "f" and s == shape  # noqa: E731
                     bad = f": its {what}{k} is not a float array of shape {shape}"
                     out[prefix + k] = _member(z, prefix + k, where, fits, bad)
-            return out, m, cfg
+            return out
     except CheckpointError:
         raise
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError):
@@ -161,7 +156,8 @@ def load(path: str | Path) -> dict[str, Any]:
     step), epoch, status, classes, history (rows of dicts), ``cfg`` (validated) and ``config`` (its
     dict). Raises :class:`CheckpointError`."""
     p = find(path)
-    f, meta, cfg = _read(p)
+    f = read(p)
+    meta, cfg = _meta(f["meta"], repr(str(p)))  # (as read checked it)
     params = {k[7:]: v.astype(np.float64) for k, v in f.items() if k.startswith("params/")}
     kept = dict.fromkeys(k.split("/")[1] for k in f if k.startswith("optimizer/"))  # (read gives each every param)
     bufs = {b: {k: f[f"optimizer/{b}/{k}"].astype(np.float64) for k in params} for b in kept}

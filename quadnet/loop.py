@@ -182,8 +182,7 @@ def progress(jobs: list[Job], start: int) -> Callable[..., None]:
         if len(jobs) > 1:
             log.info("%s  %d of %d jobs training", head, left, len(jobs))
         elif h.get("epoch") == epoch:
-            figures = h["loss"], h["train_accuracy"], h["test_accuracy"]
-            log.info("%s  loss %.6g  train_acc %.3f  test_acc %.3f", head, *figures)
+            log.info("%s  loss %.6g  train_acc %.3f  test_acc %.3f", head, *(h[k] for k in METRICS[:3]))
 
     return lines
 

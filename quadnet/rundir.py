@@ -151,10 +151,9 @@ def write(
 
 def write_failed(
     run_dir: Path, error: BaseException | str, config: dict[str, Any] | None = None, overrides: list[str] | None = None
-) -> dict[str, Any]:
+) -> None:
     """A job that could not train: its dir says why, in one line (and which job it was: its overrides)."""
     summary = {"status": "failed", "error": " ".join(str(error).split()), "versions": artifacts.versions()}
     summary |= {"config": config} | ({"overrides": overrides} if overrides is not None else {})
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     artifacts.write_json(Path(run_dir) / "summary.json", summary)
-    return summary

@@ -59,8 +59,7 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
     if ck is not None:  # the keys the user set: the command line's, a dict's own, else those not at their default
         flat, merged = config.flatten(dataclasses.asdict(c)), OmegaConf.create(ck["config"])
         if overrides is not None and isinstance(cfg, DictConfig):
-            keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-            keys = {"data.name" if k == "data" else k for k in keys}
+            keys = {"data.name" if k == "data" else k for k in (o.split("=", 1)[0].lstrip("+~") for o in overrides)}
         elif isinstance(cfg, dict):
             keys = set(config.flatten(cfg))
         else:
@@ -131,19 +130,15 @@ def run(*overrides: str, run_dir: str | Path | None = None, **keys: Any) -> dict
     ``hydra.run.dir=…`` or ``run_dir=`` picks the dir. Each call composes afresh, so it can be called
     again in the same process (a notebook). The run dir holds the run's files, without Hydra's
     ``.hydra/`` record and log, which only the command line writes."""
-    lines = [*overrides, *(f"{k}={_value(v)}" for k, v in keys.items())]
+    values = {k: "null" if v is None else str(v).lower() if isinstance(v, bool) else v for k, v in keys.items()}
+    lines = [*overrides, *(f"{k}={v}" for k, v in values.items())]
     try:
         cfg = config.compose(lines, with_hydra=True)
     except (*HYDRA_ERRORS, ValueError) as e:  # in the command line's words
         raise ConfigError(one_line(e)) from None
-    out = Path(run_dir if run_dir is not None else cfg.hydra.run.dir)
-    summary = train(prepare(cfg, out, lines))
+    summary = train(prepare(cfg, Path(run_dir if run_dir is not None else cfg.hydra.run.dir), lines))
     console.headline(summary)
     return summary
-
-
-def _value(v: Any) -> str:
-    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 # ---------------------------------------------------------------------- under Hydra
@@ -221,10 +216,9 @@ def task(cfg: DictConfig) -> float:
             rundir.write_failed(out, e, overrides=overrides)
         raise
     try:  # (train holds the dir)
-        summary = train(p)
+        return console.conclude(train(p), single_run=False, sweep=_sweep)
     finally:
         rundir.unlock(out)
-    return console.conclude(summary, single_run=False, sweep=_sweep)
 
 
 def main() -> None:
