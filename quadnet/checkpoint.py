@@ -130,8 +130,7 @@ def read(p: Path) -> dict[str, np.ndarray]:
             text = lambda s, d: s == () and d.kind == "U" and d.itemsize <= 4 * META_CHARS  # noqa: E731
             out = {"meta": _member(z, "meta", where, text, f" is not a quadnet checkpoint (expected format {FORMAT})")}
             m, cfg = _meta(out["meta"], where)
-            n = len(METRIC_FIELDS)
-            rows = lambda s, d: d.kind == "f" and len(s) == 2 and s[0] <= m["epoch"] + 1 and s[1] == n  # noqa: E731
+            rows = lambda s, d: d.kind == "f" and s[1:] == (len(METRIC_FIELDS),) and s[0] <= m["epoch"] + 1  # noqa: E731
             metrics = f": damaged metrics: at most a row an epoch, each {', '.join(METRIC_FIELDS)}"
             out["history"] = _member(z, "history", where, rows, metrics)
             want = shapes(cfg.hidden_dim, len(m["classes"]))

@@ -258,10 +258,9 @@ def main() -> None:
 def _check_flags(argv: list[str], hydra_13: bool) -> None:
     """Hydra's own flags parsed as Hydra parses them, with one-line errors instead of its usage block."""
 
-    def bad(message: str) -> None:
-        if hydra_13 and "=" in message:  # overrides after a flag
-            message += " (Hydra 1.3 takes its flags, such as -m, before the overrides)"
-        exits.fail(f"{message}; see --help for quadnet's keys and --hydra-help for Hydra's options")
+    def bad(message: str) -> None:  # ("=": overrides after a flag)
+        hint = " (Hydra 1.3 takes its flags, such as -m, before the overrides)" if hydra_13 and "=" in message else ""
+        exits.fail(f"{message}{hint}; see --help for quadnet's keys and --hydra-help for Hydra's options")
 
     parser = get_args_parser()
     parser.error = bad  # type: ignore[method-assign]
