@@ -238,15 +238,14 @@ def main() -> None:
         try:
             hydra.main(config_path=config.config_dir(), config_name="train", **trusted)(task)()
         except (exits.Stopped, Exception) as e:
-            stopped = isinstance(e, exits.Stopped)
             # Hydra raises a failed job's error once every job has run: the closing line first
-            if not stopped and _sweep is not None and (ends := sweep_ends(_multirun)):
+            if not isinstance(e, exits.Stopped) and _sweep is not None and (ends := sweep_ends(_multirun)):
                 console.closing_line(ends, _sweep)
             # a run stopped before it trained, or jobs Hydra refused or could not write: the dir it made goes
             for made in (_prepared and _prepared.out, _sweep):
                 if made:
                     rundir.discard(made)
-            if stopped and _sweep is not None:  # a sweep's jobs were stopped: the command that goes on with them
+            if isinstance(e, exits.Stopped) and _sweep is not None:  # a sweep's jobs stopped: the command that goes on
                 again = f"go on with the sweep: {console.resume_sweep(_sweep)}"
                 raise exits.Stopped(e.signum, f"{e.message or exits.KEPT}; {again}") from None
             if isinstance(e, OSError) and e.errno is not None and not isinstance(e, BrokenPipeError):  # Hydra's writes
