@@ -8,6 +8,7 @@ From Python, with the command line's keys::
     model.predict_proba([[2, 2]])                          # shape (1, 4)
 """
 
+import importlib
 import sys
 from typing import Any
 
@@ -20,15 +21,10 @@ if sys.argv[:1] == ["-m"] or sys.argv[0].rpartition("/")[2].startswith("quadnet-
 
 __version__ = "0.4.0"
 __all__ = ["Model", "load", "run"]
+_HOMES = {"Model": "quadnet.predict", "load": "quadnet.predict", "run": "quadnet.train"}
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import quadnet` imports neither torch nor Hydra
-    if name in ("load", "Model"):
-        from quadnet import predict
-
-        return getattr(predict, name)
-    if name == "run":
-        from quadnet.train import run
-
-        return run
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module 'quadnet' has no attribute {name!r}")

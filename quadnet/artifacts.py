@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from quadnet.data import quadrant_class
 from quadnet.engines import METRICS
 from quadnet.exits import unwritable
 
@@ -39,12 +40,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def remove_stale(folder: Path) -> None:
     """Temporary files in folder of writers that were killed (their pid is gone)."""
     for stale in folder.glob(".*.tmp"):
-        try:
-            os.kill(int(stale.name.split(".")[-2]), 0)
-        except ProcessLookupError:
-            stale.unlink(missing_ok=True)
-        except (ValueError, PermissionError):
-            pass
+        with contextlib.suppress(ValueError, PermissionError):  # (not a pid; another user's process)
+            try:
+                os.kill(int(stale.name.split(".")[-2]), 0)
+            except ProcessLookupError:
+                stale.unlink(missing_ok=True)
 
 
 def clean(obj: Any) -> Any:
@@ -75,8 +75,6 @@ def prediction_rows(
     """Per point (N, 2): the predicted class's label (None if probs are not finite), the
     probabilities, the true label (the data's; for quadrant classes without data, the point's
     quadrant, None on an axis) and, for quadrant classes, whether it lies on an axis."""
-    from quadnet.data import quadrant_class
-
     if truth is None:
         truth = quadrant_class(points) if quadrants else np.full(len(points), -1)
     rows = []
@@ -109,9 +107,8 @@ def versions() -> dict[str, str | None]:
     """What produced a run: the packages' versions, Python's, and quadnet's git commit in a checkout."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out: dict[str, str | None] = {}
-    for p in ("quadnet", "torch", "numpy", "hydra-core", "omegaconf"):
-        out[p] = None  # (a checkout on PYTHONPATH, not installed)
+    out: dict[str, str | None] = dict.fromkeys(("quadnet", "torch", "numpy", "hydra-core", "omegaconf"))
+    for p in out:  # (None: a checkout on PYTHONPATH, not installed)
         with contextlib.suppress(PackageNotFoundError):
             out[p] = version(p)
     out |= {"python": platform.python_version(), "git_commit": None}

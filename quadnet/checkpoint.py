@@ -72,9 +72,8 @@ def find(path: str | Path) -> Path:
     p = user_path(str(path))
     if p.is_dir():
         if (found := in_dir(p)) is None:
-            old = " (a quadnet 0.1/0.2 .pt checkpoint: convert it as the README's changelog says)" * any(
-                (p / n).is_file() for n in ("checkpoint.pt", "model.pt")
-            )
+            pt = any((p / n).is_file() for n in ("checkpoint.pt", "model.pt"))
+            old = " (a quadnet 0.1/0.2 .pt checkpoint: convert it as the README's changelog says)" * pt
             raise CheckpointError(f"{str(p)!r} holds no {CHECKPOINT}{old}")
         return found
     if not p.is_file():  # (a FIFO would block the read)
@@ -125,19 +124,13 @@ def _meta(meta: np.ndarray, where: str) -> tuple[dict[str, Any], TrainConfig]:
 def read(p: Path) -> dict[str, np.ndarray]:
     """A checkpoint file's arrays by name: meta, history, params/*, optimizer/*, each checked against
     what its meta implies before it is read; other members are never read."""
-    return _read(p)[0]
-
-
-def _read(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], TrainConfig]:
-    """:func:`read`, with the meta and config it checked them against."""
     where = repr(str(p))
     try:
         with zipfile.ZipFile(p) as z:
             text = lambda s, d: s == () and d.kind == "U" and d.itemsize <= 4 * META_CHARS  # noqa: E731
             out = {"meta": _member(z, "meta", where, text, f" is not a quadnet checkpoint (expected format {FORMAT})")}
             m, cfg = _meta(out["meta"], where)
-            n = len(METRIC_FIELDS)
-            rows = lambda s, d: d.kind == "f" and len(s) == 2 and s[0] <= m["epoch"] + 1 and s[1] == n  # noqa: E731
+            rows = lambda s, d: d.kind == "f" and s[1:] == (len(METRIC_FIELDS),) and s[0] <= m["epoch"] + 1  # noqa: E731
             metrics = f": damaged metrics: at most a row an epoch, each {', '.join(METRIC_FIELDS)}"
             out["history"] = _member(z, "history", where, rows, metrics)
             want = shapes(cfg.hidden_dim, len(m["classes"]))
@@ -149,7 +142,7 @@ def _read(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], TrainConfig]:
                     fits = lambda s, d, shape=shape: d.kind == "f" and s == shape  # noqa: E731
                     bad = f": its {what}{k} is not a float array of shape {shape}"
                     out[prefix + k] = _member(z, prefix + k, where, fits, bad)
-            return out, m, cfg
+            return out
     except CheckpointError:
         raise
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError):
@@ -162,7 +155,8 @@ def load(path: str | Path) -> dict[str, Any]:
     step), epoch, status, classes, history (rows of dicts), ``cfg`` (validated) and ``config`` (its
     dict). Raises :class:`CheckpointError`."""
     p = find(path)
-    f, meta, cfg = _read(p)
+    f = read(p)
+    meta, cfg = _meta(f["meta"], repr(str(p)))  # (as read checked it)
     params = {k[7:]: v.astype(np.float64) for k, v in f.items() if k.startswith("params/")}
     kept = dict.fromkeys(k.split("/")[1] for k in f if k.startswith("optimizer/"))  # (read gives each every param)
     bufs = {b: {k: f[f"optimizer/{b}/{k}"].astype(np.float64) for k in params} for b in kept}
@@ -190,15 +184,8 @@ def resume_check(ck: dict[str, Any], now: TrainConfig, data: Any) -> None:
                 f"it may change {', '.join(FREE[:-1])}"
             )
     if ck.get("data_sha256") not in (None, data.digest):  # (the paths may differ: the contents decide)
-        raise ConfigError(
-            f"cannot resume {ck['path']!r}: the data it names ({_where(data.config)}) is not the data it was "
-            "trained on (its contents differ)"
-        )
-    if ck["epoch"] > now.epochs:
-        raise ConfigError(
-            f"epochs={now.epochs} is below the checkpoint's epoch {ck['epoch']}; resume goes on from there"
-        )
-
-
-def _where(d: Any) -> str:
-    return f"data.path={d.path!r}" if d.name == "csv" else f"data={d.name}"
+        named = f"data.path={data.config.path!r}" if data.config.name == "csv" else f"data={data.config.name}"
+        why = f"the data it names ({named}) is not the data it was trained on (its contents differ)"
+        raise ConfigError(f"cannot resume {ck['path']!r}: {why}")
+    if (at := ck["epoch"]) > now.epochs:
+        raise ConfigError(f"epochs={now.epochs} is below the checkpoint's epoch {at}; resume goes on from there")

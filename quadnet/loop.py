@@ -29,8 +29,6 @@ from quadnet.exits import OOM
 from quadnet.model import initial_params
 
 log = logging.getLogger("quadnet")
-# a diverged job's last row
-NOT_FINITE = dict.fromkeys(METRICS, math.nan)
 FRAMES = 50  # training.gif's frames at most
 
 
@@ -59,11 +57,7 @@ def frame_epochs(epochs: int) -> set[int]:
 
 
 def fit(
-    engine: Any,
-    jobs: list[Job],
-    stop: Callable[[], bool],
-    save: Callable[[list[Job]], None] | None = None,
-    quiet: bool = False,
+    engine: Any, jobs: list[Job], stop: Callable[[], bool], save: Callable[[list[Job]], None] | None, quiet: bool
 ) -> None:
     """Train the jobs in `engine` (all at the same start epoch, sharing checkpoint_every); each logs
     at its own log points. `save(jobs)` is called at each checkpoint; quiet: no progress shown."""
@@ -73,15 +67,13 @@ def fit(
 
     def record(final: bool = False) -> None:
         """Metrics at this epoch for jobs at their log points (and frames for animations)."""
-        ms, rows = engine.metrics(), range(len(engine.rows))
-        pick = [
-            r for r in rows if final or epoch % every[engine.rows[r]] == 0 or jobs[engine.rows[r]].cfg.epochs == epoch
-        ]
+        ms = engine.metrics()
+        pick = [r for r, j in enumerate(engine.rows) if final or epoch % every[j] == 0 or jobs[j].cfg.epochs == epoch]
         for r in pick:
             j = jobs[engine.rows[r]]
             if not j.history or j.history[-1]["epoch"] != epoch:
                 j.history.append({"epoch": epoch, **ms[r]})
-        framed = [r for r in rows if epoch in frames[engine.rows[r]]]
+        framed = [r for r, j in enumerate(engine.rows) if epoch in frames[j]]
         for r, state in zip(framed, engine.export(framed), strict=True):
             jobs[engine.rows[r]].frames.append((epoch, state["params"]))
         # a loss that is not finite at a log point (after the last step, too) is a divergence
@@ -95,7 +87,7 @@ def fit(
             j.state, j.status, j.epoch = state, status, at[i] if isinstance(at, list) else at
             if status == "diverged":
                 j.history = [h for h in j.history if h["epoch"] < j.epoch]
-                j.history.append({"epoch": j.epoch, **NOT_FINITE})
+                j.history.append({"epoch": j.epoch, **dict.fromkeys(METRICS, math.nan)})  # its last row
         engine.keep([r for r in range(len(engine.rows)) if r not in set(rows)])
 
     def next_stop(j: int) -> int:
@@ -164,7 +156,9 @@ def progress(jobs: list[Job], start: int) -> Callable[..., None]:
     """A tqdm bar on a terminal (or as `progress=` says); else about ten plain lines a run."""
     c0, total = jobs[0].cfg, max(j.cfg.epochs for j in jobs)
     every = log_every(c0)
-    show = c0.progress if c0.progress is not None else _columns() > 0  # a terminal that says how wide it is
+    if (show := c0.progress) is None:  # a terminal that says how wide it is (`script -qc` says 0, or nothing)
+        with contextlib.suppress(OSError, ValueError):
+            show = sys.stderr.isatty() and os.get_terminal_size(sys.stderr.fileno()).columns > 0
     what = f"{len(jobs)} jobs" if len(jobs) > 1 else "epoch"
     if show and total > start:
         from tqdm import tqdm
@@ -188,18 +182,9 @@ def progress(jobs: list[Job], start: int) -> Callable[..., None]:
         if len(jobs) > 1:
             log.info("%s  %d of %d jobs training", head, left, len(jobs))
         elif h.get("epoch") == epoch:
-            figures = h["loss"], h["train_accuracy"], h["test_accuracy"]
-            log.info("%s  loss %.6g  train_acc %.3f  test_acc %.3f", head, *figures)
+            log.info("%s  loss %.6g  train_acc %.3f  test_acc %.3f", head, *(h[k] for k in METRICS[:3]))
 
     return lines
-
-
-def _columns() -> int:
-    """stderr's terminal width; 0 when it is no terminal, or one that reports none (`script -qc`)."""
-    try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
-    except (OSError, ValueError):
-        return 0
 
 
 def check_memory(c: TrainConfig, data: Any) -> None:

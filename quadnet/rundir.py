@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from quadnet import artifacts, checkpoint, exits, plots
+from quadnet import artifacts, checkpoint, exits, plots, tracking
 from quadnet.config import ConfigError, to_dict
 from quadnet.data import Dataset
+from quadnet.engines import METRICS
 from quadnet.engines.numpy import forward, softmax
 from quadnet.loop import Job
 
@@ -65,9 +66,8 @@ def discard(folder: Path) -> None:
     """A run's or sweep's dir that its lock made and that holds no training (Hydra's record alone: a
     run stopped before it trained, a sweep whose jobs Hydra refused) goes, with the dirs above it
     that the lock made."""
-    made = MADE.get(str(folder.resolve()), [])
     trained = any(folder.rglob(checkpoint.CHECKPOINT)) or any(folder.rglob("summary.json"))
-    if Path(folder.resolve()) in made and not trained:
+    if folder.resolve() in MADE.get(str(folder.resolve()), []) and not trained:
         shutil.rmtree(folder, ignore_errors=True)
         release(folder)
 
@@ -117,23 +117,13 @@ def write(
     title = f"hidden_dim={cfg.hidden_dim}{opt} lr={cfg.lr:g} reg={cfg.reg:g} seed={cfg.seed} · {job.epoch} epochs"
     with np.errstate(all="ignore"):  # a diverged run's weights are not finite
         probs = softmax(forward(params, data.x_test)[0])
-    summary = {
-        "status": job.status,
-        "epoch": job.epoch,
-        "epochs": cfg.epochs,
-        "final_loss": final["loss"],
-        **{key: final[key] for key in ("test_loss", "train_accuracy", "test_accuracy")},
-        **ran,
-        "dtype": cfg.dtype,
-        "run_dir": str(run_dir.resolve()),
-        "signal": signal.Signals(stop_signal).name if job.status == "interrupted" and stop_signal else None,
-        **(extra or {}),
-        "versions": artifacts.versions(),
-        "classes": list(data.classes),
-        "data_sha256": data.digest,
-        "predictions": artifacts.prediction_rows(data.x_test, probs, data.classes, data.y_test, data.quadrants),
-        "config": to_dict(cfg),
-    }
+    summary = {"status": job.status, "epoch": job.epoch, "epochs": cfg.epochs, "final_loss": final["loss"]}
+    summary |= {key: final[key] for key in ("test_loss", "train_accuracy", "test_accuracy")} | ran
+    stopped = signal.Signals(stop_signal).name if job.status == "interrupted" and stop_signal else None
+    summary |= {"dtype": cfg.dtype, "run_dir": str(run_dir.resolve()), "signal": stopped, **(extra or {})}
+    summary |= {"versions": artifacts.versions(), "classes": list(data.classes), "data_sha256": data.digest}
+    rows = artifacts.prediction_rows(data.x_test, probs, data.classes, data.y_test, data.quadrants)
+    summary |= {"predictions": rows, "config": to_dict(cfg)}
     checkpoint.save(run_dir / checkpoint.CHECKPOINT, checkpoint.of(job, job.status, data))
     artifacts.write_metrics(run_dir / "metrics.csv", job.history)
     artifacts.write_json(run_dir / "summary.json", summary)
@@ -142,7 +132,7 @@ def write(
 
         with SummaryWriter(log_dir=str(run_dir / "tensorboard")) as tb:
             for row in job.history:
-                for key in ("loss", "train_accuracy", "test_accuracy", "test_loss"):
+                for key in METRICS:
                     tb.add_scalar(key, row[key], int(row["epoch"]))
     try:  # a plot that cannot be drawn (memory, a font) costs the plot, not the run
         if cfg.plots and job.epoch > 0:  # (no matplotlib import for an untrained run)
@@ -154,20 +144,16 @@ def write(
     except Exception as e:
         log.warning("%s: plots not drawn: %s", run_dir, exits.OOM if exits.out_of_memory(e) else exits.one_line(e))
     if cfg.logger == "mlflow":  # (last: the store sees the dir's files; a store that fails is a note)
-        from quadnet.tracking import log_run
-
-        summary["tracking"] = log_run(summary, job.history, run_dir, sweep, end_sweep)
+        summary["tracking"] = tracking.log_run(summary, job.history, run_dir, sweep, end_sweep)
         artifacts.write_json(run_dir / "summary.json", summary)
     return summary
 
 
 def write_failed(
     run_dir: Path, error: BaseException | str, config: dict[str, Any] | None = None, overrides: list[str] | None = None
-) -> dict[str, Any]:
+) -> None:
     """A job that could not train: its dir says why, in one line (and which job it was: its overrides)."""
-    why = " ".join(str(error).split())
-    summary = {"status": "failed", "error": why, "versions": artifacts.versions(), "config": config}
-    summary |= {"overrides": overrides} if overrides is not None else {}
+    summary = {"status": "failed", "error": " ".join(str(error).split()), "versions": artifacts.versions()}
+    summary |= {"config": config} | ({"overrides": overrides} if overrides is not None else {})
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     artifacts.write_json(Path(run_dir) / "summary.json", summary)
-    return summary

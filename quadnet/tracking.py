@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quadnet.config import user_path
+from quadnet.config import flatten, user_path
 
 log = logging.getLogger("quadnet")
 STATUS = {"completed": "FINISHED", "interrupted": "KILLED", "diverged": "FAILED", "failed": "FAILED"}
@@ -129,10 +129,7 @@ def _log(summary: dict[str, Any], history: list[dict[str, float]], run_dir: Path
     tags |= {f"quadnet.{k}": str(summary[k]) for k in ("engine", "device", "error") if summary.get(k) is not None}
     tags |= {"mlflow.parentRunId": parent_id} if parent_id else {}
     run = client.create_run(experiment, run_name=name, tags=tags)
-    config = dict(summary.get("config") or {})
-    data = config.pop("data", None) or {}
-    flat = config | {f"data.{k}": v for k, v in data.items()}
-    params = [Param(k, "null" if v is None else str(v)) for k, v in flat.items()]
+    params = [Param(k, "null" if v is None else str(v)) for k, v in flatten(summary["config"]).items()]
     now, keys = int(time.time() * 1000), ("loss", "train_accuracy", "test_accuracy", "test_loss")
     metrics = [Metric(k, r[k], now, int(r["epoch"])) for r in history for k in keys if r.get(k) == r.get(k)]  # (no NaN)
     last = int(summary.get("epoch") or 0)

@@ -27,20 +27,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from quadnet import checkpoint, console, engines, exits, loop, rundir, sweep
-from quadnet.config import (
-    ConfigError,
-    TrainConfig,
-    check_installed,
-    compose,
-    config_dir,
-    flatten,
-    help_text,
-    one_line,
-    register_configs,
-    validate,
-    version_base,
-)
+from quadnet import checkpoint, config, console, engines, exits, loop, rundir, sweep
+from quadnet.config import ConfigError, TrainConfig, one_line
 from quadnet.data import Dataset, make_dataset
 from quadnet.device import describe, resolve_device
 
@@ -63,55 +51,40 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
     """Everything that can refuse a run, before anything is written: the config, the installs it
     needs, its data, the checkpoint it resumes (the keys the user set go on top of its config,
     under :func:`quadnet.checkpoint.resume_check`), and the dir. Raises ConfigError or CheckpointError."""
-    c = validate(cfg)
-    check_installed(c)
+    c = config.validate(cfg)
+    config.check_installed(c)
     if c.engine == "numba" and (why := engines.numba_error()):
         raise ConfigError(f"engine=numba: numba is installed but does not import ({why}); use engine=torch")
     ck = checkpoint.load(c.resume) if c.resume else None
-    if ck is not None:
-        merged = OmegaConf.create(ck["config"])
-        for key, value in _explicit(cfg, c, overrides).items():
-            OmegaConf.update(merged, key, value)
-        c = validate(OmegaConf.to_container(merged))
-        check_installed(c)
+    if ck is not None:  # the keys the user set: the command line's, a dict's own, else those not at their default
+        flat, merged = config.flatten(dataclasses.asdict(c)), OmegaConf.create(ck["config"])
+        if overrides is not None and isinstance(cfg, DictConfig):
+            keys = {"data.name" if k == "data" else k for k in (o.split("=", 1)[0].lstrip("+~") for o in overrides)}
+        elif isinstance(cfg, dict):
+            keys = set(config.flatten(cfg))
+        else:
+            keys = {k for k, v in config.flatten(dataclasses.asdict(TrainConfig())).items() if flat[k] != v}
+        for key in sorted(keys & set(flat)):
+            OmegaConf.update(merged, key, flat[key])
+        c = config.validate(OmegaConf.to_container(merged))
+        config.check_installed(c)
     data = make_dataset(c.data)
     c = dataclasses.replace(c, data=data.config)
     loop.check_memory(c, data)
     device = resolve_device(c.device if c.engine in ("auto", "torch") else "cpu")
-    refuse_earlier_run(out, c.resume)
+    # an earlier run's training is never lost: a dir that holds one is refused, unless resume= names it
+    here = checkpoint.in_dir(out)
+    if here is not None and not (c.resume and checkpoint.find(c.resume).resolve() == here.resolve()):
+        raise ConfigError(
+            f"{out} holds an earlier run (its {here.name}): {shlex.quote(f'resume={console.hydra_value(out)}')} "
+            "goes on from it (a sweep: run it again with hydra/launcher=batched), or choose another dir"
+        )
     if ck is None:
         job = loop.Job(c, loop.start_state(c, data.num_classes))
     else:
         checkpoint.resume_check(ck, c, data)
         job = loop.Job(c, ck["state"], ck["epoch"], ck["history"])
     return Prepared(job, data, device, Path(out), list(overrides or []))
-
-
-def _explicit(cfg: Any, c: TrainConfig, overrides: list[str] | None) -> dict[str, Any]:
-    """The keys the user set, with their values: the command line's, a dict's own, else those not
-    at their default."""
-    flat = flatten(dataclasses.asdict(c))
-    if overrides is not None and isinstance(cfg, DictConfig):
-        keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-        keys = {"data.name" if k == "data" else k for k in keys}
-    elif isinstance(cfg, dict):
-        keys = set(flatten(cfg))
-    else:
-        default = flatten(dataclasses.asdict(TrainConfig()))
-        keys = {k for k, v in default.items() if flat[k] != v}
-    return {k: flat[k] for k in sorted(keys & set(flat))}
-
-
-def refuse_earlier_run(out: Path, resume: str | None) -> None:
-    """An earlier run's training is never lost: a run into a dir that holds one is refused, unless
-    resume= names that dir (or its very checkpoint)."""
-    here = checkpoint.in_dir(out)
-    if here is not None and not (resume and checkpoint.find(resume).resolve() == here.resolve()):
-        raise ConfigError(
-            f"{out} holds an earlier run (its {here.name}): "
-            f"{shlex.quote(f'resume={console.hydra_value(out)}')} goes on from it "
-            "(a sweep: run it again with hydra/launcher=batched), or choose another dir"
-        )
 
 
 def train(
@@ -121,10 +94,13 @@ def train(
 
     Raises ConfigError or CheckpointError for bad input before anything is written, and
     :class:`quadnet.exits.Stopped` after the dir is written when a signal came as it was."""
-    p = cfg if isinstance(cfg, Prepared) else prepare(cfg, Path(run_dir) if run_dir else _default_run_dir())
+    hc = HydraConfig.get() if HydraConfig.initialized() else None  # (a job Hydra runs: its dirs)
+    if not isinstance(cfg, Prepared):  # outside Hydra, the run dir is the one train.yaml names (outputs/<time>)
+        run_dir = run_dir or (hc.runtime.output_dir if hc else config.compose([], with_hydra=True).hydra.run.dir)
+        cfg = prepare(cfg, Path(run_dir))
+    p = cfg
     rundir.lock(p.out, "run")
-    job, c = p.job, p.job.cfg
-    device = p.device
+    job, c, device = p.job, p.job.cfg, p.device
     what = f"{c.data.name} data, hidden_dim={c.hidden_dim}, {c.epochs} epochs"
     what += f", {engines.engine_name(c, device, p.data.num_classes)} engine, {c.optimizer}"
     resumed = f"; resuming at epoch {job.epoch}" if job.epoch else ""
@@ -140,24 +116,11 @@ def train(
         p.out.mkdir(parents=True, exist_ok=True)
         label, engine, _, seconds = loop.train_batch([job], p.data, device, stop, save)
         ran = {"train_seconds": seconds, "device": label, "engine": engine, "overrides": p.overrides}
-        summary = rundir.write(p.out, job, p.data, ran, stop.signal, sweep=_sweep_dir())
+        in_sweep = Path(hc.runtime.cwd, hc.sweep.dir) if hc and hc.mode == RunMode.MULTIRUN else None
+        summary = rundir.write(p.out, job, p.data, ran, stop.signal, sweep=in_sweep)
     if stop.signal is not None and job.status != "interrupted":  # it came as the dir was written
         raise exits.Stopped(stop.signal, f"{exits.KEPT}: {summary['run_dir']} was written")
     return summary
-
-
-def _sweep_dir() -> Path | None:
-    """The sweep dir of a job Hydra runs in a sweep; None for a single run."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    return Path(HydraConfig.get().runtime.cwd, HydraConfig.get().sweep.dir)
-
-
-def _default_run_dir() -> Path:
-    """Hydra's run dir for this job; outside Hydra, the one train.yaml names (outputs/<time>)."""
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path(compose([], with_hydra=True).hydra.run.dir)
 
 
 def run(*overrides: str, run_dir: str | Path | None = None, **keys: Any) -> dict[str, Any]:
@@ -167,19 +130,15 @@ def run(*overrides: str, run_dir: str | Path | None = None, **keys: Any) -> dict
     ``hydra.run.dir=…`` or ``run_dir=`` picks the dir. Each call composes afresh, so it can be called
     again in the same process (a notebook). The run dir holds the run's files, without Hydra's
     ``.hydra/`` record and log, which only the command line writes."""
-    lines = [*overrides, *(f"{k}={_value(v)}" for k, v in keys.items())]
+    values = {k: "null" if v is None else str(v).lower() if isinstance(v, bool) else v for k, v in keys.items()}
+    lines = [*overrides, *(f"{k}={v}" for k, v in values.items())]
     try:
-        cfg = compose(lines, with_hydra=True)
+        cfg = config.compose(lines, with_hydra=True)
     except (*HYDRA_ERRORS, ValueError) as e:  # in the command line's words
         raise ConfigError(one_line(e)) from None
-    out = Path(run_dir if run_dir is not None else cfg.hydra.run.dir)
-    summary = train(prepare(cfg, out, lines))
+    summary = train(prepare(cfg, Path(run_dir if run_dir is not None else cfg.hydra.run.dir), lines))
     console.headline(summary)
     return summary
-
-
-def _value(v: Any) -> str:
-    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 # ---------------------------------------------------------------------- under Hydra
@@ -256,44 +215,39 @@ def task(cfg: DictConfig) -> float:
         if checkpoint.in_dir(out) is None:  # an earlier run's dir stays as it was
             rundir.write_failed(out, e, overrides=overrides)
         raise
-    rundir.lock(out, "run")
-    try:
-        summary = train(p)
+    try:  # (train holds the dir)
+        return console.conclude(train(p), single_run=False, sweep=_sweep)
     finally:
         rundir.unlock(out)
-    return console.conclude(summary, single_run=False, sweep=_sweep)
 
 
 def main() -> None:
     """``python -m quadnet.train``: Hydra's command line around :func:`task`."""
     with exits.command(exits.KEPT, one_line, HYDRA_ERRORS):
         if any(a in ("-h", "--help") for a in sys.argv[1:]):
-            print(help_text())
+            print(config.help_text())
             return
         if not sys.stderr.isatty():  # no colour codes in logs and pipes (Optuna's colorlog honours this)
             os.environ.setdefault("NO_COLOR", "1")
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's errors raised, to be put in one line
-        _check_flags(sys.argv[1:], bool(version_base()))
-        register_configs()
+        _check_flags(sys.argv[1:], bool(config.version_base()))
+        config.register_configs()
         logging.raiseExceptions = False  # a reader that stops reading (| head) does not stop the run
         # Hydra 1.4 asks which targets a config may instantiate: quadnet's own (its callbacks)
-        trusted = version_base() or {"execution_whitelist": ("quadnet.*",)}
+        trusted = config.version_base() or {"execution_whitelist": ("quadnet.*",)}
         try:
-            hydra.main(config_path=config_dir(), config_name="train", **trusted)(task)()
-        except exits.Stopped as e:  # a sweep's jobs were stopped: the command that goes on with them
-            for made in (_prepared and _prepared.out, _sweep):  # stopped before it trained: the dir it made goes
-                if made:
-                    rundir.discard(made)
-            if _sweep is None:
-                raise
-            again = f"go on with the sweep: {console.resume_sweep(_sweep)}"
-            raise exits.Stopped(e.signum, f"{e.message or exits.KEPT}; {again}") from None
-        except Exception as e:  # Hydra raises a failed job's error once every job has run: the closing line first
-            if _sweep is not None and (ends := sweep_ends(_multirun)):
+            hydra.main(config_path=config.config_dir(), config_name="train", **trusted)(task)()
+        except (exits.Stopped, Exception) as e:
+            # Hydra raises a failed job's error once every job has run: the closing line first
+            if not isinstance(e, exits.Stopped) and _sweep is not None and (ends := sweep_ends(_multirun)):
                 console.closing_line(ends, _sweep)
-            for made in (_prepared and _prepared.out, _sweep):  # Hydra refused its jobs or could not write
+            # a run stopped before it trained, or jobs Hydra refused or could not write: the dir it made goes
+            for made in (_prepared and _prepared.out, _sweep):
                 if made:
                     rundir.discard(made)
+            if isinstance(e, exits.Stopped) and _sweep is not None:  # a sweep's jobs stopped: the command that goes on
+                again = f"go on with the sweep: {console.resume_sweep(_sweep)}"
+                raise exits.Stopped(e.signum, f"{e.message or exits.KEPT}; {again}") from None
             if isinstance(e, OSError) and e.errno is not None and not isinstance(e, BrokenPipeError):  # Hydra's writes
                 where = e.filename or (f"the run dir {_prepared.out} (hydra.run.dir)" if _prepared else "the sweep dir")
                 raise exits.unwritable(e, where) from None
@@ -303,10 +257,9 @@ def main() -> None:
 def _check_flags(argv: list[str], hydra_13: bool) -> None:
     """Hydra's own flags parsed as Hydra parses them, with one-line errors instead of its usage block."""
 
-    def bad(message: str) -> None:
-        if hydra_13 and "=" in message:  # overrides after a flag
-            message += " (Hydra 1.3 takes its flags, such as -m, before the overrides)"
-        exits.fail(f"{message}; see --help for quadnet's keys and --hydra-help for Hydra's options")
+    def bad(message: str) -> None:  # ("=": overrides after a flag)
+        hint = " (Hydra 1.3 takes its flags, such as -m, before the overrides)" if hydra_13 and "=" in message else ""
+        exits.fail(f"{message}{hint}; see --help for quadnet's keys and --hydra-help for Hydra's options")
 
     parser = get_args_parser()
     parser.error = bad  # type: ignore[method-assign]
