@@ -90,18 +90,13 @@ def build(cfgs: list[TrainConfig], data: Any, starts: list[dict[str, Any]], devi
     """The engine for a batch of jobs on a device (one job for engine=numpy). threads=0 is every
     usable CPU for numba (its threads do not slow down beside busy processes) and one for torch
     (torch's threads contend with a busy process for tensors this small)."""
-    name, c0 = engine_name(cfgs[0], device, data.num_classes), cfgs[0]
+    name = engine_name(cfgs[0], device, data.num_classes)
     if name == "numpy":
-        from quadnet.engines.numpy import NumpyEngine
-
-        return NumpyEngine(cfgs, data, starts)
+        return importlib.import_module("quadnet.engines.numpy").NumpyEngine(cfgs, data, starts)
+    threads = min(cfgs[0].threads or (usable_cpus() if name == "numba" else 1), usable_cpus())
     if name == "numba":
-        from quadnet.engines.numba import NumbaEngine
-
-        return NumbaEngine(cfgs, data, starts, min(c0.threads or usable_cpus(), usable_cpus()))
-    from quadnet.engines.torch import TorchEngine
-
-    return TorchEngine(cfgs, data, device, starts, min(c0.threads or 1, usable_cpus()))
+        return importlib.import_module("quadnet.engines.numba").NumbaEngine(cfgs, data, starts, threads)
+    return importlib.import_module("quadnet.engines.torch").TorchEngine(cfgs, data, device, starts, threads)
 
 
 def usable_cpus() -> int:

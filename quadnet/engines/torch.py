@@ -119,11 +119,8 @@ class TorchEngine:
         """Jobs at `rows`: their parameters and optimizer buffers, unpadded, float64 NumPy."""
         dims = [self.cfgs[self.rows[r]].hidden_dim for r in rows]
         bufs = {n: model.unstack(b, rows, dims) for n, b in self.state.items()}
-        params = model.unstack(self.params, rows, dims)
-        step = int(self.t)  # (one host sync)
-        return [
-            {"params": p, "optimizer": {n: b[i] for n, b in bufs.items()}, "step": step} for i, p in enumerate(params)
-        ]
+        ps, step = model.unstack(self.params, rows, dims), int(self.t)  # (int: one host sync)
+        return [{"params": p, "optimizer": {n: b[i] for n, b in bufs.items()}, "step": step} for i, p in enumerate(ps)]
 
     def keep(self, rows: list[int]) -> None:
         """Drop every job but those at `rows` (the batch shrinks; a CUDA graph is captured again)."""
