@@ -81,14 +81,12 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
         e.run(2, lambda: False)  # (buffers, caches, a CUDA graph)
         return _timed(e.run, steps, lambda: False) / steps * 10000 / jobs * 1000
 
-    rows = []
-    for j in sizes:
-        row: dict[str, Any] = {"jobs": j, "limit_ms": limit}
+    rows: list[dict[str, Any]] = [{"jobs": j, "limit_ms": limit} for j in sizes]
+    for row, j in zip(rows, sizes, strict=True):
         for name, (engine, step, device) in variants.items():
             if {"numpy": j == 1, "numba": find_spec("numba"), "cuda": torch.cuda.is_available()}.get(name, True):
                 ms = min(ms_per_job(j, engine, step, device) for _ in range(repeat))
                 row |= {f"{name}_ms": ms, f"{name}_x_limit": ms / limit}
-        rows.append(row)
     return rows
 
 

@@ -79,20 +79,24 @@ def shapes(hidden: int, classes: int = 4) -> dict[str, tuple[int, ...]]:
     return {"W1": (INPUT_DIM, hidden), "b1": (hidden,), "W2": (hidden, classes), "b2": (classes,)}
 
 
-def stack(jobs: list[Params], hidden: int, dtype: Any, device: Any) -> list[Tensor]:
-    """Jobs' parameters (or optimizer buffers) stacked (J, …), narrower nets zero-padded to `hidden`.
-
-    Padded units stay exactly zero: their pre-activation is 0, so ReLU passes no gradient."""
-    import torch
-
+def padded(jobs: list[Params], hidden: int) -> list[np.ndarray]:
+    """Jobs' parameters (or optimizer buffers) stacked (J, …) in float64, a bias as a row (J, 1, …), narrower
+    nets zero-padded to `hidden`. Padded units stay exactly zero: their pre-activation is 0, so ReLU passes no
+    gradient."""
     out = []
     for name, shape in shapes(hidden, len(jobs[0]["b2"])).items():
-        t = np.zeros((len(jobs), *shape) if len(shape) == 2 else (len(jobs), 1, *shape))  # a bias as a row
+        t = np.zeros((len(jobs), *shape))
         for j, p in enumerate(jobs):
-            v = p[name].reshape(-1, p[name].shape[-1])
-            t[j, : v.shape[0], : v.shape[1]] = v
-        out.append(torch.as_tensor(t, dtype=dtype, device=device))
-    return lay_out(out)
+            t[(j, *map(slice, p[name].shape))] = p[name]
+        out.append(t.reshape(len(jobs), -1, shape[-1]))
+    return out
+
+
+def stack(jobs: list[Params], hidden: int, dtype: Any, device: Any) -> list[Tensor]:
+    """:func:`padded` as tensors on a device, laid out for the torch engine (:func:`lay_out`)."""
+    import torch
+
+    return lay_out([torch.as_tensor(t, dtype=dtype, device=device) for t in padded(jobs, hidden)])
 
 
 def lay_out(tensors: list[Tensor]) -> list[Tensor]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from numba import config, njit
 
-from quadnet import optim
+from quadnet import model, optim
 from quadnet.engines import metric_rows, saved_buffers
 from quadnet.exits import one_line
 from quadnet.model import PARAMS
@@ -111,8 +111,7 @@ def train(blocks: Any, m: Any, v: Any, hyp: Any, bad: Any, x: Any, onehot: Any, 
     w2, b2 = 3 * h_dim, 3 * h_dim + h_dim * n_cls
     a, z = np.empty((n, h_dim, lanes), blocks.dtype), np.empty((n, n_cls, lanes), blocks.dtype)
     g, da = np.empty((rows, lanes), blocks.dtype), np.empty((n, lanes), blocks.dtype)
-    top, total, finite = np.empty(lanes), np.empty(lanes), np.empty(lanes)
-    bc1, bc2 = np.empty(lanes), np.empty(lanes)
+    top, total, finite, bc1, bc2 = np.empty(lanes), np.empty(lanes), np.empty(lanes), np.empty(lanes), np.empty(lanes)
     p, lr, reg, mom = blocks[k], hyp[k, 0], hyp[k, 1], hyp[k, 2]
     for step in range(steps):
         # forward, and the mean cross-entropy's gradient in the logits (z, in place)
@@ -185,15 +184,8 @@ def train(blocks: Any, m: Any, v: Any, hyp: Any, bad: Any, x: Any, onehot: Any, 
                     pr[j] -= lr[j] / bc1[j] * mr[j] / (math.sqrt(vr[j]) / bc2[j] + hyp[k, 5, j])
 
 
-def to_rows(p: dict[str, np.ndarray], h_dim: int) -> np.ndarray:
-    """One job's parameters (seed layout; narrower nets zero-padded to h_dim) as a column of rows."""
-    pad = h_dim - len(p["b1"])  # (hidden units: W1's columns, b1's entries, W2's rows)
-    pads = {"W1": [(0, 0), (0, pad)], "b1": [(0, pad)], "W2": [(0, pad), (0, 0)], "b2": [(0, 0)]}
-    return np.concatenate([np.pad(p[k].astype(np.float64), pads[k]).ravel() for k in PARAMS])
-
-
 def from_rows(col: np.ndarray, h_dim: int, h: int, n_cls: int) -> dict[str, np.ndarray]:
-    """The inverse of :func:`to_rows`: a job's parameters in the seed layout, h hidden units, float64."""
+    """A job's parameters in the seed layout, h hidden units, float64, from its column of rows."""
     col = col.astype(np.float64)
     w1 = np.stack([col[:h], col[h_dim : h_dim + h]])
     w2 = col[3 * h_dim : 3 * h_dim + h_dim * n_cls].reshape(h_dim, n_cls)[:h]
@@ -211,7 +203,8 @@ class NumbaEngine:
         self.x, self.data = data.x_train.astype(self.dtype), data
         self.onehot = np.eye(self.n_cls, dtype=self.dtype)[data.y_train.clip(0)]  # (as the torch engine)
         self.t, self.rows = starts[0].get("step", 0), list(range(len(cfgs)))
-        cols = lambda ps: np.stack([to_rows(p, self.h_dim) for p in ps], 1)  # noqa: E731
+        # jobs' parameters as columns of rows (rows, J), in the order model.padded flattens them
+        cols = lambda ps: np.concatenate([t.reshape(len(ps), -1) for t in model.padded(ps, self.h_dim)], 1).T  # noqa: E731
         # the kernel's m and v: zeros where the rule keeps fewer buffers
         saved = [cols(b) for b in saved_buffers(starts, (*self.buffers, "m", "v")[:2]).values()]
         hyp = np.array([[float(getattr(c, k)) for c in self.cfgs] for k in HYPER_ROWS])

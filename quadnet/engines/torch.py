@@ -32,18 +32,17 @@ class TorchEngine:
     def __init__(
         self, cfgs: list[TrainConfig], data: Dataset, device: str, starts: list[JobState], threads: int = 1
     ) -> None:
-        c0, device = cfgs[0], torch.device(device)
+        c0, device, hidden = cfgs[0], torch.device(device), max(c.hidden_dim for c in cfgs)
         self.cfgs, self.device, self.dtype, self.threads = cfgs, device, getattr(torch, c0.dtype), threads
         self.name, self.rule, self.autograd = f"torch/{c0.step}", c0.optimizer, c0.step == "autograd"
-        self.hidden = max(c.hidden_dim for c in cfgs)
         as_t = lambda a: torch.as_tensor(np.asarray(a), dtype=self.dtype, device=device)  # noqa: E731
         self.x, self.x_test = as_t(data.x_train), as_t(data.x_test)
         self.y, self.y_test = (torch.as_tensor(y, device=device) for y in (data.y_train, data.y_test))
         self.onehot = F.one_hot(self.y.clamp_min(0), data.num_classes).to(self.dtype)
-        self.params = model.stack([s["params"] for s in starts], self.hidden, self.dtype, device)
+        self.params = model.stack([s["params"] for s in starts], hidden, self.dtype, device)
         self.h = {n: v if isinstance(v, float) else as_t(v).view(-1, 1, 1) for n, v in optim.hyper(cfgs).items()}
         saved = saved_buffers(starts, optim.buffers(self.rule, self.h))
-        self.state = {n: model.stack(b, self.hidden, self.dtype, device) for n, b in saved.items()}
+        self.state = {n: model.stack(b, hidden, self.dtype, device) for n, b in saved.items()}
         # steps taken (Adam's bias correction)
         self.t = torch.full((), starts[0].get("step", 0), dtype=self.dtype, device=device)
         self.rows = list(range(len(cfgs)))  # the caller's index of each job still here
