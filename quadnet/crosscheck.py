@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 from typing import Any
 
 import numpy as np
@@ -68,7 +67,7 @@ def check(cfg: TrainConfig, state: dict[str, Any] | None = None) -> dict[str, An
     figures = {"loss_along_the_way": along, "final_weights": final, "test_probs": probs}
     compared = {n: {k: max_abs_diff(f[n], f["numpy"]) for k, f in figures.items()} for n in engines if n != "numpy"}
     # the log step at which each engine's loss became non-finite (None: never)
-    bad = {n: next((e for e, v in zip(at, a, strict=True) if not math.isfinite(v)), None) for n, a in along.items()}
+    bad = {n: next((e for e, v in zip(at, a, strict=True) if not np.isfinite(v)), None) for n, a in along.items()}
     # gradients on the same weights: at the start and at the end of training
     p = {k: v.copy() for k, v in state["params"].items()}
     pairs = (("initial", p), ("final", final["numpy"]))

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import importlib.util
 import logging
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -103,11 +101,10 @@ def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity mask (SLURM sets it) and a cgroup quota
     (``docker --cpus`` sets it); not ``os.cpu_count()``, the machine's."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    v1 = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
-    for read in (lambda: Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2],  # cgroup v2, then v1
-                 lambda: [v1.read_text(), v1.with_name("cpu.cfs_period_us").read_text()]):  # fmt: skip
+    v1 = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+    for files in (["/sys/fs/cgroup/cpu.max"], v1):  # cgroup v2 (both in one file), then v1
         with contextlib.suppress(OSError, ValueError):
-            quota, period = (v.strip() for v in read())
+            quota, period = " ".join(Path(f).read_text() for f in files).split()[:2]
             if quota not in ("max", "-1"):
-                n = min(n, max(1, math.ceil(int(quota) / int(period))))
+                n = min(n, max(1, -(-int(quota) // int(period))))  # (quota / period, rounded up)
     return n

@@ -27,7 +27,6 @@ from numba import config, njit
 from quadnet import model, optim
 from quadnet.engines import metric_rows, saved_buffers
 from quadnet.exits import one_line
-from quadnet.model import PARAMS
 
 log = logging.getLogger("quadnet")
 
@@ -189,7 +188,7 @@ def from_rows(col: np.ndarray, h_dim: int, h: int, n_cls: int) -> dict[str, np.n
     col = col.astype(np.float64)
     w1 = np.stack([col[:h], col[h_dim : h_dim + h]])
     w2 = col[3 * h_dim : 3 * h_dim + h_dim * n_cls].reshape(h_dim, n_cls)[:h]
-    return dict(zip(PARAMS, (w1, col[2 * h_dim : 2 * h_dim + h], w2.copy(), col[-n_cls:].copy()), strict=True))
+    return dict(zip(model.PARAMS, (w1, col[2 * h_dim : 2 * h_dim + h], w2.copy(), col[-n_cls:].copy()), strict=True))
 
 
 class NumbaEngine:
@@ -225,8 +224,7 @@ class NumbaEngine:
 
     def _pack(self, params: np.ndarray, m: np.ndarray, v: np.ndarray, hyp: np.ndarray) -> None:
         """Job columns (rows, J) into blocks (B, rows, L); padding lanes are zero (lr 0: they never move)."""
-        jobs = params.shape[1]
-        n_blocks = -(-jobs // LANES)
+        jobs, n_blocks = params.shape[1], -(-params.shape[1] // LANES)
         lanes = -(-jobs // n_blocks)
         lanes = lanes if lanes < 8 else -(-lanes // 8) * 8  # whole vectors
 
@@ -242,14 +240,13 @@ class NumbaEngine:
     def run(self, n: int, stop: Callable[[], bool]) -> tuple[int, list[int]]:
         """Up to n steps of every job, in calls short enough that stop() is asked often between them;
         returns the steps done and, per job, the first whose loss was not finite (-1: none)."""
-        n_blocks, lanes = self.blocks.shape[0], self.blocks.shape[2]
-        bad, done = np.full((n_blocks, lanes), -1, np.int64), 0
-        per_call = max(1, min(10_000, int(3e7 // (n_blocks * lanes * self.h_dim * (len(self.x) + 1)))))
+        bad, done = np.full(self.blocks.shape[::2], -1, np.int64), 0  # (B, L)
+        per_call = max(1, min(10_000, int(3e7 // (bad.size * self.h_dim * (len(self.x) + 1)))))
         while done < n and not (done and stop()):
             k = min(n - done, per_call)
             arrays = (self.blocks, self.m, self.v, self.hyp, bad, self.x, self.onehot)
             block = functools.partial(train, *arrays, self.h_dim, self.rule, self.t + done, done, k)
-            list(_pool(min(self.threads, n_blocks)).map(block, range(n_blocks)))  # (a task a block)
+            list(_pool(min(self.threads, len(bad))).map(block, range(len(bad))))  # (a task a block)
             done += k
         self.t += done if self.rule == 2 else 0  # (Adam's step count, as the torch engine keeps it)
         return done, bad.reshape(-1)[: len(self.rows)].tolist()

@@ -59,8 +59,7 @@ class TorchEngine:
             with torch.enable_grad():
                 leaves = [p.detach().requires_grad_() for p in self.params]  # (their storage: updated in place)
                 logits = model.forward(leaves, self.x)[1]
-                y = self.y.repeat(logits.numel() // logits.shape[-1] // len(self.y))
-                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="sum")
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.y.repeat(len(logits)), reduction="sum")
                 grads = list(torch.autograd.grad(nll / self.x.shape[0], leaves))
             loss = torch.log_softmax(logits.detach(), dim=-1).sum((-2, -1))
         else:
