@@ -185,9 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     # the rows as an aligned table, a column a key ("-" where a row has none), numbers right-aligned
     keys = list(dict.fromkeys(k for r in rows for k in r))
     text = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.get(k, "-") for k in keys)] for r in rows]
-    cells = [keys, *text]
-    widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
-    for line in cells:
+    widths = [max(map(len, column)) for column in zip(keys, *text, strict=True)]
+    for line in [keys, *text]:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
 
 

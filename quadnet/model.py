@@ -60,8 +60,7 @@ def initial_params(hidden_dim: int, seed: int, init: str, classes: int = 4) -> P
     under ``torch.manual_seed(seed)``.
     """
     if init == "normal":
-        rs = getattr(_rngs, "rs", None) or np.random.RandomState()  # re-seeded: cheaper than a new one
-        _rngs.rs = rs
+        rs = _rngs.rs = getattr(_rngs, "rs", None) or np.random.RandomState()  # re-seeded: cheaper than a new one
         rs.seed(seed)
         w1, w2 = rs.randn(INPUT_DIM, hidden_dim), rs.randn(hidden_dim, classes)
         return {"W1": w1, "b1": np.zeros(hidden_dim), "W2": w2, "b2": np.zeros(classes)}

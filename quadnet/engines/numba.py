@@ -138,18 +138,17 @@ def train(blocks: Any, m: Any, v: Any, hyp: Any, bad: Any, x: Any, onehot: Any, 
             if finite[j] != 0.0 and bad[k, j] < 0:
                 bad[k, j] = done + step
         # backward: g holds the gradients without the L2 term
+        g[:] = 0.0
         for h in range(h_dim):
             da[:] = 0.0
             for c in range(n_cls):
                 w, gw = p[w2 + h * n_cls + c], g[w2 + h * n_cls + c]
-                gw[:] = 0.0
                 for i in range(n):
                     zc, ah, di = z[i, c], a[i, h], da[i]
                     for j in range(lanes):
                         gw[j] += ah[j] * zc[j]
                         di[j] += zc[j] * w[j]
             g0, g1, gb = g[h], g[h_dim + h], g[2 * h_dim + h]
-            g0[:], g1[:], gb[:] = 0.0, 0.0, 0.0
             for i in range(n):
                 x0, x1, ah, di = x[i, 0], x[i, 1], a[i, h], da[i]
                 for j in range(lanes):
@@ -159,7 +158,6 @@ def train(blocks: Any, m: Any, v: Any, hyp: Any, bad: Any, x: Any, onehot: Any, 
                     g1[j] += x1 * d
         for c in range(n_cls):
             gc = g[b2 + c]
-            gc[:] = 0.0
             for i in range(n):
                 gc += z[i, c]
         # the update, torch.optim's rules; weights (not biases) decay by reg
@@ -218,8 +216,8 @@ class NumbaEngine:
             self._warm_up()
 
     def _warm_up(self) -> None:
-        nothing = np.full(self.blocks.shape[::2], -1, np.int64)  # (no steps of block 0)
-        train(self.blocks, self.m, self.v, self.hyp, nothing, self.x, self.onehot, 1, 0, 0, 0, 0, 0)
+        # (no steps of block 0: its bad steps, an int64 (B, L) array in a run, are not read)
+        train(self.blocks, self.m, self.v, self.hyp, np.empty((0, 0), np.int64), self.x, self.onehot, 1, 0, 0, 0, 0, 0)
         logits(self.blocks[:0], self.x, 1, self.n_cls)
 
     def _pack(self, params: np.ndarray, m: np.ndarray, v: np.ndarray, hyp: np.ndarray) -> None:
