@@ -135,8 +135,8 @@ def bench_sweep(a: argparse.Namespace) -> list[dict[str, Any]]:
             store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}  # (its tables made first, not timed)
             _sweep(1, "batched", d / "store", ["epochs=1", "logger=mlflow"], store)
             tm = _sweep(a.jobs, "batched", d / "logged", [*extra, "plots=false", "logger=mlflow"], store)[0]
-    basic, found = (tk - t1) / (sample - 1), _PHASES.findall(output)
-    basic = basic if basic > 0 else math.nan  # (noise larger than a job: no figure rather than a negative one)
+    # (noise larger than a job: no figure rather than a negative one)
+    basic, found = max((tk - t1) / (sample - 1), 0.0) or math.nan, _PHASES.findall(output)
     if not found and done == a.jobs:
         fail("the batched launcher's timing line was not in its output (quadnet.sweep.TIMING_LINE)", 1)
     # (no timing line from a sweep stopped before it launched)
@@ -167,11 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("--busy", type=int, default=0, help="CPU-bound processes to run beside it")
     sweep.add_argument("--mlflow", action="store_true", help="also the batched sweep with logger=mlflow")
     sweep.add_argument("--seconds", type=int, default=0, help="stop the batched sweep after this: its rate, projected")
+    parser.set_defaults(repeat=1, epochs=1, sample=1, busy=0, seconds=0)  # (what the other subcommand does not take)
     args = parser.parse_args(argv)
-    given = vars(args)
-    sizes = [int(j) if j.strip().isdigit() else 0 for j in str(given.get("jobs", 1)).split(",")]  # sweep: one
-    low = min(sizes + [given.get(k, 1) for k in ("repeat", "epochs", "sample")])
-    if low < 1 or min(given.get(k, 0) for k in ("busy", "seconds")) < 0:
+    sizes = [int(j) if j.strip().isdigit() else 0 for j in str(args.jobs).split(",")]  # sweep: one
+    if min(*sizes, args.repeat, args.epochs, args.sample) < 1 or min(args.busy, args.seconds) < 0:
         parser.error("--repeat, --epochs, --jobs and --sample must be whole numbers >= 1; --busy, --seconds >= 0")
     if args.what == "step" and max(sizes) > 16384:  # (sweep.CUDA_CHUNK: the most jobs a sweep composes at once)
         parser.error(f"--jobs {max(sizes)} is not allowed: bench step takes batches of up to 16384 jobs")

@@ -112,7 +112,5 @@ def unstack(tensors: list[Tensor], rows: list[int], hidden_dims: list[int]) -> l
     import torch
 
     w1, b1, w2, b2 = (t.detach().to("cpu", torch.float64).numpy() for t in tensors)
-    return [
-        {"W1": w1[r, :, :h].copy(), "b1": b1[r, 0, :h].copy(), "W2": w2[r, :h].copy(), "b2": b2[r, 0].copy()}
-        for r, h in zip(rows, hidden_dims, strict=True)
-    ]
+    job = lambda r, h: (w1[r, :, :h].copy(), b1[r, 0, :h].copy(), w2[r, :h].copy(), b2[r, 0].copy())  # noqa: E731
+    return [dict(zip(PARAMS, job(r, h), strict=True)) for r, h in zip(rows, hidden_dims, strict=True)]

@@ -45,8 +45,8 @@ def metric_rows(xp: Any, logits: Callable[[Any], Any], train: tuple, test: tuple
             top = xp.amax(z, axis=-1, keepdims=True)
             logp = z - top - xp.log(xp.exp(z - top).sum(-1, keepdims=True))
             figures += [-logp[:, range(len(y)), y].mean(-1), xp.mean(z.argmax(-1) == y, axis=-1, dtype=xp.float64)]
-    loss, train_acc, test_loss, test_acc = figures
-    table = xp.stack([loss, train_acc, test_acc, test_loss]).tolist()  # in METRICS' order
+    # in METRICS' order: the train loss and accuracy, then the test accuracy and loss
+    table = xp.stack([figures[i] for i in (0, 1, 3, 2)]).tolist()
     return [dict(zip(METRICS, row, strict=True)) for row in zip(*table, strict=True)]
 
 
@@ -64,7 +64,6 @@ def numba_error() -> str | None:
             importlib.import_module("quadnet.engines.numba")
     except Exception as e:
         return one_line(e)
-    return None
 
 
 @functools.cache
@@ -78,10 +77,9 @@ def numba_usable() -> bool:
 def engine_name(c: TrainConfig, device: str, classes: int) -> str:
     """What trains a job: engine=auto is numba on the cpu when it is installed, the step is fused and
     the classes are few enough (:data:`NUMBA_MAX_CLASSES`), else torch."""
-    if c.engine == "auto":
-        fast = c.step == "fused" and device == "cpu" and classes <= NUMBA_MAX_CLASSES
-        return "numba" if fast and numba_usable() else f"torch/{c.step}"
-    return f"torch/{c.step}" if c.engine == "torch" else c.engine
+    if c.engine == "auto" and c.step == "fused" and device == "cpu" and classes <= NUMBA_MAX_CLASSES and numba_usable():
+        return "numba"
+    return f"torch/{c.step}" if c.engine in ("auto", "torch") else c.engine
 
 
 def build(cfgs: list[TrainConfig], data: Any, starts: list[dict[str, Any]], device: str) -> Any:

@@ -196,10 +196,10 @@ class NumbaEngine:
         self.cfgs, self.dtype, self.threads, self.name = cfgs, np.dtype(cfgs[0].dtype), threads, "numba"
         self.h_dim, self.n_cls = max(c.hidden_dim for c in cfgs), data.num_classes
         self.buffers = optim.buffers(cfgs[0].optimizer, optim.hyper(cfgs))
-        self.rule = len(self.buffers)  # (the kernel's rule: 2 is Adam)
         self.x, self.data = data.x_train.astype(self.dtype), data
         self.onehot = np.eye(self.n_cls, dtype=self.dtype)[data.y_train.clip(0)]  # (as the torch engine)
-        self.t, self.rows = starts[0].get("step", 0), list(range(len(cfgs)))
+        # (the kernel's rule: the number of buffers, 2 is Adam)
+        self.t, self.rows, self.rule = starts[0].get("step", 0), list(range(len(cfgs))), len(self.buffers)
         # jobs' parameters as columns of rows (rows, J), in the order model.padded flattens them
         cols = lambda ps: np.concatenate([t.reshape(len(ps), -1) for t in model.padded(ps, self.h_dim)], 1).T  # noqa: E731
         # the kernel's m and v: zeros where the rule keeps fewer buffers

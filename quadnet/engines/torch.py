@@ -76,19 +76,16 @@ class TorchEngine:
         losses: list[torch.Tensor] = []
         with torch.inference_mode(not self.autograd), torch_threads(self.threads):
             while len(losses) < n and not (losses and stop()):
-                if self._graphed(n - len(losses)):
-                    self._graph.replay()
-                    losses += self._graph_losses.clone().unbind(0)
-                else:
-                    losses.append(self.step())
+                losses += self._replayed(n - len(losses)) or [self.step()]
         bad = ~torch.isfinite(torch.stack(losses).view(len(losses), -1))
         first = torch.where(bad.any(0), bad.to(torch.uint8).argmax(0), -1)
         return len(losses), first.tolist()  # the one host sync of a call
 
-    def _graphed(self, left: int) -> bool:
-        """Whether to replay the CUDA graph of GRAPH_STEPS steps; captured at first use."""
+    def _replayed(self, left: int) -> tuple[torch.Tensor, ...]:
+        """GRAPH_STEPS steps replayed from the CUDA graph (captured at first use): each one's losses; none
+        where no graph is used (not CUDA, autograd, cuda_graph=false, or fewer steps left)."""
         if self.device.type != "cuda" or self.autograd or not self.cfgs[0].cuda_graph or left < GRAPH_STEPS:
-            return False
+            return ()
         if self._graph is None:
             live = [*self.params, *(b for bufs in self.state.values() for b in bufs), self.t]
             saved = [t.clone() for t in live]
@@ -103,7 +100,8 @@ class TorchEngine:
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):
                 self._graph_losses = torch.stack([self.step().view(-1) for _ in range(GRAPH_STEPS)])
-        return True
+        self._graph.replay()
+        return self._graph_losses.clone().unbind(0)
 
     # ------------------------------------------------------------------ reading and dropping jobs
 
