@@ -154,8 +154,7 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, float]], 
 def main(argv: list[str] | None = None) -> None:
     # (an InputError, CheckpointError or ConfigError, for a ~user with no home: one line, by @command)
     run, default, points, as_json = parse_args(sys.argv[1:] if argv is None else argv)
-    model = load(run)
-    x = np.array(points, dtype=np.float64)
+    model, x = load(run), np.array(points, dtype=np.float64)
     rows = prediction_rows(x, model.predict_proba(x), model.classes, None, model.quadrants)
     if as_json:
         print(json.dumps({"checkpoint": model.path, "epoch": model.epoch, "predictions": rows}, indent=2))

@@ -184,8 +184,7 @@ def train(blocks: Any, m: Any, v: Any, hyp: Any, bad: Any, x: Any, onehot: Any, 
 def from_rows(col: np.ndarray, h_dim: int, h: int, n_cls: int) -> dict[str, np.ndarray]:
     """A job's parameters in the seed layout, h hidden units, float64, from its column of rows."""
     col = col.astype(np.float64)
-    w1 = np.stack([col[:h], col[h_dim : h_dim + h]])
-    w2 = col[3 * h_dim : 3 * h_dim + h_dim * n_cls].reshape(h_dim, n_cls)[:h]
+    w1, w2 = np.stack([col[:h], col[h_dim : h_dim + h]]), col[3 * h_dim : -n_cls].reshape(h_dim, n_cls)[:h]
     return dict(zip(model.PARAMS, (w1, col[2 * h_dim : 2 * h_dim + h], w2.copy(), col[-n_cls:].copy()), strict=True))
 
 
