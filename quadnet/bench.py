@@ -46,30 +46,9 @@ def machine() -> dict[str, Any]:
     from quadnet.artifacts import versions
     from quadnet.engines import usable_cpus
 
-    cpuinfo: list[str] = []
-    with contextlib.suppress(OSError):
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), platform.machine())
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    cpu = found[1].strip() if (found := re.search(r"^model name\s*:(.*)$", info, re.M)) else platform.machine()
     return {"cpu": cpu, "cpus": usable_cpus(), **{k: versions()[k] for k in ("python", "torch", "numpy")}}
-
-
-def step_flops(n: int, h: int, c: int) -> int:
-    """FLOPs of one full-batch step of one job: N points, H hidden units, C classes."""
-    forward = 2 * n * (2 * h + h * c)
-    backward = 4 * n * h * c + 4 * n * h + n * h  # dW2 and dA, dW1, through ReLU
-    update = 2 * (2 * h + h * c) + 2 * (3 * h + h * c + c)  # L2 on the weights; the SGD step
-    return forward + backward + update + 6 * n * c  # and the softmax's gradient
-
-
-def gemm_rate() -> float:
-    """This machine's float64 GEMM rate on one thread (FLOP/s): the best of four 2048² matmuls."""
-    import torch
-
-    from quadnet.engines.torch import torch_threads
-
-    a = torch.rand(2048, 2048, dtype=torch.float64)
-    with torch_threads(1):
-        return 2 * 2048**3 / min(_timed(torch.mm, a, a) for _ in range(4))
 
 
 def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
@@ -78,10 +57,19 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
     from quadnet.config import TrainConfig
     from quadnet.data import make_dataset
     from quadnet.engines import build
+    from quadnet.engines.torch import torch_threads
     from quadnet.loop import start_state
 
     data = make_dataset(TrainConfig().data)
-    limit = step_flops(len(data.x_train), TrainConfig().hidden_dim, data.num_classes) * 10000 / gemm_rate() * 1000
+    n, h, c = len(data.x_train), TrainConfig().hidden_dim, data.num_classes
+    # the arithmetic limit: the FLOPs of a step of one job (the forward; the backward: dW2 and dA, dW1, through ReLU;
+    # the update: L2 on the weights, the SGD step; the softmax's gradient) at this machine's float64 GEMM rate on one
+    # thread (the best of four 2048² matmuls)
+    flops = 2 * n * (2 * h + h * c) + 4 * n * h * c + 5 * n * h + 2 * (5 * h + 2 * h * c + c) + 6 * n * c
+    a = torch.rand(2048, 2048, dtype=torch.float64)
+    with torch_threads(1):
+        rate = 2 * 2048**3 / min(_timed(torch.mm, a, a) for _ in range(4))
+    limit = flops * 10000 / rate * 1000
     variants = {"numba": ("numba", "fused", "cpu"), "torch": ("torch", "fused", "cpu"),
                 "numpy": ("numpy", "fused", "cpu"), "autograd": ("torch", "autograd", "cpu"),
                 "cuda": ("torch", "fused", "cuda")}  # fmt: skip
@@ -93,20 +81,16 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
         e.run(2, lambda: False)  # (buffers, caches, a CUDA graph)
         return _timed(e.run, steps, lambda: False) / steps * 10000 / jobs * 1000
 
-    rows = []
-    for j in sizes:
-        row: dict[str, Any] = {"jobs": j, "limit_ms": limit}
+    rows: list[dict[str, Any]] = [{"jobs": j, "limit_ms": limit} for j in sizes]
+    for row, j in zip(rows, sizes, strict=True):
         for name, (engine, step, device) in variants.items():
             if {"numpy": j == 1, "numba": find_spec("numba"), "cuda": torch.cuda.is_available()}.get(name, True):
                 ms = min(ms_per_job(j, engine, step, device) for _ in range(repeat))
                 row |= {f"{name}_ms": ms, f"{name}_x_limit": ms / limit}
-        rows.append(row)
     return rows
 
 
-_PHASES = re.compile(
-    r"composed \d+ jobs in ([\d.]+) s, trained in ([\d.]+) s, wrote their dirs in ([\d.]+) s; ([\d.]+) s"
-)
+_PHASES = re.compile(r"composed \d+ jobs in (\S+) s, trained in (\S+) s, wrote their dirs in (\S+) s; (\S+) s")
 
 
 def _sweep(
@@ -120,9 +104,8 @@ def _sweep(
     env, t0 = os.environ | (env or {}), time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=sweep_dir.parent, env=env)
-        stopper = threading.Timer(limit, p.terminate)
-        if limit:
-            stopper.start()
+        stopper = threading.Timer(limit or threading.TIMEOUT_MAX, p.terminate)  # (0: no limit)
+        stopper.start()
         _, status, usage = os.wait4(p.pid, 0)
         stopper.cancel()
         seconds, p.returncode = time.perf_counter() - t0, os.waitstatus_to_exitcode(status)
@@ -152,8 +135,8 @@ def bench_sweep(a: argparse.Namespace) -> list[dict[str, Any]]:
             store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}  # (its tables made first, not timed)
             _sweep(1, "batched", d / "store", ["epochs=1", "logger=mlflow"], store)
             tm = _sweep(a.jobs, "batched", d / "logged", [*extra, "plots=false", "logger=mlflow"], store)[0]
-    basic, found = (tk - t1) / (sample - 1), _PHASES.findall(output)
-    basic = basic if basic > 0 else math.nan  # (noise larger than a job: no figure rather than a negative one)
+    # (noise larger than a job: no figure rather than a negative one)
+    basic, found = max((tk - t1) / (sample - 1), 0.0) or math.nan, _PHASES.findall(output)
     if not found and done == a.jobs:
         fail("the batched launcher's timing line was not in its output (quadnet.sweep.TIMING_LINE)", 1)
     # (no timing line from a sweep stopped before it launched)
@@ -169,9 +152,7 @@ def bench_sweep(a: argparse.Namespace) -> list[dict[str, Any]]:
 
 @command()
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(
-        prog="python -m quadnet.bench", description=(__doc__ or "").split("\n\n")[0].replace("``", "")
-    )
+    parser = ArgumentParser(prog="python -m quadnet.bench", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = parser.add_subparsers(dest="what", required=True)
     common = ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -186,11 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("--busy", type=int, default=0, help="CPU-bound processes to run beside it")
     sweep.add_argument("--mlflow", action="store_true", help="also the batched sweep with logger=mlflow")
     sweep.add_argument("--seconds", type=int, default=0, help="stop the batched sweep after this: its rate, projected")
+    parser.set_defaults(repeat=1, epochs=1, sample=1, busy=0, seconds=0)  # (what the other subcommand does not take)
     args = parser.parse_args(argv)
-    given = vars(args)
-    sizes = [int(j) if j.strip().isdigit() else 0 for j in str(given.get("jobs", 1)).split(",")]  # sweep: one
-    low = min(sizes + [given.get(k, 1) for k in ("repeat", "epochs", "sample")])
-    if low < 1 or min(given.get(k, 0) for k in ("busy", "seconds")) < 0:
+    sizes = [int(j) if j.strip().isdigit() else 0 for j in str(args.jobs).split(",")]  # sweep: one
+    if min(*sizes, args.repeat, args.epochs, args.sample) < 1 or min(args.busy, args.seconds) < 0:
         parser.error("--repeat, --epochs, --jobs and --sample must be whole numbers >= 1; --busy, --seconds >= 0")
     if args.what == "step" and max(sizes) > 16384:  # (sweep.CUDA_CHUNK: the most jobs a sweep composes at once)
         parser.error(f"--jobs {max(sizes)} is not allowed: bench step takes batches of up to 16384 jobs")
@@ -204,9 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     # the rows as an aligned table, a column a key ("-" where a row has none), numbers right-aligned
     keys = list(dict.fromkeys(k for r in rows for k in r))
     text = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.get(k, "-") for k in keys)] for r in rows]
-    cells = [keys, *text]
-    widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
-    for line in cells:
+    widths = [max(map(len, column)) for column in zip(keys, *text, strict=True)]
+    for line in [keys, *text]:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
 
 

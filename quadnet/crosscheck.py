@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 from typing import Any
 
 import numpy as np
@@ -41,9 +40,7 @@ def autograd_grads(params: reference.Params, x: np.ndarray, y: np.ndarray, reg: 
 
 def max_abs_diff(a: Any, b: Any) -> float:
     """The largest |a - b| between two arrays, lists, or dicts of arrays such as weights; NaN stays NaN."""
-    if isinstance(a, dict):
-        return float(np.max([max_abs_diff(a[k], b[k]) for k in a]))
-    return float(np.max(np.abs(np.subtract(a, b))))
+    return float(np.max([max_abs_diff(a[k], b[k]) for k in a] if isinstance(a, dict) else np.abs(np.subtract(a, b))))
 
 
 def check(cfg: TrainConfig, state: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -53,10 +50,8 @@ def check(cfg: TrainConfig, state: dict[str, Any] | None = None) -> dict[str, An
     x, y, reg = data.x_train, data.y_train, cfg.reg
     state = state or {"params": model.initial_params(cfg.hidden_dim, cfg.seed, cfg.init, data.num_classes), "step": 0}
     engines = {}
-    for name in ("numpy", "numba", "torch/fused", "torch/autograd"):
+    for name in ("numpy", *(["numba"] if importlib.util.find_spec("numba") else []), "torch/fused", "torch/autograd"):
         engine, _, step = name.partition("/")
-        if engine == "numba" and importlib.util.find_spec("numba") is None:
-            continue
         c = dataclasses.replace(cfg, dtype="float64", device="cpu", engine=engine, step=step or "fused", threads=1)
         engines[name] = build([c], data, [{"optimizer": {}, **state}], "cpu")
 
@@ -72,17 +67,13 @@ def check(cfg: TrainConfig, state: dict[str, Any] | None = None) -> dict[str, An
     figures = {"loss_along_the_way": along, "final_weights": final, "test_probs": probs}
     compared = {n: {k: max_abs_diff(f[n], f["numpy"]) for k, f in figures.items()} for n in engines if n != "numpy"}
     # the log step at which each engine's loss became non-finite (None: never)
-    bad = {n: next((e for e, v in zip(at, a, strict=True) if not math.isfinite(v)), None) for n, a in along.items()}
+    bad = {n: next((e for e, v in zip(at, a, strict=True) if not np.isfinite(v)), None) for n, a in along.items()}
     # gradients on the same weights: at the start and at the end of training
     p = {k: v.copy() for k, v in state["params"].items()}
     pairs = (("initial", p), ("final", final["numpy"]))
     grads = {k: max_abs_diff(autograd_grads(q, x, y, reg), reference.loss_and_grads(q, x, y, reg)[1]) for k, q in pairs}
-
     # and the analytic gradient against centred finite differences (a relative error)
-    def objective(_: np.ndarray) -> float:
-        return reference.objective(p, x, y, reg)
-
-    g = reference.loss_and_grads(p, x, y, reg)[1]
+    g, objective = reference.loss_and_grads(p, x, y, reg)[1], lambda _: reference.objective(p, x, y, reg)
     rel = max(reference.rel_error(g[k], reference.eval_numerical_gradient(objective, p[k])) for k in p)
     figs = {"engines": compared, "gradients_vs_autograd": grads, "gradient_check_rel_error": rel}
     return {"epochs": cfg.epochs, "diverged": bad, **figs}
@@ -119,8 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'against numpy':>16}  {'loss (max over run)':>20}  {'final weights':>14}  {'test probs':>11}")
     for name, d in r["engines"].items():
         print(f"{name:>16}  {d['loss_along_the_way']:>20.3e}  {d['final_weights']:>14.3e}  {d['test_probs']:>11.3e}")
-    g, gc = r["gradients_vs_autograd"], r["gradient_check_rel_error"]
-    when = set(r["diverged"].values())
+    g, gc, when = r["gradients_vs_autograd"], r["gradient_check_rel_error"], set(r["diverged"].values())
     same = len(when) == 1 and None not in when  # every engine diverged at the same epoch: they agree
     judged = [g["initial"]] if same else [*g.values(), *(v for d in r["engines"].values() for v in d.values())]
     worst = float(np.max(judged))  # (NaN: fail)

@@ -60,8 +60,7 @@ def initial_params(hidden_dim: int, seed: int, init: str, classes: int = 4) -> P
     under ``torch.manual_seed(seed)``.
     """
     if init == "normal":
-        rs = getattr(_rngs, "rs", None) or np.random.RandomState()  # re-seeded: cheaper than a new one
-        _rngs.rs = rs
+        rs = _rngs.rs = getattr(_rngs, "rs", None) or np.random.RandomState()  # re-seeded: cheaper than a new one
         rs.seed(seed)
         w1, w2 = rs.randn(INPUT_DIM, hidden_dim), rs.randn(hidden_dim, classes)
         return {"W1": w1, "b1": np.zeros(hidden_dim), "W2": w2, "b2": np.zeros(classes)}
@@ -79,20 +78,24 @@ def shapes(hidden: int, classes: int = 4) -> dict[str, tuple[int, ...]]:
     return {"W1": (INPUT_DIM, hidden), "b1": (hidden,), "W2": (hidden, classes), "b2": (classes,)}
 
 
-def stack(jobs: list[Params], hidden: int, dtype: Any, device: Any) -> list[Tensor]:
-    """Jobs' parameters (or optimizer buffers) stacked (J, …), narrower nets zero-padded to `hidden`.
-
-    Padded units stay exactly zero: their pre-activation is 0, so ReLU passes no gradient."""
-    import torch
-
+def padded(jobs: list[Params], hidden: int) -> list[np.ndarray]:
+    """Jobs' parameters (or optimizer buffers) stacked (J, …) in float64, a bias as a row (J, 1, …), narrower
+    nets zero-padded to `hidden`. Padded units stay exactly zero: their pre-activation is 0, so ReLU passes no
+    gradient."""
     out = []
     for name, shape in shapes(hidden, len(jobs[0]["b2"])).items():
-        t = np.zeros((len(jobs), *shape) if len(shape) == 2 else (len(jobs), 1, *shape))  # a bias as a row
+        t = np.zeros((len(jobs), *shape))
         for j, p in enumerate(jobs):
-            v = p[name].reshape(-1, p[name].shape[-1])
-            t[j, : v.shape[0], : v.shape[1]] = v
-        out.append(torch.as_tensor(t, dtype=dtype, device=device))
-    return lay_out(out)
+            t[(j, *map(slice, p[name].shape))] = p[name]
+        out.append(t.reshape(len(jobs), -1, shape[-1]))
+    return out
+
+
+def stack(jobs: list[Params], hidden: int, dtype: Any, device: Any) -> list[Tensor]:
+    """:func:`padded` as tensors on a device, laid out for the torch engine (:func:`lay_out`)."""
+    import torch
+
+    return lay_out([torch.as_tensor(t, dtype=dtype, device=device) for t in padded(jobs, hidden)])
 
 
 def lay_out(tensors: list[Tensor]) -> list[Tensor]:
@@ -109,7 +112,5 @@ def unstack(tensors: list[Tensor], rows: list[int], hidden_dims: list[int]) -> l
     import torch
 
     w1, b1, w2, b2 = (t.detach().to("cpu", torch.float64).numpy() for t in tensors)
-    return [
-        {"W1": w1[r, :, :h].copy(), "b1": b1[r, 0, :h].copy(), "W2": w2[r, :h].copy(), "b2": b2[r, 0].copy()}
-        for r, h in zip(rows, hidden_dims, strict=True)
-    ]
+    job = lambda r, h: (w1[r, :, :h].copy(), b1[r, 0, :h].copy(), w2[r, :h].copy(), b2[r, 0].copy())  # noqa: E731
+    return [dict(zip(PARAMS, job(r, h), strict=True)) for r, h in zip(rows, hidden_dims, strict=True)]

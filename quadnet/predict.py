@@ -63,9 +63,8 @@ class Model:
             raise ValueError(f"points must have shape (n, 2) or (2,), not {np.shape(points)}")
         if not np.isfinite(x).all():
             raise ValueError("points must be finite: a point with nan or inf lies in no quadrant")
-        p = self.params
         # s = 1 for any ordinary point: then these are the NumPy reference's numbers, bit for bit
-        s = np.where((m := np.abs(x).max(axis=1, keepdims=True, initial=0.0)) > 1e100, m, 1.0)
+        s, p = np.where((m := np.abs(x).max(axis=1, keepdims=True, initial=0.0)) > 1e100, m, 1.0), self.params
         z = forward({**p, "b1": p["b1"] / s, "b2": p["b2"] / s}, x / s)[0]  # (b/s: per point)
         with np.errstate(over="ignore"):
             e = np.exp(s * (z - z.max(axis=1, keepdims=True)))
@@ -155,8 +154,7 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, float]], 
 def main(argv: list[str] | None = None) -> None:
     # (an InputError, CheckpointError or ConfigError, for a ~user with no home: one line, by @command)
     run, default, points, as_json = parse_args(sys.argv[1:] if argv is None else argv)
-    model = load(run)
-    x = np.array(points, dtype=np.float64)
+    model, x = load(run), np.array(points, dtype=np.float64)
     rows = prediction_rows(x, model.predict_proba(x), model.classes, None, model.quadrants)
     if as_json:
         print(json.dumps({"checkpoint": model.path, "epoch": model.epoch, "predictions": rows}, indent=2))

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import importlib.util
 import logging
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -47,8 +45,8 @@ def metric_rows(xp: Any, logits: Callable[[Any], Any], train: tuple, test: tuple
             top = xp.amax(z, axis=-1, keepdims=True)
             logp = z - top - xp.log(xp.exp(z - top).sum(-1, keepdims=True))
             figures += [-logp[:, range(len(y)), y].mean(-1), xp.mean(z.argmax(-1) == y, axis=-1, dtype=xp.float64)]
-    loss, train_acc, test_loss, test_acc = figures
-    table = xp.stack([loss, train_acc, test_acc, test_loss]).tolist()  # in METRICS' order
+    # in METRICS' order: the train loss and accuracy, then the test accuracy and loss
+    table = xp.stack([figures[i] for i in (0, 1, 3, 2)]).tolist()
     return [dict(zip(METRICS, row, strict=True)) for row in zip(*table, strict=True)]
 
 
@@ -66,7 +64,6 @@ def numba_error() -> str | None:
             importlib.import_module("quadnet.engines.numba")
     except Exception as e:
         return one_line(e)
-    return None
 
 
 @functools.cache
@@ -80,39 +77,32 @@ def numba_usable() -> bool:
 def engine_name(c: TrainConfig, device: str, classes: int) -> str:
     """What trains a job: engine=auto is numba on the cpu when it is installed, the step is fused and
     the classes are few enough (:data:`NUMBA_MAX_CLASSES`), else torch."""
-    if c.engine == "auto":
-        fast = c.step == "fused" and device == "cpu" and classes <= NUMBA_MAX_CLASSES
-        return "numba" if fast and numba_usable() else f"torch/{c.step}"
-    return f"torch/{c.step}" if c.engine == "torch" else c.engine
+    if c.engine == "auto" and c.step == "fused" and device == "cpu" and classes <= NUMBA_MAX_CLASSES and numba_usable():
+        return "numba"
+    return f"torch/{c.step}" if c.engine in ("auto", "torch") else c.engine
 
 
 def build(cfgs: list[TrainConfig], data: Any, starts: list[dict[str, Any]], device: str) -> Any:
     """The engine for a batch of jobs on a device (one job for engine=numpy). threads=0 is every
     usable CPU for numba (its threads do not slow down beside busy processes) and one for torch
     (torch's threads contend with a busy process for tensors this small)."""
-    name, c0 = engine_name(cfgs[0], device, data.num_classes), cfgs[0]
+    name = engine_name(cfgs[0], device, data.num_classes)
     if name == "numpy":
-        from quadnet.engines.numpy import NumpyEngine
-
-        return NumpyEngine(cfgs, data, starts)
+        return importlib.import_module("quadnet.engines.numpy").NumpyEngine(cfgs, data, starts)
+    threads = min(cfgs[0].threads or (usable_cpus() if name == "numba" else 1), usable_cpus())
     if name == "numba":
-        from quadnet.engines.numba import NumbaEngine
-
-        return NumbaEngine(cfgs, data, starts, min(c0.threads or usable_cpus(), usable_cpus()))
-    from quadnet.engines.torch import TorchEngine
-
-    return TorchEngine(cfgs, data, device, starts, min(c0.threads or 1, usable_cpus()))
+        return importlib.import_module("quadnet.engines.numba").NumbaEngine(cfgs, data, starts, threads)
+    return importlib.import_module("quadnet.engines.torch").TorchEngine(cfgs, data, device, starts, threads)
 
 
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity mask (SLURM sets it) and a cgroup quota
     (``docker --cpus`` sets it); not ``os.cpu_count()``, the machine's."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    v1 = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
-    for read in (lambda: Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2],  # cgroup v2, then v1
-                 lambda: [v1.read_text(), v1.with_name("cpu.cfs_period_us").read_text()]):  # fmt: skip
+    v1 = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+    for files in (["/sys/fs/cgroup/cpu.max"], v1):  # cgroup v2 (both in one file), then v1
         with contextlib.suppress(OSError, ValueError):
-            quota, period = (v.strip() for v in read())
+            quota, period = " ".join(Path(f).read_text() for f in files).split()[:2]
             if quota not in ("max", "-1"):
-                n = min(n, max(1, math.ceil(int(quota) / int(period))))
+                n = min(n, max(1, -(-int(quota) // int(period))))  # (quota / period, rounded up)
     return n

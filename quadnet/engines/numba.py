@@ -24,10 +24,9 @@ from typing import Any
 import numpy as np
 from numba import config, njit
 
-from quadnet import optim
+from quadnet import model, optim
 from quadnet.engines import metric_rows, saved_buffers
 from quadnet.exits import one_line
-from quadnet.model import PARAMS
 
 log = logging.getLogger("quadnet")
 
@@ -99,106 +98,94 @@ def _exp(u: float) -> float:
 
 
 @_jit
-def train(blocks: Any, m: Any, v: Any, hyp: Any, x: Any, onehot: Any, h_dim: int, rule: int, t: int,
-          steps: int, bad: Any) -> None:  # fmt: skip
-    """`steps` full-batch steps of every block: blocks, m, v (B, rows, L) are the parameters and
-    the optimizer's buffers, hyp (B, 6, L) the HYPER_ROWS values of each lane, onehot (N, C) the
-    labels, rule the number of buffers the rule keeps (0 plain SGD, 1 SGD with momentum, 2 Adam),
-    t the steps taken before. bad (B, L): the first of these steps whose loss was not finite (left
-    as it is where it is set already, or where none is)."""
-    n_blocks, rows, lanes = blocks.shape
+def train(blocks: Any, m: Any, v: Any, hyp: Any, bad: Any, x: Any, onehot: Any, h_dim: int, rule: int, t: int,
+          done: int, steps: int, k: int) -> None:  # fmt: skip
+    """`steps` full-batch steps of block k: blocks, m, v (B, rows, L) are the parameters and the
+    optimizer's buffers, hyp (B, 6, L) the HYPER_ROWS values of each lane, onehot (N, C) the labels,
+    rule the number of buffers the rule keeps (0 plain SGD, 1 SGD with momentum, 2 Adam), t the
+    steps taken before. bad (B, L): done plus the first of these steps whose loss was not finite
+    (left as it is where it is set already, or where none is)."""
+    _, rows, lanes = blocks.shape
     n, n_cls = onehot.shape
     w2, b2 = 3 * h_dim, 3 * h_dim + h_dim * n_cls
     a, z = np.empty((n, h_dim, lanes), blocks.dtype), np.empty((n, n_cls, lanes), blocks.dtype)
     g, da = np.empty((rows, lanes), blocks.dtype), np.empty((n, lanes), blocks.dtype)
-    top, total, finite = np.empty(lanes), np.empty(lanes), np.empty(lanes)
-    bc1, bc2 = np.empty(lanes), np.empty(lanes)
-    for k in range(n_blocks):
-        p, lr, reg, mom = blocks[k], hyp[k, 0], hyp[k, 1], hyp[k, 2]
-        for step in range(steps):
-            # forward, and the mean cross-entropy's gradient in the logits (z, in place)
-            _forward(p, x, h_dim, n_cls, a, z)
-            finite[:] = 0.0
-            for i in range(n):
-                top[:] = z[i, 0]
-                total[:] = 0.0
-                for c in range(1, n_cls):
-                    zc = z[i, c]
-                    for j in range(lanes):
-                        top[j] = top[j] if top[j] >= zc[j] else zc[j]
-                for c in range(n_cls):
-                    zc = z[i, c]
-                    for j in range(lanes):
-                        u = zc[j] - top[j]
-                        finite[j] += u - u  # NaN once a logit is not finite: so is the loss
-                        zc[j] = _exp(u)
-                        total[j] += zc[j]
-                for c in range(n_cls):
-                    zc, y = z[i, c], onehot[i, c]
-                    for j in range(lanes):
-                        zc[j] = (zc[j] / total[j] - y) / n
-            for j in range(lanes):
-                if finite[j] != 0.0 and bad[k, j] < 0:
-                    bad[k, j] = step
-            # backward: g holds the gradients without the L2 term
-            for h in range(h_dim):
-                da[:] = 0.0
-                for c in range(n_cls):
-                    w, gw = p[w2 + h * n_cls + c], g[w2 + h * n_cls + c]
-                    gw[:] = 0.0
-                    for i in range(n):
-                        zc, ah, di = z[i, c], a[i, h], da[i]
-                        for j in range(lanes):
-                            gw[j] += ah[j] * zc[j]
-                            di[j] += zc[j] * w[j]
-                g0, g1, gb = g[h], g[h_dim + h], g[2 * h_dim + h]
-                g0[:], g1[:], gb[:] = 0.0, 0.0, 0.0
-                for i in range(n):
-                    x0, x1, ah, di = x[i, 0], x[i, 1], a[i, h], da[i]
-                    for j in range(lanes):
-                        d = di[j] if ah[j] > 0.0 else 0.0  # through ReLU
-                        gb[j] += d
-                        g0[j] += x0 * d
-                        g1[j] += x1 * d
+    top, total, finite, bc1, bc2 = np.empty(lanes), np.empty(lanes), np.empty(lanes), np.empty(lanes), np.empty(lanes)
+    p, lr, reg, mom = blocks[k], hyp[k, 0], hyp[k, 1], hyp[k, 2]
+    for step in range(steps):
+        # forward, and the mean cross-entropy's gradient in the logits (z, in place)
+        _forward(p, x, h_dim, n_cls, a, z)
+        finite[:] = 0.0
+        for i in range(n):
+            top[:] = z[i, 0]
+            total[:] = 0.0
+            for c in range(1, n_cls):
+                zc = z[i, c]
+                for j in range(lanes):
+                    top[j] = top[j] if top[j] >= zc[j] else zc[j]
             for c in range(n_cls):
-                gc = g[b2 + c]
-                gc[:] = 0.0
+                zc = z[i, c]
+                for j in range(lanes):
+                    u = zc[j] - top[j]
+                    finite[j] += u - u  # NaN once a logit is not finite: so is the loss
+                    zc[j] = _exp(u)
+                    total[j] += zc[j]
+            for c in range(n_cls):
+                zc, y = z[i, c], onehot[i, c]
+                for j in range(lanes):
+                    zc[j] = (zc[j] / total[j] - y) / n
+        for j in range(lanes):
+            if finite[j] != 0.0 and bad[k, j] < 0:
+                bad[k, j] = done + step
+        # backward: g holds the gradients without the L2 term
+        g[:] = 0.0
+        for h in range(h_dim):
+            da[:] = 0.0
+            for c in range(n_cls):
+                w, gw = p[w2 + h * n_cls + c], g[w2 + h * n_cls + c]
                 for i in range(n):
-                    gc += z[i, c]
-            # the update, torch.optim's rules; weights (not biases) decay by reg
-            if rule == 2:
+                    zc, ah, di = z[i, c], a[i, h], da[i]
+                    for j in range(lanes):
+                        gw[j] += ah[j] * zc[j]
+                        di[j] += zc[j] * w[j]
+            g0, g1, gb = g[h], g[h_dim + h], g[2 * h_dim + h]
+            for i in range(n):
+                x0, x1, ah, di = x[i, 0], x[i, 1], a[i, h], da[i]
                 for j in range(lanes):
-                    bc1[j] = 1.0 - hyp[k, 3, j] ** (t + step + 1)
-                    bc2[j] = math.sqrt(1.0 - hyp[k, 4, j] ** (t + step + 1))
-            for r in range(rows):
-                decay = 1.0 if r < 2 * h_dim or w2 <= r < b2 else 0.0
-                pr, gr, mr, vr = p[r], g[r], m[k, r], v[k, r]
-                for j in range(lanes):
-                    gj = gr[j] + decay * reg[j] * pr[j]
-                    if rule == 0:
-                        pr[j] -= lr[j] * gj
-                    elif rule == 1:
-                        mr[j] = mom[j] * mr[j] + gj
-                        pr[j] -= lr[j] * mr[j]
-                    else:
-                        mr[j] += (1.0 - hyp[k, 3, j]) * (gj - mr[j])
-                        vr[j] = hyp[k, 4, j] * vr[j] + (1.0 - hyp[k, 4, j]) * gj * gj
-                        pr[j] -= lr[j] / bc1[j] * mr[j] / (math.sqrt(vr[j]) / bc2[j] + hyp[k, 5, j])
-
-
-def to_rows(p: dict[str, np.ndarray], h_dim: int, n_cls: int) -> np.ndarray:
-    """One job's parameters (seed layout; narrower nets zero-padded to h_dim) as a column of rows."""
-    pad = h_dim - len(p["b1"])  # (hidden units: W1's columns, b1's entries, W2's rows)
-    pads = {"W1": [(0, 0), (0, pad)], "b1": [(0, pad)], "W2": [(0, pad), (0, 0)], "b2": [(0, 0)]}
-    return np.concatenate([np.pad(p[k].astype(np.float64), pads[k]).ravel() for k in PARAMS])
+                    d = di[j] if ah[j] > 0.0 else 0.0  # through ReLU
+                    gb[j] += d
+                    g0[j] += x0 * d
+                    g1[j] += x1 * d
+        for c in range(n_cls):
+            gc = g[b2 + c]
+            for i in range(n):
+                gc += z[i, c]
+        # the update, torch.optim's rules; weights (not biases) decay by reg
+        if rule == 2:
+            for j in range(lanes):
+                bc1[j] = 1.0 - hyp[k, 3, j] ** (t + step + 1)
+                bc2[j] = math.sqrt(1.0 - hyp[k, 4, j] ** (t + step + 1))
+        for r in range(rows):
+            decay = 1.0 if r < 2 * h_dim or w2 <= r < b2 else 0.0
+            pr, gr, mr, vr = p[r], g[r], m[k, r], v[k, r]
+            for j in range(lanes):
+                gj = gr[j] + decay * reg[j] * pr[j]
+                if rule == 0:
+                    pr[j] -= lr[j] * gj
+                elif rule == 1:
+                    mr[j] = mom[j] * mr[j] + gj
+                    pr[j] -= lr[j] * mr[j]
+                else:
+                    mr[j] += (1.0 - hyp[k, 3, j]) * (gj - mr[j])
+                    vr[j] = hyp[k, 4, j] * vr[j] + (1.0 - hyp[k, 4, j]) * gj * gj
+                    pr[j] -= lr[j] / bc1[j] * mr[j] / (math.sqrt(vr[j]) / bc2[j] + hyp[k, 5, j])
 
 
 def from_rows(col: np.ndarray, h_dim: int, h: int, n_cls: int) -> dict[str, np.ndarray]:
-    """The inverse of :func:`to_rows`: a job's parameters in the seed layout, h hidden units, float64."""
+    """A job's parameters in the seed layout, h hidden units, float64, from its column of rows."""
     col = col.astype(np.float64)
-    w1 = np.stack([col[:h], col[h_dim : h_dim + h]])
-    w2 = col[3 * h_dim : 3 * h_dim + h_dim * n_cls].reshape(h_dim, n_cls)[:h]
-    return dict(zip(PARAMS, (w1, col[2 * h_dim : 2 * h_dim + h], w2.copy(), col[-n_cls:].copy()), strict=True))
+    w1, w2 = np.stack([col[:h], col[h_dim : h_dim + h]]), col[3 * h_dim : -n_cls].reshape(h_dim, n_cls)[:h]
+    return dict(zip(model.PARAMS, (w1, col[2 * h_dim : 2 * h_dim + h], w2.copy(), col[-n_cls:].copy()), strict=True))
 
 
 class NumbaEngine:
@@ -208,13 +195,14 @@ class NumbaEngine:
         self.cfgs, self.dtype, self.threads, self.name = cfgs, np.dtype(cfgs[0].dtype), threads, "numba"
         self.h_dim, self.n_cls = max(c.hidden_dim for c in cfgs), data.num_classes
         self.buffers = optim.buffers(cfgs[0].optimizer, optim.hyper(cfgs))
-        self.rule = len(self.buffers)  # (the kernel's rule: 2 is Adam)
         self.x, self.data = data.x_train.astype(self.dtype), data
         self.onehot = np.eye(self.n_cls, dtype=self.dtype)[data.y_train.clip(0)]  # (as the torch engine)
-        self.t, self.rows = starts[0].get("step", 0), list(range(len(cfgs)))
-        cols = lambda ps: np.stack([to_rows(p, self.h_dim, self.n_cls) for p in ps], 1)  # noqa: E731
-        names = (*self.buffers, "m", "v")[:2]  # (m and v: zeros where the rule keeps fewer buffers)
-        saved = [cols(b) for b in saved_buffers(starts, names).values()]
+        # (the kernel's rule: the number of buffers, 2 is Adam)
+        self.t, self.rows, self.rule = starts[0].get("step", 0), list(range(len(cfgs))), len(self.buffers)
+        # jobs' parameters as columns of rows (rows, J), in the order model.padded flattens them
+        cols = lambda ps: np.concatenate([t.reshape(len(ps), -1) for t in model.padded(ps, self.h_dim)], 1).T  # noqa: E731
+        # the kernel's m and v: zeros where the rule keeps fewer buffers
+        saved = [cols(b) for b in saved_buffers(starts, (*self.buffers, "m", "v")[:2]).values()]
         hyp = np.array([[float(getattr(c, k)) for c in self.cfgs] for k in HYPER_ROWS])
         self._pack(cols([s["params"] for s in starts]), *saved, hyp)
         try:  # compiled or loaded now, before the clock starts
@@ -227,20 +215,18 @@ class NumbaEngine:
             self._warm_up()
 
     def _warm_up(self) -> None:
-        nothing = np.empty((0, self.blocks.shape[2]), np.int64)
-        train(self.blocks[:0], self.m[:0], self.v[:0], self.hyp[:0], self.x, self.onehot, 1, 0, 0, 0, nothing)
+        # (no steps of block 0: its bad steps, an int64 (B, L) array in a run, are not read)
+        train(self.blocks, self.m, self.v, self.hyp, np.empty((0, 0), np.int64), self.x, self.onehot, 1, 0, 0, 0, 0, 0)
         logits(self.blocks[:0], self.x, 1, self.n_cls)
 
     def _pack(self, params: np.ndarray, m: np.ndarray, v: np.ndarray, hyp: np.ndarray) -> None:
         """Job columns (rows, J) into blocks (B, rows, L); padding lanes are zero (lr 0: they never move)."""
-        jobs = params.shape[1]
-        n_blocks = -(-jobs // LANES)
+        jobs, n_blocks = params.shape[1], -(-params.shape[1] // LANES)
         lanes = -(-jobs // n_blocks)
         lanes = lanes if lanes < 8 else -(-lanes // 8) * 8  # whole vectors
 
         def block(cols: np.ndarray) -> np.ndarray:
-            out = np.zeros((cols.shape[0], n_blocks * lanes), self.dtype)
-            out[:, :jobs] = cols
+            out = np.pad(cols.astype(self.dtype), [(0, 0), (0, n_blocks * lanes - jobs)])
             return np.ascontiguousarray(out.reshape(-1, n_blocks, lanes).transpose(1, 0, 2))
 
         self.blocks, self.m, self.v, self.hyp = block(params), block(m), block(v), block(hyp)
@@ -251,19 +237,13 @@ class NumbaEngine:
     def run(self, n: int, stop: Callable[[], bool]) -> tuple[int, list[int]]:
         """Up to n steps of every job, in calls short enough that stop() is asked often between them;
         returns the steps done and, per job, the first whose loss was not finite (-1: none)."""
-        n_blocks, lanes = self.blocks.shape[0], self.blocks.shape[2]
-        bad, done = np.full((n_blocks, lanes), -1, np.int64), 0
-        per_call = max(1, min(10_000, int(3e7 // (n_blocks * lanes * self.h_dim * (len(self.x) + 1)))))
+        bad, done = np.full(self.blocks.shape[::2], -1, np.int64), 0  # (B, L)
+        per_call = max(1, min(10_000, int(3e7 // (bad.size * self.h_dim * (len(self.x) + 1)))))
         while done < n and not (done and stop()):
-            k, found = min(n - done, per_call), np.full_like(bad, -1)
-            args = (self.x, self.onehot, self.h_dim, self.rule, self.t + done, k)
-            parts = (self.blocks, self.m, self.v, self.hyp, found)
-
-            def one(b: int, args: tuple = args, parts: tuple = parts) -> None:  # (block b, bound now)
-                train(*(v[b : b + 1] for v in parts[:4]), *args, parts[4][b : b + 1])
-
-            list(_pool(min(self.threads, n_blocks)).map(one, range(n_blocks)))  # (a task a block)
-            bad = np.where((bad < 0) & (found >= 0), found + done, bad)
+            k = min(n - done, per_call)
+            arrays = (self.blocks, self.m, self.v, self.hyp, bad, self.x, self.onehot)
+            block = functools.partial(train, *arrays, self.h_dim, self.rule, self.t + done, done, k)
+            list(_pool(min(self.threads, len(bad))).map(block, range(len(bad))))  # (a task a block)
             done += k
         self.t += done if self.rule == 2 else 0  # (Adam's step count, as the torch engine keeps it)
         return done, bad.reshape(-1)[: len(self.rows)].tolist()
@@ -280,12 +260,8 @@ class NumbaEngine:
     def export(self, rows: list[int]) -> list[dict[str, Any]]:
         """Jobs at `rows`: their parameters and optimizer buffers, unpadded, float64."""
         hd, nc, cols = self.h_dim, self.n_cls, [self._columns(a) for a in (self.blocks, self.m, self.v)]
-        out = []
-        for r in rows:
-            h = self.cfgs[self.rows[r]].hidden_dim
-            params, *bufs = (from_rows(c[:, r], hd, h, nc) for c in cols)
-            out.append({"params": params, "optimizer": dict(zip(self.buffers, bufs, strict=False)), "step": self.t})
-        return out
+        jobs = [[from_rows(c[:, r], hd, self.cfgs[self.rows[r]].hidden_dim, nc) for c in cols] for r in rows]
+        return [{"params": p, "optimizer": dict(zip(self.buffers, b, strict=False)), "step": self.t} for p, *b in jobs]
 
     def keep(self, rows: list[int]) -> None:
         """Drop every job but those at `rows` (the blocks are packed again)."""

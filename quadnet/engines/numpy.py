@@ -94,9 +94,7 @@ def loss_and_grads(params: Params, x: np.ndarray, y: np.ndarray, reg: float) -> 
 
 def objective(params: Params, x: np.ndarray, y: np.ndarray, reg: float) -> float:
     """The function whose gradient :func:`loss_and_grads` returns: data loss + L2 penalty."""
-    scores, _ = forward(params, x)
-    loss, _ = softmax_loss(scores, y)
-    return loss + 0.5 * reg * sum(float(np.sum(params[k] ** 2)) for k in WEIGHTS)
+    return softmax_loss(forward(params, x)[0], y)[0] + 0.5 * reg * sum(float(np.sum(params[k] ** 2)) for k in WEIGHTS)
 
 
 def sgd_update(params: Params, grads: Params, state: dict[str, Params], h: dict[str, float], t: int) -> None:

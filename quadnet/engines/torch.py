@@ -32,18 +32,17 @@ class TorchEngine:
     def __init__(
         self, cfgs: list[TrainConfig], data: Dataset, device: str, starts: list[JobState], threads: int = 1
     ) -> None:
-        c0, device = cfgs[0], torch.device(device)
+        c0, device, hidden = cfgs[0], torch.device(device), max(c.hidden_dim for c in cfgs)
         self.cfgs, self.device, self.dtype, self.threads = cfgs, device, getattr(torch, c0.dtype), threads
         self.name, self.rule, self.autograd = f"torch/{c0.step}", c0.optimizer, c0.step == "autograd"
-        self.hidden = max(c.hidden_dim for c in cfgs)
         as_t = lambda a: torch.as_tensor(np.asarray(a), dtype=self.dtype, device=device)  # noqa: E731
         self.x, self.x_test = as_t(data.x_train), as_t(data.x_test)
         self.y, self.y_test = (torch.as_tensor(y, device=device) for y in (data.y_train, data.y_test))
         self.onehot = F.one_hot(self.y.clamp_min(0), data.num_classes).to(self.dtype)
-        self.params = model.stack([s["params"] for s in starts], self.hidden, self.dtype, device)
+        self.params = model.stack([s["params"] for s in starts], hidden, self.dtype, device)
         self.h = {n: v if isinstance(v, float) else as_t(v).view(-1, 1, 1) for n, v in optim.hyper(cfgs).items()}
         saved = saved_buffers(starts, optim.buffers(self.rule, self.h))
-        self.state = {n: model.stack(b, self.hidden, self.dtype, device) for n, b in saved.items()}
+        self.state = {n: model.stack(b, hidden, self.dtype, device) for n, b in saved.items()}
         # steps taken (Adam's bias correction)
         self.t = torch.full((), starts[0].get("step", 0), dtype=self.dtype, device=device)
         self.rows = list(range(len(cfgs)))  # the caller's index of each job still here
@@ -60,8 +59,7 @@ class TorchEngine:
             with torch.enable_grad():
                 leaves = [p.detach().requires_grad_() for p in self.params]  # (their storage: updated in place)
                 logits = model.forward(leaves, self.x)[1]
-                y = self.y.repeat(logits.numel() // logits.shape[-1] // len(self.y))
-                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y, reduction="sum")
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.y.repeat(len(logits)), reduction="sum")
                 grads = list(torch.autograd.grad(nll / self.x.shape[0], leaves))
             loss = torch.log_softmax(logits.detach(), dim=-1).sum((-2, -1))
         else:
@@ -78,19 +76,16 @@ class TorchEngine:
         losses: list[torch.Tensor] = []
         with torch.inference_mode(not self.autograd), torch_threads(self.threads):
             while len(losses) < n and not (losses and stop()):
-                if self._graphed(n - len(losses)):
-                    self._graph.replay()
-                    losses += self._graph_losses.clone().unbind(0)
-                else:
-                    losses.append(self.step())
+                losses += self._replayed(n - len(losses)) or [self.step()]
         bad = ~torch.isfinite(torch.stack(losses).view(len(losses), -1))
         first = torch.where(bad.any(0), bad.to(torch.uint8).argmax(0), -1)
         return len(losses), first.tolist()  # the one host sync of a call
 
-    def _graphed(self, left: int) -> bool:
-        """Whether to replay the CUDA graph of GRAPH_STEPS steps; captured at first use."""
+    def _replayed(self, left: int) -> tuple[torch.Tensor, ...]:
+        """GRAPH_STEPS steps replayed from the CUDA graph (captured at first use): each one's losses; none
+        where no graph is used (not CUDA, autograd, cuda_graph=false, or fewer steps left)."""
         if self.device.type != "cuda" or self.autograd or not self.cfgs[0].cuda_graph or left < GRAPH_STEPS:
-            return False
+            return ()
         if self._graph is None:
             live = [*self.params, *(b for bufs in self.state.values() for b in bufs), self.t]
             saved = [t.clone() for t in live]
@@ -105,7 +100,8 @@ class TorchEngine:
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):
                 self._graph_losses = torch.stack([self.step().view(-1) for _ in range(GRAPH_STEPS)])
-        return True
+        self._graph.replay()
+        return self._graph_losses.clone().unbind(0)
 
     # ------------------------------------------------------------------ reading and dropping jobs
 
@@ -119,11 +115,8 @@ class TorchEngine:
         """Jobs at `rows`: their parameters and optimizer buffers, unpadded, float64 NumPy."""
         dims = [self.cfgs[self.rows[r]].hidden_dim for r in rows]
         bufs = {n: model.unstack(b, rows, dims) for n, b in self.state.items()}
-        params = model.unstack(self.params, rows, dims)
-        step = int(self.t)  # (one host sync)
-        return [
-            {"params": p, "optimizer": {n: b[i] for n, b in bufs.items()}, "step": step} for i, p in enumerate(params)
-        ]
+        ps, step = model.unstack(self.params, rows, dims), int(self.t)  # (int: one host sync)
+        return [{"params": p, "optimizer": {n: b[i] for n, b in bufs.items()}, "step": step} for i, p in enumerate(ps)]
 
     def keep(self, rows: list[int]) -> None:
         """Drop every job but those at `rows` (the batch shrinks; a CUDA graph is captured again)."""
