@@ -43,10 +43,17 @@ def arrays(state: dict[str, Any], *, epoch: int, config: dict, status: str, hist
     data: its :class:`~quadnet.data.Dataset`, whose classes and identity are kept."""
     out = {f"params/{k}": v for k, v in state["params"].items()}
     out |= {f"optimizer/{n}/{k}": v for n, b in state.get("optimizer", {}).items() for k, v in b.items()}
-    out["history"] = np.array([[r.get(f, math.nan) for f in METRIC_FIELDS] for r in history]).reshape(-1, 5)
+    out["history"] = np.array([[r.get(f, math.nan) for f in METRIC_FIELDS] for r in history]).reshape(
+        -1, len(METRIC_FIELDS)
+    )
     meta = {"format": FORMAT, "epoch": int(epoch), "step": int(state.get("step", epoch)), "status": status}
     meta |= {"classes": list(data.classes), "data_sha256": data.digest, "config": config}
+    meta |= {"features": list(data.features), **{k: _list(getattr(data, k)) for k in ("shift", "scale")}}
     return out | {"meta": np.array(json.dumps(meta))}
+
+
+def _list(a: np.ndarray | None) -> list[float] | None:
+    return None if a is None else a.tolist()
 
 
 def of(job: Any, status: str, data: Any) -> dict[str, np.ndarray]:
@@ -118,6 +125,11 @@ def _meta(meta: np.ndarray, where: str) -> tuple[dict[str, Any], TrainConfig]:
     classes = m.get("classes")
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, int | str) for c in classes):
         raise CheckpointError(f"{where} has bad classes {classes!r}: a list of two labels or more")
+    m = {"features": ["x", "y"], "shift": None, "scale": None} | m  # (before 0.5: the quadrants' x, y, unscaled)
+    names, d = m["features"], len(m["features"]) if isinstance(m["features"], list) else 0
+    finite = lambda v: v is None or (isinstance(v, list) and len(v) == d and np.isfinite(np.array(v, float)).all())  # noqa: E731
+    if not (d and all(isinstance(n, str) for n in names) and finite(m["shift"]) and finite(m["scale"])):
+        raise CheckpointError(f"{where} has bad features or scaling: names and finite numbers, one a feature")
     return m, cfg
 
 
@@ -130,10 +142,10 @@ def read(p: Path) -> dict[str, np.ndarray]:
             text = lambda s, d: s == () and d.kind == "U" and d.itemsize <= 4 * META_CHARS  # noqa: E731
             out = {"meta": _member(z, "meta", where, text, f" is not a quadnet checkpoint (expected format {FORMAT})")}
             m, cfg = _meta(out["meta"], where)
-            rows = lambda s, d: d.kind == "f" and s[1:] == (len(METRIC_FIELDS),) and s[0] <= m["epoch"] + 1  # noqa: E731
+            rows = lambda s, d: d.kind == "f" and s[1:] in ((5,), (len(METRIC_FIELDS),)) and s[0] <= m["epoch"] + 1  # noqa: E731
             metrics = f": damaged metrics: at most a row an epoch, each {', '.join(METRIC_FIELDS)}"
             out["history"] = _member(z, "history", where, rows, metrics)
-            want = shapes(cfg.hidden_dim, len(m["classes"]))
+            want = shapes(cfg.hidden_dim, len(m["classes"]), len(m["features"]))
             kept = sorted({g[1] for i in z.namelist() if (g := re.fullmatch(r"optimizer/(\w+)/\w+\.npy", i))})
             if len(kept) > BUFFERS:
                 raise CheckpointError(f"{where} holds more optimizer buffers than an update rule keeps")
@@ -160,7 +172,8 @@ def load(path: str | Path) -> dict[str, Any]:
     params = {k[7:]: v.astype(np.float64) for k, v in f.items() if k.startswith("params/")}
     kept = dict.fromkeys(k.split("/")[1] for k in f if k.startswith("optimizer/"))  # (read gives each every param)
     bufs = {b: {k: f[f"optimizer/{b}/{k}"].astype(np.float64) for k in params} for b in kept}
-    history = [dict(zip(METRIC_FIELDS, map(float, r), strict=True)) for r in f["history"]]
+    h = np.pad(f["history"], [(0, 0), (0, len(METRIC_FIELDS) - f["history"].shape[1])], constant_values=math.nan)
+    history = [dict(zip(METRIC_FIELDS, map(float, r), strict=True)) for r in h]  # (before 0.5: no val_ figures)
     state = {"params": params, "optimizer": bufs, "step": meta["step"]}
     return {**meta, "state": state, "params": params, "cfg": cfg, "history": history, "path": str(p)}
 

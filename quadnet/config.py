@@ -81,7 +81,7 @@ class TrainConfig:
     checkpoint_every: int = 1000  # write checkpoint.npz every N epochs (0 = only at the end)
     resume: str | None = None  # a run dir or checkpoint to continue from
     logger: str = "none"  # none | tensorboard | mlflow (the [tensorboard] or [mlflow] extra)
-    objective: str = "test_loss"  # what a sweep minimises: test_loss | test_error | final_loss
+    objective: str = "val_loss"  # what a sweep minimises: val_loss | val_error | test_loss | test_error | final_loss
     data: DataConfig = field(default_factory=DataConfig)
 
 
@@ -114,7 +114,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "step": _choice("fused", "autograd"),
     "threads": _range(0, 4096),
     "logger": _choice("none", "tensorboard", "mlflow"),
-    "objective": _choice("test_loss", "test_error", "final_loss"),
+    "objective": _choice("val_loss", "val_error", "test_loss", "test_error", "final_loss"),
     "data.name": _choice("seed", "sampled", "csv"),
     **dict.fromkeys(("data.n_train", "data.n_test"), _range(1, 10_000_000)),
     "data.extent": _range(0, 1e12, open_low=True),

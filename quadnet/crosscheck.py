@@ -28,6 +28,7 @@ from quadnet.data import make_dataset
 from quadnet.engines import build
 from quadnet.engines import numpy as reference
 from quadnet.exits import ArgumentParser, command
+from quadnet.loop import start_state
 
 
 def autograd_grads(params: reference.Params, x: np.ndarray, y: np.ndarray, reg: float) -> reference.Params:
@@ -48,7 +49,7 @@ def check(cfg: TrainConfig, state: dict[str, Any] | None = None) -> dict[str, An
     buffers, step; by default cfg's initial weights); return the figures."""
     data = make_dataset(cfg.data)
     x, y, reg = data.x_train, data.y_train, cfg.reg
-    state = state or {"params": model.initial_params(cfg.hidden_dim, cfg.seed, cfg.init, data.num_classes), "step": 0}
+    state = state or start_state(cfg, data)
     engines = {}
     for name in ("numpy", *(["numba"] if importlib.util.find_spec("numba") else []), "torch/fused", "torch/autograd"):
         engine, _, step = name.partition("/")

@@ -53,9 +53,14 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def scaled(self, raw: np.ndarray) -> np.ndarray:
-        """Raw feature rows (N, D) as the net sees them (what :func:`make_dataset` did to the data)."""
-        return raw if self.shift is None or self.scale is None else (raw - self.shift) / self.scale
+    @property
+    def splits(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(points, labels) of the training, test and validation splits, in this order."""
+        return [(self.x_train, self.y_train), (self.x_test, self.y_test), (self.x_val, self.y_val)]
+
+    def raw(self, x: np.ndarray) -> np.ndarray:
+        """Points (N, D) as the net sees them, as they were in the data (standardization undone)."""
+        return x if self.shift is None or self.scale is None else x * self.scale + self.shift
 
     @functools.cached_property
     def digest(self) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from quadnet.config import ConfigError, TrainConfig, log_every
+from quadnet.data import Dataset
 from quadnet.device import describe, resolve_device
 from quadnet.engines import METRICS, build
 from quadnet.exits import OOM
@@ -45,10 +46,11 @@ class Job:
     name: str = ""  # in a sweep, its run dir (where its checkpoints go while its batch trains)
 
 
-def start_state(c: TrainConfig, classes: int = 4) -> dict[str, Any]:
-    """A fresh job's state: its initial weights (classes: its outputs; 4, the quadrants), no optimizer
-    buffers yet, step 0."""
-    return {"params": initial_params(c.hidden_dim, c.seed, c.init, classes), "optimizer": {}, "step": 0}
+def start_state(c: TrainConfig, data: Dataset | None = None) -> dict[str, Any]:
+    """A fresh job's state: its initial weights (the data's features and classes; without data, the
+    quadrants' 2 and 4), no optimizer buffers yet, step 0."""
+    shape = (data.num_classes, data.x_train.shape[1]) if data is not None else (4, 2)
+    return {"params": initial_params(c.hidden_dim, c.seed, c.init, *shape), "optimizer": {}, "step": 0}
 
 
 def frame_epochs(epochs: int) -> set[int]:

@@ -1,8 +1,9 @@
-"""The network, Linear(2 → H) → ReLU → Linear(H → C), for J nets at once: a single run is J = 1.
+"""The network, Linear(D → H) → ReLU → Linear(H → C), for J nets at once: a single run is J = 1.
 
 Parameters carry a leading job dimension and otherwise the seed program's layout:
-W1 (J, 2, H), b1 (J, 1, H), W2 (J, H, C), b2 (J, 1, C), C classes (the four quadrants, or a
-CSV's labels). :func:`forward` and :func:`backward` are the torch definition of the net;
+W1 (J, D, H), b1 (J, 1, H), W2 (J, H, C), b2 (J, 1, C): D features (the quadrants' 2, or a CSV's
+columns), C classes (the four quadrants, or a CSV's labels). :func:`forward` and :func:`backward`
+are the torch definition of the net;
 ``step=autograd`` differentiates the same :func:`forward` with autograd; the numba engine
 (:mod:`quadnet.engines.numba`) and the NumPy oracle (:mod:`quadnet.engines.numpy`) are written
 separately, by hand, and tested equal to it. Importing this module does not import torch.
@@ -15,22 +16,21 @@ from typing import Any
 
 import numpy as np
 
-INPUT_DIM = 2
 PARAMS = ("W1", "b1", "W2", "b2")
 WEIGHTS = ("W1", "W2")  # the parameters `reg` decays; biases are not
 
-Params = dict[str, np.ndarray]  # one job, seed layout: W1 (2, H), b1 (H,), W2 (H, C), b2 (C,)
+Params = dict[str, np.ndarray]  # one job, seed layout: W1 (D, H), b1 (H,), W2 (H, C), b2 (C,)
 Tensor = Any  # torch.Tensor (torch is imported only where tensors are made)
 
 
 def forward(p: list[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
-    """Hidden activations (J, N, H) and logits (J, N, C) for points x (N, 2). The first layer of J
-    jobs is one GEMM over all of them, (N, 2) @ (2, J·H): faster than J small ones."""
+    """Hidden activations (J, N, H) and logits (J, N, C) for points x (N, D). The first layer of J
+    jobs is one GEMM over all of them, (N, D) @ (D, J·H): faster than J small ones."""
     import torch
 
     w1, b1, w2, b2 = p
     j, _, h = w1.shape
-    a = torch.addmm(b1.reshape(1, j * h), x, w1.transpose(0, 1).reshape(2, j * h)).view(-1, j, h).transpose(0, 1)
+    a = torch.addmm(b1.reshape(1, j * h), x, w1.transpose(0, 1).reshape(-1, j * h)).view(-1, j, h).transpose(0, 1)
     return a.clamp_min_(0), torch.baddbmm(b2, a, w2)
 
 
@@ -45,14 +45,14 @@ def backward(p: list[Tensor], x: Tensor, a: Tensor, dlogits: Tensor) -> list[Ten
     j, n, h = da.shape
     dz1 = torch.empty((n, j, h), dtype=da.dtype, device=da.device).transpose(0, 1)
     torch.ops.aten.threshold_backward.grad_input(da, a, 0, grad_input=dz1)
-    dw1 = (x.t() @ dz1.transpose(0, 1).reshape(n, j * h)).view(2, j, h).transpose(0, 1)  # W1's layout
+    dw1 = (x.t() @ dz1.transpose(0, 1).reshape(n, j * h)).view(-1, j, h).transpose(0, 1)  # W1's layout
     return [dw1, dz1.sum(1, keepdim=True), dw2, dlogits.sum(1, keepdim=True)]
 
 
 _rngs = threading.local()
 
 
-def initial_params(hidden_dim: int, seed: int, init: str, classes: int = 4) -> Params:
+def initial_params(hidden_dim: int, seed: int, init: str, classes: int = 4, inputs: int = 2) -> Params:
     """Initial weights of one job, seed layout, float64.
 
     ``normal`` is the seed program's draw, bit for bit: legacy ``RandomState(seed).randn``
@@ -62,20 +62,20 @@ def initial_params(hidden_dim: int, seed: int, init: str, classes: int = 4) -> P
     if init == "normal":
         rs = _rngs.rs = getattr(_rngs, "rs", None) or np.random.RandomState()  # re-seeded: cheaper than a new one
         rs.seed(seed)
-        w1, w2 = rs.randn(INPUT_DIM, hidden_dim), rs.randn(hidden_dim, classes)
+        w1, w2 = rs.randn(inputs, hidden_dim), rs.randn(hidden_dim, classes)
         return {"W1": w1, "b1": np.zeros(hidden_dim), "W2": w2, "b2": np.zeros(classes)}
     import torch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        fc1, fc2 = torch.nn.Linear(INPUT_DIM, hidden_dim).double(), torch.nn.Linear(hidden_dim, classes).double()
+        fc1, fc2 = torch.nn.Linear(inputs, hidden_dim).double(), torch.nn.Linear(hidden_dim, classes).double()
     arr = lambda t: t.detach().numpy().copy()  # noqa: E731
     return {"W1": arr(fc1.weight.T), "b1": arr(fc1.bias), "W2": arr(fc2.weight.T), "b2": arr(fc2.bias)}
 
 
-def shapes(hidden: int, classes: int = 4) -> dict[str, tuple[int, ...]]:
+def shapes(hidden: int, classes: int = 4, inputs: int = 2) -> dict[str, tuple[int, ...]]:
     """One job's parameters and their shapes in the seed layout (checkpoints are checked against them)."""
-    return {"W1": (INPUT_DIM, hidden), "b1": (hidden,), "W2": (hidden, classes), "b2": (classes,)}
+    return {"W1": (inputs, hidden), "b1": (hidden,), "W2": (hidden, classes), "b2": (classes,)}
 
 
 def padded(jobs: list[Params], hidden: int) -> list[np.ndarray]:
@@ -83,7 +83,7 @@ def padded(jobs: list[Params], hidden: int) -> list[np.ndarray]:
     nets zero-padded to `hidden`. Padded units stay exactly zero: their pre-activation is 0, so ReLU passes no
     gradient."""
     out = []
-    for name, shape in shapes(hidden, len(jobs[0]["b2"])).items():
+    for name, shape in shapes(hidden, len(jobs[0]["b2"]), len(jobs[0]["W1"])).items():
         t = np.zeros((len(jobs), *shape))
         for j, p in enumerate(jobs):
             t[(j, *map(slice, p[name].shape))] = p[name]

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from quadnet import checkpoint
-from quadnet.artifacts import prediction_rows
+from quadnet.artifacts import prediction_rows, write_text
 from quadnet.checkpoint import CHECKPOINT, CheckpointError
 from quadnet.console import status_of
 from quadnet.data import QUADRANT_NAMES, QUADRANTS
@@ -48,7 +48,9 @@ class InputError(ValueError):
 class Model:
     """A trained net: ``predict`` gives class labels (n,), ``predict_proba`` (n, classes) probabilities.
 
-    Points are a list or array of shape (n, 2), or one point of shape (2,)."""
+    Points are a list or array of shape (n, D), or one point of shape (D,), D the features it
+    was trained on, as they were in the data (scaling is applied here), or a pandas DataFrame
+    holding those columns."""
 
     params: dict[str, np.ndarray] = field(repr=False)  # seed layout, float64
     path: str
@@ -56,13 +58,19 @@ class Model:
     status: str
     classes: tuple[Any, ...] = QUADRANTS  # the label of each output
     quadrants: bool = True  # its classes are the quadrants: a point has a true one
+    features: tuple[str, ...] = ("x", "y")  # the columns it reads
+    shift: np.ndarray | None = None  # the data's standardization (see quadnet.data.Dataset)
+    scale: np.ndarray | None = None
 
     def predict_proba(self, points: Any) -> np.ndarray:
-        x = np.atleast_2d(np.asarray(points, dtype=np.float64))
-        if x.ndim != 2 or x.shape[1] != 2:
-            raise ValueError(f"points must have shape (n, 2) or (2,), not {np.shape(points)}")
+        if hasattr(points, "columns"):  # a DataFrame: its columns by name
+            points = points[list(self.features)]
+        x, d = np.atleast_2d(np.asarray(points, dtype=np.float64)), len(self.features)
+        if x.ndim != 2 or x.shape[1] != d:
+            raise ValueError(f"points must have shape (n, {d}) or ({d},), not {np.shape(points)}")
         if not np.isfinite(x).all():
             raise ValueError("points must be finite: a point with nan or inf lies in no quadrant")
+        x = x if self.shift is None else (x - self.shift) / self.scale
         # s = 1 for any ordinary point: then these are the NumPy reference's numbers, bit for bit
         s, p = np.where((m := np.abs(x).max(axis=1, keepdims=True, initial=0.0)) > 1e100, m, 1.0), self.params
         z = forward({**p, "b1": p["b1"] / s, "b2": p["b2"] / s}, x / s)[0]  # (b/s: per point)
@@ -81,7 +89,9 @@ def load(path: str | Path) -> Model:
     if status == "diverged" or (bad := [k for k, v in params.items() if not np.isfinite(v).all()]):
         weights = f", with non-finite {' '.join(bad)}" if status != "diverged" else ""
         raise CheckpointError(f"{p!r} cannot predict: its status is {status} at epoch {ck['epoch']}{weights}")
-    return Model(params, p, int(ck["epoch"]), status, tuple(ck["classes"]), ck["cfg"].data.name != "csv")
+    scaling = [None if ck[k] is None else np.array(ck[k]) for k in ("shift", "scale")]
+    quadrants = ck["cfg"].data.name != "csv"
+    return Model(params, p, int(ck["epoch"]), status, tuple(ck["classes"]), quadrants, tuple(ck["features"]), *scaling)
 
 
 def newest_run(root: Path = Path("outputs")) -> Path:
@@ -93,20 +103,21 @@ def newest_run(root: Path = Path("outputs")) -> Path:
     raise InputError(f"no completed run under {str(root)!r} (no */{CHECKPOINT}); train one, or give a run dir first")
 
 
-def parse_point(text: str, where: str) -> tuple[float, float]:
-    with contextlib.suppress(ValueError):  # not two numbers
-        x, y = map(float, text.replace(",", " ").split())
-        if np.isfinite((x, y)).all():
-            return x, y
-    raise InputError(f"{where}: {text.strip()!r} is not a point; write two finite numbers as x,y")
+def parse_point(text: str, where: str) -> tuple[float, ...]:
+    with contextlib.suppress(ValueError):  # not numbers
+        if (point := tuple(map(float, text.replace(",", " ").split()))) and np.isfinite(point).all():
+            return point
+    raise InputError(f"{where}: {text.strip()!r} is not a point; write finite numbers as x,y (one a feature)")
 
 
 POINTS_BYTES = 1 << 28
 
 
-def read_points(f: str) -> list[tuple[float, float]]:
-    """The points in file f ('-': stdin); an empty file (/dev/null too) has none. A file that is no
-    regular file (a device, a pipe) is read up to POINTS_BYTES: /dev/zero would never end."""
+def read_points(f: str, features: tuple[str, ...] = ("x", "y")) -> tuple[list[tuple[float, ...]], list[str] | None]:
+    """The points in file f ('-': stdin) and their true labels where it has them. A header line may
+    name the columns (the features, and a label column beside them); without one a line is the
+    features in order, and a label after them. An empty file (/dev/null too) has none. A file that
+    is no regular file (a device, a pipe) is read up to POINTS_BYTES: /dev/zero would never end."""
     try:
         if f == "-":
             lines = sys.stdin.read().splitlines()
@@ -115,22 +126,36 @@ def read_points(f: str) -> list[tuple[float, float]]:
                 raw = fh.read() if Path(f).is_file() else fh.read(POINTS_BYTES + 1)
             if len(raw) > POINTS_BYTES and not Path(f).is_file():
                 raise InputError(f"points file {f!r} goes on past {POINTS_BYTES >> 20} MiB: give a file of x,y lines")
-            lines = raw.decode().splitlines()
+            lines = raw.decode("utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         why = "does not exist" if isinstance(e, FileNotFoundError) else "is not a text file of x,y lines"
         raise InputError(f"points file {f!r} {why}") from None
     where = "stdin" if f == "-" else f"points file {f!r}"
-    return [parse_point(c, f"{where} line {i}") for i, ln in enumerate(lines, 1) if (c := ln.split("#", 1)[0].strip())]
+    rows = [(i, c) for i, ln in enumerate(lines, 1) if (c := ln.split("#", 1)[0].strip())]
+    head = [h.strip() for h in rows[0][1].split(",")] if rows and not re.match(r"[-+.\d]", rows[0][1]) else None
+    if head is not None and (missing := [n for n in features if n not in head]):
+        raise InputError(f"{where}: its header has no column {missing[0]!r}; the model reads {', '.join(features)}")
+    cols = [head.index(n) for n in features] if head else list(range(len(features)))
+    extra = [k for k, n in enumerate(head) if n not in features] if head else [len(features)]
+    points, labels = [], []
+    for i, text in rows[head is not None :]:
+        parts = [p.strip() for p in text.split(",")] if "," in text else text.split()
+        if len(parts) > len(features) and len(extra) == 1 and extra[0] < len(parts):
+            labels.append(parts[extra[0]])
+        points.append(parse_point(" ".join(parts[k] for k in cols if k < len(parts)), f"{where} line {i}"))
+    return points, labels if labels and len(labels) == len(points) else None
 
 
-def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, float]], bool]:
-    """(run dir or checkpoint, whether it is the default, points, as_json). A first argument
-    that is two numbers (x,y) and names no file is a point: the newest run is used."""
+def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, ...]], argparse.Namespace]:
+    """(run dir or checkpoint, whether it is the default, the points given as arguments, the
+    options). A first argument that is numbers (x,y) and names no file is a point: the newest run
+    is used."""
     help_text = "\n\n".join((__doc__ or "").split("\n\n")[1:4])  # (the paragraphs after the usage line)
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser("python -m quadnet.predict", description=help_text, formatter_class=formatter)
     parser.add_argument("args", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT | x,y")
-    parser.add_argument("--file", action="append", default=[], help="points, one x,y a line; - for stdin")
+    parser.add_argument("--file", action="append", default=[], help="points, one a line (a header may name columns)")
+    parser.add_argument("--out", help="write the predictions to this CSV file (the points, predicted, p(class)...)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.error = lambda m: fail(re.sub(r"unrecognized arguments: (\S+).*", r"unknown option \1", m))
     with deferred():  # ' -2,2': a point
@@ -141,27 +166,45 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, float]], 
     if default and rest and not re.fullmatch(r"[-+\d.,eE\s]+", rest[0]):
         raise InputError(f"{rest[0]!r} is neither a run dir or checkpoint (no such path) nor a point x,y")
     run, point_args = (newest_run(), rest) if default else (Path(rest[0]), rest[1:])
-    points = [parse_point(p, f"argument {i}") for i, p in enumerate(point_args, 1)]
-    files = args.file or ([] if point_args or sys.stdin.isatty() else ["-"])
-    points += [pt for f in files for pt in read_points(f)]
-    if not points:
-        names = ", ".join("stdin" if f == "-" else f for f in files)
-        raise InputError(f"no points given{f' ({names} held none)' if files else ''}; pass x,y or --file PATH")
-    return run, default, points, args.json
+    args.file = args.file or ([] if point_args or sys.stdin.isatty() else ["-"])
+    return run, default, [parse_point(p, f"argument {i}") for i, p in enumerate(point_args, 1)], args
 
 
 @command()
 def main(argv: list[str] | None = None) -> None:
     # (an InputError, CheckpointError or ConfigError, for a ~user with no home: one line, by @command)
-    run, default, points, as_json = parse_args(sys.argv[1:] if argv is None else argv)
-    model, x = load(run), np.array(points, dtype=np.float64)
+    run, default, points, args = parse_args(sys.argv[1:] if argv is None else argv)
+    model, labels = load(run), []
+    for f in args.file:
+        found, truth = read_points(f, model.features)
+        points, labels = points + found, (labels + truth) if truth is not None and labels is not None else None
+    if not points:
+        names = ", ".join("stdin" if f == "-" else f for f in args.file)
+        raise InputError(f"no points given{f' ({names} held none)' if args.file else ''}; pass x,y or --file PATH")
+    if bad := [p for p in points if len(p) != len(model.features)]:
+        raise InputError(f"{bad[0]} has {len(bad[0])} numbers; the model reads {len(model.features)}: "
+                         f"{', '.join(model.features)}")  # fmt: skip
+    x = np.array(points, dtype=np.float64)
     rows = prediction_rows(x, model.predict_proba(x), model.classes, None, model.quadrants)
-    if as_json:
-        print(json.dumps({"checkpoint": model.path, "epoch": model.epoch, "predictions": rows}, indent=2))
+    if args.out:
+        heads = [*model.features, "predicted", *(f"p({c})" for c in model.classes)]
+        lines = [",".join(heads)] + [",".join(map(str, [*r["point"], r["predicted"], *r["probs"]])) for r in rows]
+        write_text(Path(args.out), "\n".join(lines) + "\n")
+    accuracy = None
+    if labels:  # (true labels from --file: the accuracy on them)
+        accuracy = float(np.mean([str(r["predicted"]) == t for r, t in zip(rows[-len(labels) :], labels, strict=True)]))
+    if args.json:
+        out = {"checkpoint": model.path, "epoch": model.epoch, "accuracy": accuracy, "predictions": rows}
+        print(json.dumps(out, indent=2))
+        return
+    if accuracy is not None:
+        print(f"accuracy {accuracy:.4f} on {len(labels)} labelled points")  # type: ignore[arg-type]
+    if args.out:
+        print(f"predictions for {len(rows)} points written to {args.out}")
         return
     how = "  [the newest completed run under outputs/]" if default else ""
     print(f"model: {model.path} (hidden_dim={len(model.params['b1'])}, {model.status} at epoch {model.epoch}){how}")
-    shown = ["({:g}, {:g})".format(*r["point"]) for r in rows]
+    shown = ["(" + ", ".join(f"{v:g}" for v in r["point"]) + ")" for r in rows]
     heads = [f"p({n})" for n in (QUADRANT_NAMES if model.quadrants else model.classes)]
     w, cw, true = max([16, *map(len, shown)]), max([9, *map(len, heads)]), "  true" * model.quadrants
     print(f"{'point':>{w}}  predicted  p(predicted){true} " + "".join(f"{h:>{cw + 1}}" for h in heads))

@@ -118,11 +118,12 @@ def write(
     with np.errstate(all="ignore"):  # a diverged run's weights are not finite
         probs = softmax(forward(params, data.x_test)[0])
     summary = {"status": job.status, "epoch": job.epoch, "epochs": cfg.epochs, "final_loss": final["loss"]}
-    summary |= {key: final[key] for key in ("test_loss", "train_accuracy", "test_accuracy")} | ran
+    summary |= {key: final[key] for key in ("test_loss", "train_accuracy", "test_accuracy", "val_loss", "val_accuracy")}
+    summary |= ran
     stopped = signal.Signals(stop_signal).name if job.status == "interrupted" and stop_signal else None
     summary |= {"dtype": cfg.dtype, "run_dir": str(run_dir.resolve()), "signal": stopped, **(extra or {})}
     summary |= {"versions": artifacts.versions(), "classes": list(data.classes), "data_sha256": data.digest}
-    rows = artifacts.prediction_rows(data.x_test, probs, data.classes, data.y_test, data.quadrants)
+    rows = artifacts.prediction_rows(data.raw(data.x_test), probs, data.classes, data.y_test, data.quadrants)
     summary |= {"predictions": rows, "config": to_dict(cfg)}
     checkpoint.save(run_dir / checkpoint.CHECKPOINT, checkpoint.of(job, job.status, data))
     artifacts.write_metrics(run_dir / "metrics.csv", job.history)
@@ -137,9 +138,9 @@ def write(
     try:  # a plot that cannot be drawn (memory, a font) costs the plot, not the run
         if cfg.plots and job.epoch > 0:  # (no matplotlib import for an untrained run)
             plots.plot_curves(run_dir / "loss.png", job.history, title)
-            if job.status != "diverged":
+            if job.status != "diverged" and data.x_train.shape[1] == 2:  # (regions of a plane: 2 features)
                 plots.plot_regions(run_dir / "decision_regions.png", params, data, title)
-        if cfg.animate and job.frames and job.status != "diverged":
+        if cfg.animate and job.frames and job.status != "diverged" and data.x_train.shape[1] == 2:
             plots.animate(run_dir / "training.gif", job.frames, job.history, data, title)
     except Exception as e:
         log.warning("%s: plots not drawn: %s", run_dir, exits.OOM if exits.out_of_memory(e) else exits.one_line(e))

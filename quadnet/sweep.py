@@ -138,7 +138,7 @@ def resumable(job: Job, c: TrainConfig, data: Dataset) -> loop.Job:
     with contextlib.suppress(checkpoint.CheckpointError):  # a damaged or half-written one: the job trains again
         ck = checkpoint.load(here) if (here := checkpoint.in_dir(job.dir)) else None
     if ck is None or ck["status"] == "diverged":
-        return loop.Job(c, loop.start_state(c, data.num_classes))
+        return loop.Job(c, loop.start_state(c, data))
     try:
         checkpoint.resume_check(ck, c, data)
     except ConfigError as e:

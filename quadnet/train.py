@@ -80,7 +80,7 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
             "goes on from it (a sweep: run it again with hydra/launcher=batched), or choose another dir"
         )
     if ck is None:
-        job = loop.Job(c, loop.start_state(c, data.num_classes))
+        job = loop.Job(c, loop.start_state(c, data))
     else:
         checkpoint.resume_check(ck, c, data)
         job = loop.Job(c, ck["state"], ck["epoch"], ck["history"])

@@ -107,11 +107,11 @@ def test_a_point_reads_back_exactly(x, y, sep):
 @given(text=st.text(max_size=20))
 def test_any_point_text_is_a_point_or_one_error(text):
     try:
-        x, y = parse_point(text, "argument 1")
+        point = parse_point(text, "argument 1")
     except InputError as e:
         assert one_line(e).startswith("argument 1: ")
         return
-    assert math.isfinite(x) and math.isfinite(y)
+    assert point and all(math.isfinite(v) for v in point)
 
 
 @FEW
@@ -121,11 +121,11 @@ def test_any_point_text_is_a_point_or_one_error(text):
 def test_any_points_file_reads_or_gives_one_error(folder, text):
     (path := folder / "points.txt").write_bytes(text)
     try:
-        points = read_points(str(path))
+        points, labels = read_points(str(path))
     except InputError as e:
         assert one_line(e).startswith(f"points file {str(path)!r}")
         return
-    assert all(math.isfinite(v) for p in points for v in p)
+    assert all(math.isfinite(v) for p in points for v in p) and (labels is None or len(labels) == len(points))
 
 
 @FEW

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import importlib.util
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,26 +28,29 @@ from quadnet.exits import one_line
 from quadnet.model import Params
 
 # the figures of a metrics row, in the order metrics.csv and checkpoints keep them
-METRICS = ("loss", "train_accuracy", "test_accuracy", "test_loss")
+METRICS = ("loss", "train_accuracy", "test_accuracy", "test_loss", "val_accuracy", "val_loss")
 # engine=auto: above this many classes the numba step, whose loops run over every class of every
 # point, is slower than torch's matrix products
 NUMBA_MAX_CLASSES = 32
 
 
-def metric_rows(xp: Any, logits: Callable[[Any], Any], train: tuple, test: tuple) -> list[dict[str, float]]:
-    """Per job: mean cross-entropy (no L2 term) and accuracy on train and test; points on an axis
-    (label -1) count in neither. train, test: points (N, 2) and labels (N,); logits(points): the
-    jobs' logits (J, N, C) in float64. NumPy arrays (xp: numpy) or torch tensors on any device (xp:
-    torch; one transfer, of the figures)."""
+def metric_rows(xp: Any, logits: Callable[[Any], Any], splits: list[tuple]) -> list[dict[str, float]]:
+    """Per job: mean cross-entropy (no L2 term) and accuracy on the train, test and validation
+    splits, each (points (N, D), labels (N,)); points on an axis (label -1) count in none, and a
+    split without points has NaN. logits(points): the jobs' logits (J, N, C) in float64. NumPy
+    arrays (xp: numpy) or torch tensors on any device (xp: torch; one transfer, of the figures)."""
     figures = []
-    for x, y in (train, test):
+    for x, y in splits:
+        if not len(y):
+            figures += [xp.full_like(figures[0], math.nan)] * 2
+            continue
         with np.errstate(all="ignore"):  # (a diverged job's logits are not finite)
             z, y = logits(x)[:, y >= 0], y[y >= 0]
             top = xp.amax(z, axis=-1, keepdims=True)
             logp = z - top - xp.log(xp.exp(z - top).sum(-1, keepdims=True))
             figures += [-logp[:, range(len(y)), y].mean(-1), xp.mean(z.argmax(-1) == y, axis=-1, dtype=xp.float64)]
-    # in METRICS' order: the train loss and accuracy, then the test accuracy and loss
-    table = xp.stack([figures[i] for i in (0, 1, 3, 2)]).tolist()
+    # in METRICS' order: the train loss and accuracy, then the test's and validation's accuracy and loss
+    table = xp.stack([figures[i] for i in (0, 1, 3, 2, 5, 4)]).tolist()
     return [dict(zip(METRICS, row, strict=True)) for row in zip(*table, strict=True)]
 
 

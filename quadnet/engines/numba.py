@@ -52,15 +52,19 @@ def _jit(fn: Callable[..., Any]) -> Any:
 
 @_jit
 def _forward(p: Any, x: Any, h_dim: int, n_cls: int, a: Any, z: Any) -> None:
-    """Logits z (N, C, L) and hidden activations a (N, H, L) of one block p (rows, L) for points x (N, 2)."""
-    lanes, w2, b2 = p.shape[1], 3 * h_dim, 3 * h_dim + h_dim * n_cls
+    """Logits z (N, C, L) and hidden activations a (N, H, L) of one block p (rows, L) for points x (N, D)."""
+    dim, lanes = x.shape[1], p.shape[1]
+    w2, b2 = (dim + 1) * h_dim, (dim + 1) * h_dim + h_dim * n_cls
     for n in range(x.shape[0]):
-        x0, x1 = x[n, 0], x[n, 1]
         for h in range(h_dim):
-            w0, w1, b, an = p[h], p[h_dim + h], p[2 * h_dim + h], a[n, h]
+            an = a[n, h]
+            an[:] = p[dim * h_dim + h]
+            for d in range(dim):  # (one pass a feature: each vectorizes over the lanes)
+                xd, wd = x[n, d], p[d * h_dim + h]
+                for i in range(lanes):
+                    an[i] += xd * wd[i]
             for i in range(lanes):
-                v = b[i] + x0 * w0[i] + x1 * w1[i]
-                an[i] = v if not v <= 0.0 else 0.0  # ReLU that passes NaN on, as torch's does
+                an[i] = an[i] if not an[i] <= 0.0 else 0.0  # ReLU that passes NaN on, as torch's does
         for c in range(n_cls):
             z[n, c, :] = p[b2 + c]
         for h in range(h_dim):
@@ -73,7 +77,7 @@ def _forward(p: Any, x: Any, h_dim: int, n_cls: int, a: Any, z: Any) -> None:
 
 @_jit
 def logits(blocks: Any, x: Any, h_dim: int, n_cls: int) -> Any:
-    """Logits (B, N, C, L) of every block for points x (N, 2)."""
+    """Logits (B, N, C, L) of every block for points x (N, D)."""
     n_blocks, _, lanes = blocks.shape
     z = np.zeros((n_blocks, x.shape[0], n_cls, lanes), blocks.dtype)
     a = np.empty((x.shape[0], h_dim, lanes), blocks.dtype)
@@ -106,8 +110,8 @@ def train(blocks: Any, m: Any, v: Any, hyp: Any, bad: Any, x: Any, onehot: Any, 
     steps taken before. bad (B, L): done plus the first of these steps whose loss was not finite
     (left as it is where it is set already, or where none is)."""
     _, rows, lanes = blocks.shape
-    n, n_cls = onehot.shape
-    w2, b2 = 3 * h_dim, 3 * h_dim + h_dim * n_cls
+    (n, n_cls), dim = onehot.shape, x.shape[1]
+    w2, b2 = (dim + 1) * h_dim, (dim + 1) * h_dim + h_dim * n_cls
     a, z = np.empty((n, h_dim, lanes), blocks.dtype), np.empty((n, n_cls, lanes), blocks.dtype)
     g, da = np.empty((rows, lanes), blocks.dtype), np.empty((n, lanes), blocks.dtype)
     top, total, finite, bc1, bc2 = np.empty(lanes), np.empty(lanes), np.empty(lanes), np.empty(lanes), np.empty(lanes)
@@ -148,14 +152,16 @@ def train(blocks: Any, m: Any, v: Any, hyp: Any, bad: Any, x: Any, onehot: Any, 
                     for j in range(lanes):
                         gw[j] += ah[j] * zc[j]
                         di[j] += zc[j] * w[j]
-            g0, g1, gb = g[h], g[h_dim + h], g[2 * h_dim + h]
+            gb = g[dim * h_dim + h]
             for i in range(n):
-                x0, x1, ah, di = x[i, 0], x[i, 1], a[i, h], da[i]
+                ah, di = a[i, h], da[i]
                 for j in range(lanes):
-                    d = di[j] if ah[j] > 0.0 else 0.0  # through ReLU
-                    gb[j] += d
-                    g0[j] += x0 * d
-                    g1[j] += x1 * d
+                    di[j] = di[j] if ah[j] > 0.0 else 0.0  # through ReLU
+                    gb[j] += di[j]
+                for d in range(dim):
+                    xd, gd = x[i, d], g[d * h_dim + h]
+                    for j in range(lanes):
+                        gd[j] += xd * di[j]
         for c in range(n_cls):
             gc = g[b2 + c]
             for i in range(n):
@@ -166,7 +172,7 @@ def train(blocks: Any, m: Any, v: Any, hyp: Any, bad: Any, x: Any, onehot: Any, 
                 bc1[j] = 1.0 - hyp[k, 3, j] ** (t + step + 1)
                 bc2[j] = math.sqrt(1.0 - hyp[k, 4, j] ** (t + step + 1))
         for r in range(rows):
-            decay = 1.0 if r < 2 * h_dim or w2 <= r < b2 else 0.0
+            decay = 1.0 if r < dim * h_dim or w2 <= r < b2 else 0.0
             pr, gr, mr, vr = p[r], g[r], m[k, r], v[k, r]
             for j in range(lanes):
                 gj = gr[j] + decay * reg[j] * pr[j]
@@ -183,9 +189,11 @@ def train(blocks: Any, m: Any, v: Any, hyp: Any, bad: Any, x: Any, onehot: Any, 
 
 def from_rows(col: np.ndarray, h_dim: int, h: int, n_cls: int) -> dict[str, np.ndarray]:
     """A job's parameters in the seed layout, h hidden units, float64, from its column of rows."""
-    col = col.astype(np.float64)
-    w1, w2 = np.stack([col[:h], col[h_dim : h_dim + h]]), col[3 * h_dim : -n_cls].reshape(h_dim, n_cls)[:h]
-    return dict(zip(model.PARAMS, (w1, col[2 * h_dim : 2 * h_dim + h], w2.copy(), col[-n_cls:].copy()), strict=True))
+    col, dim = col.astype(np.float64), (len(col) - n_cls) // h_dim - n_cls - 1
+    w1 = col[: dim * h_dim].reshape(dim, h_dim)[:, :h]
+    w2 = col[(dim + 1) * h_dim : -n_cls].reshape(h_dim, n_cls)[:h]
+    b1 = col[dim * h_dim : dim * h_dim + h]
+    return dict(zip(model.PARAMS, (w1.copy(), b1, w2.copy(), col[-n_cls:].copy()), strict=True))
 
 
 class NumbaEngine:
@@ -255,7 +263,7 @@ class NumbaEngine:
             z = logits(self.blocks, x.astype(self.dtype), self.h_dim, self.n_cls).astype(np.float64)
             return z.transpose(0, 3, 1, 2).reshape(-1, len(x), self.n_cls)[: len(self.rows)]
 
-        return metric_rows(np, jobs, (self.data.x_train, self.data.y_train), (self.data.x_test, self.data.y_test))
+        return metric_rows(np, jobs, self.data.splits)
 
     def export(self, rows: list[int]) -> list[dict[str, Any]]:
         """Jobs at `rows`: their parameters and optimizer buffers, unpadded, float64."""

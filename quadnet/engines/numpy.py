@@ -170,8 +170,8 @@ class NumpyEngine:
 
     def metrics(self) -> list[dict[str, float]]:
         """:func:`quadnet.engines.metric_rows`."""
-        d, logits = self.data, lambda x: forward(self.params, x.astype(self.dt))[0].astype(np.float64)[None]
-        return metric_rows(np, logits, (d.x_train, d.y_train), (d.x_test, d.y_test))
+        logits = lambda x: forward(self.params, x.astype(self.dt))[0].astype(np.float64)[None]  # noqa: E731
+        return metric_rows(np, logits, self.data.splits)
 
     def export(self, rows: list[int]) -> list[dict[str, Any]]:
         f64 = lambda p: {k: v.astype(np.float64) for k, v in p.items()}  # noqa: E731

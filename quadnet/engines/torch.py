@@ -36,8 +36,8 @@ class TorchEngine:
         self.cfgs, self.device, self.dtype, self.threads = cfgs, device, getattr(torch, c0.dtype), threads
         self.name, self.rule, self.autograd = f"torch/{c0.step}", c0.optimizer, c0.step == "autograd"
         as_t = lambda a: torch.as_tensor(np.asarray(a), dtype=self.dtype, device=device)  # noqa: E731
-        self.x, self.x_test = as_t(data.x_train), as_t(data.x_test)
-        self.y, self.y_test = (torch.as_tensor(y, device=device) for y in (data.y_train, data.y_test))
+        self.splits = [(as_t(x), torch.as_tensor(y, device=device)) for x, y in data.splits]
+        (self.x, self.y) = self.splits[0]
         self.onehot = F.one_hot(self.y.clamp_min(0), data.num_classes).to(self.dtype)
         self.params = model.stack([s["params"] for s in starts], hidden, self.dtype, device)
         self.h = {n: v if isinstance(v, float) else as_t(v).view(-1, 1, 1) for n, v in optim.hyper(cfgs).items()}
@@ -109,7 +109,7 @@ class TorchEngine:
     def metrics(self) -> list[dict[str, float]]:
         """Per job, :func:`quadnet.engines.metric_rows`."""
         logits = lambda x: model.forward(self.params, x)[1].double()  # noqa: E731
-        return metric_rows(torch, logits, (self.x, self.y), (self.x_test, self.y_test))
+        return metric_rows(torch, logits, self.splits)
 
     def export(self, rows: list[int]) -> list[JobState]:
         """Jobs at `rows`: their parameters and optimizer buffers, unpadded, float64 NumPy."""
