@@ -64,7 +64,7 @@ def summary_metric(summary: dict[str, Any], name: str) -> float | None:
     """A figure of a completed run's summary (an error is 1 − its accuracy); None otherwise. A
     val_ figure of data without a validation split (the seed's 4 points) is the test set's."""
     key = name.replace("_error", "_accuracy")
-    if key.startswith("val_") and summary.get(key) is None:
+    if key.startswith("val_") and (summary.get(key) is None or summary[key] != summary[key]):  # (None or NaN)
         key = "test_" + key[4:]
     with contextlib.suppress(TypeError, ValueError, OverflowError):  # (None, or a damaged summary)
         if summary.get("status") == "completed" and math.isfinite(value := summary.get(key)):  # type: ignore[arg-type]

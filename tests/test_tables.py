@@ -1,0 +1,137 @@
+"""Any table of numbers: a CSV with a header and any number of feature columns, through the data,
+the three engines, a run's dir, its checkpoint, predict and the Python API."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_cfg, run_cli
+from quadnet.config import ConfigError, DataConfig
+from quadnet.data import make_dataset, read_csv
+from quadnet.engines import build
+from quadnet.loop import start_state
+from quadnet.train import train
+
+FEATURES = ["a", "b", "c", "d", "e"]
+
+
+@pytest.fixture
+def table(tmp_path):
+    """Five feature columns on very different scales, the label first and named: three blobs."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(3, 5)) * 2
+    rows = [
+        (lab, *(rng.normal(centres[k], 0.6) * [1, 10, 100, 0.01, 1e4]))
+        for k, lab in enumerate("xyz")
+        for _ in range(40)
+    ]
+    path = tmp_path / "t.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["kind", *FEATURES], *rows])
+    return path
+
+
+def test_a_header_names_the_columns_and_the_label_and_features_are_picked(table):
+    x, labels, names = read_csv(str(table), "data.path", "kind")
+    assert x.shape == (120, 5) and names == FEATURES and set(labels) == {"x", "y", "z"}
+    x2, _, names2 = read_csv(str(table), "data.path", "kind", ["e", "a"])
+    np.testing.assert_array_equal(x2, x[:, [4, 0]])
+    assert names2 == ["e", "a"]
+    with pytest.raises(ConfigError, match=r"'f' is not a column: the columns of data.path=.* are kind, a, b, c, d, e"):
+        read_csv(str(table), "data.path", "kind", ["a", "f"])
+    with pytest.raises(ConfigError, match="'kind' is the label: it cannot be a feature too"):
+        read_csv(str(table), "data.path", "kind", ["kind", "a"])
+
+
+def test_the_splits_are_disjoint_and_standardized_on_the_training_split(table):
+    d = make_dataset(DataConfig(name="csv", path=str(table), label="kind"))
+    assert (len(d.x_train), len(d.x_val), len(d.x_test)) == (77, 19, 24) and d.features == tuple(FEATURES)
+    np.testing.assert_allclose(d.x_train.mean(0), 0, atol=1e-12)
+    np.testing.assert_allclose(d.x_train.std(0), 1, atol=1e-12)
+    raw, _, _ = read_csv(str(table), "data.path", "kind")
+    rows = {tuple(r) for r in raw}
+    split = [{tuple(r) for r in d.raw(x).round(6)} for x in (d.x_train, d.x_val, d.x_test)]
+    assert not (split[0] & split[1]) and not (split[0] & split[2]) and not (split[1] & split[2])
+    assert sum(map(len, split)) == len(rows)
+    plain = make_dataset(DataConfig(name="csv", path=str(table), label="kind", standardize=False, val_fraction=0))
+    assert plain.shift is None and len(plain.x_val) == 0 and len(plain.x_train) == 96
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_every_engine_trains_a_wide_table_to_the_same_weights(table, optimizer):
+    data = make_dataset(DataConfig(name="csv", path=str(table), label="kind"))
+    cfg = make_cfg(f"optimizer={optimizer}", "lr=0.01", "hidden_dim=7", "threads=1", "device=cpu")
+    results = {}
+    for engine in ("numba", "torch", "numpy"):
+        c = make_cfg(f"engine={engine}", f"optimizer={optimizer}", "lr=0.01", "hidden_dim=7", "threads=1")
+        e = build([c], data, [start_state(cfg, data)], "cpu")
+        e.run(200, lambda: False)
+        results[engine] = (e.export([0])[0]["params"], e.metrics()[0])
+    for engine in ("torch", "numpy"):
+        for k, v in results["numba"][0].items():
+            np.testing.assert_allclose(v, results[engine][0][k], rtol=0, atol=1e-10, err_msg=f"{engine} {k}")
+        assert results["numba"][1] == pytest.approx(results[engine][1], abs=1e-10)
+    assert results["numba"][0]["W1"].shape == (5, 7) and 0 <= results["numba"][1]["val_accuracy"] <= 1
+
+
+def test_a_wide_run_predicts_a_whole_file_and_loads_in_python(table, tmp_path):
+    s = train(
+        make_cfg("data=csv", f"data.path={table}", "data.label=kind", "optimizer=adam", "lr=0.01", "epochs=300"),
+        run_dir=tmp_path / "r",
+    )
+    assert s["status"] == "completed" and s["test_accuracy"] > 0.9 and s["val_accuracy"] > 0.9
+    assert len(s["predictions"][0]["point"]) == 5 and s["config"]["objective"] == "val_loss"
+    raw = np.array([p["point"] for p in s["predictions"]])  # (as the file has them: scaling undone)
+    assert np.abs(raw[:, 4]).max() > 100
+    out = tmp_path / "preds.csv"
+    r = run_cli(str(tmp_path / "r"), "--file", str(table), "--out", str(out), module="quadnet.predict", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    acc = float(r.stdout.split()[1])
+    assert acc > 0.9 and "on 120 labelled points" in r.stdout
+    with open(out) as f, open(table) as t:
+        rows, truth = list(csv.DictReader(f)), [r["kind"] for r in csv.DictReader(t)]
+    assert list(rows[0]) == [*FEATURES, "predicted", "p(x)", "p(y)", "p(z)"] and len(rows) == 120
+    assert np.mean([row["predicted"] == lab for row, lab in zip(rows, truth, strict=True)]) == pytest.approx(
+        acc, abs=1e-4
+    )
+
+    import pandas as pd
+
+    import quadnet
+
+    model, frame = quadnet.load(tmp_path / "r"), pd.read_csv(table)
+    assert model.features == tuple(FEATURES)
+    np.testing.assert_array_equal(model.predict(frame), [row["predicted"] for row in rows])  # (columns by name)
+    np.testing.assert_array_equal(model.predict(frame[FEATURES[::-1]]), model.predict(frame[FEATURES].to_numpy()))
+    r = run_cli(str(tmp_path / "r"), "1,2", module="quadnet.predict", cwd=tmp_path)
+    assert r.returncode == 2 and "the model reads 5: a, b, c, d, e" in r.stderr
+
+
+def test_a_checkpoint_from_before_features_and_scaling_still_predicts(tmp_path):
+    """0.4's checkpoints have no features, shift or scale, and five metrics columns: x, y, unscaled."""
+    train(make_cfg("epochs=50"), run_dir=tmp_path / "r")
+    z = dict(np.load(tmp_path / "r" / "checkpoint.npz"))
+    meta = json.loads(str(z["meta"]))
+    for k in ("features", "shift", "scale"):
+        meta.pop(k)
+    z["meta"], z["history"] = np.array(json.dumps(meta)), z["history"][:, :5]
+    np.savez(tmp_path / "old.npz", **z)
+    old, new = (run_cli(str(p), "2,2", "-1,3", "--json", module="quadnet.predict", cwd=tmp_path)
+                for p in (tmp_path / "old.npz", tmp_path / "r"))  # fmt: skip
+    assert old.returncode == 0, old.stderr
+    assert json.loads(old.stdout)["predictions"] == json.loads(new.stdout)["predictions"]
+
+
+def test_the_seed_data_has_no_validation_split_and_is_selected_on_its_test_points(tmp_path):
+    from quadnet.artifacts import summary_metric
+
+    s = train(make_cfg("epochs=50"), run_dir=tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["val_loss"] is None
+    assert summary_metric(s, "val_loss") == s["test_loss"]
+    assert summary_metric(s, "val_error") == 1 - s["test_accuracy"]
+    sampled = make_dataset(DataConfig(name="sampled"))
+    assert len(sampled.x_val) == 51 and sampled.shift is None  # (0.2 of n_train more points, drawn after the rest)
