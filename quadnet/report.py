@@ -38,12 +38,6 @@ FIGURES = ["final_loss", "test_loss", "train_accuracy", "test_accuracy", "epoch"
 CONTINUOUS = 12
 
 
-def newest_sweep(root: Path) -> Path:
-    if not (sweeps := [p for p in (root / "multirun").glob("*") if p.is_dir()]):
-        fail(f"no sweep under {str(root / 'multirun')!r}; run one (python -m quadnet.train -m …) or name one")
-    return max(sweeps, key=lambda p: p.stat().st_mtime)
-
-
 def parse_value(text: str) -> Any:
     """An override's value: int, float, bool, or the text itself."""
     for kind in (int, float):
@@ -159,9 +153,7 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
     with figure(path, 1, 2, figsize=(11, 4.2)) as (fig, axes):
         for ax, name in zip(axes, names, strict=True):
             pts = [(pos[r["params"][param]], v) for r in done if (v := summary_metric(r, name)) is not None]
-            groups: dict[Any, list[float]] = {x: [] for x in at}  # the figures at each value
-            for p, v in pts:
-                groups[p].append(v)
+            groups = {x: [v for p, v in pts if p == x] for x in at}  # the figures at each value
             every = [v for _, v in pts]
             ax.scatter([p for p, _ in pts], every, s=12, alpha=0.5, color="tab:blue", label="each job", zorder=3)
             if kind != "scatter":  # (the median beneath the jobs' dots, hollow, so that none hides under it)
@@ -213,21 +205,21 @@ def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric:
         fig.colorbar(im, ax=ax, label=f"median {metric} ({'lower' if METRICS[metric] else 'higher'} is better)")
 
 
-def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: bool) -> tuple[list[str], str | None]:
-    """report.csv and the plots: the files written, and None or what could not be written and why."""
+def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: bool) -> list[str]:
+    """report.csv and the plots: the files written; the first that cannot be written ends the command (exit 1)."""
     done = [r for r in rows if r["status"] == "completed"]
     varied = swept_params(done) if plots else []  # a plot needs two values among the completed jobs
     grids = [p for p in varied if axis_kind(p, done)[1] != "scatter"]
-    # (file, writer, its arguments after the path), in order; the first that cannot be written stops the rest
+    # (file, writer, its arguments after the path), in order
     writes: list[tuple[str, Any, tuple[Any, ...]]] = [("report.csv", write_csv, (rows, swept_params(rows)))]
     writes += [(f"report_{p.replace('/', '_')}.png", plot_param, (rows, p, metric, varied)) for p in varied]
     writes += [("report_heatmap.png", plot_heatmap, (rows, *grids, metric))] if len(grids) == 2 else []
-    for i, (name, write, args) in enumerate(writes):
+    for name, write, args in writes:
         try:
             write(sweep / name, *args)
-        except OSError as e:
-            return [w[0] for w in writes[:i]], f"could not write {name} in {str(sweep)!r}: {e.strerror or e}"
-    return [w[0] for w in writes], None
+        except OSError as e:  # (after the table: a script that asked for the files did not get them)
+            fail(f"could not write {name} in {str(sweep)!r}: {e.strerror or e}", code=1)
+    return [w[0] for w in writes]
 
 
 def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int | None) -> None:
@@ -267,14 +259,15 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--top {args.top} is not allowed: must be >= 1")
     if args.metric not in METRICS:
         fail(f"--metric {args.metric!r} is not allowed: choose one of {', '.join(METRICS)}")
-    sweep = Path(args.sweep_dir) if args.sweep_dir else newest_sweep(Path(args.outputs))
+    multirun = Path(args.outputs, "multirun")  # (where the newest sweep is, when none is named)
+    if not (args.sweep_dir or (sweeps := [p for p in multirun.glob("*") if p.is_dir()])):
+        fail(f"no sweep under {str(multirun)!r}; run one (python -m quadnet.train -m …) or name one")
+    sweep = Path(args.sweep_dir or max(sweeps, key=lambda p: p.stat().st_mtime))
     if not sweep.is_dir():
         fail(f"{str(sweep)!r} is not a directory")
     rows = read_jobs(sweep, args.metric)  # (an OSError: one line, by @command)
-    written, problem = write_files(sweep, rows, args.metric, plots=not args.no_plots)
     print_table(sweep, rows, args.metric, args.top)
-    if problem:
-        fail(problem, code=1)
+    written = write_files(sweep, rows, args.metric, plots=not args.no_plots)
     plots = f" and {', '.join(written[1:])}" if written[1:] else ""
     none = " (no plots: no swept parameter takes two values among the completed jobs)" * (not args.no_plots)
     print(f"wrote {sweep / 'report.csv'}{plots or none}")
