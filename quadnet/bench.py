@@ -27,19 +27,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import timeit
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 from quadnet.exits import ArgumentParser, command, fail
-
-
-def _timed(fn: Callable[..., Any], *args: Any) -> float:
-    """The seconds that fn(*args) took."""
-    t0 = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t0
 
 
 def machine() -> dict[str, Any]:
@@ -68,7 +61,7 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
     flops = 2 * n * (2 * h + h * c) + 4 * n * h * c + 5 * n * h + 2 * (5 * h + 2 * h * c + c) + 6 * n * c
     a = torch.rand(2048, 2048, dtype=torch.float64)
     with torch_threads(1):
-        rate = 2 * 2048**3 / min(_timed(torch.mm, a, a) for _ in range(4))
+        rate = 2 * 2048**3 / min(timeit.repeat(lambda: torch.mm(a, a), number=1, repeat=4))
     limit = flops * 10000 / rate * 1000
     variants = {"numba": ("numba", "fused", "cpu"), "torch": ("torch", "fused", "cpu"),
                 "numpy": ("numpy", "fused", "cpu"), "autograd": ("torch", "autograd", "cpu"),
@@ -79,7 +72,7 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
         e = build(cfgs, data, [start_state(c) for c in cfgs], "cuda:0" if device == "cuda" else "cpu")
         steps = max(20, min(2000, 400_000 // jobs)) * (5 if engine == "numba" else 1)
         e.run(2, lambda: False)  # (buffers, caches, a CUDA graph)
-        return _timed(e.run, steps, lambda: False) / steps * 10000 / jobs * 1000
+        return timeit.timeit(lambda: e.run(steps, lambda: False), number=1) / steps * 10000 / jobs * 1000
 
     rows: list[dict[str, Any]] = [{"jobs": j, "limit_ms": limit} for j in sizes]
     for row, j in zip(rows, sizes, strict=True):

@@ -132,11 +132,6 @@ def axis_kind(param: str, rows: list[dict[str, Any]]) -> tuple[list[Any], str, b
     return distinct, "scatter" if param == "seed" or (numeric and many) else "grid" if numeric else "categorical", log
 
 
-def _spread(vals: list[float]) -> tuple[float, float, float]:
-    """(median, 16th percentile, 84th percentile), NaN for none."""
-    return tuple(np.percentile(vals, [50, 16, 84])) if vals else (math.nan, math.nan, math.nan)
-
-
 def _log_scale(name: str, vals: list[float]) -> bool:
     """Whether a log axis suits the figure `name` with these values: all > 0, a span of 100× or more."""
     return "accuracy" not in name and bool(vals) and min(vals) > 0 and max(vals) / min(vals) >= 100
@@ -157,7 +152,8 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
             every = [v for _, v in pts]
             ax.scatter([p for p, _ in pts], every, s=12, alpha=0.5, color="tab:blue", label="each job", zorder=3)
             if kind != "scatter":  # (the median beneath the jobs' dots, hollow, so that none hides under it)
-                centre, low, high = np.array([_spread(g) for g in groups.values()]).T
+                # (median, 16th and 84th percentiles; NaN for none)
+                centre, low, high = np.array([np.percentile(g or [math.nan], [50, 16, 84]) for g in groups.values()]).T
                 if kind == "grid":
                     ax.plot(at, centre, marker="o", mfc="none", color="tab:red", label="median", zorder=2)
                     ax.fill_between(at, low, high, color="tab:red", alpha=0.15, label="16–84% of jobs")
@@ -190,9 +186,9 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
 def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric: str) -> None:
     done = [r for r in rows if r["status"] == "completed" and a in r["params"] and b in r["params"]]
     xa, xb = (axis_kind(p, done)[0] for p in (a, b))
-    pts = [(r["params"][a], r["params"][b], v) for r in done if (v := summary_metric(r, metric)) is not None]
-    grid = np.array([[_spread([v for pa, pb, v in pts if (pa, pb) == (va, vb)])[0] for va in xa] for vb in xb])
-    norm = "log" if _log_scale(metric, [v for *_, v in pts]) else None
+    pts = [((r["params"][a], r["params"][b]), v) for r in done if (v := summary_metric(r, metric)) is not None]
+    grid = np.array([[np.median([v for ab, v in pts if ab == (va, vb)] or [math.nan]) for va in xa] for vb in xb])
+    norm = "log" if _log_scale(metric, [v for _, v in pts]) else None
     with figure(path, figsize=(1.2 * len(xa) + 3.5, 0.8 * len(xb) + 2.5)) as (fig, ax):
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", norm=norm)
         ax.set_xticks(range(len(xa)), [show(v) for v in xa])
