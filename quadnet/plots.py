@@ -177,6 +177,8 @@ def animate(path: Path, frames: list[tuple[int, Params]], history: History, data
     (right). One small figure is laid out and drawn once; each frame redraws only what moves."""
     from PIL import Image
 
+    if not frames:
+        raise ValueError("animate needs at least one frame")
     # ax: the decision regions; ax_loss: the loss
     with figure(None, 1, 2, figsize=(9, 3.6), width_ratios=(1.35, 1), dpi=80) as (fig, (ax, ax_loss)):
         image, rings = _regions_axes(ax, frames[0][1], data, 120)
