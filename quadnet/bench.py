@@ -13,8 +13,6 @@ sweep    the same sweep under Hydra's basic launcher and the batched launcher, e
          time all would take: the sweep's start-up, then every job at that rate (projected_s).
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import json
@@ -63,9 +61,8 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
     with torch_threads(1):
         rate = 2 * 2048**3 / min(timeit.repeat(lambda: torch.mm(a, a), number=1, repeat=4))
     limit = flops * 10000 / rate * 1000
-    variants = {"numba": ("numba", "fused", "cpu"), "torch": ("torch", "fused", "cpu"),
-                "numpy": ("numpy", "fused", "cpu"), "autograd": ("torch", "autograd", "cpu"),
-                "cuda": ("torch", "fused", "cuda")}  # fmt: skip
+    variants = {e: (e, "fused", "cpu") for e in ("numba", "torch", "numpy")}
+    variants |= {"autograd": ("torch", "autograd", "cpu"), "cuda": ("torch", "fused", "cuda")}
 
     def ms_per_job(jobs: int, engine: str, step: str, device: str) -> float:
         cfgs = [TrainConfig(seed=s, engine=engine, step=step, threads=1, device=device) for s in range(jobs)]

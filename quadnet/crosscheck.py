@@ -11,8 +11,6 @@ they do not. ``resume=RUN [epochs=N]`` cross-checks N epochs from a checkpoint's
 optimizer state and config.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import importlib.util
 from typing import Any

@@ -111,8 +111,7 @@ def unwritable(e: OSError, where: object) -> OSError:
 
 def one_line(ex: BaseException) -> str:
     """An error's first line, or its type's name."""
-    text = str(ex).strip()
-    return text.splitlines()[0] if text else type(ex).__name__
+    return (str(ex).strip() or type(ex).__name__).splitlines()[0]
 
 
 def out_of_memory(ex: BaseException) -> bool:

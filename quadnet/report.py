@@ -201,8 +201,9 @@ def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric:
         fig.colorbar(im, ax=ax, label=f"median {metric} ({'lower' if METRICS[metric] else 'higher'} is better)")
 
 
-def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: bool) -> list[str]:
-    """report.csv and the plots: the files written; the first that cannot be written ends the command (exit 1)."""
+def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: bool) -> None:
+    """report.csv and the plots, and a line that names them; the first that cannot be written ends the command
+    (exit 1)."""
     done = [r for r in rows if r["status"] == "completed"]
     varied = swept_params(done) if plots else []  # a plot needs two values among the completed jobs
     grids = [p for p in varied if axis_kind(p, done)[1] != "scatter"]
@@ -215,7 +216,9 @@ def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: boo
             write(sweep / name, *args)
         except OSError as e:  # (after the table: a script that asked for the files did not get them)
             fail(f"could not write {name} in {str(sweep)!r}: {e.strerror or e}", code=1)
-    return [w[0] for w in writes]
+    pngs = f" and {', '.join(w[0] for w in writes[1:])}" if writes[1:] else ""
+    none = " (no plots: no swept parameter takes two values among the completed jobs)" * plots
+    print(f"wrote {sweep / 'report.csv'}{pngs or none}")
 
 
 def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int | None) -> None:
@@ -263,10 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"{str(sweep)!r} is not a directory")
     rows = read_jobs(sweep, args.metric)  # (an OSError: one line, by @command)
     print_table(sweep, rows, args.metric, args.top)
-    written = write_files(sweep, rows, args.metric, plots=not args.no_plots)
-    plots = f" and {', '.join(written[1:])}" if written[1:] else ""
-    none = " (no plots: no swept parameter takes two values among the completed jobs)" * (not args.no_plots)
-    print(f"wrote {sweep / 'report.csv'}{plots or none}")
+    write_files(sweep, rows, args.metric, plots=not args.no_plots)
 
 
 if __name__ == "__main__":
