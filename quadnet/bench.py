@@ -83,15 +83,17 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
 _PHASES = re.compile(r"composed \d+ jobs in (\S+) s, trained in (\S+) s, wrote their dirs in (\S+) s; (\S+) s")
 
 
-def _sweep(
-    n: int, launcher: str, sweep_dir: Path, extra: list[str], env: dict | None = None, limit: float = 0
-) -> tuple[float, str, int, int]:
-    """A sweep of n jobs as a subprocess, stopped by SIGTERM after `limit` seconds if not 0: its seconds, its
-    output, its peak memory (bytes: the largest resident set of the process and every process it waited
-    for, as the kernel counts it) and its completed jobs (all n unless stopped)."""
+Timing = tuple[float, str, int, int]  # a sweep's seconds, output, peak memory and completed jobs
+
+
+def _sweep(n: int, launcher: str, sweep_dir: Path, extra: list[str], limit: float = 0, **env: str) -> Timing:
+    """A sweep of n jobs as a subprocess (env: variables added to its environment), stopped by SIGTERM after
+    `limit` seconds if not 0: its seconds, its output, its peak memory (bytes: the largest resident set of
+    the process and every process it waited for, as the kernel counts it) and its completed jobs (all n
+    unless stopped)."""
     overrides = [f"seed=range({n})", f"hydra/launcher={launcher}", *extra]
     cmd = [sys.executable, "-m", "quadnet.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    env, t0 = os.environ | (env or {}), time.perf_counter()
+    env, t0 = os.environ | env, time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=sweep_dir.parent, env=env)
         stopper = threading.Timer(limit or threading.TIMEOUT_MAX, p.terminate)  # (0: no limit)
@@ -120,11 +122,11 @@ def bench_sweep(a: argparse.Namespace) -> list[dict[str, Any]]:
         _sweep(1, "batched", d / "warm", extra)  # (caches warm: numba's kernels, the OS's files)
         t1 = _sweep(1, "basic", d / "basic1", extra)[0]
         tk, _, basic_peak, _ = _sweep(sample, "basic", d / "basick", extra)
-        tb, output, peak, done = _sweep(a.jobs, "batched", d / "batched", [*extra, "plots=false"], None, a.seconds)
+        tb, output, peak, done = _sweep(a.jobs, "batched", d / "batched", [*extra, "plots=false"], a.seconds)
         if a.mlflow:
             store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}  # (its tables made first, not timed)
-            _sweep(1, "batched", d / "store", ["epochs=1", "logger=mlflow"], store)
-            tm = _sweep(a.jobs, "batched", d / "logged", [*extra, "plots=false", "logger=mlflow"], store)[0]
+            _sweep(1, "batched", d / "store", ["epochs=1", "logger=mlflow"], **store)
+            tm = _sweep(a.jobs, "batched", d / "logged", [*extra, "plots=false", "logger=mlflow"], **store)[0]
     # (noise larger than a job: no figure rather than a negative one)
     basic, found = max((tk - t1) / (sample - 1), 0.0) or math.nan, _PHASES.findall(output)
     if not found and done == a.jobs:

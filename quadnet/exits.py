@@ -81,8 +81,7 @@ def install() -> None:
 @contextlib.contextmanager
 def listening() -> Iterator[Stop]:
     """While inside, a signal is recorded in the returned :class:`Stop` instead of raised."""
-    if not STOP.depth:
-        STOP.signal = None
+    STOP.signal = STOP.signal if STOP.depth else None  # (nested: the outer listener's signal stands)
     with _handled():  # (nested: the handler it sets is the one there already)
         STOP.depth += 1
         try:
