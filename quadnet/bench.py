@@ -94,15 +94,14 @@ def _sweep(n: int, launcher: str, sweep_dir: Path, extra: list[str], limit: floa
     overrides = [f"seed=range({n})", f"hydra/launcher={launcher}", *extra]
     cmd = [sys.executable, "-m", "quadnet.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
     env, t0 = os.environ | env, time.perf_counter()
-    with tempfile.TemporaryFile("w+") as log:
+    with tempfile.NamedTemporaryFile("w") as log:
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=sweep_dir.parent, env=env)
         stopper = threading.Timer(limit or threading.TIMEOUT_MAX, p.terminate)  # (0: no limit)
         stopper.start()
         _, status, usage = os.wait4(p.pid, 0)
         stopper.cancel()
         seconds, p.returncode = time.perf_counter() - t0, os.waitstatus_to_exitcode(status)
-        log.seek(0)
-        output = log.read()
+        output = Path(log.name).read_text()  # (what the sweep wrote, through its own file descriptor)
     done = sum(json.loads(s.read_text())["status"] == "completed" for s in sweep_dir.glob("*/summary.json"))
     if not (limit and seconds >= limit) and (p.returncode != 0 or done != n):
         fail(f"the {launcher} sweep completed {done} of {n} jobs: {output.strip().splitlines()[-1:]}", 1)
@@ -170,9 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps({"benchmark": args.what, "machine": machine(), "rows": rows}, indent=2))
         return
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
     units = {"step": "ms per job per 10,000 steps; _x_limit: times the arithmetic limit", "sweep": "s, jobs/s, MB"}
-    print(f"units: {units[args.what]}")
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()), f"units: {units[args.what]}", sep="\n")
     # the rows as an aligned table, a column a key ("-" where a row has none), numbers right-aligned
     keys = list(dict.fromkeys(k for r in rows for k in r))
     text = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.get(k, "-") for k in keys)] for r in rows]

@@ -46,9 +46,10 @@ def parse_value(text: str) -> Any:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def show(v: Any) -> str:
-    """A value for the terminal: a control character (a newline, an escape code) written as repr writes it."""
-    text = "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+def show(v: Any, pct: bool = False) -> str:
+    """A value for the terminal (pct: a fraction, as a percentage): a control character (a newline, an escape
+    code) written as repr writes it."""
+    text = "-" if v is None else f"{100 * v:.1f}%" if pct else f"{v:.4g}" if isinstance(v, float) else str(v)
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
@@ -225,15 +226,13 @@ def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int |
     keys = swept_params(rows) or list(dict.fromkeys(k for r in rows for k in r["params"]))  # what tells them apart
     shown = {id(r): show(" ".join(f"{k}={show(r['params'][k])}" for k in keys if k in r["params"])) for r in rows}
     width, sw = max(9, *map(len, shown.values())), max(6, *(len(show(r["status"])) for r in rows))
-    extra = ["test_error"] if metric == "test_error" else []
-    heads = ["final loss", "test loss", "train acc", "test acc", *extra, "epoch", "train s"]
+    heads = dict(zip(FIGURES, ["final loss", "test loss", "train acc", "test acc", "epoch", "train s"], strict=True))
+    columns = [*FIGURES[:4], *["test_error"] * (metric == "test_error"), *FIGURES[4:]]  # (test_error: if sorted by it)
     top = top or (len(rows) if len(rows) <= 100 else 20)
     print(f"sweep {sweep}: {len(rows)} jobs, sorted by {metric}")
-    print(f"{'job':>5}  {'swept':<{width}}  {'status':<{sw}}  " + " ".join(f"{h:>10}" for h in heads))
+    print(f"{'job':>5}  {'swept':<{width}}  {'status':<{sw}}  " + " ".join(f"{heads.get(f, f):>10}" for f in columns))
     for r in rows[:top]:
-        values = [show(r[f]) for f in FIGURES[:2]]
-        values += [f"{100 * r[f]:.1f}%" if r[f] is not None else "-" for f in FIGURES[2:4]]
-        values += [show(summary_metric(r, "test_error"))] * len(extra) + [show(r["epoch"]), show(r["train_seconds"])]
+        values = [show(summary_metric(r, f) if f == "test_error" else r[f], "accuracy" in f) for f in columns]
         cells = f"{show(r['job']):>5}  {shown[id(r)]:<{width}}  {show(r['status']):<{sw}}  "
         print(cells + " ".join(f"{v:>10}" for v in values))
     if len(rows) > top:
