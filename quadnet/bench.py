@@ -13,8 +13,6 @@ sweep    the same sweep under Hydra's basic launcher and the batched launcher, e
          time all would take: the sweep's start-up, then every job at that rate (projected_s).
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import json
@@ -27,19 +25,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import timeit
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 from quadnet.exits import ArgumentParser, command, fail
-
-
-def _timed(fn: Callable[..., Any], *args: Any) -> float:
-    """The seconds that fn(*args) took."""
-    t0 = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t0
 
 
 def machine() -> dict[str, Any]:
@@ -68,18 +59,17 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
     flops = 2 * n * (2 * h + h * c) + 4 * n * h * c + 5 * n * h + 2 * (5 * h + 2 * h * c + c) + 6 * n * c
     a = torch.rand(2048, 2048, dtype=torch.float64)
     with torch_threads(1):
-        rate = 2 * 2048**3 / min(_timed(torch.mm, a, a) for _ in range(4))
+        rate = 2 * 2048**3 / min(timeit.repeat(lambda: torch.mm(a, a), number=1, repeat=4))
     limit = flops * 10000 / rate * 1000
-    variants = {"numba": ("numba", "fused", "cpu"), "torch": ("torch", "fused", "cpu"),
-                "numpy": ("numpy", "fused", "cpu"), "autograd": ("torch", "autograd", "cpu"),
-                "cuda": ("torch", "fused", "cuda")}  # fmt: skip
+    variants = {e: (e, "fused", "cpu") for e in ("numba", "torch", "numpy")}
+    variants |= {"autograd": ("torch", "autograd", "cpu"), "cuda": ("torch", "fused", "cuda")}
 
     def ms_per_job(jobs: int, engine: str, step: str, device: str) -> float:
         cfgs = [TrainConfig(seed=s, engine=engine, step=step, threads=1, device=device) for s in range(jobs)]
         e = build(cfgs, data, [start_state(c) for c in cfgs], "cuda:0" if device == "cuda" else "cpu")
         steps = max(20, min(2000, 400_000 // jobs)) * (5 if engine == "numba" else 1)
         e.run(2, lambda: False)  # (buffers, caches, a CUDA graph)
-        return _timed(e.run, steps, lambda: False) / steps * 10000 / jobs * 1000
+        return timeit.timeit(lambda: e.run(steps, lambda: False), number=1) / steps * 10000 / jobs * 1000
 
     rows: list[dict[str, Any]] = [{"jobs": j, "limit_ms": limit} for j in sizes]
     for row, j in zip(rows, sizes, strict=True):
@@ -93,24 +83,25 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
 _PHASES = re.compile(r"composed \d+ jobs in (\S+) s, trained in (\S+) s, wrote their dirs in (\S+) s; (\S+) s")
 
 
-def _sweep(
-    n: int, launcher: str, sweep_dir: Path, extra: list[str], env: dict | None = None, limit: float = 0
-) -> tuple[float, str, int, int]:
-    """A sweep of n jobs as a subprocess, stopped by SIGTERM after `limit` seconds if not 0: its seconds, its
-    output, its peak memory (bytes: the largest resident set of the process and every process it waited
-    for, as the kernel counts it) and its completed jobs (all n unless stopped)."""
+Timing = tuple[float, str, int, int]  # a sweep's seconds, output, peak memory and completed jobs
+
+
+def _sweep(n: int, launcher: str, sweep_dir: Path, extra: list[str], limit: float = 0, **env: str) -> Timing:
+    """A sweep of n jobs as a subprocess (env: variables added to its environment), stopped by SIGTERM after
+    `limit` seconds if not 0: its seconds, its output, its peak memory (bytes: the largest resident set of
+    the process and every process it waited for, as the kernel counts it) and its completed jobs (all n
+    unless stopped)."""
     overrides = [f"seed=range({n})", f"hydra/launcher={launcher}", *extra]
     cmd = [sys.executable, "-m", "quadnet.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    env, t0 = os.environ | (env or {}), time.perf_counter()
-    with tempfile.TemporaryFile("w+") as log:
+    env, t0 = os.environ | env, time.perf_counter()
+    with tempfile.NamedTemporaryFile("w") as log:
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=sweep_dir.parent, env=env)
         stopper = threading.Timer(limit or threading.TIMEOUT_MAX, p.terminate)  # (0: no limit)
         stopper.start()
         _, status, usage = os.wait4(p.pid, 0)
         stopper.cancel()
         seconds, p.returncode = time.perf_counter() - t0, os.waitstatus_to_exitcode(status)
-        log.seek(0)
-        output = log.read()
+        output = Path(log.name).read_text()  # (what the sweep wrote, through its own file descriptor)
     done = sum(json.loads(s.read_text())["status"] == "completed" for s in sweep_dir.glob("*/summary.json"))
     if not (limit and seconds >= limit) and (p.returncode != 0 or done != n):
         fail(f"the {launcher} sweep completed {done} of {n} jobs: {output.strip().splitlines()[-1:]}", 1)
@@ -130,11 +121,11 @@ def bench_sweep(a: argparse.Namespace) -> list[dict[str, Any]]:
         _sweep(1, "batched", d / "warm", extra)  # (caches warm: numba's kernels, the OS's files)
         t1 = _sweep(1, "basic", d / "basic1", extra)[0]
         tk, _, basic_peak, _ = _sweep(sample, "basic", d / "basick", extra)
-        tb, output, peak, done = _sweep(a.jobs, "batched", d / "batched", [*extra, "plots=false"], None, a.seconds)
+        tb, output, peak, done = _sweep(a.jobs, "batched", d / "batched", [*extra, "plots=false"], a.seconds)
         if a.mlflow:
             store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}  # (its tables made first, not timed)
-            _sweep(1, "batched", d / "store", ["epochs=1", "logger=mlflow"], store)
-            tm = _sweep(a.jobs, "batched", d / "logged", [*extra, "plots=false", "logger=mlflow"], store)[0]
+            _sweep(1, "batched", d / "store", ["epochs=1", "logger=mlflow"], **store)
+            tm = _sweep(a.jobs, "batched", d / "logged", [*extra, "plots=false", "logger=mlflow"], **store)[0]
     # (noise larger than a job: no figure rather than a negative one)
     basic, found = max((tk - t1) / (sample - 1), 0.0) or math.nan, _PHASES.findall(output)
     if not found and done == a.jobs:
@@ -178,9 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps({"benchmark": args.what, "machine": machine(), "rows": rows}, indent=2))
         return
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
     units = {"step": "ms per job per 10,000 steps; _x_limit: times the arithmetic limit", "sweep": "s, jobs/s, MB"}
-    print(f"units: {units[args.what]}")
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()), f"units: {units[args.what]}", sep="\n")
     # the rows as an aligned table, a column a key ("-" where a row has none), numbers right-aligned
     keys = list(dict.fromkeys(k for r in rows for k in r))
     text = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.get(k, "-") for k in keys)] for r in rows]

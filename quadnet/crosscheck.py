@@ -11,8 +11,6 @@ they do not. ``resume=RUN [epochs=N]`` cross-checks N epochs from a checkpoint's
 optimizer state and config.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import importlib.util
 from typing import Any
@@ -56,12 +54,11 @@ def check(cfg: TrainConfig, state: dict[str, Any] | None = None) -> dict[str, An
         c = dataclasses.replace(cfg, dtype="float64", device="cpu", engine=engine, step=step or "fused", threads=1)
         engines[name] = build([c], data, [{"optimizer": {}, **state}], "cpu")
 
+    at = [*range(0, cfg.epochs, log_every(cfg)), cfg.epochs]  # the log steps
     along = {n: [e.metrics()[0]["loss"]] for n, e in engines.items()}  # the training loss at each log step
-    every, at = log_every(cfg), [0]
-    for epoch in range(0, cfg.epochs, every):
-        at.append(min(epoch + every, cfg.epochs))
+    for steps in np.diff(at):
         for n, e in engines.items():
-            e.run(at[-1] - epoch, lambda: False)
+            e.run(int(steps), lambda: False)
             along[n].append(e.metrics()[0]["loss"])
     final = {n: e.export([0])[0]["params"] for n, e in engines.items()}
     probs = {n: reference.softmax(reference.forward(p, data.x_test)[0]) for n, p in final.items()}

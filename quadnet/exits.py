@@ -81,8 +81,7 @@ def install() -> None:
 @contextlib.contextmanager
 def listening() -> Iterator[Stop]:
     """While inside, a signal is recorded in the returned :class:`Stop` instead of raised."""
-    if not STOP.depth:
-        STOP.signal = None
+    STOP.signal = STOP.signal if STOP.depth else None  # (nested: the outer listener's signal stands)
     with _handled():  # (nested: the handler it sets is the one there already)
         STOP.depth += 1
         try:
@@ -111,8 +110,7 @@ def unwritable(e: OSError, where: object) -> OSError:
 
 def one_line(ex: BaseException) -> str:
     """An error's first line, or its type's name."""
-    text = str(ex).strip()
-    return text.splitlines()[0] if text else type(ex).__name__
+    return (str(ex).strip() or type(ex).__name__).splitlines()[0]
 
 
 def out_of_memory(ex: BaseException) -> bool:

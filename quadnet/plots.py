@@ -161,12 +161,9 @@ def _loss_axes(ax: Any, history: History) -> list[Any]:
 def plot_curves(path: Path, history: History, title: str) -> None:
     """loss.png: train and test loss (log scale) and train/test accuracy against epochs."""
     last = history[-1] if history else {}
-
-    def num(key: str) -> str:
-        v = float(last.get(key, np.nan))
-        return format(v, ".1%" if "accuracy" in key else ".4g") if np.isfinite(v) else "not finite"
-
-    figures = f"train loss {num('loss')}, test loss {num('test_loss')}, test accuracy {num('test_accuracy')}"
+    ends = {k: float(last.get(k, np.nan)) for k in ("loss", "test_loss", "test_accuracy")}
+    num = {k: format(v, ".1%" if "acc" in k else ".4g") if np.isfinite(v) else "not finite" for k, v in ends.items()}
+    figures = f"train loss {num['loss']}, test loss {num['test_loss']}, test accuracy {num['test_accuracy']}"
     with figure(path, 1, 2, figsize=(10, 4.2), sharex=True) as (fig, (ax_loss, ax_acc)):
         _loss_axes(ax_loss, history)
         _lines(ax_acc, history, ("train_accuracy", "test_accuracy"))

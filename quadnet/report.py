@@ -38,12 +38,6 @@ FIGURES = ["final_loss", "test_loss", "train_accuracy", "test_accuracy", "epoch"
 CONTINUOUS = 12
 
 
-def newest_sweep(root: Path) -> Path:
-    if not (sweeps := [p for p in (root / "multirun").glob("*") if p.is_dir()]):
-        fail(f"no sweep under {str(root / 'multirun')!r}; run one (python -m quadnet.train -m …) or name one")
-    return max(sweeps, key=lambda p: p.stat().st_mtime)
-
-
 def parse_value(text: str) -> Any:
     """An override's value: int, float, bool, or the text itself."""
     for kind in (int, float):
@@ -52,9 +46,10 @@ def parse_value(text: str) -> Any:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def show(v: Any) -> str:
-    """A value for the terminal: a control character (a newline, an escape code) written as repr writes it."""
-    text = "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+def show(v: Any, pct: bool = False) -> str:
+    """A value for the terminal (pct: a fraction, as a percentage): a control character (a newline, an escape
+    code) written as repr writes it."""
+    text = "-" if v is None else f"{100 * v:.1f}%" if pct else f"{v:.4g}" if isinstance(v, float) else str(v)
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
@@ -138,11 +133,6 @@ def axis_kind(param: str, rows: list[dict[str, Any]]) -> tuple[list[Any], str, b
     return distinct, "scatter" if param == "seed" or (numeric and many) else "grid" if numeric else "categorical", log
 
 
-def _spread(vals: list[float]) -> tuple[float, float, float]:
-    """(median, 16th percentile, 84th percentile), NaN for none."""
-    return tuple(np.percentile(vals, [50, 16, 84])) if vals else (math.nan, math.nan, math.nan)
-
-
 def _log_scale(name: str, vals: list[float]) -> bool:
     """Whether a log axis suits the figure `name` with these values: all > 0, a span of 100× or more."""
     return "accuracy" not in name and bool(vals) and min(vals) > 0 and max(vals) / min(vals) >= 100
@@ -159,13 +149,12 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
     with figure(path, 1, 2, figsize=(11, 4.2)) as (fig, axes):
         for ax, name in zip(axes, names, strict=True):
             pts = [(pos[r["params"][param]], v) for r in done if (v := summary_metric(r, name)) is not None]
-            groups: dict[Any, list[float]] = {x: [] for x in at}  # the figures at each value
-            for p, v in pts:
-                groups[p].append(v)
+            groups = {x: [v for p, v in pts if p == x] for x in at}  # the figures at each value
             every = [v for _, v in pts]
             ax.scatter([p for p, _ in pts], every, s=12, alpha=0.5, color="tab:blue", label="each job", zorder=3)
             if kind != "scatter":  # (the median beneath the jobs' dots, hollow, so that none hides under it)
-                centre, low, high = np.array([_spread(g) for g in groups.values()]).T
+                # (median, 16th and 84th percentiles; NaN for none)
+                centre, low, high = np.array([np.percentile(g or [math.nan], [50, 16, 84]) for g in groups.values()]).T
                 if kind == "grid":
                     ax.plot(at, centre, marker="o", mfc="none", color="tab:red", label="median", zorder=2)
                     ax.fill_between(at, low, high, color="tab:red", alpha=0.15, label="16–84% of jobs")
@@ -198,9 +187,9 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
 def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric: str) -> None:
     done = [r for r in rows if r["status"] == "completed" and a in r["params"] and b in r["params"]]
     xa, xb = (axis_kind(p, done)[0] for p in (a, b))
-    pts = [(r["params"][a], r["params"][b], v) for r in done if (v := summary_metric(r, metric)) is not None]
-    grid = np.array([[_spread([v for pa, pb, v in pts if (pa, pb) == (va, vb)])[0] for va in xa] for vb in xb])
-    norm = "log" if _log_scale(metric, [v for *_, v in pts]) else None
+    pts = [((r["params"][a], r["params"][b]), v) for r in done if (v := summary_metric(r, metric)) is not None]
+    grid = np.array([[np.median([v for ab, v in pts if ab == (va, vb)] or [math.nan]) for va in xa] for vb in xb])
+    norm = "log" if _log_scale(metric, [v for _, v in pts]) else None
     with figure(path, figsize=(1.2 * len(xa) + 3.5, 0.8 * len(xb) + 2.5)) as (fig, ax):
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", norm=norm)
         ax.set_xticks(range(len(xa)), [show(v) for v in xa])
@@ -213,36 +202,37 @@ def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric:
         fig.colorbar(im, ax=ax, label=f"median {metric} ({'lower' if METRICS[metric] else 'higher'} is better)")
 
 
-def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: bool) -> tuple[list[str], str | None]:
-    """report.csv and the plots: the files written, and None or what could not be written and why."""
+def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: bool) -> None:
+    """report.csv and the plots, and a line that names them; the first that cannot be written ends the command
+    (exit 1)."""
     done = [r for r in rows if r["status"] == "completed"]
     varied = swept_params(done) if plots else []  # a plot needs two values among the completed jobs
     grids = [p for p in varied if axis_kind(p, done)[1] != "scatter"]
-    # (file, writer, its arguments after the path), in order; the first that cannot be written stops the rest
+    # (file, writer, its arguments after the path), in order
     writes: list[tuple[str, Any, tuple[Any, ...]]] = [("report.csv", write_csv, (rows, swept_params(rows)))]
     writes += [(f"report_{p.replace('/', '_')}.png", plot_param, (rows, p, metric, varied)) for p in varied]
     writes += [("report_heatmap.png", plot_heatmap, (rows, *grids, metric))] if len(grids) == 2 else []
-    for i, (name, write, args) in enumerate(writes):
+    for name, write, args in writes:
         try:
             write(sweep / name, *args)
-        except OSError as e:
-            return [w[0] for w in writes[:i]], f"could not write {name} in {str(sweep)!r}: {e.strerror or e}"
-    return [w[0] for w in writes], None
+        except OSError as e:  # (after the table: a script that asked for the files did not get them)
+            fail(f"could not write {name} in {str(sweep)!r}: {e.strerror or e}", code=1)
+    pngs = f" and {', '.join(w[0] for w in writes[1:])}" if writes[1:] else ""
+    none = " (no plots: no swept parameter takes two values among the completed jobs)" * plots
+    print(f"wrote {sweep / 'report.csv'}{pngs or none}")
 
 
 def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int | None) -> None:
     keys = swept_params(rows) or list(dict.fromkeys(k for r in rows for k in r["params"]))  # what tells them apart
     shown = {id(r): show(" ".join(f"{k}={show(r['params'][k])}" for k in keys if k in r["params"])) for r in rows}
     width, sw = max(9, *map(len, shown.values())), max(6, *(len(show(r["status"])) for r in rows))
-    extra = ["test_error"] if metric == "test_error" else []
-    heads = ["final loss", "test loss", "train acc", "test acc", *extra, "epoch", "train s"]
+    heads = dict(zip(FIGURES, ["final loss", "test loss", "train acc", "test acc", "epoch", "train s"], strict=True))
+    columns = [*FIGURES[:4], *["test_error"] * (metric == "test_error"), *FIGURES[4:]]  # (test_error: if sorted by it)
     top = top or (len(rows) if len(rows) <= 100 else 20)
     print(f"sweep {sweep}: {len(rows)} jobs, sorted by {metric}")
-    print(f"{'job':>5}  {'swept':<{width}}  {'status':<{sw}}  " + " ".join(f"{h:>10}" for h in heads))
+    print(f"{'job':>5}  {'swept':<{width}}  {'status':<{sw}}  " + " ".join(f"{heads.get(f, f):>10}" for f in columns))
     for r in rows[:top]:
-        values = [show(r[f]) for f in FIGURES[:2]]
-        values += [f"{100 * r[f]:.1f}%" if r[f] is not None else "-" for f in FIGURES[2:4]]
-        values += [show(summary_metric(r, "test_error"))] * len(extra) + [show(r["epoch"]), show(r["train_seconds"])]
+        values = [show(summary_metric(r, f) if f == "test_error" else r[f], "accuracy" in f) for f in columns]
         cells = f"{show(r['job']):>5}  {shown[id(r)]:<{width}}  {show(r['status']):<{sw}}  "
         print(cells + " ".join(f"{v:>10}" for v in values))
     if len(rows) > top:
@@ -267,17 +257,15 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--top {args.top} is not allowed: must be >= 1")
     if args.metric not in METRICS:
         fail(f"--metric {args.metric!r} is not allowed: choose one of {', '.join(METRICS)}")
-    sweep = Path(args.sweep_dir) if args.sweep_dir else newest_sweep(Path(args.outputs))
+    multirun = Path(args.outputs, "multirun")  # (where the newest sweep is, when none is named)
+    if not (args.sweep_dir or (sweeps := [p for p in multirun.glob("*") if p.is_dir()])):
+        fail(f"no sweep under {str(multirun)!r}; run one (python -m quadnet.train -m …) or name one")
+    sweep = Path(args.sweep_dir or max(sweeps, key=lambda p: p.stat().st_mtime))
     if not sweep.is_dir():
         fail(f"{str(sweep)!r} is not a directory")
     rows = read_jobs(sweep, args.metric)  # (an OSError: one line, by @command)
-    written, problem = write_files(sweep, rows, args.metric, plots=not args.no_plots)
     print_table(sweep, rows, args.metric, args.top)
-    if problem:
-        fail(problem, code=1)
-    plots = f" and {', '.join(written[1:])}" if written[1:] else ""
-    none = " (no plots: no swept parameter takes two values among the completed jobs)" * (not args.no_plots)
-    print(f"wrote {sweep / 'report.csv'}{plots or none}")
+    write_files(sweep, rows, args.metric, plots=not args.no_plots)
 
 
 if __name__ == "__main__":
