@@ -26,7 +26,7 @@ def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -
     preds = s["predictions"]
     wrong = [p for p in preds if p["predicted"] is not None and p["true"] is not None and p["predicted"] != p["true"]]
     shown = ([*wrong, *(p for p in preds if p not in wrong)] if table else [])[:TABLE_ROWS]
-    points = ["({:g}, {:g})".format(*p["point"]) for p in shown]
+    points = ["(" + ", ".join(f"{v:g}" for v in p["point"]) + ")" for p in shown]
     w, cw = max([16, *map(len, points)]), max([9, *(len(str(c)) for c in s["classes"])])
     lines = ["", f"{'point':>{w}}  {'predicted':>{cw}}  {'p(predicted)':>12}  {'true':>{cw}}"] if shown else []
     for point, p in zip(points, shown, strict=True):
@@ -38,6 +38,7 @@ def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -
     job = f"[{' '.join(s['overrides'])}] " if not table and s.get("overrides") else ""  # a sweep's job: which one
     status = f"{job}status {s['status']} at epoch {s['epoch']}/{s['epochs']}"
     accuracy = f"train accuracy {_num(s['train_accuracy'], True)}   test accuracy {_num(s['test_accuracy'], True)}"
+    accuracy += f"   val accuracy {_num(v, True)}" if (v := s.get("val_accuracy")) is not None and v == v else ""
     lines.append(f"{status}   {accuracy}   final loss {_num(s['final_loss'])}   train_seconds {s['train_seconds']:.3f}")
     log.log(level, "\n".join([*lines, f"run dir: {s['run_dir']}"]))
 

@@ -32,8 +32,11 @@ from quadnet.checkpoint import CHECKPOINT
 from quadnet.exits import ArgumentParser, command, fail
 from quadnet.plots import figure
 
-METRICS = {"test_loss": True, "test_error": True, "final_loss": True, "test_accuracy": False, "train_accuracy": False}
-FIGURES = ["final_loss", "test_loss", "train_accuracy", "test_accuracy", "epoch", "train_seconds"]
+METRICS = {"val_loss": True, "val_error": True, "test_loss": True, "test_error": True, "final_loss": True,
+           "val_accuracy": False, "test_accuracy": False, "train_accuracy": False}  # fmt: skip
+FIGURES = ["final_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy", "epoch",
+           "train_seconds"]  # fmt: skip
+HEADS = ["final loss", "val loss", "test loss", "train acc", "val acc", "test acc", "epoch", "train s"]
 # a numeric parameter with more distinct values than this (and than half the jobs) is drawn as a scatter
 CONTINUOUS = 12
 
@@ -114,7 +117,7 @@ def swept_params(rows: list[dict[str, Any]]) -> list[str]:
 
 def write_csv(path: Path, rows: list[dict[str, Any]], params: list[str]) -> None:
     """One row a job: its swept parameters, overrides, status, error and every metric (no column twice)."""
-    fields = ["job", *params, "overrides", "status", "error", *FIGURES[:4], "test_error", *FIGURES[4:]]
+    fields = ["job", *params, "overrides", "status", "error", *FIGURES[:6], "test_error", *FIGURES[6:]]
     w = csv.DictWriter(buf := io.StringIO(), fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows({**r["params"], **r, "test_error": summary_metric(r, "test_error")} for r in rows)
@@ -226,13 +229,13 @@ def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int |
     keys = swept_params(rows) or list(dict.fromkeys(k for r in rows for k in r["params"]))  # what tells them apart
     shown = {id(r): show(" ".join(f"{k}={show(r['params'][k])}" for k in keys if k in r["params"])) for r in rows}
     width, sw = max(9, *map(len, shown.values())), max(6, *(len(show(r["status"])) for r in rows))
-    heads = dict(zip(FIGURES, ["final loss", "test loss", "train acc", "test acc", "epoch", "train s"], strict=True))
-    columns = [*FIGURES[:4], *["test_error"] * (metric == "test_error"), *FIGURES[4:]]  # (test_error: if sorted by it)
+    heads = dict(zip(FIGURES, HEADS, strict=True))
+    columns = [*FIGURES[:6], *[metric] * metric.endswith("_error"), *FIGURES[6:]]  # (an error: if sorted by it)
     top = top or (len(rows) if len(rows) <= 100 else 20)
     print(f"sweep {sweep}: {len(rows)} jobs, sorted by {metric}")
     print(f"{'job':>5}  {'swept':<{width}}  {'status':<{sw}}  " + " ".join(f"{heads.get(f, f):>10}" for f in columns))
     for r in rows[:top]:
-        values = [show(summary_metric(r, f) if f == "test_error" else r[f], "accuracy" in f) for f in columns]
+        values = [show(summary_metric(r, f) if f.endswith("_error") else r[f], "accuracy" in f) for f in columns]
         cells = f"{show(r['job']):>5}  {shown[id(r)]:<{width}}  {show(r['status']):<{sw}}  "
         print(cells + " ".join(f"{v:>10}" for v in values))
     if len(rows) > top:
@@ -248,7 +251,7 @@ def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int |
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m quadnet.report", description=__doc__.split("\n\n")[0].replace("``", ""))
     parser.add_argument("sweep_dir", nargs="?", help="a sweep dir (default: the newest under outputs/multirun)")
-    parser.add_argument("--metric", default="test_loss", help=f"sort by: {', '.join(METRICS)} (default test_loss)")
+    parser.add_argument("--metric", default="val_loss", help=f"sort by: {', '.join(METRICS)} (default val_loss)")
     parser.add_argument("--outputs", default="outputs", help="where to look for the newest sweep")
     parser.add_argument("--no-plots", action="store_true", help="only the table and report.csv")
     parser.add_argument("--top", type=int, default=None, help="print the best N jobs (default: all up to 100, else 20)")

@@ -101,8 +101,11 @@ def train(
     p = cfg
     rundir.lock(p.out, "run")
     job, c, device = p.job, p.job.cfg, p.device
-    what = f"{c.data.name} data, hidden_dim={c.hidden_dim}, {c.epochs} epochs"
-    what += f", {engines.engine_name(c, device, p.data.num_classes)} engine, {c.optimizer}"
+    d = p.data
+    sizes = f"{len(d.x_train)}/{len(d.x_val)}/{len(d.x_test)} train/val/test"
+    what = f"{c.data.name} data ({d.x_train.shape[1]} features{', standardized' * (d.shift is not None)}, {sizes})"
+    what += f", hidden_dim={c.hidden_dim}, {c.epochs} epochs"
+    what += f", {engines.engine_name(c, device, d)} engine, {c.optimizer}"
     resumed = f"; resuming at epoch {job.epoch}" if job.epoch else ""
     log.info("quadnet: %s on %s (%s)%s", what, describe(device), c.dtype, resumed)
 

@@ -260,11 +260,20 @@ def test_without_a_writable_cache_dir_the_kernels_compile_in_the_process_and_tra
     assert int(r.stdout.split()[0]) == 4 and r.stderr.count("numba cannot write its cache") == 1  # (one line)
 
 
-def test_auto_trains_many_classes_with_torch():
-    """engine=auto: numba up to NUMBA_MAX_CLASSES classes; beyond, its loops over every class lose to torch."""
+def test_auto_trains_many_classes_and_one_big_job_with_torch():
+    """engine=auto: numba up to NUMBA_MAX_CLASSES classes; beyond, its loops over every class lose to
+    torch. One job with much work a step (a big table) goes to torch's matrix products too; many
+    jobs stay with numba, whose loops are vectorized over them."""
     pytest.importorskip("numba")
-    from quadnet.config import TrainConfig
-    from quadnet.engines import NUMBA_MAX_CLASSES, engine_name
+    from types import SimpleNamespace
 
-    picks = [engine_name(TrainConfig(), "cpu", n) for n in (4, NUMBA_MAX_CLASSES, NUMBA_MAX_CLASSES + 1)]
+    from quadnet.config import TrainConfig
+    from quadnet.engines import NUMBA_MAX_CLASSES, SMALL, engine_name
+
+    def data(n: int, d: int, c: int) -> SimpleNamespace:
+        return SimpleNamespace(x_train=np.zeros((n, d)), num_classes=c)
+
+    picks = [engine_name(TrainConfig(), "cpu", data(4, 2, c)) for c in (4, NUMBA_MAX_CLASSES, NUMBA_MAX_CLASSES + 1)]
     assert picks == ["numba", "numba", "torch/fused"]
+    big = data(SMALL // (2 + 4) // 50 + 1, 2, 4)
+    assert [engine_name(TrainConfig(), "cpu", big, jobs) for jobs in (1, 2)] == ["torch/fused", "numba"]

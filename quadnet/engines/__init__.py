@@ -32,6 +32,9 @@ METRICS = ("loss", "train_accuracy", "test_accuracy", "test_loss", "val_accuracy
 # engine=auto: above this many classes the numba step, whose loops run over every class of every
 # point, is slower than torch's matrix products
 NUMBA_MAX_CLASSES = 32
+# engine=auto, one job: above this much work a step (points · (features + classes) · hidden units),
+# torch's matrix products beat the numba step's scalar loops (digits' table: 18 s against 57 s)
+SMALL = 100_000
 
 
 def metric_rows(xp: Any, logits: Callable[[Any], Any], splits: list[tuple]) -> list[dict[str, float]]:
@@ -78,10 +81,13 @@ def numba_usable() -> bool:
     return importlib.util.find_spec("numba") is not None and why is None
 
 
-def engine_name(c: TrainConfig, device: str, classes: int) -> str:
-    """What trains a job: engine=auto is numba on the cpu when it is installed, the step is fused and
-    the classes are few enough (:data:`NUMBA_MAX_CLASSES`), else torch."""
-    if c.engine == "auto" and c.step == "fused" and device == "cpu" and classes <= NUMBA_MAX_CLASSES and numba_usable():
+def engine_name(c: TrainConfig, device: str, data: Any, jobs: int = 1) -> str:
+    """What trains a job: engine=auto is numba on the cpu when it is installed, the step is fused, the
+    classes are few enough (:data:`NUMBA_MAX_CLASSES`) and the jobs many or each small (its loops
+    are vectorized over jobs: one big job is faster in torch's matrix products), else torch."""
+    small = len(data.x_train) * (data.x_train.shape[1] + data.num_classes) * c.hidden_dim <= SMALL
+    fits = data.num_classes <= NUMBA_MAX_CLASSES and (jobs > 1 or small)
+    if c.engine == "auto" and c.step == "fused" and device == "cpu" and fits and numba_usable():
         return "numba"
     return f"torch/{c.step}" if c.engine in ("auto", "torch") else c.engine
 
@@ -90,7 +96,7 @@ def build(cfgs: list[TrainConfig], data: Any, starts: list[dict[str, Any]], devi
     """The engine for a batch of jobs on a device (one job for engine=numpy). threads=0 is every
     usable CPU for numba (its threads do not slow down beside busy processes) and one for torch
     (torch's threads contend with a busy process for tensors this small)."""
-    name = engine_name(cfgs[0], device, data.num_classes)
+    name = engine_name(cfgs[0], device, data, len(cfgs))
     if name == "numpy":
         return importlib.import_module("quadnet.engines.numpy").NumpyEngine(cfgs, data, starts)
     threads = min(cfgs[0].threads or (usable_cpus() if name == "numba" else 1), usable_cpus())
