@@ -190,7 +190,8 @@ def resume_check(ck: dict[str, Any], now: TrainConfig, data: Any) -> None:
     """Refuse (ConfigError, one line) to go on from checkpoint ck as config now, on data."""
     was, new = flatten(ck["config"]), flatten(to_dict(now))
     for key, value in new.items():
-        if key not in FREE and key not in ("data.path", "data.test_path") and was.get(key) != value:
+        # (a path may differ: the contents decide; a key newer than the checkpoint: the data's hash)
+        if key not in (*FREE, "data.path", "data.test_path", "data.val_path") and was.get(key, value) != value:
             raise ConfigError(
                 f"cannot resume {ck['path']!r} with {key}={value!r}: it was trained with {key}={was.get(key)!r}, and "
                 f"a resume keeps what made its weights (its shape, data, initial weights and optimizer); "
