@@ -33,8 +33,7 @@ _DATA_KEYS = [k for k in _TYPES if k.startswith("data.")]
 class Composer:
     def __init__(self, loader: Any, master: DictConfig) -> None:
         self.loader, self.master = loader, master
-        self._parser = OverridesParser.create()
-        self._keys = set(allowed_keys())
+        self._parser, self._keys = OverridesParser.create(), set(allowed_keys())
         self._parsed: dict[str, Override] = {}
         self._templates: dict[tuple[str, ...], dict[str, Any] | None] = {}  # by dotted key
 

@@ -373,24 +373,22 @@ class Sweep:
 
     def _write_lean(self, job: Job, task: Callable[[Any], Any]) -> JobReturn:
         """A job the Composer made: task in its dir, logging to its log when it logs."""
-        if job.error and rundir.held(job.dir):  # another run's dir: not a byte of this sweep's goes there
-            return JobReturn(status=JobStatus.FAILED, _return_value=ConfigError(job.error))
-        handler = None
         try:
+            if job.error and rundir.held(job.dir):  # another run's dir: not a byte of this sweep's goes there
+                raise ConfigError(job.error)
             job.dir.mkdir(parents=True, exist_ok=True)
-            if logging.getLogger("quadnet").isEnabledFor(logging.DEBUG if self.quiet else logging.INFO):
-                handler = logging.FileHandler(job.dir / f"{self.config.hydra.job.name}.log")
-                handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-                logging.getLogger().addHandler(handler)
-            return JobReturn(status=JobStatus.COMPLETED, _return_value=task(None))
+            with contextlib.ExitStack() as stack:
+                if logging.getLogger("quadnet").isEnabledFor(logging.DEBUG if self.quiet else logging.INFO):
+                    name = job.dir / f"{self.config.hydra.job.name}.log"
+                    handler = stack.enter_context(contextlib.closing(logging.FileHandler(name)))
+                    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+                    logging.getLogger().addHandler(handler)
+                    stack.callback(logging.getLogger().removeHandler, handler)
+                return JobReturn(status=JobStatus.COMPLETED, _return_value=task(None))
         except Exception as e:  # its dir cannot be made or written: this job fails, not the sweep
             if isinstance(e, OSError) and e.errno is not None:  # (in one line, naming the path)
                 e = exits.unwritable(e, repr(str(e.filename or job.dir)))
             return JobReturn(status=JobStatus.FAILED, _return_value=e)
-        finally:
-            if handler is not None:
-                logging.getLogger().removeHandler(handler)
-                handler.close()
 
     def _write(self, job: Job, signum: int | None) -> Any:
         """A job's run dir from its result; its objective (or its error, raised)."""

@@ -72,15 +72,8 @@ def _guard(what: str, fn: Any, *args: Any) -> Any:
         return None
 
 
-def parent(sweep_dir: Path) -> str | None:
-    """The sweep's parent run id: read from <sweep dir>/.mlflow, else made (and written there)."""
-    key = str(sweep_dir.resolve())
-    if key not in _state.setdefault("parents", {}):
-        _state["parents"][key] = _guard("starting the sweep's run", _parent, sweep_dir)
-    return _state["parents"][key]
-
-
 def _parent(sweep_dir: Path) -> str:
+    """The sweep's parent run id: read from <sweep dir>/.mlflow, else made (and written there)."""
     client, experiment = _client()
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, RecursionError):
         kept = json.loads((sweep_dir / PARENT).read_text())
@@ -111,7 +104,10 @@ def log_run(summary: dict[str, Any], history: list[dict[str, float]], run_dir: P
     """Log a written run dir as an MLflow run (nested in its sweep's run); the note for its summary.
     end_sweep: mark the sweep's run ended as of this job (a sweep of any launcher but the batched one,
     which ends it once, when it is done: its last job leaves it ended)."""
-    parent_id = parent(sweep_dir) if sweep_dir is not None else None
+    parents, key = _state.setdefault("parents", {}), sweep_dir and str(sweep_dir.resolve())
+    if key and key not in parents:  # (the sweep's parent run, found or made once a process)
+        parents[key] = _guard("starting the sweep's run", _parent, sweep_dir)
+    parent_id = parents.get(key)
     run_id = _guard("logging a run", _log, summary, history, run_dir, parent_id)
     if end_sweep and sweep_dir is not None:
         end(sweep_dir, STATUS.get(summary["status"], "FAILED"))

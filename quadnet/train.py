@@ -97,8 +97,7 @@ def train(
     hc = HydraConfig.get() if HydraConfig.initialized() else None  # (a job Hydra runs: its dirs)
     if not isinstance(cfg, Prepared):  # outside Hydra, the run dir is the one train.yaml names (outputs/<time>)
         run_dir = run_dir or (hc.runtime.output_dir if hc else config.compose([], with_hydra=True).hydra.run.dir)
-        cfg = prepare(cfg, Path(run_dir))
-    p = cfg
+    p = cfg if isinstance(cfg, Prepared) else prepare(cfg, Path(run_dir))  # type: ignore[arg-type]
     rundir.lock(p.out, "run")
     job, c, device = p.job, p.job.cfg, p.device
     d = p.data
@@ -182,8 +181,7 @@ class Callbacks(Callback):
             exits.fail(one_line(e))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        ends = sweep_ends(config)
-        if ends:  # none: the sweep ended before any job was written
+        if ends := sweep_ends(config):  # none: the sweep ended before any job was written
             console.closing_line(ends, Path(config.hydra.runtime.cwd, config.hydra.sweep.dir))
         if ends and not ends["completed"] and ends["diverged"]:
             exits.fail("no job of the sweep completed: every job that trained diverged; try a smaller lr", 3)
@@ -209,8 +207,7 @@ def task(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     if hc.mode == RunMode.RUN:
         with exits.command(exits.KEPT, one_line, HYDRA_ERRORS):
-            p = _prepared if _prepared is not None else prepare(cfg, Path(hc.runtime.output_dir), [])
-            return console.conclude(train(p))
+            return console.conclude(train(_prepared or prepare(cfg, Path(hc.runtime.output_dir), [])))
     out, overrides = Path(hc.runtime.output_dir), list(hc.overrides.task)
     try:
         p = prepare(cfg, out, overrides)
@@ -245,9 +242,8 @@ def main() -> None:
             if not isinstance(e, exits.Stopped) and _sweep is not None and (ends := sweep_ends(_multirun)):
                 console.closing_line(ends, _sweep)
             # a run stopped before it trained, or jobs Hydra refused or could not write: the dir it made goes
-            for made in (_prepared and _prepared.out, _sweep):
-                if made:
-                    rundir.discard(made)
+            for made in filter(None, (_prepared and _prepared.out, _sweep)):
+                rundir.discard(made)
             if isinstance(e, exits.Stopped) and _sweep is not None:  # a sweep's jobs stopped: the command that goes on
                 again = f"go on with the sweep: {console.resume_sweep(_sweep)}"
                 raise exits.Stopped(e.signum, f"{e.message or exits.KEPT}; {again}") from None
