@@ -135,3 +135,26 @@ def test_the_seed_data_has_no_validation_split_and_is_selected_on_its_test_point
     assert summary_metric(s, "val_error") == 1 - s["test_accuracy"]
     sampled = make_dataset(DataConfig(name="sampled"))
     assert len(sampled.x_val) == 51 and sampled.shift is None  # (0.2 of n_train more points, drawn after the rest)
+
+
+def test_a_csv_run_from_before_the_validation_split_resumes_with_its_data_as_it_was(tmp_path):
+    """0.4 had no val split and no scaling: its data is data.val_fraction=0 data.standardize=false now."""
+    rng = np.random.default_rng(0)
+    (table := tmp_path / "p.csv").write_text("".join(f"{x},{y},{int(x > y)}\n" for x, y in rng.normal(size=(50, 2))))
+    old = ["data=csv", f"data.path={table}", "data.seed=3", "epochs=20"]
+    train(make_cfg(*old, "data.val_fraction=0", "data.standardize=false"), run_dir=tmp_path / "r")
+    ck = tmp_path / "r" / "checkpoint.npz"
+    z = dict(np.load(ck))
+    meta = json.loads(str(z["meta"]))
+    for k in ("features", "shift", "scale"):
+        meta.pop(k)
+    for k in ("val_path", "val_fraction", "standardize", "features"):
+        meta["config"]["data"].pop(k)
+    z["meta"], z["history"] = np.array(json.dumps(meta)), z["history"][:, :5]
+    np.savez(ck, **z)
+    r = run_cli(*old[:3], "epochs=30", f"resume={tmp_path / 'r'}", "plots=false", cwd=tmp_path)
+    assert r.returncode == 2 and "is not the data it was trained on" in r.stderr, r.stderr
+    again = [*old[:3], "epochs=30", "data.val_fraction=0", "data.standardize=false", f"resume={tmp_path / 'r'}"]
+    r = run_cli(*again, "plots=false", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["epoch"] == 30
