@@ -155,6 +155,6 @@ def test_a_csv_run_from_before_the_validation_split_resumes_with_its_data_as_it_
     r = run_cli(*old[:3], "epochs=30", f"resume={tmp_path / 'r'}", "plots=false", cwd=tmp_path)
     assert r.returncode == 2 and "is not the data it was trained on" in r.stderr, r.stderr
     again = [*old[:3], "epochs=30", "data.val_fraction=0", "data.standardize=false", f"resume={tmp_path / 'r'}"]
-    r = run_cli(*again, "plots=false", cwd=tmp_path)
+    r = run_cli(*again, "plots=false", f"hydra.run.dir={tmp_path / 'r2'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "r" / "summary.json").read_text())["epoch"] == 30
+    assert json.loads((tmp_path / "r2" / "summary.json").read_text())["epoch"] == 30
