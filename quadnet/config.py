@@ -263,7 +263,7 @@ def help_text() -> str:
     for schema, prefix in ((TrainConfig, ""), (DataConfig, "data.")):  # (TrainConfig.data has no comment)
         for key, default, meaning in re.findall(r"^    (\w+): .+?= (.+?)  # (.+)$", inspect.getsource(schema), re.M):
             default = {"None": "null", "True": "true", "False": "false"}.get(default, default.strip('"'))
-            lines.append(f"  {prefix + key + '=' + default:<26} {meaning}")
+            lines.append(f"  {(prefix + key).replace('data.name', 'data') + '=' + default:<26} {meaning}")  # (a group)
     groups = "data=seed|sampled|csv  hydra/launcher=batched|basic|joblib|submitit_local|slurm  +hparams_search=optuna"
     tail = ["", f"config groups: {groups}  +experiment=epochs_study", "Hydra's own options: --hydra-help"]
     return "\n".join(lines + tail)
