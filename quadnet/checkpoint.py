@@ -43,17 +43,13 @@ def arrays(state: dict[str, Any], *, epoch: int, config: dict, status: str, hist
     data: its :class:`~quadnet.data.Dataset`, whose classes and identity are kept."""
     out = {f"params/{k}": v for k, v in state["params"].items()}
     out |= {f"optimizer/{n}/{k}": v for n, b in state.get("optimizer", {}).items() for k, v in b.items()}
-    out["history"] = np.array([[r.get(f, math.nan) for f in METRIC_FIELDS] for r in history]).reshape(
-        -1, len(METRIC_FIELDS)
-    )
+    rows = [[r.get(f, math.nan) for f in METRIC_FIELDS] for r in history]
+    out["history"] = np.array(rows).reshape(-1, len(METRIC_FIELDS))
     meta = {"format": FORMAT, "epoch": int(epoch), "step": int(state.get("step", epoch)), "status": status}
     meta |= {"classes": list(data.classes), "data_sha256": data.digest, "config": config}
-    meta |= {"features": list(data.features), **{k: _list(getattr(data, k)) for k in ("shift", "scale")}}
+    meta |= {"features": list(data.features), "label": data.label}
+    meta |= {k: None if getattr(data, k) is None else getattr(data, k).tolist() for k in ("shift", "scale")}
     return out | {"meta": np.array(json.dumps(meta))}
-
-
-def _list(a: np.ndarray | None) -> list[float] | None:
-    return None if a is None else a.tolist()
 
 
 def of(job: Any, status: str, data: Any) -> dict[str, np.ndarray]:
@@ -125,10 +121,11 @@ def _meta(meta: np.ndarray, where: str) -> tuple[dict[str, Any], TrainConfig]:
     classes = m.get("classes")
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, int | str) for c in classes):
         raise CheckpointError(f"{where} has bad classes {classes!r}: a list of two labels or more")
-    m = {"features": ["x", "y"], "shift": None, "scale": None} | m  # (before 0.5: the quadrants' x, y, unscaled)
+    m = {"features": ["x", "y"], "label": "label", "shift": None, "scale": None} | m  # (before 0.5: x, y unscaled)
     names, d = m["features"], len(m["features"]) if isinstance(m["features"], list) else 0
     finite = lambda v: v is None or (isinstance(v, list) and len(v) == d and np.isfinite(np.array(v, float)).all())  # noqa: E731
-    if not (d and all(isinstance(n, str) for n in names) and finite(m["shift"]) and finite(m["scale"])):
+    named = all(isinstance(n, str) for n in [*names, m["label"]]) if isinstance(names, list) else False
+    if not (d and named and finite(m["shift"]) and finite(m["scale"])):
         raise CheckpointError(f"{where} has bad features or scaling: names and finite numbers, one a feature")
     return m, cfg
 

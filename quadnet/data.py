@@ -12,6 +12,7 @@ import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,6 +47,7 @@ class Dataset:
     x_val: np.ndarray = field(default_factory=_none)  # (N_val, D): what sweeps select on; N_val may be 0
     y_val: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     features: tuple[str, ...] = ("x", "y")  # the columns' names
+    label: str = "label"  # the label's column (predict reads true labels from it)
     shift: np.ndarray | None = None  # standardization from the training split: x = (raw - shift) / scale
     scale: np.ndarray | None = None
 
@@ -98,9 +100,17 @@ def _number(text: str) -> float | None:
 _INTEGER = re.compile(r"[+-]?[0-9]{1,4000}")
 
 
+class Table(NamedTuple):
+    x: np.ndarray  # (N, D) float64
+    labels: list[Label]
+    features: list[str]  # the columns of x
+    label: str  # the label's column
+    columns: list[str]  # the file's, as its header names them (or by position)
+
+
 def read_csv(
-    path: str, key: str, label: str | None = None, features: list[str] | None = None
-) -> tuple[np.ndarray, list[Label], list[str]]:
+    path: str, key: str, label: str | None = None, features: list[str] | None = None, columns: list[str] | None = None
+) -> Table:
     """Feature rows (N, D) and their labels from a table of numbers with a label column. A header
     line naming the columns may come first (without one they are x, y, label, or x1..xD, label);
     the label is column ``label`` (else the header's ``label``, else the last), the features are
@@ -118,8 +128,9 @@ def read_csv(
     if not rows:
         raise ConfigError(f"{key}={path!r} holds no rows")
     names, width = rows[0][1], len(rows[0][1])
-    if all(_number(p) is not None for p in names[:-1]):  # no header: the columns' names by position
-        names = ["x", "y", "label"] if width == 3 else [*(f"x{d}" for d in range(1, width)), "label"]
+    if all(_number(p) is not None for p in names[:-1]):  # no header: columns (a training file's) or by position
+        positional = ["x", "y", "label"] if width == 3 else [*(f"x{d}" for d in range(1, width)), "label"]
+        names = columns if columns is not None and len(columns) == width else positional
     else:
         rows = rows[1:]
     where = f"the columns of {key}={path!r} are {', '.join(names)}"
@@ -146,7 +157,7 @@ def read_csv(
         labels.append(int(parts[at]) if _INTEGER.fullmatch(parts[at]) else parts[at])
     if not points:
         raise ConfigError(f"{key}={path!r} holds a header and no rows")
-    return np.array(points, dtype=np.float64), labels, picked
+    return Table(np.array(points, dtype=np.float64), labels, picked, label, names)
 
 
 def _classes(*label_lists: list[Label]) -> tuple[Label, ...]:
@@ -182,23 +193,21 @@ def make_dataset(cfg: DataConfig) -> Dataset:
         ys = [quadrant_class(x) for x in (x_train, x_test, x_val)]
         data = Dataset(x_train, ys[0], x_test, ys[1], config=cfg, x_val=x_val, y_val=ys[2])
         return _standardized(data) if cfg.standardize else data
-    read = lambda key: read_csv(str(getattr(cfg, key)), f"data.{key}", cfg.label, cfg.features)[:2]  # noqa: E731
-    *train, names = read_csv(str(cfg.path), "data.path", cfg.label, cfg.features)
+    t = read_csv(str(cfg.path), "data.path", cfg.label, cfg.features)
+    train = t[:2]  # (the other files' columns by the training file's names: by position without a header)
+    read = lambda key: read_csv(str(getattr(cfg, key)), f"data.{key}", t.label, t.features, t.columns)[:2]  # noqa: E731
     test = read("test_path") if cfg.test_path else None
     if test is None:
         train, test = _held_out(*train, len(train[0]) // 5, rng)
     val = read("val_path") if cfg.val_path else None
     if val is None:
         train, val = _held_out(*train, round(cfg.val_fraction * len(train[0])), rng)
-    for key, split in (("test_path", test), ("val_path", val)):
-        if len(split[0]) and split[0].shape[1] != train[0].shape[1]:
-            raise ConfigError(f"data.{key} has {split[0].shape[1]} features, data.path {train[0].shape[1]}")
     if not len(train[0]) or not len(test[0]):
         raise ConfigError(f"data.path={cfg.path!r} has too few rows for a test and a training set: add data.test_path")
     classes, (y, y_test, y_val) = _labelled([train, test, val])
     paths = {k: str(user_path(v).absolute()) for k in ("path", "test_path", "val_path") if (v := getattr(cfg, k))}
     data = Dataset(train[0], y, test[0], y_test, classes, False, dataclasses.replace(cfg, **paths), val[0], y_val,
-                   tuple(names))  # fmt: skip
+                   tuple(t.features), label=t.label)  # fmt: skip
     return data if cfg.standardize is False else _standardized(data)
 
 

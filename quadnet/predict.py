@@ -59,6 +59,7 @@ class Model:
     classes: tuple[Any, ...] = QUADRANTS  # the label of each output
     quadrants: bool = True  # its classes are the quadrants: a point has a true one
     features: tuple[str, ...] = ("x", "y")  # the columns it reads
+    label: str = "label"  # the column of the true labels, in a file of points
     shift: np.ndarray | None = None  # the data's standardization (see quadnet.data.Dataset)
     scale: np.ndarray | None = None
 
@@ -90,8 +91,8 @@ def load(path: str | Path) -> Model:
         weights = f", with non-finite {' '.join(bad)}" if status != "diverged" else ""
         raise CheckpointError(f"{p!r} cannot predict: its status is {status} at epoch {ck['epoch']}{weights}")
     scaling = [None if ck[k] is None else np.array(ck[k]) for k in ("shift", "scale")]
-    quadrants = ck["cfg"].data.name != "csv"
-    return Model(params, p, int(ck["epoch"]), status, tuple(ck["classes"]), quadrants, tuple(ck["features"]), *scaling)
+    read = (ck["cfg"].data.name != "csv", tuple(ck["features"]), ck["label"], *scaling)  # (quadrants; features …)
+    return Model(params, p, int(ck["epoch"]), status, tuple(ck["classes"]), *read)
 
 
 def newest_run(root: Path = Path("outputs")) -> Path:
@@ -107,17 +108,17 @@ def parse_point(text: str, where: str) -> tuple[float, ...]:
     with contextlib.suppress(ValueError):  # not numbers
         if (point := tuple(map(float, text.replace(",", " ").split()))) and np.isfinite(point).all():
             return point
-    raise InputError(f"{where}: {text.strip()!r} is not a point; write finite numbers as x,y (one a feature)")
+    raise InputError(f"{where}: {text.strip()!r} is not a point; write finite numbers as x,y, one a feature")
 
 
 POINTS_BYTES = 1 << 28
 
 
-def read_points(f: str, features: tuple[str, ...] = ("x", "y")) -> tuple[list[tuple[float, ...]], list[str] | None]:
+def read_points(f: str, features: tuple[str, ...] = ("x", "y"), label: str = "label") -> tuple[list, list | None]:
     """The points in file f ('-': stdin) and their true labels where it has them. A header line may
-    name the columns (the features, and a label column beside them); without one a line is the
-    features in order, and a label after them. An empty file (/dev/null too) has none. A file that
-    is no regular file (a device, a pipe) is read up to POINTS_BYTES: /dev/zero would never end."""
+    name the columns (the features, and the label's); without one a line is the features in order,
+    then a label. An empty file (/dev/null too) has none. A file that is no regular file (a device,
+    a pipe) is read up to POINTS_BYTES: /dev/zero would never end."""
     try:
         if f == "-":
             lines = sys.stdin.read().splitlines()
@@ -133,15 +134,16 @@ def read_points(f: str, features: tuple[str, ...] = ("x", "y")) -> tuple[list[tu
     where = "stdin" if f == "-" else f"points file {f!r}"
     rows = [(i, c) for i, ln in enumerate(lines, 1) if (c := ln.split("#", 1)[0].strip())]
     head = [h.strip() for h in rows[0][1].split(",")] if rows and not re.match(r"[-+.\d]", rows[0][1]) else None
+    head = head if head and len(head) > 1 else None  # (one word: not a header, a bad point)
     if head is not None and (missing := [n for n in features if n not in head]):
         raise InputError(f"{where}: its header has no column {missing[0]!r}; the model reads {', '.join(features)}")
     cols = [head.index(n) for n in features] if head else list(range(len(features)))
-    extra = [k for k, n in enumerate(head) if n not in features] if head else [len(features)]
+    at = (head.index(label) if label in head else None) if head else len(features)
     points, labels = [], []
     for i, text in rows[head is not None :]:
         parts = [p.strip() for p in text.split(",")] if "," in text else text.split()
-        if len(parts) > len(features) and len(extra) == 1 and extra[0] < len(parts):
-            labels.append(parts[extra[0]])
+        if at is not None and at < len(parts):
+            labels.append(parts[at])
         points.append(parse_point(" ".join(parts[k] for k in cols if k < len(parts)), f"{where} line {i}"))
     return points, labels if labels and len(labels) == len(points) else None
 
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     run, default, points, args = parse_args(sys.argv[1:] if argv is None else argv)
     model, labels = load(run), []
     for f in args.file:
-        found, truth = read_points(f, model.features)
+        found, truth = read_points(f, model.features, model.label)
         points, labels = points + found, (labels + truth) if truth is not None and labels is not None else None
     if not points:
         names = ", ".join("stdin" if f == "-" else f for f in args.file)

@@ -127,8 +127,8 @@ def run_cli(
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
-    """A run's metrics.csv as rows of floats."""
+    """A run's metrics.csv as rows of floats (a NaN, a figure the run has not, as None: equal to itself)."""
     import csv
 
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: None if v == "nan" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -65,7 +65,7 @@ def test_a_csv_of_points_reads_back_exactly(folder, rows, header):
     lines = ["x, y, label  # the header"] * header + ["# a comment", ""]
     lines += [f"{x!r},{y!r}, {written} " for x, y, (written, _) in rows]
     (folder / "p.csv").write_text("\ufeff" + "\n".join(lines), encoding="utf-8")  # (a BOM, as Excel writes)
-    points, labels, names = read_csv(str(folder / "p.csv"), "data.path")
+    points, labels, names, *_ = read_csv(str(folder / "p.csv"), "data.path")
     assert names == ["x", "y"] and points.tolist() == [[x, y] for x, y, _ in rows]
     assert labels == [read for *_, (_, read) in rows]
 
@@ -86,7 +86,7 @@ def test_any_csv_reads_or_names_its_line_in_one_error(folder, text):
     path = folder / "any.csv"
     path.write_bytes(text)
     try:
-        points, labels, names = read_csv(str(path), "data.path")
+        points, labels, names, *_ = read_csv(str(path), "data.path")
     except ConfigError as e:
         assert one_line(e).startswith(f"data.path={str(path)!r} ") or "the columns of data.path=" in one_line(e)
         return

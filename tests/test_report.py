@@ -77,14 +77,15 @@ def test_a_sweep_with_failed_diverged_and_unfinished_jobs(sweep, capsys, figures
     (sweep / "9" / "summary.json").write_text(json.dumps(summary))
     code, out, err = _report(capsys, sweep)
     assert code == 0 and err == ""
-    assert f"sweep {sweep}: 16 jobs, sorted by test_loss" in out
+    assert f"sweep {sweep}: 16 jobs, sorted by val_loss" in out
     assert "job 5: unfinished (no summary.json)" in out
     assert "job 9: failed: CUDA out of memory. Tried to allocate 2 GiB" in out  # the reason, on one line
     assert "not completed (9):" in out and out.count(": diverged") == 7
     header, rows = _rows(sweep)
     assert header == [
         "job", "hidden_dim", "lr", "reg", "seed", "overrides", "status", "error",
-        "final_loss", "test_loss", "train_accuracy", "test_accuracy", "test_error", "epoch", "train_seconds",
+        "final_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy", "test_error", "epoch",
+        "train_seconds",
     ]  # fmt: skip
     done = [float(r["test_loss"]) for r in rows if r["status"] == "completed"]
     assert done == sorted(done) and len(done) == 7 and all(r["status"] != "completed" for r in rows[7:])
@@ -200,7 +201,7 @@ def test_a_sweep_dir_that_cannot_be_written_still_gets_its_table(sweep, capsys):
         code, out, err = _report(capsys, sweep)
     finally:
         os.chmod(sweep, 0o755)
-    assert code == 1 and "sorted by test_loss" in out and out.count("completed") >= 4
+    assert code == 1 and "sorted by val_loss" in out and out.count("completed") >= 4
     assert err.startswith("error: could not write report.csv in ") and err.count("\n") == 1
 
 

@@ -378,7 +378,7 @@ def test_optuna_search_minimises_the_objective(tmp_path):
     best = (tmp_path / "s" / "optimization_results.yaml").read_text()
     assert "best_value" in best and "best_params" in best
     losses = [
-        json.loads((d / "summary.json").read_text())["test_loss"]
+        json.loads((d / "summary.json").read_text())["val_loss"]
         for d in (tmp_path / "s").iterdir()
         if (d / "summary.json").exists()
     ]

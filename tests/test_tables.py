@@ -36,9 +36,10 @@ def table(tmp_path):
 
 
 def test_a_header_names_the_columns_and_the_label_and_features_are_picked(table):
-    x, labels, names = read_csv(str(table), "data.path", "kind")
+    x, labels, names, label, columns = read_csv(str(table), "data.path", "kind")
+    assert label == "kind" and columns == ["kind", *FEATURES]
     assert x.shape == (120, 5) and names == FEATURES and set(labels) == {"x", "y", "z"}
-    x2, _, names2 = read_csv(str(table), "data.path", "kind", ["e", "a"])
+    x2, _, names2, *_ = read_csv(str(table), "data.path", "kind", ["e", "a"])
     np.testing.assert_array_equal(x2, x[:, [4, 0]])
     assert names2 == ["e", "a"]
     with pytest.raises(ConfigError, match=r"'f' is not a column: the columns of data.path=.* are kind, a, b, c, d, e"):
@@ -52,7 +53,7 @@ def test_the_splits_are_disjoint_and_standardized_on_the_training_split(table):
     assert (len(d.x_train), len(d.x_val), len(d.x_test)) == (77, 19, 24) and d.features == tuple(FEATURES)
     np.testing.assert_allclose(d.x_train.mean(0), 0, atol=1e-12)
     np.testing.assert_allclose(d.x_train.std(0), 1, atol=1e-12)
-    raw, _, _ = read_csv(str(table), "data.path", "kind")
+    raw = read_csv(str(table), "data.path", "kind").x
     rows = {tuple(r) for r in raw}
     split = [{tuple(r) for r in d.raw(x).round(6)} for x in (d.x_train, d.x_val, d.x_test)]
     assert not (split[0] & split[1]) and not (split[0] & split[2]) and not (split[1] & split[2])
