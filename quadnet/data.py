@@ -29,10 +29,6 @@ SEED_TEST = np.array([[2, 2], [-2, 2], [-2, -2], [2, -2]], dtype=np.float64)
 Label = int | str
 
 
-def _none(width: int = 2) -> np.ndarray:
-    return np.empty((0, width))
-
-
 @dataclass(frozen=True)
 class Dataset:
     """A run's points, already scaled (see :meth:`scaled`), and their class indices."""
@@ -44,7 +40,9 @@ class Dataset:
     classes: tuple[Label, ...] = QUADRANTS  # the label of each class index
     quadrants: bool = True  # the classes are the quadrants: any point has a true one (on an axis, none)
     config: DataConfig = field(default_factory=DataConfig)  # what made it (a CSV's paths absolute)
-    x_val: np.ndarray = field(default_factory=_none)  # (N_val, D): what sweeps select on; N_val may be 0
+    x_val: np.ndarray = field(
+        default_factory=lambda: np.empty((0, 2))
+    )  # (N_val, D): what sweeps select on; N_val may be 0
     y_val: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     features: tuple[str, ...] = ("x", "y")  # the columns' names
     label: str = "label"  # the label's column (predict reads true labels from it)

@@ -133,8 +133,8 @@ def read_points(f: str, features: tuple[str, ...] = ("x", "y"), label: str = "la
         raise InputError(f"points file {f!r} {why}") from None
     where = "stdin" if f == "-" else f"points file {f!r}"
     rows = [(i, c) for i, ln in enumerate(lines, 1) if (c := ln.split("#", 1)[0].strip())]
-    head = [h.strip() for h in rows[0][1].split(",")] if rows and not re.match(r"[-+.\d]", rows[0][1]) else None
-    head = head if head and len(head) > 1 else None  # (one word: not a header, a bad point)
+    named = rows and "," in rows[0][1] and not re.match(r"[-+.\d]", rows[0][1])  # (one word: a bad point)
+    head = [h.strip() for h in rows[0][1].split(",")] if named else None
     if head is not None and (missing := [n for n in features if n not in head]):
         raise InputError(f"{where}: its header has no column {missing[0]!r}; the model reads {', '.join(features)}")
     cols = [head.index(n) for n in features] if head else list(range(len(features)))
@@ -142,8 +142,7 @@ def read_points(f: str, features: tuple[str, ...] = ("x", "y"), label: str = "la
     points, labels = [], []
     for i, text in rows[head is not None :]:
         parts = [p.strip() for p in text.split(",")] if "," in text else text.split()
-        if at is not None and at < len(parts):
-            labels.append(parts[at])
+        labels += [parts[at]] if at is not None and at < len(parts) else []
         points.append(parse_point(" ".join(parts[k] for k in cols if k < len(parts)), f"{where} line {i}"))
     return points, labels if labels and len(labels) == len(points) else None
 
