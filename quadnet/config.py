@@ -42,7 +42,7 @@ class DataConfig:
     n_test: int = 256  # sampled: number of test points
     extent: float = 3.0  # sampled: points lie in [-extent, extent]²
     margin: float = 0.1  # sampled: keep points at least this far from the axes, where the label flips
-    seed: int = 0  # sampled: seed of the draw (independent of the init seed); csv: of the test split
+    seed: int = 0  # sampled: seed of the draw (independent of the init seed); csv: of the test and validation splits
     path: str | None = None  # csv: a table of numbers and a label column; its labels (sorted) are the classes
     label: str | None = None  # csv: the label's column; null: the one named label, else the last
     features: list[str] | None = None  # csv: the feature columns; null: every column but the label
