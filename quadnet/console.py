@@ -12,6 +12,7 @@ import signal
 import sys
 from collections import Counter
 from pathlib import Path
+from textwrap import shorten
 from typing import Any
 
 from quadnet import artifacts
@@ -26,7 +27,7 @@ def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -
     preds = s["predictions"]
     wrong = [p for p in preds if p["predicted"] is not None and p["true"] is not None and p["predicted"] != p["true"]]
     shown = ([*wrong, *(p for p in preds if p not in wrong)] if table else [])[:TABLE_ROWS]
-    points = ["(" + ", ".join(f"{v:g}" for v in p["point"]) + ")" for p in shown]
+    points = [shorten("(" + ", ".join(f"{v:g}" for v in p["point"]) + ")", 48, placeholder=" …)") for p in shown]
     w, cw = max([16, *map(len, points)]), max([9, *(len(str(c)) for c in s["classes"])])
     lines = ["", f"{'point':>{w}}  {'predicted':>{cw}}  {'p(predicted)':>12}  {'true':>{cw}}"] if shown else []
     for point, p in zip(points, shown, strict=True):

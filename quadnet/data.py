@@ -194,12 +194,9 @@ def make_dataset(cfg: DataConfig) -> Dataset:
     t = read_csv(str(cfg.path), "data.path", cfg.label, cfg.features)
     train = t[:2]  # (the other files' columns by the training file's names: by position without a header)
     read = lambda key: read_csv(str(getattr(cfg, key)), f"data.{key}", t.label, t.features, t.columns)[:2]  # noqa: E731
-    test = read("test_path") if cfg.test_path else None
-    if test is None:
-        train, test = _held_out(*train, len(train[0]) // 5, rng)
-    val = read("val_path") if cfg.val_path else None
-    if val is None:
-        train, val = _held_out(*train, round(cfg.val_fraction * len(train[0])), rng)
+    train, test = (train, read("test_path")) if cfg.test_path else _held_out(*train, len(train[0]) // 5, rng)
+    n_val = round(cfg.val_fraction * len(train[0]))
+    train, val = (train, read("val_path")) if cfg.val_path else _held_out(*train, n_val, rng)
     if not len(train[0]) or not len(test[0]):
         raise ConfigError(f"data.path={cfg.path!r} has too few rows for a test and a training set: add data.test_path")
     classes, (y, y_test, y_val) = _labelled([train, test, val])

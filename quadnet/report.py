@@ -117,10 +117,10 @@ def swept_params(rows: list[dict[str, Any]]) -> list[str]:
 
 def write_csv(path: Path, rows: list[dict[str, Any]], params: list[str]) -> None:
     """One row a job: its swept parameters, overrides, status, error and every metric (no column twice)."""
-    fields = ["job", *params, "overrides", "status", "error", *FIGURES[:6], "test_error", *FIGURES[6:]]
+    fields = ["job", *params, "overrides", "status", "error", *FIGURES[:6], "val_error", "test_error", *FIGURES[6:]]
     w = csv.DictWriter(buf := io.StringIO(), fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
-    w.writerows({**r["params"], **r, "test_error": summary_metric(r, "test_error")} for r in rows)
+    w.writerows({**r["params"], **r, **{e: summary_metric(r, e) for e in ("val_error", "test_error")}} for r in rows)
     write_text(path, buf.getvalue())
 
 

@@ -84,8 +84,8 @@ def test_a_sweep_with_failed_diverged_and_unfinished_jobs(sweep, capsys, figures
     header, rows = _rows(sweep)
     assert header == [
         "job", "hidden_dim", "lr", "reg", "seed", "overrides", "status", "error",
-        "final_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy", "test_error", "epoch",
-        "train_seconds",
+        "final_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy", "val_error",
+        "test_error", "epoch", "train_seconds",
     ]  # fmt: skip
     done = [float(r["test_loss"]) for r in rows if r["status"] == "completed"]
     assert done == sorted(done) and len(done) == 7 and all(r["status"] != "completed" for r in rows[7:])
