@@ -123,10 +123,14 @@ def _meta(meta: np.ndarray, where: str) -> tuple[dict[str, Any], TrainConfig]:
         raise CheckpointError(f"{where} has bad classes {classes!r}: a list of two labels or more")
     m = {"features": ["x", "y"], "label": "label", "shift": None, "scale": None} | m  # (before 0.5: x, y unscaled)
     names, d = m["features"], len(m["features"]) if isinstance(m["features"], list) else 0
-    finite = lambda v: v is None or (isinstance(v, list) and len(v) == d and np.isfinite(np.array(v, float)).all())  # noqa: E731
-    named = all(isinstance(n, str) for n in [*names, m["label"]]) if isinstance(names, list) else False
-    if not (d and named and finite(m["shift"]) and finite(m["scale"])):
-        raise CheckpointError(f"{where} has bad features or scaling: names and finite numbers, one a feature")
+
+    def numbers(v: Any, low: float) -> bool:  # (one a feature, finite and above low: nan is none)
+        return isinstance(v, list) and len(v) == d and all(type(x) in (int, float) and low < x < math.inf for x in v)
+
+    named = d and len(set(map(str, names))) == d and all(isinstance(n, str) for n in [*names, m["label"]])
+    scaled = m["shift"] is m["scale"] is None or (numbers(m["shift"], -math.inf) and numbers(m["scale"], 0))
+    if not (named and scaled):
+        raise CheckpointError(f"{where} has bad features or scaling: distinct names; finite numbers, scales > 0")
     return m, cfg
 
 

@@ -26,14 +26,15 @@ def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -
     predicted wrongly is marked, as the plots ring it, and shown first."""
     preds = s["predictions"]
     wrong = [p for p in preds if p["predicted"] is not None and p["true"] is not None and p["predicted"] != p["true"]]
-    shown = ([*wrong, *(p for p in preds if p not in wrong)] if table else [])[:TABLE_ROWS]
+    marked = {id(p) for p in wrong}  # (a set: a big test set's table costs its length, not its square)
+    shown = ([*wrong, *(p for p in preds if id(p) not in marked)] if table else [])[:TABLE_ROWS]
     points = [shorten("(" + ", ".join(f"{v:g}" for v in p["point"]) + ")", 48, placeholder=" …)") for p in shown]
     w, cw = max([16, *map(len, points)]), max([9, *(len(str(c)) for c in s["classes"])])
     lines = ["", f"{'point':>{w}}  {'predicted':>{cw}}  {'p(predicted)':>12}  {'true':>{cw}}"] if shown else []
     for point, p in zip(points, shown, strict=True):
         q, t = ("-" if p[k] is None else str(p[k]) for k in ("predicted", "true"))
         prob = p["probs"][s["classes"].index(p["predicted"])] if p["predicted"] is not None else math.nan
-        lines.append(f"{point:>{w}}  {q:>{cw}}  {prob:>12.9f}  {t:>{cw}}{'  ✗ wrong' if p in wrong else ''}")
+        lines.append(f"{point:>{w}}  {q:>{cw}}  {prob:>12.9f}  {t:>{cw}}{'  ✗ wrong' if id(p) in marked else ''}")
     if table and len(preds) > TABLE_ROWS:
         lines.append(f"{'…':>{w}}  ({len(preds) - TABLE_ROWS} more test points in summary.json)")
     job = f"[{' '.join(s['overrides'])}] " if not table and s.get("overrides") else ""  # a sweep's job: which one

@@ -152,6 +152,10 @@ def read_csv(
             why = f"finite numbers for {', '.join(picked)} and a label"
             raise ConfigError(f"{key}={path!r} line {i}: {lines[i - 1].strip()!r} is not {','.join(names)}: {why}")
         points.append(values)
+        if (
+            parts[at].isascii() and _number(parts[at]) is not None and not _INTEGER.fullmatch(parts[at])
+        ):  # (1.5: a feature?)
+            raise ConfigError(f"{key}={path!r} line {i}: label {parts[at]!r} is a number but not a whole one ({where})")
         labels.append(int(parts[at]) if _INTEGER.fullmatch(parts[at]) else parts[at])
     if not points:
         raise ConfigError(f"{key}={path!r} holds a header and no rows")
@@ -197,6 +201,9 @@ def make_dataset(cfg: DataConfig) -> Dataset:
     train, test = (train, read("test_path")) if cfg.test_path else _held_out(*train, len(train[0]) // 5, rng)
     n_val = round(cfg.val_fraction * len(train[0]))
     train, val = (train, read("val_path")) if cfg.val_path else _held_out(*train, n_val, rng)
+    for key, split in (("test_path", test), ("val_path", val)):  # (a random split may hold a rare class alone)
+        if getattr(cfg, key) and (unseen := set(split[1]) - set(train[1])):
+            raise ConfigError(f"data.{key} has labels the training rows have not: {', '.join(map(str, unseen))}")
     if not len(train[0]) or not len(test[0]):
         raise ConfigError(f"data.path={cfg.path!r} has too few rows for a test and a training set: add data.test_path")
     classes, (y, y_test, y_val) = _labelled([train, test, val])
@@ -209,6 +216,8 @@ def make_dataset(cfg: DataConfig) -> Dataset:
 def _standardized(data: Dataset) -> Dataset:
     """Each feature shifted and scaled to mean 0 and spread 1 on the training split (a constant one: 1)."""
     shift, spread = data.x_train.mean(0), data.x_train.std(0)
+    if (bad := ~np.isfinite(spread)).any():  # (values near 1e308: the spread overflows)
+        raise ConfigError(f"{data.features[np.argmax(bad)]!r} is too big to standardize: data.standardize=false")
     scale = np.where(spread > 0, spread, 1.0)
     x = {k: (getattr(data, k) - shift) / scale for k in ("x_train", "x_test", "x_val")}
     return dataclasses.replace(data, **x, shift=shift, scale=scale)
