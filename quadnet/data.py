@@ -152,11 +152,10 @@ def read_csv(
             why = f"finite numbers for {', '.join(picked)} and a label"
             raise ConfigError(f"{key}={path!r} line {i}: {lines[i - 1].strip()!r} is not {','.join(names)}: {why}")
         points.append(values)
-        if (
-            parts[at].isascii() and _number(parts[at]) is not None and not _INTEGER.fullmatch(parts[at])
-        ):  # (1.5: a feature?)
-            raise ConfigError(f"{key}={path!r} line {i}: label {parts[at]!r} is a number but not a whole one ({where})")
-        labels.append(int(parts[at]) if _INTEGER.fullmatch(parts[at]) else parts[at])
+        lab, whole = parts[at], _INTEGER.fullmatch(parts[at])
+        if not whole and lab.isascii() and _number(lab) is not None:  # (1.5: a feature's column, more likely)
+            raise ConfigError(f"{key}={path!r} line {i}: label {lab!r} is a number but not a whole one ({where})")
+        labels.append(int(lab) if whole else lab)
     if not points:
         raise ConfigError(f"{key}={path!r} holds a header and no rows")
     return Table(np.array(points, dtype=np.float64), labels, picked, label, names)
@@ -168,13 +167,6 @@ def _classes(*label_lists: list[Label]) -> tuple[Label, ...]:
     if len(found) < 2:
         raise ConfigError(f"data.path holds one class only ({', '.join(map(str, found))}): a classifier needs two")
     return tuple(sorted(found, key=lambda lab: (isinstance(lab, str), str(lab) if isinstance(lab, str) else lab)))
-
-
-def _labelled(parts: list[tuple[np.ndarray, list[Label]]]) -> tuple[tuple[Label, ...], list[np.ndarray]]:
-    """The classes of a CSV's splits and each split's class indices."""
-    classes = _classes(*(labels for _, labels in parts))
-    index = {lab: i for i, lab in enumerate(classes)}
-    return classes, [np.array([index[lab] for lab in labels], dtype=np.int64) for _, labels in parts]
 
 
 def _held_out(x: np.ndarray, labels: list[Label], n: int, rng: np.random.Generator) -> tuple[tuple, tuple]:
@@ -206,7 +198,9 @@ def make_dataset(cfg: DataConfig) -> Dataset:
             raise ConfigError(f"data.{key} has labels the training rows have not: {', '.join(map(str, unseen))}")
     if not len(train[0]) or not len(test[0]):
         raise ConfigError(f"data.path={cfg.path!r} has too few rows for a test and a training set: add data.test_path")
-    classes, (y, y_test, y_val) = _labelled([train, test, val])
+    classes = _classes(*(split[1] for split in (train, test, val)))
+    index = {lab: i for i, lab in enumerate(classes)}
+    y, y_test, y_val = (np.array([index[lab] for lab in split[1]], dtype=np.int64) for split in (train, test, val))
     paths = {k: str(user_path(v).absolute()) for k in ("path", "test_path", "val_path") if (v := getattr(cfg, k))}
     data = Dataset(train[0], y, test[0], y_test, classes, False, dataclasses.replace(cfg, **paths), val[0], y_val,
                    tuple(t.features), label=t.label)  # fmt: skip

@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         names = ", ".join("stdin" if f == "-" else f for f in args.file)
         raise InputError(f"no points given{f' ({names} held none)' if args.file else ''}; pass x,y or --file PATH")
     if bad := [p for p in points if len(p) != len(model.features)]:
-        raise InputError(f"{bad[0]} has {len(bad[0])} numbers; the model reads {len(model.features)}: "
-                         f"{', '.join(model.features)}")  # fmt: skip
+        raise InputError(f"{bad[0]} has {len(bad[0])} numbers; the model reads {', '.join(model.features)}")
     x = np.array(points, dtype=np.float64)
     rows = prediction_rows(x, model.predict_proba(x), model.classes, None, model.quadrants)
     if args.out:

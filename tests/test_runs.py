@@ -360,7 +360,7 @@ def test_predict_reads_a_file_and_stdin(trained, tmp_path):
     "args,words",
     [
         (["abc"], "is not a point"),
-        (["1,2,3"], "(1.0, 2.0, 3.0) has 3 numbers; the model reads 2: x, y"),
+        (["1,2,3"], "(1.0, 2.0, 3.0) has 3 numbers; the model reads x, y"),
         (["nan,1"], "finite"),
         (["1,inf"], "finite"),
         (["--file", "/no/such"], "does not exist"),

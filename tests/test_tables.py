@@ -109,7 +109,7 @@ def test_a_wide_run_predicts_a_whole_file_and_loads_in_python(table, tmp_path):
     np.testing.assert_array_equal(model.predict(frame), [row["predicted"] for row in rows])  # (columns by name)
     np.testing.assert_array_equal(model.predict(frame[FEATURES[::-1]]), model.predict(frame[FEATURES].to_numpy()))
     r = run_cli(str(tmp_path / "r"), "1,2", module="quadnet.predict", cwd=tmp_path)
-    assert r.returncode == 2 and "the model reads 5: a, b, c, d, e" in r.stderr
+    assert r.returncode == 2 and "the model reads a, b, c, d, e" in r.stderr
 
 
 def test_a_checkpoint_from_before_features_and_scaling_still_predicts(tmp_path):
