@@ -81,9 +81,7 @@ class Returns(Sequence[JobReturn]):
     def __len__(self) -> int:
         return len(self.overrides)
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
+    def __getitem__(self, i: Any) -> Any:  # (an index: Hydra's sweepers only iterate the launch's results)
         status, value = JobStatus.FAILED if i in self.errors else JobStatus.COMPLETED, self.errors.get(i, self.value[i])
         return JobReturn(
             list(self.overrides[i]), working_dir=os.getcwd(), task_name=self.name, status=status, _return_value=value
