@@ -172,10 +172,7 @@ class Callbacks(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _sweep, _multirun
         _sweep, _multirun = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir), config
-        try:
-            if batched(config):
-                sweep.check_options(OmegaConf.to_container(config.hydra.launcher))  # type: ignore[arg-type]
-                sweep.refuse_resume(config.resume)
+        try:  # (the batched launcher's options and resume= are checked in its setup, before any write)
             rundir.lock(_sweep, "sweep", outer=True, shown=str(config.hydra.sweep.dir))
         except (ValueError, OSError, *HYDRA_ERRORS) as e:
             exits.fail(one_line(e))
@@ -187,13 +184,9 @@ class Callbacks(Callback):
             exits.fail("no job of the sweep completed: every job that trained diverged; try a smaller lr", 3)
 
 
-def batched(config: DictConfig) -> bool:
-    return str(OmegaConf.select(config, "hydra.launcher._target_")).startswith("hydra_plugins.quadnet_batched")
-
-
 def sweep_ends(config: DictConfig) -> Counter[str]:
     """How a sweep's jobs ended: the batched launcher's count, else its jobs' summaries."""
-    if batched(config):
+    if str(OmegaConf.select(config, "hydra.launcher._target_")).startswith("hydra_plugins.quadnet_batched"):
         return sweep.ENDED
     where = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir)
     return Counter(console.status_of(p) for p in where.glob("*/summary.json"))

@@ -23,11 +23,13 @@ class BatchedLauncher(Launcher):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from quadnet import compose, rundir, sweep
 
-        # before the sweeper writes into the sweep dir (quadnet's callback has checked these and
-        # taken the dir already; another task's sweep has not): a bad option, or a dir another
-        # sweep holds, is refused in one line; what the sweeper will overwrite is kept, for a
-        # sweep that the launcher refuses (quadnet.sweep.launch)
+        # before the sweeper writes into the sweep dir (quadnet's callback has taken the dir
+        # already; another task's sweep has not): a bad option, resume= in quadnet's sweep, or a
+        # dir another sweep holds, is refused in one line; what the sweeper will overwrite is
+        # kept, for a sweep that the launcher refuses (quadnet.sweep.launch)
         sweep.check_options(self.options)
+        if sweep.batchable(task_function):
+            sweep.refuse_resume(config.resume)
         record = Path(str(config.hydra.sweep.dir), "multirun.yaml")
         rundir.lock(record.parent)
         info = record.stat() if record.is_file() else None
