@@ -102,12 +102,11 @@ def write(
     data: Dataset,
     ran: dict[str, Any],
     stop_signal: int | None = None,
-    extra: dict | None = None,
     sweep: Path | None = None,
     end_sweep: bool = True,
 ) -> dict[str, Any]:
     """Write a finished job's dir; return its summary. ran: where and how it trained (``device``,
-    ``engine``, ``train_seconds``: the training loop's time); extra: more keys for the summary;
+    ``engine``, ``train_seconds``: the training loop's time, ``overrides``: the job's, and more keys for the summary);
     sweep: the sweep dir of a sweep's job (its MLflow run is nested in the sweep's, which end_sweep ends)."""
     cfg, run_dir = job.cfg, Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +120,7 @@ def write(
     summary |= {key: final[key] for key in ("test_loss", "train_accuracy", "test_accuracy", "val_loss", "val_accuracy")}
     summary |= ran
     stopped = signal.Signals(stop_signal).name if job.status == "interrupted" and stop_signal else None
-    summary |= {"dtype": cfg.dtype, "run_dir": str(run_dir.resolve()), "signal": stopped, **(extra or {})}
+    summary |= {"dtype": cfg.dtype, "run_dir": str(run_dir.resolve()), "signal": stopped}
     summary |= {"versions": artifacts.versions(), "classes": list(data.classes), "data_sha256": data.digest}
     rows = artifacts.prediction_rows(data.raw(data.x_test), probs, data.classes, data.y_test, data.quadrants)
     summary |= {"predictions": rows, "config": to_dict(cfg)}

@@ -64,7 +64,7 @@ class Job:
     start: loop.Job | None = None  # where it starts: afresh, or an unfinished job resumed
     result: loop.Job | None = None
     error: str | None = None  # why it failed, in one line
-    ran: dict[str, Any] = dataclasses.field(default_factory=dict)  # device, engine, train_seconds, batch
+    ran: dict[str, Any] = dataclasses.field(default_factory=dict)  # device, engine, train_seconds, overrides, batch
 
 
 class SweepRefused(ConfigError):
@@ -228,7 +228,7 @@ def _done(batch: list[Job], out: Any, **extra: Any) -> None:
     steps = [max(r.epoch - j.start.epoch, 0) for j, r in zip(batch, done, strict=True)]  # type: ignore[union-attr]
     for j, r, s in zip(batch, done, steps, strict=True):
         j.result, j.ran = r, {"train_seconds": seconds * s / max(sum(steps), 1), "device": device, "engine": engine}
-        j.ran["batch"] = {"jobs": len(batch), "seconds": seconds, **extra}
+        j.ran |= {"overrides": j.overrides, "batch": {"jobs": len(batch), "seconds": seconds, **extra}}
 
 
 def train_here(groups: list[list[Job]], max_batch: int, stop: Callable[[], bool], quiet: bool) -> None:
@@ -394,11 +394,10 @@ class Sweep:
             rundir.write_failed(job.dir, job.error or "not trained", job.cfg and to_dict(job.cfg), job.overrides)
             raise ConfigError(job.error or "not trained")
         self.tracked |= job.result.cfg.logger == "mlflow"
-        extra = {"overrides": job.overrides}
         if job.kept:
             summary = completed(job.dir)
         else:
-            summary = rundir.write(job.dir, job.result, job.data, job.ran, signum, extra, self.dir, False)  # type: ignore
+            summary = rundir.write(job.dir, job.result, job.data, job.ran, signum, self.dir, False)  # type: ignore
         return console.conclude(summary, single_run=False, exit=False, quiet=self.quiet)
 
 
