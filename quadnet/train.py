@@ -99,12 +99,10 @@ def train(
         run_dir = run_dir or (hc.runtime.output_dir if hc else config.compose([], with_hydra=True).hydra.run.dir)
     p = cfg if isinstance(cfg, Prepared) else prepare(cfg, Path(run_dir))  # type: ignore[arg-type]
     rundir.lock(p.out, "run")
-    job, c, device = p.job, p.job.cfg, p.device
-    d = p.data
+    job, c, device, d = p.job, p.job.cfg, p.device, p.data
     sizes = f"{len(d.x_train)}/{len(d.x_val)}/{len(d.x_test)} train/val/test"
     what = f"{c.data.name} data ({d.x_train.shape[1]} features{', standardized' * (d.shift is not None)}, {sizes})"
-    what += f", hidden_dim={c.hidden_dim}, {c.epochs} epochs"
-    what += f", {engines.engine_name(c, device, d)} engine, {c.optimizer}"
+    what += f", hidden_dim={c.hidden_dim}, {c.epochs} epochs, {engines.engine_name(c, device, d)} engine, {c.optimizer}"
     resumed = f"; resuming at epoch {job.epoch}" if job.epoch else ""
     log.info("quadnet: %s on %s (%s)%s", what, describe(device), c.dtype, resumed)
 
