@@ -108,8 +108,7 @@ class TorchEngine:
     @torch.no_grad()
     def metrics(self) -> list[dict[str, float]]:
         """Per job, :func:`quadnet.engines.metric_rows`."""
-        logits = lambda x: model.forward(self.params, x)[1].double()  # noqa: E731
-        return metric_rows(torch, logits, self.splits)
+        return metric_rows(torch, lambda x: model.forward(self.params, x)[1].double(), self.splits)
 
     def export(self, rows: list[int]) -> list[JobState]:
         """Jobs at `rows`: their parameters and optimizer buffers, unpadded, float64 NumPy."""
