@@ -394,10 +394,8 @@ class Sweep:
             rundir.write_failed(job.dir, job.error or "not trained", job.cfg and to_dict(job.cfg), job.overrides)
             raise ConfigError(job.error or "not trained")
         self.tracked |= job.result.cfg.logger == "mlflow"
-        if job.kept:
-            summary = completed(job.dir)
-        else:
-            summary = rundir.write(job.dir, job.result, job.data, job.ran, signum, self.dir, False)  # type: ignore
+        summary = job.kept and completed(job.dir)  # (a kept job's as it is; gone since it was read: written again)
+        summary = summary or rundir.write(job.dir, job.result, job.data, job.ran, signum, self.dir, False)  # type: ignore
         return console.conclude(summary, single_run=False, exit=False, quiet=self.quiet)
 
 
