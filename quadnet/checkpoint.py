@@ -124,11 +124,11 @@ def _meta(meta: np.ndarray, where: str) -> tuple[dict[str, Any], TrainConfig]:
     m = {"features": ["x", "y"], "label": "label", "shift": None, "scale": None} | m  # (before 0.5: x, y unscaled)
     names, d = m["features"], len(m["features"]) if isinstance(m["features"], list) else 0
 
-    def numbers(v: Any, low: float) -> bool:  # (one a feature, finite and above low: nan is none)
-        return isinstance(v, list) and len(v) == d and all(type(x) in (int, float) and low < x < math.inf for x in v)
+    def numbers(v: Any, low: float) -> bool:  # (one a feature, above low and far from overflow: nan is none)
+        return isinstance(v, list) and len(v) == d and all(type(x) in (int, float) and low < x < 1e308 for x in v)
 
     named = d and len(set(map(str, names))) == d and all(isinstance(n, str) for n in [*names, m["label"]])
-    scaled = m["shift"] is m["scale"] is None or (numbers(m["shift"], -math.inf) and numbers(m["scale"], 0))
+    scaled = m["shift"] is m["scale"] is None or (numbers(m["shift"], -math.inf) and numbers(m["scale"], 1e-300))
     if not (named and scaled):
         raise CheckpointError(f"{where} has bad features or scaling: distinct names; finite numbers, scales > 0")
     return m, cfg

@@ -154,7 +154,7 @@ def read_csv(
         points.append(values)
         lab, whole = parts[at], _INTEGER.fullmatch(parts[at])
         if not whole and lab.isascii() and _number(lab) is not None:  # (1.5: a feature's column, more likely)
-            raise ConfigError(f"{key}={path!r} line {i}: label {lab!r} is a number but not a whole one ({where})")
+            raise ConfigError(f"{key}={path!r} line {i}: label {lab!r} is a number but not whole in digits ({where})")
         labels.append(int(lab) if whole else lab)
     if not points:
         raise ConfigError(f"{key}={path!r} holds a header and no rows")
@@ -209,9 +209,10 @@ def make_dataset(cfg: DataConfig) -> Dataset:
 
 def _standardized(data: Dataset) -> Dataset:
     """Each feature shifted and scaled to mean 0 and spread 1 on the training split (a constant one: 1)."""
-    shift, spread = data.x_train.mean(0), data.x_train.std(0)
-    if (bad := ~np.isfinite(spread)).any():  # (values near 1e308: the spread overflows)
+    with np.errstate(all="ignore"):  # (values near 1e308 overflow: refused below, in one line)
+        shift, spread = data.x_train.mean(0), data.x_train.std(0)
+        scale = np.where(spread > 0, spread, 1.0)
+        x = {k: (getattr(data, k) - shift) / scale for k in ("x_train", "x_test", "x_val")}
+    if (bad := ~np.isfinite(np.vstack([*x.values(), shift, scale])).all(0)).any():
         raise ConfigError(f"{data.features[np.argmax(bad)]!r} is too big to standardize: data.standardize=false")
-    scale = np.where(spread > 0, spread, 1.0)
-    x = {k: (getattr(data, k) - shift) / scale for k in ("x_train", "x_test", "x_val")}
     return dataclasses.replace(data, **x, shift=shift, scale=scale)

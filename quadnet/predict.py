@@ -176,9 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     # (an InputError, CheckpointError or ConfigError, for a ~user with no home: one line, by @command)
     run, default, points, args = parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out or ".")  # (not a --file, a device, a link nor a run dir's file: none of them is lost)
-    taken = out.resolve() in {Path(f).resolve() for f in args.file} or (out.parent / CHECKPOINT).exists()
+    inside = any((d / n).exists() for d in out.resolve().parents for n in (CHECKPOINT, "multirun.yaml"))  # (a run's)
+    taken = out.resolve() in {Path(f).resolve() for f in [*args.file, run]} or inside
     if args.out is not None and (taken or out.is_symlink() or (out.exists() and not out.is_file())):
-        raise InputError(f"--out {args.out!r} is not allowed: a new or regular file, not a --file, outside run dirs")
+        raise InputError(f"--out {args.out!r} is not allowed: a new or regular file, not an input, outside runs")
     model, labels = load(run), []
     for f in args.file:
         found, truth = read_points(f, model.features, model.label)

@@ -159,3 +159,26 @@ def test_a_csv_run_from_before_the_validation_split_resumes_with_its_data_as_it_
     r = run_cli(*again, "plots=false", f"hydra.run.dir={tmp_path / 'r2'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "r2" / "summary.json").read_text())["epoch"] == 30
+
+
+def test_predict_never_writes_its_predictions_over_what_it_reads_or_a_run(tmp_path):
+    train(make_cfg("epochs=5"), run_dir=tmp_path / "r")
+    (tmp_path / "pts.csv").write_text("x,y\n1,2\n-1,3\n")
+    (tmp_path / "model.npz").write_bytes((tmp_path / "r" / "checkpoint.npz").read_bytes())
+    (tmp_path / "r" / ".hydra").mkdir()
+    (tmp_path / "link.csv").symlink_to(tmp_path / "elsewhere.csv")
+    for model, out in [("model.npz", "model.npz"), ("r", "pts.csv"), ("r", "./pts.csv"), ("r", "r/.hydra/config.yaml"),
+                       ("r", "r/new.csv"), ("r", "link.csv"), ("r", "/dev/null"), ("r", str(tmp_path))]:  # fmt: skip
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        r = run_cli(model, "--file", "pts.csv", "--out", out, module="quadnet.predict", cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not allowed" in r.stderr, (out, r.stderr)
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, out
+    r = run_cli("r", "--file", "pts.csv", "--out", "preds.csv", module="quadnet.predict", cwd=tmp_path)
+    assert r.returncode == 0 and (tmp_path / "preds.csv").read_text().startswith("x,y,predicted,p(1)"), r.stderr
+
+
+def test_features_too_big_to_standardize_are_refused_in_one_line(tmp_path):
+    (tmp_path / "big.csv").write_text("a,b,label\n1e308,1,x\n-1e308,2,y\n0,3,x\n5,4,y\n1,1,x\n2,2,y\n")
+    r = run_cli("data=csv", f"data.path={tmp_path / 'big.csv'}", "epochs=2", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == "error: 'a' is too big to standardize: data.standardize=false\n"
+    assert not (tmp_path / "outputs").exists()
