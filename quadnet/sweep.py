@@ -48,6 +48,7 @@ CPU_BATCH = 1024  # most jobs in one CPU batch by default (bigger batches cost m
 CUDA_CHUNK = 16384  # most jobs composed at once on CUDA (a batch may hold more, memory permitting)
 BATCH_SAVE_SECONDS = 10.0  # a batch's checkpoints at most this often: saving every job is not free
 ENDED: Counter[str] = Counter()  # how the jobs of this process's launches ended (train.Callbacks' line)
+RECORD: list[tuple[Path, Any]] = []  # multirun.yaml and what it held before this sweep (BatchedLauncher.setup)
 
 
 @dataclasses.dataclass
@@ -399,6 +400,19 @@ class Sweep:
         return console.conclude(summary, single_run=False, exit=False, quiet=self.quiet)
 
 
+def put_back() -> None:
+    """Hydra's record of a refused sweep (multirun.yaml), which the sweeper has rewritten, as it was
+    (see BatchedLauncher.setup); nothing else is touched."""
+    for record, before in RECORD:
+        if before is None:
+            record.unlink(missing_ok=True)
+        else:
+            record.write_bytes(before[0])
+            os.utime(record, ns=before[1])
+        rundir.release(record.parent)  # (the dirs its lock made, if empty)
+    RECORD.clear()
+
+
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
     t_start, config = time.perf_counter(), launcher.config
     setup_globals()
@@ -437,15 +451,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 sweep.write(ahead, stop.signal)
         except SweepRefused:  # (before anything is written, but where resume= is swept over)
             sweep.write(training, stop.signal)
-            # Hydra's record of the sweep (multirun.yaml), which the sweeper has just rewritten, is put
-            # back as it was (see BatchedLauncher.setup), and nothing else is touched
-            record, before = launcher.record
-            if before is None:
-                record.unlink(missing_ok=True)
-            else:
-                record.write_bytes(before[0])
-                os.utime(record, ns=before[1])
-            rundir.release(record.parent)  # (the dirs its lock made, if empty)
+            put_back()
             raise
         sweep.write(training, stop.signal)
     if sweep.tracked:

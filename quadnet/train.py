@@ -232,6 +232,8 @@ def main() -> None:
             # Hydra raises a failed job's error once every job has run: the closing line first
             if not isinstance(e, exits.Stopped) and _sweep is not None and (ends := sweep_ends(_multirun)):
                 console.closing_line(ends, _sweep)
+            elif not isinstance(e, exits.Stopped):  # a sweep refused before any job ended: its record as it was
+                sweep.put_back()
             # a run stopped before it trained, or jobs Hydra refused or could not write: the dir it made goes
             for made in filter(None, (_prepared and _prepared.out, _sweep)):
                 rundir.discard(made)

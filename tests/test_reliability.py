@@ -225,3 +225,15 @@ def test_a_numba_that_does_not_import_falls_back_to_torch_in_one_line(tmp_path):
     r = run_cli("epochs=10", "engine=numba", "hydra.run.dir=b", cwd=tmp_path, env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "engine=numba: numba is installed but" in r.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_a_sweep_the_sweeper_refuses_puts_the_sweep_dirs_record_back(tmp_path):
+    """Hydra's sweeper writes multirun.yaml, then checks each job's values: a value it refuses
+    (seed=x) leaves an earlier sweep's record as it was, bytes and times."""
+    sweep = ["-m", "epochs=5", "hydra/launcher=batched", f"hydra.sweep.dir={tmp_path / 'SD'}"]
+    assert run_cli(*sweep, "seed=1,2", cwd=tmp_path).returncode == 0
+    record = tmp_path / "SD" / "multirun.yaml"
+    before = (record.read_bytes(), record.stat().st_mtime_ns)
+    r = run_cli(*sweep, "seed=1,2,x", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == "error: seed='x' is not allowed: must be an integer\n", r.stderr
+    assert (record.read_bytes(), record.stat().st_mtime_ns) == before

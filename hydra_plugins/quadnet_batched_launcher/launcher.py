@@ -26,7 +26,7 @@ class BatchedLauncher(Launcher):
         # before the sweeper writes into the sweep dir (quadnet's callback has taken the dir
         # already; another task's sweep has not): a bad option, resume= in quadnet's sweep, or a
         # dir another sweep holds, is refused in one line; what the sweeper will overwrite is
-        # kept, for a sweep that the launcher refuses (quadnet.sweep.launch)
+        # kept, for a sweep refused after the sweeper wrote it (quadnet.sweep.put_back)
         sweep.check_options(self.options)
         if sweep.batchable(task_function):
             sweep.refuse_resume(config.resume)
@@ -34,7 +34,7 @@ class BatchedLauncher(Launcher):
         rundir.lock(record.parent)
         info = record.stat() if record.is_file() else None
         # multirun.yaml as it was (its bytes and times; None: not there): what a refused sweep puts back
-        self.record = (record, info and (record.read_bytes(), (info.st_atime_ns, info.st_mtime_ns)))
+        sweep.RECORD[:] = [(record, info and (record.read_bytes(), (info.st_atime_ns, info.st_mtime_ns)))]
 
         # The sweeper shares this context: its check of each of quadnet's jobs gets the Composer too.
         if sweep.batchable(task_function) and not isinstance(hydra_context.config_loader, compose.SweepLoader):
