@@ -139,9 +139,8 @@ def read_csv(
         raise ConfigError(f"{where}: give each column its own name")
     label = label or ("label" if "label" in names else names[-1])
     picked = list(features) if features else [n for n in names if n != label]
-    for name in (label, *picked):
-        if name not in names:
-            raise ConfigError(f"{name!r} is not a column: {where}")
+    if missing := [name for name in (label, *picked) if name not in names]:
+        raise ConfigError(f"{missing[0]!r} is not a column: {where}")
     if label in picked:
         raise ConfigError(f"{label!r} is the label: it cannot be a feature too ({where})")
     cols, at = [names.index(n) for n in picked], names.index(label)

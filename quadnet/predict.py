@@ -195,9 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         heads = [*model.features, "predicted", *(f"p({c})" for c in model.classes)]
         lines = [",".join(heads)] + [",".join(map(str, [*r["point"], r["predicted"], *r["probs"]])) for r in rows]
         write_text(Path(args.out), "\n".join(lines) + "\n")
-    accuracy = None
-    if labels:  # (true labels from --file: the accuracy on them)
-        accuracy = float(np.mean([str(r["predicted"]) == t for r, t in zip(rows[-len(labels) :], labels, strict=True)]))
+    hits = [str(r["predicted"]) == t for r, t in zip(rows[-len(labels) :], labels, strict=True)] if labels else []
+    accuracy = float(np.mean(hits)) if hits else None  # (true labels from --file: the accuracy on them)
     if args.json:
         out = {"checkpoint": model.path, "epoch": model.epoch, "accuracy": accuracy, "predictions": rows}
         print(json.dumps(out, indent=2))

@@ -117,8 +117,7 @@ def write(
     with np.errstate(all="ignore"):  # a diverged run's weights are not finite
         probs = softmax(forward(params, data.x_test)[0])
     summary = {"status": job.status, "epoch": job.epoch, "epochs": cfg.epochs, "final_loss": final["loss"]}
-    summary |= {key: final[key] for key in ("test_loss", "train_accuracy", "test_accuracy", "val_loss", "val_accuracy")}
-    summary |= ran
+    summary |= {key: final[key] for key in METRICS[1:]} | ran  # (the train, test and validation figures)
     stopped = signal.Signals(stop_signal).name if job.status == "interrupted" and stop_signal else None
     summary |= {"dtype": cfg.dtype, "run_dir": str(run_dir.resolve()), "signal": stopped}
     summary |= {"versions": artifacts.versions(), "classes": list(data.classes), "data_sha256": data.digest}
