@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from quadnet import checkpoint
+from quadnet import checkpoint, table
 from quadnet.artifacts import prediction_rows, write_text
 from quadnet.checkpoint import CHECKPOINT, CheckpointError
 from quadnet.console import status_of
@@ -83,9 +83,13 @@ class Model:
         return np.array(self.classes)[self.predict_proba(points).argmax(axis=1)]
 
 
-def load(path: str | Path) -> Model:
-    """The model in a run dir or checkpoint file; :class:`CheckpointError` (one line) if unusable."""
-    ck = checkpoint.load(path)
+def load(path: str | Path, job: str | int | None = None) -> Model:
+    """The model in a run dir or checkpoint file, or a job of a sweep's results table (``SWEEP/17``,
+    or the sweep and job: its number or overrides, ``"lr=0.1 seed=2"``); :class:`CheckpointError`
+    (one line) if unusable."""
+    if job is None and not Path(path).exists() and table.tables(Path(path).parent):  # SWEEP/17, a table's job
+        path, job = Path(path).parent, Path(path).name
+    ck = checkpoint.load(path) if job is None else table.load(Path(path), str(job))
     status, params, p = str(ck.get("status")), ck["params"], ck["path"]
     if status == "diverged" or (bad := [k for k, v in params.items() if not np.isfinite(v).all()]):
         weights = f", with non-finite {' '.join(bad)}" if status != "diverged" else ""
@@ -158,12 +162,13 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, ...]], ar
     parser.add_argument("--file", action="append", default=[], help="points, one a line (a header may name columns)")
     parser.add_argument("--out", help="write the predictions to this CSV file (the points, predicted, p(class)...)")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--job", help="a job of the sweep given first, from its results table: its number or overrides")
     parser.error = lambda m: fail(re.sub(r"unrecognized arguments: (\S+).*", r"unknown option \1", m))
     with deferred():  # ' -2,2': a point
         args = parser.parse_intermixed_args([" " + t if re.match(r"-[\d.]", t) else t for t in argv])
     # (numbers that name no file are points, and a bad one is named as such: 1,1,1)
     rest = args.args
-    default = not rest or not Path(rest[0]).exists()
+    default = not rest or not (Path(rest[0]).exists() or table.tables(Path(rest[0]).parent))
     if default and rest and not re.fullmatch(r"[-+\d.,eE\s]+", rest[0]):
         raise InputError(f"{rest[0]!r} is neither a run dir or checkpoint (no such path) nor a point x,y")
     run, point_args = (newest_run(), rest) if default else (Path(rest[0]), rest[1:])
@@ -180,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     taken = out.resolve() in {Path(f).resolve() for f in [*args.file, run]} or inside
     if args.out is not None and (taken or out.is_symlink() or (out.exists() and not out.is_file())):
         raise InputError(f"--out {args.out!r} is not allowed: a new or regular file, not an input, outside runs")
-    model, labels = load(run), []
+    model, labels = load(run, args.job), []
     for f in args.file:
         found, truth = read_points(f, model.features, model.label)
         points, labels = points + found, (labels + truth) if truth is not None and labels is not None else None

@@ -34,7 +34,7 @@ import numpy as np
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import OmegaConf, open_dict
 
-from quadnet import checkpoint, console, exits, loop, rundir, tracking
+from quadnet import artifacts, checkpoint, console, exits, loop, rundir, table, tracking
 from quadnet.config import ConfigError, TrainConfig, check, check_installed, one_line, to_dict, unknown_key, validate
 from quadnet.data import Dataset, make_dataset
 from quadnet.device import gpu_possible
@@ -169,6 +169,20 @@ def check_options(opts: dict[str, Any]) -> None:
         raise ConfigError(f"hydra.launcher.executor={opts['executor']} needs submitit: pip install -e '.[sweep]'")
 
 
+def check_table_only(task: Any, config: Any, callbacks: list[Any]) -> None:
+    """A sweep without job dirs (hydra.launcher.job_dirs=false) keeps Hydra's grammar, sweepers and
+    multirun.yaml; what needs a job's dir is refused, in one line."""
+    dirs = "needs job dirs: drop hydra.launcher.job_dirs=false"
+    if not batchable(task):
+        raise ConfigError(f"hydra.launcher.job_dirs=false is for quadnet's jobs: {task.__name__} {dirs}")
+    if config.hydra.job.chdir:
+        raise ConfigError(f"hydra.job.chdir=true {dirs}")
+    if (subdir := OmegaConf.to_container(config.hydra.sweep)["subdir"]) != "${hydra.job.num}":
+        raise ConfigError(f"hydra.sweep.subdir={subdir} {dirs}")
+    if other := [type(c).__name__ for c in callbacks if not type(c).__module__.startswith("quadnet")]:
+        raise ConfigError(f"the job callback {other[0]} {dirs}")
+
+
 # ---------------------------------------------------------------------- training
 
 
@@ -232,14 +246,15 @@ def _done(batch: list[Job], out: Any, **extra: Any) -> None:
         j.ran |= {"overrides": j.overrides, "batch": {"jobs": len(batch), "seconds": seconds, **extra}}
 
 
-def train_here(groups: list[list[Job]], max_batch: int, stop: Callable[[], bool], quiet: bool) -> None:
+def train_here(groups: list[list[Job]], max_batch: int, stop: Callable[[], bool], quiet: bool, dirs: bool) -> None:
     """Each batch in this process; a batch that fails is split until the failing job fails alone."""
     todo = _batches(groups, max_batch)
     for batch in todo:  # (a batch split in two is appended: its halves train in this loop too)
         starts = [dataclasses.replace(j.start, history=list(j.start.history), name=str(j.dir)) for j in batch]  # type: ignore
         try:
             data = batch[0].data
-            _done(batch, loop.train_batch(starts, data, batch[0].cfg.device, stop, _saver(data), quiet))  # type: ignore
+            save = _saver(data) if dirs else None  # (a sweep without job dirs keeps no checkpoints)
+            _done(batch, loop.train_batch(starts, data, batch[0].cfg.device, stop, save, quiet))  # type: ignore
         except Exception as e:
             if len(batch) > 1:
                 todo += [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
@@ -293,6 +308,7 @@ class Sweep:
         self.quiet_training = len(job_overrides) > self.chunk  # a chunk's progress is a line, not a bar
         self.datasets: dict[str, Dataset] = {}  # each data config's (its repr), made once
         self.tracked = False  # a job logged to MLflow: the sweep's run ends with the sweep
+        self.dirs = bool(self.opts["job_dirs"])  # else the table alone (quadnet.table)
 
     def hydra_config(self, idx: int, overrides: list[str]) -> Any:
         """Job idx composed by Hydra, with what Hydra's launchers set (its id and number) and what its
@@ -326,6 +342,11 @@ class Sweep:
                 self.datasets[data] = make_dataset(job.cfg.data)
             job.data = self.datasets[data]
             job.cfg = dataclasses.replace(job.cfg, data=job.data.config, plots=job.cfg.plots and self.opts["plots"])
+            if not self.dirs:  # (each job afresh: a chunk that ended is in the table, and not composed again)
+                if job.cfg.logger != "none":
+                    raise ConfigError(f"logger={job.cfg.logger} needs job dirs: drop hydra.launcher.job_dirs=false")
+                job.start = loop.Job(job.cfg, loop.start_state(job.cfg, job.data))
+                return job
             if rundir.held(job.dir):
                 raise ConfigError(f"another run is writing into {job.dir}: this sweep leaves it alone")
             job.start = resumable(job, job.cfg, job.data)
@@ -344,7 +365,7 @@ class Sweep:
             if j.start is not None and not j.kept:
                 groups[group_key(j)].append(j)
         if self.opts["executor"] is None:
-            train_here(list(groups.values()), self.opts["max_batch"], stop, self.quiet_training)
+            train_here(list(groups.values()), self.opts["max_batch"], stop, self.quiet_training, self.dirs)
         elif groups:
             train_submitit(list(groups.values()), self.opts, self.dir / ".submitit")
         self.seconds["train"] += time.perf_counter() - t0
@@ -358,17 +379,47 @@ class Sweep:
         composed, Hydra's run_job around them (its .hydra/, log and callbacks)."""
         if training is None:
             return
-        jobs, t0 = training.result(), time.perf_counter()  # (in this order: the time to write alone)
+        jobs, t0, objectives = training.result(), time.perf_counter(), []  # (in this order: the time to write alone)
         for j in jobs:
-            task = lambda _, j=j: self._write(j, signum)  # noqa: E731
-            ret = self.run_job(task, j.config) if j.config is not None else self._write_lean(j, task)
-            ok = ret.status == JobStatus.COMPLETED
-            (self.returns.value if ok else self.returns.errors)[j.idx - self.first] = ret._return_value
+            if self.dirs:
+                task = lambda _, j=j: self._write(j, signum)  # noqa: E731
+                ret = self.run_job(task, j.config) if j.config is not None else self._write_lean(j, task)
+                ok, value = ret.status == JobStatus.COMPLETED, ret._return_value
+            else:
+                ok, value = j.result is not None, ConfigError(j.error) if j.result is None else objective(j)
+            (self.returns.value if ok else self.returns.errors)[j.idx - self.first] = value
             self.ended[j.result.status if ok else "failed"] += 1  # type: ignore[union-attr]
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+            objectives.append(value if ok else None)
+        if self.dirs:
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        # the chunk's rows; without job dirs, a chunk a signal cut short is left out (it trains again)
+        if self.dirs or all(j.result is None or j.result.status != "interrupted" for j in jobs):
+            try:
+                table.write_chunk(table.chunk_path(self.dir, jobs[0].idx), jobs, objectives)
+            except OSError as e:  # (with job dirs, the table is a second copy: a note, not the sweep's end)
+                if not self.dirs:
+                    raise
+                log.warning("the results table's chunk of jobs %d-%d not written: %s", jobs[0].idx, jobs[-1].idx, e)
         self.seconds["write"] += time.perf_counter() - t0
         if self.quiet_training:
             log.info("jobs %d-%d of %d written", jobs[0].idx, jobs[-1].idx, len(self.overrides))
+
+    def ended_before(self, first: int) -> bool:
+        """Whether the chunk from job first ended in an earlier launch of this sweep, as its table says:
+        its jobs' ends are taken from there, and it is not composed nor trained again."""
+        overrides = [list(o) for o in self.overrides[first : first + self.chunk]]
+        t = table.finished(table.chunk_path(self.dir, self.first + first), self.first + first, overrides)
+        if t is None:
+            return False
+        ends = zip(*(t[k].to_pylist() for k in ("status", "error", "objective")), strict=True)
+        for i, (status, error, value) in enumerate(ends):
+            if status == "failed":
+                self.returns.errors[first + i] = ConfigError(error)
+            else:
+                self.returns.value[first + i] = value
+            self.ended[status] += 1
+        self.counts["completed"] += t.num_rows
+        return True
 
     def _write_lean(self, job: Job, task: Callable[[Any], Any]) -> JobReturn:
         """A job the Composer made: task in its dir, logging to its log when it logs."""
@@ -396,8 +447,17 @@ class Sweep:
             raise ConfigError(job.error or "not trained")
         self.tracked |= job.result.cfg.logger == "mlflow"
         summary = job.kept and completed(job.dir)  # (a kept job's as it is; gone since it was read: written again)
+        job.ran = job.ran or {k: summary.get(k) for k in ("train_seconds", "device", "engine")}  # (for the table)
         summary = summary or rundir.write(job.dir, job.result, job.data, job.ran, signum, self.dir, False)  # type: ignore
         return console.conclude(summary, single_run=False, exit=False, quiet=self.quiet)
+
+
+def objective(j: Job) -> float:
+    """A trained job's objective, as its summary would give it (+inf: not finished with finite values)."""
+    last = j.result.history[-1] if j.result.history else {}  # type: ignore[union-attr]
+    figures = {"status": j.result.status, "final_loss": last.get("loss"), **last}  # type: ignore[union-attr]
+    value = artifacts.summary_metric(figures, j.cfg.objective)  # type: ignore[union-attr]
+    return math.inf if value is None else value
 
 
 def put_back() -> None:
@@ -434,10 +494,12 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     with exits.listening() as stop, ThreadPoolExecutor(1) as trainer:
         training: Future[list[Job]] | None = None
         try:
-            if not rundir.MADE.get(str(sweep.dir.resolve())):  # the dir was there: all checked before any write
+            if sweep.dirs and not rundir.MADE.get(str(sweep.dir.resolve())):  # the dir was there: all checked first
                 [sweep.job(i) for i in range(n)]
             for first in range(0, n, sweep.chunk):  # (a chunk trains in the helper thread as the last one is written)
                 t0 = time.perf_counter()
+                if not sweep.dirs and sweep.ended_before(first):
+                    continue
                 jobs = [sweep.job(i) for i in range(first, min(first + sweep.chunk, n))]
                 sweep.counts.update(
                     "refused" if j.start is None else j.start.status if j.start.epoch else "new" for j in jobs
@@ -445,7 +507,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 sweep.seconds["compose"] += time.perf_counter() - t0
                 if stop():
                     break
-                if not first:
+                if training is None:  # (the first chunk composed)
                     announce()
                 ahead, training = training, trainer.submit(sweep.train, jobs, stop)
                 sweep.write(ahead, stop.signal)

@@ -12,6 +12,9 @@ class BatchedLauncherConf:
     # Most jobs trained in one batched program, and composed at once; 0: 1,024 on the CPU, on CUDA
     # what fits half the free memory. The sweep goes through its jobs in chunks of this size.
     max_batch: int = 0
+    # Write each job's dir (Hydra's layout; its checkpoint, metrics, summary), as well as the sweep's
+    # results table (SWEEP/results/*.parquet). false: the table alone, for sweeps of a million jobs.
+    job_dirs: bool = True
     # Train the batches through submitit instead of in this process: null, local, slurm or
     # debug (the [sweep] extra). Each batch of at most max_batch jobs becomes one submitit job
     # (a SLURM job array), and this process writes the job dirs from what they return.

@@ -28,6 +28,8 @@ class BatchedLauncher(Launcher):
         # dir another sweep holds, is refused in one line; what the sweeper will overwrite is
         # kept, for a sweep refused after the sweeper wrote it (quadnet.sweep.put_back)
         sweep.check_options(self.options)
+        if not self.options["job_dirs"]:
+            sweep.check_table_only(task_function, config, hydra_context.callbacks.callbacks)
         if sweep.batchable(task_function):
             sweep.refuse_resume(config.resume)
         record = Path(str(config.hydra.sweep.dir), "multirun.yaml")

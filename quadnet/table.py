@@ -1,0 +1,138 @@
+"""A sweep's results as one table: a Parquet dataset, ``SWEEP/results/chunk-<first job>.parquet``,
+one file a chunk of jobs, each written atomically (pandas, polars and DuckDB read the folder as
+one table).
+
+A row a job: ``job`` (its number), ``overrides``, one column per swept key (the value as the
+job ran it), ``status``, ``error``, ``epoch``, ``epochs``, the final figures, ``objective``,
+``train_seconds``, ``device``, ``engine``, ``meta`` (the checkpoint's meta, JSON: config,
+classes, features, scaling) and the final parameters ``W1 b1 W2 b2`` (flattened, seed
+layout). A job's metric history is not kept here (its job dir's ``metrics.csv`` has it):
+at a million jobs it would be most of the table. pyarrow is imported only when a table is
+read or written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quadnet import checkpoint
+from quadnet.artifacts import atomic_write
+from quadnet.config import flatten, one_line, to_dict
+from quadnet.engines import METRICS
+from quadnet.model import shapes
+
+RESULTS = "results"
+FIGURES = ("final_loss", *METRICS[1:])
+PARAMS = ("W1", "b1", "W2", "b2")
+
+
+def chunk_path(sweep: Path, first: int) -> Path:
+    return Path(sweep) / RESULTS / f"chunk-{first:09d}.parquet"
+
+
+def write_chunk(path: Path, jobs: list[Any], objectives: list[float | None]) -> None:
+    """The rows of a chunk's jobs (:class:`quadnet.sweep.Job`; those without a result failed) and
+    their objectives, as one Parquet file, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols: dict[str, list[Any]] = {"job": [j.idx for j in jobs], "overrides": [j.overrides for j in jobs]}
+    done = [j.result for j in jobs]
+    last = [r.history[-1] if r is not None and r.history else {} for r in done]
+    cols["status"] = [r.status if r is not None else "failed" for r in done]
+    cols["error"] = [j.error if r is None else None for j, r in zip(jobs, done, strict=True)]
+    cols["epoch"] = [r.epoch if r is not None else None for r in done]
+    cols["epochs"] = [j.cfg.epochs if j.cfg is not None else None for j in jobs]
+    for key in FIGURES:
+        cols[key] = [h.get("loss" if key == "final_loss" else key) for h in last]
+    cols["objective"] = objectives
+    for key in ("train_seconds", "device", "engine"):
+        cols[key] = [j.ran.get(key) for j in jobs]
+    cols["meta"] = [_meta(j) if j.result is not None else None for j in jobs]
+    types = {k: pa.float64() for k in (*FIGURES, "objective", "train_seconds")}
+    types |= {"job": pa.int64(), "epoch": pa.int64(), "epochs": pa.int64(), "overrides": pa.list_(pa.string())}
+    for key in dict.fromkeys(o.split("=", 1)[0].lstrip("+~") for j in jobs for o in j.overrides if "=" in o):
+        if not key.startswith("hydra.") and key not in cols:
+            cols[key] = [flatten(to_dict(j.cfg)).get(key) if j.cfg is not None else None for j in jobs]
+            cols[key] = [v if v is None or isinstance(v, int | float | str) else json.dumps(v) for v in cols[key]]
+    arrays = {k: pa.array(v, type=types.get(k)) for k, v in cols.items()}
+    for name in PARAMS:  # (flattened float64; a failed job's are null)
+        flat = [np.asarray(r.state["params"][name], np.float64).ravel() if r is not None else None for r in done]
+        sizes = np.array([0 if f is None else f.size for f in flat])
+        values = np.concatenate([f for f in flat if f is not None] or [np.zeros(0)])
+        offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
+        mask = pa.array([f is None for f in flat])
+        arrays[name] = pa.ListArray.from_arrays(offsets, pa.array(values), mask=mask)
+    table = pa.table(arrays)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def _meta(job: Any) -> str:
+    r = job.result
+    a = checkpoint.arrays(r.state, epoch=r.epoch, config=to_dict(r.cfg), status=r.status, history=[], data=job.data)
+    return str(a["meta"])
+
+
+def read_chunk(path: Path, columns: list[str] | None = None) -> Any:
+    """A chunk as a pyarrow Table, or None when it is missing, damaged or half-written."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, ValueError, KeyError):  # (pyarrow's: ArrowInvalid is a ValueError, ArrowIOError an OSError)
+        return None
+
+
+def finished(path: Path, first: int, overrides: list[list[str]]) -> Any:
+    """The chunk's table when it holds exactly these jobs (numbers and overrides), each of them ended
+    (none interrupted); else None: the chunk is trained again."""
+    t = read_chunk(path, ["job", "overrides", "status", "error", "objective"])
+    if t is None or t.num_rows != len(overrides):
+        return None
+    if t["job"].to_pylist() != list(range(first, first + len(overrides))) or t["overrides"].to_pylist() != overrides:
+        return None
+    return None if "interrupted" in t["status"].to_pylist() else t
+
+
+def tables(sweep: Path) -> list[Path]:
+    return sorted((Path(sweep) / RESULTS).glob("chunk-*.parquet"))
+
+
+def load(sweep: Path, job: str) -> dict[str, Any]:
+    """A job of a sweep's table, named by its number or by overrides that it alone has (``"lr=0.1
+    seed=2"``, in any order), as :func:`quadnet.checkpoint.load` gives a checkpoint; CheckpointError (one line) else."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    where = f"{str(sweep)!r} job {job}"
+    if not tables(sweep):
+        raise checkpoint.CheckpointError(f"{str(sweep)!r} holds no results table ({RESULTS}/*.parquet)")
+    try:
+        d = ds.dataset(tables(sweep), format="parquet")
+        if job.isdigit():
+            found = d.to_table(filter=pc.field("job") == int(job))
+        else:
+            wanted, t = set(job.split()), d.to_table(columns=["job", "overrides"])
+            rows = [i for i, o in enumerate(t["overrides"].to_pylist()) if wanted <= set(o)]
+            found = d.to_table(filter=pc.field("job").isin([t["job"][i].as_py() for i in rows]))
+    except (OSError, ValueError) as e:
+        raise checkpoint.CheckpointError(f"{where}: its table cannot be read ({one_line(e)})") from None
+    if found.num_rows != 1:
+        many = f"{found.num_rows} jobs match" if found.num_rows else "no such job in its table"
+        raise checkpoint.CheckpointError(f"{where}: {many}; name one by its number or its overrides")
+    row = found.to_pylist()[0]
+    if row["meta"] is None:
+        raise checkpoint.CheckpointError(f"{where} did not train: {row['error']}")
+    meta, cfg = checkpoint._meta(np.array(row["meta"]), where)
+    want = shapes(cfg.hidden_dim, len(meta["classes"]), len(meta["features"]))
+    try:
+        params = {k: np.asarray(row[k], np.float64).reshape(want[k]) for k in PARAMS}
+    except (TypeError, ValueError):
+        raise checkpoint.CheckpointError(f"{where}: its parameters are not of the shapes its config says") from None
+    state = {"params": params, "optimizer": {}, "step": meta["step"]}
+    return {**meta, "state": state, "params": params, "cfg": cfg, "history": [], "path": f"{sweep}/{row['job']}"}
