@@ -45,11 +45,16 @@ def arrays(state: dict[str, Any], *, epoch: int, config: dict, status: str, hist
     out |= {f"optimizer/{n}/{k}": v for n, b in state.get("optimizer", {}).items() for k, v in b.items()}
     rows = [[r.get(f, math.nan) for f in METRIC_FIELDS] for r in history]
     out["history"] = np.array(rows).reshape(-1, len(METRIC_FIELDS))
-    meta = {"format": FORMAT, "epoch": int(epoch), "step": int(state.get("step", epoch)), "status": status}
-    meta |= {"classes": list(data.classes), "data_sha256": data.digest, "config": config}
-    meta |= {"features": list(data.features), "label": data.label}
-    meta |= {k: None if getattr(data, k) is None else getattr(data, k).tolist() for k in ("shift", "scale")}
-    return out | {"meta": np.array(json.dumps(meta))}
+    return out | {"meta": np.array(meta(state, epoch=epoch, config=config, status=status, data=data))}
+
+
+def meta(state: dict[str, Any], *, epoch: int, config: dict, status: str, data: Any) -> str:
+    """A checkpoint's meta, JSON: what a job's weights are (its config, classes, features, scaling)."""
+    m = {"format": FORMAT, "epoch": int(epoch), "step": int(state.get("step", epoch)), "status": status}
+    m |= {"classes": list(data.classes), "data_sha256": data.digest, "config": config}
+    m |= {"features": list(data.features), "label": data.label}
+    m |= {k: None if getattr(data, k) is None else getattr(data, k).tolist() for k in ("shift", "scale")}
+    return json.dumps(m)
 
 
 def of(job: Any, status: str, data: Any) -> dict[str, np.ndarray]:

@@ -63,9 +63,10 @@ def fit(
 ) -> None:
     """Train the jobs in `engine` (all at the same start epoch, sharing checkpoint_every); each logs
     at its own log points. `save(jobs)` is called at each checkpoint; quiet: no progress shown."""
-    epoch, ckpt_every = jobs[0].epoch, jobs[0].cfg.checkpoint_every
+    epoch, ckpt_every = jobs[0].epoch, jobs[0].cfg.checkpoint_every if save else 0
     every = [log_every(j.cfg) for j in jobs]
     frames = [frame_epochs(j.cfg.epochs) if j.cfg.animate else set() for j in jobs]
+    kind = [(every[j], jobs[j].cfg.epochs, jobs[j].cfg.animate) for j in range(len(jobs))]  # (same stops)
 
     def record(final: bool = False) -> None:
         """Metrics at this epoch for jobs at their log points (and frames for animations)."""
@@ -108,7 +109,7 @@ def fit(
         if not engine.rows:
             break
         # 2. every other job to the next point where one of them logs, draws, checkpoints or ends
-        target = min(next_stop(j) for j in engine.rows)
+        target = min(next_stop(j) for j in {kind[j]: j for j in engine.rows}.values())
         done, first = engine.run(target - epoch, stop)
         # 3. a job whose loss went non-finite stops at that epoch
         bad = [r for r, b in enumerate(first) if b >= 0]

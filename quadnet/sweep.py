@@ -296,6 +296,7 @@ class Sweep:
         self.ctx, self.config, self.opts = launcher.hydra_context, launcher.config, launcher.options
         hc = self.config.hydra
         self.dir, self.overrides, self.first = Path(str(hc.sweep.dir)), job_overrides, first
+        self.root = Path(os.path.abspath(self.dir))  # (a job's dir: root / its number)
         # counts: how jobs started; ended: how the jobs written ended
         self.quiet, self.counts, self.seconds, self.ended = len(job_overrides) > CHATTY, Counter(), Counter(), Counter()
         numbered = OmegaConf.to_container(hc.sweep)["subdir"] == "${hydra.job.num}"  # type: ignore[index]
@@ -327,7 +328,7 @@ class Sweep:
         """Job i composed, and where it starts; a bad value fails the job (its error), not the sweep.
         An earlier run in its dir that it cannot go on with refuses the sweep (SweepRefused)."""
         idx, overrides = self.first + i, list(self.overrides[i])
-        job = Job(idx, overrides, Path(os.path.abspath(self.dir / str(idx))))
+        job = Job(idx, overrides, self.root / str(idx))
         try:
             typed = self.composer.typed(overrides) if self.composer is not None else None
             if typed is None:
@@ -341,7 +342,10 @@ class Sweep:
                     self.datasets.clear()
                 self.datasets[data] = make_dataset(job.cfg.data)
             job.data = self.datasets[data]
-            job.cfg = dataclasses.replace(job.cfg, data=job.data.config, plots=job.cfg.plots and self.opts["plots"])
+            # without job dirs a job's history is not kept: its figures at its start and end alone (1/3 of the time)
+            table_only = {"log_every": max(job.cfg.epochs, 1)} if not self.dirs else {}
+            plots = job.cfg.plots and self.opts["plots"]
+            job.cfg = dataclasses.replace(job.cfg, data=job.data.config, plots=plots, **table_only)
             if not self.dirs:  # (each job afresh: a chunk that ended is in the table, and not composed again)
                 if job.cfg.logger != "none":
                     raise ConfigError(f"logger={job.cfg.logger} needs job dirs: drop hydra.launcher.job_dirs=false")

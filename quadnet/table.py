@@ -52,13 +52,18 @@ def write_chunk(path: Path, jobs: list[Any], objectives: list[float | None]) -> 
     cols["objective"] = objectives
     for key in ("train_seconds", "device", "engine"):
         cols[key] = [j.ran.get(key) for j in jobs]
-    cols["meta"] = [_meta(j) if j.result is not None else None for j in jobs]
+    configs = [to_dict(j.cfg) if j.cfg is not None else {} for j in jobs]
+    cols["meta"] = [
+        checkpoint.meta(r.state, epoch=r.epoch, config=c, status=r.status, data=j.data) if r is not None else None
+        for j, r, c in zip(jobs, done, configs, strict=True)
+    ]
     types = {k: pa.float64() for k in (*FIGURES, "objective", "train_seconds")}
     types |= {"job": pa.int64(), "epoch": pa.int64(), "epochs": pa.int64(), "overrides": pa.list_(pa.string())}
-    for key in dict.fromkeys(o.split("=", 1)[0].lstrip("+~") for j in jobs for o in j.overrides if "=" in o):
-        if not key.startswith("hydra.") and key not in cols:
-            cols[key] = [flatten(to_dict(j.cfg)).get(key) if j.cfg is not None else None for j in jobs]
-            cols[key] = [v if v is None or isinstance(v, int | float | str) else json.dumps(v) for v in cols[key]]
+    swept = [k for k in dict.fromkeys(o.split("=", 1)[0].lstrip("+~") for j in jobs for o in j.overrides if "=" in o)]
+    flat = [flatten(c) for c in configs] if any("." in k for k in swept) else configs
+    for key in (k for k in swept if not k.startswith("hydra.") and k not in cols):
+        cols[key] = [f.get(key) for f in flat]  # (as the job ran it; not a number or text: JSON)
+        cols[key] = [v if v is None or isinstance(v, int | float | str) else json.dumps(v) for v in cols[key]]
     arrays = {k: pa.array(v, type=types.get(k)) for k, v in cols.items()}
     for name in PARAMS:  # (flattened float64; a failed job's are null)
         flat = [np.asarray(r.state["params"][name], np.float64).ravel() if r is not None else None for r in done]
@@ -69,13 +74,9 @@ def write_chunk(path: Path, jobs: list[Any], objectives: list[float | None]) -> 
         arrays[name] = pa.ListArray.from_arrays(offsets, pa.array(values), mask=mask)
     table = pa.table(arrays)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-
-
-def _meta(job: Any) -> str:
-    r = job.result
-    a = checkpoint.arrays(r.state, epoch=r.epoch, config=to_dict(r.cfg), status=r.status, history=[], data=job.data)
-    return str(a["meta"])
+    # (zstd for the rest; weights hardly compress, and compressing them took most of the time)
+    packed = {k: "none" if k in PARAMS else "zstd" for k in table.column_names}
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression=packed, use_dictionary=False))
 
 
 def read_chunk(path: Path, columns: list[str] | None = None) -> Any:

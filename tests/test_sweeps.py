@@ -302,7 +302,7 @@ def test_the_composers_own_parse_of_key_number_equals_hydras(line):
     from quadnet.compose import Composer
 
     composer = Composer(None, None)
-    (ours,), hydra = composer._parse([line]), OverridesParser.create().parse_overrides([line])[0]
+    ((ours, _),), hydra = composer._parse([line]), OverridesParser.create().parse_overrides([line])[0]
     assert ours == hydra and type(ours.value()) is type(hydra.value())
 
 

@@ -210,9 +210,11 @@ class NumbaEngine:
         # jobs' parameters as columns of rows (rows, J), in the order model.padded flattens them
         cols = lambda ps: np.concatenate([t.reshape(len(ps), -1) for t in model.padded(ps, self.h_dim)], 1).T  # noqa: E731
         # the kernel's m and v: zeros where the rule keeps fewer buffers
-        saved = [cols(b) for b in saved_buffers(starts, (*self.buffers, "m", "v")[:2]).values()]
+        params = cols([s["params"] for s in starts])
+        saved = [cols(b) for b in saved_buffers(starts, self.buffers).values()]
+        saved += [np.zeros_like(params)] * (2 - len(saved))  # (no per-job zeros for buffers the rule lacks)
         hyp = np.array([[float(getattr(c, k)) for c in self.cfgs] for k in HYPER_ROWS])
-        self._pack(cols([s["params"] for s in starts]), *saved, hyp)
+        self._pack(params, *saved, hyp)
         try:  # compiled or loaded now, before the clock starts
             self._warm_up()
         except Exception as e:  # a damaged cache (a killed writer, a disk error): dropped, and compiled afresh
@@ -267,7 +269,10 @@ class NumbaEngine:
 
     def export(self, rows: list[int]) -> list[dict[str, Any]]:
         """Jobs at `rows`: their parameters and optimizer buffers, unpadded, float64."""
-        hd, nc, cols = self.h_dim, self.n_cls, [self._columns(a) for a in (self.blocks, self.m, self.v)]
+        if not rows:  # (asked at every log point, for the frames of an animation: most have none)
+            return []
+        kept = (self.blocks, self.m, self.v)[: 1 + len(self.buffers)]  # (the parameters, and the rule's buffers)
+        hd, nc, cols = self.h_dim, self.n_cls, [self._columns(a) for a in kept]
         jobs = [[from_rows(c[:, r], hd, self.cfgs[self.rows[r]].hidden_dim, nc) for c in cols] for r in rows]
         return [{"params": p, "optimizer": dict(zip(self.buffers, b, strict=False)), "step": self.t} for p, *b in jobs]
 
