@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from quadnet import table
 from quadnet.artifacts import summary_metric, write_text
 from quadnet.checkpoint import CHECKPOINT
 from quadnet.exits import ArgumentParser, command, fail
@@ -102,11 +103,16 @@ def read_jobs(sweep: Path, metric: str) -> list[dict[str, Any]]:
     """The sweep's jobs, best first by metric (those without it, not completed, last; else in the dirs' order)."""
     if (sweep / "summary.json").exists():
         fail(f"{str(sweep)!r} is a single run, not a sweep; its results are in its summary.json")
+    sign = 1 if METRICS[metric] else -1
+    if table.tables(sweep):  # (the sweep's results table; a sweep of quadnet 0.5 and earlier: its job dirs)
+        rows, damaged = table.rows(sweep)
+        rows += [{"job": name, "overrides": "", "params": {}, "status": "damaged", "error": "chunk cannot be read",
+                  **dict.fromkeys(FIGURES)} for name in damaged]  # fmt: skip
+        return sorted(rows, key=lambda r: math.inf if (v := summary_metric(r, metric)) is None else sign * v)
     marks = ("summary.json", ".hydra", CHECKPOINT)  # (a job that never finished has its checkpoint or Hydra's record)
     if not (dirs := [p for p in sweep.iterdir() if p.is_dir() and any((p / m).exists() for m in marks)]):
         fail(f"{str(sweep)!r} holds no job dirs (no */summary.json)")
     rows = [read_job(d) for d in sorted(dirs, key=lambda p: (len(p.name), p.name))]
-    sign = 1 if METRICS[metric] else -1
     return sorted(rows, key=lambda r: math.inf if (v := summary_metric(r, metric)) is None else sign * v)
 
 

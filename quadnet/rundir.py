@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from quadnet import artifacts, checkpoint, exits, plots, tracking
+from quadnet import artifacts, checkpoint, exits, plots, table, tracking
 from quadnet.config import ConfigError, to_dict
 from quadnet.data import Dataset
 from quadnet.engines import METRICS
@@ -66,7 +66,8 @@ def discard(folder: Path) -> None:
     """A run's or sweep's dir that its lock made and that holds no training (Hydra's record alone: a
     run stopped before it trained, a sweep whose jobs Hydra refused) goes, with the dirs above it
     that the lock made."""
-    trained = any(folder.rglob(checkpoint.CHECKPOINT)) or any(folder.rglob("summary.json"))
+    trained = any(folder.glob(f"{table.RESULTS}/*.parquet")) or any(folder.rglob(checkpoint.CHECKPOINT))
+    trained = trained or any(folder.rglob("summary.json"))
     if folder.resolve() in MADE.get(str(folder.resolve()), []) and not trained:
         shutil.rmtree(folder, ignore_errors=True)
         release(folder)

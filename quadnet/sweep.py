@@ -246,7 +246,9 @@ def _done(batch: list[Job], out: Any, **extra: Any) -> None:
         j.ran |= {"overrides": j.overrides, "batch": {"jobs": len(batch), "seconds": seconds, **extra}}
 
 
-def train_here(groups: list[list[Job]], max_batch: int, stop: Callable[[], bool], quiet: bool, dirs: bool) -> None:
+def train_here(
+    groups: list[list[Job]], max_batch: int, stop: Callable[[], bool], quiet: bool, dirs: bool = True
+) -> None:
     """Each batch in this process; a batch that fails is split until the failing job fails alone."""
     todo = _batches(groups, max_batch)
     for batch in todo:  # (a batch split in two is appended: its halves train in this loop too)

@@ -48,7 +48,8 @@ def write_chunk(path: Path, jobs: list[Any], objectives: list[float | None]) -> 
     cols["epoch"] = [r.epoch if r is not None else None for r in done]
     cols["epochs"] = [j.cfg.epochs if j.cfg is not None else None for j in jobs]
     for key in FIGURES:
-        cols[key] = [h.get("loss" if key == "final_loss" else key) for h in last]
+        values = [h.get("loss" if key == "final_loss" else key) for h in last]
+        cols[key] = [None if v is None or v != v else v for v in values]  # (NaN: none, as summary.json has it)
     cols["objective"] = objectives
     for key in ("train_seconds", "device", "engine"):
         cols[key] = [j.ran.get(key) for j in jobs]
@@ -102,6 +103,27 @@ def finished(path: Path, first: int, overrides: list[list[str]]) -> Any:
 
 def tables(sweep: Path) -> list[Path]:
     return sorted((Path(sweep) / RESULTS).glob("chunk-*.parquet"))
+
+
+FIXED = {"job", "overrides", "status", "error", "epoch", "epochs", *FIGURES, "objective", "train_seconds", "device",
+         "engine", "meta", *PARAMS}  # fmt: skip
+
+
+def rows(sweep: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every job in the sweep's table, without its weights and meta: a dict a job, its swept values
+    under ``params``; and the chunks that could not be read (their jobs are missing)."""
+    import pyarrow as pa
+
+    read = {p: read_chunk(p) for p in tables(sweep)}
+    t = pa.concat_tables([t.drop_columns([c for c in ("meta", *PARAMS) if c in t.column_names])
+                          for t in read.values() if t is not None], promote_options="permissive")  # fmt: skip
+    swept = [c for c in t.column_names if c not in FIXED]
+    columns = {c: t[c].to_pylist() for c in t.column_names}
+    out = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    for r in out:
+        r["params"] = {k: r.pop(k) for k in swept if r[k] is not None}
+        r["overrides"] = " ".join(r["overrides"])
+    return out, [p.name for p, t in read.items() if t is None]
 
 
 def load(sweep: Path, job: str) -> dict[str, Any]:
