@@ -171,7 +171,9 @@ class Callbacks(Callback):
         global _sweep, _multirun
         _sweep, _multirun = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir), config
         # (the basic launcher's line a job, "#0 : seed=1": the job's own line names its overrides)
-        logging.getLogger("hydra._internal.core_plugins.basic_launcher").addFilter(lambda r: not str(r.msg).startswith("\t#"))
+        logging.getLogger("hydra._internal.core_plugins.basic_launcher").addFilter(
+            lambda r: not str(r.msg).startswith("\t#")
+        )
         try:  # (the batched launcher's options and resume= are checked in its setup, before any write)
             rundir.lock(_sweep, "sweep", outer=True, shown=str(config.hydra.sweep.dir))
         except (ValueError, OSError, *HYDRA_ERRORS) as e:
@@ -208,30 +210,30 @@ def task(cfg: DictConfig) -> float:
         if checkpoint.in_dir(out) is None:  # an earlier run's dir stays as it was
             rundir.write_failed(out, e, overrides=overrides)
         raise
-    # one line a job on the console (the first of how it ended, and warnings: the command that goes on after an
-    # interruption); its header, progress lines, run dir and divergence advice go to its train.log only
-    shown = [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]  # (not train.log's)
-    first, keep = _FirstLine(), {h: h.formatter for h in shown}
+    # one line a job on the console: how it ended, and warnings (the command that goes on after an interruption);
+    # its header, progress lines, run dir and divergence advice go to its train.log only (Hydra configures each
+    # job's logging afresh: this lasts the job)
+    for h in logging.getLogger().handlers:
+        if type(h) is logging.StreamHandler:  # (not train.log's FileHandler)
+            h.addFilter(_FIRST_LINE)
+            h.setFormatter(_FIRST_LINE)
     try:  # (train holds the dir)
-        for h in shown:
-            h.addFilter(first)
-            h.setFormatter(first)
         return console.conclude(train(p), single_run=False, sweep=_sweep)
     finally:
         rundir.unlock(out)
-        for h in shown:
-            h.removeFilter(first)
-            h.setFormatter(keep[h])
 
 
 class _FirstLine(logging.Formatter):
-    """A sweep job's console: how it ended (console.headline's first line) and warnings, nothing else."""
+    """A sweep job's console: the first line of console.headline's record (how the job ended) and warnings."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.funcName == "headline" or record.levelno == logging.WARNING
 
     def format(self, record: logging.LogRecord) -> str:
         return super().format(record).split("\n")[0] if record.funcName == "headline" else super().format(record)
+
+
+_FIRST_LINE = _FirstLine()
 
 
 def main() -> None:
