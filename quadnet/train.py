@@ -170,10 +170,6 @@ class Callbacks(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _sweep, _multirun
         _sweep, _multirun = Path(config.hydra.runtime.cwd, config.hydra.sweep.dir), config
-        # (the basic launcher's line a job, "#0 : seed=1": the job's own line names its overrides)
-        logging.getLogger("hydra._internal.core_plugins.basic_launcher").addFilter(
-            lambda r: not str(r.msg).startswith("\t#")
-        )
         try:  # (the batched launcher's options and resume= are checked in its setup, before any write)
             rundir.lock(_sweep, "sweep", outer=True, shown=str(config.hydra.sweep.dir))
         except (ValueError, OSError, *HYDRA_ERRORS) as e:
