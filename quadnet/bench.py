@@ -94,25 +94,23 @@ _PHASES = re.compile(r"composed \d+ jobs in (\S+) s, trained in (\S+) s, wrote t
 Timing = tuple[float, str, int, int]  # a sweep's seconds, output, peak memory and completed jobs
 
 
-def _sweep(
-    n: int, launcher: str, sweep_dir: Path, extra: list[str], limit: float = 0, grid: int = 1, **env: str
-) -> Timing:
-    """A sweep of n seeds times `grid` settings of the keys extra sweeps, as a subprocess (env: variables added
-    to its environment), stopped by SIGTERM after `limit` seconds if not 0: its seconds, its output, its peak
+def _sweep(n: int, launcher: str, out: Path, extra: list[str], limit: float = 0, grid: int = 1, **env: str) -> Timing:
+    """A sweep of n seeds times `grid` settings of the keys extra sweeps, into out, as a subprocess (env: variables
+    added to its environment), stopped by SIGTERM after `limit` seconds if not 0: its seconds, its output, its peak
     memory (bytes: the largest resident set of the process and every process it waited for, as the kernel counts
     it) and its completed jobs (all of them unless stopped)."""
     overrides = [f"seed=range({n})", f"hydra/launcher={launcher}", *extra]
-    cmd = [sys.executable, "-m", "quadnet.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    cmd = [sys.executable, "-m", "quadnet.train", "-m", *overrides, f"hydra.sweep.dir={out}"]
     env, t0 = os.environ | env, time.perf_counter()
     with tempfile.NamedTemporaryFile("w") as log:
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=sweep_dir.parent, env=env)
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=out.parent, env=env)
         stopper = threading.Timer(limit or threading.TIMEOUT_MAX, p.terminate)  # (0: no limit)
         stopper.start()
         _, status, usage = os.wait4(p.pid, 0)
         stopper.cancel()
         seconds, p.returncode = time.perf_counter() - t0, os.waitstatus_to_exitcode(status)
         output = Path(log.name).read_text()  # (what the sweep wrote, through its own file descriptor)
-    done = sum(json.loads(s.read_text())["status"] == "completed" for s in sweep_dir.glob("*/summary.json"))
+    done = sum(json.loads(s.read_text())["status"] == "completed" for s in out.glob("*/summary.json"))
     if not (limit and seconds >= limit) and (p.returncode != 0 or done != n * grid):
         fail(f"the {launcher} sweep completed {done} of {n * grid} jobs: {output.strip().splitlines()[-1:]}", 1)
     return seconds, output, usage.ru_maxrss * 1024, done
