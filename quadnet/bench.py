@@ -1,4 +1,4 @@
-"""``python -m quadnet.bench {step,sweep} [--json]``: speed, measured side by side.
+"""``python -m quadnet.bench {step,sweep,sklearn} [--json]``: speed, measured side by side.
 
 step     one batch of J default jobs, one thread, in ms per job per 10,000 steps: the numba engine,
          the torch fused step and autograd (one backward of the summed losses, torch.optim.SGD), the
@@ -11,6 +11,11 @@ sweep    the same sweep under Hydra's basic launcher and the batched launcher, e
          logger=mlflow (a SQLite store) and prints what the logging costs; ``--seconds N`` stops the
          batched sweep after N s and prints the jobs it completed, their rate once launched and the
          time all would take: the sweep's start-up, then every job at that rate (projected_s).
+sklearn  a GridSearchCV-sized grid (hidden_dim × lr × ``--seeds``) on one of scikit-learn's tables, as one
+         batched quadnet sweep (the command, as a user runs it) and as ``GridSearchCV`` over ``MLPClassifier``
+         on the same standardized splits (fit on the training rows, selected on the validation rows by
+         accuracy, scored on the test rows), one thread each: their times, the ratio and the best config's
+         test accuracy. Needs scikit-learn (``pip install scikit-learn``), which quadnet does not.
 """
 
 import argparse
@@ -26,9 +31,12 @@ import tempfile
 import threading
 import time
 import timeit
+import warnings
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from quadnet.exits import ArgumentParser, command, fail
 
@@ -86,25 +94,25 @@ _PHASES = re.compile(r"composed \d+ jobs in (\S+) s, trained in (\S+) s, wrote t
 Timing = tuple[float, str, int, int]  # a sweep's seconds, output, peak memory and completed jobs
 
 
-def _sweep(n: int, launcher: str, sweep_dir: Path, extra: list[str], limit: float = 0, **env: str) -> Timing:
-    """A sweep of n jobs as a subprocess (env: variables added to its environment), stopped by SIGTERM after
-    `limit` seconds if not 0: its seconds, its output, its peak memory (bytes: the largest resident set of
-    the process and every process it waited for, as the kernel counts it) and its completed jobs (all n
-    unless stopped)."""
+def _sweep(n: int, launcher: str, out: Path, extra: list[str], limit: float = 0, grid: int = 1, **env: str) -> Timing:
+    """A sweep of n seeds times `grid` settings of the keys extra sweeps, into out, as a subprocess (env: variables
+    added to its environment), stopped by SIGTERM after `limit` seconds if not 0: its seconds, its output, its peak
+    memory (bytes: the largest resident set of the process and every process it waited for, as the kernel counts
+    it) and its completed jobs (all of them unless stopped)."""
     overrides = [f"seed=range({n})", f"hydra/launcher={launcher}", *extra]
-    cmd = [sys.executable, "-m", "quadnet.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    cmd = [sys.executable, "-m", "quadnet.train", "-m", *overrides, f"hydra.sweep.dir={out}"]
     env, t0 = os.environ | env, time.perf_counter()
     with tempfile.NamedTemporaryFile("w") as log:
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=sweep_dir.parent, env=env)
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=out.parent, env=env)
         stopper = threading.Timer(limit or threading.TIMEOUT_MAX, p.terminate)  # (0: no limit)
         stopper.start()
         _, status, usage = os.wait4(p.pid, 0)
         stopper.cancel()
         seconds, p.returncode = time.perf_counter() - t0, os.waitstatus_to_exitcode(status)
         output = Path(log.name).read_text()  # (what the sweep wrote, through its own file descriptor)
-    done = sum(json.loads(s.read_text())["status"] == "completed" for s in sweep_dir.glob("*/summary.json"))
-    if not (limit and seconds >= limit) and (p.returncode != 0 or done != n):
-        fail(f"the {launcher} sweep completed {done} of {n} jobs: {output.strip().splitlines()[-1:]}", 1)
+    done = sum(json.loads(s.read_text())["status"] == "completed" for s in out.glob("*/summary.json"))
+    if not (limit and seconds >= limit) and (p.returncode != 0 or done != n * grid):
+        fail(f"the {launcher} sweep completed {done} of {n * grid} jobs: {output.strip().splitlines()[-1:]}", 1)
     return seconds, output, usage.ru_maxrss * 1024, done
 
 
@@ -141,6 +149,47 @@ def bench_sweep(a: argparse.Namespace) -> list[dict[str, Any]]:
     return [row | ({"mlflow_s": tm, "mlflow_cost": tm / tb} if a.mlflow else {})]
 
 
+GRID = {"hidden_dim": (10, 50, 100), "lr": (0.001, 0.01)}  # bench sklearn's, with --seeds seeds
+
+
+def bench_sklearn(a: argparse.Namespace) -> list[dict[str, Any]]:
+    try:
+        from sklearn import datasets, model_selection, neural_network
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        fail("bench sklearn needs scikit-learn, which quadnet does not install: pip install scikit-learn")
+    from quadnet.config import DataConfig
+    from quadnet.data import make_dataset
+
+    x, y = getattr(datasets, f"load_{a.table}")(return_X_y=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        table, sweep_dir, columns = Path(tmp, "table.csv"), Path(tmp, "sweep"), [f"x{i}" for i in range(x.shape[1])]
+        np.savetxt(table, np.column_stack([x, y]), "%.17g", ",", header=",".join([*columns, "label"]), comments="")
+        extra = [f"{k}={','.join(map(str, v))}" for k, v in GRID.items()] + ["data=csv", f"data.path={table}"]
+        extra += ["optimizer=adam", f"epochs={a.epochs}", "threads=1", "plots=false"]
+        tq, output, _, n = _sweep(a.seeds, "batched", sweep_dir, extra, grid=6)
+        jobs = [json.loads(s.read_text()) for s in sweep_dir.glob("*/summary.json")]
+        d = make_dataset(DataConfig(name="csv", path=str(table)))  # (the splits the sweep's jobs had)
+    best = max(jobs, key=lambda s: (s["val_accuracy"], -s["val_loss"]))  # (as GridSearchCV ranks; ties: by loss)
+    mlp = neural_network.MLPClassifier(max_iter=a.epochs)
+    values = {"hidden_layer_sizes": [(h,) for h in GRID["hidden_dim"]], "learning_rate_init": GRID["lr"]}
+    cv = model_selection.PredefinedSplit([-1] * len(d.x_train) + [0] * len(d.x_val))  # (-1: fit on; 0: selected on)
+    search = model_selection.GridSearchCV(mlp, values | {"random_state": range(a.seeds)}, cv=cv, refit=False)
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (MLPClassifier's ConvergenceWarning: max_iter is what was asked for)
+        ts = timeit.timeit(lambda: search.fit(np.r_[d.x_train, d.x_val], np.r_[d.y_train, d.y_val]), number=1)
+        refit = mlp.set_params(**search.best_params_).fit(d.x_train, d.y_train)  # (on the training rows alone)
+    p, found = search.best_params_, _PHASES.findall(output)
+    ours = " ".join(f"{k}={best['config'][k]}" for k in ["seed", *GRID])
+    theirs = f"seed={p['random_state']} hidden_dim={p['hidden_layer_sizes'][0]} lr={p['learning_rate_init']}"
+    keys = ["search", "configs", "seconds", "train_s", "best", "epochs", "val_acc", "test_acc"]
+    rows = [["quadnet batched sweep", n, tq, float(found[-1][1]) if found else math.nan, ours, a.epochs]]
+    rows += [["sklearn GridSearchCV", n, ts, ts, theirs, refit.n_iter_]]  # (its epochs: it stops when its loss stalls)
+    rows[0] += [best["val_accuracy"], best["test_accuracy"]]
+    rows[1] += [search.best_score_, refit.score(d.x_test, d.y_test)]
+    return [dict(zip(keys, r, strict=True)) | {"x_quadnet": r[2] / tq} for r in rows]
+
+
 @command()
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m quadnet.bench", description=__doc__.split("\n\n")[0].replace("``", ""))
@@ -158,18 +207,25 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("--busy", type=int, default=0, help="CPU-bound processes to run beside it")
     sweep.add_argument("--mlflow", action="store_true", help="also the batched sweep with logger=mlflow")
     sweep.add_argument("--seconds", type=int, default=0, help="stop the batched sweep after this: its rate, projected")
-    parser.set_defaults(repeat=1, epochs=1, sample=1, busy=0, seconds=0)  # (what the other subcommand does not take)
+    sk = sub.add_parser("sklearn", help="a batched sweep against scikit-learn's GridSearchCV", parents=[common])
+    sk.add_argument("--table", default="breast_cancer", choices=["iris", "wine", "breast_cancer", "digits"])
+    sk.add_argument("--seeds", type=int, default=4, help="seeds of each hidden_dim and lr (default 4: 24 configs)")
+    sk.add_argument("--epochs", type=int, default=2000, help="epochs= and max_iter= of every config (default 2000)")
+    # (what the other subcommands do not take)
+    parser.set_defaults(repeat=1, epochs=1, sample=1, busy=0, seconds=0, jobs="1", seeds=1)
     args = parser.parse_args(argv)
     sizes = [int(j) if j.strip().isdigit() else 0 for j in str(args.jobs).split(",")]  # sweep: one
-    if min(*sizes, args.repeat, args.epochs, args.sample) < 1 or min(args.busy, args.seconds) < 0:
-        parser.error("--repeat, --epochs, --jobs and --sample must be whole numbers >= 1; --busy, --seconds >= 0")
+    if min(*sizes, args.repeat, args.epochs, args.sample, args.seeds) < 1 or min(args.busy, args.seconds) < 0:
+        parser.error("--repeat, --epochs, --jobs, --sample, --seeds must be whole numbers >= 1; --busy, --seconds >= 0")
     if args.what == "step" and max(sizes) > 16384:  # (sweep.CUDA_CHUNK: the most jobs a sweep composes at once)
         parser.error(f"--jobs {max(sizes)} is not allowed: bench step takes batches of up to 16384 jobs")
-    rows = bench_step(sizes, args.repeat) if args.what == "step" else bench_sweep(args)
+    bench = {"step": lambda a: bench_step(sizes, a.repeat), "sweep": bench_sweep, "sklearn": bench_sklearn}
+    rows = bench[args.what](args)
     if args.json:
         print(json.dumps({"benchmark": args.what, "machine": machine(), "rows": rows}, indent=2))
         return
     units = {"step": "ms per job per 10,000 steps; _x_limit: times the arithmetic limit", "sweep": "s, jobs/s, MB"}
+    units["sklearn"] = f"s (quadnet: its command, train_s its training; one thread each), {args.table}'s test accuracy"
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()), f"units: {units[args.what]}", sep="\n")
     # the rows as an aligned table, a column a key ("-" where a row has none), numbers right-aligned
     keys = list(dict.fromkeys(k for r in rows for k in r))

@@ -37,7 +37,6 @@ METRICS = {"val_loss": True, "val_error": True, "test_loss": True, "test_error":
            "val_accuracy": False, "test_accuracy": False, "train_accuracy": False}  # fmt: skip
 FIGURES = ["final_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy", "epoch",
            "train_seconds"]  # fmt: skip
-HEADS = ["final loss", "val loss", "test loss", "train acc", "val acc", "test acc", "epoch", "train s"]
 # a numeric parameter with more distinct values than this (and than half the jobs) is drawn as a scatter
 CONTINUOUS = 12
 
@@ -235,11 +234,11 @@ def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int |
     keys = swept_params(rows) or list(dict.fromkeys(k for r in rows for k in r["params"]))  # what tells them apart
     shown = {id(r): show(" ".join(f"{k}={show(r['params'][k])}" for k in keys if k in r["params"])) for r in rows}
     width, sw = max(9, *map(len, shown.values())), max(6, *(len(show(r["status"])) for r in rows))
-    heads = dict(zip(FIGURES, HEADS, strict=True))
     columns = [*FIGURES[:6], *[metric] * metric.endswith("_error"), *FIGURES[6:]]  # (an error: if sorted by it)
+    heads = [f.replace("_accuracy", " acc").replace("_seconds", " s").replace("_", " ") for f in columns]
     top = top or (len(rows) if len(rows) <= 100 else 20)
     print(f"sweep {sweep}: {len(rows)} jobs, sorted by {metric}")
-    print(f"{'job':>5}  {'swept':<{width}}  {'status':<{sw}}  " + " ".join(f"{heads.get(f, f):>10}" for f in columns))
+    print(f"{'job':>5}  {'swept':<{width}}  {'status':<{sw}}  " + " ".join(f"{h:>10}" for h in heads))
     for r in rows[:top]:
         values = [show(summary_metric(r, f) if f.endswith("_error") else r[f], "accuracy" in f) for f in columns]
         cells = f"{show(r['job']):>5}  {shown[id(r)]:<{width}}  {show(r['status']):<{sw}}  "

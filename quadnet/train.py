@@ -206,10 +206,30 @@ def task(cfg: DictConfig) -> float:
         if checkpoint.in_dir(out) is None:  # an earlier run's dir stays as it was
             rundir.write_failed(out, e, overrides=overrides)
         raise
+    # one line a job on the console: how it ended, and warnings (the command that goes on after an interruption);
+    # its header, progress lines, run dir and divergence advice go to its train.log only (Hydra configures each
+    # job's logging afresh: this lasts the job)
+    for h in logging.getLogger().handlers:
+        if type(h) is logging.StreamHandler:  # (not train.log's FileHandler)
+            h.addFilter(_FIRST_LINE)
+            h.setFormatter(_FIRST_LINE)
     try:  # (train holds the dir)
         return console.conclude(train(p), single_run=False, sweep=_sweep)
     finally:
         rundir.unlock(out)
+
+
+class _FirstLine(logging.Formatter):
+    """A sweep job's console: the first line of console.headline's record (how the job ended) and warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName == "headline" or record.levelno == logging.WARNING
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).split("\n")[0] if record.funcName == "headline" else super().format(record)
+
+
+_FIRST_LINE = _FirstLine()
 
 
 def main() -> None:

@@ -309,3 +309,15 @@ def test_a_signal_between_a_basic_sweeps_jobs_is_one_line_with_the_command_that_
     assert err.startswith("error: interrupted: stopped at once (what was written so far is kept); go on with")
     assert err.strip().endswith(f"-m seed=0,1 epochs=5 hydra/launcher=batched hydra.sweep.dir={tmp_path / 's'}")
     assert (tmp_path / "s" / "0" / "summary.json").exists()
+
+
+def test_a_basic_launcher_sweep_prints_one_line_a_job_and_logs_the_rest(tmp_path):
+    r = run_cli("-m", "lr=0.01,5000", "epochs=100", "hydra.sweep.dir=s", cwd=tmp_path)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and r.stderr == "" and len(lines) == 3, r.stdout  # (no "#1 : lr=5000 epochs=100")
+    assert lines[0].startswith("[lr=0.01 epochs=100] status completed at epoch 100/100   train accuracy")
+    assert lines[1].startswith("[lr=5000 epochs=100] status diverged at epoch ")
+    assert "2 jobs: 1 completed, 1 diverged; report:" in lines[2]
+    first, second = ((tmp_path / "s" / job / "train.log").read_text() for job in "01")
+    assert "quadnet: seed data" in first and "epoch 100/100  loss" in first and "run dir:" in first
+    assert "diverged: the loss became non-finite" in second

@@ -233,7 +233,10 @@ def test_crosscheck_judges_divergence_by_its_epoch_and_resumes_from_a_checkpoint
     assert code == 0 and "python -m quadnet.crosscheck [overrides]" in out and "``" not in out
 
 
-@pytest.mark.parametrize("args", [["step", "--jobs", "abc"], ["step", "--jobs", "0,8"], ["sweep", "--busy", "-1"]])
+@pytest.mark.parametrize(
+    "args",
+    [["step", "--jobs", "abc"], ["step", "--jobs", "0,8"], ["sweep", "--busy", "-1"], ["sklearn", "--seeds", "0"]],
+)
 def test_bench_refuses_bad_sizes_in_one_line(args, tmp_path):
     r = run_cli(*args, module="quadnet.bench", cwd=tmp_path)
     assert r.returncode == 2 and "must be whole numbers >= 1" in r.stderr and "Traceback" not in r.stderr
@@ -277,3 +280,27 @@ def test_auto_trains_many_classes_and_one_big_job_with_torch():
     assert picks == ["numba", "numba", "torch/fused"]
     big = data(SMALL // (2 + 4) // 50 + 1, 2, 4)
     assert [engine_name(TrainConfig(), "cpu", big, jobs) for jobs in (1, 2)] == ["torch/fused", "numba"]
+
+
+def test_bench_sklearn_times_the_same_grid_as_one_sweep_and_as_grid_search(tmp_path):
+    pytest.importorskip("sklearn")
+    r = run_cli("sklearn", "--table", "iris", "--seeds", "2", "--epochs", "20", module="quadnet.bench", cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    names = ["quadnet batched sweep", "sklearn GridSearchCV"]
+    rows = {n: line.split(n)[1].split() for line in r.stdout.splitlines()[3:] for n in names if n in line}
+    assert list(rows) == names and len(r.stdout.splitlines()) == 5, r.stdout
+    for row in rows.values():  # configs, seconds, train_s, the best (seed, hidden_dim, lr), epochs, val/test acc, ratio
+        assert row[0] == "12" and float(row[1]) > 0 and row[3].startswith("seed=") and 0 <= float(row[-2]) <= 1
+    assert float(rows["quadnet batched sweep"][-1]) == 1 and float(rows["sklearn GridSearchCV"][-1]) > 0
+
+
+def test_bench_sklearn_without_scikit_learn_says_how_to_install_it(capsys, monkeypatch):
+    from quadnet import bench
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # (an import of it raises ImportError)
+    code, out, err = call_main(bench.main, capsys, "sklearn", "--seeds", "1")
+    assert (
+        code == 2
+        and out == ""
+        and err == "error: bench sklearn needs scikit-learn, which quadnet does not install: pip install scikit-learn\n"
+    )
