@@ -8,7 +8,8 @@ step     one batch of J default jobs, one thread, in ms per job per 10,000 steps
 sweep    the same sweep under Hydra's basic launcher and the batched launcher, end to end, with
          the peak memory (resident set) of each; ``--busy N`` runs N CPU-bound processes
          beside both, as on a shared machine; ``--mlflow`` runs the batched sweep again with
-         logger=mlflow (a SQLite store) and prints what the logging costs; ``--seconds N`` stops the
+         logger=mlflow (a SQLite store) and prints what the logging costs; ``--table-only``: the batched
+         sweep writes its results table alone (hydra.launcher.job_dirs=false); ``--seconds N`` stops the
          batched sweep after N s and prints the jobs it completed, their rate once launched and the
          time all would take: the sweep's start-up, then every job at that rate (projected_s).
 sklearn  a GridSearchCV-sized grid (hidden_dim × lr × ``--seeds``) on one of scikit-learn's tables, as one
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from quadnet import table
 from quadnet.exits import ArgumentParser, command, fail
 
 
@@ -110,7 +112,11 @@ def _sweep(n: int, launcher: str, out: Path, extra: list[str], limit: float = 0,
         stopper.cancel()
         seconds, p.returncode = time.perf_counter() - t0, os.waitstatus_to_exitcode(status)
         output = Path(log.name).read_text()  # (what the sweep wrote, through its own file descriptor)
-    done = sum(json.loads(s.read_text())["status"] == "completed" for s in out.glob("*/summary.json"))
+    if table.tables(out):  # (a batched sweep's table; the basic launcher's job dirs)
+        done = table.rows(out)[0]
+        done = sum(r["status"] == "completed" for r in done)
+    else:
+        done = sum(json.loads(s.read_text())["status"] == "completed" for s in out.glob("*/summary.json"))
     if not (limit and seconds >= limit) and (p.returncode != 0 or done != n * grid):
         fail(f"the {launcher} sweep completed {done} of {n * grid} jobs: {output.strip().splitlines()[-1:]}", 1)
     return seconds, output, usage.ru_maxrss * 1024, done
@@ -129,7 +135,8 @@ def bench_sweep(a: argparse.Namespace) -> list[dict[str, Any]]:
         _sweep(1, "batched", d / "warm", extra)  # (caches warm: numba's kernels, the OS's files)
         t1 = _sweep(1, "basic", d / "basic1", extra)[0]
         tk, _, basic_peak, _ = _sweep(sample, "basic", d / "basick", extra)
-        tb, output, peak, done = _sweep(a.jobs, "batched", d / "batched", [*extra, "plots=false"], a.seconds)
+        alone = ["hydra.launcher.job_dirs=false"] * a.table_only
+        tb, output, peak, done = _sweep(a.jobs, "batched", d / "batched", [*extra, "plots=false", *alone], a.seconds)
         if a.mlflow:
             store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}  # (its tables made first, not timed)
             _sweep(1, "batched", d / "store", ["epochs=1", "logger=mlflow"], **store)
@@ -206,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("--device", default="auto", help="device= of every job (default auto)")
     sweep.add_argument("--busy", type=int, default=0, help="CPU-bound processes to run beside it")
     sweep.add_argument("--mlflow", action="store_true", help="also the batched sweep with logger=mlflow")
+    sweep.add_argument("--table-only", action="store_true", help="the batched sweep without job dirs (its table)")
     sweep.add_argument("--seconds", type=int, default=0, help="stop the batched sweep after this: its rate, projected")
     sk = sub.add_parser("sklearn", help="a batched sweep against scikit-learn's GridSearchCV", parents=[common])
     sk.add_argument("--table", default="breast_cancer", choices=["iris", "wine", "breast_cancer", "digits"])
