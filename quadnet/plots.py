@@ -74,28 +74,22 @@ def predict_class(params: Params, x: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(scores).all(axis=1), scores.argmax(axis=1), -1)
 
 
-def _test_accuracy(params: Params, data: Dataset) -> float:
-    keep = data.y_test >= 0
-    return float(np.mean(predict_class(params, data.x_test[keep]) == data.y_test[keep])) if keep.any() else np.nan
-
-
 def plane(data: Dataset) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Where the regions are drawn, in feature space: (origin (D,), directions (2, D), the axes' labels).
     Two features: their plane. More: the plane of the two leading principal components of the training
     points (as the net sees them: standardized where the run is), the other components at their mean."""
     if data.x_train.shape[1] == 2:
-        scaled = " (standardized)" * (data.shift is not None)
-        return np.zeros(2), np.eye(2), [f"{name}{scaled}" for name in data.features]
+        return np.zeros(2), np.eye(2), list(data.features)
     mean = data.x_train.mean(axis=0)
     _, spread, directions = np.linalg.svd(data.x_train - mean, full_matrices=False)
-    share = spread[:2] ** 2 / max((spread**2).sum(), np.finfo(float).tiny)
+    share = spread[:2] ** 2 / (spread**2).sum()  # (NaN for points all alike: a warning the figure silences)
     return mean, directions[:2], [f"PC{i + 1} ({v:.0%} of variance)" for i, v in enumerate(share)]
 
 
-def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Callable[[Params], int], int]:
+def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Callable[[Params], Any], Any]:
     """Draw the regions over :func:`plane` (n × n), the axes lines, the points and the misclassified
     rings; return a function that draws other params' regions and rings (the GIF's frames) and
-    returns how many points it ringed, and how many are ringed now."""
+    returns (how many points it ringed, the test accuracy), and what it returned for params."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -109,55 +103,51 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Calla
     ax.axhline(0, color="k", lw=0.6)
     ax.axvline(0, color="k", lw=0.6)
     size, alpha, ring = (12, 0.6, 30) if len(x) > MANY else (60, 1.0, 200)
-    for points, truth, marker in (
-        (xy[: len(data.x_train)], data.y_train, "o"),
-        (xy[len(data.x_train) :], data.y_test, "^"),
-    ):
+    for points, truth, marker in zip(np.split(xy, [len(data.x_train)]), (data.y_train, data.y_test), "o^", strict=True):
         cols = np.where((truth >= 0)[:, None], full[truth.clip(0)], 0.5)
         ax.scatter(*points.T, c=cols, marker=marker, s=size, alpha=alpha, edgecolors="k", linewidths=0.4)
     rings = ax.scatter([], [], s=ring, facecolors="none", edgecolors=WRONG, linewidths=1.5)
 
-    def draw(params: Params) -> int:
+    def draw(params: Params) -> tuple[int, float]:
         """The pale colour of the predicted class (white where it is undefined), and a ring round each point
         that has a class and is classified wrongly."""
         pred = predict_class(params, grid).reshape(n, n)
         image.set_data(np.where((pred >= 0)[..., None], (0.4 * full + 0.6)[pred.clip(0)], 1.0))
-        rings.set_offsets(xy[(y >= 0) & (predict_class(params, x) != y)].reshape(-1, 2))
-        return len(rings.get_offsets())
+        right, test = predict_class(params, x) == y, (y >= 0) & (np.arange(len(y)) >= len(data.x_train))
+        rings.set_offsets(xy[(y >= 0) & ~right].reshape(-1, 2))
+        return len(rings.get_offsets()), float(right[test].mean()) if test.any() else np.nan
 
-    wrong = draw(params)
+    drawn = draw(params)
     ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel=labels[0], ylabel=labels[1], aspect="equal")
     handles = [Patch(fc=0.4 * c + 0.6, ec=c, label=n) for c, n in zip(full, class_names(data), strict=True)]
     keys = [("o", "train point", "0.5", "k"), ("^", "test point", "0.5", "k"), ("o", "misclassified", "none", WRONG)]
-    keys = keys if wrong else keys[:2]  # (a ring in the key only where there is one)
+    keys = keys if drawn[0] else keys[:2]  # (a ring in the key only where there is one)
     handles += [Line2D([], [], marker=m, color="w", mfc=face, mec=edge, label=t) for m, t, face, edge in keys]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", borderaxespad=0)
-    return draw, wrong
+    return draw, drawn
 
 
 def plot_regions(path: Path, params: Params, data: Dataset, title: str) -> None:
     """decision_regions.png: the predicted class over :func:`plane`, the points in their true
     class's colour (● train, ▲ test), misclassified ones ringed, and the test accuracy."""
     with figure(path, figsize=(7.2, 5.6)) as (_, ax):
-        wrong = _regions_axes(ax, params, data, 301)[1]
-        accuracy, n = _test_accuracy(params, data), len(data.x_train) + len(data.x_test)
+        wrong, accuracy = _regions_axes(ax, params, data, 301)[1]
+        n = len(data.x_train) + len(data.x_test)
         ax.set_title(f"{title}\ntest accuracy {accuracy:.1%}; {wrong} of {n} points (train and test) misclassified")
 
 
 def plot_confusion(path: Path, counts: np.ndarray, data: Dataset, title: str) -> None:
     """confusion.png: the test points of each true class (rows, with the share predicted right) by the
     class predicted (columns), each cell shaded by its share of its row and, up to 30 classes, its count."""
-    n, right = len(counts), np.diag(counts) / np.maximum(counts.sum(axis=1), 1)
-    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    n, share = len(counts), counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)  # (its diagonal: the accuracies)
     names = [name.split(" ", 1)[1] for name in class_names(data)]  # (as the data names them: the key's less its word)
     side, chars = min(1.5 + 0.45 * n, 20), max(map(len, names)) * 0.09  # (inches: the cells, a label's characters)
     with figure(path, figsize=(max(6.4, side + chars + 2), side + chars + 1.2)) as (fig, ax):
         fig.colorbar(ax.imshow(share, cmap="Blues", vmin=0, vmax=1), ax=ax, label="share of the true class's points")
         for (i, j), k in np.ndenumerate(counts if n <= 30 else np.empty((0, 0))):
             ax.text(j, i, k, ha="center", va="center", fontsize="small", color="w" if share[i, j] > 0.6 else "k")
-        tilt = chars * n > side  # (labels wider than their cells)
-        ax.set_xticks(range(n), names, rotation=45 * tilt, ha="right" if tilt else "center")
-        ax.set_yticks(range(n), [f"{name}: {r:.0%}" for name, r in zip(names, right, strict=True)])
+        ax.set_xticks(range(n), names, rotation=45, ha="right")
+        ax.set_yticks(range(n), [f"{name}: {r:.0%}" for name, r in zip(names, np.diag(share), strict=True)])
         ax.set(xlabel="predicted class", ylabel="true class: its share predicted right")
         fig.suptitle(f"{title}\n{np.trace(counts)} of {counts.sum()} test points right", fontsize="medium")
 
@@ -172,13 +162,11 @@ def _lines(ax: Any, history: History, keys: tuple[str, str, str]) -> list[Any]:
     """The train (solid), test (dashed) and validation (dotted; where the run has a validation split)
     columns `keys` against epochs, each logged point marked (where a curve is only its points joined);
     returns the lines."""
-    marker, size = ("o", 4) if len(history) < 30 else (".", 3) if len(history) <= 300 else (None, 0)
-    lines = []
+    style = dict(marker="o", ms=4) if len(history) < 30 else dict(marker=".", ms=3) if len(history) <= 300 else {}
+    lines, epochs = [], _column(history, "epoch")
     for key, label, ls in zip(keys, ("train", "test", "validation"), ("-", "--", ":"), strict=True):
         if label != "validation" or np.isfinite(_column(history, key)).any():
-            lines += ax.plot(
-                _column(history, "epoch"), _column(history, key), marker=marker, ms=size, ls=ls, label=label
-            )
+            lines += ax.plot(epochs, _column(history, key), ls=ls, label=label, **style)
     return lines
 
 
@@ -235,11 +223,11 @@ def animate(path: Path, frames: list[tuple[int, Params]], history: History, data
         background = fig.canvas.copy_from_bbox(fig.bbox)
         rgb, curves = [], [line.get_data() for line in lines]  # the full curves, cut at each frame
         for epoch, params in frames:
-            draw(params)
+            accuracy = draw(params)[1]
             for line, (epochs, losses) in zip(lines, curves, strict=True):
                 line.set_data(epochs[epochs <= epoch], losses[epochs <= epoch])
             now.set_xdata([epoch, epoch])
-            ax.set_title(f"epoch {epoch}: test accuracy {_test_accuracy(params, data):.1%}", fontsize="medium")
+            ax.set_title(f"epoch {epoch}: test accuracy {accuracy:.1%}", fontsize="medium")
             fig.canvas.restore_region(background)
             for a in sorted(moving, key=lambda a: a.get_zorder()):
                 fig.draw_artist(a)
