@@ -128,7 +128,7 @@ def write(run_dir: Path, job: Job, data: Dataset, ran: dict[str, Any], stop_sign
         if cfg.plots and job.epoch > 0:  # (no matplotlib import for an untrained run)
             plots.plot_curves(run_dir / "loss.png", job.history, title)
             if job.status != "diverged":
-                plots.plot_confusion(run_dir / "confusion.png", summary["confusion"]["counts"], data, title)
+                plots.plot_confusion(run_dir / "confusion.png", np.array(summary["confusion"]["counts"]), data, title)
             if job.status != "diverged" and data.x_train.shape[1] >= 2:  # (a plane: 2 features, or 2 components)
                 plots.plot_regions(run_dir / "decision_regions.png", params, data, title)
         if cfg.animate and job.frames and job.status != "diverged" and data.x_train.shape[1] >= 2:
@@ -148,12 +148,12 @@ def classifier_figures(data: Dataset, probs: np.ndarray) -> dict[str, Any]:
     c, y = data.num_classes, data.y_test
     pred = np.where(np.isfinite(probs).all(axis=1), probs.argmax(axis=1), -1)
     counts = np.bincount((c * y + pred)[(y >= 0) & (pred >= 0)], minlength=c * c).reshape(c, c)
-    with np.errstate(all="ignore"):  # (NaN: a class without test points)
-        right = np.diag(counts) / np.bincount(y[y >= 0], minlength=c)
+    with np.errstate(all="ignore"):  # (a class without test points: 0/0, None)
+        right = artifacts.clean(np.diag(counts) / np.bincount(y[y >= 0], minlength=c))  # (as summary.json has it)
     keep = np.flatnonzero(((y >= 0) & (pred != y)) | (len(y) <= KEPT_PREDICTIONS))[:KEPT_PREDICTIONS]
     rows = artifacts.prediction_rows(data.raw(data.x_test[keep]), probs[keep], data.classes, y[keep], data.quadrants)
     figures = {"per_class_accuracy": dict(zip(map(str, data.classes), right, strict=True)), "test_points": len(y)}
-    return figures | {"confusion": {"classes": list(data.classes), "counts": counts}, "predictions": rows}
+    return figures | {"confusion": {"classes": list(data.classes), "counts": counts.tolist()}, "predictions": rows}
 
 
 def write_failed(run_dir: Path, error: BaseException | str, config: dict[str, Any] | None = None,
