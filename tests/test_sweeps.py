@@ -104,9 +104,7 @@ def test_batched_launcher_from_the_cli_equals_the_basic_launcher(tmp_path):
         assert b["overrides"] == overrides and b["config"] == yaml.safe_load(
             (tmp_path / "basic" / str(n) / ".hydra" / "config.yaml").read_text()) | {"plots": False}  # fmt: skip
         assert not (tmp_path / "batched" / str(n) / "loss.png").exists()  # plots are off in batched sweeps
-        assert (tmp_path / "basic" / str(n) / "loss.png").exists() and (
-            tmp_path / "basic" / str(n) / "confusion.png"
-        ).exists()
+        assert all((tmp_path / "basic" / str(n) / f).exists() for f in ("loss.png", "confusion.png"))
     assert (tmp_path / "batched" / "multirun.yaml").is_file()
 
 
