@@ -19,7 +19,6 @@ from quadnet import artifacts
 
 log = logging.getLogger("quadnet")
 TABLE_ROWS = 8  # test points a single run's table shows (the misclassified first)
-MATRIX_CLASSES = 10  # a single run prints its confusion matrix up to this many classes (where it fits in 120 columns)
 
 
 def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -> None:
@@ -51,13 +50,13 @@ def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -
 
 def confusion(s: dict[str, Any]) -> list[str]:
     """The test set's confusion matrix (rows: the true class, columns: the predicted) and each class's
-    accuracy, as lines; none above MATRIX_CLASSES classes or 120 columns."""
+    accuracy, as lines; none above 10 classes or 120 columns (a terminal's width)."""
     names, counts = [str(c) for c in s["classes"]], s["confusion"]["counts"]
     right = [_num(s["per_class_accuracy"][n], True) for n in names]
     rows = [["true \\ predicted", *names, "right"], *([n, *r, a] for n, r, a in zip(names, counts, right, strict=True))]
     widths = [max(5, *(len(str(row[i])) for row in rows)) for i in range(len(rows[0]))]
     lines = ["  ".join(f"{v!s:>{k}}" for v, k in zip(row, widths, strict=True)) for row in rows]
-    return ["", *lines] if len(names) <= MATRIX_CLASSES and len(lines[0]) <= 120 else []
+    return ["", *lines] if len(names) <= 10 and len(lines[0]) <= 120 else []
 
 
 def _num(v: float | None, pct: bool = False) -> str:

@@ -97,8 +97,7 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Calla
     x, y = np.concatenate([data.x_train, data.x_test]), np.concatenate([data.y_train, data.y_test])
     xy = (x - origin) @ directions.T  # (for two features: the points themselves)
     lim, full = max(2.5, float(np.abs(xy).max()) * 1.15), colors(data.classes)
-    g = np.linspace(-lim, lim, n)
-    grid = np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2) @ directions + origin
+    grid = np.stack(np.meshgrid(*[np.linspace(-lim, lim, n)] * 2), axis=-1).reshape(-1, 2) @ directions + origin
     image = ax.imshow(np.ones((n, n, 3)), extent=(-lim, lim, -lim, lim), origin="lower")
     ax.axhline(0, color="k", lw=0.6)
     ax.axvline(0, color="k", lw=0.6)
@@ -163,11 +162,9 @@ def _lines(ax: Any, history: History, keys: tuple[str, str, str]) -> list[Any]:
     columns `keys` against epochs, each logged point marked (where a curve is only its points joined);
     returns the lines."""
     style = dict(marker="o", ms=4) if len(history) < 30 else dict(marker=".", ms=3) if len(history) <= 300 else {}
-    lines, epochs = [], _column(history, "epoch")
-    for key, label, ls in zip(keys, ("train", "test", "validation"), ("-", "--", ":"), strict=True):
-        if label != "validation" or np.isfinite(_column(history, key)).any():
-            lines += ax.plot(epochs, _column(history, key), ls=ls, label=label, **style)
-    return lines
+    epochs, has_val = _column(history, "epoch"), np.isfinite(_column(history, keys[2])).any()
+    kinds = [*zip(keys, ("train", "test", "validation"), ("-", "--", ":"), strict=True)][: 3 if has_val else 2]
+    return [ax.plot(epochs, _column(history, k), ls=ls, label=label, **style)[0] for k, label, ls in kinds]
 
 
 def _loss_axes(ax: Any, history: History) -> list[Any]:
@@ -235,5 +232,5 @@ def animate(path: Path, frames: list[tuple[int, Params]], history: History, data
     # one palette for every frame, from the first and the last (no flicker, colours stay true)
     palette = Image.fromarray(np.concatenate([rgb[0], rgb[-1]])).quantize(255)
     gif = [Image.fromarray(a).quantize(palette=palette, dither=Image.Dither.NONE) for a in rgb]
-    durations = [120] * (len(gif) - 1) + [2000]  # hold the last frame
-    gif[0].save(path, format="GIF", save_all=True, append_images=gif[1:], duration=durations, loop=0)
+    hold = [120] * (len(gif) - 1) + [2000]  # ms a frame: the last held
+    gif[0].save(path, format="GIF", save_all=True, append_images=gif[1:], duration=hold, loop=0)

@@ -22,7 +22,7 @@ from quadnet import artifacts, checkpoint, exits, plots, tracking
 from quadnet.config import ConfigError, to_dict
 from quadnet.data import Dataset
 from quadnet.engines import METRICS
-from quadnet.engines.numpy import forward, softmax
+from quadnet.engines.numpy import Params, forward, softmax
 from quadnet.loop import Job
 
 log = logging.getLogger("quadnet")
@@ -106,14 +106,12 @@ def write(run_dir: Path, job: Job, data: Dataset, ran: dict[str, Any], stop_sign
     final, params = job.history[-1], job.state["params"]
     opt = "" if cfg.optimizer == "sgd" else f" {cfg.optimizer}"  # the plots' title:
     title = f"hidden_dim={cfg.hidden_dim}{opt} lr={cfg.lr:g} reg={cfg.reg:g} seed={cfg.seed} · {job.epoch} epochs"
-    with np.errstate(all="ignore"):  # a diverged run's weights are not finite
-        probs = softmax(forward(params, data.x_test)[0])
     summary = {"status": job.status, "epoch": job.epoch, "epochs": cfg.epochs, "final_loss": final["loss"]}
     summary |= {key: final[key] for key in METRICS[1:]} | ran  # (the train, test and validation figures)
     stopped = signal.Signals(stop_signal).name if job.status == "interrupted" and stop_signal else None
     summary |= {"dtype": cfg.dtype, "run_dir": str(run_dir.resolve()), "signal": stopped}
     summary |= {"versions": artifacts.versions(), "classes": list(data.classes), "data_sha256": data.digest}
-    summary |= classifier_figures(data, probs) | {"config": to_dict(cfg)}
+    summary |= classifier_figures(data, params) | {"config": to_dict(cfg)}
     checkpoint.save(run_dir / checkpoint.CHECKPOINT, checkpoint.of(job, job.status, data))
     artifacts.write_metrics(run_dir / "metrics.csv", job.history)
     artifacts.write_json(run_dir / "summary.json", summary)
@@ -141,14 +139,15 @@ def write(run_dir: Path, job: Job, data: Dataset, ran: dict[str, Any], stop_sign
     return summary
 
 
-def classifier_figures(data: Dataset, probs: np.ndarray) -> dict[str, Any]:
+def classifier_figures(data: Dataset, params: Params) -> dict[str, Any]:
     """The test set's per-class accuracy, its confusion matrix (rows: the true class, columns: the one
     predicted; points without a class or a finite prediction count in none) and its predictions: every
     point's, or of a test set over KEPT_PREDICTIONS points the misclassified ones (up to KEPT_PREDICTIONS)."""
     c, y = data.num_classes, data.y_test
-    pred = np.where(np.isfinite(probs).all(axis=1), probs.argmax(axis=1), -1)
-    counts = np.bincount((c * y + pred)[(y >= 0) & (pred >= 0)], minlength=c * c).reshape(c, c)
-    with np.errstate(all="ignore"):  # (a class without test points: 0/0, None)
+    with np.errstate(all="ignore"):  # (a diverged run's weights are not finite; a class without test points: 0/0)
+        probs = softmax(forward(params, data.x_test)[0])
+        pred = np.where(np.isfinite(probs).all(axis=1), probs.argmax(axis=1), -1)  # (-1: no prediction)
+        counts = np.bincount((c * y + pred)[(y >= 0) & (pred >= 0)], minlength=c * c).reshape(c, c)
         right = artifacts.clean(np.diag(counts) / np.bincount(y[y >= 0], minlength=c))  # (as summary.json has it)
     keep = np.flatnonzero(((y >= 0) & (pred != y)) | (len(y) <= KEPT_PREDICTIONS))[:KEPT_PREDICTIONS]
     rows = artifacts.prediction_rows(data.raw(data.x_test[keep]), probs[keep], data.classes, y[keep], data.quadrants)
