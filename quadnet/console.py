@@ -22,12 +22,12 @@ TABLE_ROWS = 8  # test points a single run's table shows (the misclassified firs
 
 
 def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -> None:
-    """How a run ended, after its table of test points unless table=False (sweep jobs); a point
-    predicted wrongly is marked, as the plots ring it, and shown first."""
+    """How a run ended, after its table of test points unless table=False (sweep jobs), and the confusion
+    matrix where the table cannot show them all; a point predicted wrongly is marked, as the plots ring
+    it, and shown first."""
     preds = s["predictions"]
-    wrong = [p for p in preds if p["predicted"] is not None and p["true"] is not None and p["predicted"] != p["true"]]
-    marked = {id(p) for p in wrong}  # (a set: a big test set's table costs its length, not its square)
-    shown = ([*wrong, *(p for p in preds if id(p) not in marked)] if table else [])[:TABLE_ROWS]
+    marked = {id(p) for p in preds if p["predicted"] is not None and p["true"] not in (None, p["predicted"])}
+    shown = sorted(preds, key=lambda p: id(p) not in marked)[:TABLE_ROWS] if table else []  # (the wrong first)
     points = [shorten("(" + ", ".join(f"{v:g}" for v in p["point"]) + ")", 48, placeholder=" …)") for p in shown]
     w, cw = max([16, *map(len, points)]), max([9, *(len(str(c)) for c in s["classes"])])
     lines = ["", f"{'point':>{w}}  {'predicted':>{cw}}  {'p(predicted)':>12}  {'true':>{cw}}"] if shown else []
@@ -35,14 +35,28 @@ def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -
         q, t = ("-" if p[k] is None else str(p[k]) for k in ("predicted", "true"))
         prob = p["probs"][s["classes"].index(p["predicted"])] if p["predicted"] is not None else math.nan
         lines.append(f"{point:>{w}}  {q:>{cw}}  {prob:>12.9f}  {t:>{cw}}{'  ✗ wrong' if id(p) in marked else ''}")
-    if table and len(preds) > TABLE_ROWS:
-        lines.append(f"{'…':>{w}}  ({len(preds) - TABLE_ROWS} more test points in summary.json)")
+    if table and (more := s.get("test_points", len(preds)) - len(shown)) > 0:  # (the matrix, too: the table is not all)
+        kept = f"; summary.json keeps {len(preds)} misclassified" if more + len(shown) > len(preds) else ""
+        lines += [f"{'…':>{w}}  ({more} more test points{kept or ' in summary.json'})", *confusion(s)]
     job = f"[{' '.join(s['overrides'])}] " if not table and s.get("overrides") else ""  # a sweep's job: which one
     status = f"{job}status {s['status']} at epoch {s['epoch']}/{s['epochs']}"
     accuracy = f"train accuracy {_num(s['train_accuracy'], True)}   test accuracy {_num(s['test_accuracy'], True)}"
     accuracy += f"   val accuracy {_num(v, True)}" if (v := s.get("val_accuracy")) is not None and v == v else ""
-    lines.append(f"{status}   {accuracy}   final loss {_num(s['final_loss'])}   train_seconds {s['train_seconds']:.3f}")
+    seconds = f"train_seconds {s['train_seconds']:.3f}"  # (a batched job's: its share, by its steps, of its batch's)
+    seconds += f" (its share of its batch's {b['seconds']:.3f} s, {b['jobs']} jobs)" if (b := s.get("batch")) else ""
+    lines.append(f"{status}   {accuracy}   final loss {_num(s['final_loss'])}   {seconds}")
     log.log(level, "\n".join([*lines, f"run dir: {s['run_dir']}"]))
+
+
+def confusion(s: dict[str, Any]) -> list[str]:
+    """The test set's confusion matrix (rows: the true class, columns: the predicted) and each class's
+    accuracy, as lines; none above 10 classes or 120 columns (a terminal's width)."""
+    names, counts = [str(c) for c in s["classes"]], s["confusion"]["counts"]
+    right = [_num(s["per_class_accuracy"][n], True) for n in names]
+    rows = [["true \\ predicted", *names, "right"], *([n, *r, a] for n, r, a in zip(names, counts, right, strict=True))]
+    widths = [max(5, *(len(str(row[i])) for row in rows)) for i in range(len(rows[0]))]
+    lines = ["  ".join(f"{v!s:>{k}}" for v, k in zip(row, widths, strict=True)) for row in rows]
+    return ["", *lines] if len(names) <= 10 and len(lines[0]) <= 120 else []
 
 
 def _num(v: float | None, pct: bool = False) -> str:

@@ -9,7 +9,7 @@ matplotlib is imported inside the functions, so importing this module costs noth
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,65 +67,88 @@ def figure(path: Path | None, *args: Any, **kwargs: Any) -> Iterator[tuple[Any, 
 
 
 def predict_class(params: Params, x: np.ndarray) -> np.ndarray:
-    """The class index the net gives each point (N, 2); -1 where its logits are not finite."""
+    """The class index the net gives each point (N, D); -1 where its logits are not finite."""
     step = max(1, (1 << 22) // params["b1"].size)  # points at a time: a wide net's hidden layer in bounded memory
     with np.errstate(all="ignore"):
         scores = np.concatenate([forward(params, x[i : i + step])[0] for i in range(0, max(len(x), 1), step)])
     return np.where(np.isfinite(scores).all(axis=1), scores.argmax(axis=1), -1)
 
 
-def _extent(data: Dataset) -> float:
-    return max(2.5, float(np.abs(np.concatenate([data.x_train, data.x_test])).max()) * 1.15)
+def plane(data: Dataset) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Where the regions are drawn, in feature space: (origin (D,), directions (2, D), the axes' labels).
+    Two features: their plane. More: the plane of the two leading principal components of the training
+    points (as the net sees them: standardized where the run is), the other components at their mean."""
+    if data.x_train.shape[1] == 2:
+        return np.zeros(2), np.eye(2), list(data.features)
+    mean = data.x_train.mean(axis=0)
+    _, spread, directions = np.linalg.svd(data.x_train - mean, full_matrices=False)
+    share = spread[:2] ** 2 / (spread**2).sum()  # (NaN for points all alike: a warning the figure silences)
+    return mean, directions[:2], [f"PC{i + 1} ({v:.0%} of variance)" for i, v in enumerate(share)]
 
 
-def _region_image(params: Params, data: Dataset, n: int) -> np.ndarray:
-    """(n, n, 3) pale colours of the predicted class over the data's extent, white where undefined."""
-    g = np.linspace(-_extent(data), _extent(data), n)
-    pred = predict_class(params, np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)).reshape(n, n)
-    return np.where((pred >= 0)[..., None], (0.4 * colors(data.classes) + 0.6)[pred.clip(0)], 1.0)
-
-
-def _wrong(params: Params, data: Dataset) -> np.ndarray:
-    """The train and test points (M, 2) that have a quadrant and are classified wrongly."""
-    x, y = np.concatenate([data.x_train, data.x_test]), np.concatenate([data.y_train, data.y_test])
-    return x[(y >= 0) & (predict_class(params, x) != y)]
-
-
-def _test_accuracy(params: Params, data: Dataset) -> float:
-    keep = data.y_test >= 0
-    return float(np.mean(predict_class(params, data.x_test[keep]) == data.y_test[keep])) if keep.any() else np.nan
-
-
-def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Any, Any]:
-    """Draw regions, axes lines, the points and the misclassified rings; return (image, rings)."""
+def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Callable[[Params], Any], Any]:
+    """Draw the regions over :func:`plane` (n × n), the axes lines, the points and the misclassified
+    rings; return a function that draws other params' regions and rings (the GIF's frames) and
+    returns (how many points it ringed, the test accuracy), and what it returned for params."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    lim, full = _extent(data), colors(data.classes)
-    image = ax.imshow(_region_image(params, data, n), extent=(-lim, lim, -lim, lim), origin="lower")
+    origin, directions, labels = plane(data)
+    x, y = np.concatenate([data.x_train, data.x_test]), np.concatenate([data.y_train, data.y_test])
+    xy = (x - origin) @ directions.T  # (for two features: the points themselves)
+    lim, full = max(2.5, float(np.abs(xy).max()) * 1.15), colors(data.classes)
+    grid = np.stack(np.meshgrid(*[np.linspace(-lim, lim, n)] * 2), axis=-1).reshape(-1, 2) @ directions + origin
+    image = ax.imshow(np.ones((n, n, 3)), extent=(-lim, lim, -lim, lim), origin="lower")
     ax.axhline(0, color="k", lw=0.6)
     ax.axvline(0, color="k", lw=0.6)
-    size, alpha, ring = (12, 0.6, 30) if len(data.x_train) + len(data.x_test) > MANY else (60, 1.0, 200)
-    for x, y, marker in ((data.x_train, data.y_train, "o"), (data.x_test, data.y_test, "^")):
-        cols = np.where((y >= 0)[:, None], full[y.clip(0)], 0.5)
-        ax.scatter(x[:, 0], x[:, 1], c=cols, marker=marker, s=size, alpha=alpha, edgecolors="k", linewidths=0.4)
-    rings = ax.scatter(*_wrong(params, data).T, s=ring, facecolors="none", edgecolors=WRONG, linewidths=1.5)
-    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="x", ylabel="y", aspect="equal")
+    size, alpha, ring = (12, 0.6, 30) if len(x) > MANY else (60, 1.0, 200)
+    for points, truth, marker in zip(np.split(xy, [len(data.x_train)]), (data.y_train, data.y_test), "o^", strict=True):
+        cols = np.where((truth >= 0)[:, None], full[truth.clip(0)], 0.5)
+        ax.scatter(*points.T, c=cols, marker=marker, s=size, alpha=alpha, edgecolors="k", linewidths=0.4)
+    rings = ax.scatter([], [], s=ring, facecolors="none", edgecolors=WRONG, linewidths=1.5)
+
+    def draw(params: Params) -> tuple[int, float]:
+        """The pale colour of the predicted class (white where it is undefined), and a ring round each point
+        that has a class and is classified wrongly."""
+        pred = predict_class(params, grid).reshape(n, n)
+        image.set_data(np.where((pred >= 0)[..., None], (0.4 * full + 0.6)[pred.clip(0)], 1.0))
+        right, test = predict_class(params, x) == y, (y >= 0) & (np.arange(len(y)) >= len(data.x_train))
+        rings.set_offsets(xy[(y >= 0) & ~right].reshape(-1, 2))
+        return len(rings.get_offsets()), float(right[test].mean()) if test.any() else np.nan
+
+    drawn = draw(params)
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel=labels[0], ylabel=labels[1], aspect="equal")
     handles = [Patch(fc=0.4 * c + 0.6, ec=c, label=n) for c, n in zip(full, class_names(data), strict=True)]
     keys = [("o", "train point", "0.5", "k"), ("^", "test point", "0.5", "k"), ("o", "misclassified", "none", WRONG)]
-    keys = keys if len(rings.get_offsets()) else keys[:2]  # (a ring in the key only where there is one)
+    keys = keys if drawn[0] else keys[:2]  # (a ring in the key only where there is one)
     handles += [Line2D([], [], marker=m, color="w", mfc=face, mec=edge, label=t) for m, t, face, edge in keys]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small", borderaxespad=0)
-    return image, rings
+    return draw, drawn
 
 
 def plot_regions(path: Path, params: Params, data: Dataset, title: str) -> None:
-    """decision_regions.png: the predicted quadrant over the plane, the points in their true
-    quadrant's colour (● train, ▲ test), misclassified ones ringed, and the test accuracy."""
+    """decision_regions.png: the predicted class over :func:`plane`, the points in their true
+    class's colour (● train, ▲ test), misclassified ones ringed, and the test accuracy."""
     with figure(path, figsize=(7.2, 5.6)) as (_, ax):
-        wrong = len(_regions_axes(ax, params, data, 301)[1].get_offsets())
-        accuracy, n = _test_accuracy(params, data), len(data.x_train) + len(data.x_test)
+        wrong, accuracy = _regions_axes(ax, params, data, 301)[1]
+        n = len(data.x_train) + len(data.x_test)
         ax.set_title(f"{title}\ntest accuracy {accuracy:.1%}; {wrong} of {n} points (train and test) misclassified")
+
+
+def plot_confusion(path: Path, counts: np.ndarray, data: Dataset, title: str) -> None:
+    """confusion.png: the test points of each true class (rows, with the share predicted right) by the
+    class predicted (columns), each cell shaded by its share of its row and, up to 30 classes, its count."""
+    n, share = len(counts), counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)  # (its diagonal: the accuracies)
+    names = [name.split(" ", 1)[1] for name in class_names(data)]  # (as the data names them: the key's less its word)
+    side, chars = min(1.5 + 0.45 * n, 20), max(map(len, names)) * 0.09  # (inches: the cells, a label's characters)
+    with figure(path, figsize=(max(6.4, side + chars + 2), side + chars + 1.2)) as (fig, ax):
+        fig.colorbar(ax.imshow(share, cmap="Blues", vmin=0, vmax=1), ax=ax, label="share of the true class's points")
+        for (i, j), k in np.ndenumerate(counts if n <= 30 else np.empty((0, 0))):
+            ax.text(j, i, k, ha="center", va="center", fontsize="small", color="w" if share[i, j] > 0.6 else "k")
+        ax.set_xticks(range(n), names, rotation=45, ha="right")
+        ax.set_yticks(range(n), [f"{name}: {r:.0%}" for name, r in zip(names, np.diag(share), strict=True)])
+        ax.set(xlabel="predicted class", ylabel="true class: its share predicted right")
+        fig.suptitle(f"{title}\n{np.trace(counts)} of {counts.sum()} test points right", fontsize="medium")
 
 
 def _column(history: History, key: str) -> np.ndarray:
@@ -134,20 +157,21 @@ def _column(history: History, key: str) -> np.ndarray:
     return np.where(np.abs(v) <= HUGE, v, np.nan)
 
 
-def _lines(ax: Any, history: History, keys: tuple[str, str]) -> list[Any]:
-    """The train (solid) and test (dashed) columns `keys` against epochs, each logged point marked
-    (where a curve is only its points joined); returns the two lines."""
-    marker, size = ("o", 4) if len(history) < 30 else (".", 3) if len(history) <= 300 else (None, 0)
-    for key, label, ls in zip(keys, ("train", "test"), ("-", "--"), strict=True):
-        ax.plot(_column(history, "epoch"), _column(history, key), marker=marker, ms=size, ls=ls, label=label)
-    return ax.lines[-2:]
+def _lines(ax: Any, history: History, keys: tuple[str, str, str]) -> list[Any]:
+    """The train (solid), test (dashed) and validation (dotted; where the run has a validation split)
+    columns `keys` against epochs, each logged point marked (where a curve is only its points joined);
+    returns the lines."""
+    style = dict(marker="o", ms=4) if len(history) < 30 else dict(marker=".", ms=3) if len(history) <= 300 else {}
+    epochs, has_val = _column(history, "epoch"), np.isfinite(_column(history, keys[2])).any()
+    kinds = [*zip(keys, ("train", "test", "validation"), ("-", "--", ":"), strict=True)][: 3 if has_val else 2]
+    return [ax.plot(epochs, _column(history, k), ls=ls, label=label, **style)[0] for k, label, ls in kinds]
 
 
 def _loss_axes(ax: Any, history: History) -> list[Any]:
-    """Train and test loss against epochs (log y when positive); returns the two lines."""
+    """Train, test and validation loss against epochs (log y when positive); returns the lines."""
     from matplotlib.ticker import LogFormatter
 
-    lines = _lines(ax, history, ("loss", "test_loss"))
+    lines = _lines(ax, history, ("loss", "test_loss", "val_loss"))
     if len(bad := _column(history, "epoch")[~np.isfinite(_column(history, "loss"))]):  # a diverged run: mark where
         ax.axvline(bad[0], color=WRONG, ls=":", label=f"over {HUGE:g} or not finite from epoch {bad[0]:g}")
     if (np.concatenate([line.get_ydata() for line in lines]) > 0).any():  # (NaN where not finite, or beyond HUGE)
@@ -159,14 +183,14 @@ def _loss_axes(ax: Any, history: History) -> list[Any]:
 
 
 def plot_curves(path: Path, history: History, title: str) -> None:
-    """loss.png: train and test loss (log scale) and train/test accuracy against epochs."""
+    """loss.png: train, test and validation loss (log scale) and accuracy against epochs."""
     last = history[-1] if history else {}
     ends = {k: float(last.get(k, np.nan)) for k in ("loss", "test_loss", "test_accuracy")}
     num = {k: format(v, ".1%" if "acc" in k else ".4g") if np.isfinite(v) else "not finite" for k, v in ends.items()}
     figures = f"train loss {num['loss']}, test loss {num['test_loss']}, test accuracy {num['test_accuracy']}"
     with figure(path, 1, 2, figsize=(10, 4.2), sharex=True) as (fig, (ax_loss, ax_acc)):
         _loss_axes(ax_loss, history)
-        _lines(ax_acc, history, ("train_accuracy", "test_accuracy"))
+        _lines(ax_acc, history, ("train_accuracy", "test_accuracy", "val_accuracy"))
         ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(-0.05, 1.05), title="accuracy")
         ax_acc.legend(fontsize="small")
         fig.suptitle(f"{title}\nat epoch {last.get('epoch', 0):g}: {figures}")
@@ -181,8 +205,10 @@ def animate(path: Path, frames: list[tuple[int, Params]], history: History, data
         raise ValueError("animate needs at least one frame")
     # ax: the decision regions; ax_loss: the loss
     with figure(None, 1, 2, figsize=(9, 3.6), width_ratios=(1.35, 1), dpi=80) as (fig, (ax, ax_loss)):
-        image, rings = _regions_axes(ax, frames[0][1], data, 120)
+        draw = _regions_axes(ax, frames[0][1], data, 120)[0]
         lines = _loss_axes(ax_loss, history)  # full curves first, so the axes' limits fit all of training
+        ax_loss.set_xscale("symlog", linthresh=1)  # (log-spaced frames: each moves the curve on)
+        ax_loss.set_xlim(left=0)
         now = ax_loss.axvline(0, color="0.5", lw=0.8)
         fig.suptitle(title, fontsize="medium")
         ax.set_title("epoch 0: test accuracy 100.0%", fontsize="medium")
@@ -194,12 +220,11 @@ def animate(path: Path, frames: list[tuple[int, Params]], history: History, data
         background = fig.canvas.copy_from_bbox(fig.bbox)
         rgb, curves = [], [line.get_data() for line in lines]  # the full curves, cut at each frame
         for epoch, params in frames:
-            image.set_data(_region_image(params, data, 120))
-            rings.set_offsets(_wrong(params, data).reshape(-1, 2))
+            accuracy = draw(params)[1]
             for line, (epochs, losses) in zip(lines, curves, strict=True):
                 line.set_data(epochs[epochs <= epoch], losses[epochs <= epoch])
             now.set_xdata([epoch, epoch])
-            ax.set_title(f"epoch {epoch}: test accuracy {_test_accuracy(params, data):.1%}", fontsize="medium")
+            ax.set_title(f"epoch {epoch}: test accuracy {accuracy:.1%}", fontsize="medium")
             fig.canvas.restore_region(background)
             for a in sorted(moving, key=lambda a: a.get_zorder()):
                 fig.draw_artist(a)
@@ -207,5 +232,5 @@ def animate(path: Path, frames: list[tuple[int, Params]], history: History, data
     # one palette for every frame, from the first and the last (no flicker, colours stay true)
     palette = Image.fromarray(np.concatenate([rgb[0], rgb[-1]])).quantize(255)
     gif = [Image.fromarray(a).quantize(palette=palette, dither=Image.Dither.NONE) for a in rgb]
-    durations = [120] * (len(gif) - 1) + [2000]  # hold the last frame
-    gif[0].save(path, format="GIF", save_all=True, append_images=gif[1:], duration=durations, loop=0)
+    hold = [120] * (len(gif) - 1) + [2000]  # ms a frame: the last held
+    gif[0].save(path, format="GIF", save_all=True, append_images=gif[1:], duration=hold, loop=0)

@@ -22,7 +22,7 @@ from quadnet import artifacts, checkpoint, exits, plots, table, tracking
 from quadnet.config import ConfigError, to_dict
 from quadnet.data import Dataset
 from quadnet.engines import METRICS
-from quadnet.engines.numpy import forward, softmax
+from quadnet.engines.numpy import Params, forward, softmax
 from quadnet.loop import Job
 
 log = logging.getLogger("quadnet")
@@ -30,6 +30,7 @@ log = logging.getLogger("quadnet")
 
 LOCKS: dict[str, int] = {}  # run and sweep dirs this process holds
 MADE: dict[str, list[Path]] = {}  # the dirs each lock made
+KEPT_PREDICTIONS = 1000  # a bigger test set's summary keeps its misclassified points (600,000 points were 69 MB)
 
 
 def lock(folder: Path, what: str = "sweep", outer: bool = False, shown: str | None = None) -> None:
@@ -84,28 +85,19 @@ def release(folder: Path) -> None:
 
 def held(folder: Path) -> bool:
     """Whether another process holds folder (lock's flock); False for a dir that is not there."""
-    try:
+    with contextlib.suppress(OSError):  # (no dir there: not held)
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+    return False
 
 
-def write(
-    run_dir: Path,
-    job: Job,
-    data: Dataset,
-    ran: dict[str, Any],
-    stop_signal: int | None = None,
-    sweep: Path | None = None,
-    end_sweep: bool = True,
-) -> dict[str, Any]:
+def write(run_dir: Path, job: Job, data: Dataset, ran: dict[str, Any], stop_signal: int | None = None,
+          sweep: Path | None = None, end_sweep: bool = True) -> dict[str, Any]:  # fmt: skip
     """Write a finished job's dir; return its summary. ran: where and how it trained (``device``,
     ``engine``, ``train_seconds``: the training loop's time, ``overrides``: the job's, and more keys for the summary);
     sweep: the sweep dir of a sweep's job (its MLflow run is nested in the sweep's, which end_sweep ends)."""
@@ -115,15 +107,12 @@ def write(
     final, params = job.history[-1], job.state["params"]
     opt = "" if cfg.optimizer == "sgd" else f" {cfg.optimizer}"  # the plots' title:
     title = f"hidden_dim={cfg.hidden_dim}{opt} lr={cfg.lr:g} reg={cfg.reg:g} seed={cfg.seed} · {job.epoch} epochs"
-    with np.errstate(all="ignore"):  # a diverged run's weights are not finite
-        probs = softmax(forward(params, data.x_test)[0])
     summary = {"status": job.status, "epoch": job.epoch, "epochs": cfg.epochs, "final_loss": final["loss"]}
     summary |= {key: final[key] for key in METRICS[1:]} | ran  # (the train, test and validation figures)
     stopped = signal.Signals(stop_signal).name if job.status == "interrupted" and stop_signal else None
     summary |= {"dtype": cfg.dtype, "run_dir": str(run_dir.resolve()), "signal": stopped}
     summary |= {"versions": artifacts.versions(), "classes": list(data.classes), "data_sha256": data.digest}
-    rows = artifacts.prediction_rows(data.raw(data.x_test), probs, data.classes, data.y_test, data.quadrants)
-    summary |= {"predictions": rows, "config": to_dict(cfg)}
+    summary |= classifier_figures(data, params) | {"config": to_dict(cfg)}
     checkpoint.save(run_dir / checkpoint.CHECKPOINT, checkpoint.of(job, job.status, data))
     artifacts.write_metrics(run_dir / "metrics.csv", job.history)
     artifacts.write_json(run_dir / "summary.json", summary)
@@ -137,9 +126,11 @@ def write(
     try:  # a plot that cannot be drawn (memory, a font) costs the plot, not the run
         if cfg.plots and job.epoch > 0:  # (no matplotlib import for an untrained run)
             plots.plot_curves(run_dir / "loss.png", job.history, title)
-            if job.status != "diverged" and data.x_train.shape[1] == 2:  # (regions of a plane: 2 features)
+            if job.status != "diverged":
+                plots.plot_confusion(run_dir / "confusion.png", np.array(summary["confusion"]["counts"]), data, title)
+            if job.status != "diverged" and data.x_train.shape[1] >= 2:  # (a plane: 2 features, or 2 components)
                 plots.plot_regions(run_dir / "decision_regions.png", params, data, title)
-        if cfg.animate and job.frames and job.status != "diverged" and data.x_train.shape[1] == 2:
+        if cfg.animate and job.frames and job.status != "diverged" and data.x_train.shape[1] >= 2:
             plots.animate(run_dir / "training.gif", job.frames, job.history, data, title)
     except Exception as e:
         log.warning("%s: plots not drawn: %s", run_dir, exits.OOM if exits.out_of_memory(e) else exits.one_line(e))
@@ -149,9 +140,24 @@ def write(
     return summary
 
 
-def write_failed(
-    run_dir: Path, error: BaseException | str, config: dict[str, Any] | None = None, overrides: list[str] | None = None
-) -> None:
+def classifier_figures(data: Dataset, params: Params) -> dict[str, Any]:
+    """The test set's per-class accuracy, its confusion matrix (rows: the true class, columns: the one
+    predicted; points without a class or a finite prediction count in none) and its predictions: every
+    point's, or of a test set over KEPT_PREDICTIONS points the misclassified ones (up to KEPT_PREDICTIONS)."""
+    c, y = data.num_classes, data.y_test
+    with np.errstate(all="ignore"):  # (a diverged run's weights are not finite; a class without test points: 0/0)
+        probs = softmax(forward(params, data.x_test)[0])
+        pred = np.where(np.isfinite(probs).all(axis=1), probs.argmax(axis=1), -1)  # (-1: no prediction)
+        counts = np.bincount((c * y + pred)[(y >= 0) & (pred >= 0)], minlength=c * c).reshape(c, c)
+        right = artifacts.clean(np.diag(counts) / np.bincount(y[y >= 0], minlength=c))  # (as summary.json has it)
+    keep = np.flatnonzero(((y >= 0) & (pred != y)) | (len(y) <= KEPT_PREDICTIONS))[:KEPT_PREDICTIONS]
+    rows = artifacts.prediction_rows(data.raw(data.x_test[keep]), probs[keep], data.classes, y[keep], data.quadrants)
+    figures = {"per_class_accuracy": dict(zip(map(str, data.classes), right, strict=True)), "test_points": len(y)}
+    return figures | {"confusion": {"classes": list(data.classes), "counts": counts.tolist()}, "predictions": rows}
+
+
+def write_failed(run_dir: Path, error: BaseException | str, config: dict[str, Any] | None = None,
+                 overrides: list[str] | None = None) -> None:  # fmt: skip
     """A job that could not train: its dir says why, in one line (and which job it was: its overrides)."""
     summary = {"status": "failed", "error": " ".join(str(error).split()), "versions": artifacts.versions()}
     summary |= {"config": config} | ({"overrides": overrides} if overrides is not None else {})

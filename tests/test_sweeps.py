@@ -87,6 +87,7 @@ def test_batched_launcher_from_the_cli_equals_the_basic_launcher(tmp_path):
         assert r.stdout.splitlines()[-1].endswith(
             f"8 jobs: 8 completed; report: python -m quadnet.report {tmp_path}/{name}"
         )
+        assert ("(its share of its batch's" in r.stdout + r.stderr) == (name == "batched")  # (train_seconds: whose)
     for n in range(8):
         a, b = _summary(tmp_path, "basic", n), _summary(tmp_path, "batched", n)
         assert a["config"] == {**b["config"], "plots": True}
@@ -103,7 +104,7 @@ def test_batched_launcher_from_the_cli_equals_the_basic_launcher(tmp_path):
         assert b["overrides"] == overrides and b["config"] == yaml.safe_load(
             (tmp_path / "basic" / str(n) / ".hydra" / "config.yaml").read_text()) | {"plots": False}  # fmt: skip
         assert not (tmp_path / "batched" / str(n) / "loss.png").exists()  # plots are off in batched sweeps
-        assert (tmp_path / "basic" / str(n) / "loss.png").exists()
+        assert all((tmp_path / "basic" / str(n) / f).exists() for f in ("loss.png", "confusion.png"))
     assert (tmp_path / "batched" / "multirun.yaml").is_file()
 
 

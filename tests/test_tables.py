@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -182,3 +183,58 @@ def test_features_too_big_to_standardize_are_refused_in_one_line(tmp_path):
     r = run_cli("data=csv", f"data.path={tmp_path / 'big.csv'}", "epochs=2", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr == "error: 'a' is too big to standardize: data.standardize=false\n"
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_wide_run_has_regions_over_its_principal_components_and_a_confusion_matrix(table, tmp_path, monkeypatch):
+    """Five features: decision_regions.png over PC1 and PC2 (the axes say how much variance each holds),
+    the GIF too; summary.json, confusion.png and loss.png say what a classifier's user reads."""
+    from test_report import saved_figures, texts
+
+    figures = saved_figures(monkeypatch)
+    cfg = make_cfg("data=csv", f"data.path={table}", "data.label=kind", "epochs=40", "plots=true", "animate=true")
+    s = train(cfg, run_dir=tmp_path / "r")
+    assert {"decision_regions.png", "confusion.png", "loss.png"} <= set(figures)
+    assert (tmp_path / "r" / "training.gif").is_file()
+    ax = figures["decision_regions.png"].axes[0]
+    shares = [re.fullmatch(r"PC(\d) \((\d+)% of variance\)", label) for label in (ax.get_xlabel(), ax.get_ylabel())]
+    assert [m[1] for m in shares] == ["1", "2"] and int(shares[0][2]) >= int(shares[1][2]) > 0
+    counts, classes = np.array(s["confusion"]["counts"]), s["confusion"]["classes"]
+    truth = [classes.index(p["true"]) for p in s["predictions"]]
+    guess = [classes.index(p["predicted"]) for p in s["predictions"]]
+    np.testing.assert_array_equal(counts, np.bincount(np.multiply(truth, 3) + guess, minlength=9).reshape(3, 3))
+    assert counts.sum() == s["test_points"] == 24 and np.trace(counts) / 24 == s["test_accuracy"]
+    for k, c in enumerate(classes):
+        mine = [g == k for t, g in zip(truth, guess, strict=True) if t == k]
+        assert s["per_class_accuracy"][c] == pytest.approx(np.mean(mine))
+    assert f"{np.trace(counts)} of 24 test points right" in figures["confusion.png"]._suptitle.get_text()
+    assert {"x: ", "y: ", "z: "} <= {t[:3] for t in texts(figures["confusion.png"])}  # (each class's share right)
+    assert [line.get_label() for line in figures["loss.png"].axes[0].lines] == ["train", "test", "validation"]
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["confusion"] == s["confusion"]
+
+
+def test_a_big_test_sets_summary_keeps_the_misclassified_and_the_console_a_confusion_matrix(tmp_path):
+    """A test set over 1,000 points: summary.json holds its confusion matrix and only its misclassified
+    points (up to 1,000), not every prediction; the console says so and prints the matrix."""
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(3, 4))  # (close: some points are misclassified)
+    for name, n in (("train.csv", 60), ("test.csv", 1200)):
+        rows = [(*rng.normal(centres[k], 0.8).round(4), lab) for k, lab in enumerate(["red", "green", "blue_long"])
+                for _ in range(n // 3)]  # fmt: skip
+        with open(tmp_path / name, "w", newline="") as f:
+            csv.writer(f).writerows([["a", "b", "c", "d", "colour"], *rows])
+    r = run_cli("data=csv", f"data.path={tmp_path / 'train.csv'}", f"data.test_path={tmp_path / 'test.csv'}",
+                "epochs=30", "hydra.run.dir=r", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    counts, preds = np.array(s["confusion"]["counts"]), s["predictions"]
+    wrong = 1200 - np.trace(counts)
+    assert s["test_points"] == counts.sum() == 1200 and 0 < len(preds) == min(wrong, 1000)
+    assert all(p["predicted"] != p["true"] for p in preds)
+    out = r.stdout + r.stderr
+    assert f"(1192 more test points; summary.json keeps {len(preds)} misclassified)" in out
+    header = next(line for line in out.splitlines() if "true \\ predicted" in line)
+    assert header.split() == ["true", "\\", "predicted", "blue_long", "green", "red", "right"]
+    table = out.splitlines()[out.splitlines().index(header) + 1 :][:3]
+    assert [int(v) for v in table[0].split()[1:4]] == counts[0].tolist()
+    assert table[0].split()[-1] == f"{100 * counts[0, 0] / counts[0].sum():.1f}%"
+    assert all(f.is_file() for f in (tmp_path / "r" / n for n in ("decision_regions.png", "confusion.png")))

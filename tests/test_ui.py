@@ -129,6 +129,65 @@ def test_labels_are_drawn_as_written_and_the_key_names_only_what_is_there(tmp_pa
     assert "0 of 4 points" in figures["r.png"].axes[0].get_title()
 
 
+def test_loss_curves_draw_the_validation_split_where_the_run_has_one(tmp_path, monkeypatch):
+    figures = saved_figures(monkeypatch)
+    _, history, _ = training(epochs=400, every=100)
+    rows = [r | {"val_loss": 1.1 * r["test_loss"], "val_accuracy": r["test_accuracy"] / 2} for r in history]
+    plots.plot_curves(tmp_path / "val.png", rows, "with a validation split")
+    for ax, key in zip(figures["val.png"].axes, ("val_loss", "val_accuracy"), strict=True):
+        assert [line.get_label() for line in ax.lines] == ["train", "test", "validation"]
+        np.testing.assert_allclose(ax.lines[2].get_ydata(), [r[key] for r in rows])
+
+
+def test_the_plane_of_wide_data_is_its_leading_principal_components_and_its_regions_the_nets(tmp_path, monkeypatch):
+    """Four features in a tilted plane, off the origin: PC1 and PC2 span it (all the variance), and the
+    regions drawn at each test point's place on the plot are the class the net gives that point."""
+    figures = saved_figures(monkeypatch)
+    rng = np.random.default_rng(0)
+    ab = rng.normal(size=(300, 2)) * [3, 1]
+    x = np.column_stack([ab, ab @ [[1, 1], [1, -1]]]) + np.array([5, -2, 1, 0])
+    data = Dataset(x[:200], np.zeros(200, int), x[200:], np.zeros(100, int), (0, 1, 2), quadrants=False)
+    origin, directions, labels = plots.plane(data)
+    np.testing.assert_allclose(directions @ directions.T, np.eye(2), atol=1e-12)
+    np.testing.assert_allclose((x - origin) @ directions.T @ directions + origin, x, atol=1e-9)
+    shares = [int(label.split("(")[1].split("%")[0]) for label in labels]
+    assert labels[0].startswith("PC1 (") and labels[1].endswith("% of variance)") and 99 <= sum(shares) <= 101
+    params = initial_params(20, 3, "normal", 3, 4)
+    params["W1"] /= 3  # (regions wide enough that most points are off their borders)
+    plots.plot_regions(tmp_path / "r.png", params, data, "4 features")
+    ax = figures["r.png"].axes[0]
+    image, lim = ax.images[0].get_array(), ax.get_xlim()[1]
+    pixel = np.rint((((data.x_test - origin) @ directions.T) + lim) / (2 * lim) * (len(image) - 1)).astype(int)
+    drawn = image[pixel[:, 1], pixel[:, 0]]
+    expected = 0.4 * plots.colors(data.classes)[plots.predict_class(params, data.x_test)] + 0.6
+    assert np.mean(np.abs(drawn - expected).max(axis=1) < 1e-6) > 0.9 and len(set(map(tuple, expected))) > 1
+    assert plots.plane(Dataset(x[:, :2], np.zeros(300, int), x[:, :2], np.zeros(300, int), (0,)))[2] == ["x", "y"]
+
+
+def test_the_gifs_loss_panel_is_log_x_as_its_frames_are_log_spaced(tmp_path, monkeypatch):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    drawn, draw = [], FigureCanvasAgg.draw
+    monkeypatch.setattr(FigureCanvasAgg, "draw", lambda canvas: drawn.append(canvas.figure) or draw(canvas))
+    data, history, snaps = training(epochs=1000, every=10)
+    plots.animate(tmp_path / "a.gif", snaps, history, data, "log-spaced")
+    loss_ax = drawn[-1].axes[1]
+    assert loss_ax.get_xscale() == "symlog" and loss_ax.get_xlim()[0] == 0 and loss_ax.get_xlim()[1] >= 1000
+
+
+def test_the_console_prints_a_confusion_matrix_that_fits():
+    from quadnet.console import confusion
+
+    s = {"classes": ["cat", "a_long_dog_name", 3], "confusion": {"counts": [[5, 1, 0], [0, 7, 3], [0, 0, 0]]}}
+    s["per_class_accuracy"] = {"cat": 5 / 6, "a_long_dog_name": 0.7, "3": None}
+    lines = confusion(s)
+    assert lines[0] == "" and [len(line) for line in lines[1:]] == [len(lines[1])] * 4  # (columns line up)
+    assert lines[1].split() == ["true", "\\", "predicted", "cat", "a_long_dog_name", "3", "right"]
+    assert lines[2].split() == ["cat", "5", "1", "0", "83.3%"] and lines[4].split() == ["3", "0", "0", "0", "n/a"]
+    many = {"classes": list(range(11)), "confusion": {"counts": np.eye(11, dtype=int).tolist()}}
+    assert confusion(many | {"per_class_accuracy": {str(c): 1.0 for c in range(11)}}) == []  # (over 10 classes)
+
+
 @pytest.mark.parametrize("data_name", ["seed", "sampled"])
 def test_the_training_gif_has_a_frame_per_snapshot_and_stays_small(data_name, tmp_path):
     epochs, every, lr = (10000, 100, 0.001) if data_name == "seed" else (500, 10, 0.05)
