@@ -1,8 +1,6 @@
 """What a run leaves in its dir: metrics.csv and summary.json, written atomically (the
 checkpoint is in quadnet.checkpoint, the plots in quadnet.plots)."""
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import json

@@ -10,8 +10,6 @@ model (``predict`` and ``quadnet.load`` read it). Only those members are read, e
 array or an extra member (a zip bomb) costs nothing.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import re

@@ -5,8 +5,6 @@ class index is its quadrant minus one. A CSV of your own points (``data=csv``) h
 its labels name: every distinct label, sorted (numbers as numbers), so 0-3 and 1-4 both work.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 import hashlib

@@ -12,8 +12,6 @@ refuses a write costs a warning and a ``tracking`` note in summary.json; the run
 stay as they are, and the process does not try that store again.
 """
 
-from __future__ import annotations
-
 import contextlib
 import json
 import logging

@@ -7,8 +7,6 @@ way. :func:`task` trains what was prepared (:func:`train`) and reports how it en
 (:func:`quadnet.console.conclude`). :func:`run` does the same from Python.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import logging
 import os

@@ -10,8 +10,6 @@ This is the reference the torch engine is checked against
 it in turn against centred finite differences. Importing it imports neither torch nor numba.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Any
 
