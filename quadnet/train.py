@@ -73,15 +73,12 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
     # an earlier run's training is never lost: a dir that holds one is refused, unless resume= names it
     here = checkpoint.in_dir(out)
     if here is not None and not (c.resume and checkpoint.find(c.resume).resolve() == here.resolve()):
-        raise ConfigError(
-            f"{out} holds an earlier run (its {here.name}): {shlex.quote(f'resume={console.hydra_value(out)}')} "
-            "goes on from it (a sweep: run it again with hydra/launcher=batched), or choose another dir"
-        )
-    if ck is None:
-        job = loop.Job(c, loop.start_state(c, data))
-    else:
+        resume = shlex.quote(f"resume={console.hydra_value(out)}")
+        again = f"{resume} goes on from it (a sweep: run it again with hydra/launcher=batched)"
+        raise ConfigError(f"{out} holds an earlier run (its {here.name}): {again}, or choose another dir")
+    if ck is not None:
         checkpoint.resume_check(ck, c, data)
-        job = loop.Job(c, ck["state"], ck["epoch"], ck["history"])
+    job = loop.Job(c, ck["state"], ck["epoch"], ck["history"]) if ck else loop.Job(c, loop.start_state(c, data))
     return Prepared(job, data, device, Path(out), list(overrides or []))
 
 
@@ -209,7 +206,7 @@ def task(cfg: DictConfig) -> float:
     # job's logging afresh: this lasts the job)
     for h in logging.getLogger().handlers:
         if type(h) is logging.StreamHandler:  # (not train.log's FileHandler)
-            h.addFilter(_FIRST_LINE)
+            h.addFilter(lambda record: record.funcName == "headline" or record.levelno == logging.WARNING)
             h.setFormatter(_FIRST_LINE)
     try:  # (train holds the dir)
         return console.conclude(train(p), single_run=False, sweep=_sweep)
@@ -219,9 +216,6 @@ def task(cfg: DictConfig) -> float:
 
 class _FirstLine(logging.Formatter):
     """A sweep job's console: the first line of console.headline's record (how the job ended) and warnings."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.funcName == "headline" or record.levelno == logging.WARNING
 
     def format(self, record: logging.LogRecord) -> str:
         return super().format(record).split("\n")[0] if record.funcName == "headline" else super().format(record)
