@@ -14,7 +14,7 @@ import shlex
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -34,8 +34,7 @@ log = logging.getLogger("quadnet")
 HYDRA_ERRORS = (HydraException, OmegaConfBaseException, OverflowError)  # (Overflow: a huge int for a float key)
 
 
-@dataclasses.dataclass
-class Prepared:
+class Prepared(NamedTuple):
     """A run that passed every check and may be written: its start, data, device and dir."""
 
     job: loop.Job

@@ -98,11 +98,9 @@ def objective(params: Params, x: np.ndarray, y: np.ndarray, reg: float) -> float
 def sgd_update(params: Params, grads: Params, state: dict[str, Params], h: dict[str, float], t: int) -> None:
     """In place, torch.optim.SGD's rule: p -= lr·g, or with momentum v = m·v + g; p -= lr·v."""
     for k, p in params.items():
-        g = grads[k]
-        if "momentum" in state:
-            g = state["momentum"][k]
-            g[...] = h["momentum"] * g + grads[k]  # v = m·v + g, in place; the step takes v
-        p -= h["lr"] * g
+        if "momentum" in state:  # v = m·v + g, in place; the step takes v
+            state["momentum"][k][...] = h["momentum"] * state["momentum"][k] + grads[k]
+        p -= h["lr"] * state.get("momentum", grads)[k]
 
 
 def adam_update(params: Params, grads: Params, state: dict[str, Params], h: dict[str, float], t: int) -> None:
