@@ -206,7 +206,7 @@ def task(cfg: DictConfig) -> float:
     for h in logging.getLogger().handlers:
         if type(h) is logging.StreamHandler:  # (not train.log's FileHandler)
             h.addFilter(lambda record: record.funcName == "headline" or record.levelno == logging.WARNING)
-            h.setFormatter(_FIRST_LINE)
+            h.setFormatter(_FirstLine())
     try:  # (train holds the dir)
         return console.conclude(train(p), single_run=False, sweep=_sweep)
     finally:
@@ -218,9 +218,6 @@ class _FirstLine(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         return super().format(record).split("\n")[0] if record.funcName == "headline" else super().format(record)
-
-
-_FIRST_LINE = _FirstLine()
 
 
 def main() -> None:
