@@ -49,9 +49,6 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
     needs, its data, the checkpoint it resumes (the keys the user set go on top of its config,
     under :func:`quadnet.checkpoint.resume_check`), and the dir. Raises ConfigError or CheckpointError."""
     c = config.validate(cfg)
-    config.check_installed(c)
-    if c.engine == "numba" and (why := engines.numba_error()):
-        raise ConfigError(f"engine=numba: numba is installed but does not import ({why}); use engine=torch")
     ck = checkpoint.load(c.resume) if c.resume else None
     if ck is not None:  # the keys the user set: the command line's, a dict's own, else those not at their default
         flat, merged = config.flatten(dataclasses.asdict(c)), OmegaConf.create(ck["config"])
@@ -64,7 +61,9 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
         for key in sorted(keys & set(flat)):
             OmegaConf.update(merged, key, flat[key])
         c = config.validate(OmegaConf.to_container(merged))
-        config.check_installed(c)
+    config.check_installed(c)  # (resumed: with the checkpoint's logger and engine, where the user set none)
+    if c.engine == "numba" and (why := engines.numba_error()):
+        raise ConfigError(f"engine=numba: numba is installed but does not import ({why}); use engine=torch")
     data = make_dataset(c.data)
     c = dataclasses.replace(c, data=data.config)
     loop.check_memory(c, data)
