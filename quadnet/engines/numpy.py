@@ -62,8 +62,7 @@ def softmax_loss(scores: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     loss = -np.sum(shifted[rows, y] - np.log(total[:, 0])) / n
     dscores = exp / total  # the softmax probabilities
     dscores[rows, y] -= 1
-    dscores /= n
-    return float(loss), dscores
+    return float(loss), dscores / n
 
 
 def forward(params: Params, x: np.ndarray) -> tuple[np.ndarray, tuple[Any, Any, Any]]:
