@@ -1,8 +1,6 @@
 """What a run leaves in its dir: metrics.csv and summary.json, written atomically (the
 checkpoint is in quadnet.checkpoint, the plots in quadnet.plots)."""
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import json
@@ -55,9 +53,7 @@ def clean(obj: Any) -> Any:
         return {str(k): clean(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [clean(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def summary_metric(summary: dict[str, Any], name: str) -> float | None:

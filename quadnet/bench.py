@@ -40,13 +40,14 @@ from typing import Any
 import numpy as np
 
 from quadnet import table
+from quadnet.artifacts import versions
+from quadnet.config import DataConfig, TrainConfig
+from quadnet.data import make_dataset
+from quadnet.engines import build, usable_cpus
 from quadnet.exits import ArgumentParser, command, fail
 
 
 def machine() -> dict[str, Any]:
-    from quadnet.artifacts import versions
-    from quadnet.engines import usable_cpus
-
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     cpu = found[1].strip() if (found := re.search(r"^model name\s*:(.*)$", info, re.M)) else platform.machine()
     return {"cpu": cpu, "cpus": usable_cpus(), **{k: versions()[k] for k in ("python", "torch", "numpy")}}
@@ -55,9 +56,6 @@ def machine() -> dict[str, Any]:
 def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
     import torch
 
-    from quadnet.config import TrainConfig
-    from quadnet.data import make_dataset
-    from quadnet.engines import build
     from quadnet.engines.torch import torch_threads
     from quadnet.loop import start_state
 
@@ -165,9 +163,6 @@ def bench_sklearn(a: argparse.Namespace) -> list[dict[str, Any]]:
         from threadpoolctl import threadpool_limits
     except ImportError:
         fail("bench sklearn needs scikit-learn, which quadnet does not install: pip install scikit-learn")
-    from quadnet.config import DataConfig
-    from quadnet.data import make_dataset
-
     x, y = getattr(datasets, f"load_{a.table}")(return_X_y=True)
     with tempfile.TemporaryDirectory() as tmp:
         table, sweep_dir, columns = Path(tmp, "table.csv"), Path(tmp, "sweep"), [f"x{i}" for i in range(x.shape[1])]

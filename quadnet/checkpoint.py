@@ -10,8 +10,6 @@ model (``predict`` and ``quadnet.load`` read it). Only those members are read, e
 array or an extra member (a zip bomb) costs nothing.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import re
@@ -198,11 +196,9 @@ def resume_check(ck: dict[str, Any], now: TrainConfig, data: Any) -> None:
     for key, value in new.items():
         # (a path may differ: the contents decide; a key newer than the checkpoint: the data's hash)
         if key not in (*FREE, "data.path", "data.test_path", "data.val_path") and was.get(key, value) != value:
-            raise ConfigError(
-                f"cannot resume {ck['path']!r} with {key}={value!r}: it was trained with {key}={was.get(key)!r}, and "
-                f"a resume keeps what made its weights (its shape, data, initial weights and optimizer); "
-                f"it may change {', '.join(FREE[:-1])}"
-            )
+            keeps = "a resume keeps what made its weights (its shape, data, initial weights and optimizer)"
+            why = f"it was trained with {key}={was.get(key)!r}, and {keeps}; it may change {', '.join(FREE[:-1])}"
+            raise ConfigError(f"cannot resume {ck['path']!r} with {key}={value!r}: {why}")
     if ck.get("data_sha256") not in (None, data.digest):  # (the paths may differ: the contents decide)
         named = f"data.path={data.config.path!r}" if data.config.name == "csv" else f"data={data.config.name}"
         why = f"the data it names ({named}) is not the data it was trained on (its contents differ)"

@@ -5,8 +5,6 @@ class index is its quadrant minus one. A CSV of your own points (``data=csv``) h
 its labels name: every distinct label, sorted (numbers as numbers), so 0-3 and 1-4 both work.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 import hashlib
@@ -40,9 +38,8 @@ class Dataset:
     classes: tuple[Label, ...] = QUADRANTS  # the label of each class index
     quadrants: bool = True  # the classes are the quadrants: any point has a true one (on an axis, none)
     config: DataConfig = field(default_factory=DataConfig)  # what made it (a CSV's paths absolute)
-    x_val: np.ndarray = field(
-        default_factory=lambda: np.empty((0, 2))
-    )  # (N_val, D): what sweeps select on; N_val may be 0
+    # (N_val, D): what sweeps select on; N_val may be 0
+    x_val: np.ndarray = field(default_factory=lambda: np.empty((0, 2)))
     y_val: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     features: tuple[str, ...] = ("x", "y")  # the columns' names
     label: str = "label"  # the label's column (predict reads true labels from it)
@@ -160,14 +157,6 @@ def read_csv(
     return Table(np.array(points, dtype=np.float64), labels, picked, label, names)
 
 
-def _classes(*label_lists: list[Label]) -> tuple[Label, ...]:
-    """Every distinct label, sorted: numbers as numbers (all of them, or none, are numbers)."""
-    found = {lab for labels in label_lists for lab in labels}
-    if len(found) < 2:
-        raise ConfigError(f"data.path holds one class only ({', '.join(map(str, found))}): a classifier needs two")
-    return tuple(sorted(found, key=lambda lab: (isinstance(lab, str), str(lab) if isinstance(lab, str) else lab)))
-
-
 def _held_out(x: np.ndarray, labels: list[Label], n: int, rng: np.random.Generator) -> tuple[tuple, tuple]:
     """n random rows of a table, and the rest in their order: (rows, labels) each."""
     out = rng.permutation(len(x))[:n]
@@ -187,9 +176,9 @@ def make_dataset(cfg: DataConfig) -> Dataset:
         data = Dataset(x_train, ys[0], x_test, ys[1], config=cfg, x_val=x_val, y_val=ys[2])
         return _standardized(data) if cfg.standardize else data
     t = read_csv(str(cfg.path), "data.path", cfg.label, cfg.features)
-    train = t[:2]  # (the other files' columns by the training file's names: by position without a header)
+    # (the other files' columns by the training file's names: by position without a header)
     read = lambda key: read_csv(str(getattr(cfg, key)), f"data.{key}", t.label, t.features, t.columns)[:2]  # noqa: E731
-    train, test = (train, read("test_path")) if cfg.test_path else _held_out(*train, len(train[0]) // 5, rng)
+    train, test = (t[:2], read("test_path")) if cfg.test_path else _held_out(t.x, t.labels, len(t.x) // 5, rng)
     n_val = round(cfg.val_fraction * len(train[0]))
     train, val = (train, read("val_path")) if cfg.val_path else _held_out(*train, n_val, rng)
     for key, split in (("test_path", test), ("val_path", val)):  # (a random split may hold a rare class alone)
@@ -197,7 +186,10 @@ def make_dataset(cfg: DataConfig) -> Dataset:
             raise ConfigError(f"data.{key} has labels the training rows have not: {', '.join(map(str, unseen))}")
     if not len(train[0]) or not len(test[0]):
         raise ConfigError(f"data.path={cfg.path!r} has too few rows for a test and a training set: add data.test_path")
-    classes = _classes(*(split[1] for split in (train, test, val)))
+    # the classes: every distinct label, sorted; numbers as numbers (all of them, or none, are numbers)
+    if len(found := {lab for split in (train, test, val) for lab in split[1]}) < 2:
+        raise ConfigError(f"data.path holds one class only ({', '.join(map(str, found))}): a classifier needs two")
+    classes = tuple(sorted(found, key=lambda lab: (isinstance(lab, str), str(lab) if isinstance(lab, str) else lab)))
     index = {lab: i for i, lab in enumerate(classes)}
     y, y_test, y_val = (np.array([index[lab] for lab in split[1]], dtype=np.int64) for split in (train, test, val))
     paths = {k: str(user_path(v).absolute()) for k in ("path", "test_path", "val_path") if (v := getattr(cfg, k))}

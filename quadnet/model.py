@@ -9,8 +9,6 @@ are the torch definition of the net;
 separately, by hand, and tested equal to it. Importing this module does not import torch.
 """
 
-from __future__ import annotations
-
 import threading
 from typing import Any
 

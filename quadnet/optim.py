@@ -10,8 +10,6 @@ hyperparameters and buffers, the NumPy oracle's version in :mod:`quadnet.engines
 kernel's, and its config keys. Importing this module does not import torch.
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from typing import Any
 

@@ -234,11 +234,12 @@ def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: boo
 
 def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int | None) -> None:
     keys = swept_params(rows) or list(dict.fromkeys(k for r in rows for k in r["params"]))  # what tells them apart
-    shown = {id(r): show(" ".join(f"{k}={show(r['params'][k])}" for k in keys if k in r["params"])) for r in rows}
-    width, sw = max(9, *map(len, shown.values())), max(6, *(len(show(r["status"])) for r in rows))
+    top, bad = top or (len(rows) if len(rows) <= 100 else 20), [r for r in rows if r["status"] != "completed"]
+    listed = rows[:top] + bad[:top]  # (the rows printed: a million jobs print 40)
+    shown = {id(r): show(" ".join(f"{k}={show(r['params'][k])}" for k in keys if k in r["params"])) for r in listed}
+    width, sw = max(9, *map(len, shown.values())), max(6, *(len(show(r["status"])) for r in listed))
     columns = [*FIGURES[:6], *[metric] * metric.endswith("_error"), *FIGURES[6:]]  # (an error: if sorted by it)
     heads = [f.replace("_accuracy", " acc").replace("_seconds", " s").replace("_", " ") for f in columns]
-    top = top or (len(rows) if len(rows) <= 100 else 20)
     print(f"sweep {sweep}: {len(rows)} jobs, sorted by {metric}")
     print(f"{'job':>5}  {'swept':<{width}}  {'status':<{sw}}  " + " ".join(f"{h:>10}" for h in heads))
     for r in rows[:top]:
@@ -247,7 +248,7 @@ def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int |
         print(cells + " ".join(f"{v:>10}" for v in values))
     if len(rows) > top:
         print(f"… {len(rows) - top} more jobs not shown (--top N shows more); all are in report.csv")
-    if bad := [r for r in rows if r["status"] != "completed"]:
+    if bad:
         print(f"not completed ({len(bad)}):")
         for r in bad[:top]:
             why = f": {show(r['error'])}" if r["error"] else ""

@@ -80,12 +80,14 @@ def write_chunk(path: Path, jobs: list[Any], objectives: list[float | None]) -> 
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression=packed, use_dictionary=False))
 
 
-def read_chunk(path: Path, columns: list[str] | None = None) -> Any:
-    """A chunk as a pyarrow Table, or None when it is missing, damaged or half-written."""
+def read_chunk(path: Path, columns: list[str] | None = None, weights: bool = True) -> Any:
+    """A chunk as a pyarrow Table (weights: with meta and the weights), or None when it is missing,
+    damaged or half-written."""
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path, columns=columns)
+        names = columns or [n for n in pq.read_schema(path).names if weights or n not in ("meta", *PARAMS)]
+        return pq.read_table(path, columns=names)
     except (OSError, ValueError, KeyError):  # (pyarrow's: ArrowInvalid is a ValueError, ArrowIOError an OSError)
         return None
 
@@ -114,9 +116,8 @@ def rows(sweep: Path) -> tuple[list[dict[str, Any]], list[str]]:
     under ``params``; and the chunks that could not be read (their jobs are missing)."""
     import pyarrow as pa
 
-    read = {p: read_chunk(p) for p in tables(sweep)}
-    t = pa.concat_tables([t.drop_columns([c for c in ("meta", *PARAMS) if c in t.column_names])
-                          for t in read.values() if t is not None], promote_options="permissive")  # fmt: skip
+    read = {p: read_chunk(p, weights=False) for p in tables(sweep)}
+    t = pa.concat_tables([t for t in read.values() if t is not None], promote_options="permissive")
     swept = [c for c in t.column_names if c not in FIXED]
     columns = {c: t[c].to_pylist() for c in t.column_names}
     out = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]

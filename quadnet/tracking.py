@@ -12,8 +12,6 @@ refuses a write costs a warning and a ``tracking`` note in summary.json; the run
 stay as they are, and the process does not try that store again.
 """
 
-from __future__ import annotations
-
 import contextlib
 import json
 import logging
@@ -22,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quadnet.artifacts import versions
 from quadnet.config import flatten, user_path
 
 log = logging.getLogger("quadnet")
@@ -93,10 +92,7 @@ def end(sweep_dir: Path, status: str) -> None:
 
 
 def _versions() -> dict[str, str]:
-    from quadnet.artifacts import versions
-
-    v = versions()
-    return {"quadnet.version": str(v["quadnet"]), "quadnet.git_commit": str(v["git_commit"] or "")}
+    return {"quadnet.version": str(versions()["quadnet"]), "quadnet.git_commit": str(versions()["git_commit"] or "")}
 
 
 def log_run(summary: dict[str, Any], history: list[dict[str, float]], run_dir: Path, sweep_dir: Path | None,

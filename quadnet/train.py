@@ -7,8 +7,6 @@ way. :func:`task` trains what was prepared (:func:`train`) and reports how it en
 (:func:`quadnet.console.conclude`). :func:`run` does the same from Python.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import logging
 import os
@@ -16,7 +14,7 @@ import shlex
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -36,8 +34,7 @@ log = logging.getLogger("quadnet")
 HYDRA_ERRORS = (HydraException, OmegaConfBaseException, OverflowError)  # (Overflow: a huge int for a float key)
 
 
-@dataclasses.dataclass
-class Prepared:
+class Prepared(NamedTuple):
     """A run that passed every check and may be written: its start, data, device and dir."""
 
     job: loop.Job
@@ -52,9 +49,6 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
     needs, its data, the checkpoint it resumes (the keys the user set go on top of its config,
     under :func:`quadnet.checkpoint.resume_check`), and the dir. Raises ConfigError or CheckpointError."""
     c = config.validate(cfg)
-    config.check_installed(c)
-    if c.engine == "numba" and (why := engines.numba_error()):
-        raise ConfigError(f"engine=numba: numba is installed but does not import ({why}); use engine=torch")
     ck = checkpoint.load(c.resume) if c.resume else None
     if ck is not None:  # the keys the user set: the command line's, a dict's own, else those not at their default
         flat, merged = config.flatten(dataclasses.asdict(c)), OmegaConf.create(ck["config"])
@@ -67,7 +61,9 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
         for key in sorted(keys & set(flat)):
             OmegaConf.update(merged, key, flat[key])
         c = config.validate(OmegaConf.to_container(merged))
-        config.check_installed(c)
+    config.check_installed(c)  # (resumed: with the checkpoint's logger and engine, where the user set none)
+    if c.engine == "numba" and (why := engines.numba_error()):
+        raise ConfigError(f"engine=numba: numba is installed but does not import ({why}); use engine=torch")
     data = make_dataset(c.data)
     c = dataclasses.replace(c, data=data.config)
     loop.check_memory(c, data)
@@ -75,15 +71,12 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
     # an earlier run's training is never lost: a dir that holds one is refused, unless resume= names it
     here = checkpoint.in_dir(out)
     if here is not None and not (c.resume and checkpoint.find(c.resume).resolve() == here.resolve()):
-        raise ConfigError(
-            f"{out} holds an earlier run (its {here.name}): {shlex.quote(f'resume={console.hydra_value(out)}')} "
-            "goes on from it (a sweep: run it again with hydra/launcher=batched), or choose another dir"
-        )
-    if ck is None:
-        job = loop.Job(c, loop.start_state(c, data))
-    else:
+        resume = shlex.quote(f"resume={console.hydra_value(out)}")
+        again = f"{resume} goes on from it (a sweep: run it again with hydra/launcher=batched)"
+        raise ConfigError(f"{out} holds an earlier run (its {here.name}): {again}, or choose another dir")
+    if ck is not None:
         checkpoint.resume_check(ck, c, data)
-        job = loop.Job(c, ck["state"], ck["epoch"], ck["history"])
+    job = loop.Job(c, ck["state"], ck["epoch"], ck["history"]) if ck else loop.Job(c, loop.start_state(c, data))
     return Prepared(job, data, device, Path(out), list(overrides or []))
 
 
@@ -211,8 +204,8 @@ def task(cfg: DictConfig) -> float:
     # job's logging afresh: this lasts the job)
     for h in logging.getLogger().handlers:
         if type(h) is logging.StreamHandler:  # (not train.log's FileHandler)
-            h.addFilter(_FIRST_LINE)
-            h.setFormatter(_FIRST_LINE)
+            h.addFilter(lambda record: record.funcName == "headline" or record.levelno == logging.WARNING)
+            h.setFormatter(_FirstLine())
     try:  # (train holds the dir)
         return console.conclude(train(p), single_run=False, sweep=_sweep)
     finally:
@@ -222,14 +215,8 @@ def task(cfg: DictConfig) -> float:
 class _FirstLine(logging.Formatter):
     """A sweep job's console: the first line of console.headline's record (how the job ended) and warnings."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.funcName == "headline" or record.levelno == logging.WARNING
-
     def format(self, record: logging.LogRecord) -> str:
         return super().format(record).split("\n")[0] if record.funcName == "headline" else super().format(record)
-
-
-_FIRST_LINE = _FirstLine()
 
 
 def main() -> None:

@@ -9,8 +9,6 @@ Each computes its logits its own way; :func:`metric_rows` turns them into the fi
 name in this package's namespace.)
 """
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import importlib.util

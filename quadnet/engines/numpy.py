@@ -10,8 +10,6 @@ This is the reference the torch engine is checked against
 it in turn against centred finite differences. Importing it imports neither torch nor numba.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Any
 
@@ -64,8 +62,7 @@ def softmax_loss(scores: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     loss = -np.sum(shifted[rows, y] - np.log(total[:, 0])) / n
     dscores = exp / total  # the softmax probabilities
     dscores[rows, y] -= 1
-    dscores /= n
-    return float(loss), dscores
+    return float(loss), dscores / n
 
 
 def forward(params: Params, x: np.ndarray) -> tuple[np.ndarray, tuple[Any, Any, Any]]:
@@ -100,11 +97,9 @@ def objective(params: Params, x: np.ndarray, y: np.ndarray, reg: float) -> float
 def sgd_update(params: Params, grads: Params, state: dict[str, Params], h: dict[str, float], t: int) -> None:
     """In place, torch.optim.SGD's rule: p -= lr·g, or with momentum v = m·v + g; p -= lr·v."""
     for k, p in params.items():
-        g = grads[k]
-        if "momentum" in state:
-            g = state["momentum"][k]
-            g[...] = h["momentum"] * g + grads[k]  # v = m·v + g, in place; the step takes v
-        p -= h["lr"] * g
+        if "momentum" in state:  # v = m·v + g, in place; the step takes v
+            state["momentum"][k][...] = h["momentum"] * state["momentum"][k] + grads[k]
+        p -= h["lr"] * state.get("momentum", grads)[k]
 
 
 def adam_update(params: Params, grads: Params, state: dict[str, Params], h: dict[str, float], t: int) -> None:

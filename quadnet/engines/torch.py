@@ -8,8 +8,6 @@ the hand-written backward (the reference that one is tested against).
 On CUDA, runs of steps are captured once as a CUDA graph and replayed.
 """
 
-from __future__ import annotations
-
 import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -129,9 +127,7 @@ class TorchEngine:
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """torch's CPU threads for a block of work, put back after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
+    with contextlib.ExitStack() as restore:
+        restore.callback(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(n)
         yield
-    finally:
-        torch.set_num_threads(before)
