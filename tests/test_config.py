@@ -63,7 +63,7 @@ BAD = [
     ("Lr=0.1", ["unknown config key 'Lr'; did you mean lr?"]),
     ("lr=0.1,0.01", ["Ambiguous value", "add -m (--multirun)"]),
     ("-m hydra.launcher=batched", ["hydra/launcher=… (a slash)"]),
-    ("hydra/launcher=batched hydra.launcher.max_bach=4", ["did you mean max_batch?", "plots, max_batch, job_dirs, executor"]),
+    ("hydra/launcher=batched hydra.launcher.max_bach=4", ["did you mean max_batch?", "max_batch, job_dirs, executor"]),
     ("--bogus", ["unrecognized arguments: --bogus", "--hydra-help"]),
     ("--cfg nope", ["--cfg", "invalid choice: 'nope'"]),
 ]
