@@ -55,10 +55,10 @@ EOF
 }
 
 if [[ $dry -eq 1 ]]; then  # (tiny sizes on the CPU: seconds a step)
-  device=cpu step_jobs=1,8 repeat=1 sweep=(--jobs 4 --epochs 10 --sample 3) big=(--jobs 20000 --epochs 10 --seconds 15)
+  device=cpu step_jobs=1,8 repeat=1 sweep=(--jobs 4 --epochs 10 --sample 3) big=(--jobs 20000 --epochs 10 --seconds 15 --table-only)
 else  # (the million-job sweep stopped after 150 s: a Hydra sweeper that lists a million jobs first takes minutes)
   device=cuda step_jobs=1,256,4096 repeat=1 sweep=(--jobs 10000 --epochs 1000 --sample 3)
-  big=(--jobs 1000000 --epochs 1000 --seconds 150)
+  big=(--jobs 1000000 --epochs 1000 --seconds 150 --table-only)
 fi
 { [[ $dry -eq 1 ]] || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc;
   "$py" -c 'import torch; print(torch.__version__, "cuda:", torch.cuda.is_available())'; } | tee "$out/gpu.txt"
