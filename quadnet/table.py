@@ -21,7 +21,7 @@ import numpy as np
 
 from quadnet import checkpoint
 from quadnet.artifacts import atomic_write
-from quadnet.config import flatten, one_line, to_dict
+from quadnet.config import flatten, to_dict
 from quadnet.engines import METRICS
 from quadnet.model import shapes
 
@@ -117,7 +117,9 @@ def rows(sweep: Path) -> tuple[list[dict[str, Any]], list[str]]:
     import pyarrow as pa
 
     read = {p: read_chunk(p, weights=False) for p in tables(sweep)}
-    t = pa.concat_tables([t for t in read.values() if t is not None], promote_options="permissive")
+    if not (ok := [t for t in read.values() if t is not None]):
+        return [], [p.name for p in read]
+    t = pa.concat_tables(ok, promote_options="permissive")
     swept = [c for c in t.column_names if c not in FIXED]
     columns = {c: t[c].to_pylist() for c in t.column_names}
     out = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
@@ -129,27 +131,19 @@ def rows(sweep: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 def load(sweep: Path, job: str) -> dict[str, Any]:
     """A job of a sweep's table, named by its number or by overrides that it alone has (``"lr=0.1
-    seed=2"``, in any order), as :func:`quadnet.checkpoint.load` gives a checkpoint; CheckpointError (one line) else."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
-
-    where = f"{str(sweep)!r} job {job}"
+    seed=2"``, in any order), as :func:`quadnet.checkpoint.load` gives a checkpoint; CheckpointError
+    (one line) else. A chunk that cannot be read is passed over."""
+    where, wanted, hits = f"{str(sweep)!r} job {job}", set(job.split()), []
     if not tables(sweep):
         raise checkpoint.CheckpointError(f"{str(sweep)!r} holds no results table ({RESULTS}/*.parquet)")
-    try:
-        d = ds.dataset(tables(sweep), format="parquet")
-        if job.isdigit():
-            found = d.to_table(filter=pc.field("job") == int(job))
-        else:
-            wanted, t = set(job.split()), d.to_table(columns=["job", "overrides"])
-            rows = [i for i, o in enumerate(t["overrides"].to_pylist()) if wanted <= set(o)]
-            found = d.to_table(filter=pc.field("job").isin([t["job"][i].as_py() for i in rows]))
-    except (OSError, ValueError) as e:
-        raise checkpoint.CheckpointError(f"{where}: its table cannot be read ({one_line(e)})") from None
-    if found.num_rows != 1:
-        many = f"{found.num_rows} jobs match" if found.num_rows else "no such job in its table"
+    for path in tables(sweep):
+        if (t := read_chunk(path, ["job", "overrides"])) is not None:
+            pairs = enumerate(zip(t["job"].to_pylist(), t["overrides"].to_pylist(), strict=True))
+            hits += [(path, i) for i, (n, o) in pairs if (str(n) == job if job.isdigit() else wanted <= set(o))]
+    if len(hits) != 1 or (found := read_chunk(hits[0][0])) is None:
+        many = f"{len(hits)} jobs match" if hits else "no such job in its table"
         raise checkpoint.CheckpointError(f"{where}: {many}; name one by its number or its overrides")
-    row = found.to_pylist()[0]
+    row = found.slice(hits[0][1], 1).to_pylist()[0]
     if row["meta"] is None:
         raise checkpoint.CheckpointError(f"{where} did not train: {row['error']}")
     meta, cfg = checkpoint._meta(np.array(row["meta"]), where)
