@@ -77,6 +77,17 @@ def check(cfg: TrainConfig, state: dict[str, Any] | None = None) -> dict[str, An
     return {"epochs": cfg.epochs, "diverged": bad, **figs}
 
 
+def resumed(cfg: TrainConfig, overrides: list[str]) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """cfg and no state; with resume=, the checkpoint's config (its epochs: cfg's) and its state."""
+    if not cfg.resume:
+        return cfg, None
+    if other := [o for o in overrides if o.split("=", 1)[0] not in ("resume", "epochs")]:
+        raise ConfigError(f"{other[0]} is not allowed with resume=: its checkpoint's config is used (epochs= aside)")
+    ck = checkpoint.load(cfg.resume)
+    print(f"from {ck['path']} at epoch {ck['epoch']}")
+    return dataclasses.replace(ck["cfg"], epochs=cfg.epochs, resume=None), ck["state"]
+
+
 @command(explain=one_line, bad=(HydraException, OmegaConfBaseException))
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m quadnet.crosscheck", description=__doc__.split("\n\n")[0].replace("``", ""))
@@ -87,13 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not all(0 <= t < float("inf") for t in (args.tol, args.grad_check_tol)):
         parser.error("--tol and --grad-check-tol must be finite and >= 0")
-    cfg, state = validate(compose(args.overrides)), None
-    if cfg.resume and (other := [o for o in args.overrides if o.split("=", 1)[0] not in ("resume", "epochs")]):
-        raise ConfigError(f"{other[0]} is not allowed with resume=: its checkpoint's config is used (epochs= aside)")
-    if cfg.resume:  # the checkpoint's config (its epochs: the command line's) and its state
-        ck = checkpoint.load(cfg.resume)
-        print(f"from {ck['path']} at epoch {ck['epoch']}")
-        cfg, state = dataclasses.replace(ck["cfg"], epochs=cfg.epochs, resume=None), ck["state"]
+    cfg, state = resumed(validate(compose(args.overrides)), args.overrides)
     make_dataset(cfg.data)  # (a bad CSV says so here, in one line)
     net = f"hidden_dim={cfg.hidden_dim}, lr={cfg.lr:g}, reg={cfg.reg:g}, momentum={cfg.momentum:g}, {cfg.optimizer}"
     setup = f"{cfg.epochs} epochs, {net}, init={cfg.init}, data={cfg.data.name}, float64"
