@@ -68,9 +68,8 @@ def summary_metric(summary: dict[str, Any], name: str) -> float | None:
     return None
 
 
-def prediction_rows(
-    points: np.ndarray, probs: np.ndarray, classes: tuple[Any, ...], truth: np.ndarray | None, quadrants: bool
-) -> list[dict[str, Any]]:
+def prediction_rows(points: np.ndarray, probs: np.ndarray, classes: tuple[Any, ...], truth: np.ndarray | None,
+                    quadrants: bool) -> list[dict[str, Any]]:  # fmt: skip
     """Per point (N, 2): the predicted class's label (None if probs are not finite), the
     probabilities, the true label (the data's; for quadrant classes without data, the point's
     quadrant, None on an axis) and, for quadrant classes, whether it lies on an axis."""
@@ -111,9 +110,8 @@ def versions() -> dict[str, str | None]:
         with contextlib.suppress(PackageNotFoundError):
             out[p] = version(p)
     out |= {"python": platform.python_version(), "git_commit": None}
-    here = Path(__file__).resolve().parent.parent
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        if (here / ".git").exists():
+        if ((here := Path(__file__).resolve().parent.parent) / ".git").exists():
             git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
             out["git_commit"] = git.stdout.strip() or None
     return out

@@ -103,9 +103,8 @@ class Table(NamedTuple):
     columns: list[str]  # the file's, as its header names them (or by position)
 
 
-def read_csv(
-    path: str, key: str, label: str | None = None, features: list[str] | None = None, columns: list[str] | None = None
-) -> Table:
+def read_csv(path: str, key: str, label: str | None = None, features: list[str] | None = None,
+             columns: list[str] | None = None) -> Table:  # fmt: skip
     """Feature rows (N, D) and their labels from a table of numbers with a label column. A header
     line naming the columns may come first (without one they are x, y, label, or x1..xD, label);
     the label is column ``label`` (else the header's ``label``, else the last), the features are

@@ -123,19 +123,16 @@ def read_points(f: str, features: tuple[str, ...] = ("x", "y"), label: str = "la
     name the columns (the features, and the label's); without one a line is the features in order,
     then a label. An empty file (/dev/null too) has none. A file that is no regular file (a device,
     a pipe) is read up to POINTS_BYTES: /dev/zero would never end."""
-    try:
-        if f == "-":
-            lines = sys.stdin.read().splitlines()
-        else:
-            with open(f, "rb") as fh:
-                raw = fh.read() if Path(f).is_file() else fh.read(POINTS_BYTES + 1)
-            if len(raw) > POINTS_BYTES and not Path(f).is_file():
-                raise InputError(f"points file {f!r} goes on past {POINTS_BYTES >> 20} MiB: give a file of x,y lines")
-            lines = raw.decode("utf-8-sig").splitlines()
+    where, regular = ("stdin", False) if f == "-" else (f"points file {f!r}", Path(f).is_file())
+    try:  # (stdin is a pipe too: read up to POINTS_BYTES)
+        with open(sys.stdin.fileno() if f == "-" else f, "rb", closefd=f != "-") as fh:
+            raw = fh.read() if regular else fh.read(POINTS_BYTES + 1)
+        if len(raw) > POINTS_BYTES and not regular:
+            raise InputError(f"{where} goes on past {POINTS_BYTES >> 20} MiB: give a file of x,y lines")
+        lines = raw.decode("utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         why = "does not exist" if isinstance(e, FileNotFoundError) else "is not a text file of x,y lines"
-        raise InputError(f"points file {f!r} {why}") from None
-    where = "stdin" if f == "-" else f"points file {f!r}"
+        raise InputError(f"{where} {why}") from None
     rows = [(i, c) for i, ln in enumerate(lines, 1) if (c := ln.split("#", 1)[0].strip())]
     named = rows and "," in rows[0][1] and not re.match(r"[-+.\d]", rows[0][1])  # (one word: a bad point)
     head = [h.strip() for h in rows[0][1].split(",")] if named else None

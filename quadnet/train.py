@@ -52,12 +52,11 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
     ck = checkpoint.load(c.resume) if c.resume else None
     if ck is not None:  # the keys the user set: the command line's, a dict's own, else those not at their default
         flat, merged = config.flatten(dataclasses.asdict(c)), OmegaConf.create(ck["config"])
+        keys = {k for k, v in config.flatten(dataclasses.asdict(TrainConfig())).items() if flat[k] != v}
         if overrides is not None and isinstance(cfg, DictConfig):
             keys = {"data.name" if k == "data" else k for k in (o.split("=", 1)[0].lstrip("+~") for o in overrides)}
         elif isinstance(cfg, dict):
             keys = set(config.flatten(cfg))
-        else:
-            keys = {k for k, v in config.flatten(dataclasses.asdict(TrainConfig())).items() if flat[k] != v}
         for key in sorted(keys & set(flat)):
             OmegaConf.update(merged, key, flat[key])
         c = config.validate(OmegaConf.to_container(merged))
@@ -80,9 +79,8 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
     return Prepared(job, data, device, Path(out), list(overrides or []))
 
 
-def train(
-    cfg: Prepared | DictConfig | dict[str, Any] | TrainConfig, run_dir: str | Path | None = None
-) -> dict[str, Any]:
+def train(cfg: Prepared | DictConfig | dict[str, Any] | TrainConfig,
+          run_dir: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Train a prepared run (or prepare ``cfg`` first), write its dir, and return the summary.
 
     Raises ConfigError or CheckpointError for bad input before anything is written, and
