@@ -18,9 +18,11 @@ did not get them.
 
 import contextlib
 import csv
+import gc
 import io
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,15 +119,21 @@ def read_jobs(sweep: Path, metric: str) -> list[dict[str, Any]]:
 
 def swept_params(rows: list[dict[str, Any]]) -> list[str]:
     keys = dict.fromkeys(k for r in rows for k in r["params"])
-    return [k for k in keys if len({repr(r["params"][k]) for r in rows if k in r["params"]}) > 1]
+    return [k for k in keys if _varies(repr(r["params"][k]) for r in rows if k in r["params"])]
+
+
+def _varies(values: Iterator[str]) -> bool:
+    first = next(values, None)
+    return any(v != first for v in values)  # (stops at the first other value: a million seeds, at the second)
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], params: list[str]) -> None:
     """One row a job: its swept parameters, overrides, status, error and every metric (no column twice)."""
-    fields = ["job", *params, "overrides", "status", "error", *FIGURES[:6], "val_error", "test_error", *FIGURES[6:]]
-    w = csv.DictWriter(buf := io.StringIO(), fields, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows({**r["params"], **r, **{e: summary_metric(r, e) for e in ("val_error", "test_error")}} for r in rows)
+    figures = [*FIGURES[:6], "val_error", "test_error", *FIGURES[6:]]
+    w = csv.writer(buf := io.StringIO(), lineterminator="\n")
+    w.writerow(["job", *params, "overrides", "status", "error", *figures])
+    cells = lambda r: [r["params"].get(p) for p in params] + [r[k] for k in ("overrides", "status", "error")]  # noqa: E731
+    w.writerows([r["job"], *cells(r), *(summary_metric(r, f) if "error" in f else r[f] for f in figures)] for r in rows)
     write_text(path, buf.getvalue())
 
 
@@ -275,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     if not sweep.is_dir():
         fail(f"{str(sweep)!r} is not a directory")
     rows = read_jobs(sweep, args.metric)  # (an OSError: one line, by @command)
+    gc.freeze()  # (a million jobs' rows: the collector need not walk them again and again)
     print_table(sweep, rows, args.metric, args.top)
     write_files(sweep, rows, args.metric, plots=not args.no_plots)
 
