@@ -88,7 +88,7 @@ def bench_step(sizes: list[int], repeat: int) -> list[dict[str, Any]]:
     return rows
 
 
-_PHASES = re.compile(r"composed \d+ jobs in (\S+) s, trained in (\S+) s, wrote their dirs in (\S+) s; (\S+) s")
+_PHASES = re.compile(r"composed \d+ jobs in (\S+) s, trained in (\S+) s, wrote their results in (\S+) s; (\S+) s")
 
 
 Timing = tuple[float, str, int, int]  # a sweep's seconds, output, peak memory and completed jobs

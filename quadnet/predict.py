@@ -89,6 +89,8 @@ def load(path: str | Path, job: str | int | None = None) -> Model:
     (one line) if unusable."""
     if job is None and not Path(path).exists() and table.tables(Path(path).parent):  # SWEEP/17, a table's job
         path, job = Path(path).parent, Path(path).name
+    if job is None and table.tables(Path(path)) and not (Path(path) / CHECKPOINT).exists():
+        raise CheckpointError(f"{str(path)!r} is a sweep: name one of its jobs, {path}/N or --job OVERRIDES")
     ck = checkpoint.load(path) if job is None else table.load(Path(path), str(job))
     status, params, p = str(ck.get("status")), ck["params"], ck["path"]
     if status == "diverged" or (bad := [k for k, v in params.items() if not np.isfinite(v).all()]):

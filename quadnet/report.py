@@ -248,7 +248,8 @@ def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int |
     width, sw = max(9, *map(len, shown.values())), max(6, *(len(show(r["status"])) for r in listed))
     columns = [*FIGURES[:6], *[metric] * metric.endswith("_error"), *FIGURES[6:]]  # (an error: if sorted by it)
     heads = [f.replace("_accuracy", " acc").replace("_seconds", " s").replace("_", " ") for f in columns]
-    print(f"sweep {sweep}: {len(rows)} jobs, sorted by {metric}")
+    test = metric.startswith("val_") and all(r["val_loss"] is None for r in rows)  # (no validation split)
+    print(f"sweep {sweep}: {len(rows)} jobs, sorted by {metric}" + " (the test set's: no validation split)" * test)
     print(f"{'job':>5}  {'swept':<{width}}  {'status':<{sw}}  " + " ".join(f"{h:>10}" for h in heads))
     for r in rows[:top]:
         values = [show(summary_metric(r, f) if f.endswith("_error") else r[f], "accuracy" in f) for f in columns]

@@ -42,7 +42,7 @@ from quadnet.device import gpu_possible
 log = logging.getLogger(__name__)
 
 # one line per sweep; `python -m quadnet.bench sweep` reads it back
-TIMING_LINE = "composed %d jobs in %.2f s, trained in %.2f s, wrote their dirs in %.2f s; %.2f s in all"
+TIMING_LINE = "composed %d jobs in %.2f s, trained in %.2f s, wrote their results in %.2f s; %.2f s in all"
 CHATTY = 16  # sweeps up to this size log a line per job; bigger ones a summary
 CPU_BATCH = 1024  # most jobs in one CPU batch by default (bigger batches cost more per job: bench step)
 CUDA_CHUNK = 16384  # most jobs composed at once on CUDA (a batch may hold more, memory permitting)
@@ -399,7 +399,7 @@ class Sweep:
         if self.dirs:
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         # the chunk's rows; without job dirs, a chunk a signal cut short is left out (it trains again)
-        if self.dirs or all(j.result is None or j.result.status != "interrupted" for j in jobs):
+        if written := self.dirs or all(j.result is None or j.result.status != "interrupted" for j in jobs):
             try:
                 table.write_chunk(table.chunk_path(self.dir, jobs[0].idx), jobs, objectives)
             except OSError as e:  # (with job dirs, the table is a second copy: a note, not the sweep's end)
@@ -407,15 +407,19 @@ class Sweep:
                     raise
                 log.warning("the results table's chunk of jobs %d-%d not written: %s", jobs[0].idx, jobs[-1].idx, e)
         self.seconds["write"] += time.perf_counter() - t0
-        if self.quiet_training:
+        if self.quiet_training and written:
             log.info("jobs %d-%d of %d written", jobs[0].idx, jobs[-1].idx, len(self.overrides))
 
     def ended_before(self, first: int) -> bool:
         """Whether the chunk from job first ended in an earlier launch of this sweep, as its table says:
         its jobs' ends are taken from there, and it is not composed nor trained again."""
-        overrides = [list(o) for o in self.overrides[first : first + self.chunk]]
-        t = table.finished(table.chunk_path(self.dir, self.first + first), self.first + first, overrides)
-        if t is None:
+        overrides, path = (
+            [list(o) for o in self.overrides[first : first + self.chunk]],
+            table.chunk_path(self.dir, self.first + first),
+        )
+        if (t := table.finished(path, self.first + first, overrides)) is None:
+            if path.exists():  # (a chunk file but not of these jobs, all ended)
+                log.warning("%s is damaged, unfinished or another sweep's: its jobs train again", path)
             return False
         ends = zip(*(t[k].to_pylist() for k in ("status", "error", "objective")), strict=True)
         for i, (status, error, value) in enumerate(ends):
@@ -532,7 +536,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     if stop.signal is not None:  # (the sweep ends here: Hydra's callbacks, which print this line, are not called)
         console.closing_line(ENDED, sweep.dir, ENDED.total() - ends.total() + n)  # (Optuna: earlier launches too)
         where = console.resume_sweep(sweep.dir)
-        again = f"every job's dir written has its checkpoint. Resume the sweep with:\n  {where}"
+        kept = "every job's dir written has its checkpoint" if sweep.dirs else "its table keeps every chunk that ended"
+        again = f"{kept}. Resume the sweep with:\n  {where}"
         late = "after every job had trained and is written"
         log.warning("interrupted: %s", again if ends["interrupted"] or ends.total() < n else late)
         sys.exit(128 + stop.signal)

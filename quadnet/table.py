@@ -139,9 +139,10 @@ def load(sweep: Path, job: str) -> dict[str, Any]:
     for path in tables(sweep):
         if (t := read_chunk(path, ["job", "overrides"])) is not None:
             pairs = enumerate(zip(t["job"].to_pylist(), t["overrides"].to_pylist(), strict=True))
-            hits += [(path, i) for i, (n, o) in pairs if (str(n) == job if job.isdigit() else wanted <= set(o))]
+            hits += [(path, i, n) for i, (n, o) in pairs if (str(n) == job if job.isdigit() else wanted <= set(o))]
     if len(hits) != 1 or (found := read_chunk(hits[0][0])) is None:
-        many = f"{len(hits)} jobs match" if hits else "no such job in its table"
+        some = ", ".join(str(n) for *_, n in hits[:10]) + " …" * (len(hits) > 10)
+        many = f"jobs {some} match" if hits else "no such job"
         raise checkpoint.CheckpointError(f"{where}: {many}; name one by its number or its overrides")
     row = found.slice(hits[0][1], 1).to_pylist()[0]
     if row["meta"] is None:

@@ -118,7 +118,7 @@ def test_report_predict_and_load_read_a_sweep_without_job_dirs(tmp_path):
     assert r.returncode == 0 and f"model: {tmp_path}/s/3" in r.stdout, r.stderr
     r = run_cli(str(tmp_path / "s"), "--job", "hidden_dim=9 seed=1", "1,1", module="quadnet.predict", cwd=tmp_path)
     assert r.returncode == 0 and f"model: {tmp_path}/s/3" in r.stdout, r.stderr
-    for job, words in (("seed=1", "2 jobs match"), ("99", "no such job")):
+    for job, words in (("seed=1", "jobs 2, 3 match"), ("99", "no such job")):
         r = run_cli(str(tmp_path / "s"), "--job", job, "1,1", module="quadnet.predict", cwd=tmp_path)
         assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
     model = quadnet.load(tmp_path / "s", "seed=2 hidden_dim=5")
