@@ -31,8 +31,21 @@ def sweep_dir(tmp_path_factory):
 
 @pytest.fixture
 def sweep(sweep_dir, tmp_path):
-    """A fresh copy of the sweep, to damage."""
-    return shutil.copytree(sweep_dir, tmp_path / "s")
+    """A fresh copy of the sweep, to damage, as quadnet 0.5 and earlier wrote it: job dirs, no results table."""
+    shutil.rmtree(shutil.copytree(sweep_dir, tmp_path / "s") / "results")
+    return tmp_path / "s"
+
+
+def test_the_report_of_a_sweeps_table_is_the_report_of_its_job_dirs(sweep_dir, tmp_path, capsys):
+    dirs = shutil.copytree(sweep_dir, tmp_path / "dirs")
+    shutil.rmtree(dirs / "results")
+    table = shutil.copytree(sweep_dir, tmp_path / "table")
+    for n in range(16):
+        shutil.rmtree(table / str(n))  # (the table alone)
+    reports = [_report(capsys, d, "--no-plots") for d in (dirs, table)]
+    assert [code for code, _, _ in reports] == [0, 0]
+    assert reports[0][1].replace("/dirs", "/table") == reports[1][1]
+    assert (dirs / "report.csv").read_text() == (table / "report.csv").read_text()
 
 
 def saved_figures(monkeypatch):
