@@ -402,6 +402,7 @@ class Sweep:
         if written := self.dirs or all(j.result is None or j.result.status != "interrupted" for j in jobs):
             try:
                 table.write_chunk(table.chunk_path(self.dir, jobs[0].idx), jobs, objectives)
+                RECORD.clear()  # (results written: multirun.yaml stays, their record, whatever happens next)
             except OSError as e:  # (with job dirs, the table is a second copy: a note, not the sweep's end)
                 if not self.dirs:
                     raise
@@ -410,26 +411,49 @@ class Sweep:
         if self.quiet_training and written:
             log.info("jobs %d-%d of %d written", jobs[0].idx, jobs[-1].idx, len(self.overrides))
 
-    def ended_before(self, first: int) -> bool:
-        """Whether the chunk from job first ended in an earlier launch of this sweep, as its table says:
-        its jobs' ends are taken from there, and it is not composed nor trained again."""
-        overrides, path = (
-            [list(o) for o in self.overrides[first : first + self.chunk]],
-            table.chunk_path(self.dir, self.first + first),
-        )
-        if (t := table.finished(path, self.first + first, overrides)) is None:
-            if path.exists():  # (a chunk file but not of these jobs, all ended)
-                log.warning("%s is damaged, unfinished or another sweep's: its jobs train again", path)
-            return False
-        ends = zip(*(t[k].to_pylist() for k in ("status", "error", "objective")), strict=True)
-        for i, (status, error, value) in enumerate(ends):
-            if status == "failed":
-                self.returns.errors[first + i] = ConfigError(error)
-            else:
-                self.returns.value[first + i] = value
-            self.ended[status] += 1
-        self.counts["completed"] += t.num_rows
-        return True
+    def ended_before(self) -> set[int]:
+        """The chunks (by first job) that ended in an earlier launch of this sweep without job dirs, as its
+        table says: their jobs' ends are taken from there, and they are not trained again. Checked before
+        anything is written: a chunk that cannot be read (damaged, half-written) trains again; a chunk file
+        of other jobs, settings or data refuses the sweep (SweepRefused), with job dirs or without."""
+        n, ended = len(self.overrides), set()
+        again = "run the sweep as it was (its overrides, config, data and max_batch), or choose another hydra.sweep.dir"
+        artifacts.remove_stale(self.dir / table.RESULTS)  # (a writer killed mid-write)
+        # (this launch's chunk files; another launch's, Optuna's batches, are not read)
+        ours = [(p, first) for p in table.tables(self.dir) if 0 <= (first := int(p.stem[6:]) - self.first) < n]
+        if off := [p for p, first in ours if first % self.chunk]:
+            raise SweepRefused(f"{off[0]} is not a chunk of this sweep's (chunks of {self.chunk} jobs): {again}")
+        for path, first in ours:
+            if self.dirs:  # (with job dirs, each job's dir says where it starts)
+                continue
+            if (t := table.read_chunk(path, [*table.ROW, "meta"])) is None:
+                log.warning("%s cannot be read: its jobs train again", path)
+                continue
+            rows, jobs = t.to_pylist(), range(first, min(first + self.chunk, n))
+            if [(r["job"], r["overrides"]) for r in rows] != [(self.first + i, list(self.overrides[i])) for i in jobs]:
+                raise SweepRefused(f"{path} holds other jobs than this sweep's {self.first + first} on: {again}")
+            if any(r["status"] == "interrupted" for r in rows):  # (of a sweep with job dirs, stopped)
+                continue
+            for i, r in zip(jobs, rows, strict=True):
+                if (job := self.job(i)).cfg is not None and r["meta"] is not None:
+                    ck = {**json.loads(r["meta"]), "path": f"{self.dir}/{r['job']}"}
+                    try:
+                        checkpoint.resume_check(ck, job.cfg, job.data)
+                        if ck["config"]["epochs"] != job.cfg.epochs:  # (no checkpoint to go on from)
+                            raise ConfigError(
+                                f"job {r['job']} trained {ck['config']['epochs']} epochs, not {job.cfg.epochs}"
+                            )
+                    except ConfigError as e:
+                        raise SweepRefused(f"{path}: {e}; {again}") from None
+                value = artifacts.summary_metric(r, job.cfg.objective) if job.cfg is not None else None
+                if r["status"] == "failed":
+                    self.returns.errors[i] = ConfigError(r["error"])
+                else:
+                    self.returns.value[i] = math.inf if value is None else value
+                self.ended[r["status"]] += 1
+            self.counts["completed"] += len(rows)
+            ended.add(first)
+        return ended
 
     def _write_lean(self, job: Job, task: Callable[[Any], Any]) -> JobReturn:
         """A job the Composer made: task in its dir, logging to its log when it logs."""
@@ -506,9 +530,11 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         try:
             if sweep.dirs and not rundir.MADE.get(str(sweep.dir.resolve())):  # the dir was there: all checked first
                 [sweep.job(i) for i in range(n)]
+            t0, kept = time.perf_counter(), sweep.ended_before()
+            sweep.seconds["compose"] += time.perf_counter() - t0
             for first in range(0, n, sweep.chunk):  # (a chunk trains in the helper thread as the last one is written)
                 t0 = time.perf_counter()
-                if not sweep.dirs and sweep.ended_before(first):
+                if first in kept:
                     continue
                 jobs = [sweep.job(i) for i in range(first, min(first + sweep.chunk, n))]
                 sweep.counts.update(

@@ -14,19 +14,23 @@ read or written.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import numpy as np
 
 from quadnet import checkpoint
 from quadnet.artifacts import atomic_write
-from quadnet.config import flatten, to_dict
+from quadnet.config import DataConfig, TrainConfig, flatten, to_dict
 from quadnet.engines import METRICS
 from quadnet.model import shapes
 
 RESULTS = "results"
+HINTS = get_type_hints(TrainConfig) | {f"data.{k}": t for k, t in get_type_hints(DataConfig).items()}
+KINDS = {k: next((a for a in get_args(t) if a is not type(None)), t) for k, t in HINTS.items()}  # (int | None: int)
 FIGURES = ("final_loss", *METRICS[1:])
+ROW = ["job", "overrides", "status", "error", *FIGURES]  # what a resume reads of a job's row
 PARAMS = ("W1", "b1", "W2", "b2")
 
 
@@ -40,6 +44,7 @@ def write_chunk(path: Path, jobs: list[Any], objectives: list[float | None]) -> 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    arrow = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.string()}
     cols: dict[str, list[Any]] = {"job": [j.idx for j in jobs], "overrides": [j.overrides for j in jobs]}
     done = [j.result for j in jobs]
     last = [r.history[-1] if r is not None and r.history else {} for r in done]
@@ -58,13 +63,16 @@ def write_chunk(path: Path, jobs: list[Any], objectives: list[float | None]) -> 
         checkpoint.meta(r.state, epoch=r.epoch, config=c, status=r.status, data=j.data) if r is not None else None
         for j, r, c in zip(jobs, done, configs, strict=True)
     ]
-    types = {k: pa.float64() for k in (*FIGURES, "objective", "train_seconds")}
-    types |= {"job": pa.int64(), "epoch": pa.int64(), "epochs": pa.int64(), "overrides": pa.list_(pa.string())}
+    # every column typed, so that every chunk has one schema (a column of nulls too: no failed job, no job trained)
+    types = {k: pa.float64() for k in (*FIGURES, "objective", "train_seconds")} | {"overrides": pa.list_(pa.string())}
+    types |= dict.fromkeys(("job", "epoch", "epochs"), pa.int64())
+    types |= dict.fromkeys(("error", "device", "engine", "meta"), pa.string())
     swept = [k for k in dict.fromkeys(o.split("=", 1)[0].lstrip("+~") for j in jobs for o in j.overrides if "=" in o)]
     flat = [flatten(c) for c in configs] if any("." in k for k in swept) else configs
     for key in (k for k in swept if not k.startswith("hydra.") and k not in cols):
         cols[key] = [f.get(key) for f in flat]  # (as the job ran it; not a number or text: JSON)
         cols[key] = [v if v is None or isinstance(v, int | float | str) else json.dumps(v) for v in cols[key]]
+        types[key] = arrow.get(KINDS.get(key), pa.string())  # (its config field's type; not a scalar: JSON text)
     arrays = {k: pa.array(v, type=types.get(k)) for k, v in cols.items()}
     for name in PARAMS:  # (flattened float64; a failed job's are null)
         flat = [np.asarray(r.state["params"][name], np.float64).ravel() if r is not None else None for r in done]
@@ -92,19 +100,10 @@ def read_chunk(path: Path, columns: list[str] | None = None, weights: bool = Tru
         return None
 
 
-def finished(path: Path, first: int, overrides: list[list[str]]) -> Any:
-    """The chunk's table when it holds exactly these jobs (numbers and overrides), each of them ended
-    (none interrupted); else None: the chunk is trained again."""
-    t = read_chunk(path, ["job", "overrides", "status", "error", "objective"])
-    if t is None or t.num_rows != len(overrides):
-        return None
-    if t["job"].to_pylist() != list(range(first, first + len(overrides))) or t["overrides"].to_pylist() != overrides:
-        return None
-    return None if "interrupted" in t["status"].to_pylist() else t
-
-
 def tables(sweep: Path) -> list[Path]:
-    return sorted((Path(sweep) / RESULTS).glob("chunk-*.parquet"))
+    """The sweep's chunk files (regular files named as this module names them: a FIFO would block a read)."""
+    found = (Path(sweep) / RESULTS).glob("chunk-[0-9]*.parquet")
+    return sorted(p for p in found if re.fullmatch(r"chunk-\d{9}", p.stem) and p.is_file())
 
 
 FIXED = {"job", "overrides", "status", "error", "epoch", "epochs", *FIGURES, "objective", "train_seconds", "device",

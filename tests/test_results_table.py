@@ -21,6 +21,7 @@ from quadnet import table
 
 pa = pytest.importorskip("pyarrow")
 pd = pytest.importorskip("pandas")
+pq = pytest.importorskip("pyarrow.parquet")
 
 GRID = ["hydra/launcher=batched", "seed=range(6)", "hidden_dim=5,9", "epochs=60", "plots=false"]
 TABLE_ONLY = "hydra.launcher.job_dirs=false"
@@ -143,3 +144,35 @@ def test_a_job_that_logs_needs_job_dirs_and_fails_alone(tmp_path):
                 f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 2 and "logger=tensorboard needs " in r.stderr.splitlines()[-1]  # (job dirs, or its extra)
     assert _frame(tmp_path / "s").status.tolist() == ["completed", "failed"]
+
+
+def test_a_table_of_other_settings_data_or_chunks_refuses_the_sweep_and_is_kept(tmp_path):
+    args = ["hydra/launcher=batched", "seed=range(4)", "epochs=40", "plots=false", TABLE_ONLY]
+    csv = tmp_path / "points.csv"
+    csv.write_text("x,y,label\n" + "".join(f"{i % 5 - 2},{i % 3 - 1.5},{i % 2}\n" for i in range(40)))
+    _sweep(tmp_path, "s", *args, "lr=0.5", "hydra.launcher.max_batch=2")
+    _sweep(tmp_path, "c", *args, "data=csv", f"data.path={csv}")
+    before = {p: p.read_bytes() for d in ("s", "c") for p in table.tables(tmp_path / d)}
+    csv.write_text(csv.read_text().replace("1,", "2,", 1))  # other contents, the same path
+    for name, changed, words in (
+        ("s", ["lr=0.5", "hydra.launcher.max_batch=4"], "is not a chunk of this sweep's (chunks of 4 jobs)"),
+        ("s", ["hydra.launcher.max_batch=2"], "holds other jobs than this sweep's 0 on"),  # (lr=0.5 dropped)
+        ("s", ["lr=0.5", "hydra.launcher.max_batch=2", "reg=0.01"], "holds other jobs"),
+        ("c", ["data=csv", f"data.path={csv}"], "is not the data it was trained on"),
+    ):
+        r = run_cli("-m", *args, *changed, f"hydra.sweep.dir={tmp_path / name}", cwd=tmp_path)
+        assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert "run the sweep as it was" in r.stderr and "Traceback" not in r.stderr
+        assert {p: p.read_bytes() for d in ("s", "c") for p in table.tables(tmp_path / d)} == before
+        assert (tmp_path / name / "multirun.yaml").is_file()
+
+
+def test_every_chunk_has_one_schema_so_the_table_reads_as_one(tmp_path):
+    """Chunks without a failed job, and of failed jobs alone: their columns have the same types."""
+    grid = ["hydra/launcher=batched", "hidden_dim=50,0", "seed=range(2)", "lr=0.1,1e6", "epochs=30", "plots=false"]
+    r = run_cli("-m", *grid, TABLE_ONLY, "hydra.launcher.max_batch=2", f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)
+    assert r.returncode == 2 and len(table.tables(tmp_path / "s")) == 4
+    schemas = {pq.read_schema(p) for p in table.tables(tmp_path / "s")}
+    assert len(schemas) == 1 and schemas.pop().field("hidden_dim").type == pa.int64()
+    assert _frame(tmp_path / "s").status.tolist().count("failed") == 4
+    assert quadnet.load(tmp_path / "s", "hidden_dim=50 seed=0 lr=0.1").epoch == 30
