@@ -212,13 +212,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {model.path} (hidden_dim={len(model.params['b1'])}, {model.status} at epoch {model.epoch}){how}")
     shown = ["(" + ", ".join(f"{v:g}" for v in r["point"]) + ")" for r in rows]
     heads = [f"p({n})" for n in (QUADRANT_NAMES if model.quadrants else model.classes)]
-    w, cw, true = max([16, *map(len, shown)]), max([9, *map(len, heads)]), "  true" * model.quadrants
-    print(f"{'point':>{w}}  predicted  p(predicted){true} " + "".join(f"{h:>{cw + 1}}" for h in heads))
+    w, cw, true = max([16, *map(len, shown)]), max([9, *map(len, heads)]), model.quadrants
+    pw, tw = (max(n, *(len(str(c)) for c in model.classes)) for n in (9, 4))  # (as wide as the longest label)
+    tcol = f"  {'true':>{tw}}" if true else ""
+    print(f"{'point':>{w}}  {'predicted':>{pw}}  p(predicted){tcol} " + "".join(f"{h:>{cw + 1}}" for h in heads))
     for r, point in zip(rows, shown, strict=True):  # (quadrant data: a point's true class is its quadrant)
         q, t = r["predicted"], r["true"]
         pq = f"{r['probs'][model.classes.index(q)]:12.9f}" if q is not None else f"{'-':>12}"
-        cells = f"{point:>{w}}  {q if q is not None else '-':>9}  {pq}"
-        cells += f"  {t if t is not None else '-':>4}" if true else ""
+        cells = f"{point:>{w}}  {q if q is not None else '-':>{pw}}  {pq}"
+        cells += f"  {t if t is not None else '-':>{tw}}" if true else ""
         note = "  on an axis: no true quadrant" * bool(r.get("on_axis")) + "  probabilities not finite" * (q is None)
         note += "  ✗ wrong" * (q is not None and t is not None and q != t)  # (as train's table and the plots mark it)
         print(cells + " " + "".join(f"{p:{cw + 1}.6f}" for p in r["probs"]) + note)

@@ -238,3 +238,21 @@ def test_a_big_test_sets_summary_keeps_the_misclassified_and_the_console_a_confu
     assert [int(v) for v in table[0].split()[1:4]] == counts[0].tolist()
     assert table[0].split()[-1] == f"{100 * counts[0, 0] / counts[0].sum():.1f}%"
     assert all(f.is_file() for f in (tmp_path / "r" / n for n in ("decision_regions.png", "confusion.png")))
+
+
+@pytest.fixture
+def long_labels(tmp_path):
+    """A run on two features whose labels are longer than the table's 'predicted' header."""
+    rng = np.random.default_rng(4)
+    rows = [f"{x:.3f},{y:.3f},{'versicolor_long' if x > 0 else 'setosa'}" for x, y in rng.normal(size=(60, 2))]
+    (tmp_path / "iris.csv").write_text("x,y,species\n" + "\n".join(rows) + "\n")
+    cfg = make_cfg("data=csv", f"data.path={tmp_path / 'iris.csv'}", "optimizer=adam", "lr=0.05", "epochs=100")
+    assert train(cfg, run_dir=tmp_path / "r")["status"] == "completed"
+    return tmp_path
+
+
+def test_predicts_table_is_as_wide_as_its_longest_label(long_labels):
+    r = run_cli("r", "2,0", "-2,0", module="quadnet.predict", cwd=long_labels)
+    assert r.returncode == 0, r.stderr
+    table = r.stdout.splitlines()[1:]
+    assert "versicolor_long" in r.stdout and "setosa" in r.stdout and len({len(line) for line in table}) == 1, table
