@@ -182,10 +182,10 @@ def main(argv: list[str] | None = None) -> None:
     taken = out.resolve() in {Path(f).resolve() for f in [*args.file, run]} or inside
     if args.out is not None and (taken or out.is_symlink() or (out.exists() and not out.is_file())):
         raise InputError(f"--out {args.out!r} is not allowed: a new or regular file, not an input, outside runs")
-    model, labels = load(run, args.job), []
+    model, truth = load(run, args.job), [None] * len(points)  # (a file's true labels; none for an argument)
     for f in args.file:
-        found, truth = read_points(f, model.features, model.label)
-        points, labels = points + found, (labels + truth) if truth is not None and labels is not None else None
+        found, labels = read_points(f, model.features, model.label)
+        points, truth = points + found, truth + (labels or [None] * len(found))
     if not points:
         names = ", ".join("stdin" if f == "-" else f for f in args.file)
         raise InputError(f"no points given{f' ({names} held none)' if args.file else ''}; pass x,y or --file PATH")
@@ -193,27 +193,31 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError(f"{bad[0]} has {len(bad[0])} numbers; the model reads {', '.join(model.features)}")
     x = np.array(points, dtype=np.float64)
     rows = prediction_rows(x, model.predict_proba(x), model.classes, None, model.quadrants)
+    known = {str(c): c for c in model.classes}  # (a file's label is text: the class of that name, as JSON has it)
+    for r, t in zip(rows, truth, strict=True):
+        r["true"] = r["true"] if t is None else known.get(t, t)
     if args.out:
         heads = [*model.features, "predicted", *(f"p({c})" for c in model.classes)]
         lines = [",".join(heads)] + [",".join(map(str, [*r["point"], r["predicted"], *r["probs"]])) for r in rows]
         write_text(Path(args.out), "\n".join(lines) + "\n")
-    hits = [str(r["predicted"]) == t for r, t in zip(rows[-len(labels) :], labels, strict=True)] if labels else []
+    hits = [r["predicted"] == r["true"] for r, t in zip(rows, truth, strict=True) if t is not None]
     accuracy = float(np.mean(hits)) if hits else None  # (true labels from --file: the accuracy on them)
     if args.json:
         out = {"checkpoint": model.path, "epoch": model.epoch, "accuracy": accuracy, "predictions": rows}
         print(json.dumps(out, indent=2))
         return
+    how = "  [the newest completed run under outputs/]" if default else ""
+    print(f"model: {model.path} (hidden_dim={len(model.params['b1'])}, {model.status} at epoch {model.epoch}){how}")
     if accuracy is not None:
-        print(f"accuracy {accuracy:.4f} on {len(labels)} labelled points")  # type: ignore[arg-type]
+        print(f"accuracy {accuracy:.4f} on {len(hits)} labelled points")
     if args.out:
         print(f"predictions for {len(rows)} points written to {args.out}")
         return
-    how = "  [the newest completed run under outputs/]" if default else ""
-    print(f"model: {model.path} (hidden_dim={len(model.params['b1'])}, {model.status} at epoch {model.epoch}){how}")
     shown = ["(" + ", ".join(f"{v:g}" for v in r["point"]) + ")" for r in rows]
     heads = [f"p({n})" for n in (QUADRANT_NAMES if model.quadrants else model.classes)]
-    w, cw, true = max([16, *map(len, shown)]), max([9, *map(len, heads)]), model.quadrants
-    pw, tw = (max(n, *(len(str(c)) for c in model.classes)) for n in (9, 4))  # (as wide as the longest label)
+    w, cw, true = max([16, *map(len, shown)]), max([9, *map(len, heads)]), model.quadrants or hits
+    widths = [len(str(c)) for c in [*model.classes, *truth] if c is not None]  # (as wide as the longest label)
+    pw, tw = max(9, *widths), max(4, *widths)
     tcol = f"  {'true':>{tw}}" if true else ""
     print(f"{'point':>{w}}  {'predicted':>{pw}}  p(predicted){tcol} " + "".join(f"{h:>{cw + 1}}" for h in heads))
     for r, point in zip(rows, shown, strict=True):  # (quadrant data: a point's true class is its quadrant)
@@ -221,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         pq = f"{r['probs'][model.classes.index(q)]:12.9f}" if q is not None else f"{'-':>12}"
         cells = f"{point:>{w}}  {q if q is not None else '-':>{pw}}  {pq}"
         cells += f"  {t if t is not None else '-':>{tw}}" if true else ""
-        note = "  on an axis: no true quadrant" * bool(r.get("on_axis")) + "  probabilities not finite" * (q is None)
+        note = "  on an axis: no true quadrant" * (t is None) * model.quadrants  # (and no label in a file)
+        note += "  probabilities not finite" * (q is None)
         note += "  ✗ wrong" * (q is not None and t is not None and q != t)  # (as train's table and the plots mark it)
         print(cells + " " + "".join(f"{p:{cw + 1}.6f}" for p in r["probs"]) + note)
 

@@ -92,7 +92,8 @@ def test_a_wide_run_predicts_a_whole_file_and_loads_in_python(table, tmp_path):
     out = tmp_path / "preds.csv"
     r = run_cli(str(tmp_path / "r"), "--file", str(table), "--out", str(out), module="quadnet.predict", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    acc = float(r.stdout.split()[1])
+    assert r.stdout.startswith(f"model: {tmp_path / 'r' / 'checkpoint.npz'} (")
+    acc = float(r.stdout.splitlines()[1].split()[1])
     assert acc > 0.9 and "on 120 labelled points" in r.stdout
     with open(out) as f, open(table) as t:
         rows, truth = list(csv.DictReader(f)), [r["kind"] for r in csv.DictReader(t)]
@@ -256,3 +257,19 @@ def test_predicts_table_is_as_wide_as_its_longest_label(long_labels):
     assert r.returncode == 0, r.stderr
     table = r.stdout.splitlines()[1:]
     assert "versicolor_long" in r.stdout and "setosa" in r.stdout and len({len(line) for line in table}) == 1, table
+
+
+def test_predict_shows_a_files_true_labels_and_marks_the_wrong(long_labels):
+    """The same point twice with two labels: one of them is wrong, and the table and JSON say which."""
+    (long_labels / "pts.csv").write_text("species,y,x\nsetosa,0,2\nversicolor_long,0,2\nsetosa,0,-2\n")
+    r = run_cli("r", "--file", "pts.csv", "--json", module="quadnet.predict", cwd=long_labels)
+    rows = json.loads(r.stdout)["predictions"]
+    assert [p["true"] for p in rows] == ["setosa", "versicolor_long", "setosa"], r.stderr
+    wrong = [p["predicted"] != p["true"] for p in rows]
+    r = run_cli("r", "5,5", "--file", "pts.csv", module="quadnet.predict", cwd=long_labels)
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("model: r/checkpoint.npz") and lines[1].startswith("accuracy 0.6667 on 3 labelled")
+    assert lines[2].split()[-3:] == ["true", "p(setosa)", "p(versicolor_long)"], lines
+    assert ["✗ wrong" in line for line in lines[3:]] == [False, *wrong] and sum(wrong) == 1
+    assert [line.split(")")[1].split()[2] for line in lines[3:]] == ["-", "setosa", "versicolor_long", "setosa"]
+    assert len({len(line.removesuffix("  ✗ wrong")) for line in lines[2:]}) == 1, lines
