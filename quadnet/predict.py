@@ -179,9 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     run, default, points, args = parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out or ".")  # (not a --file, a device, a link nor a run dir's file: none of them is lost)
     inside = any((d / n).exists() for d in out.resolve().parents for n in (CHECKPOINT, "multirun.yaml"))  # (a run's)
-    taken = out.resolve() in {Path(f).resolve() for f in [*args.file, run]} or inside
-    if args.out is not None and (taken or out.is_symlink() or (out.exists() and not out.is_file())):
-        raise InputError(f"--out {args.out!r} is not allowed: a new or regular file, not an input, outside runs")
+    taken = out.resolve() in {Path(f).resolve() for f in [*args.file, run]}
+    broken = [taken, inside, out.is_symlink(), out.exists() and not out.is_file()]
+    if args.out is not None and any(broken):
+        why = ("an input file", "inside a run or sweep dir", "a link", "not a regular file")[broken.index(True)]
+        raise InputError(f"--out {args.out!r} is not allowed: it is {why}; give a new or regular file outside runs")
     model, truth = load(run, args.job), [None] * len(points)  # (a file's true labels; none for an argument)
     for f in args.file:
         found, labels = read_points(f, model.features, model.label)

@@ -169,11 +169,13 @@ def test_predict_never_writes_its_predictions_over_what_it_reads_or_a_run(tmp_pa
     (tmp_path / "model.npz").write_bytes((tmp_path / "r" / "checkpoint.npz").read_bytes())
     (tmp_path / "r" / ".hydra").mkdir()
     (tmp_path / "link.csv").symlink_to(tmp_path / "elsewhere.csv")
-    for model, out in [("model.npz", "model.npz"), ("r", "pts.csv"), ("r", "./pts.csv"), ("r", "r/.hydra/config.yaml"),
-                       ("r", "r/new.csv"), ("r", "link.csv"), ("r", "/dev/null"), ("r", str(tmp_path))]:  # fmt: skip
+    for model, out, why in [("model.npz", "model.npz", "an input file"), ("r", "pts.csv", "an input file"),
+                            ("r", "./pts.csv", "an input file"), ("r", "r/.hydra/config.yaml", "inside a run"),
+                            ("r", "r/new.csv", "inside a run"), ("r", "link.csv", "a link"),
+                            ("r", "/dev/null", "not a regular"), ("r", str(tmp_path), "not a regular")]:  # fmt: skip
         before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
         r = run_cli(model, "--file", "pts.csv", "--out", out, module="quadnet.predict", cwd=tmp_path)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not allowed" in r.stderr, (out, r.stderr)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"allowed: it is {why}" in r.stderr, r.stderr
         assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, out
     r = run_cli("r", "--file", "pts.csv", "--out", "preds.csv", module="quadnet.predict", cwd=tmp_path)
     assert r.returncode == 0 and (tmp_path / "preds.csv").read_text().startswith("x,y,predicted,p(1)"), r.stderr
