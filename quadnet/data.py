@@ -144,7 +144,9 @@ def read_csv(path: str, key: str, label: str | None = None, features: list[str] 
     for i, parts in rows:
         values = [_number(parts[c]) for c in cols] if len(parts) == width else [None]
         if None in values or not np.isfinite(values).all() or not parts[at]:
+            words = [names[c] for c in cols if len(parts) == width and parts[c] and _number(parts[c]) is None]
             why = f"finite numbers for {', '.join(picked)} and a label"
+            why = f"column {words[0]!r} holds a word: if it is the label, give data.label={words[0]}" if words else why
             raise ConfigError(f"{key}={path!r} line {i}: {lines[i - 1].strip()!r} is not {','.join(names)}: {why}")
         points.append(values)
         lab, whole = parts[at], _INTEGER.fullmatch(parts[at])

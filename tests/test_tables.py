@@ -63,6 +63,13 @@ def test_the_splits_are_disjoint_and_standardized_on_the_training_split(table):
     assert plain.shift is None and len(plain.x_val) == 0 and len(plain.x_train) == 96
 
 
+def test_a_label_column_that_is_not_last_is_named_in_the_error(tmp_path):
+    (path := tmp_path / "w.csv").write_text("target,f0,f1\nsetosa,1,2\nvirginica,3,4\n")
+    with pytest.raises(ConfigError, match=r"line 2: .*column 'target' holds a word: .* give data.label=target$"):
+        read_csv(str(path), "data.path")
+    assert read_csv(str(path), "data.path", "target").labels == ["setosa", "virginica"]
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_every_engine_trains_a_wide_table_to_the_same_weights(table, optimizer):
     data = make_dataset(DataConfig(name="csv", path=str(table), label="kind"))
