@@ -3,13 +3,15 @@
 Which class each point falls in, by a trained model: quadrants 1-4 (the quadrant data), or the
 labels of the CSV it was trained on.
 
-points: x,y arguments (negative coordinates typed as they are: -2,2), a file of x,y lines
-(--file F, '#' starts a comment; --file - reads stdin), or stdin when no point is given
-and stdin is not a terminal.
+points: the features, comma-separated, e.g. x,y (negative numbers typed as they are: -2,2), as
+arguments; a CSV file with a header naming them (--file F, '#' starts a comment; --file - reads
+stdin; where it has the label's column too, the accuracy, a true column and ✗ wrong marks); or
+stdin when no point is given and stdin is not a terminal.
 
-model: a run dir or a checkpoint file, given first. Without one, the newest completed run
-under outputs/ is used, single runs and sweep jobs alike (the newest checkpoint whose run
-completed), and the first line says which. A model whose loss diverged is refused.
+model: a run dir or a checkpoint file, given first, or a job of a sweep's results table: SWEEP/N,
+or SWEEP --job N (its number, or its overrides: --job "lr=0.1 seed=2"). Without one, the newest
+completed run under outputs/ is used, single runs and sweep jobs alike (the newest checkpoint
+whose run completed), and the first line says which. A model whose loss diverged is refused.
 
 In Python, :func:`load` gives a :class:`Model` with scikit-learn's ``predict`` (the class
 labels: quadrants 1-4, or a CSV's labels) and ``predict_proba`` (n, classes). Any finite
@@ -155,8 +157,8 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, ...]], ar
     help_text = "\n\n".join((__doc__ or "").split("\n\n")[1:4])  # (the paragraphs after the usage line)
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser("python -m quadnet.predict", description=help_text, formatter_class=formatter)
-    parser.add_argument("args", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT | x,y")
-    parser.add_argument("--file", action="append", default=[], help="points, one a line (a header may name columns)")
+    parser.add_argument("args", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT | SWEEP/N | x,y")
+    parser.add_argument("--file", action="append", default=[], help="a CSV file of points: a header names the features")
     parser.add_argument("--out", help="write the predictions to this CSV file (the points, predicted, p(class)...)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--job", help="a job of the sweep given first, from its results table: its number or overrides")

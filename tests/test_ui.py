@@ -14,7 +14,7 @@ from test_report import saved_figures, texts
 
 from conftest import call_main, run_cli
 from quadnet import checkpoint, plots
-from quadnet.config import DataConfig
+from quadnet.config import DataConfig, help_text
 from quadnet.data import Dataset, make_dataset
 from quadnet.engines.numpy import forward, loss_and_grads, sgd_update, softmax, softmax_loss
 from quadnet.model import initial_params
@@ -263,6 +263,13 @@ def test_predict_defaults_to_the_newest_completed_run_and_prints_trains_columns(
     assert TRAIN_HEADER in lines[1] and lines[1].split()[4:] == ["p(I)", "p(II)", "p(III)", "p(IV)"]
     assert lines[2].split()[:2] == ["(-2,", "2)"]
     assert lines[4].startswith("          (0, 1)") and lines[4].split(")")[1].split()[2] == "-"  # no true quadrant
+
+
+def test_the_help_says_what_predict_reads_and_what_train_writes(capsys):
+    code, out, _ = _predict(capsys, "--help")
+    assert code == 0 and "the features, comma-separated, e.g. x,y" in out and "a header naming them" in out
+    assert "SWEEP/N" in out and "SWEEP --job N" in out
+    assert "plots=true" in help_text() and "loss.png, confusion.png and decision_regions.png" in help_text()
 
 
 def test_predict_prints_what_load_gives(runs, capsys):
