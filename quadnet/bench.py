@@ -111,8 +111,7 @@ def _sweep(n: int, launcher: str, out: Path, extra: list[str], limit: float = 0,
         seconds, p.returncode = time.perf_counter() - t0, os.waitstatus_to_exitcode(status)
         output = Path(log.name).read_text()  # (what the sweep wrote, through its own file descriptor)
     if table.tables(out):  # (a batched sweep's table; the basic launcher's job dirs)
-        done = table.rows(out)[0]
-        done = sum(r["status"] == "completed" for r in done)
+        done = sum(r["status"] == "completed" for r in table.rows(out)[0])
     else:
         done = sum(json.loads(s.read_text())["status"] == "completed" for s in out.glob("*/summary.json"))
     if not (limit and seconds >= limit) and (p.returncode != 0 or done != n * grid):

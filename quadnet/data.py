@@ -80,8 +80,7 @@ def _sample(rng: np.random.Generator, n: int, extent: float, margin: float) -> n
     """n points uniform in the square [-extent, extent]² minus the band |x|<margin or |y|<margin."""
     pts = rng.uniform(margin, extent, size=(n, 2)) * rng.choice(np.array([-1.0, 1.0]), size=(n, 2))  # magnitude, sign
     # margin=0 can still (with probability ~0) give an exact zero; nudge it off the axis.
-    pts[pts == 0] = np.finfo(np.float64).tiny
-    return pts
+    return np.where(pts == 0, np.finfo(np.float64).tiny, pts)
 
 
 def _number(text: str) -> float | None:

@@ -130,9 +130,9 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Calla
 
 def plot_regions(path: Path, params: Params, data: Dataset, title: str) -> None:
     """decision_regions.png: the predicted class over :func:`plane`, the points in their true
-    class's colour (● train, ▲ test), misclassified ones ringed, and the test accuracy."""
-    key = max(map(len, class_names(data)))  # (the figure widens for a long key, so that the axes keep their size)
-    with figure(path, figsize=(7.2 + 0.07 * max(0, key - 16), 5.6)) as (_, ax):
+    class's colour (● train, ▲ test), misclassified ones ringed, and the test accuracy. The figure widens
+    for a key of long names (beyond 16 characters), so that the axes keep their size."""
+    with figure(path, figsize=(7.2 + 0.07 * (max([16, *map(len, class_names(data))]) - 16), 5.6)) as (_, ax):
         wrong, accuracy = _regions_axes(ax, params, data, 301)[1]
         n = len(data.x_train) + len(data.x_test)
         ax.set_title(
