@@ -76,7 +76,7 @@ class TrainConfig:
     # --- what a run shows and leaves behind ---
     log_every: int = 0  # a metrics.csv row every N epochs; 0 = about 100 rows a run (epochs/100)
     progress: bool | None = None  # progress bar; null = only when stderr is a terminal
-    plots: bool = True  # write loss.png and decision_regions.png
+    plots: bool = True  # write loss.png, confusion.png and decision_regions.png
     animate: bool = False  # write training.gif: the decision regions and the loss over training
     checkpoint_every: int = 1000  # write checkpoint.npz every N epochs (0 = only at the end)
     resume: str | None = None  # a run dir or checkpoint to continue from

@@ -80,8 +80,7 @@ def _sample(rng: np.random.Generator, n: int, extent: float, margin: float) -> n
     """n points uniform in the square [-extent, extent]² minus the band |x|<margin or |y|<margin."""
     pts = rng.uniform(margin, extent, size=(n, 2)) * rng.choice(np.array([-1.0, 1.0]), size=(n, 2))  # magnitude, sign
     # margin=0 can still (with probability ~0) give an exact zero; nudge it off the axis.
-    pts[pts == 0] = np.finfo(np.float64).tiny
-    return pts
+    return np.where(pts == 0, np.finfo(np.float64).tiny, pts)
 
 
 def _number(text: str) -> float | None:
@@ -144,7 +143,9 @@ def read_csv(path: str, key: str, label: str | None = None, features: list[str] 
     for i, parts in rows:
         values = [_number(parts[c]) for c in cols] if len(parts) == width else [None]
         if None in values or not np.isfinite(values).all() or not parts[at]:
+            words = [names[c] for c in cols if len(parts) == width and parts[c] and _number(parts[c]) is None]
             why = f"finite numbers for {', '.join(picked)} and a label"
+            why = f"column {words[0]!r} holds a word: if it is the label, give data.label={words[0]}" if words else why
             raise ConfigError(f"{key}={path!r} line {i}: {lines[i - 1].strip()!r} is not {','.join(names)}: {why}")
         points.append(values)
         lab, whole = parts[at], _INTEGER.fullmatch(parts[at])

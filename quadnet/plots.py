@@ -36,9 +36,10 @@ def colors(classes: Sequence[Any]) -> np.ndarray:
 
 
 def class_names(data: Dataset) -> list[str]:
-    """The key's name of each class; a label's ``$`` drawn as itself, not as the start of mathtext."""
+    """The key's name of each class, a long one cut in its middle (where labels differ, at one end or the other);
+    a label's ``$`` drawn as itself, not as the start of mathtext."""
     named = [f"quadrant {q}" for q in QUADRANT_NAMES] if data.quadrants else [f"class {c}" for c in data.classes]
-    return [n.replace("$", r"\$") for n in named]
+    return [(n if len(n) <= 40 else f"{n[:19]}…{n[-20:]}").replace("$", r"\$") for n in named]
 
 
 WRONG = "#d00000"
@@ -78,8 +79,8 @@ def plane(data: Dataset) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Where the regions are drawn, in feature space: (origin (D,), directions (2, D), the axes' labels).
     Two features: their plane. More: the plane of the two leading principal components of the training
     points (as the net sees them: standardized where the run is), the other components at their mean."""
-    if data.x_train.shape[1] == 2:
-        return np.zeros(2), np.eye(2), list(data.features)
+    if data.x_train.shape[1] == 2:  # (scaled: a feature's values are not as the file has them)
+        return np.zeros(2), np.eye(2), [f"{f}{' (standardized)' * (data.shift is not None)}" for f in data.features]
     mean = data.x_train.mean(axis=0)
     _, spread, directions = np.linalg.svd(data.x_train - mean, full_matrices=False)
     share = spread[:2] ** 2 / (spread**2).sum()  # (NaN for points all alike: a warning the figure silences)
@@ -99,8 +100,9 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Calla
     lim, full = max(2.5, float(np.abs(xy).max()) * 1.15), colors(data.classes)
     grid = np.stack(np.meshgrid(*[np.linspace(-lim, lim, n)] * 2), axis=-1).reshape(-1, 2) @ directions + origin
     image = ax.imshow(np.ones((n, n, 3)), extent=(-lim, lim, -lim, lim), origin="lower")
-    ax.axhline(0, color="k", lw=0.6)
-    ax.axvline(0, color="k", lw=0.6)
+    if data.quadrants:  # (the quadrants' borders; other data's zero is no border)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.axvline(0, color="k", lw=0.6)
     size, alpha, ring = (12, 0.6, 30) if len(x) > MANY else (60, 1.0, 200)
     for points, truth, marker in zip(np.split(xy, [len(data.x_train)]), (data.y_train, data.y_test), "o^", strict=True):
         cols = np.where((truth >= 0)[:, None], full[truth.clip(0)], 0.5)
@@ -128,11 +130,14 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Calla
 
 def plot_regions(path: Path, params: Params, data: Dataset, title: str) -> None:
     """decision_regions.png: the predicted class over :func:`plane`, the points in their true
-    class's colour (● train, ▲ test), misclassified ones ringed, and the test accuracy."""
-    with figure(path, figsize=(7.2, 5.6)) as (_, ax):
+    class's colour (● train, ▲ test), misclassified ones ringed, and the test accuracy. The figure widens
+    for a key of long names (beyond 16 characters), so that the axes keep their size."""
+    with figure(path, figsize=(7.2 + 0.07 * (max([16, *map(len, class_names(data))]) - 16), 5.6)) as (_, ax):
         wrong, accuracy = _regions_axes(ax, params, data, 301)[1]
         n = len(data.x_train) + len(data.x_test)
-        ax.set_title(f"{title}\ntest accuracy {accuracy:.1%}; {wrong} of {n} points (train and test) misclassified")
+        ax.set_title(
+            f"{title}\ntest accuracy {accuracy:.1%}; {wrong} of {n} points (train and test) misclassified", wrap=True
+        )
 
 
 def plot_confusion(path: Path, counts: np.ndarray, data: Dataset, title: str) -> None:

@@ -3,13 +3,15 @@
 Which class each point falls in, by a trained model: quadrants 1-4 (the quadrant data), or the
 labels of the CSV it was trained on.
 
-points: x,y arguments (negative coordinates typed as they are: -2,2), a file of x,y lines
-(--file F, '#' starts a comment; --file - reads stdin), or stdin when no point is given
-and stdin is not a terminal.
+points: the features, comma-separated, e.g. x,y (negative numbers typed as they are: -2,2), as
+arguments; a CSV file with a header naming them (--file F, '#' starts a comment; --file - reads
+stdin; where it has the label's column too, the accuracy, a true column and ✗ wrong marks); or
+stdin when no point is given and stdin is not a terminal.
 
-model: a run dir or a checkpoint file, given first. Without one, the newest completed run
-under outputs/ is used, single runs and sweep jobs alike (the newest checkpoint whose run
-completed), and the first line says which. A model whose loss diverged is refused.
+model: a run dir or a checkpoint file, given first, or a job of a sweep's results table: SWEEP/N,
+or SWEEP --job N (its number, or its overrides: --job "lr=0.1 seed=2"). Without one, the newest
+completed run under outputs/ is used, single runs and sweep jobs alike (the newest checkpoint
+whose run completed), and the first line says which. A model whose loss diverged is refused.
 
 In Python, :func:`load` gives a :class:`Model` with scikit-learn's ``predict`` (the class
 labels: quadrants 1-4, or a CSV's labels) and ``predict_proba`` (n, classes). Any finite
@@ -157,8 +159,8 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, ...]], ar
     help_text = "\n\n".join((__doc__ or "").split("\n\n")[1:4])  # (the paragraphs after the usage line)
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser("python -m quadnet.predict", description=help_text, formatter_class=formatter)
-    parser.add_argument("args", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT | x,y")
-    parser.add_argument("--file", action="append", default=[], help="points, one a line (a header may name columns)")
+    parser.add_argument("args", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT | SWEEP/N | x,y")
+    parser.add_argument("--file", action="append", default=[], help="a CSV file of points: a header names the features")
     parser.add_argument("--out", help="write the predictions to this CSV file (the points, predicted, p(class)...)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--job", help="a job of the sweep given first, from its results table: its number or overrides")
@@ -181,13 +183,15 @@ def main(argv: list[str] | None = None) -> None:
     run, default, points, args = parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out or ".")  # (not a --file, a device, a link nor a run dir's file: none of them is lost)
     inside = any((d / n).exists() for d in out.resolve().parents for n in (CHECKPOINT, "multirun.yaml"))  # (a run's)
-    taken = out.resolve() in {Path(f).resolve() for f in [*args.file, run]} or inside
-    if args.out is not None and (taken or out.is_symlink() or (out.exists() and not out.is_file())):
-        raise InputError(f"--out {args.out!r} is not allowed: a new or regular file, not an input, outside runs")
-    model, labels = load(run, args.job), []
+    taken = out.resolve() in {Path(f).resolve() for f in [*args.file, run]}
+    broken = [taken, inside, out.is_symlink(), out.exists() and not out.is_file()]
+    if args.out is not None and any(broken):
+        why = ("an input file", "inside a run or sweep dir", "a link", "not a regular file")[broken.index(True)]
+        raise InputError(f"--out {args.out!r} is not allowed: it is {why}; give a new or regular file outside runs")
+    model, truth = load(run, args.job), [None] * len(points)  # (a file's true labels; none for an argument)
     for f in args.file:
-        found, truth = read_points(f, model.features, model.label)
-        points, labels = points + found, (labels + truth) if truth is not None and labels is not None else None
+        found, labels = read_points(f, model.features, model.label)
+        points, truth = points + found, truth + (labels or [None] * len(found))
     if not points:
         names = ", ".join("stdin" if f == "-" else f for f in args.file)
         raise InputError(f"no points given{f' ({names} held none)' if args.file else ''}; pass x,y or --file PATH")
@@ -195,33 +199,40 @@ def main(argv: list[str] | None = None) -> None:
         raise InputError(f"{bad[0]} has {len(bad[0])} numbers; the model reads {', '.join(model.features)}")
     x = np.array(points, dtype=np.float64)
     rows = prediction_rows(x, model.predict_proba(x), model.classes, None, model.quadrants)
+    known = {str(c): c for c in model.classes}  # (a file's label is text: the class of that name, as JSON has it)
+    for r, t in zip(rows, truth, strict=True):
+        r["true"] = r["true"] if t is None else known.get(t, t)
     if args.out:
         heads = [*model.features, "predicted", *(f"p({c})" for c in model.classes)]
         lines = [",".join(heads)] + [",".join(map(str, [*r["point"], r["predicted"], *r["probs"]])) for r in rows]
         write_text(Path(args.out), "\n".join(lines) + "\n")
-    hits = [str(r["predicted"]) == t for r, t in zip(rows[-len(labels) :], labels, strict=True)] if labels else []
+    hits = [r["predicted"] == r["true"] for r, t in zip(rows, truth, strict=True) if t is not None]
     accuracy = float(np.mean(hits)) if hits else None  # (true labels from --file: the accuracy on them)
     if args.json:
         out = {"checkpoint": model.path, "epoch": model.epoch, "accuracy": accuracy, "predictions": rows}
         print(json.dumps(out, indent=2))
         return
+    how = "  [the newest completed run under outputs/]" if default else ""
+    print(f"model: {model.path} (hidden_dim={len(model.params['b1'])}, {model.status} at epoch {model.epoch}){how}")
     if accuracy is not None:
-        print(f"accuracy {accuracy:.4f} on {len(labels)} labelled points")  # type: ignore[arg-type]
+        print(f"accuracy {accuracy:.4f} on {len(hits)} labelled points")
     if args.out:
         print(f"predictions for {len(rows)} points written to {args.out}")
         return
-    how = "  [the newest completed run under outputs/]" if default else ""
-    print(f"model: {model.path} (hidden_dim={len(model.params['b1'])}, {model.status} at epoch {model.epoch}){how}")
     shown = ["(" + ", ".join(f"{v:g}" for v in r["point"]) + ")" for r in rows]
     heads = [f"p({n})" for n in (QUADRANT_NAMES if model.quadrants else model.classes)]
-    w, cw, true = max([16, *map(len, shown)]), max([9, *map(len, heads)]), "  true" * model.quadrants
-    print(f"{'point':>{w}}  predicted  p(predicted){true} " + "".join(f"{h:>{cw + 1}}" for h in heads))
+    w, cw, true = max([16, *map(len, shown)]), max([9, *map(len, heads)]), model.quadrants or hits
+    widths = [len(str(c)) for c in [*model.classes, *truth] if c is not None]  # (as wide as the longest label)
+    pw, tw = max(9, *widths), max(4, *widths)
+    tcol = f"  {'true':>{tw}}" if true else ""
+    print(f"{'point':>{w}}  {'predicted':>{pw}}  p(predicted){tcol} " + "".join(f"{h:>{cw + 1}}" for h in heads))
     for r, point in zip(rows, shown, strict=True):  # (quadrant data: a point's true class is its quadrant)
         q, t = r["predicted"], r["true"]
         pq = f"{r['probs'][model.classes.index(q)]:12.9f}" if q is not None else f"{'-':>12}"
-        cells = f"{point:>{w}}  {q if q is not None else '-':>9}  {pq}"
-        cells += f"  {t if t is not None else '-':>4}" if true else ""
-        note = "  on an axis: no true quadrant" * bool(r.get("on_axis")) + "  probabilities not finite" * (q is None)
+        cells = f"{point:>{w}}  {q if q is not None else '-':>{pw}}  {pq}"
+        cells += f"  {t if t is not None else '-':>{tw}}" if true else ""
+        note = "  on an axis: no true quadrant" * (t is None) * model.quadrants  # (and no label in a file)
+        note += "  probabilities not finite" * (q is None)
         note += "  ✗ wrong" * (q is not None and t is not None and q != t)  # (as train's table and the plots mark it)
         print(cells + " " + "".join(f"{p:{cw + 1}.6f}" for p in r["probs"]) + note)
 

@@ -292,6 +292,7 @@ def test_bench_sklearn_times_the_same_grid_as_one_sweep_and_as_grid_search(tmp_p
     for row in rows.values():  # configs, seconds, train_s, the best (seed, hidden_dim, lr), epochs, val/test acc, ratio
         assert row[0] == "12" and float(row[1]) > 0 and row[3].startswith("seed=") and 0 <= float(row[-2]) <= 1
     assert float(rows["quadnet batched sweep"][-1]) == 1 and float(rows["sklearn GridSearchCV"][-1]) > 0
+    assert r.stdout.splitlines()[2].split()[-1] == "time_vs_quadnet", r.stdout
 
 
 def test_bench_sklearn_without_scikit_learn_says_how_to_install_it(capsys, monkeypatch):

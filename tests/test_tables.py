@@ -63,6 +63,13 @@ def test_the_splits_are_disjoint_and_standardized_on_the_training_split(table):
     assert plain.shift is None and len(plain.x_val) == 0 and len(plain.x_train) == 96
 
 
+def test_a_label_column_that_is_not_last_is_named_in_the_error(tmp_path):
+    (path := tmp_path / "w.csv").write_text("target,f0,f1\nsetosa,1,2\nvirginica,3,4\n")
+    with pytest.raises(ConfigError, match=r"line 2: .*column 'target' holds a word: .* give data.label=target$"):
+        read_csv(str(path), "data.path")
+    assert read_csv(str(path), "data.path", "target").labels == ["setosa", "virginica"]
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_every_engine_trains_a_wide_table_to_the_same_weights(table, optimizer):
     data = make_dataset(DataConfig(name="csv", path=str(table), label="kind"))
@@ -92,7 +99,8 @@ def test_a_wide_run_predicts_a_whole_file_and_loads_in_python(table, tmp_path):
     out = tmp_path / "preds.csv"
     r = run_cli(str(tmp_path / "r"), "--file", str(table), "--out", str(out), module="quadnet.predict", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    acc = float(r.stdout.split()[1])
+    assert r.stdout.startswith(f"model: {tmp_path / 'r' / 'checkpoint.npz'} (")
+    acc = float(r.stdout.splitlines()[1].split()[1])
     assert acc > 0.9 and "on 120 labelled points" in r.stdout
     with open(out) as f, open(table) as t:
         rows, truth = list(csv.DictReader(f)), [r["kind"] for r in csv.DictReader(t)]
@@ -168,11 +176,13 @@ def test_predict_never_writes_its_predictions_over_what_it_reads_or_a_run(tmp_pa
     (tmp_path / "model.npz").write_bytes((tmp_path / "r" / "checkpoint.npz").read_bytes())
     (tmp_path / "r" / ".hydra").mkdir()
     (tmp_path / "link.csv").symlink_to(tmp_path / "elsewhere.csv")
-    for model, out in [("model.npz", "model.npz"), ("r", "pts.csv"), ("r", "./pts.csv"), ("r", "r/.hydra/config.yaml"),
-                       ("r", "r/new.csv"), ("r", "link.csv"), ("r", "/dev/null"), ("r", str(tmp_path))]:  # fmt: skip
+    for model, out, why in [("model.npz", "model.npz", "an input file"), ("r", "pts.csv", "an input file"),
+                            ("r", "./pts.csv", "an input file"), ("r", "r/.hydra/config.yaml", "inside a run"),
+                            ("r", "r/new.csv", "inside a run"), ("r", "link.csv", "a link"),
+                            ("r", "/dev/null", "not a regular"), ("r", str(tmp_path), "not a regular")]:  # fmt: skip
         before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
         r = run_cli(model, "--file", "pts.csv", "--out", out, module="quadnet.predict", cwd=tmp_path)
-        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not allowed" in r.stderr, (out, r.stderr)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"allowed: it is {why}" in r.stderr, r.stderr
         assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, out
     r = run_cli("r", "--file", "pts.csv", "--out", "preds.csv", module="quadnet.predict", cwd=tmp_path)
     assert r.returncode == 0 and (tmp_path / "preds.csv").read_text().startswith("x,y,predicted,p(1)"), r.stderr
@@ -238,3 +248,37 @@ def test_a_big_test_sets_summary_keeps_the_misclassified_and_the_console_a_confu
     assert [int(v) for v in table[0].split()[1:4]] == counts[0].tolist()
     assert table[0].split()[-1] == f"{100 * counts[0, 0] / counts[0].sum():.1f}%"
     assert all(f.is_file() for f in (tmp_path / "r" / n for n in ("decision_regions.png", "confusion.png")))
+
+
+@pytest.fixture
+def long_labels(tmp_path):
+    """A run on two features whose labels are longer than the table's 'predicted' header."""
+    rng = np.random.default_rng(4)
+    rows = [f"{x:.3f},{y:.3f},{'versicolor_long' if x > 0 else 'setosa'}" for x, y in rng.normal(size=(60, 2))]
+    (tmp_path / "iris.csv").write_text("x,y,species\n" + "\n".join(rows) + "\n")
+    cfg = make_cfg("data=csv", f"data.path={tmp_path / 'iris.csv'}", "optimizer=adam", "lr=0.05", "epochs=100")
+    assert train(cfg, run_dir=tmp_path / "r")["status"] == "completed"
+    return tmp_path
+
+
+def test_predicts_table_is_as_wide_as_its_longest_label(long_labels):
+    r = run_cli("r", "2,0", "-2,0", module="quadnet.predict", cwd=long_labels)
+    assert r.returncode == 0, r.stderr
+    table = r.stdout.splitlines()[1:]
+    assert "versicolor_long" in r.stdout and "setosa" in r.stdout and len({len(line) for line in table}) == 1, table
+
+
+def test_predict_shows_a_files_true_labels_and_marks_the_wrong(long_labels):
+    """The same point twice with two labels: one of them is wrong, and the table and JSON say which."""
+    (long_labels / "pts.csv").write_text("species,y,x\nsetosa,0,2\nversicolor_long,0,2\nsetosa,0,-2\n")
+    r = run_cli("r", "--file", "pts.csv", "--json", module="quadnet.predict", cwd=long_labels)
+    rows = json.loads(r.stdout)["predictions"]
+    assert [p["true"] for p in rows] == ["setosa", "versicolor_long", "setosa"], r.stderr
+    wrong = [p["predicted"] != p["true"] for p in rows]
+    r = run_cli("r", "5,5", "--file", "pts.csv", module="quadnet.predict", cwd=long_labels)
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("model: r/checkpoint.npz") and lines[1].startswith("accuracy 0.6667 on 3 labelled")
+    assert lines[2].split()[-3:] == ["true", "p(setosa)", "p(versicolor_long)"], lines
+    assert ["✗ wrong" in line for line in lines[3:]] == [False, *wrong] and sum(wrong) == 1
+    assert [line.split(")")[1].split()[2] for line in lines[3:]] == ["-", "setosa", "versicolor_long", "setosa"]
+    assert len({len(line.removesuffix("  ✗ wrong")) for line in lines[2:]}) == 1, lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -13,7 +14,7 @@ from test_report import saved_figures, texts
 
 from conftest import call_main, run_cli
 from quadnet import checkpoint, plots
-from quadnet.config import DataConfig
+from quadnet.config import DataConfig, help_text
 from quadnet.data import Dataset, make_dataset
 from quadnet.engines.numpy import forward, loss_and_grads, sgd_update, softmax, softmax_loss
 from quadnet.model import initial_params
@@ -73,6 +74,25 @@ def test_decision_regions_have_a_key_ring_the_misclassified_and_state_the_test_a
     assert ax.get_title().startswith("hidden_dim=50 · 100 epochs\n") and f"test accuracy {acc:.1%}" in ax.get_title()
     assert f"{wrong} of 8 points (train and test) misclassified" in ax.get_title()
     assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_long_class_names_and_a_long_title_stay_inside_the_decision_regions(tmp_path, monkeypatch):
+    """Five long labels over six features: the key's names distinct, the title, key and both axis labels in the
+    figure (no ink at its left or right edge); a label longer than 40 characters is cut in its middle."""
+    figures = saved_figures(monkeypatch)
+    x, y = np.random.default_rng(1).normal(size=(100, 6)), np.arange(100) % 5
+    names = tuple(f"very_long_class_name_{k}" for k in range(1, 6))
+    data = Dataset(x[:80], y[:80], x[80:], y[80:], names, quadrants=False)
+    title = " ".join(f"option_{k}=value_{k}" for k in range(12))
+    plots.plot_regions(tmp_path / "r.png", initial_params(20, 1, "normal", 5, 6), data, title)
+    ax, fig = figures["r.png"].axes[0], figures["r.png"]
+    assert len({t.get_text() for t in ax.get_legend().get_texts()}) == 8 and not ax.lines  # (no quadrants' axes)
+    for text in (ax.xaxis.label, ax.yaxis.label, *ax.get_legend().get_texts()):
+        assert fig.bbox.x0 <= text.get_window_extent().x0 < text.get_window_extent().x1 <= fig.bbox.x1, text
+    ink = np.asarray(Image.open(tmp_path / "r.png").convert("L")) < 128
+    assert not ink[:, :2].any() and not ink[:, -2:].any()
+    long = Dataset(x[:80], y[:80], x[80:], y[80:], tuple(f"{k}{'_' * 50}{k}" for k in "abcde"), quadrants=False)
+    assert plots.class_names(long)[0] == f"class a{'_' * 12}…{'_' * 19}a" and len(set(plots.class_names(long))) == 5
 
 
 def test_many_points_are_small_and_see_through(tmp_path, monkeypatch):
@@ -162,6 +182,8 @@ def test_the_plane_of_wide_data_is_its_leading_principal_components_and_its_regi
     expected = 0.4 * plots.colors(data.classes)[plots.predict_class(params, data.x_test)] + 0.6
     assert np.mean(np.abs(drawn - expected).max(axis=1) < 1e-6) > 0.9 and len(set(map(tuple, expected))) > 1
     assert plots.plane(Dataset(x[:, :2], np.zeros(300, int), x[:, :2], np.zeros(300, int), (0,)))[2] == ["x", "y"]
+    scaled = dataclasses.replace(data, x_train=x[:200, :2], x_test=x[200:, :2], shift=np.zeros(2), scale=np.ones(2))
+    assert plots.plane(scaled)[2] == ["x (standardized)", "y (standardized)"]  # (values not as the file has them)
 
 
 def test_the_gifs_loss_panel_is_log_x_as_its_frames_are_log_spaced(tmp_path, monkeypatch):
@@ -241,6 +263,13 @@ def test_predict_defaults_to_the_newest_completed_run_and_prints_trains_columns(
     assert TRAIN_HEADER in lines[1] and lines[1].split()[4:] == ["p(I)", "p(II)", "p(III)", "p(IV)"]
     assert lines[2].split()[:2] == ["(-2,", "2)"]
     assert lines[4].startswith("          (0, 1)") and lines[4].split(")")[1].split()[2] == "-"  # no true quadrant
+
+
+def test_the_help_says_what_predict_reads_and_what_train_writes(capsys):
+    code, out, _ = _predict(capsys, "--help")
+    assert code == 0 and "the features, comma-separated, e.g. x,y" in out and "a header naming them" in out
+    assert "SWEEP/N" in out and "SWEEP --job N" in out
+    assert "plots=true" in help_text() and "loss.png, confusion.png and decision_regions.png" in help_text()
 
 
 def test_predict_prints_what_load_gives(runs, capsys):
