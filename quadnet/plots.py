@@ -100,9 +100,8 @@ def _regions_axes(ax: Any, params: Params, data: Dataset, n: int) -> tuple[Calla
     lim, full = max(2.5, float(np.abs(xy).max()) * 1.15), colors(data.classes)
     grid = np.stack(np.meshgrid(*[np.linspace(-lim, lim, n)] * 2), axis=-1).reshape(-1, 2) @ directions + origin
     image = ax.imshow(np.ones((n, n, 3)), extent=(-lim, lim, -lim, lim), origin="lower")
-    if data.quadrants:  # (the quadrants' borders; other data's zero is no border)
-        ax.axhline(0, color="k", lw=0.6)
-        ax.axvline(0, color="k", lw=0.6)
+    for border in (ax.axhline, ax.axvline) if data.quadrants else ():  # (other data's zero is no border)
+        border(0, color="k", lw=0.6)
     size, alpha, ring = (12, 0.6, 30) if len(x) > MANY else (60, 1.0, 200)
     for points, truth, marker in zip(np.split(xy, [len(data.x_train)]), (data.y_train, data.y_test), "o^", strict=True):
         cols = np.where((truth >= 0)[:, None], full[truth.clip(0)], 0.5)
@@ -134,10 +133,8 @@ def plot_regions(path: Path, params: Params, data: Dataset, title: str) -> None:
     for a key of long names (beyond 16 characters), so that the axes keep their size."""
     with figure(path, figsize=(7.2 + 0.07 * (max([16, *map(len, class_names(data))]) - 16), 5.6)) as (_, ax):
         wrong, accuracy = _regions_axes(ax, params, data, 301)[1]
-        n = len(data.x_train) + len(data.x_test)
-        ax.set_title(
-            f"{title}\ntest accuracy {accuracy:.1%}; {wrong} of {n} points (train and test) misclassified", wrap=True
-        )
+        n = f"{len(data.x_train) + len(data.x_test)} points (train and test)"
+        ax.set_title(f"{title}\ntest accuracy {accuracy:.1%}; {wrong} of {n} misclassified", wrap=True)
 
 
 def plot_confusion(path: Path, counts: np.ndarray, data: Dataset, title: str) -> None:
