@@ -67,9 +67,8 @@ def discard(folder: Path) -> None:
     """A run's or sweep's dir that its lock made and that holds no training (Hydra's record alone: a
     run stopped before it trained, a sweep whose jobs Hydra refused) goes, with the dirs above it
     that the lock made."""
-    trained = any(folder.glob(f"{table.RESULTS}/*.parquet")) or any(folder.rglob(checkpoint.CHECKPOINT))
-    trained = trained or any(folder.rglob("summary.json"))
-    if folder.resolve() in MADE.get(str(folder.resolve()), []) and not trained:
+    trained = (f"{table.RESULTS}/*.parquet", f"**/{checkpoint.CHECKPOINT}", "**/summary.json")
+    if folder.resolve() in MADE.get(str(folder.resolve()), []) and not any(any(folder.glob(g)) for g in trained):
         shutil.rmtree(folder, ignore_errors=True)
         release(folder)
 
