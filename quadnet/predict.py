@@ -221,20 +221,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     shown = ["(" + ", ".join(f"{v:g}" for v in r["point"]) + ")" for r in rows]
     heads = [f"p({n})" for n in (QUADRANT_NAMES if model.quadrants else model.classes)]
-    w, cw, true = max([16, *map(len, shown)]), max([9, *map(len, heads)]), model.quadrants or hits
+    w, cw, true = max([16, *map(len, shown)]), max([9, *map(len, heads)]), model.quadrants or bool(hits)
     widths = [len(str(c)) for c in [*model.classes, *truth] if c is not None]  # (as wide as the longest label)
     pw, tw = max(9, *widths), max(4, *widths)
-    tcol = f"  {'true':>{tw}}" if true else ""
+    tcol = f"  {'true':>{tw}}" * true
     print(f"{'point':>{w}}  {'predicted':>{pw}}  p(predicted){tcol} " + "".join(f"{h:>{cw + 1}}" for h in heads))
     for r, point in zip(rows, shown, strict=True):  # (quadrant data: a point's true class is its quadrant)
         q, t = r["predicted"], r["true"]
         pq = f"{r['probs'][model.classes.index(q)]:12.9f}" if q is not None else f"{'-':>12}"
-        cells = f"{point:>{w}}  {q if q is not None else '-':>{pw}}  {pq}"
-        cells += f"  {t if t is not None else '-':>{tw}}" if true else ""
+        cells = f"{point:>{w}}  {'-' if q is None else q:>{pw}}  {pq}" + f"  {'-' if t is None else t:>{tw}}" * true
         note = "  on an axis: no true quadrant" * (t is None) * model.quadrants  # (and no label in a file)
-        note += "  probabilities not finite" * (q is None)
-        note += "  ✗ wrong" * (q is not None and t is not None and q != t)  # (as train's table and the plots mark it)
-        print(cells + " " + "".join(f"{p:{cw + 1}.6f}" for p in r["probs"]) + note)
+        note += "  probabilities not finite" * (q is None) + "  ✗ wrong" * (None not in (q, t) and q != t)
+        print(cells + " " + "".join(f"{p:{cw + 1}.6f}" for p in r["probs"]) + note)  # (✗: as train's table marks it)
 
 
 if __name__ == "__main__":
