@@ -110,10 +110,9 @@ def _sweep(n: int, launcher: str, out: Path, extra: list[str], limit: float = 0,
         stopper.cancel()
         seconds, p.returncode = time.perf_counter() - t0, os.waitstatus_to_exitcode(status)
         output = Path(log.name).read_text()  # (what the sweep wrote, through its own file descriptor)
-    if table.tables(out):  # (a batched sweep's table; the basic launcher's job dirs)
-        done = sum(r["status"] == "completed" for r in table.rows(out)[0])
-    else:
-        done = sum(json.loads(s.read_text())["status"] == "completed" for s in out.glob("*/summary.json"))
+    # (a batched sweep's table; the basic launcher's job dirs)
+    rows = table.rows(out)[0] if table.tables(out) else [json.loads(s.read_text()) for s in out.glob("*/summary.json")]
+    done = [r["status"] for r in rows].count("completed")
     if not (limit and seconds >= limit) and (p.returncode != 0 or done != n * grid):
         fail(f"the {launcher} sweep completed {done} of {n * grid} jobs: {output.strip().splitlines()[-1:]}", 1)
     return seconds, output, usage.ru_maxrss * 1024, done
@@ -184,10 +183,10 @@ def bench_sklearn(a: argparse.Namespace) -> list[dict[str, Any]]:
     ours = " ".join(f"{k}={best['config'][k]}" for k in ["seed", *GRID])
     theirs = f"seed={p['random_state']} hidden_dim={p['hidden_layer_sizes'][0]} lr={p['learning_rate_init']}"
     keys = ["search", "configs", "seconds", "train_s", "best", "epochs", "val_acc", "test_acc"]
-    rows = [["quadnet batched sweep", n, tq, float(found[-1][1]) if found else math.nan, ours, a.epochs]]
-    rows += [["sklearn GridSearchCV", n, ts, ts, theirs, refit.n_iter_]]  # (its epochs: it stops when its loss stalls)
-    rows[0] += [best["val_accuracy"], best["test_accuracy"]]
-    rows[1] += [search.best_score_, refit.score(d.x_test, d.y_test)]
+    train, accuracy = float(found[-1][1]) if found else math.nan, refit.score(d.x_test, d.y_test)
+    rows = [["quadnet batched sweep", n, tq, train, ours, a.epochs, best["val_accuracy"], best["test_accuracy"]]]
+    # (sklearn's epochs: it stops when its loss stalls)
+    rows += [["sklearn GridSearchCV", n, ts, ts, theirs, refit.n_iter_, search.best_score_, accuracy]]
     return [dict(zip(keys, r, strict=True)) | {"time_vs_quadnet": r[2] / tq} for r in rows]  # (its seconds / ours)
 
 
@@ -233,8 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     text = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in (r.get(k, "-") for k in keys)] for r in rows]
     widths = [max(map(len, column)) for column in zip(keys, *text, strict=True)]
-    for line in [keys, *text]:
-        print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
+    print(*("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in [keys, *text]), sep="\n")
 
 
 if __name__ == "__main__":

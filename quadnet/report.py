@@ -177,9 +177,8 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
                     ax.plot(at, centre, marker="o", mfc="none", color="tab:red", label="median", zorder=2)
                     ax.fill_between(at, low, high, color="tab:red", alpha=0.15, label="16–84% of jobs")
                 else:
-                    err = [centre - low, high - centre]
-                    label = "median; bars: 16–84% of jobs"
-                    ax.errorbar(at, centre, yerr=err, fmt="o", mfc="none", color="tab:red", capsize=4, label=label)
+                    ax.errorbar(at, centre, yerr=[centre - low, high - centre], fmt="o", mfc="none", color="tab:red",
+                                capsize=4, label="median; bars: 16–84% of jobs")  # fmt: skip
             handles = ax.get_legend_handles_labels()[0]
             if kind != "scatter" and name == "test_accuracy":  # a count of jobs, not an accuracy: on an axis of its own
                 right = [np.mean(np.equal(g, 1.0)) if g else math.nan for g in groups.values()]
@@ -235,9 +234,8 @@ def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: boo
             write(sweep / name, *args)
         except OSError as e:  # (after the table: a script that asked for the files did not get them)
             fail(f"could not write {name} in {str(sweep)!r}: {e.strerror or e}", code=1)
-    pngs = f" and {', '.join(w[0] for w in writes[1:])}" if writes[1:] else ""
     none = " (no plots: no swept parameter takes two values among the completed jobs)" * plots
-    print(f"wrote {sweep / 'report.csv'}{pngs or none}")
+    print(f"wrote {sweep / 'report.csv'}" + (f" and {', '.join(w[0] for w in writes[1:])}" if writes[1:] else none))
 
 
 def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int | None) -> None:
