@@ -170,8 +170,7 @@ def load(path: str | Path) -> dict[str, Any]:
     """Load and check one job's checkpoint (a run dir or a file): its state (params, optimizer buffers,
     step), epoch, status, classes, history (rows of dicts), ``cfg`` (validated) and ``config`` (its
     dict). Raises :class:`CheckpointError`."""
-    p = find(path)
-    f = read(p)
+    f = read(p := find(path))
     meta, cfg = _meta(f["meta"], repr(str(p)))  # (as read checked it)
     params = {k[7:]: v.astype(np.float64) for k, v in f.items() if k.startswith("params/")}
     kept = dict.fromkeys(k.split("/")[1] for k in f if k.startswith("optimizer/"))  # (read gives each every param)

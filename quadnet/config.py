@@ -200,9 +200,8 @@ def one_line(ex: BaseException) -> str:
     if isinstance(err, ConfigKeyError | ConfigAttributeError) and key:
         if key.startswith("hydra.sweeper.sampler.") and not version_base():  # Hydra 1.4
             sweeper, core = version("hydra-optuna-sweeper"), version("hydra-core")
-            problem = f"hydra-optuna-sweeper {sweeper} does not work with hydra-core {core}"
-            fix = "use hydra-core 1.3, or pip install 'hydra-optuna-sweeper==1.4.0rc3'"
-            return f"{problem} (its sampler is never instantiated): {fix}"
+            fix = "its sampler is never instantiated; use hydra-core 1.3, or pip install hydra-optuna-sweeper==1.4.0rc3"
+            return f"hydra-optuna-sweeper {sweeper} does not work with hydra-core {core}: {fix}"
         # the dataclass of the node the key is missing from: its keys
         if key.startswith(("hydra.launcher.", "hydra.sweeper.")) and is_dataclass(schema := err.object_type):
             known = [f.name for f in fields(schema) if not f.name.startswith("_")]

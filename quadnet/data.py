@@ -5,11 +5,10 @@ class index is its quadrant minus one. A CSV of your own points (``data=csv``) h
 its labels name: every distinct label, sorted (numbers as numbers), so 0-3 and 1-4 both work.
 """
 
-import dataclasses
 import functools
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -193,7 +192,7 @@ def make_dataset(cfg: DataConfig) -> Dataset:
     index = {lab: i for i, lab in enumerate(classes)}
     y, y_test, y_val = (np.array([index[lab] for lab in split[1]], dtype=np.int64) for split in (train, test, val))
     paths = {k: str(user_path(v).absolute()) for k in ("path", "test_path", "val_path") if (v := getattr(cfg, k))}
-    data = Dataset(train[0], y, test[0], y_test, classes, False, dataclasses.replace(cfg, **paths), val[0], y_val,
+    data = Dataset(train[0], y, test[0], y_test, classes, False, replace(cfg, **paths), val[0], y_val,
                    tuple(t.features), label=t.label)  # fmt: skip
     return data if cfg.standardize is False else _standardized(data)
 
@@ -206,4 +205,4 @@ def _standardized(data: Dataset) -> Dataset:
         x = {k: (getattr(data, k) - shift) / scale for k in ("x_train", "x_test", "x_val")}
     if (bad := ~np.isfinite(np.vstack([*x.values(), shift, scale])).all(0)).any():
         raise ConfigError(f"{data.features[np.argmax(bad)]!r} is too big to standardize: data.standardize=false")
-    return dataclasses.replace(data, **x, shift=shift, scale=scale)
+    return replace(data, **x, shift=shift, scale=scale)

@@ -20,13 +20,11 @@ def resolve_device(name: str) -> str:
 
     if name == "auto":
         return "cuda:0" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "mps":
-        if not torch.backends.mps.is_available():
-            raise ConfigError("device='mps' is not available on this machine; use device=auto or cpu")
-        return name
-    if not torch.cuda.is_available():  # (cuda or cuda:N)
-        why = f"this torch build or machine has no CUDA (torch {torch.__version__})"
+    if not (torch.backends.mps if name == "mps" else torch.cuda).is_available():  # (mps, cuda or cuda:N)
+        why = f"this torch build or machine has no {'MPS' if name == 'mps' else 'CUDA'} (torch {torch.__version__})"
         raise ConfigError(f"device={name!r} is not available: {why}; use device=auto or cpu")
+    if name == "mps":
+        return name
     index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
     if index >= count:
         raise ConfigError(f"device={name!r} is not available: only cuda:0..cuda:{count - 1} exist")

@@ -57,10 +57,8 @@ def softmax_loss(scores: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     """
     n, rows = len(scores), np.arange(len(scores))
     shifted = scores - scores.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    total = exp.sum(axis=1, keepdims=True)
-    loss = -np.sum(shifted[rows, y] - np.log(total[:, 0])) / n
-    dscores = exp / total  # the softmax probabilities
+    loss = -np.sum(shifted[rows, y] - np.log(np.exp(shifted).sum(axis=1))) / n
+    dscores = softmax(scores)  # the probabilities
     dscores[rows, y] -= 1
     return float(loss), dscores / n
 

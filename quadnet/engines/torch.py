@@ -27,9 +27,8 @@ JobState = dict[str, Any]  # {"params": Params, "optimizer": {buffer: Params}, "
 
 
 class TorchEngine:
-    def __init__(
-        self, cfgs: list[TrainConfig], data: Dataset, device: str, starts: list[JobState], threads: int = 1
-    ) -> None:
+    def __init__(self, cfgs: list[TrainConfig], data: Dataset, device: str, starts: list[JobState],
+                 threads: int = 1) -> None:  # fmt: skip
         c0, device, hidden = cfgs[0], torch.device(device), max(c.hidden_dim for c in cfgs)
         self.cfgs, self.device, self.dtype, self.threads = cfgs, device, getattr(torch, c0.dtype), threads
         self.name, self.rule, self.autograd = f"torch/{c0.step}", c0.optimizer, c0.step == "autograd"
