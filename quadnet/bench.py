@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     sk.add_argument("--seeds", type=int, default=4, help="seeds of each hidden_dim and lr (default 4: 24 configs)")
     sk.add_argument("--epochs", type=int, default=2000, help="epochs= and max_iter= of every config (default 2000)")
     # (what the other subcommands do not take)
-    parser.set_defaults(repeat=1, epochs=1, sample=1, busy=0, seconds=0, jobs="1", seeds=1)
+    parser.set_defaults(repeat=1, epochs=1, sample=1, busy=0, seconds=0, jobs="1", seeds=1, table="")
     args = parser.parse_args(argv)
     sizes = [int(j) if j.strip().isdigit() else 0 for j in str(args.jobs).split(",")]  # sweep: one
     if min(*sizes, args.repeat, args.epochs, args.sample, args.seeds) < 1 or min(args.busy, args.seconds) < 0:

@@ -305,3 +305,13 @@ def test_bench_sklearn_without_scikit_learn_says_how_to_install_it(capsys, monke
         and out == ""
         and err == "error: bench sklearn needs scikit-learn, which quadnet does not install: pip install scikit-learn\n"
     )
+
+
+def test_bench_sweep_prints_the_launchers_side_by_side_with_or_without_job_dirs(tmp_path):
+    for extra in ([], ["--table-only"]):
+        args = ["sweep", "--jobs", "3", "--epochs", "5", "--sample", "2", *extra]
+        r = run_cli(*args, module="quadnet.bench", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        head, row = r.stdout.splitlines()[-2:]
+        cells = dict(zip(head.split(), row.split(), strict=True))
+        assert cells["jobs"] == cells["done"] == "3" and float(cells["batched_faster_per_job"]) > 0
