@@ -56,6 +56,13 @@ def clean(obj: Any) -> Any:
     return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
+def final_figures(history: list[dict[str, float]]) -> dict[str, float | None]:
+    """A job's last metrics row as its summary and its table row keep it: ``final_loss`` and the
+    other METRICS (NaN, a figure the data has not: None)."""
+    last = history[-1] if history else {}
+    return {"final_loss" if k == "loss" else k: clean(last.get(k)) for k in METRICS}
+
+
 def summary_metric(summary: dict[str, Any], name: str) -> float | None:
     """A figure of a completed run's summary (an error is 1 − its accuracy); None otherwise. A
     val_ figure of data without a validation split (the seed's 4 points) is the test set's."""

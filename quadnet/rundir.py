@@ -103,11 +103,11 @@ def write(run_dir: Path, job: Job, data: Dataset, ran: dict[str, Any], stop_sign
     cfg, run_dir = job.cfg, Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     artifacts.remove_stale(run_dir)
-    final, params = job.history[-1], job.state["params"]
+    params = job.state["params"]
     opt = "" if cfg.optimizer == "sgd" else f" {cfg.optimizer}"  # the plots' title:
     title = f"hidden_dim={cfg.hidden_dim}{opt} lr={cfg.lr:g} reg={cfg.reg:g} seed={cfg.seed} · {job.epoch} epochs"
-    summary = {"status": job.status, "epoch": job.epoch, "epochs": cfg.epochs, "final_loss": final["loss"]}
-    summary |= {key: final[key] for key in METRICS[1:]} | ran  # (the train, test and validation figures)
+    summary = {"status": job.status, "epoch": job.epoch, "epochs": cfg.epochs, **artifacts.final_figures(job.history)}
+    summary |= ran
     stopped = signal.Signals(stop_signal).name if job.status == "interrupted" and stop_signal else None
     summary |= {"dtype": cfg.dtype, "run_dir": str(run_dir.resolve()), "signal": stopped}
     summary |= {"versions": artifacts.versions(), "classes": list(data.classes), "data_sha256": data.digest}

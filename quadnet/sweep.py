@@ -488,8 +488,7 @@ class Sweep:
 
 def objective(j: Job) -> float:
     """A trained job's objective, as its summary would give it (+inf: not finished with finite values)."""
-    last = j.result.history[-1] if j.result.history else {}  # type: ignore[union-attr]
-    figures = {"status": j.result.status, "final_loss": last.get("loss"), **last}  # type: ignore[union-attr]
+    figures = {"status": j.result.status, **artifacts.final_figures(j.result.history)}  # type: ignore[union-attr]
     value = artifacts.summary_metric(figures, j.cfg.objective)  # type: ignore[union-attr]
     return math.inf if value is None else value
 

@@ -21,7 +21,7 @@ from typing import Any, get_args, get_type_hints
 import numpy as np
 
 from quadnet import checkpoint
-from quadnet.artifacts import atomic_write
+from quadnet.artifacts import atomic_write, final_figures
 from quadnet.config import DataConfig, TrainConfig, flatten, to_dict
 from quadnet.engines import METRICS
 from quadnet.model import shapes
@@ -47,14 +47,12 @@ def write_chunk(path: Path, jobs: list[Any], objectives: list[float | None]) -> 
     arrow = {int: pa.int64(), float: pa.float64(), bool: pa.bool_(), str: pa.string()}
     cols: dict[str, list[Any]] = {"job": [j.idx for j in jobs], "overrides": [j.overrides for j in jobs]}
     done = [j.result for j in jobs]
-    last = [r.history[-1] if r is not None and r.history else {} for r in done]
+    figures = [final_figures(r.history) if r is not None else {} for r in done]
     cols["status"] = [r.status if r is not None else "failed" for r in done]
     cols["error"] = [j.error if r is None else None for j, r in zip(jobs, done, strict=True)]
     cols["epoch"] = [r.epoch if r is not None else None for r in done]
     cols["epochs"] = [j.cfg.epochs if j.cfg is not None else None for j in jobs]
-    for key in FIGURES:
-        values = [h.get("loss" if key == "final_loss" else key) for h in last]
-        cols[key] = [None if v is None or v != v else v for v in values]  # (NaN: none, as summary.json has it)
+    cols |= {key: [f.get(key) for f in figures] for key in FIGURES}
     cols["objective"] = objectives
     for key in ("train_seconds", "device", "engine"):
         cols[key] = [j.ran.get(key) for j in jobs]
