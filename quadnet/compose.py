@@ -65,9 +65,8 @@ class Composer:
         if len(self._parsed) > BOUND:
             self._parsed.clear()
         for line in lines:
-            if line not in self._parsed and (m := _NUMBER.fullmatch(line)):
-                value = float(m[2]) if m[3] is not None or "e" in m[2].lower() else int(m[2])
-                o = Override(OverrideType.CHANGE, m[1], ValueType.ELEMENT, value, input_line=line)
+            if line not in self._parsed and (number := _number(line)):
+                o = Override(OverrideType.CHANGE, number[0], ValueType.ELEMENT, number[1], input_line=line)
                 self._parsed[line] = o, self._plain(o)
         if new := list(dict.fromkeys(s for s in lines if s not in self._parsed)):
             parsed = zip(new, self._parser.parse_overrides(new), strict=True)
@@ -131,6 +130,13 @@ class SweepLoader:
         return self._loader.load_sweep_config(master_config, sweep_overrides)
 
 
-def _kind(line: str) -> Any:
+def _number(line: str) -> tuple[str, int | float] | None:
+    """A key=number line's key and number, as Hydra's grammar reads it; None for any other line."""
     m = _NUMBER.fullmatch(line)
-    return (m[1], m[3] is None and "e" not in m[2].lower(), len(m[2]) < 16) if m else line
+    return (m[1], float(m[2]) if m[3] is not None or "e" in m[2].lower() else int(m[2])) if m else None
+
+
+def _kind(line: str) -> Any:
+    """What decides whether a line composes: a number's key, type and size (beyond 2**53 an int is not a
+    float exactly); any other line itself."""
+    return (number[0], type(number[1]), abs(number[1]) < 2**53) if (number := _number(line)) else line
