@@ -111,8 +111,11 @@ def _sweep(n: int, launcher: str, out: Path, extra: list[str], limit: float = 0,
         seconds, p.returncode = time.perf_counter() - t0, os.waitstatus_to_exitcode(status)
         output = Path(log.name).read_text()  # (what the sweep wrote, through its own file descriptor)
     # (a batched sweep's table; the basic launcher's job dirs)
-    rows = table.rows(out)[0] if table.tables(out) else [json.loads(s.read_text()) for s in out.glob("*/summary.json")]
-    done = [r["status"] for r in rows].count("completed")
+    t = table.rows(out)[0] if table.tables(out) else None
+    statuses = (
+        t["status"].to_pylist() if t else [json.loads(s.read_text())["status"] for s in out.glob("*/summary.json")]
+    )
+    done = statuses.count("completed")
     if not (limit and seconds >= limit) and (p.returncode != 0 or done != n * grid):
         fail(f"the {launcher} sweep completed {done} of {n * grid} jobs: {output.strip().splitlines()[-1:]}", 1)
     return seconds, output, usage.ru_maxrss * 1024, done

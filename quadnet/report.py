@@ -17,12 +17,8 @@ did not get them.
 """
 
 import contextlib
-import csv
-import gc
-import io
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +26,16 @@ import numpy as np
 import yaml
 
 from quadnet import table
-from quadnet.artifacts import summary_metric, write_text
+from quadnet.artifacts import atomic_write, summary_metric
 from quadnet.checkpoint import CHECKPOINT
 from quadnet.exits import ArgumentParser, command, fail
-from quadnet.plots import figure
+from quadnet.plots import figure as figure_file
 
 METRICS = {"val_loss": True, "val_error": True, "test_loss": True, "test_error": True, "final_loss": True,
            "val_accuracy": False, "test_accuracy": False, "train_accuracy": False}  # fmt: skip
 FIGURES = ["final_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy", "epoch",
            "train_seconds"]  # fmt: skip
+ROW = ["job", "overrides", "status", "error", *FIGURES]
 # a numeric parameter with more distinct values than this (and than half the jobs) is drawn as a scatter
 CONTINUOUS = 12
 
@@ -100,79 +97,127 @@ def read_job(d: Path) -> dict[str, Any]:
         return {**row, "status": "damaged", "error": str(e)}
 
 
-def read_jobs(sweep: Path, metric: str) -> list[dict[str, Any]]:
-    """The sweep's jobs, best first by metric (those without it, not completed, last; else in the dirs' order)."""
+def read_jobs(sweep: Path, metric: str) -> tuple[Any, list[str]]:
+    """The sweep's jobs as one pyarrow Table, a column per figure and per swept key (``job`` and the
+    overrides as text), best first by metric (those without it, not completed, last; else in the
+    dirs' order); and the swept keys."""
+    import pyarrow as pa
+
     if (sweep / "summary.json").exists():
         fail(f"{str(sweep)!r} is a single run, not a sweep; its results are in its summary.json")
-    sign = 1 if METRICS[metric] else -1
+    none = {k: pa.float64() for k in FIGURES}  # (every figure a float64 column, null for none)
     if table.tables(sweep):  # (the sweep's results table; a sweep of quadnet 0.5 and earlier: its job dirs)
-        rows, damaged = table.rows(sweep)
-        rows += [{"job": name, "overrides": "", "params": {}, "status": "damaged", "error": "chunk cannot be read",
-                  **dict.fromkeys(FIGURES)} for name in damaged]  # fmt: skip
-        return sorted(rows, key=lambda r: math.inf if (v := summary_metric(r, metric)) is None else sign * v)
-    marks = ("summary.json", ".hydra", CHECKPOINT)  # (a job that never finished has its checkpoint or Hydra's record)
-    if not (dirs := [p for p in sweep.iterdir() if p.is_dir() and any((p / m).exists() for m in marks)]):
-        fail(f"{str(sweep)!r} holds no job dirs (no */summary.json)")
-    rows = [read_job(d) for d in sorted(dirs, key=lambda p: (len(p.name), p.name))]
-    return sorted(rows, key=lambda r: math.inf if (v := summary_metric(r, metric)) is None else sign * v)
+        t, params, damaged = table.rows(sweep)
+        lost = {"job": damaged, "status": ["damaged"] * len(damaged), "error": ["chunk cannot be read"] * len(damaged)}
+        lost |= {k: pa.nulls(len(damaged), kind) for k, kind in none.items()}
+        t = pa.concat_tables([x for x in (t, pa.table(lost)) if x is not None], promote_options="permissive")
+    else:
+        marks = ("summary.json", ".hydra", CHECKPOINT)  # (a job that never finished has its checkpoint or Hydra's)
+        if not (dirs := [p for p in sweep.iterdir() if p.is_dir() and any((p / m).exists() for m in marks)]):
+            fail(f"{str(sweep)!r} holds no job dirs (no */summary.json)")
+        rows = [read_job(d) for d in sorted(dirs, key=lambda p: (len(p.name), p.name))]
+        params = list(dict.fromkeys(k for r in rows for k in r["params"]))
+        columns = {k: pa.array([r[k] for r in rows], none.get(k, pa.string())) for k in ROW}
+        for k in params:  # (a key whose values are of kinds no one column holds: as text)
+            values = [r["params"].get(k) for r in rows]
+            try:
+                columns[k] = pa.array(values)
+            except (ValueError, TypeError):
+                columns[k] = pa.array([None if v is None else str(v) for v in values])
+        t = pa.table(columns)
+    sign = 1 if METRICS[metric] else -1
+    order = np.argsort(np.nan_to_num(sign * figure(t, metric), nan=math.inf), kind="stable")
+    return t.take(order), params
 
 
-def swept_params(rows: list[dict[str, Any]]) -> list[str]:
-    keys = dict.fromkeys(k for r in rows for k in r["params"])
-    return [k for k in keys if _varies(repr(r["params"][k]) for r in rows if k in r["params"])]
+def figure(t: Any, name: str) -> np.ndarray:
+    """:func:`quadnet.artifacts.summary_metric` for every job at once: a figure of each completed job
+    (an error is 1 − its accuracy; a val_ figure without a validation split is the test set's), NaN else."""
+    key = name.replace("_error", "_accuracy")
+    v = t[key].to_numpy()
+    if key.startswith("val_"):
+        v = np.where(np.isnan(v), t["test_" + key[4:]].to_numpy(), v)
+    v = np.where(np.isfinite(v) & done(t), v, np.nan)
+    return 1 - v if name.endswith("_error") else v
 
 
-def _varies(values: Iterator[str]) -> bool:
-    first = next(values, None)
-    return any(v != first for v in values)  # (stops at the first other value: a million seeds, at the second)
+def done(t: Any) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.fill_null(pc.equal(t["status"], "completed"), False).to_numpy(zero_copy_only=False)
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]], params: list[str]) -> None:
+def swept_params(t: Any, params: list[str]) -> list[str]:
+    import pyarrow.compute as pc
+
+    return [k for k in params if pc.count_distinct(t[k]).as_py() > 1]
+
+
+def write_csv(path: Path, t: Any, params: list[str]) -> None:
     """One row a job: its swept parameters, overrides, status, error and every metric (no column twice)."""
+    import pyarrow as pa
+    import pyarrow.csv
+
     figures = [*FIGURES[:6], "val_error", "test_error", *FIGURES[6:]]
-    w = csv.writer(buf := io.StringIO(), lineterminator="\n")
-    w.writerow(["job", *params, "overrides", "status", "error", *figures])
-    cells = lambda r: [r["params"].get(p) for p in params] + [r[k] for k in ("overrides", "status", "error")]  # noqa: E731
-    w.writerows([r["job"], *cells(r), *(summary_metric(r, f) if "error" in f else r[f] for f in figures)] for r in rows)
-    write_text(path, buf.getvalue())
+    errors = {f: pa.array(figure(t, f), from_pandas=True) for f in figures if "error" in f}  # (NaN: null)
+    out = pa.table(
+        {k: errors[k] if k in errors else t[k] for k in ["job", *params, "overrides", "status", "error", *figures]}
+    )
+    atomic_write(path, lambda tmp: pyarrow.csv.write_csv(out, tmp))
 
 
-def axis_kind(param: str, rows: list[dict[str, Any]]) -> tuple[list[Any], str, bool]:
-    """param's sorted distinct values in rows; 'scatter' (seeds, continuous values), 'grid' (a few
-    numbers) or 'categorical'; and whether a log axis suits them (all > 0, a span of 10× or more)."""
-    values = [r["params"][param] for r in rows if param in r["params"]]
-    distinct = sorted(set(values), key=lambda v: (isinstance(v, str), v))
-    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in distinct)
-    log = numeric and min(distinct) > 0 and max(distinct) / min(distinct) >= 10
+def axis_kind(param: str, values: Any) -> tuple[Any, str, bool]:
+    """param's sorted distinct values (values: its column, no nulls; they: an array); 'scatter' (seeds, continuous
+    values), 'grid' (a few numbers) or 'categorical'; and whether a log axis suits them (all > 0, a
+    span of 10× or more)."""
+    import pyarrow as pa
+
+    distinct = values.unique().sort()
+    numeric = pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
+    log = numeric and (low := distinct[0].as_py()) > 0 and distinct[-1].as_py() / low >= 10
     many = len(distinct) > CONTINUOUS and len(distinct) > len(values) / 2
-    many |= len(values) == len(distinct) >= 3 and any(isinstance(v, float) for v in distinct)  # a search, not a grid
+    many |= len(values) == len(distinct) >= 3 and pa.types.is_floating(values.type)  # a search, not a grid
     return distinct, "scatter" if param == "seed" or (numeric and many) else "grid" if numeric else "categorical", log
 
 
-def _log_scale(name: str, vals: list[float]) -> bool:
+def _log_scale(name: str, vals: np.ndarray) -> bool:
     """Whether a log axis suits the figure `name` with these values: all > 0, a span of 100× or more."""
-    return "accuracy" not in name and bool(vals) and min(vals) > 0 and max(vals) / min(vals) >= 100
+    return "accuracy" not in name and bool(vals.size) and vals.min() > 0 and vals.max() / vals.min() >= 100
 
 
-def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, varied: list[str]) -> None:
+def _completed(t: Any, *params: str) -> tuple[Any, list[np.ndarray], list[Any], list[tuple[str, bool]]]:
+    """The completed jobs that have every param; for each param, the index of each job's value among
+    its sorted distinct values, those values, and the axis (kind, log)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keep = done(t)
+    for p in params:
+        keep &= pc.is_valid(t[p]).to_numpy(zero_copy_only=False)
+    t = t.filter(pa.array(keep))
+    axes = [axis_kind(p, t[p]) for p in params]
+    at = [pc.index_in(t[p], xs).to_numpy() for p, (xs, _, _) in zip(params, axes, strict=True)]
+    return t, at, [xs for xs, _, _ in axes], [(kind, log) for _, kind, log in axes]
+
+
+def plot_param(path: Path, t: Any, param: str, metric: str, varied: list[str]) -> None:
     """The metric (left) and the test accuracy (right; test loss if the metric is test accuracy) against param;
     at each value, the jobs of every setting of the other varied parameters together (the title says which)."""
-    done = [r for r in rows if r["status"] == "completed" and param in r["params"]]
-    xs, kind, xlog = axis_kind(param, done)
-    at = xs if kind != "categorical" else list(range(len(xs)))  # where each value is drawn
-    pos = dict(zip(xs, at, strict=True))
+    t, (idx,), (xs,), ((kind, xlog),) = _completed(t, param)
+    at = xs.to_numpy(zero_copy_only=False) if kind != "categorical" else np.arange(len(xs))  # where each is drawn
     names = (metric, "test_loss" if metric == "test_accuracy" else "test_accuracy")
-    with figure(path, 1, 2, figsize=(11, 4.2)) as (fig, axes):
+    with figure_file(path, 1, 2, figsize=(11, 4.2)) as (fig, axes):
         for ax, name in zip(axes, names, strict=True):
-            pts = [(pos[r["params"][param]], v) for r in done if (v := summary_metric(r, name)) is not None]
-            groups: dict[Any, list[float]] = {x: [] for x in at}  # the figures at each value (one pass: 10⁶ jobs)
-            for p, v in pts:
-                groups[p].append(v)
-            at_x, every = np.array([p for p, _ in pts]), [v for _, v in pts]  # (arrays: 10⁶ dots drawn in a second)
-            ax.scatter(at_x, np.array(every), s=12, alpha=0.5, color="tab:blue", label="each job", zorder=3)
-            if kind != "scatter":  # (the median beneath the jobs' dots, hollow, so that none hides under it)
+            v = figure(t, name)
+            ok = ~np.isnan(v)
+            every = v[ok]
+            ax.scatter(at[idx[ok]], every, s=12, alpha=0.5, color="tab:blue", label="each job", zorder=3)
+            groups = [v[ok & (idx == i)] for i in range(len(xs))] if kind != "scatter" else []
+            if groups:  # (the median beneath the jobs' dots, hollow, so that none hides under it)
                 # (median, 16th and 84th percentiles; NaN for none)
-                centre, low, high = np.array([np.percentile(g or [math.nan], [50, 16, 84]) for g in groups.values()]).T
+                centre, low, high = np.array(
+                    [np.percentile(g, [50, 16, 84]) if g.size else [math.nan] * 3 for g in groups]
+                ).T
                 if kind == "grid":
                     ax.plot(at, centre, marker="o", mfc="none", color="tab:red", label="median", zorder=2)
                     ax.fill_between(at, low, high, color="tab:red", alpha=0.15, label="16–84% of jobs")
@@ -180,8 +225,8 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
                     ax.errorbar(at, centre, yerr=[centre - low, high - centre], fmt="o", mfc="none", color="tab:red",
                                 capsize=4, label="median; bars: 16–84% of jobs")  # fmt: skip
             handles = ax.get_legend_handles_labels()[0]
-            if kind != "scatter" and name == "test_accuracy":  # a count of jobs, not an accuracy: on an axis of its own
-                right = [np.mean(np.equal(g, 1.0)) if g else math.nan for g in groups.values()]
+            if groups and name == "test_accuracy":  # a count of jobs, not an accuracy: on an axis of its own
+                right = [np.mean(g == 1.0) if g.size else math.nan for g in groups]
                 twin, what = ax.twinx(), "fraction of jobs with every test point right"
                 handles += twin.plot(at, right, "s--" if kind == "grid" else "s", color="tab:green", label=what)
                 twin.set_ylim(-0.05, 1.05)
@@ -191,26 +236,28 @@ def plot_param(path: Path, rows: list[dict[str, Any]], param: str, metric: str, 
             if "accuracy" in name:
                 ax.set_ylim(-0.05, 1.05)
             if len(xs) <= CONTINUOUS and kind != "scatter":  # a tick at each value of a grid
-                ax.set_xticks(at, [show(x) for x in xs], minor=False)
+                ax.set_xticks(at, [show(x) for x in xs.to_pylist()], minor=False)
                 ax.minorticks_off()
-            elif not xlog and all(isinstance(x, int) for x in xs):  # seeds: whole-number ticks
+            elif not xlog and "int" in str(xs.type):  # seeds: whole-number ticks
                 ax.xaxis.get_major_locator().set_params(integer=True)
             ax.legend(handles=handles, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
         others = [q for q in varied if q != param]
         pooled = f"\neach value pools every setting of {', '.join(others)}" if others else ""
-        fig.suptitle(f"{names[0]} and {names[1]} against {param} ({len(done)} completed jobs){pooled}")
+        fig.suptitle(f"{names[0]} and {names[1]} against {param} ({len(t)} completed jobs){pooled}")
 
 
-def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric: str) -> None:
-    done = [r for r in rows if r["status"] == "completed" and a in r["params"] and b in r["params"]]
-    xa, xb = (axis_kind(p, done)[0] for p in (a, b))
-    pts = [((r["params"][a], r["params"][b]), v) for r in done if (v := summary_metric(r, metric)) is not None]
-    grid = np.array([[np.median([v for ab, v in pts if ab == (va, vb)] or [math.nan]) for va in xa] for vb in xb])
-    norm = "log" if _log_scale(metric, [v for _, v in pts]) else None
-    with figure(path, figsize=(1.2 * len(xa) + 3.5, 0.8 * len(xb) + 2.5)) as (fig, ax):
+def plot_heatmap(path: Path, t: Any, a: str, b: str, metric: str) -> None:
+    t, (ia, ib), (xa, xb), _ = _completed(t, a, b)
+    v = figure(t, metric)
+    cell = lambda i, j: v[(ia == i) & (ib == j) & ~np.isnan(v)]  # noqa: E731
+    grid = np.array(
+        [[np.median(c) if (c := cell(i, j)).size else math.nan for i in range(len(xa))] for j in range(len(xb))]
+    )
+    norm = "log" if _log_scale(metric, v[~np.isnan(v)]) else None
+    with figure_file(path, figsize=(1.2 * len(xa) + 3.5, 0.8 * len(xb) + 2.5)) as (fig, ax):
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", norm=norm)
-        ax.set_xticks(range(len(xa)), [show(v) for v in xa])
-        ax.set_yticks(range(len(xb)), [show(v) for v in xb])
+        ax.set_xticks(range(len(xa)), [show(v) for v in xa.to_pylist()])
+        ax.set_yticks(range(len(xb)), [show(v) for v in xb.to_pylist()])
         ax.set(xlabel=a, ylabel=b, title=f"median {metric} over the jobs in each cell")
         for (i, j), v in np.ndenumerate(grid):
             if np.isfinite(v):
@@ -219,16 +266,16 @@ def plot_heatmap(path: Path, rows: list[dict[str, Any]], a: str, b: str, metric:
         fig.colorbar(im, ax=ax, label=f"median {metric} ({'lower' if METRICS[metric] else 'higher'} is better)")
 
 
-def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: bool) -> None:
+def write_files(sweep: Path, t: Any, params: list[str], metric: str, plots: bool) -> None:
     """report.csv and the plots, and a line that names them; the first that cannot be written ends the command
     (exit 1)."""
-    done = [r for r in rows if r["status"] == "completed"]
-    varied = swept_params(done) if plots else []  # a plot needs two values among the completed jobs
-    grids = [p for p in varied if axis_kind(p, done)[1] != "scatter"]
+    completed = t.filter(done(t))
+    varied = swept_params(completed, params) if plots else []  # a plot needs two values among the completed jobs
+    grids = [p for p in varied if axis_kind(p, completed[p].drop_null())[1] != "scatter"]
     # (file, writer, its arguments after the path), in order
-    writes: list[tuple[str, Any, tuple[Any, ...]]] = [("report.csv", write_csv, (rows, swept_params(rows)))]
-    writes += [(f"report_{p.replace('/', '_')}.png", plot_param, (rows, p, metric, varied)) for p in varied]
-    writes += [("report_heatmap.png", plot_heatmap, (rows, *grids, metric))] if len(grids) == 2 else []
+    writes: list[tuple[str, Any, tuple[Any, ...]]] = [("report.csv", write_csv, (t, swept_params(t, params)))]
+    writes += [(f"report_{p.replace('/', '_')}.png", plot_param, (t, p, metric, varied)) for p in varied]
+    writes += [("report_heatmap.png", plot_heatmap, (t, *grids, metric))] if len(grids) == 2 else []
     for name, write, args in writes:
         try:
             write(sweep / name, *args)
@@ -238,28 +285,31 @@ def write_files(sweep: Path, rows: list[dict[str, Any]], metric: str, plots: boo
     print(f"wrote {sweep / 'report.csv'}" + (f" and {', '.join(w[0] for w in writes[1:])}" if writes[1:] else none))
 
 
-def print_table(sweep: Path, rows: list[dict[str, Any]], metric: str, top: int | None) -> None:
-    keys = swept_params(rows) or list(dict.fromkeys(k for r in rows for k in r["params"]))  # what tells them apart
-    top, bad = top or (len(rows) if len(rows) <= 100 else 20), [r for r in rows if r["status"] != "completed"]
-    listed = rows[:top] + bad[:top]  # (the rows printed: a million jobs print 40)
-    shown = {id(r): show(" ".join(f"{k}={show(r['params'][k])}" for k in keys if k in r["params"])) for r in listed}
-    width, sw = max(9, *map(len, shown.values())), max(6, *(len(show(r["status"])) for r in listed))
+def print_table(sweep: Path, t: Any, params: list[str], metric: str, top: int | None) -> None:
+    keys = swept_params(t, params) or params  # what tells the jobs apart
+    bad = t.filter(~done(t))
+    top = top or (len(t) if len(t) <= 100 else 20)
+    best, worst = t.slice(0, top).to_pylist(), bad.slice(0, top).to_pylist()  # (the rows printed: 10⁶ jobs print 40)
+    for r in best + worst:
+        r["swept"] = show(" ".join(f"{k}={show(r[k])}" for k in keys if r[k] is not None))
+    width = max(9, *(len(r["swept"]) for r in best + worst))
+    sw = max(6, *(len(show(r["status"])) for r in best + worst))
     columns = [*FIGURES[:6], *[metric] * metric.endswith("_error"), *FIGURES[6:]]  # (an error: if sorted by it)
     heads = [f.replace("_accuracy", " acc").replace("_seconds", " s").replace("_", " ") for f in columns]
-    test = metric.startswith("val_") and all(r["val_loss"] is None for r in rows)  # (no validation split)
-    print(f"sweep {sweep}: {len(rows)} jobs, sorted by {metric}" + " (the test set's: no validation split)" * test)
+    test = metric.startswith("val_") and t["val_loss"].null_count == len(t)  # (no validation split)
+    print(f"sweep {sweep}: {len(t)} jobs, sorted by {metric}" + " (the test set's: no validation split)" * test)
     print(f"{'job':>5}  {'swept':<{width}}  {'status':<{sw}}  " + " ".join(f"{h:>10}" for h in heads))
-    for r in rows[:top]:
+    for r in best:
         values = [show(summary_metric(r, f) if f.endswith("_error") else r[f], "accuracy" in f) for f in columns]
-        cells = f"{show(r['job']):>5}  {shown[id(r)]:<{width}}  {show(r['status']):<{sw}}  "
+        cells = f"{show(r['job']):>5}  {r['swept']:<{width}}  {show(r['status']):<{sw}}  "
         print(cells + " ".join(f"{v:>10}" for v in values))
-    if len(rows) > top:
-        print(f"… {len(rows) - top} more jobs not shown (--top N shows more); all are in report.csv")
-    if bad:
+    if len(t) > top:
+        print(f"… {len(t) - top} more jobs not shown (--top N shows more); all are in report.csv")
+    if worst:
         print(f"not completed ({len(bad)}):")
-        for r in bad[:top]:
+        for r in worst:
             why = f": {show(r['error'])}" if r["error"] else ""
-            print(f"  job {show(r['job'])}: {show(r['status'])}{why}" + (f"  [{shown[id(r)]}]" if shown[id(r)] else ""))
+            print(f"  job {show(r['job'])}: {show(r['status'])}{why}" + (f"  [{r['swept']}]" if r["swept"] else ""))
 
 
 @command()
@@ -281,10 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     sweep = Path(args.sweep_dir or max(sweeps, key=lambda p: p.stat().st_mtime))
     if not sweep.is_dir():
         fail(f"{str(sweep)!r} is not a directory")
-    rows = read_jobs(sweep, args.metric)  # (an OSError: one line, by @command)
-    gc.freeze()  # (a million jobs' rows: the collector need not walk them again and again)
-    print_table(sweep, rows, args.metric, args.top)
-    write_files(sweep, rows, args.metric, plots=not args.no_plots)
+    t, params = read_jobs(sweep, args.metric)  # (an OSError: one line, by @command)
+    print_table(sweep, t, params, args.metric, args.top)
+    write_files(sweep, t, params, args.metric, plots=not args.no_plots)
 
 
 if __name__ == "__main__":

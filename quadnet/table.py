@@ -104,26 +104,26 @@ def tables(sweep: Path) -> list[Path]:
     return sorted(p for p in found if re.fullmatch(r"chunk-\d{9}", p.stem) and p.is_file())
 
 
-FIXED = {"job", "overrides", "status", "error", "epoch", "epochs", *FIGURES, "objective", "train_seconds", "device",
-         "engine", "meta", *PARAMS}  # fmt: skip
-
-
-def rows(sweep: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every job in the sweep's table, without its weights and meta: a dict a job, its swept values
-    under ``params``; and the chunks that could not be read (their jobs are missing)."""
+def rows(sweep: Path) -> tuple[Any, list[str], list[str]]:
+    """Every job in the sweep's table, without its weights and meta, as one pyarrow Table (``job``
+    and ``overrides`` as text), or None when no chunk can be read; the swept keys (the columns the
+    overrides set); and the chunks that could not be read (their jobs are missing)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     read = {p: read_chunk(p, weights=False) for p in tables(sweep)}
+    damaged = [p.name for p, t in read.items() if t is None]
     if not (ok := [t for t in read.values() if t is not None]):
-        return [], [p.name for p in read]
+        return None, [], damaged
     t = pa.concat_tables(ok, promote_options="permissive")
-    swept = [c for c in t.column_names if c not in FIXED]
-    columns = {c: t[c].to_pylist() for c in t.column_names}
-    out = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
-    for r in out:
-        r["params"] = {k: r.pop(k) for k in swept if r[k] is not None}
-        r["overrides"] = " ".join(r["overrides"])
-    return out, [p.name for p, t in read.items() if t is None]
+    keys = pc.unique(pc.list_element(pc.split_pattern(pc.list_flatten(t["overrides"]), "=", max_splits=1), 0))
+    swept = [k for k in dict.fromkeys(k.lstrip("+~") for k in keys.to_pylist()) if k in t.column_names]
+    t = t.set_column(t.column_names.index("job"), "job", t["job"].cast(pa.string()))
+    return (
+        t.set_column(t.column_names.index("overrides"), "overrides", pc.binary_join(t["overrides"], " ")),
+        swept,
+        damaged,
+    )
 
 
 def load(sweep: Path, job: str) -> dict[str, Any]:

@@ -102,7 +102,7 @@ def test_a_sweep_with_failed_diverged_and_unfinished_jobs(sweep, capsys, figures
     ]  # fmt: skip
     done = [float(r["test_loss"]) for r in rows if r["status"] == "completed"]
     assert done == sorted(done) and len(done) == 7 and all(r["status"] != "completed" for r in rows[7:])
-    assert {r["lr"] for r in rows if r["job"] != "5"} == {"0.05", "1000000.0"}  # (5: no record of its values)
+    assert {float(r["lr"]) for r in rows if r["job"] != "5"} == {0.05, 1e6}  # (5: no record of its values)
     # lr: one value among the completed jobs, nothing to plot against
     assert set(figures) == {"report_hidden_dim.png", "report_reg.png", "report_seed.png", "report_heatmap.png"}
     for name in figures:
@@ -146,7 +146,7 @@ def test_every_job_is_printed_with_its_overrides_in_full(sweep, capsys):
     assert all(f" j{i} " in out for i in range(40))
     assert "reg=1.189e-05" in out and "reg=1.1889379831773006 " not in out
     _, rows = _rows(sweep)
-    assert {r["reg"] for r in rows if r["job"] == "j7"} == {"1.1889379831773006e-05"}  # the full value in the CSV
+    assert [float(r["reg"]) for r in rows if r["job"] == "j7"] == [1.1889379831773006e-05]  # the full value in the CSV
     code, out, _ = _report(capsys, sweep, "--no-plots", "--top", "5")
     assert "51 more jobs not shown (--top N shows more); all are in report.csv" in out
     code, _, err = _report(capsys, sweep, "--no-plots", "--top", "-1")

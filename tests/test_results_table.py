@@ -4,6 +4,8 @@ report, predict, quadnet.load, pandas."""
 
 from __future__ import annotations
 
+import csv
+
 import json
 import os
 import signal
@@ -114,7 +116,7 @@ def test_report_predict_and_load_read_a_sweep_without_job_dirs(tmp_path):
     r = run_cli(str(tmp_path / "s"), "--no-plots", module="quadnet.report", cwd=tmp_path)
     assert r.returncode == 0 and "sweep" in r.stdout and (tmp_path / "s" / "report.csv").is_file(), r.stderr
     lines = (tmp_path / "s" / "report.csv").read_text().splitlines()
-    assert len(lines) == 13 and lines[0].startswith("job,seed,hidden_dim,")
+    assert len(lines) == 13 and next(csv.reader(lines))[:3] == ["job", "seed", "hidden_dim"]
     r = run_cli(f"{tmp_path}/s/3", "1,1", module="quadnet.predict", cwd=tmp_path)
     assert r.returncode == 0 and f"model: {tmp_path}/s/3" in r.stdout, r.stderr
     r = run_cli(str(tmp_path / "s"), "--job", "hidden_dim=9 seed=1", "1,1", module="quadnet.predict", cwd=tmp_path)
