@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv
 import yaml
 
 from quadnet import table
@@ -101,15 +104,13 @@ def read_jobs(sweep: Path, metric: str) -> tuple[Any, list[str]]:
     """The sweep's jobs as one pyarrow Table, a column per figure and per swept key (``job`` and the
     overrides as text), best first by metric (those without it, not completed, last; else in the
     dirs' order); and the swept keys."""
-    import pyarrow as pa
 
     if (sweep / "summary.json").exists():
         fail(f"{str(sweep)!r} is a single run, not a sweep; its results are in its summary.json")
-    none = {k: pa.float64() for k in FIGURES}  # (every figure a float64 column, null for none)
     if table.tables(sweep):  # (the sweep's results table; a sweep of quadnet 0.5 and earlier: its job dirs)
         t, params, damaged = table.rows(sweep)
         lost = {"job": damaged, "status": ["damaged"] * len(damaged), "error": ["chunk cannot be read"] * len(damaged)}
-        lost |= {k: pa.nulls(len(damaged), kind) for k, kind in none.items()}
+        lost |= {k: pa.nulls(len(damaged), pa.float64()) for k in FIGURES}  # (every figure a float64 column)
         t = pa.concat_tables([x for x in (t, pa.table(lost)) if x is not None], promote_options="permissive")
     else:
         marks = ("summary.json", ".hydra", CHECKPOINT)  # (a job that never finished has its checkpoint or Hydra's)
@@ -117,7 +118,7 @@ def read_jobs(sweep: Path, metric: str) -> tuple[Any, list[str]]:
             fail(f"{str(sweep)!r} holds no job dirs (no */summary.json)")
         rows = [read_job(d) for d in sorted(dirs, key=lambda p: (len(p.name), p.name))]
         params = list(dict.fromkeys(k for r in rows for k in r["params"]))
-        columns = {k: pa.array([r[k] for r in rows], none.get(k, pa.string())) for k in ROW}
+        columns = {k: pa.array([r[k] for r in rows], pa.float64() if k in FIGURES else pa.string()) for k in ROW}
         for k in params:  # (a key whose values are of kinds no one column holds: as text)
             values = [r["params"].get(k) for r in rows]
             try:
@@ -142,21 +143,17 @@ def figure(t: Any, name: str) -> np.ndarray:
 
 
 def done(t: Any) -> np.ndarray:
-    import pyarrow.compute as pc
 
     return pc.fill_null(pc.equal(t["status"], "completed"), False).to_numpy(zero_copy_only=False)
 
 
 def swept_params(t: Any, params: list[str]) -> list[str]:
-    import pyarrow.compute as pc
 
     return [k for k in params if pc.count_distinct(t[k]).as_py() > 1]
 
 
 def write_csv(path: Path, t: Any, params: list[str]) -> None:
     """One row a job: its swept parameters, overrides, status, error and every metric (no column twice)."""
-    import pyarrow as pa
-    import pyarrow.csv
 
     figures = [*FIGURES[:6], "val_error", "test_error", *FIGURES[6:]]
     errors = {f: pa.array(figure(t, f), from_pandas=True) for f in figures if "error" in f}  # (NaN: null)
@@ -170,7 +167,6 @@ def axis_kind(param: str, values: Any) -> tuple[Any, str, bool]:
     """param's sorted distinct values (values: its column, no nulls; they: an array); 'scatter' (seeds, continuous
     values), 'grid' (a few numbers) or 'categorical'; and whether a log axis suits them (all > 0, a
     span of 10× or more)."""
-    import pyarrow as pa
 
     distinct = values.unique().sort()
     numeric = pa.types.is_integer(values.type) or pa.types.is_floating(values.type)
@@ -185,25 +181,17 @@ def _log_scale(name: str, vals: np.ndarray) -> bool:
     return "accuracy" not in name and bool(vals.size) and vals.min() > 0 and vals.max() / vals.min() >= 100
 
 
-def _completed(t: Any, *params: str) -> tuple[Any, list[np.ndarray], list[Any], list[tuple[str, bool]]]:
-    """The completed jobs that have every param; for each param, the index of each job's value among
-    its sorted distinct values, those values, and the axis (kind, log)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    keep = done(t)
-    for p in params:
-        keep &= pc.is_valid(t[p]).to_numpy(zero_copy_only=False)
-    t = t.filter(pa.array(keep))
-    axes = [axis_kind(p, t[p]) for p in params]
-    at = [pc.index_in(t[p], xs).to_numpy() for p, (xs, _, _) in zip(params, axes, strict=True)]
-    return t, at, [xs for xs, _, _ in axes], [(kind, log) for _, kind, log in axes]
+def _axes(t: Any, *params: str) -> tuple[Any, list[tuple[np.ndarray, Any, str, bool]]]:
+    """The completed jobs that have every param; for each param, the index of each job's value among its
+    sorted distinct values, and :func:`axis_kind`'s values, kind and log."""
+    t = t.filter(np.logical_and.reduce([done(t), *(pc.is_valid(t[p]).to_numpy(zero_copy_only=False) for p in params)]))
+    return t, [(pc.index_in(t[p], (axis := axis_kind(p, t[p]))[0]).to_numpy(), *axis) for p in params]
 
 
 def plot_param(path: Path, t: Any, param: str, metric: str, varied: list[str]) -> None:
     """The metric (left) and the test accuracy (right; test loss if the metric is test accuracy) against param;
     at each value, the jobs of every setting of the other varied parameters together (the title says which)."""
-    t, (idx,), (xs,), ((kind, xlog),) = _completed(t, param)
+    t, [(idx, xs, kind, xlog)] = _axes(t, param)
     at = xs.to_numpy(zero_copy_only=False) if kind != "categorical" else np.arange(len(xs))  # where each is drawn
     names = (metric, "test_loss" if metric == "test_accuracy" else "test_accuracy")
     with figure_file(path, 1, 2, figsize=(11, 4.2)) as (fig, axes):
@@ -247,7 +235,7 @@ def plot_param(path: Path, t: Any, param: str, metric: str, varied: list[str]) -
 
 
 def plot_heatmap(path: Path, t: Any, a: str, b: str, metric: str) -> None:
-    t, (ia, ib), (xa, xb), _ = _completed(t, a, b)
+    t, [(ia, xa, *_), (ib, xb, *_)] = _axes(t, a, b)
     v = figure(t, metric)
     cell = lambda i, j: v[(ia == i) & (ib == j) & ~np.isnan(v)]  # noqa: E731
     grid = np.array(
