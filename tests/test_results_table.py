@@ -5,7 +5,6 @@ report, predict, quadnet.load, pandas."""
 from __future__ import annotations
 
 import csv
-
 import json
 import os
 import signal
