@@ -44,6 +44,7 @@ class Job:
     status: str = "running"  # then completed | diverged | interrupted
     frames: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (epoch, params) if cfg.animate
     name: str = ""  # in a sweep, its run dir (where its checkpoints go while its batch trains)
+    on_log: Callable[[dict[str, float]], None] | None = None  # given each metrics row as it is recorded (tracking)
 
 
 def start_state(c: TrainConfig, data: Dataset | None = None) -> dict[str, Any]:
@@ -76,6 +77,8 @@ def fit(
             j = jobs[engine.rows[r]]
             if not j.history or j.history[-1]["epoch"] != epoch:
                 j.history.append({"epoch": epoch, **ms[r]})
+                if j.on_log:
+                    j.on_log(j.history[-1])
         framed = [r for r, j in enumerate(engine.rows) if epoch in frames[j]]
         for r, state in zip(framed, engine.export(framed), strict=True):
             jobs[engine.rows[r]].frames.append((epoch, state["params"]))

@@ -96,10 +96,11 @@ def held(folder: Path) -> bool:
 
 
 def write(run_dir: Path, job: Job, data: Dataset, ran: dict[str, Any], stop_signal: int | None = None,
-          sweep: Path | None = None, end_sweep: bool = True) -> dict[str, Any]:  # fmt: skip
+          sweep: Path | None = None, track: bool = True) -> dict[str, Any]:  # fmt: skip
     """Write a finished job's dir; return its summary. ran: where and how it trained (``device``,
     ``engine``, ``train_seconds``: the training loop's time, ``overrides``: the job's, and more keys for the summary);
-    sweep: the sweep dir of a sweep's job (its MLflow run is nested in the sweep's, which end_sweep ends)."""
+    sweep: the sweep dir of a sweep's job (its MLflow run is nested in the sweep's); track: end the run
+    :func:`quadnet.tracking.start` made (logger=mlflow; a batched sweep logs its jobs from its table at its end)."""
     cfg, run_dir = job.cfg, Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     artifacts.remove_stale(run_dir)
@@ -133,8 +134,8 @@ def write(run_dir: Path, job: Job, data: Dataset, ran: dict[str, Any], stop_sign
             plots.animate(run_dir / "training.gif", job.frames, job.history, data, title)
     except Exception as e:
         log.warning("%s: plots not drawn: %s", run_dir, exits.OOM if exits.out_of_memory(e) else exits.one_line(e))
-    if cfg.logger == "mlflow":  # (last: the store sees the dir's files; a store that fails is a note)
-        summary["tracking"] = tracking.log_run(summary, job.history, run_dir, sweep, end_sweep)
+    if cfg.logger == "mlflow" and track:  # (last: the store sees the dir's files; a store that fails is a note)
+        summary["tracking"] = tracking.log_run(summary, run_dir, sweep)
         artifacts.write_json(run_dir / "summary.json", summary)
     return summary
 

@@ -160,8 +160,11 @@ def check_options(opts: dict[str, Any]) -> None:
     known = [f.name for f in dataclasses.fields(BatchedLauncherConf) if f.name != "_target_"]
     if unknown := sorted(set(opts) - set(known) - {"_target_"}):
         raise ConfigError(unknown_key(f"hydra.launcher.{unknown[0]}", known, "the batched launcher's keys"))
-    if opts["max_batch"] < 0:
-        raise ConfigError(f"hydra.launcher.max_batch={opts['max_batch']!r} is not allowed: must be >= 0 (0: what fits)")
+    for key in ("max_batch", "mlflow_runs"):
+        if opts[key] < 0:
+            raise ConfigError(
+                f"hydra.launcher.{key}={opts[key]!r} is not allowed: must be >= 0 (max_batch 0: what fits)"
+            )
     if opts["executor"] not in (None, *EXECUTORS):
         allowed = f"choose one of {', '.join(EXECUTORS)}, or null"
         raise ConfigError(f"hydra.launcher.executor={opts['executor']!r} is not allowed: {allowed}")
@@ -310,7 +313,7 @@ class Sweep:
         self.chunk = size * (16 if self.opts["executor"] else 1)  # (a cluster trains 16 batches at once)
         self.quiet_training = len(job_overrides) > self.chunk  # a chunk's progress is a line, not a bar
         self.datasets: dict[str, Dataset] = {}  # each data config's (its repr), made once
-        self.tracked = False  # a job logged to MLflow: the sweep's run ends with the sweep
+        self.tracked, self.best = False, math.inf  # a job logs to MLflow: the sweep's run, and its best objective
         self.dirs = bool(self.opts["job_dirs"])  # else the table alone (quadnet.table)
 
     def hydra_config(self, idx: int, overrides: list[str]) -> Any:
@@ -349,7 +352,7 @@ class Sweep:
             plots = job.cfg.plots and self.opts["plots"]
             job.cfg = dataclasses.replace(job.cfg, data=job.data.config, plots=plots, **table_only)
             if not self.dirs:  # (each job afresh: a chunk that ended is in the table, and not composed again)
-                if job.cfg.logger != "none":
+                if job.cfg.logger == "tensorboard":
                     raise ConfigError(f"logger={job.cfg.logger} needs job dirs: drop hydra.launcher.job_dirs=false")
                 job.start = loop.Job(job.cfg, loop.start_state(job.cfg, job.data))
                 return job
@@ -396,6 +399,7 @@ class Sweep:
             (self.returns.value if ok else self.returns.errors)[j.idx - self.first] = value
             self.ended[j.result.status if ok else "failed"] += 1  # type: ignore[union-attr]
             objectives.append(value if ok else None)
+            self.tracked |= j.cfg is not None and j.cfg.logger == "mlflow"
         if self.dirs:
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         # the chunk's rows; without job dirs, a chunk a signal cut short is left out (it trains again)
@@ -407,6 +411,9 @@ class Sweep:
                 if not self.dirs:
                     raise
                 log.warning("the results table's chunk of jobs %d-%d not written: %s", jobs[0].idx, jobs[-1].idx, e)
+        if self.tracked:  # (the sweep's run: its jobs written so far, and the best objective)
+            self.best = min([self.best, *(v for v in objectives if isinstance(v, float))])
+            tracking.progress(self.dir, sum(self.ended.values()), self.best if math.isfinite(self.best) else None)
         self.seconds["write"] += time.perf_counter() - t0
         if self.quiet_training and written:
             log.info("jobs %d-%d of %d written", jobs[0].idx, jobs[-1].idx, len(self.overrides))
@@ -479,7 +486,6 @@ class Sweep:
         if job.result is None:
             rundir.write_failed(job.dir, job.error or "not trained", job.cfg and to_dict(job.cfg), job.overrides)
             raise ConfigError(job.error or "not trained")
-        self.tracked |= job.result.cfg.logger == "mlflow"
         summary = job.kept and completed(job.dir)  # (a kept job's as it is; gone since it was read: written again)
         job.ran = job.ran or {k: summary.get(k) for k in ("train_seconds", "device", "engine")}  # (for the table)
         summary = summary or rundir.write(job.dir, job.result, job.data, job.ran, signum, self.dir, False)  # type: ignore
@@ -551,8 +557,10 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             put_back()
             raise
         sweep.write(training, stop.signal)
-    if sweep.tracked:
-        tracking.end(sweep.dir, "KILLED" if stop.signal is not None else "FINISHED")
+    if sweep.tracked:  # (its results, and its best jobs as nested runs)
+        tracking.log_sweep(
+            sweep.dir, "KILLED" if stop.signal is not None else "FINISHED", launcher.options["mlflow_runs"]
+        )
     c, ends = sweep.counts, sweep.ended
     log.info("%d jobs (%d new, %d resumed from their checkpoints, %d completed before, %d refused)", n, c["new"],
              c["running"], c["completed"], c["refused"])  # fmt: skip

@@ -1,31 +1,42 @@
-"""MLflow tracking (``logger=mlflow``): every run an MLflow run; a sweep a parent run with a nested run a job.
+"""MLflow tracking (``logger=mlflow``): every run an MLflow run, live; a sweep a parent run with nested runs.
 
 Where: MLflow's own ``MLFLOW_TRACKING_URI`` (a server, a database, a folder), else an SQLite store
 beside the runs, ``sqlite:///outputs/mlflow.db`` under the dir the command started in (artifacts
 in ``outputs/mlartifacts``): ``mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db`` shows
 it without a server. The experiment is ``MLFLOW_EXPERIMENT_NAME`` (or ``MLFLOW_EXPERIMENT_ID``),
-else ``quadnet``. A run logs its config as params (dotted keys), its metrics at each log point and
-its final figures, quadnet's version and commit as tags, and summary.json and its plots as
-artifacts. A sweep's parent run is named after its dir, and its id is kept in
-``<sweep dir>/.mlflow`` so that every job, of any launcher, finds it. A store that is down or
-refuses a write costs a warning and a ``tracking`` note in summary.json; the run and its dir
-stay as they are, and the process does not try that store again.
+else ``quadnet``. A run is made as it starts (:func:`start`: its config as params, dotted keys;
+quadnet's version and commit as tags; a line says where it goes), gets its metrics at each log
+point as it trains (:func:`point`, asynchronously) and, at its end (:func:`log_run`), its final
+figures, summary.json and its plots. A sweep's parent run is named after its dir, and its id is
+kept in ``<sweep dir>/.mlflow`` so that every job, of any launcher, finds it. A batched sweep
+logs its progress to it as each chunk is written and, at its end (:func:`log_sweep`), its results
+table (without weights) as an artifact, the objective's best and quantiles overall and per swept
+value, and a nested run for each of its best jobs by objective, ``hydra.launcher.mlflow_runs`` of
+them at most (1,000 by default): a nested run costs ~20 ms, so a million would take hours. A store
+that is down or refuses a write costs a warning and a ``tracking`` note in summary.json; the run
+and its dir stay as they are, and the process does not try that store again.
 """
 
 import contextlib
 import json
 import logging
 import os
+import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from quadnet import table
 from quadnet.artifacts import versions
 from quadnet.config import flatten, user_path
+from quadnet.engines import METRICS as KEYS
 
 log = logging.getLogger("quadnet")
 STATUS = {"completed": "FINISHED", "interrupted": "KILLED", "diverged": "FAILED", "failed": "FAILED"}
 PARENT = ".mlflow"  # in a sweep dir: its parent run
+FINALS = ("final_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy", "train_seconds")
+QUANTILES = {"best": 0.0, "q25": 0.25, "median": 0.5, "q75": 0.75}
 _state: dict[str, Any] = {}  # this process's client, experiment, and the error that stopped it
 
 
@@ -41,13 +52,16 @@ def _client() -> tuple[Any, str]:
     if "client" not in _state:
         for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
             os.environ.setdefault(key, value)  # (a server that is down: seconds, not MLflow's minutes of retries)
-        for name in ("mlflow", "urllib3"):  # (a store's failure is one warning of ours, not their tracebacks)
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+        uri = store()
+        if uri.startswith("sqlite:///"):  # (one MLflow cannot write stalls ~100 s in its retries before it says so)
+            db = Path(uri.removeprefix("sqlite:///"))
+            db.parent.mkdir(parents=True, exist_ok=True)
+            if db.is_dir() or not os.access(db if db.exists() else db.parent, os.W_OK):
+                raise PermissionError(f"{db} cannot be written (a directory, or a read-only place)")
         from mlflow.tracking import MlflowClient
 
-        uri = store()
-        if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        for name in ("mlflow", "urllib3", "alembic"):  # (after MLflow's import sets its own; one warning of ours)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         client = MlflowClient(tracking_uri=uri)
         experiment = os.environ.get("MLFLOW_EXPERIMENT_ID")
         if experiment is None:
@@ -56,7 +70,7 @@ def _client() -> tuple[Any, str]:
             local = "MLFLOW_TRACKING_URI" not in os.environ  # (else the store keeps its artifacts where it says)
             where = (user_path("outputs").absolute() / "mlartifacts").as_uri() if local else None
             experiment = found.experiment_id if found else client.create_experiment(name, artifact_location=where)
-        _state.update(client=client, experiment=experiment, uri=uri)
+        _state.update(client=client, experiment=experiment, uri=uri, name=client.get_experiment(experiment).name)
     return _state["client"], _state["experiment"]
 
 
@@ -65,14 +79,30 @@ def _guard(what: str, fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
     except Exception as e:  # any failure of the store: network, database, permissions
-        if "error" not in _state:
-            _state["error"] = f"MLflow store {store()} failed while {what}: {' '.join(str(e).split())[:300]}"
+        if "error" not in _state:  # (MLflow's message whole, on one line: its end often says what to do)
+            _state["error"] = f"MLflow store {store()} failed while {what}: {' '.join(str(e).split())}"
             log.warning("%s; runs are not logged to it (their dirs are written as always)", _state["error"])
         return None
 
 
-def _parent(sweep_dir: Path) -> str:
-    """The sweep's parent run id: read from <sweep dir>/.mlflow, else made (and written there)."""
+def where(run_id: str) -> str:
+    """How to open a run: its page on a server, else the ``mlflow ui`` command for the store."""
+    uri, page = _state["uri"], f"#/experiments/{_state['experiment']}/runs/{run_id}"
+    if uri.startswith("http"):
+        return f"open {uri.rstrip('/')}/{page}"
+    return f"open http://127.0.0.1:5000/{page} after: mlflow ui --backend-store-uri {uri}"
+
+
+def _parent(sweep_dir: Path | None) -> str | None:
+    """The sweep's parent run id (None for no sweep): read from <sweep dir>/.mlflow, else made (and written
+    there); found or made once a process."""
+    parents, key = _state.setdefault("parents", {}), sweep_dir and str(sweep_dir.resolve())
+    if key and key not in parents:
+        parents[key] = _guard("starting the sweep's run", _find_parent, sweep_dir)
+    return parents.get(key)
+
+
+def _find_parent(sweep_dir: Path) -> str:
     client, experiment = _client()
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, RecursionError):
         kept = json.loads((sweep_dir / PARENT).read_text())
@@ -82,6 +112,7 @@ def _parent(sweep_dir: Path) -> str:
     tags = {"quadnet.sweep_dir": str(sweep_dir.resolve()), **_versions()}
     run = client.create_run(experiment, run_name=sweep_dir.name, tags=tags)
     (sweep_dir / PARENT).write_text(json.dumps({"uri": _state["uri"], "run_id": run.info.run_id}) + "\n")
+    log.info("mlflow: the sweep's run %s in experiment %r at %s", run.info.run_id, _state["name"], _state["uri"])
     return run.info.run_id
 
 
@@ -95,42 +126,135 @@ def _versions() -> dict[str, str]:
     return {"quadnet.version": str(versions()["quadnet"]), "quadnet.git_commit": str(versions()["git_commit"] or "")}
 
 
-def log_run(summary: dict[str, Any], history: list[dict[str, float]], run_dir: Path, sweep_dir: Path | None,
-            end_sweep: bool = True) -> dict:  # fmt: skip
-    """Log a written run dir as an MLflow run (nested in its sweep's run); the note for its summary.
-    end_sweep: mark the sweep's run ended as of this job (a sweep of any launcher but the batched one,
-    which ends it once, when it is done: its last job leaves it ended)."""
-    parents, key = _state.setdefault("parents", {}), sweep_dir and str(sweep_dir.resolve())
-    if key and key not in parents:  # (the sweep's parent run, found or made once a process)
-        parents[key] = _guard("starting the sweep's run", _parent, sweep_dir)
-    parent_id = parents.get(key)
-    run_id = _guard("logging a run", _log, summary, history, run_dir, parent_id)
-    if end_sweep and sweep_dir is not None:
+def _metrics(values: dict[str, Any], step: int, prefix: str = "") -> list[Any]:
+    """MLflow metrics of the numbers among values (NaN and None left out)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(prefix + k, float(v), now, step) for k, v in values.items() if isinstance(v, int | float) and v == v]
+
+
+def _create(config: dict[str, Any], name: str, tags: dict[str, str], parent: str | None, metrics: list[Any]) -> str:
+    """A run with its config as params, its tags and these metrics; its id."""
+    from mlflow.entities import Param
+
+    client, experiment = _client()
+    tags = {**_versions(), **tags, **({"mlflow.parentRunId": parent} if parent else {})}
+    run_id = client.create_run(experiment, run_name=name, tags=tags).info.run_id
+    params = [Param(k, "null" if v is None else str(v)) for k, v in flatten(config).items()]
+    _batch(run_id, metrics, params)
+    return run_id
+
+
+def _batch(run_id: str, metrics: list[Any], params: list[Any] = ()) -> None:  # type: ignore[assignment]
+    for i in range(0, max(len(metrics), 1), 900):  # (MLflow takes 1,000 entities a call; the params, ~40, first)
+        _client()[0].log_batch(run_id, metrics=metrics[i : i + 900], params=[] if i else params)
+
+
+def start(config: dict[str, Any], run_dir: Path, sweep_dir: Path | None, history: list[dict[str, float]]) -> None:
+    """A run's MLflow run, made as it starts (nested in its sweep's; with the history of a run it resumes);
+    a line says where it goes."""
+    parent, name = _parent(sweep_dir), f"{run_dir.parent.name}/{run_dir.name}" if sweep_dir else run_dir.name
+    past = [m for row in history for m in _metrics({k: row[k] for k in KEYS}, int(row["epoch"]))]
+    tags = {"quadnet.run_dir": str(run_dir), "quadnet.status": "running"}
+    _state["run"] = run_id = _guard("starting a run", _create, config, name, tags, parent, past)
+    if run_id is not None:
+        log.info("mlflow: run %s in experiment %r at %s", run_id, _state["name"], _state["uri"])
+
+
+def point(row: dict[str, float]) -> None:
+    """A log point's metrics, to the run that is training, asynchronously (the store writes them beside it)."""
+    if (run_id := _state.get("run")) is not None:
+        metrics = _metrics({k: row[k] for k in KEYS}, int(row["epoch"]))
+        _guard("logging metrics", lambda: _client()[0].log_batch(run_id, metrics=metrics, synchronous=False))
+
+
+def log_run(summary: dict[str, Any], run_dir: Path, sweep_dir: Path | None) -> dict:
+    """The end of the run :func:`start` made: its final figures, tags and files, its status; the note for its
+    summary. In a sweep of any launcher but the batched one, the sweep's run is marked ended as of this job
+    (the batched one ends it once, when it is done)."""
+    run_id, parent_id = _state.pop("run", None), _parent(sweep_dir)
+    if run_id is not None and _guard("logging a run", _finish, summary, run_dir, run_id) is not None:
+        log.info("mlflow: %s", where(run_id))
+    if sweep_dir is not None:
         end(sweep_dir, STATUS.get(summary["status"], "FAILED"))
-    if run_id is None:
+    if "error" in _state or run_id is None:
         return {"error": _state.get("error", "not logged")}
     return {"uri": _state["uri"], "experiment_id": _state["experiment"], "run_id": run_id, "parent_run_id": parent_id}
 
 
-def _log(summary: dict[str, Any], history: list[dict[str, float]], run_dir: Path, parent_id: str | None) -> str:
-    from mlflow.entities import Metric, Param
+def _finish(summary: dict[str, Any], run_dir: Path, run_id: str) -> bool:
+    import mlflow
+    from mlflow.entities import RunTag
 
-    client, experiment = _client()
-    name = f"{Path(run_dir).parent.name}/{Path(run_dir).name}" if parent_id else Path(run_dir).name
-    tags = {**_versions(), "quadnet.run_dir": str(run_dir), "quadnet.status": summary["status"]}
-    tags |= {f"quadnet.{k}": str(summary[k]) for k in ("engine", "device", "error") if summary.get(k) is not None}
-    tags |= {"mlflow.parentRunId": parent_id} if parent_id else {}
-    run = client.create_run(experiment, run_name=name, tags=tags)
-    params = [Param(k, "null" if v is None else str(v)) for k, v in flatten(summary["config"]).items()]
-    now, keys = int(time.time() * 1000), ("loss", "train_accuracy", "test_accuracy", "test_loss")
-    metrics = [Metric(k, r[k], now, int(r["epoch"])) for r in history for k in keys if r.get(k) == r.get(k)]  # (no NaN)
-    last = int(summary.get("epoch") or 0)
-    finals = ("final_loss", "test_loss", "train_accuracy", "test_accuracy", "train_seconds")
-    metrics += [Metric(f"final.{k}", summary[k], now, last) for k in finals if isinstance(summary.get(k), int | float)]
-    for i in range(0, max(len(metrics), 1), 900):  # (MLflow takes 1,000 entities a call; the params, ~40, first)
-        client.log_batch(run.info.run_id, metrics=metrics[i : i + 900], params=[] if i else params)
-    for file in ("summary.json", "loss.png", "decision_regions.png", "training.gif"):  # (metrics.csv: the histories)
-        if (Path(run_dir) / file).is_file():
-            client.log_artifact(run.info.run_id, str(Path(run_dir) / file))
-    client.set_terminated(run.info.run_id, STATUS.get(summary["status"], "FAILED"))
-    return run.info.run_id
+    client = _client()[0]
+    tags = [RunTag(f"quadnet.{k}", str(summary[k])) for k in ("status", "engine", "device", "error") if summary.get(k)]
+    finals = {k: summary.get(k) for k in FINALS}
+    client.log_batch(run_id, metrics=_metrics(finals, int(summary.get("epoch") or 0), "final."), tags=tags)
+    for file in ("summary.json", "loss.png", "decision_regions.png", "confusion.png", "training.gif"):
+        if (Path(run_dir) / file).is_file():  # (metrics.csv: the metrics, logged already)
+            client.log_artifact(run_id, str(Path(run_dir) / file))
+    mlflow.flush_async_logging()  # (every log point's metrics in the store before the run ends)
+    client.set_terminated(run_id, STATUS.get(summary["status"], "FAILED"))
+    return True
+
+
+def progress(sweep_dir: Path, written: int, best: float | None) -> None:
+    """A batched sweep's progress on its run, as each chunk is written: the jobs written and the best objective."""
+    if (parent := _parent(sweep_dir)) is not None:
+        metrics = _metrics({"jobs_written": written, "best_objective": best}, written)
+        _guard("logging the sweep's progress", lambda: _client()[0].log_batch(parent, metrics=metrics))
+
+
+def log_sweep(sweep_dir: Path, status: str, cap: int) -> None:
+    """A batched sweep's end on its run: its results table (without weights) as an artifact, the objective's
+    best and quantiles, overall and at each value of each swept key (of 50 values at most), and a nested run
+    for each of its best `cap` jobs by objective (their config, final figures and run dir)."""
+    parent = _parent(sweep_dir)
+    if parent and _guard("logging the sweep's results", _log_sweep, sweep_dir, parent, cap) is not None:
+        log.info("mlflow: %s", where(parent))
+    end(sweep_dir, status)
+
+
+def _log_sweep(sweep_dir: Path, parent: str, cap: int) -> bool:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    client, (t, swept, _) = _client()[0], table.rows(sweep_dir)
+    if t is None:  # (no chunk could be read)
+        return True
+    objective = np.where(np.isnan(v := t["objective"].to_numpy()), np.inf, v)  # (+inf: a job that did not complete)
+    groups = [("objective", np.isfinite(objective))]
+    for key in (k for k in swept if 1 < len(t[k].unique()) <= 50):
+        values = t[key].to_numpy(zero_copy_only=False)
+        groups += [(f"objective/{key}/{v}", groups[0][1] & (values == v)) for v in t[key].unique().to_pylist()]
+    stats = {"jobs": len(t), "jobs_completed": t["status"].to_pylist().count("completed")}
+    for name, rows in groups:  # (a metric's name: letters, digits, _ - . / and spaces)
+        if (v := objective[rows]).size:
+            name = re.sub(r"[^\w./ -]", "_", name)
+            stats |= {f"{name}/{q}": np.quantile(v, f) for q, f in QUANTILES.items()}
+    _batch(parent, _metrics(stats, len(t)))
+    with tempfile.TemporaryDirectory() as tmp:  # (the rows without weights: a million jobs in ~30 MB)
+        pq.write_table(t, Path(tmp) / "results.parquet")
+        client.log_artifact(parent, str(Path(tmp) / "results.parquet"))
+    best = t.take(np.argsort(objective, kind="stable")[:cap])  # (the best first; a job that failed, last)
+    wanted, metas = set(best["job"].to_pylist()), {}
+    for path in table.tables(sweep_dir):  # (each chosen job's config, from its meta)
+        if (chunk := table.read_chunk(path, ["job", "meta"])) is not None:
+            pairs = zip(chunk["job"].to_pylist(), chunk["meta"].to_pylist(), strict=True)
+            metas |= {str(j): json.loads(m) for j, m in pairs if str(j) in wanted and m is not None}
+    for row in best.to_pylist():
+        if (meta := metas.get(row["job"])) is not None:
+            job_dir = sweep_dir / row["job"]
+            tags = {"quadnet.status": row["status"], "quadnet.job": row["job"]}
+            tags |= {"quadnet.run_dir": str(job_dir.resolve())} if job_dir.is_dir() else {}
+            finals = {k: row.get(k) for k in (*FINALS, "objective")}
+            run_id = _create(
+                meta["config"],
+                f"{sweep_dir.name}/{row['job']}",
+                tags,
+                parent,
+                _metrics(finals, row["epoch"] or 0, "final."),
+            )
+            client.set_terminated(run_id, STATUS.get(row["status"], "FAILED"))
+    return True

@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from quadnet import checkpoint, config, console, engines, exits, loop, rundir, sweep
+from quadnet import checkpoint, config, console, engines, exits, loop, rundir, sweep, tracking
 from quadnet.config import ConfigError, TrainConfig, one_line
 from quadnet.data import Dataset, make_dataset
 from quadnet.device import describe, resolve_device
@@ -103,11 +103,14 @@ def train(cfg: Prepared | DictConfig | dict[str, Any] | TrainConfig,
         except OSError as e:
             log.warning("no checkpoint written at epoch %d: %s", jobs[0].epoch, one_line(e))
 
+    in_sweep = Path(hc.runtime.cwd, hc.sweep.dir) if hc and hc.mode == RunMode.MULTIRUN else None
     with exits.listening() as stop:  # up until the run dir is complete
         p.out.mkdir(parents=True, exist_ok=True)
+        if c.logger == "mlflow":  # (live: its params now, its metrics as it trains)
+            tracking.start(config.to_dict(c), p.out, in_sweep, job.history)
+            job.on_log = tracking.point
         label, engine, _, seconds = loop.train_batch([job], p.data, device, stop, save)
         ran = {"train_seconds": seconds, "device": label, "engine": engine, "overrides": p.overrides}
-        in_sweep = Path(hc.runtime.cwd, hc.sweep.dir) if hc and hc.mode == RunMode.MULTIRUN else None
         summary = rundir.write(p.out, job, p.data, ran, stop.signal, sweep=in_sweep)
     if stop.signal is not None and job.status != "interrupted":  # it came as the dir was written
         raise exits.Stopped(stop.signal, f"{exits.KEPT}: {summary['run_dir']} was written")

@@ -15,6 +15,9 @@ class BatchedLauncherConf:
     # Write each job's dir (Hydra's layout; its checkpoint, metrics, summary), as well as the sweep's
     # results table (SWEEP/results/*.parquet). false: the table alone, for sweeps of a million jobs.
     job_dirs: bool = True
+    # logger=mlflow: a nested MLflow run for each of the sweep's best jobs by objective, this many at
+    # most (each costs ~20 ms in a SQLite store); the sweep's run holds every job's results.
+    mlflow_runs: int = 1000
     # Train the batches through submitit instead of in this process: null, local, slurm or
     # debug (the [sweep] extra). Each batch of at most max_batch jobs becomes one submitit job
     # (a SLURM job array), and this process writes the job dirs from what they return.
