@@ -67,8 +67,11 @@ def write_chunk(path: Path, jobs: list[Any], objectives: list[float | None]) -> 
     types |= dict.fromkeys(("error", "device", "engine", "meta"), pa.string())
     swept = [k for k in dict.fromkeys(o.split("=", 1)[0].lstrip("+~") for j in jobs for o in j.overrides if "=" in o)]
     flat = [flatten(c) for c in configs] if any("." in k for k in swept) else configs
+    given = [dict(o.lstrip("+~").split("=", 1) for o in j.overrides if "=" in o) for j in jobs]
     for key in (k for k in swept if not k.startswith("hydra.") and k not in cols):
-        cols[key] = [f.get(key) for f in flat]  # (as the job ran it; not a number or text: JSON)
+        # (as the job ran it; one that failed before it was composed: as its override says; not a number or text: JSON)
+        ran = zip(flat, jobs, given, strict=True)
+        cols[key] = [f.get(key) if j.cfg is not None else _typed(key, g.get(key)) for f, j, g in ran]
         cols[key] = [v if v is None or isinstance(v, int | float | str) else json.dumps(v) for v in cols[key]]
         types[key] = arrow.get(KINDS.get(key), pa.string())  # (its config field's type; not a scalar: JSON text)
     arrays = {k: pa.array(v, type=types.get(k)) for k, v in cols.items()}
@@ -84,6 +87,21 @@ def write_chunk(path: Path, jobs: list[Any], objectives: list[float | None]) -> 
     # (zstd for the rest; weights hardly compress, and compressing them took most of the time)
     packed = {k: "none" if k in PARAMS else "zstd" for k in table.column_names}
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression=packed, use_dictionary=False))
+
+
+def _typed(key: str, text: str | None) -> Any:
+    """An override's text as a value of its config field's kind (a number, true/false, text); None if it is not one."""
+    kind = KINDS.get(key, str)
+    try:
+        return (
+            {"true": True, "false": False}[text.lower()]
+            if kind is bool
+            else kind(text)
+            if kind in (int, float)
+            else text
+        )
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def read_chunk(path: Path, columns: list[str] | None = None, weights: bool = True) -> Any:
@@ -126,20 +144,33 @@ def rows(sweep: Path) -> tuple[Any, list[str], list[str]]:
     )
 
 
+def _value(override: str) -> tuple[str, Any]:
+    """An override as (key, value), a number as a float and true/false in any case as a bool: lr=1e-1 is lr=0.1."""
+    key, _, text = override.partition("=")
+    try:
+        return key.lstrip("+~"), float(text)
+    except ValueError:
+        return key.lstrip("+~"), {"true": True, "false": False}.get(text.lower(), text)
+
+
 def load(sweep: Path, job: str) -> dict[str, Any]:
     """A job of a sweep's table, named by its number or by overrides that it alone has (``"lr=0.1
     seed=2"``, in any order), as :func:`quadnet.checkpoint.load` gives a checkpoint; CheckpointError
     (one line) else. A chunk that cannot be read is passed over."""
-    where, wanted, hits = f"{str(sweep)!r} job {job}", set(job.split()), []
+    where, wanted, hits, lost = f"{str(sweep)!r} job {job}", {_value(o) for o in job.split()}, [], 0
     if not tables(sweep):
         raise checkpoint.CheckpointError(f"{str(sweep)!r} holds no results table ({RESULTS}/*.parquet)")
     for path in tables(sweep):
-        if (t := read_chunk(path, ["job", "overrides"])) is not None:
-            pairs = enumerate(zip(t["job"].to_pylist(), t["overrides"].to_pylist(), strict=True))
-            hits += [(path, i, n) for i, (n, o) in pairs if (str(n) == job if job.isdigit() else wanted <= set(o))]
+        if (t := read_chunk(path, ["job", "overrides"])) is None:
+            lost += 1
+            continue
+        pairs = enumerate(zip(t["job"].to_pylist(), t["overrides"].to_pylist(), strict=True))
+        hits += [
+            (path, i, n) for i, (n, o) in pairs if (str(n) == job if job.isdigit() else wanted <= set(map(_value, o)))
+        ]
     if len(hits) != 1 or (found := read_chunk(hits[0][0])) is None:
         some = ", ".join(str(n) for *_, n in hits[:10]) + " …" * (len(hits) > 10)
-        many = f"jobs {some} match" if hits else "no such job"
+        many = f"jobs {some} match" if hits else f"no such job{f' ({lost} chunks could not be read)' * bool(lost)}"
         raise checkpoint.CheckpointError(f"{where}: {many}; name one by its number or its overrides")
     row = found.slice(hits[0][1], 1).to_pylist()[0]
     if row["meta"] is None:
