@@ -31,7 +31,7 @@ import yaml
 from quadnet import table
 from quadnet.artifacts import atomic_write, summary_metric
 from quadnet.checkpoint import CHECKPOINT
-from quadnet.exits import ArgumentParser, command, fail
+from quadnet.exits import ArgumentParser, command, fail, one_line
 from quadnet.plots import figure as figure_file
 
 METRICS = {"val_loss": True, "val_error": True, "test_loss": True, "test_error": True, "final_loss": True,
@@ -71,6 +71,11 @@ def _read(job: Path, name: str, parse: Any, kind: type, what: str) -> Any:
     return value
 
 
+def _number(v: Any) -> bool:
+    """Whether v is a figure a summary may hold: None, a float, or an int that fits in 64 bits."""
+    return v is None or type(v) is float or (type(v) is int and abs(v) < 2**63)
+
+
 def read_job(d: Path) -> dict[str, Any]:
     """A job dir's row: overrides, parsed params, status, error and figures (None where there are none)."""
     row: dict[str, Any] = {"job": d.name, "overrides": "", "params": {}, "error": None, **dict.fromkeys(FIGURES)}
@@ -86,7 +91,7 @@ def read_job(d: Path) -> dict[str, Any]:
             return {**row, "status": "unfinished (no summary.json)"}
         if not isinstance(s.get("status"), str):
             raise ValueError("summary.json has no status string")
-        if bad := [k for k in FIGURES if isinstance(s.get(k), bool) or not isinstance(s.get(k), int | float | None)]:
+        if bad := [k for k in FIGURES if not _number(s.get(k))]:
             raise ValueError(f"summary.json: {', '.join(bad)} not a number")
         error = " ".join(str(s["error"]).split()) if s.get("error") is not None else None
         # each swept value as the job ran with it (.hydra/ may hold a later, refused command's)
@@ -109,21 +114,22 @@ def read_jobs(sweep: Path, metric: str) -> tuple[Any, list[str]]:
         fail(f"{str(sweep)!r} is a single run, not a sweep; its results are in its summary.json")
     if table.tables(sweep):  # (the sweep's results table; a sweep of quadnet 0.5 and earlier: its job dirs)
         t, params, damaged = table.rows(sweep)
-        lost = {"job": damaged, "status": ["damaged"] * len(damaged), "error": ["chunk cannot be read"] * len(damaged)}
+        lost = {"job": damaged, "overrides": [""] * len(damaged), "status": ["damaged"] * len(damaged)}
+        lost["error"] = ["chunk cannot be read"] * len(damaged)
         lost |= {k: pa.nulls(len(damaged), pa.float64()) for k in FIGURES}  # (every figure a float64 column)
         t = pa.concat_tables([x for x in (t, pa.table(lost)) if x is not None], promote_options="permissive")
     else:
         marks = ("summary.json", ".hydra", CHECKPOINT)  # (a job that never finished has its checkpoint or Hydra's)
         if not (dirs := [p for p in sweep.iterdir() if p.is_dir() and any((p / m).exists() for m in marks)]):
-            fail(f"{str(sweep)!r} holds no job dirs (no */summary.json)")
+            fail(f"{str(sweep)!r} holds no job dirs (no */summary.json) and no results table (no results/*.parquet)")
         rows = [read_job(d) for d in sorted(dirs, key=lambda p: (len(p.name), p.name))]
-        params = list(dict.fromkeys(k for r in rows for k in r["params"]))
+        params = [k for k in dict.fromkeys(k for r in rows for k in r["params"]) if k not in ROW]  # (+status=…)
         columns = {k: pa.array([r[k] for r in rows], pa.float64() if k in FIGURES else pa.string()) for k in ROW}
         for k in params:  # (a key whose values are of kinds no one column holds: as text)
             values = [r["params"].get(k) for r in rows]
             try:
                 columns[k] = pa.array(values)
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, OverflowError):
                 columns[k] = pa.array([None if v is None else str(v) for v in values])
         t = pa.table(columns)
     sign = 1 if METRICS[metric] else -1
@@ -131,15 +137,20 @@ def read_jobs(sweep: Path, metric: str) -> tuple[Any, list[str]]:
     return t.take(order), params
 
 
-def figure(t: Any, name: str) -> np.ndarray:
+def figure(t: Any, name: str, test: bool = True) -> np.ndarray:
     """:func:`quadnet.artifacts.summary_metric` for every job at once: a figure of each completed job
-    (an error is 1 − its accuracy; a val_ figure without a validation split is the test set's), NaN else."""
+    (an error is 1 − its accuracy; test: a val_ figure without a validation split is the test set's), NaN else."""
     key = name.replace("_error", "_accuracy")
     v = t[key].to_numpy()
-    if key.startswith("val_"):
+    if key.startswith("val_") and test:
         v = np.where(np.isnan(v), t["test_" + key[4:]].to_numpy(), v)
     v = np.where(np.isfinite(v) & done(t), v, np.nan)
     return 1 - v if name.endswith("_error") else v
+
+
+def label(t: Any, name: str) -> str:
+    """A figure's name, and whose it is when a val_ figure is the test set's (no validation split)."""
+    return name + " (the test set's)" * (name.startswith("val_") and t["val_loss"].null_count == len(t))
 
 
 def done(t: Any) -> np.ndarray:
@@ -156,7 +167,7 @@ def write_csv(path: Path, t: Any, params: list[str]) -> None:
     """One row a job: its swept parameters, overrides, status, error and every metric (no column twice)."""
 
     figures = [*FIGURES[:6], "val_error", "test_error", *FIGURES[6:]]
-    errors = {f: pa.array(figure(t, f), from_pandas=True) for f in figures if "error" in f}  # (NaN: null)
+    errors = {f: pa.array(figure(t, f, test=False), from_pandas=True) for f in figures if "error" in f}  # (NaN: null)
     out = pa.table(
         {k: errors[k] if k in errors else t[k] for k in ["job", *params, "overrides", "status", "error", *figures]}
     )
@@ -182,9 +193,10 @@ def _log_scale(name: str, vals: np.ndarray) -> bool:
 
 
 def _axes(t: Any, *params: str) -> tuple[Any, list[tuple[np.ndarray, Any, str, bool]]]:
-    """The completed jobs that have every param; for each param, the index of each job's value among its
-    sorted distinct values, and :func:`axis_kind`'s values, kind and log."""
-    t = t.filter(np.logical_and.reduce([done(t), *(pc.is_valid(t[p]).to_numpy(zero_copy_only=False) for p in params)]))
+    """The jobs that trained (completed or diverged) with every param; for each param, the index of each job's
+    value among its sorted distinct values, and :func:`axis_kind`'s values, kind and log."""
+    trained = pc.is_in(t["status"], pa.array(["completed", "diverged"])).to_numpy(zero_copy_only=False)
+    t = t.filter(np.logical_and.reduce([trained, *(pc.is_valid(t[p]).to_numpy(zero_copy_only=False) for p in params)]))
     return t, [(pc.index_in(t[p], (axis := axis_kind(p, t[p]))[0]).to_numpy(), *axis) for p in params]
 
 
@@ -214,12 +226,12 @@ def plot_param(path: Path, t: Any, param: str, metric: str, varied: list[str]) -
                                 capsize=4, label="median; bars: 16–84% of jobs")  # fmt: skip
             handles = ax.get_legend_handles_labels()[0]
             if groups and name == "test_accuracy":  # a count of jobs, not an accuracy: on an axis of its own
-                right = [np.mean(g == 1.0) if g.size else math.nan for g in groups]
+                right = [np.mean(v[idx == i] == 1.0) for i in range(len(xs))]  # (a job that diverged: not right)
                 twin, what = ax.twinx(), "fraction of jobs with every test point right"
                 handles += twin.plot(at, right, "s--" if kind == "grid" else "s", color="tab:green", label=what)
                 twin.set_ylim(-0.05, 1.05)
                 twin.set_ylabel(what, color="tab:green")
-            ax.set(xlabel=param, ylabel=f"{name} ({'lower' if METRICS[name] else 'higher'} is better)")
+            ax.set(xlabel=param, ylabel=f"{label(t, name)} ({'lower' if METRICS[name] else 'higher'} is better)")
             ax.set(xscale="log" if xlog else "linear", yscale="log" if _log_scale(name, every) else "linear")
             if "accuracy" in name:
                 ax.set_ylim(-0.05, 1.05)
@@ -231,7 +243,8 @@ def plot_param(path: Path, t: Any, param: str, metric: str, varied: list[str]) -
             ax.legend(handles=handles, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
         others = [q for q in varied if q != param]
         pooled = f"\neach value pools every setting of {', '.join(others)}" if others else ""
-        fig.suptitle(f"{names[0]} and {names[1]} against {param} ({len(t)} completed jobs){pooled}")
+        jobs = f"{len(t)} jobs, {done(t).sum()} completed"  # (those that diverged: no figures, in the fraction)
+        fig.suptitle(f"{label(t, names[0])} and {names[1]} against {param} ({jobs}){pooled}")
 
 
 def plot_heatmap(path: Path, t: Any, a: str, b: str, metric: str) -> None:
@@ -246,7 +259,7 @@ def plot_heatmap(path: Path, t: Any, a: str, b: str, metric: str) -> None:
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", norm=norm)
         ax.set_xticks(range(len(xa)), [show(v) for v in xa.to_pylist()])
         ax.set_yticks(range(len(xb)), [show(v) for v in xb.to_pylist()])
-        ax.set(xlabel=a, ylabel=b, title=f"median {metric} over the jobs in each cell")
+        ax.set(xlabel=a, ylabel=b, title=f"median {label(t, metric)} over the jobs in each cell")
         for (i, j), v in np.ndenumerate(grid):
             if np.isfinite(v):
                 dark = sum(im.cmap(im.norm(v))[:3]) < 1.8  # a dark cell: white text
@@ -257,9 +270,9 @@ def plot_heatmap(path: Path, t: Any, a: str, b: str, metric: str) -> None:
 def write_files(sweep: Path, t: Any, params: list[str], metric: str, plots: bool) -> None:
     """report.csv and the plots, and a line that names them; the first that cannot be written ends the command
     (exit 1)."""
-    completed = t.filter(done(t))
-    varied = swept_params(completed, params) if plots else []  # a plot needs two values among the completed jobs
-    grids = [p for p in varied if axis_kind(p, completed[p].drop_null())[1] != "scatter"]
+    completed, trained = t.filter(done(t)), t.filter(pc.is_in(t["status"], pa.array(["completed", "diverged"])))
+    varied = swept_params(trained, params) if plots and len(completed) else []  # two values among the trained jobs
+    grids = [p for p in swept_params(completed, varied) if axis_kind(p, completed[p].drop_null())[1] != "scatter"]
     # (file, writer, its arguments after the path), in order
     writes: list[tuple[str, Any, tuple[Any, ...]]] = [("report.csv", write_csv, (t, swept_params(t, params)))]
     writes += [(f"report_{p.replace('/', '_')}.png", plot_param, (t, p, metric, varied)) for p in varied]
@@ -267,8 +280,8 @@ def write_files(sweep: Path, t: Any, params: list[str], metric: str, plots: bool
     for name, write, args in writes:
         try:
             write(sweep / name, *args)
-        except OSError as e:  # (after the table: a script that asked for the files did not get them)
-            fail(f"could not write {name} in {str(sweep)!r}: {e.strerror or e}", code=1)
+        except Exception as e:  # (after the table: a script that asked for the files did not get them)
+            fail(f"could not write {name} in {str(sweep)!r}: {getattr(e, 'strerror', None) or one_line(e)}", code=1)
     none = " (no plots: no swept parameter takes two values among the completed jobs)" * plots
     print(f"wrote {sweep / 'report.csv'}" + (f" and {', '.join(w[0] for w in writes[1:])}" if writes[1:] else none))
 
@@ -276,7 +289,7 @@ def write_files(sweep: Path, t: Any, params: list[str], metric: str, plots: bool
 def print_table(sweep: Path, t: Any, params: list[str], metric: str, top: int | None) -> None:
     keys = swept_params(t, params) or params  # what tells the jobs apart
     bad = t.filter(~done(t))
-    top = top or (len(t) if len(t) <= 100 else 20)
+    top = min(top or (len(t) if len(t) <= 100 else 20), len(t))
     best, worst = t.slice(0, top).to_pylist(), bad.slice(0, top).to_pylist()  # (the rows printed: 10⁶ jobs print 40)
     for r in best + worst:
         r["swept"] = show(" ".join(f"{k}={show(r[k])}" for k in keys if r[k] is not None))

@@ -106,12 +106,17 @@ def _typed(key: str, text: str | None) -> Any:
 
 def read_chunk(path: Path, columns: list[str] | None = None, weights: bool = True) -> Any:
     """A chunk as a pyarrow Table (weights: with meta and the weights), or None when it is missing,
-    damaged or half-written."""
+    damaged, half-written, empty or not a chunk (its job, overrides and status not of their types)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        names = columns or [n for n in pq.read_schema(path).names if weights or n not in ("meta", *PARAMS)]
-        return pq.read_table(path, columns=names)
+        schema = pq.read_schema(path)
+        if any(schema.field(k).type != kind for k, kind in (("job", pa.int64()), ("overrides", pa.list_(pa.string())),
+                                                               ("status", pa.string()))):  # fmt: skip
+            return None
+        t = pq.read_table(path, columns=columns or [n for n in schema.names if weights or n not in ("meta", *PARAMS)])
+        return t if len(t) else None
     except (OSError, ValueError, KeyError):  # (pyarrow's: ArrowInvalid is a ValueError, ArrowIOError an OSError)
         return None
 

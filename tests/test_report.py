@@ -104,9 +104,11 @@ def test_a_sweep_with_failed_diverged_and_unfinished_jobs(sweep, capsys, figures
     assert done == sorted(done) and len(done) == 7 and all(r["status"] != "completed" for r in rows[7:])
     assert {float(r["lr"]) for r in rows if r["job"] != "5"} == {0.05, 1e6}  # (5: no record of its values)
     # lr: one value among the completed jobs, nothing to plot against
-    assert set(figures) == {"report_hidden_dim.png", "report_reg.png", "report_seed.png", "report_heatmap.png"}
+    assert set(figures) == {"report_hidden_dim.png", "report_lr.png", "report_reg.png", "report_seed.png", "report_heatmap.png"}
     for name in figures:
         assert (sweep / name).stat().st_size > 1000, name
+    # the seed data has no validation split: its val_ figures are the test set's, and say so
+    assert figures["report_reg.png"].axes[0].get_ylabel() == "val_loss (the test set's) (lower is better)"
 
 
 def test_plots_follow_the_metric_and_draw_each_kind_of_parameter_as_it_is(sweep, capsys, figures):
@@ -114,7 +116,8 @@ def test_plots_follow_the_metric_and_draw_each_kind_of_parameter_as_it_is(sweep,
     hidden = figures["report_hidden_dim.png"]
     assert [ax.get_xscale() for ax in hidden.axes[:2]] == ["log", "log"]  # 3 and 30: a multiplicative grid
     assert hidden.axes[2].get_ylabel() == "fraction of jobs with every test point right"  # its own axis
-    assert "each value pools every setting of reg, seed" in hidden._suptitle.get_text()
+    assert "(16 jobs, 8 completed)\neach value pools every setting of lr, reg, seed" in hidden._suptitle.get_text()
+    assert list(figures["report_lr.png"].axes[2].lines[0].get_ydata()) == [0.75, 0.0]  # lr=1e6: all 8 diverged
     assert hidden.axes[0].get_ylabel() == "final_loss (lower is better)"
     assert hidden.axes[1].get_ylabel() == "test_accuracy (higher is better)"
     assert hidden.axes[0].lines and "median" in texts(hidden) and "16–84% of jobs" in texts(hidden)
@@ -194,7 +197,7 @@ def test_odd_summaries_are_shown_escaped_and_a_fifo_is_not_read(sweep, capsys, f
     assert code == 0 and err == "" and "\x1b" not in out and "hidden_dim=[3, 4]" in out
     assert "job 3: failed\\x1b[2J: line one line\\x1b[31m two" in out  # (as repr writes them)
     assert "job 1: damaged: summary.json is not a regular file" in out
-    assert "and report_hidden_dim.png, report_reg.png" in out and "report_hidden_dim.png" in figures
+    assert "and report_hidden_dim.png, report_lr.png, report_reg.png" in out and "report_hidden_dim.png" in figures
 
 
 def test_report_says_which_plots_it_wrote(sweep, capsys):
@@ -237,3 +240,30 @@ def test_report_bad_input_is_one_line(sweep, tmp_path, capsys):
     ):
         code, _, err = _report(capsys, *argv)
         assert code == 2 and err.startswith("error: ") and words in err and err.count("\n") == 1, err
+
+
+def test_summaries_whose_keys_or_numbers_do_not_fit_are_listed_not_fatal(sweep, capsys):
+    def edit(job, **changes):
+        s = json.loads((sweep / job / "summary.json").read_text())
+        (sweep / job / "summary.json").write_text(json.dumps({**s, **changes}))
+
+    edit("0", status="failed", overrides=["+status=completed", "+final_loss=0.001"])  # (keys of the report's own)
+    edit("1", epoch=10**400)
+    edit("2", config=None, overrides=["seed=99999999999999999999"])  # (a value no int64 holds: as text)
+    code, out, err = _report(capsys, sweep, "--top", "99999999999999999999999")
+    assert code == 0 and err == "" and "job 0: failed" in out
+    assert "job 1: damaged: summary.json: epoch not a number" in out and "seed=99999999999999999999" in out
+    assert {r["job"]: r["status"] for r in _rows(sweep)[1]}["0"] == "failed"
+
+
+def test_chunks_that_are_empty_foreign_or_damaged_are_listed(sweep_dir, tmp_path, capsys):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    s = shutil.copytree(sweep_dir, tmp_path / "s")
+    (chunk,) = (s / "results").iterdir()
+    pq.write_table(pq.read_table(chunk).slice(0, 0), chunk)  # (no rows)
+    pq.write_table(pa.table({"job": ["x"], "a": [1]}), s / "results" / "chunk-000000016.parquet")  # (not a chunk)
+    code, out, err = _report(capsys, s, "--no-plots")
+    assert code == 0 and err == "" and "2 jobs" in out and "job chunk-000000016.parquet: damaged" in out
+    assert len(_rows(s)[1]) == 2
