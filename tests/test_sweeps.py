@@ -216,6 +216,7 @@ def test_a_bad_device_found_in_a_submitit_chunk_is_one_line(tmp_path):
     "option,message",
     [
         ("max_batch=-1", "hydra.launcher.max_batch=-1 is not allowed: must be >= 0"),
+        ("mlflow_runs=-1", "hydra.launcher.mlflow_runs=-1 is not allowed: must be >= 0"),
         ("executor=lsf", "hydra.launcher.executor='lsf' is not allowed: choose one of local, slurm, debug"),
         ("+hydra.launcher.nope=1", "unknown config key 'hydra.launcher.nope' (the batched launcher's keys: plots, "),
     ],

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_cfg, run_cli
+from quadnet import rundir
 from quadnet.config import allowed_keys
 from quadnet.train import train
 
@@ -60,6 +61,62 @@ def test_a_run_goes_to_the_sqlite_store_under_outputs_with_everything_a_user_loo
     assert Path(client.get_experiment(run.info.experiment_id).artifact_location.removeprefix("file://")) == (
         tmp_path / "outputs" / "mlartifacts"
     )
+
+
+def test_a_run_is_in_the_store_as_it_trains(tmp_path, monkeypatch):
+    """Live: the run is made as it starts, with its params, and each log point's metrics reach the store
+    while it is still running (here: as its dir is about to be written)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("quadnet.tracking._state", {})
+    uri, seen, write = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}", {}, rundir.write
+
+    def spy(*args, **kwargs):
+        mlflow.flush_async_logging()
+        (run,) = _runs(uri)
+        history = mlflow.tracking.MlflowClient(tracking_uri=uri).get_metric_history(run.info.run_id, "loss")
+        seen.update(status=run.info.status, steps=[m.step for m in history], epochs=run.data.params["epochs"])
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(rundir, "write", spy)
+    train(make_cfg("epochs=300", "log_every=100", "logger=mlflow"), run_dir=tmp_path / "r")
+    assert seen == {"status": "RUNNING", "steps": [0, 100, 200, 300], "epochs": "300"}
+    (run,) = _runs(uri)
+    assert run.info.status == "FINISHED" and "final.test_loss" in run.data.metrics
+
+
+def test_a_store_that_cannot_be_written_is_one_warning_at_once(tmp_path):
+    (tmp_path / "db").mkdir()  # (a directory where the SQLite file would be: MLflow retried ~100 s before it said so)
+    r = run_cli("epochs=20", "logger=mlflow", "hydra.run.dir=r", cwd=tmp_path,
+                env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/db"})  # fmt: skip
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert (r.stdout + r.stderr).count(f"{tmp_path}/db cannot be written (a directory, or a read-only place)") == 1
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["tracking"]["error"]
+
+
+def test_a_batched_sweep_logs_its_results_and_its_best_jobs_up_to_the_cap(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    r = run_cli("-m", "hydra/launcher=batched", "hidden_dim=3,30", "seed=0,1", "epochs=100", "logger=mlflow",
+                "hydra.launcher.mlflow_runs=2", "hydra.launcher.job_dirs=false", "hydra.sweep.dir=s", cwd=tmp_path,
+                env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    runs = _runs(uri)
+    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    rows = pq.read_table(tmp_path / "s" / "results").to_pylist()
+    best = sorted(rows, key=lambda row: row["objective"])
+    assert len(runs) == 3 and {c.data.tags["quadnet.job"] for c in children} == {str(b["job"]) for b in best[:2]}
+    assert {c.data.metrics["final.objective"] for c in children} == {b["objective"] for b in best[:2]}
+    assert all(c.data.params["epochs"] == "100" and c.info.status == "FINISHED" for c in children)
+    m = parent.data.metrics
+    assert m["jobs"] == m["jobs_completed"] == m["jobs_written"] == 4 and m["objective/best"] == best[0]["objective"]
+    wide = sorted(row["objective"] for row in rows if row["hidden_dim"] == 30)
+    assert m["objective/hidden_dim/30/median"] == pytest.approx(sum(wide) / 2)
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["results.parquet"]
+    assert f"mlflow: the sweep's run {parent.info.run_id} in experiment 'quadnet'" in r.stdout
+    assert f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in r.stdout
 
 
 def test_a_store_that_is_down_is_a_warning_and_a_note_and_the_run_is_kept(tmp_path):
@@ -143,3 +200,5 @@ def test_a_single_run_on_a_real_server(server, tmp_path):
 
     run = MlflowClient(tracking_uri=server).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["epochs"] == "30"
+    assert f"mlflow: run {run_id} in experiment 'quadnet' at {server}" in r.stdout  # where it goes, then how to open it
+    assert f"mlflow: open {server}/#/experiments/{run.info.experiment_id}/runs/{run_id}" in r.stdout
