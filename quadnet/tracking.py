@@ -20,6 +20,7 @@ and its dir stay as they are, and the process does not try that store again.
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -127,28 +128,30 @@ def _versions() -> dict[str, str]:
 
 
 def _metrics(values: dict[str, Any], step: int, prefix: str = "") -> list[Any]:
-    """MLflow metrics of the numbers among values (NaN and None left out)."""
+    """MLflow metrics of the numbers among values (NaN, ±inf and None left out)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    return [Metric(prefix + k, float(v), now, step) for k, v in values.items() if isinstance(v, int | float) and v == v]
+    return [
+        Metric(prefix + k, v, now, step) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)
+    ]
 
 
-def _create(config: dict[str, Any], name: str, tags: dict[str, str], parent: str | None, metrics: list[Any]) -> str:
-    """A run with its config as params, its tags and these metrics; its id."""
-    from mlflow.entities import Param
-
+def _create(params: dict[str, Any], name: str, tags: dict[str, str], parent: str | None, metrics: list[Any]) -> str:
+    """A run with these params (dotted keys), tags and metrics; its id."""
     client, experiment = _client()
     tags = {**_versions(), **tags, **({"mlflow.parentRunId": parent} if parent else {})}
     run_id = client.create_run(experiment, run_name=name, tags=tags).info.run_id
-    params = [Param(k, "null" if v is None else str(v)) for k, v in flatten(config).items()]
     _batch(run_id, metrics, params)
     return run_id
 
 
-def _batch(run_id: str, metrics: list[Any], params: list[Any] = ()) -> None:  # type: ignore[assignment]
+def _batch(run_id: str, metrics: list[Any], params: dict[str, Any] | None = None) -> None:
+    from mlflow.entities import Param
+
+    values = [Param(k, "null" if v is None else str(v)) for k, v in (params or {}).items()]
     for i in range(0, max(len(metrics), 1), 900):  # (MLflow takes 1,000 entities a call; the params, ~40, first)
-        _client()[0].log_batch(run_id, metrics=metrics[i : i + 900], params=[] if i else params)
+        _client()[0].log_batch(run_id, metrics=metrics[i : i + 900], params=[] if i else values)
 
 
 def start(config: dict[str, Any], run_dir: Path, sweep_dir: Path | None, history: list[dict[str, float]]) -> None:
@@ -157,7 +160,7 @@ def start(config: dict[str, Any], run_dir: Path, sweep_dir: Path | None, history
     parent, name = _parent(sweep_dir), f"{run_dir.parent.name}/{run_dir.name}" if sweep_dir else run_dir.name
     past = [m for row in history for m in _metrics({k: row[k] for k in KEYS}, int(row["epoch"]))]
     tags = {"quadnet.run_dir": str(run_dir), "quadnet.status": "running"}
-    _state["run"] = run_id = _guard("starting a run", _create, config, name, tags, parent, past)
+    _state["run"] = run_id = _guard("starting a run", _create, flatten(config), name, tags, parent, past)
     if run_id is not None:
         log.info("mlflow: run %s in experiment %r at %s", run_id, _state["name"], _state["uri"])
 
@@ -218,6 +221,7 @@ def log_sweep(sweep_dir: Path, status: str, cap: int) -> None:
 
 def _log_sweep(sweep_dir: Path, parent: str, cap: int) -> bool:
     import numpy as np
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     client, (t, swept, _) = _client()[0], table.rows(sweep_dir)
@@ -237,24 +241,16 @@ def _log_sweep(sweep_dir: Path, parent: str, cap: int) -> bool:
     with tempfile.TemporaryDirectory() as tmp:  # (the rows without weights: a million jobs in ~30 MB)
         pq.write_table(t, Path(tmp) / "results.parquet")
         client.log_artifact(parent, str(Path(tmp) / "results.parquet"))
-    best = t.take(np.argsort(objective, kind="stable")[:cap])  # (the best first; a job that failed, last)
-    wanted, metas = set(best["job"].to_pylist()), {}
-    for path in table.tables(sweep_dir):  # (each chosen job's config, from its meta)
-        if (chunk := table.read_chunk(path, ["job", "meta"])) is not None:
-            pairs = zip(chunk["job"].to_pylist(), chunk["meta"].to_pylist(), strict=True)
-            metas |= {str(j): json.loads(m) for j, m in pairs if str(j) in wanted and m is not None}
-    for row in best.to_pylist():
-        if (meta := metas.get(row["job"])) is not None:
-            job_dir = sweep_dir / row["job"]
-            tags = {"quadnet.status": row["status"], "quadnet.job": row["job"]}
-            tags |= {"quadnet.run_dir": str(job_dir.resolve())} if job_dir.is_dir() else {}
-            finals = {k: row.get(k) for k in (*FINALS, "objective")}
-            run_id = _create(
-                meta["config"],
-                f"{sweep_dir.name}/{row['job']}",
-                tags,
-                parent,
-                _metrics(finals, row["epoch"] or 0, "final."),
-            )
-            client.set_terminated(run_id, STATUS.get(row["status"], "FAILED"))
+    trained = np.flatnonzero(pc.not_equal(t["status"], "failed").to_numpy(zero_copy_only=False))
+    best = t.take(trained[np.argsort(objective[trained], kind="stable")[:cap]])  # (the best first)
+    if len(best):  # (the sweep's params: the config its jobs share, as its best one has it)
+        config = flatten(table.load(sweep_dir, best["job"][0].as_py())["config"])
+        _batch(parent, [], {k: v for k, v in config.items() if k not in swept})
+    for row in best.to_pylist():  # (a nested run's params: its swept keys)
+        job_dir, finals = sweep_dir / row["job"], {k: row.get(k) for k in (*FINALS, "objective")}
+        tags = {"quadnet.status": row["status"], "quadnet.job": row["job"]}
+        tags |= {"quadnet.run_dir": str(job_dir.resolve())} if job_dir.is_dir() else {}
+        metrics = _metrics(finals, row["epoch"] or 0, "final.")
+        run_id = _create({k: row[k] for k in swept}, f"{sweep_dir.name}/{row['job']}", tags, parent, metrics)
+        client.set_terminated(run_id, STATUS.get(row["status"], "FAILED"))
     return True

@@ -109,6 +109,7 @@ def test_a_batched_sweep_logs_its_results_and_its_best_jobs_up_to_the_cap(tmp_pa
     assert len(runs) == 3 and {c.data.tags["quadnet.job"] for c in children} == {str(b["job"]) for b in best[:2]}
     assert {c.data.metrics["final.objective"] for c in children} == {b["objective"] for b in best[:2]}
     assert all(c.data.params["epochs"] == "100" and c.info.status == "FINISHED" for c in children)
+    assert "lr" not in children[0].data.params and parent.data.params["lr"] == "0.001"  # (the config they share)
     m = parent.data.metrics
     assert m["jobs"] == m["jobs_completed"] == m["jobs_written"] == 4 and m["objective/best"] == best[0]["objective"]
     wide = sorted(row["objective"] for row in rows if row["hidden_dim"] == 30)
