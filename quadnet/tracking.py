@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +60,8 @@ def _client() -> tuple[Any, str]:
             db.parent.mkdir(parents=True, exist_ok=True)
             if db.is_dir() or not os.access(db if db.exists() else db.parent, os.W_OK):
                 raise PermissionError(f"{db} cannot be written (a directory, or a read-only place)")
+            with contextlib.closing(sqlite3.connect(db)) as con:  # (a write-ahead log: a run's writes ~2x as fast)
+                con.execute("PRAGMA journal_mode=WAL")
         from mlflow.tracking import MlflowClient
 
         for name in ("mlflow", "urllib3", "alembic"):  # (after MLflow's import sets its own; one warning of ours)
