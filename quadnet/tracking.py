@@ -175,6 +175,12 @@ def point(row: dict[str, float]) -> None:
         _guard("logging metrics", lambda: _client()[0].log_batch(run_id, metrics=metrics, synchronous=False))
 
 
+def abort() -> None:
+    """The run :func:`start` made, if :func:`log_run` has not ended it: ended as FAILED."""
+    if (run_id := _state.pop("run", None)) is not None:
+        _guard("ending a run", lambda: _client()[0].set_terminated(run_id, "FAILED"))
+
+
 def log_run(summary: dict[str, Any], run_dir: Path, sweep_dir: Path | None) -> dict:
     """The end of the run :func:`start` made: its final figures, tags and files, its status; the note for its
     summary. In a sweep of any launcher but the batched one, the sweep's run is marked ended as of this job

@@ -109,9 +109,12 @@ def train(cfg: Prepared | DictConfig | dict[str, Any] | TrainConfig,
         if c.logger == "mlflow":  # (live: its params now, its metrics as it trains)
             tracking.start(config.to_dict(c), p.out, in_sweep, job.history)
             job.on_log = tracking.point
-        label, engine, _, seconds = loop.train_batch([job], p.data, device, stop, save)
-        ran = {"train_seconds": seconds, "device": label, "engine": engine, "overrides": p.overrides}
-        summary = rundir.write(p.out, job, p.data, ran, stop.signal, sweep=in_sweep)
+        try:
+            label, engine, _, seconds = loop.train_batch([job], p.data, device, stop, save)
+            ran = {"train_seconds": seconds, "device": label, "engine": engine, "overrides": p.overrides}
+            summary = rundir.write(p.out, job, p.data, ran, stop.signal, sweep=in_sweep)
+        finally:
+            tracking.abort()  # (a run whose training or dir raised: its MLflow run ends as FAILED, not RUNNING)
     if stop.signal is not None and job.status != "interrupted":  # it came as the dir was written
         raise exits.Stopped(stop.signal, f"{exits.KEPT}: {summary['run_dir']} was written")
     return summary

@@ -85,6 +85,21 @@ def test_a_run_is_in_the_store_as_it_trains(tmp_path, monkeypatch):
     assert run.info.status == "FINISHED" and "final.test_loss" in run.data.metrics
 
 
+def test_a_run_that_raises_ends_its_mlflow_run_as_failed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("quadnet.tracking._state", {})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rundir, "write", full_disk)
+    with pytest.raises(OSError):
+        train(make_cfg("epochs=20", "logger=mlflow"), run_dir=tmp_path / "r")
+    (run,) = _runs(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    assert run.info.status == "FAILED"  # (not RUNNING for ever)
+
+
 def test_a_store_that_cannot_be_written_is_one_warning_at_once(tmp_path):
     (tmp_path / "db").mkdir()  # (a directory where the SQLite file would be: MLflow retried ~100 s before it said so)
     r = run_cli("epochs=20", "logger=mlflow", "hydra.run.dir=r", cwd=tmp_path,
