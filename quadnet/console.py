@@ -45,7 +45,8 @@ def headline(s: dict[str, Any], table: bool = True, level: int = logging.INFO) -
     seconds = f"train_seconds {s['train_seconds']:.3f}"  # (a batched job's: its share, by its steps, of its batch's)
     seconds += f" (its share of its batch's {b['seconds']:.3f} s, {b['jobs']} jobs)" if (b := s.get("batch")) else ""
     lines.append(f"{status}   {accuracy}   final loss {_num(s['final_loss'])}   {seconds}")
-    log.log(level, "\n".join([*lines, f"run dir: {s['run_dir']}"]))
+    opened = [f"mlflow: {s['tracking']['open']}"] if "open" in s.get("tracking", {}) else []  # (how to open its run)
+    log.log(level, "\n".join([*lines, f"run dir: {s['run_dir']}", *opened]))
 
 
 def confusion(s: dict[str, Any]) -> list[str]:

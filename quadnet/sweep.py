@@ -160,11 +160,9 @@ def check_options(opts: dict[str, Any]) -> None:
     known = [f.name for f in dataclasses.fields(BatchedLauncherConf) if f.name != "_target_"]
     if unknown := sorted(set(opts) - set(known) - {"_target_"}):
         raise ConfigError(unknown_key(f"hydra.launcher.{unknown[0]}", known, "the batched launcher's keys"))
-    for key in ("max_batch", "mlflow_runs"):
+    for key, zero in (("max_batch", "what fits"), ("mlflow_runs", "none")):
         if opts[key] < 0:
-            raise ConfigError(
-                f"hydra.launcher.{key}={opts[key]!r} is not allowed: must be >= 0 (max_batch 0: what fits)"
-            )
+            raise ConfigError(f"hydra.launcher.{key}={opts[key]!r} is not allowed: must be >= 0 (0: {zero})")
     if opts["executor"] not in (None, *EXECUTORS):
         allowed = f"choose one of {', '.join(EXECUTORS)}, or null"
         raise ConfigError(f"hydra.launcher.executor={opts['executor']!r} is not allowed: {allowed}")

@@ -73,6 +73,8 @@ def write_chunk(path: Path, jobs: list[Any], objectives: list[float | None]) -> 
         ran = zip(flat, jobs, given, strict=True)
         cols[key] = [f.get(key) if j.cfg is not None else _typed(key, g.get(key)) for f, j, g in ran]
         cols[key] = [v if v is None or isinstance(v, int | float | str) else json.dumps(v) for v in cols[key]]
+        if key == "data":  # (a config group: its name, as the override gives it)
+            cols[key] = [(c.get("data") or {}).get("name", g.get(key)) for c, g in zip(configs, given, strict=True)]
         types[key] = arrow.get(KINDS.get(key), pa.string())  # (its config field's type; not a scalar: JSON text)
     arrays = {k: pa.array(v, type=types.get(k)) for k, v in cols.items()}
     for name in PARAMS:  # (flattened float64; a failed job's are null)

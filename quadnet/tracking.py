@@ -186,13 +186,14 @@ def log_run(summary: dict[str, Any], run_dir: Path, sweep_dir: Path | None) -> d
     summary. In a sweep of any launcher but the batched one, the sweep's run is marked ended as of this job
     (the batched one ends it once, when it is done)."""
     run_id, parent_id = _state.pop("run", None), _parent(sweep_dir)
-    if run_id is not None and _guard("logging a run", _finish, summary, run_dir, run_id) is not None:
-        log.info("mlflow: %s", where(run_id))
+    if run_id is not None:
+        _guard("logging a run", _finish, summary, run_dir, run_id)
     if sweep_dir is not None:
         end(sweep_dir, STATUS.get(summary["status"], "FAILED"))
     if "error" in _state or run_id is None:
         return {"error": _state.get("error", "not logged")}
-    return {"uri": _state["uri"], "experiment_id": _state["experiment"], "run_id": run_id, "parent_run_id": parent_id}
+    note = {"uri": _state["uri"], "experiment_id": _state["experiment"], "run_id": run_id}
+    return note | {"parent_run_id": parent_id, "open": where(run_id)}
 
 
 def _finish(summary: dict[str, Any], run_dir: Path, run_id: str) -> bool:
@@ -237,29 +238,32 @@ def _log_sweep(sweep_dir: Path, parent: str, cap: int) -> bool:
     if t is None:  # (no chunk could be read)
         return True
     objective = np.where(np.isnan(v := t["objective"].to_numpy()), np.inf, v)  # (+inf: a job that did not complete)
-    groups = [("objective", np.isfinite(objective))]
-    for key in (k for k in swept if 1 < len(t[k].unique()) <= 50):
+    groups, varied = [("objective", np.isfinite(objective))], [k for k in swept if len(t[k].unique()) > 1]
+    for key in (k for k in varied if len(t[k].unique()) <= 50):  # (a value in a name: letters, digits, _ - . space)
         values = t[key].to_numpy(zero_copy_only=False)
-        groups += [(f"objective/{key}/{v}", groups[0][1] & (values == v)) for v in t[key].unique().to_pylist()]
+        named = [(re.sub(r"[^\w. -]|^\.+$", "_", str(v)), v) for v in t[key].unique().to_pylist()]
+        groups += [(f"objective/{key}/{name}", groups[0][1] & (values == v)) for name, v in named]
     stats = {"jobs": len(t), "jobs_completed": t["status"].to_pylist().count("completed")}
-    for name, rows in groups:  # (a metric's name: letters, digits, _ - . / and spaces)
+    for name, rows in groups:
         if (v := objective[rows]).size:
-            name = re.sub(r"[^\w./ -]", "_", name)
             stats |= {f"{name}/{q}": np.quantile(v, f) for q, f in QUANTILES.items()}
     _batch(parent, _metrics(stats, len(t)))
     with tempfile.TemporaryDirectory() as tmp:  # (the rows without weights: a million jobs in ~30 MB)
-        pq.write_table(t, Path(tmp) / "results.parquet")
+        pq.write_table(t.set_column(0, "job", t["job"].cast("int64")), Path(tmp) / "results.parquet")
         client.log_artifact(parent, str(Path(tmp) / "results.parquet"))
     trained = np.flatnonzero(pc.not_equal(t["status"], "failed").to_numpy(zero_copy_only=False))
     best = t.take(trained[np.argsort(objective[trained], kind="stable")[:cap]])  # (the best first)
     if len(best):  # (the sweep's params: the config its jobs share, as its best one has it)
         config = flatten(table.load(sweep_dir, best["job"][0].as_py())["config"])
-        _batch(parent, [], {k: v for k, v in config.items() if k not in swept})
-    for row in best.to_pylist():  # (a nested run's params: its swept keys)
+        _batch(parent, [], {k: v for k, v in config.items() if k not in varied})
+    search = f"tags.mlflow.parentRunId = '{parent}'"  # (a sweep run again: its nested runs afresh)
+    for run in client.search_runs([_state["experiment"]], search, max_results=50000):
+        client.delete_run(run.info.run_id)
+    for row in best.to_pylist():  # (a nested run's params: the keys its sweep varies)
         job_dir, finals = sweep_dir / row["job"], {k: row.get(k) for k in (*FINALS, "objective")}
         tags = {"quadnet.status": row["status"], "quadnet.job": row["job"]}
         tags |= {"quadnet.run_dir": str(job_dir.resolve())} if job_dir.is_dir() else {}
         metrics = _metrics(finals, row["epoch"] or 0, "final.")
-        run_id = _create({k: row[k] for k in swept}, f"{sweep_dir.name}/{row['job']}", tags, parent, metrics)
+        run_id = _create({k: row[k] for k in varied}, f"{sweep_dir.name}/{row['job']}", tags, parent, metrics)
         client.set_terminated(run_id, STATUS.get(row["status"], "FAILED"))
     return True

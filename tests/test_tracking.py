@@ -44,8 +44,10 @@ def test_a_run_goes_to_the_sqlite_store_under_outputs_with_everything_a_user_loo
     s = train(make_cfg("epochs=300", "log_every=100", "logger=mlflow", "plots=true"), run_dir=tmp_path / "r")
     uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
     (run,) = _runs(uri)
+    page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    opened = f"open {page} after: mlflow ui --backend-store-uri {uri}"  # (the closing line's)
     assert s["tracking"] == {"uri": uri, "experiment_id": run.info.experiment_id, "run_id": run.info.run_id,
-                             "parent_run_id": None}  # fmt: skip
+                             "parent_run_id": None, "open": opened}  # fmt: skip
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["tracking"]["run_id"] == run.info.run_id
     assert run.info.status == "FINISHED" and run.data.tags["quadnet.status"] == "completed"
     assert run.data.params["hidden_dim"] == "50" and run.data.params["data.name"] == "seed"
@@ -123,8 +125,8 @@ def test_a_batched_sweep_logs_its_results_and_its_best_jobs_up_to_the_cap(tmp_pa
     best = sorted(rows, key=lambda row: row["objective"])
     assert len(runs) == 3 and {c.data.tags["quadnet.job"] for c in children} == {str(b["job"]) for b in best[:2]}
     assert {c.data.metrics["final.objective"] for c in children} == {b["objective"] for b in best[:2]}
-    assert all(c.data.params["epochs"] == "100" and c.info.status == "FINISHED" for c in children)
-    assert "lr" not in children[0].data.params and parent.data.params["lr"] == "0.001"  # (the config they share)
+    assert all(set(c.data.params) == {"hidden_dim", "seed"} and c.info.status == "FINISHED" for c in children)
+    assert parent.data.params["lr"] == "0.001" and parent.data.params["epochs"] == "100"  # (the config they share)
     m = parent.data.metrics
     assert m["jobs"] == m["jobs_completed"] == m["jobs_written"] == 4 and m["objective/best"] == best[0]["objective"]
     wide = sorted(row["objective"] for row in rows if row["hidden_dim"] == 30)
@@ -133,6 +135,8 @@ def test_a_batched_sweep_logs_its_results_and_its_best_jobs_up_to_the_cap(tmp_pa
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["results.parquet"]
     assert f"mlflow: the sweep's run {parent.info.run_id} in experiment 'quadnet'" in r.stdout
     assert f"#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in r.stdout
+    r = run_cli(*r.args[3:], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})  # (the same sweep again: its runs afresh)
+    assert r.returncode == 0 and len(_runs(uri)) == 3, r.stderr
 
 
 def test_a_store_that_is_down_is_a_warning_and_a_note_and_the_run_is_kept(tmp_path):
