@@ -441,6 +441,7 @@ class Sweep:
                 continue
             for i, r in zip(jobs, rows, strict=True):
                 if (job := self.job(i)).cfg is not None and r["meta"] is not None:
+                    self.tracked |= job.cfg.logger == "mlflow"  # (a sweep stopped as it logged: logged at its end)
                     ck = {**json.loads(r["meta"]), "path": f"{self.dir}/{r['job']}"}
                     try:
                         checkpoint.resume_check(ck, job.cfg, job.data)

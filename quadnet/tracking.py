@@ -38,6 +38,7 @@ log = logging.getLogger("quadnet")
 STATUS = {"completed": "FINISHED", "interrupted": "KILLED", "diverged": "FAILED", "failed": "FAILED"}
 PARENT = ".mlflow"  # in a sweep dir: its parent run
 FINALS = ("final_loss", "val_loss", "test_loss", "train_accuracy", "val_accuracy", "test_accuracy", "train_seconds")
+SEND_EVERY = 1.0  # seconds at least between a live run's batches of metrics
 QUANTILES = {"best": 0.0, "q25": 0.25, "median": 0.5, "q75": 0.75}
 _state: dict[str, Any] = {}  # this process's client, experiment, and the error that stopped it
 
@@ -163,16 +164,22 @@ def start(config: dict[str, Any], run_dir: Path, sweep_dir: Path | None, history
     parent, name = _parent(sweep_dir), f"{run_dir.parent.name}/{run_dir.name}" if sweep_dir else run_dir.name
     past = [m for row in history for m in _metrics({k: row[k] for k in KEYS}, int(row["epoch"]))]
     tags = {"quadnet.run_dir": str(run_dir), "quadnet.status": "running"}
+    _state.update(points=[], sending=[], sent=0.0)  # (its metrics not yet sent, those on their way, and when)
     _state["run"] = run_id = _guard("starting a run", _create, flatten(config), name, tags, parent, past)
     if run_id is not None:
         log.info("mlflow: run %s in experiment %r at %s", run_id, _state["name"], _state["uri"])
 
 
 def point(row: dict[str, float]) -> None:
-    """A log point's metrics, to the run that is training, asynchronously (the store writes them beside it)."""
+    """A log point's metrics, to the run that is training: sent once a second at most (a call for ten thousand
+    log points would cost more than the training), asynchronously (the store writes them beside it)."""
     if (run_id := _state.get("run")) is not None:
-        metrics = _metrics({k: row[k] for k in KEYS}, int(row["epoch"]))
-        _guard("logging metrics", lambda: _client()[0].log_batch(run_id, metrics=metrics, synchronous=False))
+        _state["points"] = metrics = _state["points"] + _metrics({k: row[k] for k in KEYS}, int(row["epoch"]))
+        if time.monotonic() - _state["sent"] < SEND_EVERY and len(metrics) < 900:
+            return
+        _state.update(points=[], sent=time.monotonic())
+        sent = _guard("logging metrics", lambda: _client()[0].log_batch(run_id, metrics=metrics, synchronous=False))
+        _state["sending"].append(sent)
 
 
 def abort() -> None:
@@ -197,7 +204,6 @@ def log_run(summary: dict[str, Any], run_dir: Path, sweep_dir: Path | None) -> d
 
 
 def _finish(summary: dict[str, Any], run_dir: Path, run_id: str) -> bool:
-    import mlflow
     from mlflow.entities import RunTag
 
     client = _client()[0]
@@ -207,7 +213,10 @@ def _finish(summary: dict[str, Any], run_dir: Path, run_id: str) -> bool:
     for file in ("summary.json", "loss.png", "decision_regions.png", "confusion.png", "training.gif"):
         if (Path(run_dir) / file).is_file():  # (metrics.csv: the metrics, logged already)
             client.log_artifact(run_id, str(Path(run_dir) / file))
-    mlflow.flush_async_logging()  # (every log point's metrics in the store before the run ends)
+    for sent in _state.pop("sending", []):  # (every log point's metrics in the store before the run ends)
+        if sent is not None:
+            sent.wait()
+    _batch(run_id, _state.pop("points", []))
     client.set_terminated(run_id, STATUS.get(summary["status"], "FAILED"))
     return True
 
@@ -238,7 +247,7 @@ def _log_sweep(sweep_dir: Path, parent: str, cap: int) -> bool:
     if t is None:  # (no chunk could be read)
         return True
     objective = np.where(np.isnan(v := t["objective"].to_numpy()), np.inf, v)  # (+inf: a job that did not complete)
-    groups, varied = [("objective", np.isfinite(objective))], [k for k in swept if len(t[k].unique()) > 1]
+    groups, varied = [("objective", np.isfinite(objective))], [k for k in swept if pc.count_distinct(t[k]).as_py() > 1]
     for key in (k for k in varied if len(t[k].unique()) <= 50):  # (a value in a name: letters, digits, _ - . space)
         values = t[key].to_numpy(zero_copy_only=False)
         named = [(re.sub(r"[^\w. -]|^\.+$", "_", str(v)), v) for v in t[key].unique().to_pylist()]
@@ -256,10 +265,13 @@ def _log_sweep(sweep_dir: Path, parent: str, cap: int) -> bool:
     if len(best):  # (the sweep's params: the config its jobs share, as its best one has it)
         config = flatten(table.load(sweep_dir, best["job"][0].as_py())["config"])
         _batch(parent, [], {k: v for k, v in config.items() if k not in varied})
-    search = f"tags.mlflow.parentRunId = '{parent}'"  # (a sweep run again: its nested runs afresh)
-    for run in client.search_runs([_state["experiment"]], search, max_results=50000):
-        client.delete_run(run.info.run_id)
-    for row in best.to_pylist():  # (a nested run's params: the keys its sweep varies)
+    # (a sweep launched again, by a resume or Optuna: a nested run kept while its job is among the best as it was)
+    search, rows = f"tags.mlflow.parentRunId = '{parent}'", best.to_pylist()
+    runs = client.search_runs([_state["experiment"]], search, max_results=50000)
+    old = {(r.data.tags.get("quadnet.job"), r.data.tags.get("quadnet.status")): r.info.run_id for r in runs}
+    for key in old.keys() - {(row["job"], row["status"]) for row in rows}:
+        client.delete_run(old[key])
+    for row in (row for row in rows if (row["job"], row["status"]) not in old):  # (its params: the keys that vary)
         job_dir, finals = sweep_dir / row["job"], {k: row.get(k) for k in (*FINALS, "objective")}
         tags = {"quadnet.status": row["status"], "quadnet.job": row["job"]}
         tags |= {"quadnet.run_dir": str(job_dir.resolve())} if job_dir.is_dir() else {}

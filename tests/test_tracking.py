@@ -81,6 +81,7 @@ def test_a_run_is_in_the_store_as_it_trains(tmp_path, monkeypatch):
         return write(*args, **kwargs)
 
     monkeypatch.setattr(rundir, "write", spy)
+    monkeypatch.setattr("quadnet.tracking.SEND_EVERY", 0)  # (each log point's at once: else once a second)
     train(make_cfg("epochs=300", "log_every=100", "logger=mlflow"), run_dir=tmp_path / "r")
     assert seen == {"status": "RUNNING", "steps": [0, 100, 200, 300], "epochs": "300"}
     (run,) = _runs(uri)
