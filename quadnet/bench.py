@@ -139,7 +139,7 @@ def bench_sweep(a: argparse.Namespace) -> list[dict[str, Any]]:
         if a.mlflow:
             store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}  # (its tables made first, not timed)
             _sweep(1, "batched", d / "store", ["epochs=1", "logger=mlflow"], **store)
-            tm = _sweep(a.jobs, "batched", d / "logged", [*extra, "plots=false", "logger=mlflow"], **store)[0]
+            tm = _sweep(a.jobs, "batched", d / "logged", [*extra, "plots=false", "logger=mlflow", *alone], **store)[0]
     # (noise larger than a job: no figure rather than a negative one)
     basic, found = max((tk - t1) / (sample - 1), 0.0) or math.nan, _PHASES.findall(output)
     if not found and done == a.jobs:
