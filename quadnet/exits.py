@@ -48,8 +48,9 @@ def _handler(signum: int, frame: Any) -> None:
     if STOP.depth and (STOP.signal is None or signum != signal.SIGINT):
         STOP.signal = STOP.signal or signum
         return
-    if not STOP.commands:  # a command still importing (python -m): nothing to unwind
-        fail(STOPPED, 128 + signum)
+    if not STOP.commands:  # a command still importing (python -m): nothing to unwind, and an exception raised
+        print(f"error: {STOPPED}", file=sys.stderr, flush=True)  # inside a library's import may be swallowed by it
+        os._exit(128 + signum)  # (pyarrow's, as it imports pandas)
     raise Stopped(signum)  # outside training, or Ctrl-C twice: at once
 
 
