@@ -117,7 +117,9 @@ def read_jobs(sweep: Path, metric: str) -> tuple[Any, list[str]]:
         lost = {"job": damaged, "overrides": [""] * len(damaged), "status": ["damaged"] * len(damaged)}
         lost["error"] = ["chunk cannot be read"] * len(damaged)
         lost |= {k: pa.nulls(len(damaged), pa.float64()) for k in FIGURES}  # (every figure a float64 column)
-        t = pa.concat_tables([x for x in (t, pa.table(lost)) if x is not None], promote_options="permissive")
+        # (job as text: a damaged chunk's row is named by its file, as a job dir by its name)
+        ours = [t.set_column(t.column_names.index("job"), "job", t["job"].cast(pa.string()))] if t is not None else []
+        t = pa.concat_tables([*ours, pa.table(lost)], promote_options="permissive")
     else:
         marks = ("summary.json", ".hydra", CHECKPOINT)  # (a job that never finished has its checkpoint or Hydra's)
         if not (dirs := [p for p in sweep.iterdir() if p.is_dir() and any((p / m).exists() for m in marks)]):
@@ -151,6 +153,11 @@ def figure(t: Any, name: str, test: bool = True) -> np.ndarray:
 def label(t: Any, name: str) -> str:
     """A figure's name, and whose it is when a val_ figure is the test set's (no validation split)."""
     return name + " (the test set's)" * (name.startswith("val_") and t["val_loss"].null_count == len(t))
+
+
+def trained(t: Any) -> np.ndarray:
+    """Whether each job trained: completed, or diverged (no figures, but a result of its settings)."""
+    return pc.is_in(t["status"], pa.array(["completed", "diverged"])).to_numpy(zero_copy_only=False)
 
 
 def done(t: Any) -> np.ndarray:
@@ -195,8 +202,9 @@ def _log_scale(name: str, vals: np.ndarray) -> bool:
 def _axes(t: Any, *params: str) -> tuple[Any, list[tuple[np.ndarray, Any, str, bool]]]:
     """The jobs that trained (completed or diverged) with every param; for each param, the index of each job's
     value among its sorted distinct values, and :func:`axis_kind`'s values, kind and log."""
-    trained = pc.is_in(t["status"], pa.array(["completed", "diverged"])).to_numpy(zero_copy_only=False)
-    t = t.filter(np.logical_and.reduce([trained, *(pc.is_valid(t[p]).to_numpy(zero_copy_only=False) for p in params)]))
+    t = t.filter(
+        np.logical_and.reduce([trained(t), *(pc.is_valid(t[p]).to_numpy(zero_copy_only=False) for p in params)])
+    )
     return t, [(pc.index_in(t[p], (axis := axis_kind(p, t[p]))[0]).to_numpy(), *axis) for p in params]
 
 
@@ -270,8 +278,10 @@ def plot_heatmap(path: Path, t: Any, a: str, b: str, metric: str) -> None:
 def write_files(sweep: Path, t: Any, params: list[str], metric: str, plots: bool) -> None:
     """report.csv and the plots, and a line that names them; the first that cannot be written ends the command
     (exit 1)."""
-    completed, trained = t.filter(done(t)), t.filter(pc.is_in(t["status"], pa.array(["completed", "diverged"])))
-    varied = swept_params(trained, params) if plots and len(completed) else []  # two values among the trained jobs
+    completed = t.filter(done(t))
+    varied = (
+        swept_params(t.filter(trained(t)), params) if plots and len(completed) else []
+    )  # two values among the trained jobs
     grids = [p for p in swept_params(completed, varied) if axis_kind(p, completed[p].drop_null())[1] != "scatter"]
     # (file, writer, its arguments after the path), in order
     writes: list[tuple[str, Any, tuple[Any, ...]]] = [("report.csv", write_csv, (t, swept_params(t, params)))]

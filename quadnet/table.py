@@ -130,8 +130,8 @@ def tables(sweep: Path) -> list[Path]:
 
 
 def rows(sweep: Path) -> tuple[Any, list[str], list[str]]:
-    """Every job in the sweep's table, without its weights and meta, as one pyarrow Table (``job``
-    and ``overrides`` as text), or None when no chunk can be read; the swept keys (the columns the
+    """Every job in the sweep's table, without its weights and meta, as one pyarrow Table (``overrides``
+    as text), or None when no chunk can be read; the swept keys (the columns the
     overrides set); and the chunks that could not be read (their jobs are missing)."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -143,7 +143,6 @@ def rows(sweep: Path) -> tuple[Any, list[str], list[str]]:
     t = pa.concat_tables(ok, promote_options="permissive")
     keys = pc.unique(pc.list_element(pc.split_pattern(pc.list_flatten(t["overrides"]), "=", max_splits=1), 0))
     swept = [k for k in dict.fromkeys(k.lstrip("+~") for k in keys.to_pylist()) if k in t.column_names]
-    t = t.set_column(t.column_names.index("job"), "job", t["job"].cast(pa.string()))
     return (
         t.set_column(t.column_names.index("overrides"), "overrides", pc.binary_join(t["overrides"], " ")),
         swept,

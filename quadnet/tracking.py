@@ -258,15 +258,15 @@ def _log_sweep(sweep_dir: Path, parent: str, cap: int) -> bool:
             stats |= {f"{name}/{q}": np.quantile(v, f) for q, f in QUANTILES.items()}
     _batch(parent, _metrics(stats, len(t)))
     with tempfile.TemporaryDirectory() as tmp:  # (the rows without weights: a million jobs in ~30 MB)
-        pq.write_table(t.set_column(0, "job", t["job"].cast("int64")), Path(tmp) / "results.parquet")
+        pq.write_table(t, Path(tmp) / "results.parquet")
         client.log_artifact(parent, str(Path(tmp) / "results.parquet"))
     trained = np.flatnonzero(pc.not_equal(t["status"], "failed").to_numpy(zero_copy_only=False))
     best = t.take(trained[np.argsort(objective[trained], kind="stable")[:cap]])  # (the best first)
     if len(best):  # (the sweep's params: the config its jobs share, as its best one has it)
-        config = flatten(table.load(sweep_dir, best["job"][0].as_py())["config"])
+        config = flatten(table.load(sweep_dir, str(best["job"][0].as_py()))["config"])
         _batch(parent, [], {k: v for k, v in config.items() if k not in varied})
     # (a sweep launched again, by a resume or Optuna: a nested run kept while its job is among the best as it was)
-    search, rows = f"tags.mlflow.parentRunId = '{parent}'", best.to_pylist()
+    search, rows = f"tags.mlflow.parentRunId = '{parent}'", [r | {"job": str(r["job"])} for r in best.to_pylist()]
     runs = client.search_runs([_state["experiment"]], search, max_results=50000)
     old = {(r.data.tags.get("quadnet.job"), r.data.tags.get("quadnet.status")): r.info.run_id for r in runs}
     for key in old.keys() - {(row["job"], row["status"]) for row in rows}:
