@@ -6,9 +6,10 @@ none) and the jobs are printed, sorted by the metric (all of them up to 100, els
 Jobs that failed (with the reason their summary gives), diverged or never finished (no
 ``summary.json``) are listed; a job dir whose files are damaged is listed as damaged,
 never fatal. Writes ``report.csv`` (one column per swept parameter) and, for each parameter
-that takes two values or more among the completed jobs, ``report_<param>.png`` (the metric and
-the test accuracy against it), plus ``report_heatmap.png`` when two of them, seeds and
-continuous values aside, are swept.
+that takes two values or more among the jobs that trained (completed or diverged),
+``report_<param>.png`` (the metric and the test accuracy against it), plus ``report_heatmap.png``
+when exactly two of them, seeds and continuous values aside, take two values or more among the
+completed jobs.
 
 Exit status: 0; 2 for bad input (one ``error:`` line); 1 when report.csv or a plot could
 not be written (a read-only sweep dir, say): the table is printed all the same, followed by
