@@ -255,9 +255,8 @@ def train_here(
     for batch in todo:  # (a batch split in two is appended: its halves train in this loop too)
         starts = [dataclasses.replace(j.start, history=list(j.start.history), name=str(j.dir)) for j in batch]  # type: ignore
         try:
-            data = batch[0].data
-            save = _saver(data) if dirs else None  # (a sweep without job dirs keeps no checkpoints)
-            _done(batch, loop.train_batch(starts, data, batch[0].cfg.device, stop, save, quiet))  # type: ignore
+            save = _saver(batch[0].data) if dirs else None  # (a sweep without job dirs keeps no checkpoints)
+            _done(batch, loop.train_batch(starts, batch[0].data, batch[0].cfg.device, stop, save, quiet))  # type: ignore
         except Exception as e:
             if len(batch) > 1:
                 todo += [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
@@ -330,12 +329,11 @@ class Sweep:
     def job(self, i: int) -> Job:
         """Job i composed, and where it starts; a bad value fails the job (its error), not the sweep.
         An earlier run in its dir that it cannot go on with refuses the sweep (SweepRefused)."""
-        idx, overrides = self.first + i, list(self.overrides[i])
-        job = Job(idx, overrides, self.root / str(idx))
+        job = Job(self.first + i, list(self.overrides[i]), self.root / str(self.first + i))
         try:
-            typed = self.composer.typed(overrides) if self.composer is not None else None
+            typed = self.composer.typed(job.overrides) if self.composer is not None else None
             if typed is None:
-                job.config = self.hydra_config(idx, overrides)
+                job.config = self.hydra_config(job.idx, job.overrides)
                 job.dir = Path(job.config.hydra.runtime.output_dir)
             job.cfg = validate(job.config) if typed is None else check(typed)
             check_installed(job.cfg)
@@ -428,9 +426,7 @@ class Sweep:
         ours = [(p, first) for p in table.tables(self.dir) if 0 <= (first := int(p.stem[6:]) - self.first) < n]
         if off := [p for p, first in ours if first % self.chunk]:
             raise SweepRefused(f"{off[0]} is not a chunk of this sweep's (chunks of {self.chunk} jobs): {again}")
-        for path, first in ours:
-            if self.dirs:  # (with job dirs, each job's dir says where it starts)
-                continue
+        for path, first in [] if self.dirs else ours:  # (with job dirs, each job's dir says where it starts)
             if (t := table.read_chunk(path, [*table.ROW, "meta"])) is None:
                 log.warning("%s cannot be read: its jobs train again", path)
                 continue
@@ -445,10 +441,8 @@ class Sweep:
                     ck = {**json.loads(r["meta"]), "path": f"{self.dir}/{r['job']}"}
                     try:
                         checkpoint.resume_check(ck, job.cfg, job.data)
-                        if ck["config"]["epochs"] != job.cfg.epochs:  # (no checkpoint to go on from)
-                            raise ConfigError(
-                                f"job {r['job']} trained {ck['config']['epochs']} epochs, not {job.cfg.epochs}"
-                            )
+                        if (epochs := ck["config"]["epochs"]) != job.cfg.epochs:  # (no checkpoint to go on from)
+                            raise ConfigError(f"job {r['job']} trained {epochs} epochs, not {job.cfg.epochs}")
                     except ConfigError as e:
                         raise SweepRefused(f"{path}: {e}; {again}") from None
                 value = artifacts.summary_metric(r, job.cfg.objective) if job.cfg is not None else None
@@ -536,10 +530,9 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 [sweep.job(i) for i in range(n)]
             t0, kept = time.perf_counter(), sweep.ended_before()
             sweep.seconds["compose"] += time.perf_counter() - t0
-            for first in range(0, n, sweep.chunk):  # (a chunk trains in the helper thread as the last one is written)
+            # (a chunk trains in the helper thread as the last one is written)
+            for first in sorted(set(range(0, n, sweep.chunk)) - kept):
                 t0 = time.perf_counter()
-                if first in kept:
-                    continue
                 jobs = [sweep.job(i) for i in range(first, min(first + sweep.chunk, n))]
                 sweep.counts.update(
                     "refused" if j.start is None else j.start.status if j.start.epoch else "new" for j in jobs
@@ -557,20 +550,17 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             raise
         sweep.write(training, stop.signal)
     if sweep.tracked:  # (its results, and its best jobs as nested runs)
-        tracking.log_sweep(
-            sweep.dir, "KILLED" if stop.signal is not None else "FINISHED", launcher.options["mlflow_runs"]
-        )
-    c, ends = sweep.counts, sweep.ended
-    log.info("%d jobs (%d new, %d resumed from their checkpoints, %d completed before, %d refused)", n, c["new"],
-             c["running"], c["completed"], c["refused"])  # fmt: skip
+        tracking.log_sweep(sweep.dir, "FINISHED" if stop.signal is None else "KILLED", sweep.opts["mlflow_runs"])
+    started = (sweep.counts[k] for k in ("new", "running", "completed", "refused"))
+    log.info("%d jobs (%d new, %d resumed from their checkpoints, %d completed before, %d refused)", n, *started)
     log.info(TIMING_LINE, n, *(sweep.seconds[k] for k in ("compose", "train", "write")), time.perf_counter() - t_start)
-    ENDED.update(ends)
+    ENDED.update(sweep.ended)
     if stop.signal is not None:  # (the sweep ends here: Hydra's callbacks, which print this line, are not called)
-        console.closing_line(ENDED, sweep.dir, ENDED.total() - ends.total() + n)  # (Optuna: earlier launches too)
-        where = console.resume_sweep(sweep.dir)
+        # (the jobs of this process's launches: Optuna's earlier launches too)
+        console.closing_line(ENDED, sweep.dir, ENDED.total() - sweep.ended.total() + n)
         kept = "every job's dir written has its checkpoint" if sweep.dirs else "its table keeps every chunk that ended"
-        again = f"{kept}. Resume the sweep with:\n  {where}"
+        again = f"{kept}. Resume the sweep with:\n  {console.resume_sweep(sweep.dir)}"
         late = "after every job had trained and is written"
-        log.warning("interrupted: %s", again if ends["interrupted"] or ends.total() < n else late)
+        log.warning("interrupted: %s", again if sweep.ended["interrupted"] or sweep.ended.total() < n else late)
         sys.exit(128 + stop.signal)
     return sweep.returns
