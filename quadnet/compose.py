@@ -27,7 +27,6 @@ from quadnet.config import ConfigError, DataConfig, TrainConfig, allowed_keys, f
 _NUMBER = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)=(-?(?:0|[1-9]\d*)(\.\d+)?(?:[eE][-+]?\d+)?)")
 BOUND = 10_000  # parsed overrides and typed values kept at most (a sweep of 100,000 seeds has as many)
 _TYPES = get_type_hints(TrainConfig) | {f"data.{k}": t for k, t in get_type_hints(DataConfig).items()}
-_DATA_KEYS = [k for k in _TYPES if k.startswith("data.")]
 
 
 class Composer:
@@ -56,7 +55,7 @@ class Composer:
         if (base := self._templates[rest]) is None:
             return None
         values = base | {key: self._value(key, o.value()) for key, o in plain.items()}
-        data = DataConfig(**{k.removeprefix("data."): values.pop(k) for k in _DATA_KEYS})
+        data = DataConfig(**{k.removeprefix("data."): values.pop(k) for k in _TYPES if k.startswith("data.")})
         return TrainConfig(**values, data=data)
 
     def _parse(self, lines: list[str]) -> list[tuple[Override, bool]]:

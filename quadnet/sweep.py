@@ -446,10 +446,9 @@ class Sweep:
                     except ConfigError as e:
                         raise SweepRefused(f"{path}: {e}; {again}") from None
                 value = artifacts.summary_metric(r, job.cfg.objective) if job.cfg is not None else None
+                self.returns.value[i] = math.inf if value is None else value  # (a failed job's: its error is read)
                 if r["status"] == "failed":
                     self.returns.errors[i] = ConfigError(r["error"])
-                else:
-                    self.returns.value[i] = math.inf if value is None else value
                 self.ended[r["status"]] += 1
             self.counts["completed"] += len(rows)
             ended.add(first)
