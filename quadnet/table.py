@@ -95,13 +95,9 @@ def _typed(key: str, text: str | None) -> Any:
     """An override's text as a value of its config field's kind (a number, true/false, text); None if it is not one."""
     kind = KINDS.get(key, str)
     try:
-        return (
-            {"true": True, "false": False}[text.lower()]
-            if kind is bool
-            else kind(text)
-            if kind in (int, float)
-            else text
-        )
+        if kind is bool:
+            return {"true": True, "false": False}[text.lower()]
+        return kind(text) if kind in (int, float) else text
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
 
@@ -143,11 +139,8 @@ def rows(sweep: Path) -> tuple[Any, list[str], list[str]]:
     t = pa.concat_tables(ok, promote_options="permissive")
     keys = pc.unique(pc.list_element(pc.split_pattern(pc.list_flatten(t["overrides"]), "=", max_splits=1), 0))
     swept = [k for k in dict.fromkeys(k.lstrip("+~") for k in keys.to_pylist()) if k in t.column_names]
-    return (
-        t.set_column(t.column_names.index("overrides"), "overrides", pc.binary_join(t["overrides"], " ")),
-        swept,
-        damaged,
-    )
+    t = t.set_column(t.column_names.index("overrides"), "overrides", pc.binary_join(t["overrides"], " "))
+    return t, swept, damaged
 
 
 def _value(override: str) -> tuple[str, Any]:
@@ -170,10 +163,9 @@ def load(sweep: Path, job: str) -> dict[str, Any]:
         if (t := read_chunk(path, ["job", "overrides"])) is None:
             lost += 1
             continue
-        pairs = enumerate(zip(t["job"].to_pylist(), t["overrides"].to_pylist(), strict=True))
-        hits += [
-            (path, i, n) for i, (n, o) in pairs if (str(n) == job if job.isdigit() else wanted <= set(map(_value, o)))
-        ]
+        for i, (n, o) in enumerate(zip(t["job"].to_pylist(), t["overrides"].to_pylist(), strict=True)):
+            if str(n) == job if job.isdigit() else wanted <= set(map(_value, o)):
+                hits.append((path, i, n))
     if len(hits) != 1 or (found := read_chunk(hits[0][0])) is None:
         some = ", ".join(str(n) for *_, n in hits[:10]) + " …" * (len(hits) > 10)
         many = f"jobs {some} match" if hits else f"no such job{f' ({lost} chunks could not be read)' * bool(lost)}"
