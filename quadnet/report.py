@@ -133,9 +133,8 @@ def read_jobs(sweep: Path, metric: str) -> tuple[Any, list[str]]:
         except (ValueError, TypeError, OverflowError):
             columns[k] = pa.array([None if v is None else str(v) for v in values])
     t = pa.concat_tables([*ours, pa.table(columns)], promote_options="permissive")
-    sign = 1 if METRICS[metric] else -1
-    order = np.argsort(np.nan_to_num(sign * figure(t, metric), nan=math.inf), kind="stable")
-    return t.take(order), params
+    order = pc.array_sort_indices(figure(t, metric), order="ascending" if METRICS[metric] else "descending")
+    return t.take(order), params  # (a stable sort, NaN last either way)
 
 
 def figure(t: Any, name: str, test: bool = True) -> np.ndarray:
@@ -170,9 +169,8 @@ def write_csv(path: Path, t: Any, params: list[str]) -> None:
 
     figures = [*FIGURES[:6], "val_error", "test_error", *FIGURES[6:]]
     errors = {f: pa.array(figure(t, f, test=False), from_pandas=True) for f in figures if "error" in f}  # (NaN: null)
-    out = pa.table(
-        {k: errors[k] if k in errors else t[k] for k in ["job", *params, "overrides", "status", "error", *figures]}
-    )
+    order = ["job", *params, "overrides", "status", "error", *figures]
+    out = pa.table({k: errors[k] if k in errors else t[k] for k in order})
     atomic_write(path, lambda tmp: pyarrow.csv.write_csv(out, tmp))
 
 

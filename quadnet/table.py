@@ -54,8 +54,7 @@ def write_chunk(path: Path, jobs: list[Any], objectives: list[float | None]) -> 
     cols["epochs"] = [j.cfg.epochs if j.cfg is not None else None for j in jobs]
     cols |= {key: [f.get(key) for f in figures] for key in FIGURES}
     cols["objective"] = objectives
-    for key in ("train_seconds", "device", "engine"):
-        cols[key] = [j.ran.get(key) for j in jobs]
+    cols |= {key: [j.ran.get(key) for j in jobs] for key in ("train_seconds", "device", "engine")}
     configs = [to_dict(j.cfg) if j.cfg is not None else {} for j in jobs]
     cols["meta"] = [
         checkpoint.meta(r.state, epoch=r.epoch, config=c, status=r.status, data=j.data) if r is not None else None
@@ -79,11 +78,9 @@ def write_chunk(path: Path, jobs: list[Any], objectives: list[float | None]) -> 
     arrays = {k: pa.array(v, type=types.get(k)) for k, v in cols.items()}
     for name in PARAMS:  # (flattened float64; a failed job's are null)
         flat = [np.asarray(r.state["params"][name], np.float64).ravel() if r is not None else None for r in done]
-        sizes = np.array([0 if f is None else f.size for f in flat])
+        offsets = np.cumsum([0, *(0 if f is None else f.size for f in flat)]).astype(np.int32)
         values = np.concatenate([f for f in flat if f is not None] or [np.zeros(0)])
-        offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
-        mask = pa.array([f is None for f in flat])
-        arrays[name] = pa.ListArray.from_arrays(offsets, pa.array(values), mask=mask)
+        arrays[name] = pa.ListArray.from_arrays(offsets, values, mask=pa.array([f is None for f in flat]))
     table = pa.table(arrays)
     path.parent.mkdir(parents=True, exist_ok=True)
     # (zstd for the rest; weights hardly compress, and compressing them took most of the time)
