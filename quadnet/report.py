@@ -113,9 +113,10 @@ def read_jobs(sweep: Path, metric: str) -> tuple[Any, list[str]]:
 
     if (sweep / "summary.json").exists():
         fail(f"{str(sweep)!r} is a single run, not a sweep; its results are in its summary.json")
-    ours = []  # (the sweep's results table; a sweep of quadnet 0.5 and earlier: its job dirs)
-    if table.tables(sweep):  # (a damaged chunk: a row, named by its file, as a job dir by its name: job as text)
+    ours = []  # (the results table's readable rows; `rows`: the job dirs', or the damaged chunks')
+    if table.tables(sweep):  # (the sweep's results table; a sweep of quadnet 0.5 and earlier: its job dirs)
         t, params, damaged = table.rows(sweep)
+        # (job as text: a damaged chunk's row is named by its file, as a job dir by its name)
         ours = [t.set_column(t.column_names.index("job"), "job", t["job"].cast(pa.string()))] if t is not None else []
         lost = {"overrides": "", "params": {}, "status": "damaged", "error": "chunk cannot be read"}
         rows = [{**lost, **dict.fromkeys(FIGURES), "job": name} for name in damaged]
