@@ -108,17 +108,16 @@ def _parent(sweep_dir: Path | None) -> str | None:
 
 
 def _find_parent(sweep_dir: Path) -> str:
-    client, experiment = _client()
+    client = _client()[0]
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, RecursionError):
         kept = json.loads((sweep_dir / PARENT).read_text())
         if kept["uri"] == _state["uri"]:  # (the same store: this sweep's jobs go on under it)
             client.update_run(kept["run_id"], status="RUNNING")
             return str(kept["run_id"])
-    tags = {"quadnet.sweep_dir": str(sweep_dir.resolve()), **_versions()}
-    run = client.create_run(experiment, run_name=sweep_dir.name, tags=tags)
-    (sweep_dir / PARENT).write_text(json.dumps({"uri": _state["uri"], "run_id": run.info.run_id}) + "\n")
-    log.info("mlflow: the sweep's run %s in experiment %r at %s", run.info.run_id, _state["name"], _state["uri"])
-    return run.info.run_id
+    run_id = _create({}, sweep_dir.name, {"quadnet.sweep_dir": str(sweep_dir.resolve())}, None, [])
+    (sweep_dir / PARENT).write_text(json.dumps({"uri": _state["uri"], "run_id": run_id}) + "\n")
+    log.info("mlflow: the sweep's run %s in experiment %r at %s", run_id, _state["name"], _state["uri"])
+    return run_id
 
 
 def end(sweep_dir: Path, status: str) -> None:
