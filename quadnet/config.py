@@ -7,8 +7,6 @@ checks the ranges and choices in :data:`RULES` and returns a typed :class:`Train
 The comment after each field is also its ``--help`` text.
 """
 
-from __future__ import annotations
-
 import difflib
 import importlib.util
 import inspect
@@ -19,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -211,10 +209,10 @@ def one_line(ex: BaseException) -> str:
         if key in allowed_keys():  # a key of quadnet's that has no value: deleted with ~key
             return f"'{key}' has no value (deleted with ~{key}?): every key needs one, its default or yours"
         return unknown_key(key, allowed_keys())
-    # a value of the wrong type for one of quadnet's keys (the annotations are strings: "int", "str | None")
+    # a value of the wrong type for one of quadnet's keys (its type; of a `str | None`, the str)
     types = {f.name: f.type for f in fields(TrainConfig)} | {f"data.{f.name}": f.type for f in fields(DataConfig)}
-    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
-    if isinstance(err, ValidationError) and (kind := words.get(str(types.get(key, "")).split(" |")[0])):
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if isinstance(err, ValidationError) and (kind := words.get([*get_args(t := types.get(key)), t][0])):
         return f"{key}={getattr(err, 'value', None)!r} is not allowed: must be {kind}"
     if err is not ex:  # OmegaConf's, in Hydra's: its first line and key
         first = str(err.msg if hasattr(err, "msg") else err).splitlines()[0]

@@ -75,13 +75,6 @@ def quadrant_class(points: np.ndarray) -> np.ndarray:
     return np.where((x == 0) | (y == 0), -1, cls).astype(np.int64)
 
 
-def _sample(rng: np.random.Generator, n: int, extent: float, margin: float) -> np.ndarray:
-    """n points uniform in the square [-extent, extent]² minus the band |x|<margin or |y|<margin."""
-    pts = rng.uniform(margin, extent, size=(n, 2)) * rng.choice(np.array([-1.0, 1.0]), size=(n, 2))  # magnitude, sign
-    # margin=0 can still (with probability ~0) give an exact zero; nudge it off the axis.
-    return np.where(pts == 0, np.finfo(np.float64).tiny, pts)
-
-
 def _number(text: str) -> float | None:
     try:
         return float(text)
@@ -170,7 +163,10 @@ def make_dataset(cfg: DataConfig) -> Dataset:
     rng = np.random.default_rng(cfg.seed)
     if cfg.name == "sampled":  # (the validation points are drawn last, so train and test are as before)
         sizes = (cfg.n_train, cfg.n_test, round(cfg.val_fraction * cfg.n_train))
-        x_train, x_test, x_val = (_sample(rng, n, cfg.extent, cfg.margin) for n in sizes)
+        # uniform in [-extent, extent]² minus the band |x|<margin or |y|<margin: a magnitude, then a sign
+        draws = [rng.uniform(cfg.margin, cfg.extent, (n, 2)) * rng.choice(np.array([-1.0, 1.0]), (n, 2)) for n in sizes]
+        # margin=0 can still (with probability ~0) give an exact zero; nudge it off the axis.
+        x_train, x_test, x_val = (np.where(x == 0, np.finfo(np.float64).tiny, x) for x in draws)
         ys = [quadrant_class(x) for x in (x_train, x_test, x_val)]
         data = Dataset(x_train, ys[0], x_test, ys[1], config=cfg, x_val=x_val, y_val=ys[2])
         return _standardized(data) if cfg.standardize else data

@@ -129,14 +129,8 @@ def fit(
     bar(0, 0, epoch, close=True)
 
 
-def train_batch(
-    jobs: list[Job],
-    data: Any,
-    device: str,
-    stop: Callable[[], bool] = lambda: False,
-    save: Any = None,
-    quiet: bool = False,
-) -> Any:
+def train_batch(jobs: list[Job], data: Any, device: str, stop: Callable[[], bool] = lambda: False,
+                save: Any = None, quiet: bool = False) -> Any:  # fmt: skip
     """Jobs of one group, on their data, through :func:`fit` on a device (its name, as config's ``device`` says it):
     the device as summaries record it, the engine's name, the jobs and the seconds; or, for a device
     that is not there, the ConfigError itself (what a submitit job runs where it lands; the error
@@ -160,9 +154,8 @@ def train_batch(
 
 def progress(jobs: list[Job], start: int) -> Callable[..., None]:
     """A tqdm bar on a terminal (or as `progress=` says); else about ten plain lines a run."""
-    c0, total = jobs[0].cfg, max(j.cfg.epochs for j in jobs)
-    every = log_every(c0)
-    if (show := c0.progress) is None:  # a terminal that says how wide it is (`script -qc` says 0, or nothing)
+    every, total = log_every(jobs[0].cfg), max(j.cfg.epochs for j in jobs)
+    if (show := jobs[0].cfg.progress) is None:  # a terminal that says how wide it is (`script -qc` says 0, or nothing)
         with contextlib.suppress(OSError, ValueError):
             show = sys.stderr.isatty() and os.get_terminal_size(sys.stderr.fileno()).columns > 0
     what = f"{len(jobs)} jobs" if len(jobs) > 1 else "epoch"

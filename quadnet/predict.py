@@ -20,8 +20,6 @@ s·(W2ᵀ relu(W1ᵀ(x/s) + b1/s) + b2/s) exactly for any s > 0; a point beyond 
 s = max |x_i|, and the softmax takes exp(s·(z − max z)), so no logit overflows.
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import json

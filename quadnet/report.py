@@ -113,31 +113,29 @@ def read_jobs(sweep: Path, metric: str) -> tuple[Any, list[str]]:
 
     if (sweep / "summary.json").exists():
         fail(f"{str(sweep)!r} is a single run, not a sweep; its results are in its summary.json")
+    ours = []  # (the results table's readable rows; `rows`: the job dirs', or the damaged chunks')
     if table.tables(sweep):  # (the sweep's results table; a sweep of quadnet 0.5 and earlier: its job dirs)
         t, params, damaged = table.rows(sweep)
-        lost = {"job": damaged, "overrides": [""] * len(damaged), "status": ["damaged"] * len(damaged)}
-        lost["error"] = ["chunk cannot be read"] * len(damaged)
-        lost |= {k: pa.nulls(len(damaged), pa.float64()) for k in FIGURES}  # (every figure a float64 column)
         # (job as text: a damaged chunk's row is named by its file, as a job dir by its name)
         ours = [t.set_column(t.column_names.index("job"), "job", t["job"].cast(pa.string()))] if t is not None else []
-        t = pa.concat_tables([*ours, pa.table(lost)], promote_options="permissive")
+        lost = {"overrides": "", "params": {}, "status": "damaged", "error": "chunk cannot be read"}
+        rows = [{**lost, **dict.fromkeys(FIGURES), "job": name} for name in damaged]
     else:
         marks = ("summary.json", ".hydra", CHECKPOINT)  # (a job that never finished has its checkpoint or Hydra's)
         if not (dirs := [p for p in sweep.iterdir() if p.is_dir() and any((p / m).exists() for m in marks)]):
             fail(f"{str(sweep)!r} holds no job dirs (no */summary.json) and no results table (no results/*.parquet)")
         rows = [read_job(d) for d in sorted(dirs, key=lambda p: (len(p.name), p.name))]
         params = [k for k in dict.fromkeys(k for r in rows for k in r["params"]) if k not in ROW]  # (+status=…)
-        columns = {k: pa.array([r[k] for r in rows], pa.float64() if k in FIGURES else pa.string()) for k in ROW}
-        for k in params:  # (a key whose values are of kinds no one column holds: as text)
-            values = [r["params"].get(k) for r in rows]
-            try:
-                columns[k] = pa.array(values)
-            except (ValueError, TypeError, OverflowError):
-                columns[k] = pa.array([None if v is None else str(v) for v in values])
-        t = pa.table(columns)
-    sign = 1 if METRICS[metric] else -1
-    order = np.argsort(np.nan_to_num(sign * figure(t, metric), nan=math.inf), kind="stable")
-    return t.take(order), params
+    columns = {k: pa.array([r[k] for r in rows], pa.float64() if k in FIGURES else pa.string()) for k in ROW}
+    for k in params:  # (a key whose values are of kinds no one column holds: as text)
+        values = [r["params"].get(k) for r in rows]
+        try:
+            columns[k] = pa.array(values)
+        except (ValueError, TypeError, OverflowError):
+            columns[k] = pa.array([None if v is None else str(v) for v in values])
+    t = pa.concat_tables([*ours, pa.table(columns)], promote_options="permissive")
+    order = pc.array_sort_indices(figure(t, metric), order="ascending" if METRICS[metric] else "descending")
+    return t.take(order), params  # (a stable sort, NaN last either way)
 
 
 def figure(t: Any, name: str, test: bool = True) -> np.ndarray:
@@ -156,14 +154,10 @@ def label(t: Any, name: str) -> str:
     return name + " (the test set's)" * (name.startswith("val_") and t["val_loss"].null_count == len(t))
 
 
-def trained(t: Any) -> np.ndarray:
-    """Whether each job trained: completed, or diverged (no figures, but a result of its settings)."""
-    return pc.is_in(t["status"], pa.array(["completed", "diverged"])).to_numpy(zero_copy_only=False)
-
-
-def done(t: Any) -> np.ndarray:
-
-    return pc.fill_null(pc.equal(t["status"], "completed"), False).to_numpy(zero_copy_only=False)
+def done(t: Any, *also: str) -> np.ndarray:
+    """Whether each job completed, or ended as one of also ("diverged": the jobs that trained, no figures but a
+    result of their settings)."""
+    return pc.is_in(t["status"], pa.array(["completed", *also])).to_numpy(zero_copy_only=False)
 
 
 def swept_params(t: Any, params: list[str]) -> list[str]:
@@ -176,9 +170,8 @@ def write_csv(path: Path, t: Any, params: list[str]) -> None:
 
     figures = [*FIGURES[:6], "val_error", "test_error", *FIGURES[6:]]
     errors = {f: pa.array(figure(t, f, test=False), from_pandas=True) for f in figures if "error" in f}  # (NaN: null)
-    out = pa.table(
-        {k: errors[k] if k in errors else t[k] for k in ["job", *params, "overrides", "status", "error", *figures]}
-    )
+    order = ["job", *params, "overrides", "status", "error", *figures]
+    out = pa.table({k: errors[k] if k in errors else t[k] for k in order})
     atomic_write(path, lambda tmp: pyarrow.csv.write_csv(out, tmp))
 
 
@@ -203,9 +196,8 @@ def _log_scale(name: str, vals: np.ndarray) -> bool:
 def _axes(t: Any, *params: str) -> tuple[Any, list[tuple[np.ndarray, Any, str, bool]]]:
     """The jobs that trained (completed or diverged) with every param; for each param, the index of each job's
     value among its sorted distinct values, and :func:`axis_kind`'s values, kind and log."""
-    t = t.filter(
-        np.logical_and.reduce([trained(t), *(pc.is_valid(t[p]).to_numpy(zero_copy_only=False) for p in params)])
-    )
+    keep = [done(t, "diverged"), *(pc.is_valid(t[p]).to_numpy(zero_copy_only=False) for p in params)]
+    t = t.filter(np.logical_and.reduce(keep))
     return t, [(pc.index_in(t[p], (axis := axis_kind(p, t[p]))[0]).to_numpy(), *axis) for p in params]
 
 
@@ -224,9 +216,8 @@ def plot_param(path: Path, t: Any, param: str, metric: str, varied: list[str]) -
             groups = [v[ok & (idx == i)] for i in range(len(xs))] if kind != "scatter" else []
             if groups:  # (the median beneath the jobs' dots, hollow, so that none hides under it)
                 # (median, 16th and 84th percentiles; NaN for none)
-                centre, low, high = np.array(
-                    [np.percentile(g, [50, 16, 84]) if g.size else [math.nan] * 3 for g in groups]
-                ).T
+                stats = [np.percentile(g, [50, 16, 84]) if g.size else [math.nan] * 3 for g in groups]
+                centre, low, high = np.array(stats).T
                 if kind == "grid":
                     ax.plot(at, centre, marker="o", mfc="none", color="tab:red", label="median", zorder=2)
                     ax.fill_between(at, low, high, color="tab:red", alpha=0.15, label="16–84% of jobs")
@@ -259,10 +250,8 @@ def plot_param(path: Path, t: Any, param: str, metric: str, varied: list[str]) -
 def plot_heatmap(path: Path, t: Any, a: str, b: str, metric: str) -> None:
     t, [(ia, xa, *_), (ib, xb, *_)] = _axes(t, a, b)
     v = figure(t, metric)
-    cell = lambda i, j: v[(ia == i) & (ib == j) & ~np.isnan(v)]  # noqa: E731
-    grid = np.array(
-        [[np.median(c) if (c := cell(i, j)).size else math.nan for i in range(len(xa))] for j in range(len(xb))]
-    )
+    cells = [[v[(ia == i) & (ib == j) & ~np.isnan(v)] for i in range(len(xa))] for j in range(len(xb))]
+    grid = np.array([[np.median(c) if c.size else math.nan for c in row] for row in cells])
     norm = "log" if _log_scale(metric, v[~np.isnan(v)]) else None
     with figure_file(path, figsize=(1.2 * len(xa) + 3.5, 0.8 * len(xb) + 2.5)) as (fig, ax):
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", norm=norm)
@@ -280,9 +269,8 @@ def write_files(sweep: Path, t: Any, params: list[str], metric: str, plots: bool
     """report.csv and the plots, and a line that names them; the first that cannot be written ends the command
     (exit 1)."""
     completed = t.filter(done(t))
-    varied = (
-        swept_params(t.filter(trained(t)), params) if plots and len(completed) else []
-    )  # two values among the trained jobs
+    # two values among the trained jobs
+    varied = swept_params(t.filter(done(t, "diverged")), params) if plots and len(completed) else []
     grids = [p for p in swept_params(completed, varied) if axis_kind(p, completed[p].drop_null())[1] != "scatter"]
     # (file, writer, its arguments after the path), in order
     writes: list[tuple[str, Any, tuple[Any, ...]]] = [("report.csv", write_csv, (t, swept_params(t, params)))]

@@ -104,15 +104,13 @@ def write(run_dir: Path, job: Job, data: Dataset, ran: dict[str, Any], stop_sign
     cfg, run_dir = job.cfg, Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     artifacts.remove_stale(run_dir)
-    params = job.state["params"]
     opt = "" if cfg.optimizer == "sgd" else f" {cfg.optimizer}"  # the plots' title:
     title = f"hidden_dim={cfg.hidden_dim}{opt} lr={cfg.lr:g} reg={cfg.reg:g} seed={cfg.seed} · {job.epoch} epochs"
     summary = {"status": job.status, "epoch": job.epoch, "epochs": cfg.epochs, **artifacts.final_figures(job.history)}
-    summary |= ran
     stopped = signal.Signals(stop_signal).name if job.status == "interrupted" and stop_signal else None
-    summary |= {"dtype": cfg.dtype, "run_dir": str(run_dir.resolve()), "signal": stopped}
+    summary |= ran | {"dtype": cfg.dtype, "run_dir": str(run_dir.resolve()), "signal": stopped}
     summary |= {"versions": artifacts.versions(), "classes": list(data.classes), "data_sha256": data.digest}
-    summary |= classifier_figures(data, params) | {"config": to_dict(cfg)}
+    summary |= classifier_figures(data, job.state["params"]) | {"config": to_dict(cfg)}
     checkpoint.save(run_dir / checkpoint.CHECKPOINT, checkpoint.of(job, job.status, data))
     artifacts.write_metrics(run_dir / "metrics.csv", job.history)
     artifacts.write_json(run_dir / "summary.json", summary)
@@ -129,7 +127,7 @@ def write(run_dir: Path, job: Job, data: Dataset, ran: dict[str, Any], stop_sign
             if job.status != "diverged":
                 plots.plot_confusion(run_dir / "confusion.png", np.array(summary["confusion"]["counts"]), data, title)
             if job.status != "diverged" and data.x_train.shape[1] >= 2:  # (a plane: 2 features, or 2 components)
-                plots.plot_regions(run_dir / "decision_regions.png", params, data, title)
+                plots.plot_regions(run_dir / "decision_regions.png", job.state["params"], data, title)
         if cfg.animate and job.frames and job.status != "diverged" and data.x_train.shape[1] >= 2:
             plots.animate(run_dir / "training.gif", job.frames, job.history, data, title)
     except Exception as e:

@@ -54,8 +54,7 @@ def write_chunk(path: Path, jobs: list[Any], objectives: list[float | None]) -> 
     cols["epochs"] = [j.cfg.epochs if j.cfg is not None else None for j in jobs]
     cols |= {key: [f.get(key) for f in figures] for key in FIGURES}
     cols["objective"] = objectives
-    for key in ("train_seconds", "device", "engine"):
-        cols[key] = [j.ran.get(key) for j in jobs]
+    cols |= {key: [j.ran.get(key) for j in jobs] for key in ("train_seconds", "device", "engine")}
     configs = [to_dict(j.cfg) if j.cfg is not None else {} for j in jobs]
     cols["meta"] = [
         checkpoint.meta(r.state, epoch=r.epoch, config=c, status=r.status, data=j.data) if r is not None else None
@@ -79,11 +78,9 @@ def write_chunk(path: Path, jobs: list[Any], objectives: list[float | None]) -> 
     arrays = {k: pa.array(v, type=types.get(k)) for k, v in cols.items()}
     for name in PARAMS:  # (flattened float64; a failed job's are null)
         flat = [np.asarray(r.state["params"][name], np.float64).ravel() if r is not None else None for r in done]
-        sizes = np.array([0 if f is None else f.size for f in flat])
+        offsets = np.cumsum([0, *(0 if f is None else f.size for f in flat)]).astype(np.int32)
         values = np.concatenate([f for f in flat if f is not None] or [np.zeros(0)])
-        offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
-        mask = pa.array([f is None for f in flat])
-        arrays[name] = pa.ListArray.from_arrays(offsets, pa.array(values), mask=mask)
+        arrays[name] = pa.ListArray.from_arrays(offsets, values, mask=pa.array([f is None for f in flat]))
     table = pa.table(arrays)
     path.parent.mkdir(parents=True, exist_ok=True)
     # (zstd for the rest; weights hardly compress, and compressing them took most of the time)
@@ -95,13 +92,9 @@ def _typed(key: str, text: str | None) -> Any:
     """An override's text as a value of its config field's kind (a number, true/false, text); None if it is not one."""
     kind = KINDS.get(key, str)
     try:
-        return (
-            {"true": True, "false": False}[text.lower()]
-            if kind is bool
-            else kind(text)
-            if kind in (int, float)
-            else text
-        )
+        if kind is bool:
+            return {"true": True, "false": False}[text.lower()]
+        return kind(text) if kind in (int, float) else text
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
 
@@ -143,11 +136,8 @@ def rows(sweep: Path) -> tuple[Any, list[str], list[str]]:
     t = pa.concat_tables(ok, promote_options="permissive")
     keys = pc.unique(pc.list_element(pc.split_pattern(pc.list_flatten(t["overrides"]), "=", max_splits=1), 0))
     swept = [k for k in dict.fromkeys(k.lstrip("+~") for k in keys.to_pylist()) if k in t.column_names]
-    return (
-        t.set_column(t.column_names.index("overrides"), "overrides", pc.binary_join(t["overrides"], " ")),
-        swept,
-        damaged,
-    )
+    t = t.set_column(t.column_names.index("overrides"), "overrides", pc.binary_join(t["overrides"], " "))
+    return t, swept, damaged
 
 
 def _value(override: str) -> tuple[str, Any]:
@@ -170,10 +160,9 @@ def load(sweep: Path, job: str) -> dict[str, Any]:
         if (t := read_chunk(path, ["job", "overrides"])) is None:
             lost += 1
             continue
-        pairs = enumerate(zip(t["job"].to_pylist(), t["overrides"].to_pylist(), strict=True))
-        hits += [
-            (path, i, n) for i, (n, o) in pairs if (str(n) == job if job.isdigit() else wanted <= set(map(_value, o)))
-        ]
+        for i, (n, o) in enumerate(zip(t["job"].to_pylist(), t["overrides"].to_pylist(), strict=True)):
+            if str(n) == job if job.isdigit() else wanted <= set(map(_value, o)):
+                hits.append((path, i, n))
     if len(hits) != 1 or (found := read_chunk(hits[0][0])) is None:
         some = ", ".join(str(n) for *_, n in hits[:10]) + " …" * (len(hits) > 10)
         many = f"jobs {some} match" if hits else f"no such job{f' ({lost} chunks could not be read)' * bool(lost)}"

@@ -108,17 +108,16 @@ def _parent(sweep_dir: Path | None) -> str | None:
 
 
 def _find_parent(sweep_dir: Path) -> str:
-    client, experiment = _client()
+    client = _client()[0]
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError, RecursionError):
         kept = json.loads((sweep_dir / PARENT).read_text())
         if kept["uri"] == _state["uri"]:  # (the same store: this sweep's jobs go on under it)
             client.update_run(kept["run_id"], status="RUNNING")
             return str(kept["run_id"])
-    tags = {"quadnet.sweep_dir": str(sweep_dir.resolve()), **_versions()}
-    run = client.create_run(experiment, run_name=sweep_dir.name, tags=tags)
-    (sweep_dir / PARENT).write_text(json.dumps({"uri": _state["uri"], "run_id": run.info.run_id}) + "\n")
-    log.info("mlflow: the sweep's run %s in experiment %r at %s", run.info.run_id, _state["name"], _state["uri"])
-    return run.info.run_id
+    run_id = _create({}, sweep_dir.name, {"quadnet.sweep_dir": str(sweep_dir.resolve())}, None, [])
+    (sweep_dir / PARENT).write_text(json.dumps({"uri": _state["uri"], "run_id": run_id}) + "\n")
+    log.info("mlflow: the sweep's run %s in experiment %r at %s", run_id, _state["name"], _state["uri"])
+    return run_id
 
 
 def end(sweep_dir: Path, status: str) -> None:
@@ -135,10 +134,8 @@ def _metrics(values: dict[str, Any], step: int, prefix: str = "") -> list[Any]:
     """MLflow metrics of the numbers among values (NaN, ±inf and None left out)."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    return [
-        Metric(prefix + k, v, now, step) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)
-    ]
+    now, finite = int(time.time() * 1000), {k: v for k, v in values.items() if isinstance(v, int | float)}
+    return [Metric(prefix + k, v, now, step) for k, v in finite.items() if math.isfinite(v)]
 
 
 def _create(params: dict[str, Any], name: str, tags: dict[str, str], parent: str | None, metrics: list[Any]) -> str:
@@ -151,11 +148,11 @@ def _create(params: dict[str, Any], name: str, tags: dict[str, str], parent: str
 
 
 def _batch(run_id: str, metrics: list[Any], params: dict[str, Any] | None = None) -> None:
+    """log_batch with params as the config has them (None: null); MLflow splits what is over its 1,000 a call."""
     from mlflow.entities import Param
 
     values = [Param(k, "null" if v is None else str(v)) for k, v in (params or {}).items()]
-    for i in range(0, max(len(metrics), 1), 900):  # (MLflow takes 1,000 entities a call; the params, ~40, first)
-        _client()[0].log_batch(run_id, metrics=metrics[i : i + 900], params=[] if i else values)
+    _client()[0].log_batch(run_id, metrics=metrics, params=values)
 
 
 def start(config: dict[str, Any], run_dir: Path, sweep_dir: Path | None, history: list[dict[str, float]]) -> None:
@@ -203,22 +200,19 @@ def log_run(summary: dict[str, Any], run_dir: Path, sweep_dir: Path | None) -> d
     return note | {"parent_run_id": parent_id, "open": where(run_id)}
 
 
-def _finish(summary: dict[str, Any], run_dir: Path, run_id: str) -> bool:
+def _finish(summary: dict[str, Any], run_dir: Path, run_id: str) -> None:
     from mlflow.entities import RunTag
 
     client = _client()[0]
+    for sent in filter(None, _state.pop("sending", [])):  # (every log point's metrics in the store before the run ends)
+        sent.wait()
     tags = [RunTag(f"quadnet.{k}", str(summary[k])) for k in ("status", "engine", "device", "error") if summary.get(k)]
-    finals = {k: summary.get(k) for k in FINALS}
-    client.log_batch(run_id, metrics=_metrics(finals, int(summary.get("epoch") or 0), "final."), tags=tags)
+    finals = _metrics({k: summary.get(k) for k in FINALS}, int(summary.get("epoch") or 0), "final.")
+    client.log_batch(run_id, metrics=_state.pop("points", []) + finals, tags=tags)
     for file in ("summary.json", "loss.png", "decision_regions.png", "confusion.png", "training.gif"):
         if (Path(run_dir) / file).is_file():  # (metrics.csv: the metrics, logged already)
             client.log_artifact(run_id, str(Path(run_dir) / file))
-    for sent in _state.pop("sending", []):  # (every log point's metrics in the store before the run ends)
-        if sent is not None:
-            sent.wait()
-    _batch(run_id, _state.pop("points", []))
     client.set_terminated(run_id, STATUS.get(summary["status"], "FAILED"))
-    return True
 
 
 def progress(sweep_dir: Path, written: int, best: float | None) -> None:
