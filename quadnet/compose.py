@@ -13,20 +13,19 @@ of each job as cheap. The tests compare its configs with Hydra's on mixed sweeps
 
 import functools
 import re
-from typing import Any, get_args, get_type_hints
+from typing import Any, get_args
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType, ValueType
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from quadnet.config import ConfigError, DataConfig, TrainConfig, allowed_keys, flatten, one_line
+from quadnet.config import TYPES, ConfigError, DataConfig, TrainConfig, allowed_keys, flatten, one_line
 
 # "key=number" in the forms Python reads exactly as Hydra's grammar does ("007" is a string to Hydra,
 # "1_000" is 1000: those and everything else go to Hydra's parser)
 _NUMBER = re.compile(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)=(-?(?:0|[1-9]\d*)(\.\d+)?(?:[eE][-+]?\d+)?)")
 BOUND = 10_000  # parsed overrides and typed values kept at most (a sweep of 100,000 seeds has as many)
-_TYPES = get_type_hints(TrainConfig) | {f"data.{k}": t for k, t in get_type_hints(DataConfig).items()}
 
 
 class Composer:
@@ -55,7 +54,7 @@ class Composer:
         if (base := self._templates[rest]) is None:
             return None
         values = base | {key: self._value(key, o.value()) for key, o in plain.items()}
-        data = DataConfig(**{k.removeprefix("data."): values.pop(k) for k in _TYPES if k.startswith("data.")})
+        data = DataConfig(**{k.removeprefix("data."): values.pop(k) for k in TYPES if k.startswith("data.")})
         return TrainConfig(**values, data=data)
 
     def _parse(self, lines: list[str]) -> list[tuple[Override, bool]]:
@@ -80,7 +79,7 @@ class Composer:
 
     def _value(self, key: str, value: Any) -> Any:
         """A value as OmegaConf types it for its key (lr=1 is 1.0, seed='3' is 3)."""
-        kinds = get_args(_TYPES[key]) or (_TYPES[key],)  # (int | None: int and NoneType)
+        kinds = get_args(TYPES[key]) or (TYPES[key],)  # (int | None: int and NoneType)
         if type(value) in kinds and value != "???":  # ("???" is OmegaConf's missing value)
             return value
         if float in kinds and type(value) is int and abs(value) < 2**53:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, get_type_hints
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -81,6 +81,10 @@ class TrainConfig:
     logger: str = "none"  # none | tensorboard | mlflow (the [tensorboard] or [mlflow] extra)
     objective: str = "val_loss"  # what a sweep minimises: val_loss | val_error | test_loss | test_error | final_loss
     data: DataConfig = field(default_factory=DataConfig)
+
+
+# each key's type, dotted as an override names it (data.path)
+TYPES = get_type_hints(TrainConfig) | {f"data.{k}": t for k, t in get_type_hints(DataConfig).items()}
 
 
 def _choice(*allowed: str) -> tuple[Callable[[Any], bool], str]:

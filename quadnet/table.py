@@ -16,22 +16,20 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, get_args
 
 import numpy as np
 
 from quadnet import checkpoint
 from quadnet.artifacts import atomic_write, final_figures
-from quadnet.config import DataConfig, TrainConfig, flatten, to_dict
+from quadnet.config import TYPES, flatten, to_dict
 from quadnet.engines import METRICS
-from quadnet.model import shapes
+from quadnet.model import PARAMS, shapes
 
 RESULTS = "results"
-HINTS = get_type_hints(TrainConfig) | {f"data.{k}": t for k, t in get_type_hints(DataConfig).items()}
-KINDS = {k: next((a for a in get_args(t) if a is not type(None)), t) for k, t in HINTS.items()}  # (int | None: int)
+KINDS = {k: next((a for a in get_args(t) if a is not type(None)), t) for k, t in TYPES.items()}  # (int | None: int)
 FIGURES = ("final_loss", *METRICS[1:])
 ROW = ["job", "overrides", "status", "error", *FIGURES]  # what a resume reads of a job's row
-PARAMS = ("W1", "b1", "W2", "b2")
 
 
 def chunk_path(sweep: Path, first: int) -> Path:

@@ -25,8 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 from conftest import make_cfg
 from quadnet import checkpoint, optim
 from quadnet.artifacts import METRIC_FIELDS, write_metrics
-from quadnet.compose import _TYPES, Composer
-from quadnet.config import ConfigError, TrainConfig, to_dict
+from quadnet.compose import Composer
+from quadnet.config import TYPES, ConfigError, TrainConfig, to_dict
 from quadnet.data import make_dataset, read_csv
 from quadnet.model import initial_params
 from quadnet.predict import InputError, parse_args, parse_point, read_points
@@ -289,7 +289,7 @@ def omegaconf_types(key: str, value: object) -> object:
 
 
 @FEW
-@given(key=st.sampled_from(sorted(_TYPES)), value=values)
+@given(key=st.sampled_from(sorted(TYPES)), value=values)
 @example(key="seed", value="???")
 @example(key="data.path", value="???")
 @example(key="lr", value=10**400)
