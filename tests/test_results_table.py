@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,6 +109,24 @@ def test_kill_9_of_a_sweep_without_job_dirs_then_the_same_command_completes_it_a
     assert len(a) == 64 and (a.status == "completed").all()
     for k in ("W1", "b1", "W2", "b2"):
         assert all(np.array_equal(x, y) for x, y in zip(a[k], b[k], strict=True)), k
+
+
+def test_a_sweep_stopped_before_its_last_chunks_counts_the_jobs_it_did_not_start(tmp_path):
+    """Its closing line adds up to the sweep's jobs: the chunks it never reached are "not started"."""
+    args = ["hydra/launcher=batched", "seed=range(64)", "epochs=20000", "plots=false", TABLE_ONLY,
+            "hydra.launcher.max_batch=16"]  # fmt: skip
+    cmd = [sys.executable, "-m", "quadnet.train", "-m", *args, f"hydra.sweep.dir={tmp_path}/s"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not table.tables(tmp_path / "s") and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    (line,) = [t for t in out.splitlines() if "64 jobs: " in t]
+    counts = dict((w, int(n)) for n, w in re.findall(r"(\d+) (completed|interrupted|not started)", line))
+    assert sum(counts.values()) == 64 and counts["completed"] == 16 * len(table.tables(tmp_path / "s")), line
+    assert counts["not started"] > 0, line
 
 
 def test_report_predict_and_load_read_a_sweep_without_job_dirs(tmp_path):
