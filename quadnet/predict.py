@@ -107,7 +107,8 @@ def newest_run(root: Path = Path("outputs")) -> Path:
     for ck in sorted(runs, key=lambda m: m.stat().st_mtime, reverse=True):
         if status_of(ck.parent / "summary.json") == "completed":
             return ck.parent
-    raise InputError(f"no completed run under {str(root)!r} (no */{CHECKPOINT}); train one, or give a run dir first")
+    why = f"no completed run under {str(root)!r} (no */{CHECKPOINT})"
+    raise InputError(f"{why}; train one, or give a run dir or a sweep's job (SWEEP/N) first")
 
 
 def parse_point(text: str, where: str) -> tuple[float, ...]:

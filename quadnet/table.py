@@ -153,7 +153,7 @@ def load(sweep: Path, job: str) -> dict[str, Any]:
     (one line) else. A chunk that cannot be read is passed over."""
     where, wanted, hits, lost = f"{str(sweep)!r} job {job}", {_value(o) for o in job.split()}, [], 0
     if not tables(sweep):
-        raise checkpoint.CheckpointError(f"{str(sweep)!r} holds no results table ({RESULTS}/*.parquet)")
+        raise checkpoint.CheckpointError(f"{where}: no results table ({RESULTS}/*.parquet); give its dir, SWEEP/N")
     for path in tables(sweep):
         if (t := read_chunk(path, ["job", "overrides"])) is None:
             lost += 1
