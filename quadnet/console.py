@@ -106,10 +106,10 @@ def resume_sweep(sweep_dir: Path) -> str:
 
 
 def closing_line(ends: Counter[str], sweep_dir: Path, jobs: int | None = None) -> None:
-    """A sweep's last line: how its jobs ended (of `jobs`, those written; the rest: not started), and the command
-    that reports on them."""
+    """A sweep's last line: how its jobs ended (of `jobs`, those written; the rest: not reached, by a sweep stopped
+    before its last chunks: they may hold what an earlier run of it wrote), and the command that reports on them."""
     total = jobs or sum(ends.values())
-    ends = ends + Counter({"not started": total - sum(ends.values())})  # (a sweep stopped before its last chunks)
+    ends = ends + Counter({"not reached": total - sum(ends.values())})
     outcome = ", ".join(f"{n} {s}" for s, n in sorted(ends.items()) if n) or "none written"
     where = shlex.quote(str(Path(sweep_dir).absolute()))
     log.info("%d jobs: %s; report: python -m quadnet.report %s", total, outcome, where)

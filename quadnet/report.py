@@ -127,7 +127,7 @@ def read_jobs(sweep: Path, metric: str) -> tuple[Any, list[str]]:
         rows = [read_job(d) for d in sorted(dirs, key=lambda p: (len(p.name), p.name))]
         params = [k for k in dict.fromkeys(k for r in rows for k in r["params"]) if k not in ROW]  # (+status=…)
     columns = {k: pa.array([r[k] for r in rows], pa.float64() if k in FIGURES else pa.string()) for k in ROW}
-    for k in params:  # (a key whose values are of kinds no one column holds: as text)
+    for k in [k for k in params if k not in ROW]:  # (+status=…: not over the column; kinds no column holds: text)
         values = [r["params"].get(k) for r in rows]
         try:
             columns[k] = pa.array(values)

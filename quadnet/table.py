@@ -13,6 +13,7 @@ read or written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -127,9 +128,16 @@ def rows(sweep: Path) -> tuple[Any, list[str], list[str]]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    read = {p: read_chunk(p, weights=False) for p in tables(sweep)}
-    damaged = [p.name for p, t in read.items() if t is None]
-    if not (ok := [t for t in read.values() if t is not None]):
+    ok, damaged, schema = [], [], None
+    for path in tables(sweep):
+        if (t := read_chunk(path, weights=False)) is not None:
+            # (a chunk whose columns' types conflict with the others': not this sweep's, so damaged)
+            with contextlib.suppress(TypeError, ValueError):  # (ArrowTypeError, ArrowInvalid)
+                schema = pa.unify_schemas([schema or t.schema, t.schema], promote_options="permissive")
+                ok.append(t)
+                continue
+        damaged.append(path.name)
+    if not ok:
         return None, [], damaged
     t = pa.concat_tables(ok, promote_options="permissive")
     keys = pc.unique(pc.list_element(pc.split_pattern(pc.list_flatten(t["overrides"]), "=", max_splits=1), 0))
@@ -153,7 +161,7 @@ def load(sweep: Path, job: str) -> dict[str, Any]:
     (one line) else. A chunk that cannot be read is passed over."""
     where, wanted, hits, lost = f"{str(sweep)!r} job {job}", {_value(o) for o in job.split()}, [], 0
     if not tables(sweep):
-        raise checkpoint.CheckpointError(f"{where}: no results table ({RESULTS}/*.parquet); give its dir, SWEEP/N")
+        raise checkpoint.CheckpointError(f"{where}: no results table ({RESULTS}/*.parquet); name its dir, {sweep}/N")
     for path in tables(sweep):
         if (t := read_chunk(path, ["job", "overrides"])) is None:
             lost += 1

@@ -205,7 +205,7 @@ def _finish(summary: dict[str, Any], run_dir: Path, run_id: str) -> None:
 
     client = _client()[0]
     for sent in filter(None, _state.pop("sending", [])):  # (every log point's metrics in the store before the run ends)
-        sent.wait()
+        _guard("logging metrics", sent.wait)  # (one that failed: the run's end is logged all the same)
     tags = [RunTag(f"quadnet.{k}", str(summary[k])) for k in ("status", "engine", "device", "error") if summary.get(k)]
     finals = _metrics({k: summary.get(k) for k in FINALS}, int(summary.get("epoch") or 0), "final.")
     client.log_batch(run_id, metrics=_state.pop("points", []) + finals, tags=tags)

@@ -263,8 +263,23 @@ def test_chunks_that_are_empty_foreign_or_damaged_are_listed(sweep_dir, tmp_path
 
     s = shutil.copytree(sweep_dir, tmp_path / "s")
     (chunk,) = (s / "results").iterdir()
-    pq.write_table(pq.read_table(chunk).slice(0, 0), chunk)  # (no rows)
+    t = pq.read_table(chunk)
+    pq.write_table(t.slice(0, 0), s / "results" / "chunk-000000048.parquet")  # (no rows)
     pq.write_table(pa.table({"job": ["x"], "a": [1]}), s / "results" / "chunk-000000016.parquet")  # (not a chunk)
+    # (a chunk whose seed is text: it reads, but its columns conflict with the sweep's)
+    t = t.set_column(t.column_names.index("seed"), "seed", pa.array([str(v) for v in t["seed"].to_pylist()]))
+    pq.write_table(t, s / "results" / "chunk-000000032.parquet")
     code, out, err = _report(capsys, s, "--no-plots")
-    assert code == 0 and err == "" and "2 jobs" in out and "job chunk-000000016.parquet: damaged" in out
-    assert len(_rows(s)[1]) == 2
+    assert code == 0 and err == "" and "19 jobs" in out, out + err
+    assert all(f"job chunk-0000000{n}.parquet: damaged" in out for n in (16, 32, 48)) and len(_rows(s)[1]) == 19
+
+
+def test_a_damaged_chunk_keeps_its_name_and_status_where_a_swept_key_is_named_like_a_column(tmp_path, capsys):
+    """+job=… and +status=… are swept keys of their own: a damaged chunk's row is still named by its file."""
+    for key in ("job", "status"):
+        s = tmp_path / key
+        args = ("hydra/launcher=batched", "hydra.launcher.job_dirs=false", "hydra.launcher.max_batch=1", "epochs=5")
+        run_cli("-m", *args, f"+{key}=a,b,c", f"hydra.sweep.dir={s}", cwd=tmp_path)  # (each job fails: no such key)
+        (s / "results" / "chunk-000000001.parquet").write_bytes(b"PAR1")
+        code, out, err = _report(capsys, s, "--no-plots")
+        assert code == 0 and "job chunk-000000001.parquet: damaged: chunk cannot be read" in out, out + err

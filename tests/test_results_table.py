@@ -112,7 +112,7 @@ def test_kill_9_of_a_sweep_without_job_dirs_then_the_same_command_completes_it_a
 
 
 def test_a_sweep_stopped_before_its_last_chunks_counts_the_jobs_it_did_not_start(tmp_path):
-    """Its closing line adds up to the sweep's jobs: the chunks it never reached are "not started"."""
+    """Its closing line adds up to the sweep's jobs: the chunks it never reached are "not reached"."""
     args = ["hydra/launcher=batched", "seed=range(64)", "epochs=20000", "plots=false", TABLE_ONLY,
             "hydra.launcher.max_batch=16"]  # fmt: skip
     cmd = [sys.executable, "-m", "quadnet.train", "-m", *args, f"hydra.sweep.dir={tmp_path}/s"]
@@ -124,9 +124,9 @@ def test_a_sweep_stopped_before_its_last_chunks_counts_the_jobs_it_did_not_start
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, out
     (line,) = [t for t in out.splitlines() if "64 jobs: " in t]
-    counts = dict((w, int(n)) for n, w in re.findall(r"(\d+) (completed|interrupted|not started)", line))
+    counts = dict((w, int(n)) for n, w in re.findall(r"(\d+) (completed|interrupted|not reached)", line))
     assert sum(counts.values()) == 64 and counts["completed"] == 16 * len(table.tables(tmp_path / "s")), line
-    assert counts["not started"] > 0, line
+    assert counts["not reached"] > 0, line
 
 
 def test_report_predict_and_load_read_a_sweep_without_job_dirs(tmp_path):

@@ -103,6 +103,30 @@ def test_a_run_that_raises_ends_its_mlflow_run_as_failed(tmp_path, monkeypatch):
     assert run.info.status == "FAILED"  # (not RUNNING for ever)
 
 
+def test_a_live_batch_the_store_refused_leaves_the_end_of_the_run_logged(tmp_path, monkeypatch, caplog):
+    """An asynchronous batch of log points that failed: one warning; the run's final figures, tags and
+    files are logged all the same, and it ends (not RUNNING for ever)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("quadnet.tracking._state", {})
+    monkeypatch.setattr("quadnet.tracking.SEND_EVERY", 0)
+    log_batch = mlflow.tracking.MlflowClient.log_batch
+
+    class Refused:
+        def wait(self) -> None:
+            raise RuntimeError("the store refused the batch")
+
+    def refusing(self, *args, synchronous=None, **kwargs):  # (every live batch: refused when waited for)
+        return Refused() if synchronous is False else log_batch(self, *args, synchronous=synchronous, **kwargs)
+
+    monkeypatch.setattr(mlflow.tracking.MlflowClient, "log_batch", refusing)
+    s = train(make_cfg("epochs=300", "log_every=100", "logger=mlflow"), run_dir=tmp_path / "r")
+    (run,) = _runs(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    assert run.info.status == "FINISHED" and run.data.tags["quadnet.status"] == "completed"
+    assert run.data.metrics["final.test_accuracy"] == s["test_accuracy"]
+    assert "the store refused the batch" in s["tracking"]["error"] and "refused" in caplog.text
+
+
 def test_a_store_that_cannot_be_written_is_one_warning_at_once(tmp_path):
     (tmp_path / "db").mkdir()  # (a directory where the SQLite file would be: MLflow retried ~100 s before it said so)
     r = run_cli("epochs=20", "logger=mlflow", "hydra.run.dir=r", cwd=tmp_path,
