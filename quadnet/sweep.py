@@ -526,19 +526,20 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         training: Future[list[Job]] | None = None
         try:
             if sweep.dirs and not rundir.MADE.get(str(sweep.dir.resolve())):  # the dir was there: all checked first
-                [sweep.job(i) for i in range(n)]
+                [sweep.job(i) for i in range(n) if not stop()]  # (a signal: the check stops there, as the sweep)
             t0, kept = time.perf_counter(), sweep.ended_before()
             sweep.seconds["compose"] += time.perf_counter() - t0
             # (a chunk trains in the helper thread as the last one is written)
             for first in sorted(set(range(0, n, sweep.chunk)) - kept):
                 t0 = time.perf_counter()
-                jobs = [sweep.job(i) for i in range(first, min(first + sweep.chunk, n))]
-                sweep.counts.update(
-                    "refused" if j.start is None else j.start.status if j.start.epoch else "new" for j in jobs
-                )
+                # (a signal: the chunk's other jobs are not composed, and it is not trained: its jobs not reached)
+                jobs = [sweep.job(i) for i in range(first, min(first + sweep.chunk, n)) if not stop()]
                 sweep.seconds["compose"] += time.perf_counter() - t0
                 if stop():
                     break
+                sweep.counts.update(
+                    "refused" if j.start is None else j.start.status if j.start.epoch else "new" for j in jobs
+                )
                 if training is None:  # (the first chunk composed)
                     announce()
                 ahead, training = training, trainer.submit(sweep.train, jobs, stop)
