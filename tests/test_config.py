@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from conftest import make_cfg, run_cli
-from quadnet.config import ConfigError, TrainConfig, compose, config_dir, validate, version_base
+from quadnet import config
+from quadnet.config import ConfigError, DataConfig, TrainConfig, compose, config_dir, to_dict, validate, version_base
 from quadnet.train import main, train
 
 BAD = [
@@ -195,3 +196,17 @@ def test_reading_values_off_the_nodes_equals_resolving_them(overrides):
     assert validate(cfg) == OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(cfg, resolve=True))
     )
+
+
+def test_a_mapping_of_the_schemas_types_is_typed_as_omegaconf_types_it(monkeypatch):
+    """validate's fast path (a checkpoint's config as quadnet wrote it) gives what OmegaConf's merge gives, and
+    leaves to OmegaConf what it would convert or refuse."""
+    csv = TrainConfig(optimizer="adam", hidden_dim=7, data=DataConfig(name="csv", path="t.csv", label="y"))
+    sampled = {"lr": 0.5, "data": {"name": "sampled", "n_train": 64}}
+    mappings = [to_dict(TrainConfig()), to_dict(csv), sampled, {"epochs": 9, "hydra": {}}]
+    assert config._typed(mappings[0]) == TrainConfig() and all(config._typed(m) is not None for m in mappings)
+    for odd in ({"lr": 1}, {"seed": True}, {"data": {"path": "${x}"}}, {"resume": "???"}, {"no": 1}, {"data": "x"}):
+        assert config._typed(odd) is None, odd
+    fast = [validate(m) for m in mappings]
+    monkeypatch.setattr(config, "_typed", lambda plain: None)
+    assert fast == [validate(m) for m in mappings]
