@@ -125,9 +125,10 @@ def read_jobs(sweep: Path, metric: str) -> tuple[Any, list[str]]:
         if not (dirs := [p for p in sweep.iterdir() if p.is_dir() and any((p / m).exists() for m in marks)]):
             fail(f"{str(sweep)!r} holds no job dirs (no */summary.json) and no results table (no results/*.parquet)")
         rows = [read_job(d) for d in sorted(dirs, key=lambda p: (len(p.name), p.name))]
-        params = [k for k in dict.fromkeys(k for r in rows for k in r["params"]) if k not in ROW]  # (+status=…)
+        params = list(dict.fromkeys(k for r in rows for k in r["params"]))
+    params = [k for k in params if k not in ROW]  # (+status=…: a swept key of its own, never over the column)
     columns = {k: pa.array([r[k] for r in rows], pa.float64() if k in FIGURES else pa.string()) for k in ROW}
-    for k in [k for k in params if k not in ROW]:  # (+status=…: not over the column; kinds no column holds: text)
+    for k in params:  # (a key whose values are of kinds no one column holds: as text)
         values = [r["params"].get(k) for r in rows]
         try:
             columns[k] = pa.array(values)

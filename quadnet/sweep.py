@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -526,7 +527,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         training: Future[list[Job]] | None = None
         try:
             if sweep.dirs and not rundir.MADE.get(str(sweep.dir.resolve())):  # the dir was there: all checked first
-                [sweep.job(i) for i in range(n) if not stop()]  # (a signal: the check stops there, as the sweep)
+                for i in itertools.takewhile(lambda _: not stop(), range(n)):  # (a signal: the check stops there)
+                    sweep.job(i)  # (each dropped once checked: a list of every job would hold every checkpoint)
             t0, kept = time.perf_counter(), sweep.ended_before()
             sweep.seconds["compose"] += time.perf_counter() - t0
             # (a chunk trains in the helper thread as the last one is written)

@@ -134,8 +134,8 @@ def _metrics(values: dict[str, Any], step: int, prefix: str = "") -> list[Any]:
     """MLflow metrics of the numbers among values (NaN, ±inf and None left out)."""
     from mlflow.entities import Metric
 
-    now, finite = int(time.time() * 1000), {k: v for k, v in values.items() if isinstance(v, int | float)}
-    return [Metric(prefix + k, v, now, step) for k, v in finite.items() if math.isfinite(v)]
+    now, numbers = int(time.time() * 1000), {k: v for k, v in values.items() if isinstance(v, int | float)}
+    return [Metric(prefix + k, v, now, step) for k, v in numbers.items() if math.isfinite(v)]
 
 
 def _create(params: dict[str, Any], name: str, tags: dict[str, str], parent: str | None, metrics: list[Any]) -> str:
