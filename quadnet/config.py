@@ -230,7 +230,7 @@ def one_line(ex: BaseException) -> str:
         return unknown_key(key, allowed_keys())
     # a value of the wrong type for one of quadnet's keys (its type; of a `str | None`, the str)
     types = {f.name: f.type for f in fields(TrainConfig)} | {f"data.{f.name}": f.type for f in fields(DataConfig)}
-    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list[str]: "a list: [a,b]"}
     if isinstance(err, ValidationError) and (kind := words.get([*get_args(t := types.get(key)), t][0])):
         return f"{key}={getattr(err, 'value', None)!r} is not allowed: must be {kind}"
     if err is not ex:  # OmegaConf's, in Hydra's: its first line and key

@@ -157,6 +157,8 @@ def test_validate_rejects_wrong_types_given_in_process():
         validate({"hidden_dim": "5x"})
     with pytest.raises(ConfigError, match="plots='maybe' is not allowed: must be true or false"):
         validate({"plots": "maybe"})
+    with pytest.raises(ConfigError, match=r"data\.features='x' is not allowed: must be a list: \[a,b\]"):
+        validate({"data": {"name": "csv", "features": "x"}})
     with pytest.raises(ConfigError, match=r"unknown config key 'data\.x'"):
         validate({"data": {"x": 1}})
 
