@@ -141,6 +141,8 @@ def command(stopped: str = STOPPED, explain: Any = one_line, bad: tuple[type, ..
     except (ValueError, OSError, *bad) as e:
         fail(explain(e))
     except (MemoryError, RuntimeError) as e:
+        if isinstance(e.__cause__, Stopped):  # raised where Python wraps it (a class made as torch imports)
+            fail(e.__cause__.message or stopped, 128 + e.__cause__.signum)
         if not out_of_memory(e):
             raise
         fail(OOM)

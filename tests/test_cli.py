@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import SEED_PROBS, make_cfg, read_metrics, run_cli
-from quadnet import checkpoint
+from quadnet import checkpoint, exits
 from quadnet.config import ConfigError
 from quadnet.device import resolve_device
 from quadnet.exits import Stopped
@@ -286,6 +286,16 @@ def test_a_signal_ends_the_other_commands_in_one_line(command, sig, code, tmp_pa
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     assert p.returncode == code and err.strip() == "error: interrupted: stopped at once", err
+
+
+def test_a_signal_that_a_library_wraps_as_it_imports_is_still_one_line(capsys):
+    """Python 3.11 wraps an exception raised while a class is made (torch's FakeTensor, as bench imports torch)."""
+    with pytest.raises(SystemExit) as e, exits.command():
+        try:
+            raise Stopped(signal.SIGTERM)
+        except Stopped as stopped:
+            raise RuntimeError("Error calling __set_name__ on 'SymNumberMemoDescriptor' instance") from stopped
+    assert e.value.code == 143 and capsys.readouterr().err == "error: interrupted: stopped at once\n"
 
 
 def test_a_signal_between_a_basic_sweeps_jobs_is_one_line_with_the_command_that_goes_on(tmp_path, monkeypatch, capsys):
