@@ -19,6 +19,8 @@ from quadnet.engines import METRICS
 from quadnet.exits import unwritable
 
 METRIC_FIELDS = ("epoch", *METRICS)
+# what a run writes into its dir besides its checkpoint (and Hydra's .hydra/ and log)
+RUN_FILES = ("summary.json", "metrics.csv", "loss.png", "confusion.png", "decision_regions.png", "training.gif")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -32,7 +34,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except OSError as e:  # name the file (a full disk's error does not)
         raise unwritable(e, repr(str(path))) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (a read-only fs: the error above names the file, not the tmp)
+            tmp.unlink(missing_ok=True)
 
 
 def remove_stale(folder: Path) -> None:

@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from quadnet import checkpoint, config, console, engines, exits, loop, rundir, sweep, tracking
+from quadnet import artifacts, checkpoint, config, console, engines, exits, loop, rundir, sweep, tracking
 from quadnet.config import ConfigError, TrainConfig, one_line
 from quadnet.data import Dataset, make_dataset
 from quadnet.device import describe, resolve_device
@@ -73,6 +73,11 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
         resume = shlex.quote(f"resume={console.hydra_value(out)}")
         again = f"{resume} goes on from it (a sweep: run it again with hydra/launcher=batched)"
         raise ConfigError(f"{out} holds an earlier run (its {here.name}): {again}, or choose another dir")
+    # nor is a file another program left there under a run's names (a failed job's summary is quadnet's note)
+    failed = console.status_of(out / "summary.json") == "failed"
+    theirs = [n for n in artifacts.RUN_FILES if (out / n).exists() and not (failed and n == "summary.json")]
+    if here is None and theirs:
+        raise ConfigError(f"{out} holds {theirs[0]}, which the run would write over: choose another dir")
     if ck is not None:
         checkpoint.resume_check(ck, c, data)
     job = loop.Job(c, ck["state"], ck["epoch"], ck["history"]) if ck else loop.Job(c, loop.start_state(c, data))
@@ -133,7 +138,9 @@ def run(*overrides: str, run_dir: str | Path | None = None, **keys: Any) -> dict
         cfg = config.compose(lines, with_hydra=True)
     except (*HYDRA_ERRORS, ValueError) as e:  # in the command line's words
         raise ConfigError(one_line(e)) from None
-    summary = train(prepare(cfg, Path(run_dir if run_dir is not None else cfg.hydra.run.dir), lines))
+    if not str(out := run_dir if run_dir is not None else cfg.hydra.run.dir).strip():  # (not the dir Python runs in)
+        raise ConfigError("the run dir is empty: name one, e.g. run_dir='runs/a'")
+    summary = train(prepare(cfg, Path(out), lines))
     console.headline(summary)
     return summary
 

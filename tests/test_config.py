@@ -9,7 +9,7 @@ import pytest
 from conftest import make_cfg, run_cli
 from quadnet import config
 from quadnet.config import ConfigError, DataConfig, TrainConfig, compose, config_dir, to_dict, validate, version_base
-from quadnet.train import main, train
+from quadnet.train import main, run, train
 
 BAD = [
     # (override, words the one-line message must contain)
@@ -150,6 +150,20 @@ def test_a_refused_run_into_an_existing_dir_removes_nothing_of_it(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     r = run_cli("lr=-1", "hydra.run.dir=.", cwd=tmp_path)
     assert r.returncode == 2 and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_never_writes_over_files_another_program_left_under_a_runs_names(tmp_path):
+    (tmp_path / "metrics.csv").write_text("mine")
+    r = run_cli("epochs=5", "hydra.run.dir=.", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.endswith(
+        "holds metrics.csv, which the run would write over: choose another dir\n"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"] and (tmp_path / "metrics.csv").read_text() == "mine"
+    (tmp_path / "metrics.csv").unlink()
+    (tmp_path / "summary.json").write_text('{"status": "failed", "error": "lr=-1 is not allowed"}')  # (quadnet's note)
+    assert run_cli("epochs=5", "plots=false", "hydra.run.dir=.", cwd=tmp_path).returncode == 0
+    with pytest.raises(ConfigError, match="the run dir is empty"):  # (not the dir Python runs in)
+        run(epochs=5, run_dir="")
 
 
 def test_validate_rejects_wrong_types_given_in_process():
