@@ -62,6 +62,7 @@ class Model:
     label: str = "label"  # the column of the true labels, in a file of points
     shift: np.ndarray | None = None  # the data's standardization (see quadnet.data.Dataset)
     scale: np.ndarray | None = None
+    data_files: tuple[str, ...] = ()  # the files it was trained on (data.path, val_path, test_path)
 
     def predict_proba(self, points: Any) -> np.ndarray:
         if hasattr(points, "columns"):  # a DataFrame: its columns by name
@@ -97,7 +98,8 @@ def load(path: str | Path, job: str | int | None = None) -> Model:
         weights = f", with non-finite {' '.join(bad)}" if status != "diverged" else ""
         raise CheckpointError(f"{p!r} cannot predict: its status is {status} at epoch {ck['epoch']}{weights}")
     scaling = [None if ck[k] is None else np.array(ck[k]) for k in ("shift", "scale")]
-    read = (ck["cfg"].data.name != "csv", tuple(ck["features"]), ck["label"], *scaling)  # (quadrants; features …)
+    files = tuple(f for k in ("path", "val_path", "test_path") if (f := getattr(ck["cfg"].data, k)))
+    read = (ck["cfg"].data.name != "csv", tuple(ck["features"]), ck["label"], *scaling, files)  # (quadrants; …)
     return Model(params, p, int(ck["epoch"]), status, tuple(ck["classes"]), *read)
 
 
@@ -180,14 +182,14 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, ...]], ar
 def main(argv: list[str] | None = None) -> None:
     # (an InputError, CheckpointError or ConfigError, for a ~user with no home: one line, by @command)
     run, default, points, args = parse_args(sys.argv[1:] if argv is None else argv)
-    out = Path(args.out or ".")  # (not a --file, a device, a link nor a run dir's file: none of them is lost)
+    model, truth = load(run, args.job), [None] * len(points)  # (a file's true labels; none for an argument)
+    out = Path(args.out or ".")  # (not a --file, the model's data, a device, a link nor a run dir's file: none is lost)
     inside = any((d / n).exists() for d in out.resolve().parents for n in (CHECKPOINT, "multirun.yaml"))  # (a run's)
-    taken = out.resolve() in {Path(f).resolve() for f in [*args.file, run]}
+    taken = out.resolve() in {Path(f).resolve() for f in [*args.file, run, *model.data_files]}
     broken = [taken, inside, out.is_symlink(), out.exists() and not out.is_file()]
     if args.out is not None and any(broken):
         why = ("an input file", "inside a run or sweep dir", "a link", "not a regular file")[broken.index(True)]
         raise InputError(f"--out {args.out!r} is not allowed: it is {why}; give a new or regular file outside runs")
-    model, truth = load(run, args.job), [None] * len(points)  # (a file's true labels; none for an argument)
     for f in args.file:
         found, labels = read_points(f, model.features, model.label)
         points, truth = points + found, truth + (labels or [None] * len(found))

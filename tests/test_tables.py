@@ -176,7 +176,10 @@ def test_predict_never_writes_its_predictions_over_what_it_reads_or_a_run(tmp_pa
     (tmp_path / "model.npz").write_bytes((tmp_path / "r" / "checkpoint.npz").read_bytes())
     (tmp_path / "r" / ".hydra").mkdir()
     (tmp_path / "link.csv").symlink_to(tmp_path / "elsewhere.csv")
+    (tmp_path / "d.csv").write_text("a,b,label\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(20)))
+    train(make_cfg("data=csv", f"data.path={tmp_path / 'd.csv'}", "epochs=5"), run_dir=tmp_path / "c")
     for model, out, why in [("model.npz", "model.npz", "an input file"), ("r", "pts.csv", "an input file"),
+                            ("c", "d.csv", "an input file"),  # (the data it was trained on)
                             ("r", "./pts.csv", "an input file"), ("r", "r/.hydra/config.yaml", "inside a run"),
                             ("r", "r/new.csv", "inside a run"), ("r", "link.csv", "a link"),
                             ("r", "/dev/null", "not a regular"), ("r", str(tmp_path), "not a regular")]:  # fmt: skip
