@@ -115,7 +115,7 @@ def newest_run(root: Path = Path("outputs")) -> Path:
 
 def parse_point(text: str, where: str) -> tuple[float, ...]:
     with contextlib.suppress(ValueError):  # not numbers
-        if (point := tuple(map(float, text.replace(",", " ").split()))) and np.isfinite(point).all():
+        if (point := tuple(map(float, re.split(r"\s*,\s*|\s+", text.strip())))) and np.isfinite(point).all():
             return point
     raise InputError(f"{where}: {text.strip()!r} is not a point; write finite numbers as x,y, one a feature")
 

@@ -354,6 +354,7 @@ def test_a_run_dir_predicts_with_its_checkpoint_and_says_how_it_ended(runs, tmp_
         (["{run}", "--file", "{run}/checkpoint.npz"], "is not a text file of x,y lines"),
         (["{run}", "--file", "{run}/nope.txt"], "points file '{run}/nope.txt' does not exist"),
         (["{run}", "1,nan"], "is not a point; write finite numbers as x,y, one a feature"),
+        (["{run}", "1,,2"], "'1,,2' is not a point"),  # (a number left out is not (1, 2))
         (["{run}", "--bogus", "1,1"], "unknown option --bogus"),
     ],
 )
