@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not all(0 <= t < float("inf") for t in (args.tol, args.grad_check_tol)):
         parser.error("--tol and --grad-check-tol must be finite and >= 0")
+    if set_here := [o for o in args.overrides if o.split("=")[0].lstrip("+~") in ("dtype", "device", "engine", "step")]:
+        parser.error(f"{set_here[0]} is not allowed: crosscheck runs every engine and step in float64 on the CPU")
     cfg, state = resumed(validate(compose(args.overrides)), args.overrides)
     make_dataset(cfg.data)  # (a bad CSV says so here, in one line)
     net = f"hidden_dim={cfg.hidden_dim}, lr={cfg.lr:g}, reg={cfg.reg:g}, momentum={cfg.momentum:g}, {cfg.optimizer}"

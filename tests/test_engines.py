@@ -231,6 +231,9 @@ def test_crosscheck_judges_divergence_by_its_epoch_and_resumes_from_a_checkpoint
         crosscheck.resumed(validate(compose([f"resume={tmp_path / 'r'}", "lr=3"])), ["lr=3"])
     code, out, _ = call_main(crosscheck.main, capsys, "--help")
     assert code == 0 and "python -m quadnet.crosscheck [overrides]" in out and "``" not in out
+    for key in ("dtype=float32", "device=cuda", "+engine=torch"):  # (keys it sets itself are not silently ignored)
+        code, _, err = call_main(crosscheck.main, capsys, key)
+        assert code == 2 and err.startswith(f"error: {key} is not allowed: crosscheck runs every engine"), err
 
 
 @pytest.mark.parametrize(
