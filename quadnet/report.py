@@ -55,7 +55,8 @@ def parse_value(text: str) -> Any:
 def show(v: Any, pct: bool = False) -> str:
     """A value for the terminal (pct: a fraction, as a percentage): a control character (a newline, an escape
     code) written as repr writes it."""
-    text = "-" if v is None else f"{100 * v:.1f}%" if pct else f"{v:.4g}" if isinstance(v, float) else str(v)
+    spec = ".0f" if isinstance(v, float) and v.is_integer() and abs(v) < 1e6 else ".4g"  # (epoch 10000, not 1e+04)
+    text = "-" if v is None else f"{100 * v:.1f}%" if pct else f"{v:{spec}}" if isinstance(v, float) else str(v)
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 

@@ -13,7 +13,7 @@ import matplotlib
 import pytest
 
 from conftest import call_main, run_cli
-from quadnet.report import main
+from quadnet.report import main, show
 
 matplotlib.use("Agg")
 
@@ -184,6 +184,12 @@ def test_damaged_job_dirs_are_listed_and_the_report_goes_on(sweep, capsys):
     ):
         assert line in out, line
     assert len(_rows(sweep)[1]) == 16
+
+
+def test_figures_are_shown_as_a_reader_writes_them():
+    assert [show(v) for v in (10000.0, 12345.0, 0.002663, 1e7, 1.5e-05, None, 3)] == [
+        "10000", "12345", "0.002663", "1e+07", "1.5e-05", "-", "3"]  # fmt: skip
+    assert show(0.9583, pct=True) == "95.8%" and show("a\nb") == "a\\nb"
 
 
 def test_odd_summaries_are_shown_escaped_and_a_fifo_is_not_read(sweep, capsys, figures):
