@@ -68,11 +68,12 @@ def fit(
     every = [log_every(j.cfg) for j in jobs]
     frames = [frame_epochs(j.cfg.epochs) if j.cfg.animate else set() for j in jobs]
     kind = [(every[j], jobs[j].cfg.epochs, jobs[j].cfg.animate) for j in range(len(jobs))]  # (same stops)
+    points = [{j.cfg.epochs, *f} for j, f in zip(jobs, frames, strict=True)]  # metrics besides the log points
 
     def record(final: bool = False) -> None:
-        """Metrics at this epoch for jobs at their log points (and frames for animations)."""
+        """Metrics at this epoch for jobs at their log points and frames (the GIF's loss panel), and frames."""
         ms = engine.metrics()
-        pick = [r for r, j in enumerate(engine.rows) if final or epoch % every[j] == 0 or jobs[j].cfg.epochs == epoch]
+        pick = [r for r, j in enumerate(engine.rows) if final or epoch % every[j] == 0 or epoch in points[j]]
         for r in pick:
             j = jobs[engine.rows[r]]
             if not j.history or j.history[-1]["epoch"] != epoch:

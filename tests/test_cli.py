@@ -230,6 +230,10 @@ def test_animate_writes_a_gif_of_the_run_and_nothing_without_it(tmp_path):
     assert sorted(frame_epochs(500))[:4] == [0, 1, 2, 3] and max(frame_epochs(500)) == 500
     train(make_cfg("epochs=500", "log_every=50"), run_dir=tmp_path / "b")
     assert not (tmp_path / "b" / "training.gif").exists()
+    # the GIF's loss panel is drawn from metrics at each frame's epoch, and the rest of a row equals the plain run's
+    a, b = read_metrics(tmp_path / "a" / "metrics.csv"), read_metrics(tmp_path / "b" / "metrics.csv")
+    assert [r["epoch"] for r in a] == sorted(frame_epochs(500) | set(range(0, 501, 50)))
+    assert [r for r in a if r["epoch"] % 50 == 0] == b
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status (Linux)")
