@@ -366,6 +366,8 @@ class Sweep:
         return job
 
     def train(self, jobs: list[Job], stop: Any) -> list[Job]:
+        if stop():  # (a chunk composed ahead when a signal came: neither trained nor written, its jobs not reached)
+            return []
         t0, groups = time.perf_counter(), defaultdict(list)
         for j in jobs:
             if j.start is not None and not j.kept:
@@ -383,9 +385,9 @@ class Sweep:
         overrides, multirun.yaml the sweep's Hydra config, so no ``.hydra/`` copy: three files a job,
         not five; a file cost ~0.7 ms and 4 KB here) and its log when it logs; for a job Hydra
         composed, Hydra's run_job around them (its .hydra/, log and callbacks)."""
-        if training is None:
+        if training is None or not (jobs := training.result()):  # (none: a chunk that a signal left untrained)
             return
-        jobs, t0, objectives = training.result(), time.perf_counter(), []  # (in this order: the time to write alone)
+        t0, objectives = time.perf_counter(), []  # (after the result: the time to write alone)
         for j in jobs:
             if self.dirs:
                 task = lambda _, j=j: self._write(j, signum)  # noqa: E731

@@ -618,6 +618,20 @@ def test_a_basic_sweep_into_a_dir_another_process_holds_is_refused_before_writin
     assert r.stderr.count("\n") == 1 and not list((tmp_path / "s").glob("*/summary.json"))
 
 
+def test_a_signal_while_a_chunk_trains_leaves_the_chunk_composed_behind_it_unwritten(tmp_path):
+    """The next chunk is composed while one trains; at a signal it is not reached: no dir of its jobs is written."""
+    sweep = ["hydra/launcher=batched", "seed=range(12)", "hydra.launcher.max_batch=4", "epochs=1000000", "plots=false"]
+    cmd = [sys.executable, "-m", "quadnet.train", "-m", *sweep, f"hydra.sweep.dir={tmp_path}/s"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "s" / "0" / "checkpoint.npz").exists() and time.time() < deadline:
+        time.sleep(0.05)  # the first chunk is training, and the second composed behind it
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 130 and "12 jobs: 4 interrupted, 8 not reached" in out, out
+    assert sorted(int(d.name) for d in (tmp_path / "s").iterdir() if d.name.isdigit()) == [0, 1, 2, 3]
+
+
 def test_kill_9_of_a_whole_batched_sweep_then_the_same_command_finishes_every_job_as_a_straight_run(tmp_path):
     """SIGKILL of the process group once every job has a checkpoint: nothing is written at exit, and the
     same command again resumes each job from its checkpoint, equal to a sweep that was never stopped."""
