@@ -43,7 +43,7 @@ def lock(folder: Path, what: str = "sweep", outer: bool = False, shown: str | No
         return
     for above in Path(key).parents if outer else ():
         if str(above) not in LOCKS and held(above):
-            raise ConfigError(f"another sweep is writing into {above}; wait for it or choose a dir outside it")
+            raise ConfigError(f"another run or sweep is writing into {above}; wait for it or choose a dir outside it")
     made = [p for p in (Path(key), *Path(key).parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,7 @@ def lock(folder: Path, what: str = "sweep", outer: bool = False, shown: str | No
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ConfigError(f"another {what} is writing into {key}; wait for it or choose another dir") from None
+        raise ConfigError(f"another run or sweep is writing into {key}; wait for it or choose another dir") from None
     LOCKS[key], MADE[key] = fd, made
 
 

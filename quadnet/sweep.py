@@ -354,7 +354,7 @@ class Sweep:
                 job.start = loop.Job(job.cfg, loop.start_state(job.cfg, job.data))
                 return job
             if rundir.held(job.dir):
-                raise ConfigError(f"another run is writing into {job.dir}: this sweep leaves it alone")
+                raise ConfigError(f"another run or sweep is writing into {job.dir}: this sweep leaves it alone")
             job.start = resumable(job, job.cfg, job.data)
             if job.start.status == "completed":
                 job.result, job.kept = job.start, True

@@ -163,7 +163,7 @@ class Callbacks(Callback):
         out = Path(config.hydra.runtime.cwd, config.hydra.run.dir)
         try:
             if rundir.held(out):  # (before it is asked whether the dir holds an earlier run)
-                raise ConfigError(f"another run is writing into {out}; wait for it or choose another dir")
+                raise ConfigError(f"another run or sweep is writing into {out}; wait for it or choose another dir")
             if not str(config.hydra.run.dir).strip():  # (the dir the command runs in, among the user's files)
                 raise ConfigError("hydra.run.dir= is empty: name a dir for the run, e.g. hydra.run.dir=runs/a")
             _prepared = prepare(config, out, list(config.hydra.overrides.task))

@@ -100,9 +100,9 @@ def _hold(folder: Path) -> subprocess.Popen[str]:
 
 @pytest.mark.parametrize(
     "args,words",
-    [(["epochs=5", "hydra.run.dir=S/7"], "another sweep is writing into"),  # a run into a live sweep's job dir
-     (["-m", "seed=0,1", "epochs=5", "hydra.sweep.dir=S"], "another sweep is writing into"),  # a basic sweep into it
-     (["-m", "hydra/launcher=batched", "seed=0,1", "epochs=5", "hydra.sweep.dir=S"], "another sweep is writing")],
+    [(["epochs=5", "hydra.run.dir=S/7"], "another run or sweep is writing into"),  # a run into a live sweep's job
+     (["-m", "seed=0,1", "epochs=5", "hydra.sweep.dir=S"], "another run or sweep is writing into"),  # a basic sweep
+     (["-m", "hydra/launcher=batched", "seed=0,1", "epochs=5", "hydra.sweep.dir=S"], "another run or sweep is")],
 )  # fmt: skip
 def test_nothing_writes_into_a_dir_another_process_holds(args, words, home):
     holder = _hold(home / "S")
@@ -120,7 +120,7 @@ def test_a_batched_sweep_leaves_a_job_dir_another_run_holds_alone(tmp_path):
     holder = _hold(tmp_path / "S" / "1")
     try:
         r = run_cli("-m", "hydra/launcher=batched", "seed=0,1,2", "epochs=5", "hydra.sweep.dir=S", cwd=tmp_path)
-        assert r.returncode == 2 and "another run is writing into" in r.stderr.splitlines()[-1], r.stderr
+        assert r.returncode == 2 and "another run or sweep is writing into" in r.stderr.splitlines()[-1], r.stderr
         assert not list((tmp_path / "S" / "1").iterdir())
         assert all((tmp_path / "S" / n / "summary.json").exists() for n in ("0", "2"))
     finally:

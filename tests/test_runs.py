@@ -429,5 +429,6 @@ def test_a_second_run_into_a_dir_a_running_one_holds_is_refused(tmp_path):
 
     lock(tmp_path / "r", "run")  # this test's process holds it, as a running run would
     r = run_cli("epochs=5", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.startswith("error: another run is writing into") and r.stderr.count("\n") == 1
+    assert r.returncode == 2 and r.stderr.startswith("error: another run or sweep is writing into"), r.stderr
+    assert r.stderr.count("\n") == 1
     assert not (tmp_path / "r" / "summary.json").exists() and not (tmp_path / "r" / "checkpoint.npz").exists()

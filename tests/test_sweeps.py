@@ -590,7 +590,7 @@ def test_a_second_sweep_into_the_same_dir_is_refused_while_the_first_runs(tmp_pa
         while not (tmp_path / "s" / "multirun.yaml").exists() and time.time() < deadline:
             time.sleep(0.1)  # Hydra has written its record: the sweep holds the dir
         r = run_cli(*sweep, "epochs=10", cwd=tmp_path)
-        assert r.returncode == 2 and r.stderr.startswith("error: another sweep is writing into"), r.stderr
+        assert r.returncode == 2 and r.stderr.startswith("error: another run or sweep is writing into"), r.stderr
         assert r.stderr.count("\n") == 1 and not (tmp_path / "s" / "0" / "summary.json").exists()
     finally:
         first.kill()
@@ -614,7 +614,7 @@ def test_a_basic_sweep_into_a_dir_another_process_holds_is_refused_before_writin
 
     lock(tmp_path / "s")  # this test's process holds it, as a running sweep would
     r = run_cli("-m", "seed=0,1", "epochs=5", f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.startswith("error: another sweep is writing into"), r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: another run or sweep is writing into"), r.stderr
     assert r.stderr.count("\n") == 1 and not list((tmp_path / "s").glob("*/summary.json"))
 
 
