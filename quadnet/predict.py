@@ -161,7 +161,7 @@ def parse_args(argv: list[str]) -> tuple[Path, bool, list[tuple[float, ...]], ar
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser("python -m quadnet.predict", description=help_text, formatter_class=formatter)
     parser.add_argument("args", nargs="*", metavar="RUN_DIR_OR_CHECKPOINT | SWEEP/N | x,y")
-    parser.add_argument("--file", action="append", default=[], help="a CSV file of points: a header names the features")
+    parser.add_argument("--file", action="append", default=[], help="a CSV file of points (a header is optional)")
     parser.add_argument("--out", help="write the predictions to this CSV file (the points, predicted, p(class)...)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--job", help="a job of the sweep given first, from its results table: its number or overrides")
