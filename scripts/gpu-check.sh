@@ -63,7 +63,7 @@ fi
 { [[ $dry -eq 1 ]] || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc;
   "$py" -c 'import torch; print(torch.__version__, "cuda:", torch.cuda.is_available())'; } | tee "$out/gpu.txt"
 # -m cuda: every test with a CUDA variant, on the CPU and (not --dry) on CUDA
-step cuda-tests 120 "$py" -m pytest -q -m cuda -rs -p no:cacheprovider tests
+step cuda-tests 120 "$py" -m pytest -q -m cuda -rs -p no:cacheprovider -o addopts= tests  # (no xdist there)
 step bench-step 100 "$py" -m quadnet.bench step --jobs "$step_jobs" --repeat "$repeat"
 step bench-sweep 90 "$py" -m quadnet.bench sweep "${sweep[@]}" --device "$device"
 step bench-sweep-1m 270 "$py" -m quadnet.bench sweep "${big[@]}" --sample 3 --device "$device" --json

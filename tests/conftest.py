@@ -64,6 +64,14 @@ def seed_program(epochs: int = 10000) -> np.ndarray:
     return probs / np.sum(probs, axis=1, keepdims=True)
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject's addopts): a worker for each CPU this process may use, as quadnet counts them
+    (its affinity and cgroup quota, not the machine's count), at most 8 (each holds torch and spawns commands)."""
+    from quadnet.engines import usable_cpus
+
+    return min(usable_cpus(), 8)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def numba_kernels_cached() -> None:
     """The numba engine's kernels compiled into numba's on-disk cache before any test (10-15 s once
