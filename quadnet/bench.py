@@ -41,7 +41,7 @@ import numpy as np
 
 from quadnet import table
 from quadnet.artifacts import versions
-from quadnet.config import DataConfig, TrainConfig
+from quadnet.config import DataConfig, TrainConfig, validate
 from quadnet.data import make_dataset
 from quadnet.engines import build, usable_cpus
 from quadnet.exits import ArgumentParser, command, fail
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--repeat, --epochs, --jobs, --sample, --seeds must be whole numbers >= 1; --busy, --seconds >= 0")
     if args.what == "step" and max(sizes) > 16384:  # (sweep.CUDA_CHUNK: the most jobs a sweep composes at once)
         parser.error(f"--jobs {max(sizes)} is not allowed: bench step takes batches of up to 16384 jobs")
+    if args.what == "sweep":  # (its jobs' values, checked before any job runs: a ConfigError in one line)
+        validate({"epochs": args.epochs, "device": args.device})
     bench = {"step": lambda a: bench_step(sizes, a.repeat), "sweep": bench_sweep, "sklearn": bench_sklearn}
     rows = bench[args.what](args)
     if args.json:

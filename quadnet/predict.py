@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     hits = [r["predicted"] == r["true"] for r, t in zip(rows, truth, strict=True) if t is not None]
     accuracy = float(np.mean(hits)) if hits else None  # (true labels from --file: the accuracy on them)
     if args.json:
-        out = {"checkpoint": model.path, "epoch": model.epoch, "accuracy": accuracy, "predictions": rows}
+        out = {"checkpoint": model.path, "status": model.status, "epoch": model.epoch, "accuracy": accuracy}
+        out["predictions"] = rows
         print(json.dumps(out, indent=2))
         return
     how = "  [the newest completed run under outputs/]" if default else ""

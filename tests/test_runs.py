@@ -333,7 +333,7 @@ def trained(tmp_path_factory):
 
 def test_predict_from_the_cli_with_negative_points_and_json(trained, tmp_path):
     r = run_cli(str(trained), "2,2", "-2,2", "-2,-2", "2,-2", "0,3", "--json", module="quadnet.predict", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "completed", r.stderr
     preds = json.loads(r.stdout)["predictions"]
     assert [p["predicted"] for p in preds] == [1, 2, 3, 4, preds[4]["predicted"]]
     assert preds[4]["on_axis"] and preds[4]["true"] is None
