@@ -19,7 +19,7 @@ if sys.argv[:1] == ["-m"] or sys.argv[0].rpartition("/")[2].startswith("quadnet-
 
     exits.install()
 
-__version__ = "0.6.0"
+__version__ = "0.6.1"
 __all__ = ["Model", "load", "run"]
 _HOMES = {"Model": "quadnet.predict", "load": "quadnet.predict", "run": "quadnet.train"}
 
