@@ -319,4 +319,5 @@ def test_bench_sweep_prints_the_launchers_side_by_side_with_or_without_job_dirs(
         assert r.returncode == 0, r.stderr
         head, row = r.stdout.splitlines()[-2:]
         cells = dict(zip(head.split(), row.split(), strict=True))
-        assert cells["jobs"] == cells["done"] == "3" and float(cells["batched_faster_per_job"]) > 0
+        # (nan, not a negative ratio, where a busy machine's noise hides the basic launcher's cost of a job)
+        assert cells["jobs"] == cells["done"] == "3" and not float(cells["batched_faster_per_job"]) <= 0
