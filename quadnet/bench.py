@@ -43,6 +43,7 @@ from quadnet import table
 from quadnet.artifacts import versions
 from quadnet.config import DataConfig, TrainConfig, validate
 from quadnet.data import make_dataset
+from quadnet.device import resolve_device
 from quadnet.engines import build, usable_cpus
 from quadnet.exits import ArgumentParser, command, fail
 
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--jobs {max(sizes)} is not allowed: bench step takes batches of up to 16384 jobs")
     if args.what == "sweep":  # (its jobs' values, checked before any job runs: a ConfigError in one line)
         validate({"epochs": args.epochs, "device": args.device})
+        resolve_device(args.device)  # (one that is not here: cuda without a GPU)
     bench = {"step": lambda a: bench_step(sizes, a.repeat), "sweep": bench_sweep, "sklearn": bench_sklearn}
     rows = bench[args.what](args)
     if args.json:

@@ -254,7 +254,7 @@ def check_installed(c: TrainConfig) -> None:
     needs = {("logger", "tensorboard"): "tensorboard", ("logger", "mlflow"): "mlflow", ("engine", "numba"): "fast"}
     for (key, module), extra in needs.items():  # (key, value: the module it needs): the extra that installs it
         if getattr(c, key) == module and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"{key}={module} needs {module}: pip install -e '.[{extra}]'")
+            raise ConfigError(f"{key}={module} needs {module}: pip install {module} (quadnet's [{extra}] extra)")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -125,8 +125,8 @@ def read_csv(path: str, key: str, label: str | None = None, features: list[str] 
     if len(set(names)) < width:
         raise ConfigError(f"{where}: give each column its own name")
     label = label or ("label" if "label" in names else names[-1])
-    if features is not None and (not features or len(set(features)) < len(features)):
-        why = "name each column once, or null for every column but the label"
+    if features and len(set(features)) < len(features):
+        why = "name each column once, or null (or []) for every column but the label"
         raise ConfigError(f"data.features=[{','.join(features)}] is not allowed: {why}")
     picked = list(features) if features else [n for n in names if n != label]
     if missing := [name for name in (label, *picked) if name not in names]:

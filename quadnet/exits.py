@@ -106,7 +106,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def unwritable(e: OSError, where: object) -> OSError:
     """A write's error in one line that names what could not be written (a full disk's names nothing)."""
-    return OSError(f"cannot write {where}: {e.strerror or e}")
+    # (the errno's words: pyarrow's strerror names the temporary file that atomic_write gave it)
+    return OSError(f"cannot write {where}: {os.strerror(e.errno) if e.errno else e.strerror or e}")
 
 
 def one_line(ex: BaseException) -> str:

@@ -4,9 +4,9 @@ Which class each point falls in, by a trained model: quadrants 1-4 (the quadrant
 labels of the CSV it was trained on.
 
 points: the features, comma-separated, e.g. x,y (negative numbers typed as they are: -2,2), as
-arguments; a CSV file with a header naming them (--file F, '#' starts a comment; --file - reads
-stdin; where it has the label's column too, the accuracy, a true column and ✗ wrong marks); or
-stdin when no point is given and stdin is not a terminal.
+arguments; a CSV file, a point a line, its header naming them if it has one (--file F, '#'
+starts a comment; --file - reads stdin; where it has the label's column too, the accuracy, a
+true column and ✗ wrong marks); or stdin when no point is given and stdin is not a terminal.
 
 model: a run dir or a checkpoint file, given first, or a job of a sweep's results table: SWEEP/N,
 or SWEEP --job N (its number, or its overrides: --job "lr=0.1 seed=2"). Without one, the newest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -80,6 +81,15 @@ def release(folder: Path) -> None:
     with contextlib.suppress(OSError):  # (a dir that is not empty stops it)
         for p in (p for p in made if p.exists()):
             p.rmdir()
+
+
+def theirs(folder: Path) -> list[str]:
+    """The files in folder named as a run's that no quadnet run wrote, which a run would write over: none
+    where its summary.json is quadnet's, whatever its status (a run's dir, its checkpoint deleted or not)."""
+    with contextlib.suppress(OSError, ValueError, RecursionError, TypeError, KeyError):
+        if "quadnet" in json.loads((folder / "summary.json").read_text())["versions"]:
+            return []
+    return [n for n in artifacts.RUN_FILES if (folder / n).exists()]
 
 
 def held(folder: Path) -> bool:

@@ -168,7 +168,7 @@ def check_options(opts: dict[str, Any]) -> None:
         allowed = f"choose one of {', '.join(EXECUTORS)}, or null"
         raise ConfigError(f"hydra.launcher.executor={opts['executor']!r} is not allowed: {allowed}")
     if opts["executor"] is not None and importlib.util.find_spec("submitit") is None:
-        raise ConfigError(f"hydra.launcher.executor={opts['executor']} needs submitit: pip install -e '.[sweep]'")
+        raise ConfigError(f"hydra.launcher.executor={opts['executor']} needs submitit: pip install submitit")
 
 
 def check_table_only(task: Any, config: Any, callbacks: list[Any]) -> None:
@@ -355,6 +355,8 @@ class Sweep:
                 return job
             if rundir.held(job.dir):
                 raise ConfigError(f"another run or sweep is writing into {job.dir}: this sweep leaves it alone")
+            if job.dir.is_dir() and checkpoint.in_dir(job.dir) is None and (theirs := rundir.theirs(job.dir)):
+                raise SweepRefused(f"{job.dir} holds {theirs[0]}, which the job would write over: choose another dir")
             job.start = resumable(job, job.cfg, job.data)
             if job.start.status == "completed":
                 job.result, job.kept = job.start, True
@@ -368,6 +370,7 @@ class Sweep:
     def train(self, jobs: list[Job], stop: Any) -> list[Job]:
         if stop():  # (a chunk composed ahead when a signal came: neither trained nor written, its jobs not reached)
             return []
+        self.counts.update("refused" if j.start is None else j.start.status if j.start.epoch else "new" for j in jobs)
         t0, groups = time.perf_counter(), defaultdict(list)
         for j in jobs:
             if j.start is not None and not j.kept:
@@ -379,7 +382,7 @@ class Sweep:
         self.seconds["train"] += time.perf_counter() - t0
         return jobs
 
-    def write(self, training: Future[list[Job]] | None, signum: int | None) -> None:
+    def write(self, training: Future[list[Job]] | None, stop: exits.Stop) -> None:
         """Each job's dir, once its chunk has trained (none: no chunk is training): for a job the
         Composer made, its files (:func:`quadnet.rundir.write`: summary.json holds its config and
         overrides, multirun.yaml the sweep's Hydra config, so no ``.hydra/`` copy: three files a job,
@@ -387,7 +390,7 @@ class Sweep:
         composed, Hydra's run_job around them (its .hydra/, log and callbacks)."""
         if training is None or not (jobs := training.result()):  # (none: a chunk that a signal left untrained)
             return
-        t0, objectives = time.perf_counter(), []  # (after the result: the time to write alone)
+        t0, objectives, signum = time.perf_counter(), [], stop.signal  # (after the result: its time, and its signal)
         for j in jobs:
             if self.dirs:
                 task = lambda _, j=j: self._write(j, signum)  # noqa: E731
@@ -541,18 +544,15 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 sweep.seconds["compose"] += time.perf_counter() - t0
                 if stop():
                     break
-                sweep.counts.update(
-                    "refused" if j.start is None else j.start.status if j.start.epoch else "new" for j in jobs
-                )
                 if training is None:  # (the first chunk composed)
                     announce()
                 ahead, training = training, trainer.submit(sweep.train, jobs, stop)
-                sweep.write(ahead, stop.signal)
+                sweep.write(ahead, stop)
         except SweepRefused:  # (before anything is written, but where resume= is swept over)
-            sweep.write(training, stop.signal)
+            sweep.write(training, stop)
             put_back()
             raise
-        sweep.write(training, stop.signal)
+        sweep.write(training, stop)
     if sweep.tracked:  # (its results, and its best jobs as nested runs)
         tracking.log_sweep(sweep.dir, "FINISHED" if stop.signal is None else "KILLED", sweep.opts["mlflow_runs"])
     started = (sweep.counts[k] for k in ("new", "running", "completed", "refused"))

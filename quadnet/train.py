@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from quadnet import artifacts, checkpoint, config, console, engines, exits, loop, rundir, sweep, tracking
+from quadnet import checkpoint, config, console, engines, exits, loop, rundir, sweep, tracking
 from quadnet.config import ConfigError, TrainConfig, one_line
 from quadnet.data import Dataset, make_dataset
 from quadnet.device import describe, resolve_device
@@ -73,10 +73,7 @@ def prepare(cfg: Any, out: Path, overrides: list[str] | None = None) -> Prepared
         resume = shlex.quote(f"resume={console.hydra_value(out)}")
         again = f"{resume} goes on from it (a sweep: run it again with hydra/launcher=batched)"
         raise ConfigError(f"{out} holds an earlier run (its {here.name}): {again}, or choose another dir")
-    # nor is a file another program left there under a run's names (a failed job's summary is quadnet's note)
-    failed = console.status_of(out / "summary.json") == "failed"
-    theirs = [n for n in artifacts.RUN_FILES if (out / n).exists() and not (failed and n == "summary.json")]
-    if here is None and theirs:
+    if here is None and (theirs := rundir.theirs(out)):  # nor is what another program left there
         raise ConfigError(f"{out} holds {theirs[0]}, which the run would write over: choose another dir")
     if ck is not None:
         checkpoint.resume_check(ck, c, data)
@@ -207,7 +204,7 @@ def task(cfg: DictConfig) -> float:
     try:
         p = prepare(cfg, out, overrides)
     except (ConfigError, checkpoint.CheckpointError) as e:
-        if checkpoint.in_dir(out) is None:  # an earlier run's dir stays as it was
+        if checkpoint.in_dir(out) is None and not rundir.theirs(out):  # an earlier run's dir stays as it was
             rundir.write_failed(out, e, overrides=overrides)
         raise
     # one line a job on the console: how it ended, and warnings (the command that goes on after an interruption);

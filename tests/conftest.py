@@ -64,6 +64,7 @@ def seed_program(epochs: int = 10000) -> np.ndarray:
     return probs / np.sum(probs, axis=1, keepdims=True)
 
 
+@pytest.hookimpl(optionalhook=True)  # (pytest without xdist: -o addopts= runs the tests one at a time)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto`` (pyproject's addopts): a worker for each CPU this process may use, as quadnet counts them
     (its affinity and cgroup quota, not the machine's count), at most 8 (each holds torch and spawns commands)."""

@@ -302,6 +302,13 @@ def test_a_signal_that_a_library_wraps_as_it_imports_is_still_one_line(capsys):
     assert e.value.code == 143 and capsys.readouterr().err == "error: interrupted: stopped at once\n"
 
 
+def test_a_write_that_fails_is_named_by_the_file_not_its_temporary():
+    pyarrows = OSError(
+        30, "Failed to open local file '/ro/.report.csv.9.tmp'. Detail: [errno 30] Read-only file system"
+    )
+    assert str(exits.unwritable(pyarrows, "'/ro/report.csv'")) == "cannot write '/ro/report.csv': Read-only file system"
+
+
 def test_a_signal_between_a_basic_sweeps_jobs_is_one_line_with_the_command_that_goes_on(tmp_path, monkeypatch, capsys):
     """(Between jobs Hydra composes the next one: no loop listens, so the signal stops the command at once.)"""
     import quadnet.train as t

@@ -98,7 +98,7 @@ def test_the_tensorboard_logger_without_tensorboard_is_refused_before_training(m
     cfg = TrainConfig(logger="tensorboard", epochs=5)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)  # as without the extra
     validate(cfg)  # (a checkpoint's config: its model can still predict)
-    with pytest.raises(ConfigError, match=r"logger=tensorboard needs tensorboard: pip install -e '\.\[tensorboard\]'"):
+    with pytest.raises(ConfigError, match=r"logger=tensorboard needs tensorboard: pip install tensorboard \(quadnet's"):
         train(cfg, run_dir=tmp_path / "r")
     assert not (tmp_path / "r").exists()
 
@@ -159,9 +159,23 @@ def test_a_run_never_writes_over_files_another_program_left_under_a_runs_names(t
         "holds metrics.csv, which the run would write over: choose another dir\n"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"] and (tmp_path / "metrics.csv").read_text() == "mine"
+    for launcher in (
+        "basic",
+        "batched",
+    ):  # a sweep's job dir: refused, the file as it was (basic: Hydra's .hydra/ and log)
+        (job := tmp_path / launcher / "0").mkdir(parents=True)
+        (job / "summary.json").write_text('{"mine": 1}')
+        r = run_cli(
+            "-m", f"hydra/launcher={launcher}", "epochs=5", "seed=1,2", f"hydra.sweep.dir={launcher}", cwd=tmp_path
+        )
+        assert r.returncode == 2 and "holds summary.json, which the" in r.stderr, r.stderr
+        assert (job / "summary.json").read_text() == '{"mine": 1}', launcher
+        assert launcher == "basic" or [p.name for p in job.iterdir()] == ["summary.json"]
+    # a dir whose summary.json is quadnet's is a run's (its checkpoint deleted, a failed job's note): trained into
     (tmp_path / "metrics.csv").unlink()
-    (tmp_path / "summary.json").write_text('{"status": "failed", "error": "lr=-1 is not allowed"}')  # (quadnet's note)
-    assert run_cli("epochs=5", "plots=false", "hydra.run.dir=.", cwd=tmp_path).returncode == 0
+    run_cli("epochs=5", "plots=false", "hydra.run.dir=r", cwd=tmp_path)
+    (tmp_path / "r" / "checkpoint.npz").unlink()
+    assert run_cli("epochs=5", "plots=false", "hydra.run.dir=r", cwd=tmp_path).returncode == 0
     with pytest.raises(ConfigError, match="the run dir is empty"):  # (not the dir Python runs in)
         run(epochs=5, run_dir="")
 

@@ -247,6 +247,9 @@ def test_bench_refuses_bad_sizes_in_one_line(args, tmp_path):
     assert r.returncode == 2 and "takes batches of up to 16384 jobs" in r.stderr and r.stderr.count("\n") == 1
     r = run_cli("sweep", "--device", "bogus", module="quadnet.bench", cwd=tmp_path)  # (before any job runs)
     assert r.returncode == 2 and r.stderr.startswith("error: device='bogus' is not allowed: choose auto, cpu"), r.stderr
+    if not torch.backends.mps.is_available():  # (a device that is not here)
+        r = run_cli("sweep", "--device", "mps", module="quadnet.bench", cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.startswith("error: device='mps' is not available"), r.stderr
 
 
 def test_without_a_writable_cache_dir_the_kernels_compile_in_the_process_and_train(tmp_path):

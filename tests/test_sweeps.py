@@ -629,7 +629,9 @@ def test_a_signal_while_a_chunk_trains_leaves_the_chunk_composed_behind_it_unwri
     p.send_signal(signal.SIGINT)
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 130 and "12 jobs: 4 interrupted, 8 not reached" in out, out
+    assert "12 jobs (4 new, 0 resumed from their checkpoints, 0 completed before, 0 refused)" in out, out
     assert sorted(int(d.name) for d in (tmp_path / "s").iterdir() if d.name.isdigit()) == [0, 1, 2, 3]
+    assert {_summary(tmp_path, "s", n)["signal"] for n in range(4)} == {"SIGINT"}  # (as a single run's says)
 
 
 def test_kill_9_of_a_whole_batched_sweep_then_the_same_command_finishes_every_job_as_a_straight_run(tmp_path):
