@@ -86,8 +86,9 @@ def release(folder: Path) -> None:
 def theirs(folder: Path) -> list[str]:
     """The files in folder named as a run's that no quadnet run wrote, which a run would write over: none
     where its summary.json is quadnet's, whatever its status (a run's dir, its checkpoint deleted or not)."""
-    with contextlib.suppress(OSError, ValueError, RecursionError, TypeError, KeyError):
-        if "quadnet" in json.loads((folder / "summary.json").read_text())["versions"]:
+    with contextlib.suppress(OSError, ValueError, RecursionError, TypeError, KeyError):  # (a FIFO is not read)
+        s = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
+        if isinstance(s["versions"], dict) and "quadnet" in s["versions"] and "status" in s:
             return []
     return [n for n in artifacts.RUN_FILES if (folder / n).exists()]
 
@@ -166,7 +167,10 @@ def classifier_figures(data: Dataset, params: Params) -> dict[str, Any]:
 
 def write_failed(run_dir: Path, error: BaseException | str, config: dict[str, Any] | None = None,
                  overrides: list[str] | None = None) -> None:  # fmt: skip
-    """A job that could not train: its dir says why, in one line (and which job it was: its overrides)."""
+    """A job that could not train: its dir says why, in one line (and which job it was: its overrides); a dir
+    that holds another program's files (:func:`theirs`) is left as it is."""
+    if theirs(Path(run_dir)):
+        return
     summary = {"status": "failed", "error": " ".join(str(error).split()), "versions": artifacts.versions()}
     summary |= {"config": config} | ({"overrides": overrides} if overrides is not None else {})
     Path(run_dir).mkdir(parents=True, exist_ok=True)

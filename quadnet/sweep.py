@@ -356,7 +356,7 @@ class Sweep:
             if rundir.held(job.dir):
                 raise ConfigError(f"another run or sweep is writing into {job.dir}: this sweep leaves it alone")
             if job.dir.is_dir() and checkpoint.in_dir(job.dir) is None and (theirs := rundir.theirs(job.dir)):
-                raise SweepRefused(f"{job.dir} holds {theirs[0]}, which the job would write over: choose another dir")
+                raise SweepRefused(f"{job.dir} holds {theirs[0]}, which the run would write over: choose another dir")
             job.start = resumable(job, job.cfg, job.data)
             if job.start.status == "completed":
                 job.result, job.kept = job.start, True
@@ -463,7 +463,7 @@ class Sweep:
     def _write_lean(self, job: Job, task: Callable[[Any], Any]) -> JobReturn:
         """A job the Composer made: task in its dir, logging to its log when it logs."""
         try:
-            if job.error and rundir.held(job.dir):  # another run's dir: not a byte of this sweep's goes there
+            if job.error and (rundir.held(job.dir) or rundir.theirs(job.dir)):  # another's dir: not a byte goes there
                 raise ConfigError(job.error)
             job.dir.mkdir(parents=True, exist_ok=True)
             with contextlib.ExitStack() as stack:

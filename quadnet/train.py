@@ -204,7 +204,7 @@ def task(cfg: DictConfig) -> float:
     try:
         p = prepare(cfg, out, overrides)
     except (ConfigError, checkpoint.CheckpointError) as e:
-        if checkpoint.in_dir(out) is None and not rundir.theirs(out):  # an earlier run's dir stays as it was
+        if checkpoint.in_dir(out) is None:  # an earlier run's dir stays as it was (and another program's: write_failed)
             rundir.write_failed(out, e, overrides=overrides)
         raise
     # one line a job on the console: how it ended, and warnings (the command that goes on after an interruption);

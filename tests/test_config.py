@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -159,18 +160,21 @@ def test_a_run_never_writes_over_files_another_program_left_under_a_runs_names(t
         "holds metrics.csv, which the run would write over: choose another dir\n"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"] and (tmp_path / "metrics.csv").read_text() == "mine"
-    for launcher in (
-        "basic",
-        "batched",
-    ):  # a sweep's job dir: refused, the file as it was (basic: Hydra's .hydra/ and log)
-        (job := tmp_path / launcher / "0").mkdir(parents=True)
-        (job / "summary.json").write_text('{"mine": 1}')
+    # a sweep's job dir, whether its job is good or bad: the file as it was (basic: Hydra's .hydra/ and log beside it)
+    for launcher, values in [(la, v) for la in ("basic", "batched") for v in ("seed=1,2", "lr=0.1,-1")]:
+        (job := tmp_path / f"{launcher}{values[:2]}" / "1").mkdir(parents=True)
+        (job / "summary.json").write_text('{"mine": 1, "versions": "quadnet-like"}')
         r = run_cli(
-            "-m", f"hydra/launcher={launcher}", "epochs=5", "seed=1,2", f"hydra.sweep.dir={launcher}", cwd=tmp_path
+            "-m", f"hydra/launcher={launcher}", "epochs=5", values, f"hydra.sweep.dir={job.parent}", cwd=tmp_path
         )
-        assert r.returncode == 2 and "holds summary.json, which the" in r.stderr, r.stderr
-        assert (job / "summary.json").read_text() == '{"mine": 1}', launcher
-        assert launcher == "basic" or [p.name for p in job.iterdir()] == ["summary.json"]
+        assert r.returncode == 2 and (job / "summary.json").read_text() == '{"mine": 1, "versions": "quadnet-like"}', r
+        assert launcher == "basic" or [p.name for p in job.iterdir()] == ["summary.json"], (values, r.stderr)
+    (tmp_path / "f").mkdir()
+    os.mkfifo(tmp_path / "f" / "summary.json")  # (never read: a read would wait for a writer)
+    r = run_cli("epochs=5", "hydra.run.dir=f", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and r.stderr.endswith(
+        "holds summary.json, which the run would write over: choose another dir\n"
+    )
     # a dir whose summary.json is quadnet's is a run's (its checkpoint deleted, a failed job's note): trained into
     (tmp_path / "metrics.csv").unlink()
     run_cli("epochs=5", "plots=false", "hydra.run.dir=r", cwd=tmp_path)

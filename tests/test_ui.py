@@ -267,7 +267,8 @@ def test_predict_defaults_to_the_newest_completed_run_and_prints_trains_columns(
 
 def test_the_help_says_what_predict_reads_and_what_train_writes(capsys):
     code, out, _ = _predict(capsys, "--help")
-    assert code == 0 and "the features, comma-separated, e.g. x,y" in out and "its header naming them if it has one" in out
+    assert code == 0 and "the features, comma-separated, e.g. x,y" in out
+    assert "its header naming them if it has one" in out
     assert "SWEEP/N" in out and "SWEEP --job N" in out
     assert "plots=true" in help_text() and "loss.png, confusion.png and decision_regions.png" in help_text()
 
